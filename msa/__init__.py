@@ -1,0 +1,7 @@
+"""msa: MiniMax Sparse Attention in PyTorch + Triton (reference, kernels, layer, model, training)."""
+
+from .ops import indexer_kl_loss, select_blocks, sparse_attention
+
+__version__ = "0.1.0"
+
+__all__ = ["select_blocks", "sparse_attention", "indexer_kl_loss", "__version__"]

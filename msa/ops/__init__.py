@@ -1,0 +1,5 @@
+from .indexer_kl import indexer_kl_loss
+from .select_blocks import select_blocks
+from .sparse_attention import sparse_attention
+
+__all__ = ["select_blocks", "sparse_attention", "indexer_kl_loss"]

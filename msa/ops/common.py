@@ -1,0 +1,132 @@
+"""Shared helpers of the MSA ops: argument checks, packed-sequence bookkeeping, backend choice.
+
+Every public op validates its arguments here *before* any kernel launch, so bad input raises a
+``ValueError`` that names the argument instead of crashing deep inside a kernel.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton")
+
+
+def check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def check_tensor(name: str, t, ndim: int, shape_doc: str) -> None:
+    check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor of shape {shape_doc}, got {type(t).__name__}")
+    check(t.dim() == ndim, f"{name} must have shape {shape_doc}, got {tuple(t.shape)}")
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    check(t.is_floating_point(), f"{name} must be a floating-point tensor (bf16, fp16, fp32 or fp64), got {t.dtype}")
+
+
+def check_positive_int(name: str, value) -> None:
+    check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+          f"{name} must be a positive int, got {value!r}")
+
+
+def check_block_args(block_size: int, topk: int, init_blocks: int, local_blocks: int) -> None:
+    check_positive_int("block_size", block_size)
+    check_positive_int("topk", topk)
+    check(isinstance(init_blocks, int) and init_blocks >= 0, f"init_blocks must be an int >= 0, got {init_blocks!r}")
+    check(isinstance(local_blocks, int) and local_blocks >= 1,
+          f"local_blocks must be an int >= 1 (the query's own block is always selected), got {local_blocks!r}")
+    check(topk >= init_blocks + local_blocks,
+          f"topk ({topk}) must be >= init_blocks + local_blocks ({init_blocks} + {local_blocks})")
+
+
+def check_backend(backend: str) -> None:
+    check(backend in BACKENDS, f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def check_cu_seqlens(cu_seqlens: Optional[torch.Tensor], batch: int, seqlen: int) -> None:
+    """cu_seqlens: int32 (S+1,), starts at 0, strictly increasing, ends at T; requires B == 1."""
+    if cu_seqlens is None:
+        return
+    check_tensor("cu_seqlens", cu_seqlens, 1, "(num_seqs + 1,)")
+    check(cu_seqlens.dtype in (torch.int32, torch.int64), f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    check(cu_seqlens.numel() >= 2, f"cu_seqlens must hold at least 2 entries (0 and T), got {cu_seqlens.numel()}")
+    check(batch == 1, f"with cu_seqlens the batch dimension must be 1 (sequences are packed along T), got B={batch}")
+    cu = cu_seqlens.detach().cpu()
+    check(int(cu[0]) == 0, f"cu_seqlens must start at 0, got {int(cu[0])}")
+    check(bool((cu[1:] > cu[:-1]).all()), "cu_seqlens must be strictly increasing (every sequence non-empty)")
+    check(int(cu[-1]) == seqlen, f"cu_seqlens must end at T={seqlen}, got {int(cu[-1])}")
+
+
+def default_scale(scale: Optional[float], dim: int) -> float:
+    return dim ** -0.5 if scale is None else float(scale)
+
+
+def sequence_spans(batch: int, seqlen: int, cu_seqlens: Optional[torch.Tensor]) -> List[Tuple[int, int, int]]:
+    """(batch index, start, end) of every sequence: the rows of B or the packed pieces of cu_seqlens."""
+    if cu_seqlens is None:
+        return [(b, 0, seqlen) for b in range(batch)]
+    cu = [int(x) for x in cu_seqlens.detach().cpu().tolist()]
+    return [(0, s, e) for s, e in zip(cu[:-1], cu[1:])]
+
+
+def positions_in_sequence(seqlen: int, cu_seqlens: Optional[torch.Tensor], device) -> torch.Tensor:
+    """int64 (T,): each token's position inside its own sequence (restarts at every cu_seqlens entry)."""
+    pos = torch.arange(seqlen, device=device)
+    if cu_seqlens is None:
+        return pos
+    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    seq_id = torch.searchsorted(cu[1:], pos, right=True)
+    return pos - cu[seq_id]
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the install
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str, tensors: Sequence[torch.Tensor]) -> str:
+    """'auto' picks Triton on CUDA tensors (when importable) and the reference elsewhere."""
+    check_backend(backend)
+    if backend != "auto":
+        if backend == "triton":
+            check(triton_available(), "backend='triton' needs the triton package (pip install triton)")
+            on_gpu = all(t.is_cuda for t in tensors)
+            check(on_gpu or interpreting(),
+                  "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)")
+        return backend
+    if all(t.is_cuda for t in tensors) and triton_available():
+        return "triton"
+    return "reference"
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The reference computes in fp32 (fp64 when given fp64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def query_chunk(num_rows_per_query: int, num_keys: int, budget_bytes: int = 1 << 28) -> int:
+    """How many queries fit a (chunk, rows, keys) fp32 buffer of at most budget_bytes."""
+    per_query = max(1, num_rows_per_query * num_keys * 4)
+    return max(1, min(4096, budget_bytes // per_query))
+
+
+def load_triton_impl(package: str, module: str, name: str, backend: str):
+    """The Triton implementation ``package.module.name``; None when backend='auto' and it is missing."""
+    import importlib
+    try:
+        return getattr(importlib.import_module(f"{package}.{module}"), name)
+    except (ImportError, AttributeError) as exc:
+        if backend == "auto":
+            return None
+        raise ValueError(f"backend='triton' is not available for this op: {exc}") from exc

@@ -1,0 +1,69 @@
+"""Public interface of the indexer alignment loss: ``msa.indexer_kl_loss``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..common import (check, check_backend, check_cu_seqlens, check_float, check_positive_int, check_tensor,
+                      default_scale, load_triton_impl, resolve_backend)
+from ..sparse_attention.interface import check_block_indices
+from .reference import indexer_kl_reference
+
+
+def indexer_kl_loss(q_idx: torch.Tensor, k_idx: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                    block_indices: Optional[torch.Tensor] = None, *, block_size: int = 128,
+                    scale: Optional[float] = None, index_scale: Optional[float] = None,
+                    cu_seqlens: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
+    """Per-layer KL between the main branch's attention (teacher) and the indexer's (student).
+
+    Args:
+        q_idx: (B, T, H_kv, D_idx) index queries (receive gradients).
+        k_idx: (B, T, D_idx) shared index keys (receive gradients).
+        q: (B, T, H_q, D) main-branch queries; treated as detached.
+        k: (B, T, H_kv, D) main-branch keys; treated as detached.
+        block_indices: int32 (B, T, H_kv, topk) selection defining the sparse-phase support, or None
+            for the warmup support (every causal key j <= i).
+        block_size: tokens per key block.
+        scale: main attention scale, default D ** -0.5.
+        index_scale: index score scale, default D_idx ** -0.5.
+        cu_seqlens: optional int32 (S+1,) offsets of packed sequences (then B must be 1).
+        backend: "auto", "reference" or "triton".
+
+    Returns:
+        fp32 scalar: mean over all tokens and groups of KL(p || p_idx). Its gradient w.r.t. the
+        student logits is (p_idx - p) / (B * T * H_kv).
+
+    Equivalent PyTorch (one sequence, query i, group r with heads h in H_r, support U)::
+
+        p_idx = torch.softmax(q_idx[0, i, r] @ k_idx[0, U].T * index_scale, -1)
+        p = torch.stack([torch.softmax(q[0, i, h] @ k[0, U, r].T * scale, -1) for h in H_r]).mean(0)
+        kl_ir = (p * (p.log() - p_idx.log())).sum()        # loss = mean of kl_ir over (i, r)
+    """
+    check_tensor("q_idx", q_idx, 4, "(B, T, H_kv, D_idx)")
+    check_tensor("k_idx", k_idx, 3, "(B, T, D_idx)")
+    check_tensor("q", q, 4, "(B, T, H_q, D)")
+    check_tensor("k", k, 4, "(B, T, H_kv, D)")
+    for name, x in (("q_idx", q_idx), ("k_idx", k_idx), ("q", q), ("k", k)):
+        check_float(name, x)
+    bsz, t, hkv, di = q_idx.shape
+    check(k_idx.shape == (bsz, t, di), f"k_idx must have shape (B, T, D_idx) = {(bsz, t, di)}, got {tuple(k_idx.shape)}")
+    check(q.shape[:2] == (bsz, t), f"q must have shape (B, T, H_q, D) with (B, T) = {(bsz, t)}, got {tuple(q.shape)}")
+    check(k.shape[:3] == (bsz, t, hkv) and k.shape[3] == q.shape[3],
+          f"k must have shape (B, T, H_kv, D) = {(bsz, t, hkv, q.shape[3])}, got {tuple(k.shape)}")
+    check(q.shape[2] % hkv == 0, f"H_q ({q.shape[2]}) must be divisible by H_kv ({hkv})")
+    check(t > 0, "q_idx must hold at least one token (T >= 1)")
+    check_positive_int("block_size", block_size)
+    check_cu_seqlens(cu_seqlens, bsz, t)
+    if block_indices is not None:
+        check_block_indices(block_indices, bsz, t, hkv, block_size, cu_seqlens)
+    check_backend(backend)
+    scale = default_scale(scale, q.shape[3])
+    index_scale = default_scale(index_scale, di)
+    impl = resolve_backend(backend, [q_idx, k_idx, q, k])
+    kwargs = dict(block_size=block_size, scale=scale, index_scale=index_scale, cu_seqlens=cu_seqlens)
+    fn = load_triton_impl(__package__, "triton_impl", "indexer_kl_triton", backend) if impl == "triton" else None
+    if fn is not None:
+        return fn(q_idx, k_idx, q.detach(), k.detach(), block_indices, **kwargs)
+    return indexer_kl_reference(q_idx, k_idx, q, k, block_indices, **kwargs)

@@ -1,0 +1,3 @@
+from .interface import select_blocks
+
+__all__ = ["select_blocks"]

@@ -1,0 +1,61 @@
+"""Public interface of the MSA Index Branch: ``msa.select_blocks``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..common import (check, check_backend, check_block_args, check_cu_seqlens, check_float, check_tensor,
+                      default_scale, load_triton_impl, resolve_backend)
+from .reference import select_blocks_reference
+
+
+def select_blocks(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size: int = 128, topk: int = 16,
+                  init_blocks: int = 0, local_blocks: int = 1, scale: Optional[float] = None,
+                  cu_seqlens: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
+    """Pick, for every query token and KV group, the ``topk`` key blocks with the largest index score.
+
+    Args:
+        q_idx: (B, T, H_kv, D_idx) float: one index query head per KV group.
+        k_idx: (B, T, D_idx) float: the ONE index key head shared by all groups.
+        block_size: tokens per key block (B_k); blocks restart at every sequence start.
+        topk: blocks kept per (token, group), the local block included.
+        init_blocks: leading blocks of the sequence that are always kept (sinks).
+        local_blocks: trailing blocks (the query's own block and the ones before it) always kept; >= 1.
+        scale: index score scale, default D_idx ** -0.5.
+        cu_seqlens: optional int32 (S+1,) offsets of packed sequences (then B must be 1).
+        backend: "auto" (Triton on CUDA, else reference), "reference" or "triton".
+
+    Returns:
+        int32 (B, T, H_kv, topk): block ids within each sequence, unordered, the local block in the
+        last valid slot, -1 after the valid prefix (the MiniMax / vLLM convention).
+
+    Equivalent PyTorch (one sequence, one group r; a query i at position i)::
+
+        s = (q_idx[0, i, r] @ k_idx[0, : i + 1].T) * scale                 # token scores, j <= i
+        m = [s[b * block_size:(b + 1) * block_size].max() for b in range(i // block_size + 1)]
+        m[forced] = inf                                                    # local, init, local_blocks
+        picked = torch.tensor(m).topk(min(topk, len(m))).indices
+    """
+    check_tensor("q_idx", q_idx, 4, "(B, T, H_kv, D_idx)")
+    check_tensor("k_idx", k_idx, 3, "(B, T, D_idx)")
+    check_float("q_idx", q_idx)
+    check_float("k_idx", k_idx)
+    bsz, t, _, d = q_idx.shape
+    check(k_idx.shape == (bsz, t, d),
+          f"k_idx must have shape (B, T, D_idx) = {(bsz, t, d)} to match q_idx {tuple(q_idx.shape)}, "
+          f"got {tuple(k_idx.shape)}")
+    check(q_idx.device == k_idx.device, f"q_idx and k_idx must be on one device, got {q_idx.device} and {k_idx.device}")
+    check(t > 0, "q_idx must hold at least one token (T >= 1)")
+    check_block_args(block_size, topk, init_blocks, local_blocks)
+    check_cu_seqlens(cu_seqlens, bsz, t)
+    check_backend(backend)
+    scale = default_scale(scale, d)
+    impl = resolve_backend(backend, [q_idx, k_idx])
+    kwargs = dict(block_size=block_size, topk=topk, init_blocks=init_blocks, local_blocks=local_blocks,
+                  scale=scale, cu_seqlens=cu_seqlens)
+    fn = load_triton_impl(__package__, "triton_impl", "select_blocks_triton", backend) if impl == "triton" else None
+    if fn is not None:
+        return fn(q_idx, k_idx, **kwargs)
+    return select_blocks_reference(q_idx, k_idx, **kwargs)

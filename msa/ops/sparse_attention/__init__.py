@@ -1,0 +1,3 @@
+from .interface import sparse_attention
+
+__all__ = ["sparse_attention"]

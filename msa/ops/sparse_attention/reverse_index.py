@@ -1,0 +1,115 @@
+"""The reverse index of a block selection, for KV-outer kernels (spec section 4).
+
+For every (KV group r, key block g) it lists the (query token, slot) pairs that selected g, as CSR,
+built with device-side torch ops only (no host sync; sizes come from shapes). Hot rows are cut into
+work items of at most ``max_queries_per_item`` entries; every (query, slot) pair appears in exactly
+one work item, so a kernel writing one partial output per pair needs no atomics.
+
+Numbering: tokens are flattened over (B, T) (``token = b * T + t``); key blocks are numbered
+globally over all sequences (``global_block = block_offset[seq] + block_id``), so one packed batch
+and a padded batch look the same to a kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+
+class BlockLayout(NamedTuple):
+    """Where each global key block lives.
+
+    block_start: int32 (NB,) flattened token index of the block's first key.
+    block_len:   int32 (NB,) number of keys in the block (the last block of a sequence may be short).
+    seq_block_offset: int64 (T_total,) global id of block 0 of each token's own sequence.
+    num_blocks: NB.
+    """
+
+    block_start: torch.Tensor
+    block_len: torch.Tensor
+    seq_block_offset: torch.Tensor
+    num_blocks: int
+
+
+class ReverseIndex(NamedTuple):
+    """CSR over rows ``row = r * NB + global_block``.
+
+    row_ptr: int32 (H_kv * NB + 1,); entries: int32 (T_total * H_kv * K,) where the first
+    row_ptr[-1] values are ``token * K + slot`` sorted by row then token.
+    work_row, work_start, work_end: int32 (max_items,): work item w covers entries
+    [work_start[w], work_end[w]) of row work_row[w]; unused items have start == end.
+    """
+
+    layout: BlockLayout
+    row_ptr: torch.Tensor
+    entries: torch.Tensor
+    work_row: torch.Tensor
+    work_start: torch.Tensor
+    work_end: torch.Tensor
+
+
+def block_layout(batch: int, seqlen: int, block_size: int, cu_seqlens: Optional[torch.Tensor],
+                 device) -> BlockLayout:
+    if cu_seqlens is None:
+        nb_seq = math.ceil(seqlen / block_size)
+        starts = [(b * seqlen, seqlen) for b in range(batch)]
+    else:
+        cu = [int(x) for x in cu_seqlens.detach().cpu().tolist()]
+        starts = [(s, e - s) for s, e in zip(cu[:-1], cu[1:])]
+    bstart, blen, offs, tok_off = [], [], [], []
+    total = 0
+    for s, n in starts:
+        nb = math.ceil(n / block_size)
+        bstart.extend(s + i * block_size for i in range(nb))
+        blen.extend(min(block_size, n - i * block_size) for i in range(nb))
+        offs.append(total)
+        tok_off.append(n)
+        total += nb
+    seq_block_offset = torch.repeat_interleave(torch.tensor(offs, dtype=torch.int64),
+                                               torch.tensor(tok_off, dtype=torch.int64)).to(device)
+    return BlockLayout(torch.tensor(bstart, dtype=torch.int32, device=device),
+                       torch.tensor(blen, dtype=torch.int32, device=device), seq_block_offset, total)
+
+
+def build_reverse_index(block_indices: torch.Tensor, block_size: int, cu_seqlens: Optional[torch.Tensor] = None,
+                        max_queries_per_item: int = 4096) -> ReverseIndex:
+    """block_indices: int32 (B, T, H_kv, K) in the spec's convention. Returns the ReverseIndex."""
+    bsz, t, hkv, k = block_indices.shape
+    dev = block_indices.device
+    layout = block_layout(bsz, t, block_size, cu_seqlens, dev)
+    nb = layout.num_blocks
+    rows = hkv * nb
+    ntok = bsz * t
+    idx = block_indices.reshape(ntok, hkv, k).to(torch.int64)
+    gblock = idx + layout.seq_block_offset.view(ntok, 1, 1)
+    r = torch.arange(hkv, device=dev).view(1, hkv, 1)
+    row = torch.where(idx >= 0, r * nb + gblock, torch.full_like(idx, rows))  # invalid -> sentinel row
+    entry = (torch.arange(ntok, device=dev).view(ntok, 1, 1) * k + torch.arange(k, device=dev).view(1, 1, k))
+    entry = entry.expand(ntok, hkv, k)
+    # sort by (row, token): key = row * (ntok * k) + entry keeps tokens ascending inside a row
+    key = (row * (ntok * k) + entry).reshape(-1)
+    key_sorted, _ = torch.sort(key)
+    entries = (key_sorted % (ntok * k)).to(torch.int32)
+    counts = torch.zeros(rows + 1, dtype=torch.int64, device=dev)
+    counts.scatter_add_(0, row.reshape(-1), torch.ones_like(row.reshape(-1)))
+    counts = counts[:rows]
+    row_ptr = torch.zeros(rows + 1, dtype=torch.int64, device=dev)
+    row_ptr[1:] = torch.cumsum(counts, 0)
+    # work items: ceil(count / C) per row, upper bound from shapes only
+    c = max_queries_per_item
+    items = (counts + c - 1) // c
+    item_ptr = torch.cumsum(items, 0)
+    max_items = rows + math.ceil(ntok * hkv * k / c)
+    w = torch.arange(max_items, device=dev)
+    wrow = torch.searchsorted(item_ptr, w, right=True)
+    valid = wrow < rows
+    wrow_c = torch.clamp(wrow, max=rows - 1)
+    first_item = item_ptr[wrow_c] - items[wrow_c]
+    start = row_ptr[wrow_c] + (w - first_item) * c
+    end = torch.minimum(start + c, row_ptr[wrow_c + 1])
+    start = torch.where(valid, start, torch.zeros_like(start))
+    end = torch.where(valid, end, torch.zeros_like(end))
+    return ReverseIndex(layout, row_ptr.to(torch.int32), entries, wrow_c.to(torch.int32), start.to(torch.int32),
+                        end.to(torch.int32))
