@@ -1,7 +1,11 @@
 """msa: MiniMax Sparse Attention in PyTorch + Triton (reference, kernels, layer, model, training)."""
 
+from . import flops
+from .cache import MSACache
+from .layers import MSAAttention, MSAConfig
 from .ops import indexer_kl_loss, select_blocks, sparse_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["select_blocks", "sparse_attention", "indexer_kl_loss", "__version__"]
+__all__ = ["select_blocks", "sparse_attention", "indexer_kl_loss", "MSAConfig", "MSAAttention", "MSACache",
+           "flops", "__version__"]

@@ -1,0 +1,3 @@
+from .attention import MSAAttention, MSAConfig, MSAOutput
+
+__all__ = ["MSAAttention", "MSAConfig", "MSAOutput"]

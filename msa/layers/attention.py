@@ -1,0 +1,178 @@
+"""The MSA attention layer: GQA main branch + index branch, dense (warmup) and sparse modes,
+the layer's KL loss, and incremental decoding with a KV + index-key cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from ..cache import MSACache
+from ..ops.common import check, check_block_args, check_cu_seqlens, positions_in_sequence
+from ..ops.decode import decode_attention
+from ..ops.dense import dense_causal_attention
+from ..ops.indexer_kl import indexer_kl_loss
+from ..ops.select_blocks import select_blocks
+from ..ops.sparse_attention import sparse_attention
+from .norm import RMSNorm
+from .rope import apply_rotary, rotary_cos_sin
+
+MODES = ("dense", "sparse")
+
+
+@dataclass
+class MSAConfig:
+    """Configuration of one MSA attention layer (names follow vLLM / TensorRT-LLM).
+
+    hidden_size: model width. num_heads / num_kv_heads / head_dim: GQA shape (H_q, H_kv, d).
+    index_dim: d_idx of the index branch. num_index_heads: index query heads; MSA uses one per KV
+    group, so it must equal num_kv_heads (None = num_kv_heads). block_size, topk_blocks, init_blocks,
+    local_blocks: selection (B_k, k, forced leading / trailing blocks). rope_theta, rotary_dim: RoPE
+    (rotary_dim None = head_dim). index_norm_rope: MiniMax-M3 compatibility, RMSNorm with (1 + w)
+    gain then the same partial RoPE on q_idx and k_idx (off by default). use_index: False makes a
+    plain dense GQA layer without an index branch (MiniMax-M3 keeps its first layers dense).
+    mode: "dense" (warmup: full causal attention, full-support KL) or "sparse".
+    backend: "auto" | "reference" | "triton" for the MSA ops.
+    """
+
+    hidden_size: int = 256
+    num_heads: int = 8
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    index_dim: int = 32
+    num_index_heads: Optional[int] = None
+    block_size: int = 128
+    topk_blocks: int = 16
+    init_blocks: int = 0
+    local_blocks: int = 1
+    rope_theta: float = 10000.0
+    rotary_dim: Optional[int] = None
+    index_norm_rope: bool = False
+    use_index: bool = True
+    mode: str = "sparse"
+    backend: str = "auto"
+
+    def __post_init__(self):
+        for name in ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "index_dim"):
+            val = getattr(self, name)
+            check(isinstance(val, int) and val > 0, f"{name} must be a positive int, got {val!r}")
+        check(self.num_heads % self.num_kv_heads == 0,
+              f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
+        if self.num_index_heads is None:
+            self.num_index_heads = self.num_kv_heads
+        check(self.num_index_heads == self.num_kv_heads,
+              f"num_index_heads must equal num_kv_heads ({self.num_kv_heads}): one index query head per GQA group")
+        check_block_args(self.block_size, self.topk_blocks, self.init_blocks, self.local_blocks)
+        if self.rotary_dim is None:
+            self.rotary_dim = self.head_dim
+        check(0 <= self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0,
+              f"rotary_dim must be even and in [0, head_dim={self.head_dim}], got {self.rotary_dim}")
+        check(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
+
+
+class MSAOutput(NamedTuple):
+    """hidden: (B, T, hidden_size); kl_loss: fp32 scalar or None; block_indices: int32
+    (B, T, H_kv, topk) of the sparse mode or None."""
+
+    hidden: torch.Tensor
+    kl_loss: Optional[torch.Tensor]
+    block_indices: Optional[torch.Tensor]
+
+
+class MSAAttention(nn.Module):
+    """MiniMax Sparse Attention layer.
+
+    forward(x (B, T, hidden), cu_seqlens=None, cache=None, layer_idx=0, compute_kl=None) -> MSAOutput.
+    The index projections read x.detach(), so the KL trains only them; the KL's teacher uses
+    detached q and k, so it never moves the backbone; top-k has no gradient, so the LM loss never
+    reaches the index projections.
+    """
+
+    def __init__(self, config: MSAConfig):
+        super().__init__()
+        self.config = c = config
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        if c.use_index:
+            self.q_idx_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.index_dim, bias=False)
+            self.k_idx_proj = nn.Linear(c.hidden_size, c.index_dim, bias=False)
+            if c.index_norm_rope:
+                self.q_idx_norm = RMSNorm(c.index_dim, unit_offset=True)
+                self.k_idx_norm = RMSNorm(c.index_dim, unit_offset=True)
+
+    @property
+    def mode(self) -> str:
+        return self.config.mode if self.config.use_index else "dense"
+
+    def set_mode(self, mode: str) -> None:
+        check(mode in MODES, f"mode must be one of {MODES}, got {mode!r}")
+        self.config.mode = mode
+
+    def _index_branch(self, x: torch.Tensor, cos, sin):
+        c = self.config
+        b, t, _ = x.shape
+        xd = x.detach()  # stop-gradient 1: the KL trains only the index projections
+        q_idx = self.q_idx_proj(xd).view(b, t, c.num_kv_heads, c.index_dim)
+        k_idx = self.k_idx_proj(xd).view(b, t, c.index_dim)
+        if c.index_norm_rope:
+            q_idx, k_idx = self.q_idx_norm(q_idx), self.k_idx_norm(k_idx)
+            rd = min(c.rotary_dim, c.index_dim)
+            if rd:
+                q_idx = apply_rotary(q_idx, cos[..., : rd // 2], sin[..., : rd // 2])
+                k_idx = apply_rotary(k_idx, cos[..., : rd // 2], sin[..., : rd // 2])
+        return q_idx, k_idx
+
+    def forward(self, x: torch.Tensor, *, cu_seqlens: Optional[torch.Tensor] = None,
+                cache: Optional[MSACache] = None, layer_idx: int = 0,
+                compute_kl: Optional[bool] = None) -> MSAOutput:
+        c = self.config
+        check(x.dim() == 3 and x.shape[-1] == c.hidden_size,
+              f"x must have shape (B, T, hidden_size={c.hidden_size}), got {tuple(x.shape)}")
+        b, t, _ = x.shape
+        check_cu_seqlens(cu_seqlens, b, t)
+        incremental = cache is not None and bool((cache.seq_lens(layer_idx) > 0).any())
+        check(not (incremental and cu_seqlens is not None),
+              "cu_seqlens is only supported for prefill into an empty cache; decode steps take (B, t) input")
+        if incremental:
+            pos = cache.seq_lens(layer_idx).to(x.device).view(b, 1) + torch.arange(t, device=x.device).view(1, t)
+        else:
+            pos = positions_in_sequence(t, cu_seqlens, x.device).view(1, t).expand(b, t)
+        cos, sin = rotary_cos_sin(pos, c.rotary_dim, c.rope_theta, x.dtype)
+        q = apply_rotary(self.q_proj(x).view(b, t, c.num_heads, c.head_dim), cos, sin)
+        k = apply_rotary(self.k_proj(x).view(b, t, c.num_kv_heads, c.head_dim), cos, sin)
+        v = self.v_proj(x).view(b, t, c.num_kv_heads, c.head_dim)
+        q_idx = k_idx = None
+        if c.use_index:
+            q_idx, k_idx = self._index_branch(x, cos, sin)
+        scale = c.head_dim ** -0.5
+        sparse = self.mode == "sparse"
+        block_indices = kl = None
+        if incremental:
+            cache.append(layer_idx, k, v, k_idx)
+            o, block_indices = decode_attention(
+                q, q_idx, cache, layer_idx, block_size=c.block_size, topk=c.topk_blocks, init_blocks=c.init_blocks,
+                local_blocks=c.local_blocks, scale=scale, index_scale=c.index_dim ** -0.5, dense=not sparse,
+                backend=c.backend)
+        else:
+            if cache is not None:
+                cache.append(layer_idx, k, v, k_idx, cu_seqlens=cu_seqlens)
+            if sparse:
+                block_indices = select_blocks(q_idx, k_idx, block_size=c.block_size, topk=c.topk_blocks,
+                                              init_blocks=c.init_blocks, local_blocks=c.local_blocks,
+                                              cu_seqlens=cu_seqlens, backend=c.backend)
+                o = sparse_attention(q, k, v, block_indices, block_size=c.block_size, scale=scale,
+                                     cu_seqlens=cu_seqlens, backend=c.backend)
+            else:
+                o = dense_causal_attention(q, k, v, scale=scale, cu_seqlens=cu_seqlens)
+            if compute_kl is None:
+                compute_kl = self.training and torch.is_grad_enabled()
+            if compute_kl and c.use_index:
+                # stop-gradient 2: the teacher is built from detached q and k
+                kl = indexer_kl_loss(q_idx, k_idx, q.detach(), k.detach(), block_indices, block_size=c.block_size,
+                                     scale=scale, cu_seqlens=cu_seqlens, backend=c.backend)
+        out = self.o_proj(o.reshape(b, t, c.num_heads * c.head_dim))
+        return MSAOutput(out, kl, block_indices)
