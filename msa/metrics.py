@@ -1,0 +1,62 @@
+"""Indexer quality metrics of the paper (section 5.2; spec section 2).
+
+Per query and group, I* = the topk blocks with the largest attention mass of the main branch's own
+(full causal) attention, summed over each block's tokens and averaged over the group's heads:
+  block recall = |I* & I| / |I*|,  score recall = mass(I* & I) / mass(I*).
+Only queries that see more than topk blocks count (otherwise every block is selected and both are 1).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+
+from .ops.common import default_scale, query_chunk, sequence_spans
+
+
+@torch.no_grad()
+def indexer_recall(q: torch.Tensor, k: torch.Tensor, block_indices: torch.Tensor, *, block_size: int,
+                   scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None) -> Dict[str, float]:
+    """q (B, T, H_q, D), k (B, T, H_kv, D), block_indices int32 (B, T, H_kv, topk).
+
+    Returns {"block_recall", "score_recall", "queries"} averaged over (query, group) pairs that see
+    more than topk blocks ("queries" counts those pairs; 0 means nothing to measure and recalls of 1)."""
+    bsz, t, hq, d = q.shape
+    hkv, topk = k.shape[2], block_indices.shape[-1]
+    g = hq // hkv
+    scale = default_scale(scale, d)
+    br_sum = sr_sum = 0.0
+    count = 0
+    for b, s, e in sequence_spans(bsz, t, cu_seqlens):
+        n = e - s
+        nb = math.ceil(n / block_size)
+        chunk = query_chunk(hq, n)
+        for c0 in range(0, n, chunk):
+            c1 = min(n, c0 + chunk)
+            pos = torch.arange(c0, c1, device=q.device)
+            keep = pos // block_size + 1 > topk
+            if not bool(keep.any()):
+                continue
+            sc = torch.einsum("crgd,jrd->crgj", q[b, s + c0:s + c1].float().view(c1 - c0, hkv, g, d),
+                              k[b, s:s + c1].float()) * scale
+            j = torch.arange(c1, device=q.device)
+            sc = sc.masked_fill(j.view(1, 1, 1, -1) > pos.view(-1, 1, 1, 1), float("-inf"))
+            p = torch.softmax(sc, -1).mean(2)  # (C, H_kv, c1): group-averaged attention
+            pad = nb * block_size - c1
+            mass = torch.nn.functional.pad(p, (0, pad)).view(c1 - c0, hkv, nb, block_size).sum(-1)
+            star = torch.zeros_like(mass, dtype=torch.bool).scatter_(2, mass.topk(min(topk, nb), -1).indices, True)
+            idx = block_indices[b, s + c0:s + c1].long()
+            sel = torch.zeros(c1 - c0, hkv, nb + 1, dtype=torch.bool, device=q.device)
+            sel.scatter_(2, torch.where(idx >= 0, idx, torch.full_like(idx, nb)), True)
+            sel = sel[..., :nb]
+            both = star & sel
+            br = both.sum(-1).float() / star.sum(-1).float()
+            sr = (mass * both).sum(-1) / (mass * star).sum(-1)
+            br_sum += float(br[keep].sum())
+            sr_sum += float(sr[keep].sum())
+            count += int(keep.sum()) * hkv
+    if count == 0:
+        return {"block_recall": 1.0, "score_recall": 1.0, "queries": 0}
+    return {"block_recall": br_sum / count, "score_recall": sr_sum / count, "queries": count}

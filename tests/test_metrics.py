@@ -1,0 +1,48 @@
+"""Indexer recall metrics against a direct per-query computation."""
+
+import torch
+
+import msa
+from msa.metrics import indexer_recall
+
+
+def naive_recall(q, k, idx, bs):
+    t, hq, d = q.shape[1:]
+    hkv, topk = k.shape[2], idx.shape[-1]
+    g = hq // hkv
+    brs, srs = [], []
+    for i in range(t):
+        nvis = i // bs + 1
+        if nvis <= topk:
+            continue
+        for r in range(hkv):
+            p = sum(torch.softmax(q[0, i, h] @ k[0, :i + 1, r].T * d ** -0.5, -1) for h in range(r * g, r * g + g)) / g
+            mass = torch.stack([p[b * bs:(b + 1) * bs].sum() for b in range(nvis)])
+            star = set(mass.topk(topk).indices.tolist())
+            sel = {x for x in idx[0, i, r].tolist() if x >= 0}
+            brs.append(len(star & sel) / len(star))
+            srs.append(float(sum(mass[x] for x in star & sel) / sum(mass[x] for x in star)))
+    return sum(brs) / len(brs), sum(srs) / len(srs)
+
+
+def test_recall_matches_naive_and_is_one_for_the_oracle_selection():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 90, 4, 8, dtype=torch.float64), torch.randn(1, 90, 2, 8, dtype=torch.float64)
+    q_idx, k_idx = torch.randn(1, 90, 2, 4, dtype=torch.float64), torch.randn(1, 90, 4, dtype=torch.float64)
+    idx = msa.select_blocks(q_idx, k_idx, block_size=8, topk=3)
+    got = indexer_recall(q, k, idx, block_size=8)
+    br, sr = naive_recall(q, k, idx, 8)
+    assert abs(got["block_recall"] - br) < 1e-6 and abs(got["score_recall"] - sr) < 1e-6
+    assert got["block_recall"] < 0.9  # random indexer: far from perfect
+    # selecting exactly I* (top blocks by attention mass) must give recall 1
+    t, bs, topk = 90, 8, 3
+    star = torch.full((1, t, 2, topk), -1, dtype=torch.int32)
+    for i in range(t):
+        nvis = i // bs + 1
+        for r in range(2):
+            p = sum(torch.softmax(q[0, i, h] @ k[0, :i + 1, r].T * 8 ** -0.5, -1) for h in (2 * r, 2 * r + 1)) / 2
+            mass = torch.stack([p[b * bs:(b + 1) * bs].sum() for b in range(nvis)])
+            ids = mass.topk(min(topk, nvis)).indices
+            star[0, i, r, :len(ids)] = ids.to(torch.int32)
+    perfect = indexer_recall(q, k, star, block_size=8)
+    assert abs(perfect["block_recall"] - 1) < 1e-9 and abs(perfect["score_recall"] - 1) < 1e-9
