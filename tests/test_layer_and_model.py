@@ -30,14 +30,9 @@ def test_layer_sparse_mode_equals_oracle(index_norm_rope):
     x = torch.randn(2, 70, 48, dtype=torch.float64)
     out = lyr(x, compute_kl=False)
     assert out.block_indices is not None and out.block_indices.shape == (2, 70, 2, 3)
-    c = lyr.config
-    # rebuild q, k, v through the layer's own projections and rope
-    from msa.layers.rope import apply_rotary, rotary_cos_sin
-    pos = torch.arange(70).view(1, -1).expand(2, -1)
-    cos, sin = rotary_cos_sin(pos, c.rotary_dim, c.rope_theta, x.dtype)
-    q = apply_rotary(lyr.q_proj(x).view(2, 70, 6, 16), cos, sin)
-    k = apply_rotary(lyr.k_proj(x).view(2, 70, 2, 16), cos, sin)
-    v = lyr.v_proj(x).view(2, 70, 2, 16)
+    q, k, v, q_idx, k_idx = lyr.project(x, torch.arange(70).view(1, -1).expand(2, -1))
+    # the selection is the index branch's own top-k
+    assert torch.equal(out.block_indices, msa.select_blocks(q_idx, k_idx, block_size=8, topk=3))
     o, _ = oracle_attention(q, k, v, selection_sets(out.block_indices), block_size=8)
     torch.testing.assert_close(out.hidden, lyr.o_proj(o.reshape(2, 70, -1)), rtol=1e-10, atol=1e-10)
 
@@ -61,18 +56,9 @@ def test_layer_kl_equals_functional_kl_in_both_modes():
         lyr.set_mode(mode)
         out = lyr(x)
         assert out.kl_loss is not None and float(out.kl_loss.detach()) > 0
-        q_idx, k_idx = lyr._index_branch(x, *_cos_sin(lyr, 50))
-        from msa.layers.rope import apply_rotary
-        cos, sin = _cos_sin(lyr, 50)
-        q = apply_rotary(lyr.q_proj(x).view(1, 50, 6, 16), cos, sin)
-        k = apply_rotary(lyr.k_proj(x).view(1, 50, 2, 16), cos, sin)
+        q, k, _, q_idx, k_idx = lyr.project(x, torch.arange(50).view(1, -1))
         want = msa.indexer_kl_loss(q_idx, k_idx, q, k, out.block_indices, block_size=8, backend="reference")
         torch.testing.assert_close(out.kl_loss.double(), want.double(), rtol=1e-10, atol=1e-12)
-
-
-def _cos_sin(lyr, t):
-    from msa.layers.rope import rotary_cos_sin
-    return rotary_cos_sin(torch.arange(t).view(1, -1), lyr.config.rotary_dim, lyr.config.rope_theta, torch.float64)
 
 
 def tiny_model(seed=0, **kw):

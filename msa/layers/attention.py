@@ -126,6 +126,20 @@ class MSAAttention(nn.Module):
                 k_idx = apply_rotary(k_idx, cos[..., : rd // 2], sin[..., : rd // 2])
         return q_idx, k_idx
 
+    def project(self, x: torch.Tensor, positions: torch.Tensor):
+        """x (B, T, hidden), positions int (B, T) -> q (B, T, H_q, D), k, v (B, T, H_kv, D) after RoPE,
+        q_idx (B, T, H_kv, D_idx) and k_idx (B, T, D_idx) (None without an index branch)."""
+        c = self.config
+        b, t, _ = x.shape
+        cos, sin = rotary_cos_sin(positions, c.rotary_dim, c.rope_theta, x.dtype)
+        q = apply_rotary(self.q_proj(x).view(b, t, c.num_heads, c.head_dim), cos, sin)
+        k = apply_rotary(self.k_proj(x).view(b, t, c.num_kv_heads, c.head_dim), cos, sin)
+        v = self.v_proj(x).view(b, t, c.num_kv_heads, c.head_dim)
+        q_idx = k_idx = None
+        if c.use_index:
+            q_idx, k_idx = self._index_branch(x, cos, sin)
+        return q, k, v, q_idx, k_idx
+
     def forward(self, x: torch.Tensor, *, cu_seqlens: Optional[torch.Tensor] = None,
                 cache: Optional[MSACache] = None, layer_idx: int = 0,
                 compute_kl: Optional[bool] = None) -> MSAOutput:
@@ -141,13 +155,7 @@ class MSAAttention(nn.Module):
             pos = cache.seq_lens(layer_idx).to(x.device).view(b, 1) + torch.arange(t, device=x.device).view(1, t)
         else:
             pos = positions_in_sequence(t, cu_seqlens, x.device).view(1, t).expand(b, t)
-        cos, sin = rotary_cos_sin(pos, c.rotary_dim, c.rope_theta, x.dtype)
-        q = apply_rotary(self.q_proj(x).view(b, t, c.num_heads, c.head_dim), cos, sin)
-        k = apply_rotary(self.k_proj(x).view(b, t, c.num_kv_heads, c.head_dim), cos, sin)
-        v = self.v_proj(x).view(b, t, c.num_kv_heads, c.head_dim)
-        q_idx = k_idx = None
-        if c.use_index:
-            q_idx, k_idx = self._index_branch(x, cos, sin)
+        q, k, v, q_idx, k_idx = self.project(x, pos)
         scale = c.head_dim ** -0.5
         sparse = self.mode == "sparse"
         block_indices = kl = None

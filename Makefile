@@ -1,0 +1,13 @@
+.PHONY: install test demo flops
+
+install:
+	bash scripts/install.sh
+
+test: install
+	python3 -m pytest -q tests
+
+demo: install
+	msa demo
+
+flops:
+	python3 -m msa.cli flops
