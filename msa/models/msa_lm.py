@@ -146,11 +146,17 @@ class MSAForCausalLM(nn.Module):
         return {k: float(v.detach()) for k, v in losses.items()}
 
     # generation -------------------------------------------------------------------------------
-    def new_cache(self, batch_size: int, max_seq_len: int) -> MSACache:
+    def new_cache(self, batch_size: int, max_seq_len: int, *, paged: bool = False,
+                  index_dtype: Optional[torch.dtype] = None, index_scale_mode: str = "token") -> MSACache:
+        """An empty cache for generation. paged=True uses pages of block_size tokens (block ids are
+        page ids); index_dtype=torch.float8_e4m3fn stores the index keys in fp8 with per-token or
+        per-block scales (index_scale_mode)."""
         a = self.config.attention
         p = self.embed.weight
         return MSACache(self.config.num_layers, batch_size, max_seq_len, a.num_kv_heads, a.head_dim, a.index_dim,
-                        dtype=p.dtype, device=p.device)
+                        dtype=p.dtype, device=p.device, page_size=a.block_size if paged else None,
+                        index_dtype=index_dtype, index_scale_mode=index_scale_mode,
+                        index_block_size=a.block_size)
 
     @torch.no_grad()
     def generate(self, prompts: Union[torch.Tensor, Sequence[torch.Tensor]], max_new_tokens: int, *,

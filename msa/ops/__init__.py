@@ -1,5 +1,7 @@
+from .decode import decode_attention
 from .indexer_kl import indexer_kl_loss
 from .select_blocks import select_blocks
 from .sparse_attention import sparse_attention
+from .topk import block_topk
 
-__all__ = ["select_blocks", "sparse_attention", "indexer_kl_loss"]
+__all__ = ["select_blocks", "sparse_attention", "indexer_kl_loss", "decode_attention", "block_topk"]

@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..common import check, check_backend
+from ..common import check, check_backend, check_block_args, load_triton_impl, resolve_backend
 from .reference import decode_attention_reference
 
 
@@ -23,6 +23,10 @@ def decode_attention(q: torch.Tensor, q_idx: Optional[torch.Tensor], cache, laye
         block_size, topk, init_blocks, local_blocks: the selection (spec section 1), absolute positions.
         scale / index_scale: default D ** -0.5 / D_idx ** -0.5.
         dense: full causal attention over the cache (warmup-mode or dense layers).
+        backend: "auto" (Triton on CUDA, reference on CPU), "reference" or "triton".
+
+    For CUDA graphs use ``msa.ops.decode.triton_impl.DecodePlan`` (allocate once, ``run()`` launches
+    kernels only); this function builds a plan per call.
 
     Returns:
         o (B, t, H_q, D) in q.dtype and the selection int32 (B, t, H_kv, topk) (None when dense).
@@ -32,13 +36,43 @@ def decode_attention(q: torch.Tensor, q_idx: Optional[torch.Tensor], cache, laye
         ids = select_blocks over k_idx[b, :n] for the query at that position
         o[b, i] = sparse attention of q[b, i] over the tokens of ids at positions <= n - t + i
     """
-    check(q.dim() == 4, f"q must have shape (B, t, H_q, D), got {tuple(q.shape)}")
-    check(dense or (q_idx is not None and q_idx.dim() == 4 and q_idx.shape[:2] == q.shape[:2]),
+    check(isinstance(q, torch.Tensor) and q.dim() == 4, f"q must have shape (B, t, H_q, D), got "
+          f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
+    check(q.is_floating_point() and q.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2),
+          f"q must be a bf16/fp16/fp32/fp64 tensor, got {q.dtype}")
+    check(dense or (isinstance(q_idx, torch.Tensor) and q_idx.dim() == 4 and q_idx.shape[:2] == q.shape[:2]),
           "q_idx must have shape (B, t, H_kv, D_idx) matching q unless dense=True")
+    check(isinstance(layer_idx, int) and 0 <= layer_idx < cache.num_layers,
+          f"layer_idx must be in [0, {cache.num_layers}), got {layer_idx!r}")
+    bsz, t, hq, d = q.shape
+    check(bsz == cache.batch_size, f"q must have the cache's batch size {cache.batch_size}, got {bsz}")
+    check(d == cache.head_dim, f"q must have head_dim {cache.head_dim} (the cache's), got {d}")
+    check(hq % cache.num_kv_heads == 0,
+          f"q's {hq} heads must be a multiple of the cache's num_kv_heads ({cache.num_kv_heads})")
+    check(q.device == cache.device, f"q must be on the cache device {cache.device}, got {q.device}")
+    if not dense:
+        check(cache.index_dim is not None, "the cache stores no index keys (index_dim=None); use dense=True")
+        check(q_idx.is_floating_point() and q_idx.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2),
+              f"q_idx must be a bf16/fp16/fp32/fp64 tensor, got {q_idx.dtype}")
+        check(q_idx.shape[2:] == (cache.num_kv_heads, cache.index_dim),
+              f"q_idx must have shape (B, t, H_kv={cache.num_kv_heads}, D_idx={cache.index_dim}), "
+              f"got {tuple(q_idx.shape)}")
+    check_block_args(block_size, topk, init_blocks, local_blocks)
+    check(not cache.paged or cache.page_size == block_size,
+          f"block_size ({block_size}) must equal the paged cache's page_size ({cache.page_size})")
+    lens = cache.seq_lens(layer_idx)
+    check(bool((lens >= t).all()), f"every sequence must hold the t={t} new tokens (append them first); "
+          f"seq_lens={lens.tolist()}")
     check_backend(backend)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = d ** -0.5 if scale is None else float(scale)
     if index_scale is None:
         index_scale = 1.0 if q_idx is None else q_idx.shape[-1] ** -0.5
-    return decode_attention_reference(q, q_idx, cache, layer_idx, block_size=block_size, topk=topk,
-                                      init_blocks=init_blocks, local_blocks=local_blocks, scale=scale,
-                                      index_scale=index_scale, dense=dense)
+    kw = dict(block_size=block_size, topk=topk, init_blocks=init_blocks, local_blocks=local_blocks, scale=scale,
+              index_scale=index_scale, dense=dense)
+    impl = resolve_backend(backend, [q] + ([] if dense else [q_idx]))
+    fn = load_triton_impl(__package__, "triton_impl", "decode_attention_triton", backend) if impl == "triton" else None
+    if fn is not None:
+        check(q.dtype == cache.dtype, f"q must have the cache dtype {cache.dtype} for the Triton backend, got {q.dtype}")
+        qi = None if dense else q_idx.to(cache.dtype)
+        return fn(q, qi, cache, layer_idx, **kw)
+    return decode_attention_reference(q, q_idx, cache, layer_idx, **kw)

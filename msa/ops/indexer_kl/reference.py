@@ -48,7 +48,7 @@ def indexer_kl_sequence(q_idx: torch.Tensor, k_idx: torch.Tensor, q: torch.Tenso
         pos = torch.arange(c0, c1, device=q.device)
         allowed = allowed_keys(None if block_indices is None else block_indices[c0:c1], pos, c1, block_size)
         args = (q_idx[c0:c1], k_idx[:c1], q[c0:c1].reshape(c1 - c0, hkv, hq // hkv, d), k[:c1], allowed)
-        if torch.is_grad_enabled() and (q_idx.requires_grad or k_idx.requires_grad):
+        if chunk < t and torch.is_grad_enabled() and (q_idx.requires_grad or k_idx.requires_grad):
             total = total + checkpoint(_kl_chunk, *args, scale, index_scale, use_reentrant=False)
         else:
             total = total + _kl_chunk(*args, scale, index_scale)

@@ -32,13 +32,13 @@ def check_block_indices(block_indices: torch.Tensor, batch: int, seqlen: int, nu
 
 
 class SparseAttentionTriton(torch.autograd.Function):
-    """Triton forward; backward through the Triton kernels when present, else the reference."""
+    """Triton forward and backward through the ``msa::sparse_attention_fwd/bwd`` custom ops
+    (custom_ops.py), so torch.compile sees opaque nodes with fake shapes instead of Triton launchers."""
 
     @staticmethod
     def forward(ctx, q, k, v, block_indices, block_size, scale, cu_seqlens):
-        from .triton_impl import sparse_attention_fwd_triton
-        o, lse = sparse_attention_fwd_triton(q, k, v, block_indices, block_size=block_size, scale=scale,
-                                             cu_seqlens=cu_seqlens)
+        from . import custom_ops  # noqa: F401  (registers torch.ops.msa.*)
+        o, lse = torch.ops.msa.sparse_attention_fwd(q, k, v, block_indices, block_size, scale, cu_seqlens)
         ctx.save_for_backward(q, k, v, block_indices, o, lse)
         ctx.block_size, ctx.scale, ctx.cu_seqlens = block_size, scale, cu_seqlens
         ctx.mark_non_differentiable(lse)
@@ -46,20 +46,10 @@ class SparseAttentionTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dlse):
+        from . import custom_ops  # noqa: F401
         q, k, v, block_indices, o, lse = ctx.saved_tensors
-        try:
-            from .triton_bwd import sparse_attention_bwd_triton
-        except ImportError:
-            sparse_attention_bwd_triton = None
-        if sparse_attention_bwd_triton is not None:
-            dq, dk, dv = sparse_attention_bwd_triton(do, q, k, v, o, lse, block_indices, block_size=ctx.block_size,
-                                                     scale=ctx.scale, cu_seqlens=ctx.cu_seqlens)
-        else:  # recompute through the reference until the Triton backward exists
-            with torch.enable_grad():
-                qr, kr, vr = (x.detach().requires_grad_(True) for x in (q, k, v))
-                o_ref, _ = sparse_attention_reference(qr, kr, vr, block_indices, block_size=ctx.block_size,
-                                                      scale=ctx.scale, cu_seqlens=ctx.cu_seqlens)
-                dq, dk, dv = torch.autograd.grad(o_ref, (qr, kr, vr), do)
+        dq, dk, dv = torch.ops.msa.sparse_attention_bwd(do.contiguous(), q, k, v, o, lse, block_indices,
+                                                        ctx.block_size, ctx.scale, ctx.cu_seqlens)
         return dq, dk, dv, None, None, None, None
 
 

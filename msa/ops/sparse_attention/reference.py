@@ -63,7 +63,9 @@ def sparse_attention_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         pos = torch.arange(q_start + c0, q_start + c1, device=q.device)
         allowed = allowed_keys(None if block_indices is None else block_indices[c0:c1], pos, nkeys, block_size)
         args = (q[c0:c1].reshape(c1 - c0, hkv, g, d), k[:nkeys], v[:nkeys], allowed)
-        if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        # checkpoint only when the sequence spans several chunks: it bounds memory at long T, and
+        # small inputs (one chunk) skip its recompute
+        if chunk < tq and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
             o, lse = checkpoint(_attend_chunk, *args, scale, use_reentrant=False)
         else:
             o, lse = _attend_chunk(*args, scale)

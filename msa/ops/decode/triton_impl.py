@@ -1,0 +1,220 @@
+"""Triton MSA decode: a plan / run split so a whole decode step can be captured in a CUDA graph.
+
+``DecodePlan`` validates the shapes once and allocates every buffer (block scores, top-k candidates,
+the selection, split-K partials, the output) for a fixed batch, number of new tokens per sequence
+and cache capacity. ``run()`` only launches kernels: no host sync, no allocation, grids that do not
+depend on the current lengths (the kernels read ``cache.lengths_dev`` on the device). Outputs live
+in the plan's buffers and are overwritten by the next run.
+
+Example (one layer; the same plan serves every layer of the same shape)::
+
+    cache = MSACache(n_layers, B, max_len, H_kv, D, D_idx, dtype=torch.bfloat16, device="cuda",
+                     page_size=128, index_dtype=torch.float8_e4m3fn)
+    ... prefill with cache.append(...) ...
+    cache.reserve(max_len)                                   # paged: pages must exist before capture
+    plan = DecodePlan(cache, num_heads=64, num_tokens=1, block_size=128, topk=16)
+    q, q_idx = torch.empty(B, 1, 64, D, ...), torch.empty(B, 1, H_kv, D_idx, ...)   # static inputs
+    k_new, v_new, kidx_new = ...                                                  # static inputs
+    def step():
+        cache.append_device(0, k_new, v_new, kidx_new)        # device-side lengths += 1
+        return plan.run(q, q_idx, 0)                          # -> (o (B,1,64,D), block_indices)
+    torch.cuda.synchronize(); s = torch.cuda.Stream()
+    with torch.cuda.stream(s):                                # warm up (compiles the kernels)
+        step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o, sel = step()
+    # each decode step: write q, q_idx, k_new, ... in place, then
+    graph.replay()
+    cache.sync_lengths()                                      # only if host code needs seq_lens
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from ..common import check, interpreting
+from . import triton_kernels as tk
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, x))))
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
+class DecodePlan:
+    """Buffers and launch geometry of MSA decode over ``cache`` (contiguous or paged, bf16/fp8 index keys).
+
+    Args:
+        cache: an ``msa.MSACache``; a paged cache needs ``page_size == block_size``.
+        num_heads: H_q (a multiple of the cache's H_kv; G = H_q / H_kv in 1..64 and beyond).
+        block_size, topk, init_blocks, local_blocks: the selection (spec section 1).
+        num_tokens: t, new query tokens per sequence per step (1..16 typical; any t >= 1 works).
+        scale / index_scale: default D ** -0.5 / D_idx ** -0.5.
+        dense: attend to every block (warmup-mode / dense layers); no index keys are read.
+        max_seq_len: capacity in tokens (default the cache's max_seq_len); sets the grids.
+        out_dtype: dtype of o (default the cache dtype).
+        topk_chunk, index_blocks_per_program, attention_splits: launch-geometry overrides (tests / tuning):
+            blocks per top-k program (power of two), blocks per index program, splits of the attention.
+
+    run(q (B, t, H_q, D), q_idx (B, t, H_kv, D_idx) or None, layer_idx) -> (o (B, t, H_q, D),
+    block_indices int32 (B, t, H_kv, topk) or None when dense). q is cast to nothing: it must have
+    the cache dtype; q_idx must have the cache dtype (bf16 queries also for fp8 index keys).
+    """
+
+    def __init__(self, cache, *, num_heads: int, block_size: int, topk: int, init_blocks: int = 0,
+                 local_blocks: int = 1, num_tokens: int = 1, scale: Optional[float] = None,
+                 index_scale: Optional[float] = None, dense: bool = False, max_seq_len: Optional[int] = None,
+                 out_dtype: Optional[torch.dtype] = None, topk_chunk: Optional[int] = None,
+                 index_blocks_per_program: Optional[int] = None, attention_splits: Optional[int] = None):
+        c = cache
+        check(num_heads % c.num_kv_heads == 0,
+              f"num_heads ({num_heads}) must be a multiple of the cache's num_kv_heads ({c.num_kv_heads})")
+        check(isinstance(num_tokens, int) and num_tokens >= 1, f"num_tokens must be an int >= 1, got {num_tokens!r}")
+        check(not c.paged or c.page_size == block_size,
+              f"block_size ({block_size}) must equal the paged cache's page_size ({c.page_size})")
+        check(block_size >= 16 and block_size & (block_size - 1) == 0,
+              f"block_size must be a power of two >= 16 for the Triton decode kernels, got {block_size}")
+        check(dense or c.index_dim is not None, "the cache stores no index keys (index_dim=None): use dense=True")
+        check(not c.fp8_index or c.index_scale_mode != "block" or c.index_block_size == block_size,
+              f"per-block fp8 index scales use blocks of {c.index_block_size} tokens, block_size is {block_size}")
+        self.cache, self.dense = c, dense
+        self.B, self.T, self.HQ, self.H = c.batch_size, num_tokens, num_heads, c.num_kv_heads
+        self.G, self.D, self.DI = num_heads // c.num_kv_heads, c.head_dim, c.index_dim
+        self.block_size, self.topk = block_size, topk
+        self.init_blocks, self.local_blocks = init_blocks, local_blocks
+        self.scale = self.D ** -0.5 if scale is None else float(scale)
+        self.index_scale = (self.DI or 1) ** -0.5 if index_scale is None else float(index_scale)
+        self.max_seq_len = c.max_seq_len if max_seq_len is None else max_seq_len
+        check(self.max_seq_len <= c.max_seq_len, "max_seq_len must not exceed the cache's max_seq_len")
+        self.out_dtype = c.dtype if out_dtype is None else out_dtype
+        self.f32 = interpreting() or c.dtype in (torch.float32, torch.float64)
+        dev = c.device
+        self.nb_cap = math.ceil(self.max_seq_len / block_size)
+        nsm = _num_sms(dev)
+        B, T, H, HQ, D = self.B, self.T, self.H, self.HQ, self.D
+        self.s_rows = max(1, c.rows_per_seq)
+        self.pt_stride = c.page_table.shape[1] if c.paged else 0
+
+        # index kernel geometry: rows = T * H per sequence, blocks split so that ~4 programs per SM
+        if not dense:
+            self.idx_rows = max(16, min(64, _pow2(T * H)))
+            self.idx_row_tiles = math.ceil(T * H / self.idx_rows)
+            per_seq = max(1, (4 * nsm) // max(1, B * self.idx_row_tiles))
+            self.idx_bps = max(1, min(64, math.ceil(self.nb_cap / per_seq)))
+            if index_blocks_per_program is not None:
+                self.idx_bps = int(index_blocks_per_program)
+            self.idx_splits = math.ceil(self.nb_cap / self.idx_bps)
+            self.k_pad = _pow2(topk)
+            self.chunk = max(self.k_pad, min(1024, _pow2(self.nb_cap)))
+            if topk_chunk is not None:
+                check(topk_chunk >= self.k_pad and topk_chunk & (topk_chunk - 1) == 0,
+                      f"topk_chunk must be a power of two >= {self.k_pad}, got {topk_chunk}")
+                self.chunk = topk_chunk
+            self.nc = math.ceil(self.nb_cap / self.chunk)
+            nrows = B * T * H
+            self.scores = torch.empty(B, T, H, self.nb_cap, dtype=torch.float32, device=dev)
+            self.cand_v = torch.empty(nrows, self.nc, self.k_pad, dtype=torch.float32, device=dev)
+            self.cand_i = torch.empty(nrows, self.nc, self.k_pad, dtype=torch.int32, device=dev)
+            self.block_indices = torch.empty(B, T, H, topk, dtype=torch.int32, device=dev)
+        # attention geometry: split the k blocks (or all blocks when dense) so that ~2 programs per SM
+        nblocks = self.nb_cap if dense else topk
+        progs = max(1, B * T * H)
+        want = max(1, math.ceil(2 * nsm / progs))
+        self.att_splits = max(1, min(nblocks, want if not dense else max(want, math.ceil(nblocks / 64))))
+        if attention_splits is not None:
+            self.att_splits = max(1, min(nblocks, int(attention_splits)))
+        self.att_bps = math.ceil(nblocks / self.att_splits)
+        self.att_splits = math.ceil(nblocks / self.att_bps)
+        self.o_part = torch.empty(B * T, HQ, self.att_splits, D, dtype=torch.float32, device=dev)
+        self.lse_part = torch.empty(B * T, HQ, self.att_splits, dtype=torch.float32, device=dev)
+        self.out = torch.empty(B, T, HQ, D, dtype=self.out_dtype, device=dev)
+        self.lse = torch.empty(B, T, HQ, dtype=torch.float32, device=dev)
+        self._dummy_i = torch.zeros(1, dtype=torch.int32, device=dev)
+        self._dummy_f = torch.ones(1, dtype=torch.float32, device=dev)
+
+    def check_inputs(self, q: torch.Tensor, q_idx: Optional[torch.Tensor], layer_idx: int) -> None:
+        """Shape / dtype / device checks (host metadata only, no sync)."""
+        c = self.cache
+        check(isinstance(layer_idx, int) and 0 <= layer_idx < c.num_layers,
+              f"layer_idx must be in [0, {c.num_layers}), got {layer_idx!r}")
+        check(isinstance(q, torch.Tensor) and tuple(q.shape) == (self.B, self.T, self.HQ, self.D),
+              f"q must have shape (B, t, H_q, D) = {(self.B, self.T, self.HQ, self.D)}, got "
+              f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
+        check(q.dtype == c.dtype, f"q must have the cache dtype {c.dtype}, got {q.dtype}")
+        check(q.device == c.device, f"q must be on the cache device {c.device}, got {q.device}")
+        if not self.dense:
+            check(isinstance(q_idx, torch.Tensor) and tuple(q_idx.shape) == (self.B, self.T, self.H, self.DI),
+                  f"q_idx must have shape (B, t, H_kv, D_idx) = {(self.B, self.T, self.H, self.DI)}")
+            check(q_idx.dtype == c.dtype, f"q_idx must have the cache dtype {c.dtype}, got {q_idx.dtype}")
+            check(q_idx.device == c.device, f"q_idx must be on the cache device {c.device}, got {q_idx.device}")
+
+    def run(self, q: torch.Tensor, q_idx: Optional[torch.Tensor], layer_idx: int,
+            block_indices: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Launch the decode kernels for one layer. Only kernel launches: capturable in a CUDA graph.
+
+        block_indices: optional int32 (B, t, H_kv, topk) selection to use instead of the indexer's
+        (index convention of spec section 1); q_idx is then ignored."""
+        c = self.cache
+        q = q if q.is_contiguous() else q.contiguous()
+        lens = c.lengths_dev[layer_idx]
+        pt = c.page_table if c.paged else self._dummy_i
+        B, T, H, BS = self.B, self.T, self.H, self.block_size
+        sel = None
+        if block_indices is not None and not self.dense:
+            check(block_indices.dtype == torch.int32 and tuple(block_indices.shape) == (B, T, H, self.topk),
+                  f"block_indices must be int32 (B, t, H_kv, topk) = {(B, T, H, self.topk)}")
+            sel = block_indices if block_indices.is_contiguous() else block_indices.contiguous()
+        elif not self.dense:
+            q_idx = q_idx if q_idx.is_contiguous() else q_idx.contiguous()
+            kidx = c.k_idx[layer_idx]
+            mode = 0 if not c.fp8_index else (1 if c.index_scale_mode == "token" else 2)
+            ks = c.k_idx_scale[layer_idx] if mode else self._dummy_f
+            tk.decode_index_fwd_kernel[(B, self.idx_row_tiles, self.idx_splits)](
+                q_idx, kidx, ks, pt, lens, self.scores,
+                T, H, self.DI, self.nb_cap, self.s_rows, self.pt_stride, self.idx_bps, self.index_scale,
+                BS=BS, DI_PAD=max(16, _pow2(self.DI)), ROWS=self.idx_rows, PAGED=c.paged, SCALE_MODE=mode,
+                F32=self.f32, num_warps=4, num_stages=3 if not interpreting() else 1)
+            nrows = B * T * H
+            final = self.nc == 1
+            tk.decode_topk_fwd_kernel[(nrows, self.nc)](
+                self.scores, lens, self.cand_v, self.cand_i, self.block_indices,
+                T, H, self.nb_cap, self.nc, self.init_blocks, self.local_blocks,
+                BS=BS, TOPK=self.topk, K_PAD=self.k_pad, CHUNK=self.chunk, FINAL=final, num_warps=4)
+            if not final:
+                tk.decode_topk_merge_fwd_kernel[(nrows,)](
+                    self.cand_v, self.cand_i, lens, self.block_indices, T, H, self.nc,
+                    BS=BS, TOPK=self.topk, K_PAD=self.k_pad, NCK_PAD=_pow2(self.nc * self.k_pad), num_warps=4)
+            sel = self.block_indices
+        G = self.G
+        tk.decode_attention_fwd_kernel[(B * T, H, self.att_splits)](
+            q, c.k[layer_idx], c.v[layer_idx], sel if sel is not None else self._dummy_i, pt, lens,
+            self.o_part, self.lse_part,
+            T, H, G, self.D, self.s_rows, self.pt_stride, self.topk, self.att_splits, self.att_bps,
+            self.scale * tk.LOG2E,
+            BS=BS, G_PAD=max(16, _pow2(G)), D_PAD=max(16, _pow2(self.D)), PAGED=c.paged, DENSE=self.dense,
+            F32=self.f32, num_warps=4 if G <= 16 else 8, num_stages=2 if not interpreting() else 1)
+        tk.decode_merge_fwd_kernel[(B * T * self.HQ,)](
+            self.o_part, self.lse_part, self.out, self.lse, self.D, self.att_splits,
+            S_PAD=_pow2(self.att_splits), D_PAD=max(16, _pow2(self.D)), num_warps=4)
+        return self.out, sel
+
+
+def decode_attention_triton(q: torch.Tensor, q_idx: Optional[torch.Tensor], cache, layer_idx: int, *,
+                            block_size: int, topk: int, init_blocks: int, local_blocks: int, scale: float,
+                            index_scale: float, dense: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One-shot decode (builds a DecodePlan and runs it; arguments already validated).
+    Returns o (B, t, H_q, D) in q.dtype and the selection int32 (B, t, H_kv, topk) (None when dense)."""
+    plan = DecodePlan(cache, num_heads=q.shape[2], block_size=block_size, topk=topk, init_blocks=init_blocks,
+                      local_blocks=local_blocks, num_tokens=q.shape[1], scale=scale, index_scale=index_scale,
+                      dense=dense, out_dtype=q.dtype)
+    o, sel = plan.run(q, q_idx, layer_idx)
+    return o, (None if sel is None else sel)

@@ -1,0 +1,166 @@
+"""Triton Index Branch: ``select_blocks_triton`` (backend="triton" of ``msa.select_blocks``).
+
+Pipeline per query chunk (spec section 4, "chunk queries under a memory budget"):
+  1. ``index_scores_fwd_kernel`` (triton_kernels.py): fused token score -> causal block max, one GEMM
+     row per (query, group), only key blocks up to each tile's last local block; writes a bounded fp32
+     (chunk_tokens * H_kv, width) block-score buffer, width = 1 + the chunk's largest local block.
+  2. ``block_topk_fwd_kernel`` (msa/ops/topk/triton_kernel.py): exp-free top-k with forcing (local,
+     local_blocks, init_blocks -> +inf), causal exclusion (b > local) and the index convention written
+     directly (local block in the last valid slot, -1 padding).
+The buffer never exceeds ``budget_bytes`` (default 2 GiB): T = 1M, H_kv = 4, B_k = 128 (8192 blocks)
+processes 16K-token chunks.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+
+from ..topk.triton_kernel import launch_block_topk
+from .triton_kernels import index_scores_fwd_kernel
+
+DEFAULT_BUDGET_BYTES = 2 << 30
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Allocation hook (tests replace it to poison fresh buffers and catch unwritten entries)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _tile_table(starts: torch.Tensor, lens: torch.Tensor, tok_per_tile: int) -> torch.Tensor:
+    """int64 (n_tiles, 3) CPU table (first token, end token, sequence start); tiles stay in one sequence."""
+    n_t = (lens + tok_per_tile - 1) // tok_per_tile
+    seq_of_tile = torch.repeat_interleave(torch.arange(len(lens)), n_t)
+    first_tile = torch.cumsum(n_t, 0) - n_t
+    idx_in_seq = torch.arange(int(n_t.sum())) - first_tile[seq_of_tile]
+    t0 = starts[seq_of_tile] + idx_in_seq * tok_per_tile
+    t1 = torch.minimum(t0 + tok_per_tile, starts[seq_of_tile] + lens[seq_of_tile])
+    return torch.stack([t0, t1, starts[seq_of_tile]], dim=1)
+
+
+@torch.no_grad()
+def select_blocks_triton(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size: int, topk: int,
+                         init_blocks: int, local_blocks: int, scale: float,
+                         cu_seqlens: Optional[torch.Tensor], budget_bytes: int = DEFAULT_BUDGET_BYTES,
+                         rows: Optional[int] = None, nsplit: Optional[int] = None) -> torch.Tensor:
+    """Index Branch block selection in Triton (arguments already validated by ``msa.select_blocks``).
+
+    Args:
+        q_idx: (B, T, H_kv, D_idx) bf16/fp16/fp32 index queries.
+        k_idx: (B, T, D_idx) index keys (one head shared by all groups), same dtype.
+        block_size, topk, init_blocks, local_blocks, scale: as in ``msa.select_blocks``.
+        cu_seqlens: optional int32 (S+1,) packed-sequence offsets (B == 1).
+        budget_bytes: cap of the fp32 block-score buffer (the only intermediate).
+        rows, nsplit: tuning overrides (MMA rows per program, key-block splits per tile).
+
+    Returns:
+        int32 (B, T, H_kv, topk): block ids within each sequence, the local block in the last valid
+        slot, -1 after the valid prefix.
+    """
+    bsz, t, heads, dim = q_idx.shape
+    dev = q_idx.device
+    if k_idx.dtype != q_idx.dtype:
+        k_idx = k_idx.to(q_idx.dtype)
+    q = q_idx.reshape(bsz * t, heads, dim)
+    k = k_idx.reshape(bsz * t, dim)
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    if k.stride(1) != 1:
+        k = k.contiguous()
+    total = bsz * t
+
+    if cu_seqlens is None:
+        starts = torch.arange(bsz, dtype=torch.int64) * t
+        lens = torch.full((bsz,), t, dtype=torch.int64)
+    else:
+        cu = cu_seqlens.detach().to("cpu", torch.int64)
+        starts, lens = cu[:-1], cu[1:] - cu[:-1]
+    seq_start_tok = torch.repeat_interleave(starts, lens)
+    pos = (torch.arange(total) - seq_start_tok).to(torch.int32).to(dev)
+
+    rows = rows or _default_rows(q, heads)
+    tok_per_tile = rows // heads
+    tiles = _tile_table(starts, lens, tok_per_tile)
+    tiles_dev = tiles.to(torch.int32).to(dev)
+    # width of a tile's buffer rows: 1 + its last local block
+    tile_width = (tiles[:, 1] - 1 - tiles[:, 2]) // block_size + 1
+
+    nb_max = int(tile_width.max())
+    tok_budget = max(tok_per_tile, budget_bytes // (heads * nb_max * 4))
+    tiles_per_chunk = max(1, tok_budget // tok_per_tile)
+    buf_tokens = min(total, tiles_per_chunk * tok_per_tile)
+    buf = _empty((buf_tokens * heads * nb_max,), torch.float32, dev)
+
+    out = _empty((total * heads, topk), torch.int32, dev)
+
+    n_tiles = tiles.shape[0]
+    for i0 in range(0, n_tiles, tiles_per_chunk):
+        i1 = min(n_tiles, i0 + tiles_per_chunk)
+        tok_a, tok_b = int(tiles[i0, 0]), int(tiles[i1 - 1, 1])
+        width = int(tile_width[i0:i1].max())
+        scores = buf[: (tok_b - tok_a) * heads * width].view((tok_b - tok_a) * heads, width)
+        _launch_scores(q, k, scores, tiles_dev[i0:i1], tok_a, block_size, scale, rows, nsplit)
+        launch_block_topk(scores, out, topk, n_cols=width, pos=pos, pos_tok_off=tok_a, heads=heads,
+                          block_size=block_size, init_blocks=init_blocks, local_blocks=local_blocks,
+                          out_row_off=tok_a * heads, convention=True)
+    return out.view(bsz, t, heads, topk)
+
+
+def _default_rows(q: torch.Tensor, heads: int) -> int:
+    """MMA rows per program: 128 for 16-bit inputs; 64 for fp32 on the GPU (shared memory budget)."""
+    wide = q.element_size() == 4 and os.environ.get("TRITON_INTERPRET") != "1"
+    return max(64 if wide else 128, _pow2(heads))
+
+
+def _launch_scores(q, k, scores, tiles_dev, tok_a, block_size, scale, rows, nsplit) -> None:
+    """index_scores_fwd_kernel over the tiles of one chunk into scores (chunk rows, width) fp32."""
+    heads, dim = q.shape[1], q.shape[2]
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    block_n = max(16, min(128, _pow2(block_size)))
+    wide = q.element_size() == 4 and not interp
+    if wide:  # fp32 tiles are twice as large: keep Q + pipelined K stages inside shared memory
+        block_n = min(block_n, 64)
+    block_d = max(16, _pow2(dim))
+    upcast = interp or q.dtype == torch.float32
+    ieee = q.dtype == torch.float32
+    n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    num_warps = 1 if interp else (8 if rows >= 128 else 4)
+    n_tiles = tiles_dev.shape[0]
+    # enough programs to fill the GPU (~4 per SM) even when a chunk holds few long tiles
+    ns = nsplit or max(1, min(scores.shape[1], triton.cdiv(4 * n_sm, n_tiles)))
+    index_scores_fwd_kernel[(n_tiles, ns)](
+        q, k, scores, tiles_dev,
+        q.stride(0), q.stride(1), k.stride(0), scores.stride(0),
+        tok_a, heads, dim, block_size, float(scale), ns,
+        ROWS=rows, BLOCK_N=block_n, BLOCK_D=block_d, UPCAST=upcast, IEEE=ieee,
+        num_warps=num_warps, num_stages=1 if interp else (2 if wide else 3))
+
+
+@torch.no_grad()
+def block_scores_triton(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size: int, scale: float,
+                        rows: Optional[int] = None, nsplit: Optional[int] = None) -> torch.Tensor:
+    """Causal block-max scores of ONE sequence (a test/debug view of the first pipeline stage).
+
+    q_idx: (T, H_kv, D_idx); k_idx: (T, D_idx). Returns fp32 (T, H_kv, NB), NB = ceil(T / block_size),
+    -inf where the block lies after the query (matches ``block_scores_reference(q, k, 0, ...)``).
+    Builds the whole (T, H_kv, NB) buffer: for small T only.
+    """
+    t, heads, dim = q_idx.shape
+    q = q_idx if q_idx.stride(2) == 1 else q_idx.contiguous()
+    k = k_idx.to(q.dtype)
+    k = k if k.stride(1) == 1 else k.contiguous()
+    rows = rows or _default_rows(q, heads)
+    tiles = _tile_table(torch.zeros(1, dtype=torch.int64), torch.tensor([t]), rows // heads)
+    nb = triton.cdiv(t, block_size)
+    scores = _empty((t * heads, nb), torch.float32, q.device)
+    _launch_scores(q, k, scores, tiles.to(torch.int32).to(q.device), 0, block_size, scale, rows, nsplit)
+    local = (torch.arange(t, device=q.device) // block_size).view(t, 1, 1)
+    invisible = torch.arange(nb, device=q.device).view(1, 1, nb) > local
+    return scores.view(t, heads, nb).masked_fill(invisible, float("-inf"))

@@ -1,0 +1,82 @@
+"""Triton kernels of the MSA Index Branch: causal block-max index scores (top-k lives in msa.ops.topk).
+
+``index_scores_fwd_kernel``: k_idx is ONE head shared by all H_kv groups, so the (query, group) pairs of
+a tile of consecutive tokens are the MMA rows of a single GEMM against each key block (ROWS = 128 rows =
+128 // H_kv tokens x H_kv groups). Each program keeps its Q tile in registers and walks the key blocks
+b = split, split + nsplit, ... up to the tile's LAST local block only (causal: about half the work of a
+full T x T product), reduces every block to its per-row max right after the MMA and writes one fp32 per
+(row, block). The T x T token scores never exist; only the (chunk rows, blocks) block-score buffer does.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def index_scores_fwd_kernel(
+    q_ptr, k_ptr, s_ptr, tile_ptr,
+    stride_qt, stride_qh, stride_kt, stride_sr,
+    chunk_tok0, heads, head_dim, block_size, scale, nsplit,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Block-max scores of one query tile.
+
+    q: (T_total, H_kv, D) flattened tokens; k: (T_total, D); tile table int32 (n_tiles, 3) holding
+    (first token, end token, sequence start) of tiles that never cross a sequence boundary.
+    s: fp32 (chunk rows, width) with row (token - chunk_tok0) * H_kv + group; column b is written for
+    every b <= the row's local block (b * block_size <= position), nothing else.
+    """
+    # Tiles are sorted by token, so later tiles see more key blocks: start the longest ones first to
+    # shorten the tail (one large-smem CTA per SM at ROWS = BLOCK_N = D = 128).
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
+    split = tl.program_id(1)
+    tok0 = tl.load(tile_ptr + pid * 3)
+    tok1 = tl.load(tile_ptr + pid * 3 + 1)
+    seq0 = tl.load(tile_ptr + pid * 3 + 2)
+
+    r = tl.arange(0, ROWS)
+    tok = tok0 + r // heads
+    grp = r % heads
+    rvalid = (r < (ROWS // heads) * heads) & (tok < tok1)
+    pos = tok - seq0
+    local = pos // block_size
+    last_pos = tok1 - 1 - seq0
+    last_local = last_pos // block_size
+
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < head_dim
+    q = tl.load(q_ptr + tok.to(tl.int64)[:, None] * stride_qt + grp[:, None] * stride_qh + d[None, :],
+                mask=rvalid[:, None] & dmask[None, :], other=0.0)
+    if UPCAST:  # the interpreter's bf16 math is wrong; fp32 inputs keep fp32 (IEEE) products
+        q = q.to(tl.float32)
+    n = tl.arange(0, BLOCK_N)
+    srow = (tok - chunk_tok0).to(tl.int64) * heads + grp
+    # One flat loop over (my key block, sub-tile) so the compiler can software-pipeline the K loads
+    # (a nested loop over a 1-iteration sub-tile loop would not be pipelined).
+    subs = tl.cdiv(block_size, BLOCK_N)
+    n_mine = tl.maximum((last_local - split + nsplit) // nsplit, 0)
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    for it in range(0, n_mine * subs):
+        bi = it // subs
+        sub = (it - bi * subs) * BLOCK_N
+        b = split + bi * nsplit
+        kp = b * block_size + sub + n  # key positions inside the sequence
+        kmask = (sub + n < block_size) & (kp <= last_pos)
+        kt = tl.load(k_ptr + (seq0 + kp).to(tl.int64)[None, :] * stride_kt + d[:, None],
+                     mask=kmask[None, :] & dmask[:, None], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+        if IEEE:
+            s = tl.dot(q, kt, input_precision="ieee")
+        else:
+            s = tl.dot(q, kt)
+        s = s * scale  # before the max: a negative scale would flip the order
+        s = tl.where(kmask[None, :] & (kp[None, :] <= pos[:, None]), s, float("-inf"))
+        m = tl.maximum(m, tl.max(s, axis=1))
+        # a [ROWS] vector, not a scalar: the interpreter rejects scalar-bool & tensor-bool masks
+        is_last = (sub + BLOCK_N + tl.zeros([ROWS], tl.int32)) >= block_size
+        tl.store(s_ptr + srow * stride_sr + b, m, mask=rvalid & (b <= local) & is_last)
+        m = tl.where(is_last, float("-inf"), m)

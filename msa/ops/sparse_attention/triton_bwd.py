@@ -1,0 +1,303 @@
+"""Triton backward of the MSA Main Branch (spec section 4): dQ query-outer, dK/dV KV-outer.
+
+Three launches (plus a small reduce when hot rows were split):
+
+1. ``sparse_attention_bwd_preprocess_kernel``: delta[token, head] = rowsum(dO * O) in fp32.
+2. ``sparse_attention_bwd_dq_kernel``: one program per (token, group). The group's G heads are the
+   MMA rows (padded to >= 16); the program loops over the group's selected blocks and recomputes
+   P = exp(S - lse) from the forward's lse, so no softmax state is stored.
+3. ``sparse_attention_bwd_dkdv_kernel``: one program per (work item, key sub-tile) of the reverse
+   index (``reverse_index.build_reverse_index``). It loads its key block once and gathers the queries
+   that selected it, packing ``BLOCK_M // G`` query positions x G heads into the MMA rows; row m maps
+   to entry ``m // G`` and head ``r * G + m % G`` at run time, so any G (1, 3, 12, 64, ...) works.
+   A row of the index that fits one work item writes dK/dV directly; a hot row split into several
+   items writes one fp32 partial per item into a pre-assigned slot, and
+   ``sparse_attention_bwd_reduce_kernel`` sums the partials in item order. No atomics anywhere, so
+   two runs give bitwise identical gradients.
+
+Causal masking uses flattened token indices: a key at flattened position j is visible to the query
+at flattened position t iff it lies in one of the query's selected blocks and j <= t (blocks are
+numbered from the query's own sequence start, so no key of another sequence is ever addressed).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .reverse_index import ReverseIndex, build_reverse_index
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _pow2(x: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(int(x)))
+
+
+def _compute_dtype(dtype: torch.dtype):
+    """Element type fed to tl.dot. The CPU interpreter's bf16/fp16 math is wrong, so it computes in fp32."""
+    if _interpreting() or dtype == torch.float32:
+        return tl.float32
+    return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs must not silently drop to tf32 (the fp32 path is the accuracy reference).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def token_seq_start(batch: int, seqlen: int, cu_seqlens: Optional[torch.Tensor], device) -> torch.Tensor:
+    """int32 (B*T,): flattened index of the first token of each token's own sequence."""
+    tok = torch.arange(batch * seqlen, device=device, dtype=torch.int64)
+    if cu_seqlens is None:
+        start = tok - tok % seqlen
+    else:
+        cu = cu_seqlens.to(device=device, dtype=torch.int64)
+        start = cu[torch.searchsorted(cu[1:], tok, right=True)]
+    return start.to(torch.int32)
+
+
+@triton.jit
+def sparse_attention_bwd_preprocess_kernel(O, DO, DELTA, n_rows, D: tl.constexpr, BLOCK_R: tl.constexpr,
+                                           BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    rmask = rows < n_rows
+    mask = rmask[:, None] & (cols < D)[None, :]
+    off = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    o = tl.load(O + off, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + off, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + rows, tl.sum(o * do, axis=1), mask=rmask)
+
+
+@triton.jit
+def sparse_attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, BI, SEQ_START, scale, HQ, HKV, NSEL, BS,
+                                   G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr,
+                                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CDT: tl.constexpr,
+                                   DOT_PREC: tl.constexpr):
+    tok = tl.program_id(0)
+    r = tl.program_id(1)
+    tok64 = tok.to(tl.int64)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)
+    gmask = g < G
+    dmask = d < D
+    head = r * G + g
+    qrow = tok64 * HQ + head
+    qmask = gmask[:, None] & dmask[None, :]
+    qoff = qrow[:, None] * D + d[None, :]
+    q = tl.load(Q + qoff, mask=qmask, other=0.0).to(CDT)
+    do = tl.load(DO + qoff, mask=qmask, other=0.0).to(CDT)
+    lse = tl.load(LSE + qrow, mask=gmask, other=0.0)
+    delta = tl.load(DELTA + qrow, mask=gmask, other=0.0)
+    seq_start = tl.load(SEQ_START + tok)
+    dq = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for slot in range(NSEL):
+        b = tl.load(BI + (tok64 * HKV + r) * NSEL + slot)
+        if b >= 0:
+            kpos = seq_start + b * BS + n
+            kmask = (n < BS) & (kpos <= tok)
+            koff = (kpos.to(tl.int64) * HKV + r)[:, None] * D + d[None, :]
+            kvmask = kmask[:, None] & dmask[None, :]
+            kk = tl.load(K + koff, mask=kvmask, other=0.0).to(CDT)
+            vv = tl.load(V + koff, mask=kvmask, other=0.0).to(CDT)
+            s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * scale
+            p = tl.where(gmask[:, None] & kmask[None, :], tl.exp(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(vv), input_precision=DOT_PREC)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(CDT), kk, input_precision=DOT_PREC)
+    tl.store(DQ + qoff, (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
+
+
+@triton.jit
+def sparse_attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PDK, PDV, ENTRIES, WORK_ROW, WORK_START,
+                                     WORK_END, WORK_SLOT, BLOCK_START, BLOCK_LEN, scale, HQ, HKV, NSEL, NB,
+                                     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BS_PAD: tl.constexpr,
+                                     CDT: tl.constexpr, DOT_PREC: tl.constexpr):
+    w = tl.program_id(0)
+    sub = tl.program_id(1)  # key sub-tile of the block (keeps the dK/dV accumulators in registers)
+    ENT: tl.constexpr = BLOCK_M // G  # query positions per MMA tile
+    row = tl.load(WORK_ROW + w)
+    start = tl.load(WORK_START + w)
+    end = tl.load(WORK_END + w)
+    pslot = tl.load(WORK_SLOT + w)
+    r = row // NB
+    gb = row % NB
+    kstart = tl.load(BLOCK_START + gb)
+    klen = tl.load(BLOCK_LEN + gb)
+    n = sub * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    kvalid = n < klen
+    kpos = kstart + n
+    koff = (kpos.to(tl.int64) * HKV + r)[:, None] * D + d[None, :]
+    kvmask = kvalid[:, None] & dmask[None, :]
+    kk = tl.load(K + koff, mask=kvmask, other=0.0).to(CDT)
+    vv = tl.load(V + koff, mask=kvmask, other=0.0).to(CDT)
+    m = tl.arange(0, BLOCK_M)
+    ment = m // G  # run-time row -> (entry, head) map: no power-of-two requirement on G
+    mhead = r * G + m % G
+    mrow_ok = ment < ENT
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for e0 in range(start, end, ENT):
+        eidx = e0 + ment
+        emask = mrow_ok & (eidx < end)
+        ent = tl.load(ENTRIES + eidx, mask=emask, other=0)
+        tok = ent // NSEL
+        qrow = tok.to(tl.int64) * HQ + mhead
+        qoff = qrow[:, None] * D + d[None, :]
+        qmask = emask[:, None] & dmask[None, :]
+        q = tl.load(Q + qoff, mask=qmask, other=0.0).to(CDT)
+        do = tl.load(DO + qoff, mask=qmask, other=0.0).to(CDT)
+        lse = tl.load(LSE + qrow, mask=emask, other=0.0)
+        delta = tl.load(DELTA + qrow, mask=emask, other=0.0)
+        s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * scale
+        valid = emask[:, None] & kvalid[None, :] & (kpos[None, :] <= tok[:, None])
+        p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p.to(CDT)), do, input_precision=DOT_PREC)
+        dp = tl.dot(do, tl.trans(vv), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(CDT)), q, input_precision=DOT_PREC)
+    dk = dk * scale
+    # scalar conditions broadcast through an int vector (the interpreter rejects scalar bool masks)
+    zero_n = tl.zeros([BLOCK_N], dtype=tl.int32)
+    active = (zero_n + start) < end
+    direct = active & ((zero_n + pslot) < 0)
+    dmask_direct = kvmask & direct[:, None]
+    tl.store(DK + koff, dk.to(DK.dtype.element_ty), mask=dmask_direct)
+    tl.store(DV + koff, dv.to(DV.dtype.element_ty), mask=dmask_direct)
+    # split hot row: fp32 partial in this item's private slot, summed later in a fixed order
+    poff = (pslot.to(tl.int64) * BS_PAD + n)[:, None] * D + d[None, :]
+    pmask = kvmask & (active & ((zero_n + pslot) >= 0))[:, None]
+    tl.store(PDK + poff, dk, mask=pmask)
+    tl.store(PDV + poff, dv, mask=pmask)
+
+
+@triton.jit
+def sparse_attention_bwd_reduce_kernel(PDK, PDV, DK, DV, ROW_ITEMS, ROW_FIRST_SLOT, BLOCK_START, BLOCK_LEN, HKV,
+                                       NB, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                                       BS_PAD: tl.constexpr):
+    row = tl.program_id(0)
+    sub = tl.program_id(1)
+    cnt = tl.load(ROW_ITEMS + row)
+    first = tl.load(ROW_FIRST_SLOT + row)
+    nloop = tl.where(cnt > 1, cnt, 0)  # rows with one item were written directly
+    r = row // NB
+    gb = row % NB
+    kstart = tl.load(BLOCK_START + gb)
+    klen = tl.load(BLOCK_LEN + gb)
+    n = sub * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    mask = (n < klen)[:, None] & (d < D)[None, :]
+    acc_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    acc_v = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for i in range(nloop):
+        poff = ((first + i).to(tl.int64) * BS_PAD + n)[:, None] * D + d[None, :]
+        acc_k += tl.load(PDK + poff, mask=mask, other=0.0)
+        acc_v += tl.load(PDV + poff, mask=mask, other=0.0)
+    koff = ((kstart + n).to(tl.int64) * HKV + r)[:, None] * D + d[None, :]
+    smask = mask & ((tl.zeros([BLOCK_N], dtype=tl.int32) + cnt) > 1)[:, None]
+    tl.store(DK + koff, acc_k.to(DK.dtype.element_ty), mask=smask)
+    tl.store(DV + koff, acc_v.to(DV.dtype.element_ty), mask=smask)
+
+
+def default_max_queries_per_item(block_size: int, topk: int) -> int:
+    """Hot-row chunk: ~2 * k * B_k queries as in the spec (at least 64 so tiles stay full)."""
+    return max(64, 2 * topk * block_size)
+
+
+def sparse_attention_bwd_triton(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                                lse: torch.Tensor, block_indices: torch.Tensor, *, block_size: int, scale: float,
+                                cu_seqlens: Optional[torch.Tensor], max_queries_per_item: Optional[int] = None,
+                                reverse_index: Optional[ReverseIndex] = None
+                                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``msa.sparse_attention`` w.r.t. q, k, v (deterministic, no atomics).
+
+    Args:
+        do: (B, T, H_q, D) upstream gradient of o, any float dtype (cast to q.dtype).
+        q: (B, T, H_q, D) bf16/fp16/fp32; k, v: (B, T, H_kv, D), same dtype.
+        o: (B, T, H_q, D) forward output; lse: fp32 (B, T, H_q) natural-log lse of the forward.
+        block_indices: int32 (B, T, H_kv, K) selection (spec convention, -1 padding).
+        block_size: B_k; scale: softmax scale used by the forward.
+        cu_seqlens: optional int32 (S+1,) packed-sequence offsets (then B == 1).
+        max_queries_per_item: hot-row split size of the reverse index (default 2 * K * block_size).
+        reverse_index: optional prebuilt ``build_reverse_index(block_indices, block_size, cu_seqlens,
+            max_queries_per_item)`` (e.g. shared with a KV-outer forward); built here when None.
+
+    Returns:
+        dq (B, T, H_q, D), dk, dv (B, T, H_kv, D), each in its input's dtype.
+    """
+    bsz, t, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    nsel = block_indices.shape[3]
+    ntok = bsz * t
+    dev = q.device
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    do = do.to(q.dtype).contiguous()
+    o = o.contiguous()
+    lse = lse.float().contiguous()
+    bi = block_indices.to(torch.int32).contiguous()
+    cdt = _compute_dtype(q.dtype)
+    prec = _dot_precision(q.dtype)
+    block_d = _pow2(d)
+    bs_pad = _pow2(block_size)
+    interp = _interpreting()
+
+    delta = torch.empty(ntok * hq, dtype=torch.float32, device=dev)
+    block_r = 64
+    sparse_attention_bwd_preprocess_kernel[(triton.cdiv(ntok * hq, block_r),)](
+        o, do, delta, ntok * hq, D=d, BLOCK_R=block_r, BLOCK_D=block_d)
+
+    seq_start = token_seq_start(bsz, t, cu_seqlens, dev)
+    dq = torch.empty_like(q)
+    block_g = _pow2(g)
+    sparse_attention_bwd_dq_kernel[(ntok, hkv)](
+        q, k, v, do, lse, delta, dq, bi, seq_start, float(scale), hq, hkv, nsel, block_size,
+        G=g, D=d, BLOCK_G=block_g, BLOCK_N=bs_pad, BLOCK_D=block_d, CDT=cdt, DOT_PREC=prec,
+        num_warps=4 if block_g * bs_pad <= 4096 else 8)
+
+    c = max_queries_per_item or default_max_queries_per_item(block_size, nsel)
+    if reverse_index is None:
+        reverse_index = build_reverse_index(bi, block_size, cu_seqlens, c)
+    ri = reverse_index
+    nb = ri.layout.num_blocks
+    rows = hkv * nb
+    n_items = ri.work_row.numel()
+    # Which items belong to split rows, and their partial slots (device-side, no host sync).
+    counts = (ri.row_ptr[1:] - ri.row_ptr[:-1]).to(torch.int64)
+    items = (counts + c - 1) // c
+    wrow = ri.work_row.to(torch.int64)
+    active = ri.work_start < ri.work_end
+    split = active & (items[wrow] > 1)
+    slot_of_item = torch.where(split, torch.cumsum(split.to(torch.int64), 0) - 1, torch.full_like(wrow, -1))
+    first_item = torch.cumsum(items, 0) - items
+    row_first_slot = slot_of_item[first_item.clamp(max=max(n_items - 1, 0))]
+    # Split rows hold count > c entries, so their items number < 2 * count / c: a shape-only bound.
+    n_slots = max(1, min(n_items, 2 * (ntok * hkv * nsel) // c + 1))
+
+    dk = torch.zeros_like(k)  # key blocks nobody selected keep a zero gradient
+    dv = torch.zeros_like(v)
+    pdk = torch.empty((n_slots, bs_pad, d), dtype=torch.float32, device=dev)
+    pdv = torch.empty_like(pdk)
+    block_m = max(16 if interp else 64, _pow2(g))
+    block_n = bs_pad if interp else min(bs_pad, 64)
+    sparse_attention_bwd_dkdv_kernel[(n_items, bs_pad // block_n)](
+        q, k, v, do, lse, delta, dk, dv, pdk, pdv, ri.entries, ri.work_row, ri.work_start, ri.work_end,
+        slot_of_item.to(torch.int32), ri.layout.block_start, ri.layout.block_len, float(scale), hq, hkv, nsel, nb,
+        G=g, D=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BS_PAD=bs_pad, CDT=cdt, DOT_PREC=prec,
+        num_warps=4 if interp else 8, num_stages=1 if interp else 2)
+    sparse_attention_bwd_reduce_kernel[(rows, bs_pad // block_n)](
+        pdk, pdv, dk, dv, items.to(torch.int32), row_first_slot.to(torch.int32), ri.layout.block_start,
+        ri.layout.block_len, hkv, nb, D=d, BLOCK_N=block_n, BLOCK_D=block_d, BS_PAD=bs_pad)
+    return dq, dk, dv

@@ -1,0 +1,228 @@
+"""Exp-free block top-k in Triton (spec section 4: "exp-free top-k for small k").
+
+Ranking only needs an order, so no softmax/exp is computed. Every fp32 score is mapped to an
+order-preserving int32 (negative floats get their magnitude bits flipped) and packed with its column
+into ONE int64: ``(key << 32) | (COL_BIAS - col)``. All packed values of a row are distinct, so a single
+max-reduction yields both the winning value and its column (ties go to the smaller column, like a
+stable sort), and masking the winner is one compare.
+
+Work per row is cut by segment pruning: the row is split into NSEG segments of SEG columns and each
+segment is reduced to its packed maximum. Under the (value, -col) total order the top-k elements of the
+row lie inside the top-k segments by packed maximum (each segment holding a top-k element has a maximum
+>= the k-th element, and there are only k such elements), so the kernel
+  1. selects the k best segments (k reductions over NSEG values),
+  2. re-reads only those k*SEG columns (L1/L2-hot) and selects k elements (k reductions over k*SEG).
+With SEG ~ sqrt(N / k) both phases are O(k * sqrt(N k)) instead of O(k * N).
+
+Rows wider than MAX_TILE columns are handled in two stages: stage 1 writes each column tile's k best
+packed candidates, stage 2 runs the same kernel over the packed candidates (IN_PACKED).
+
+Excluded entries (-inf, NaN, masked) become SENTINEL, below every real packed value; a SENTINEL winner
+means "no more valid entries" and is written as -1.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# INT64_MIN + 1: smaller than any packed real value (the smallest is key(-inf) << 32 ~ -9.19e18).
+SENTINEL = -9223372036854775807
+COL_BIAS = 2147483647  # low word = COL_BIAS - col keeps ties ordered by ascending column
+MAX_TILE = 8192  # columns one program keeps in registers (packed int64)
+
+
+@triton.jit
+def _pack(v, col, valid, SENT: tl.constexpr, BIAS: tl.constexpr):
+    """fp32 values + int columns -> packed int64 order keys (SENT where invalid, -inf or NaN)."""
+    bits = v.to(tl.int32, bitcast=True)
+    # Negative floats order inversely by their magnitude bits: flip the 31 low bits of negatives.
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    packed = (key.to(tl.int64) << 32) | (BIAS - col).to(tl.int64)
+    return tl.where(valid & (v > float("-inf")), packed, SENT)
+
+
+@triton.jit
+def block_topk_fwd_kernel(
+    x_ptr, stride_xr, out_ptr, stride_or, pos_ptr,
+    n_rows, n_cols, tile_cols, out_row_off, pos_tok_off, heads, block_size, init_blocks, local_blocks, topk,
+    IN_PACKED: tl.constexpr, HAS_POS: tl.constexpr, OUT_MODE: tl.constexpr,
+    ROWS: tl.constexpr, NSEG: tl.constexpr, SEG: tl.constexpr, KP: tl.constexpr,
+    SENT: tl.constexpr, BIAS: tl.constexpr,
+):
+    """Top-k of ROWS rows x one column tile.
+
+    x: fp32 (rows, n_cols) scores, or int64 packed candidates when IN_PACKED.
+    HAS_POS: row r is (token pos_tok_off + r // heads, group r % heads); its local block is
+      pos[token] // block_size, columns beyond it are invisible; when not IN_PACKED the local block,
+      the local_blocks trailing and the init_blocks leading visible blocks are forced (+inf).
+    OUT_MODE 0: int32 ids (descending score, -1 padding); 1: the MSA index convention (local block in
+      the last valid slot); 2: int64 packed candidates at columns tile*topk .. tile*topk + topk - 1.
+    """
+    pid_r = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    rows = pid_r * ROWS + tl.arange(0, ROWS)
+    rmask = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    seg = tl.arange(0, NSEG)
+    inner = tl.arange(0, SEG)
+    kp = tl.arange(0, KP)
+    col_off = pid_t * tile_cols
+
+    if HAS_POS:
+        tok = pos_tok_off + rows // heads
+        pos = tl.load(pos_ptr + tok, mask=rmask, other=0)
+        local = pos // block_size
+    else:
+        local = tl.full([ROWS], 2147483647, tl.int32)
+    # Causal visibility applies to block columns; packed candidates' positions are not block ids.
+    if IN_PACKED:
+        limit = tl.full([ROWS], 2147483647, tl.int32)
+    else:
+        limit = local
+
+    # ---- phase 0: packed maxima of every segment of this tile --------------------------------------
+    cols = col_off + seg[None, :, None] * SEG + inner[None, None, :]  # [1, NSEG, SEG]
+    cmask = (cols < n_cols) & (cols < col_off + tile_cols)
+    valid = rmask[:, None, None] & cmask & (cols <= limit[:, None, None])
+    if IN_PACKED:
+        packed = tl.load(x_ptr + rows64[:, None, None] * stride_xr + cols, mask=valid, other=SENT)
+    else:
+        v = tl.load(x_ptr + rows64[:, None, None] * stride_xr + cols, mask=valid, other=float("-inf"))
+        if HAS_POS:
+            lc = local[:, None, None]
+            forced = (cols < init_blocks) | (cols > lc - local_blocks)
+            v = tl.where(forced, float("inf"), v)
+        packed = _pack(v, cols, valid, SENT, BIAS)
+    segmax = tl.max(packed, axis=2)  # [ROWS, NSEG]
+
+    # ---- phase 1: the k best segments ---------------------------------------------------------------
+    segsel = tl.full([ROWS, KP], -1, tl.int32)
+    for it in range(topk):
+        w = tl.max(segmax, axis=1)
+        if IN_PACKED:
+            # packed candidates carry their ORIGINAL column: find the segment by position instead
+            s_id = tl.min(tl.where(segmax == w[:, None], seg[None, :], NSEG), axis=1)
+        else:
+            # the winner's column (low word) names its segment: no second reduction needed
+            s_id = ((BIAS - w.to(tl.int32)) - col_off) // SEG
+        # Packed maxima are unique (SENTINEL aside), so this masks exactly the winning segment.
+        segmax = tl.where(segmax == w[:, None], SENT, segmax)
+        # A SENTINEL winner means every remaining segment is empty: gather nothing for it.
+        s_id = tl.where(w == SENT, -1, s_id)
+        segsel = tl.where(kp[None, :] == it, s_id[:, None], segsel)
+
+    # ---- phase 2: the k best elements inside the chosen segments ------------------------------------
+    cols2 = col_off + segsel[:, :, None] * SEG + inner[None, None, :]  # [ROWS, KP, SEG]
+    valid2 = (rmask[:, None, None] & (segsel[:, :, None] >= 0) & (cols2 < n_cols)
+              & (cols2 <= limit[:, None, None]))
+    if IN_PACKED:
+        cand = tl.load(x_ptr + rows64[:, None, None] * stride_xr + cols2, mask=valid2, other=SENT)
+    else:
+        v2 = tl.load(x_ptr + rows64[:, None, None] * stride_xr + cols2, mask=valid2, other=float("-inf"))
+        if HAS_POS:
+            lc2 = local[:, None, None]
+            forced2 = (cols2 < init_blocks) | (cols2 > lc2 - local_blocks)
+            v2 = tl.where(forced2, float("inf"), v2)
+        cand = _pack(v2, cols2, valid2, SENT, BIAS)
+    cand = tl.reshape(cand, [ROWS, KP * SEG])  # one reduction per iteration instead of two
+    res = tl.full([ROWS, KP], SENT, tl.int64)
+    for it in range(topk):
+        w = tl.max(cand, axis=1)
+        # Packed values are unique, so this removes exactly the winner (SENTINEL winners change nothing).
+        cand = tl.where(cand == w[:, None], SENT, cand)
+        res = tl.where(kp[None, :] == it, w[:, None], res)
+
+    kmask = rmask[:, None] & (kp[None, :] < topk)
+    if OUT_MODE == 2:
+        optr = out_ptr + rows64[:, None] * stride_or + pid_t * topk + kp[None, :]
+        tl.store(optr, res, mask=kmask)
+    else:
+        # The low word holds BIAS - col (< 2**31): truncating to int32 keeps exactly it.
+        ids = tl.where(res == SENT, -1, BIAS - res.to(tl.int32))
+        if OUT_MODE == 1:
+            # Index convention: the local block goes to the last valid slot (swap with whatever is there).
+            nv = tl.sum((ids >= 0).to(tl.int32), axis=1)
+            last = tl.sum(tl.where(kp[None, :] == nv[:, None] - 1, ids, 0), axis=1)
+            ids = tl.where(ids == local[:, None], last[:, None], ids)
+            ids = tl.where(kp[None, :] == nv[:, None] - 1, local[:, None], ids)
+        optr = out_ptr + (out_row_off + rows64[:, None]) * stride_or + kp[None, :]
+        tl.store(optr, ids, mask=kmask)
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def topk_config(n_cols: int, topk: int, rows: Optional[int] = None, seg: Optional[int] = None,
+                num_warps: Optional[int] = None, max_tile: int = MAX_TILE):
+    """(tile_cols, ROWS, NSEG, SEG, KP, num_warps) for one launch over n_cols columns."""
+    rows_given = rows
+    kp = _pow2(topk)
+    tile = min(_pow2(n_cols), max_tile)
+    if seg is None:
+        # SEG ~ sqrt(N / k) balances the segment pass (k * N / SEG) and the element pass (k * k * SEG).
+        seg = _pow2(int(round((tile / max(1, topk)) ** 0.5)))
+        seg = max(1, min(seg, 64, tile))
+    nseg = max(1, tile // seg)
+    if rows is None:
+        work = max(nseg * seg, kp * seg)
+        rows = max(1, min(16, 2048 // work))
+    if num_warps is None:
+        work = rows * max(nseg * seg, kp * seg)
+        num_warps = 1 if work <= 256 else 2 if work <= 1024 else 4 if work <= 4096 else 8
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # The interpreter pays per op, not per element: few wide programs are much faster.
+        num_warps = 1
+        if rows_given is None:
+            rows = max(rows, min(256, _pow2(max(1, 65536 // max(nseg * seg, kp * seg)))))
+    return nseg * seg, rows, nseg, seg, kp, num_warps
+
+
+def launch_block_topk(x: torch.Tensor, out: torch.Tensor, topk: int, *, n_cols: Optional[int] = None,
+                      pos: Optional[torch.Tensor] = None, pos_tok_off: int = 0, heads: int = 1,
+                      block_size: int = 1, init_blocks: int = 0, local_blocks: int = 1, out_row_off: int = 0,
+                      convention: bool = False, rows: Optional[int] = None, seg: Optional[int] = None,
+                      num_warps: Optional[int] = None, max_tile: int = MAX_TILE) -> None:
+    """Top-k of every row of x (R, >= n_cols) fp32 into out[out_row_off + r, :topk] (int32).
+
+    With pos (int32 per token) the rows are (token, group) pairs of the Index Branch: forcing, causal
+    visibility and (convention=True) the MSA index convention are applied in the kernel.
+    Rows wider than max_tile columns go through packed candidates (two stages, recursively).
+    """
+    n_rows = x.shape[0]
+    n_cols = x.shape[1] if n_cols is None else n_cols
+    # each tile must shrink the row (tile -> k candidates), or the two-stage recursion never ends
+    max_tile = max(max_tile, 4 * _pow2(topk))
+    if n_rows == 0:
+        return
+    has_pos = pos is not None
+    pos_arg = pos if has_pos else x
+    mode = 1 if convention else 0
+    tile, r, nseg, sg, kp, nw = topk_config(n_cols, topk, rows, seg, num_warps, max_tile)
+    if n_cols <= tile:
+        grid = (triton.cdiv(n_rows, r), 1)
+        block_topk_fwd_kernel[grid](
+            x, x.stride(0), out, out.stride(0), pos_arg, n_rows, n_cols, tile, out_row_off, pos_tok_off, heads,
+            block_size, init_blocks, local_blocks, topk,
+            IN_PACKED=x.dtype == torch.int64, HAS_POS=has_pos, OUT_MODE=mode, ROWS=r, NSEG=nseg, SEG=sg, KP=kp,
+            SENT=SENTINEL, BIAS=COL_BIAS, num_warps=nw)
+        return
+    # Stage 1: the k best packed candidates of every column tile (forcing applied here).
+    n_tiles = triton.cdiv(n_cols, tile)
+    cand = torch.empty(n_rows, n_tiles * topk, dtype=torch.int64, device=x.device)
+    grid = (triton.cdiv(n_rows, r), n_tiles)
+    block_topk_fwd_kernel[grid](
+        x, x.stride(0), cand, cand.stride(0), pos_arg, n_rows, n_cols, tile, 0, pos_tok_off, heads,
+        block_size, init_blocks, local_blocks, topk,
+        IN_PACKED=x.dtype == torch.int64, HAS_POS=has_pos, OUT_MODE=2, ROWS=r, NSEG=nseg, SEG=sg, KP=kp,
+        SENT=SENTINEL, BIAS=COL_BIAS, num_warps=nw)
+    # Stage 2: packed candidates carry their original columns (and forcing), so a plain top-k over them
+    # finishes the job; visibility is already applied, hence no pos-based masking of candidate columns.
+    launch_block_topk(cand, out, topk, pos=pos if convention else None, pos_tok_off=pos_tok_off, heads=heads,
+                      block_size=block_size, out_row_off=out_row_off, convention=convention,
+                      max_tile=max_tile, num_warps=num_warps)

@@ -1,0 +1,176 @@
+"""Triton Index Branch (msa.select_blocks backend="triton") against the PyTorch reference.
+
+Runs on the CPU under TRITON_INTERPRET=1 (fp32, small shapes) and on CUDA when present.
+Selections are compared as sets per row; where a set differs (near-ties), the multiset of the selected
+blocks' reference scores must still agree (rtol 1e-5 / atol 1e-5 fp32, 2e-2 bf16). The index
+convention is checked exactly: local block in the last valid slot, -1 only after the valid prefix.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import msa  # noqa: E402
+from msa.ops.select_blocks.reference import block_scores_reference, select_blocks_reference  # noqa: E402
+from msa.ops.select_blocks.triton_impl import block_scores_triton, select_blocks_triton  # noqa: E402
+
+IMPL = sys.modules["msa.ops.select_blocks.triton_impl"]
+DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+OUT_POISON = -7
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Fresh buffers: the index output starts at -7 and the score buffer at +inf, so an unwritten
+    output shows as an invalid id and an unwritten score would be picked (and caught)."""
+    def _empty(shape, dtype, device):
+        fill = OUT_POISON if dtype == torch.int32 else float("inf")
+        return torch.full(shape, fill, dtype=dtype, device=device)
+    monkeypatch.setattr(IMPL, "_empty", _empty)
+
+
+def _spans(bsz, t, cu):
+    if cu is None:
+        return [(b, 0, t) for b in range(bsz)]
+    return [(0, s, e) for s, e in zip(cu[:-1], cu[1:])]
+
+
+def check_selection(got, ref, q, k, *, block_size, topk, init_blocks, local_blocks, scale, cu, tol):
+    bsz, t, h, _ = q.shape
+    assert got.shape == ref.shape == (bsz, t, h, topk) and got.dtype == torch.int32
+    assert not (got == OUT_POISON).any(), "unwritten output entries"
+    for b, s, e in _spans(bsz, t, cu):
+        g, r = got[b, s:e].long().cpu(), ref[b, s:e].long().cpu()
+        n = e - s
+        pos = torch.arange(n)
+        local = pos // block_size
+        nvalid = torch.clamp(local + 1, max=topk)
+        slot = torch.arange(topk)
+        valid = slot.view(1, 1, -1) < nvalid.view(-1, 1, 1)
+        # -1 exactly after the valid prefix, ids inside [0, local], local block in the last valid slot
+        assert torch.equal(g < 0, ~valid.expand_as(g)), "valid entries must form a prefix of length min(k, local+1)"
+        assert ((g == -1) | valid).all()
+        assert ((g <= local.view(-1, 1, 1)) | ~valid).all(), "future block selected"
+        last = g.gather(-1, (nvalid - 1).view(-1, 1, 1).expand(n, h, 1)).squeeze(-1)
+        assert torch.equal(last, local.view(-1, 1).expand(n, h)), "local block must sit in the last valid slot"
+        srt = g.sort(-1).values
+        assert not ((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any(), "duplicate block id"
+        # forced blocks are present
+        nb = int(local.max()) + 1
+        bb = torch.arange(nb).view(1, -1)
+        forced = ((bb < init_blocks) | (bb > local.view(-1, 1) - local_blocks)) & (bb <= local.view(-1, 1))
+        member = torch.zeros(n, h, nb + 1, dtype=torch.bool)
+        member.scatter_(-1, torch.where(g < 0, nb, g), True)
+        assert (member[..., :nb] | ~forced.unsqueeze(1)).all(), "a forced block is missing"
+        # same set, or (near-ties) the same multiset of reference scores
+        same = torch.equal(srt, r.sort(-1).values)
+        if not same:
+            m = block_scores_reference(q[b, s:e].cpu(), k[b, s:e].cpu(), 0, block_size, scale).double()
+            m = torch.where(forced.unsqueeze(1), torch.full_like(m, float("inf")), m)
+            m = torch.cat([m, m.new_full((n, h, 1), float("-inf"))], -1)
+            sg = m.gather(-1, torch.where(g < 0, nb, g)).sort(-1).values
+            sr = m.gather(-1, torch.where(r < 0, nb, r)).sort(-1).values
+            fin = torch.isfinite(sr)
+            assert torch.equal(torch.isfinite(sg), fin)
+            torch.testing.assert_close(sg[fin], sr[fin], rtol=tol, atol=tol)
+
+
+CASES = [
+    # (B, T, H_kv, D, block, topk, init, local_blocks, cu_seqlens)
+    (1, 1, 1, 32, 16, 4, 0, 1, None),
+    (1, 63, 2, 32, 16, 2, 0, 1, None),
+    (1, 127, 3, 32, 32, 16, 0, 1, None),      # topk covers every block (dense)
+    (1, 129, 4, 64, 16, 5, 1, 2, None),       # init + trailing forcing
+    (2, 300, 2, 32, 32, 6, 2, 3, None),       # B > 1
+    (1, 300, 1, 32, 64, 3, 0, 1, None),
+    (1, 300, 3, 32, 16, 8, 1, 1, [0, 17, 150, 151, 300]),   # packed, partial blocks side by side
+    (1, 200, 4, 32, 32, 4, 0, 2, [0, 33, 63, 64, 129, 200]),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}T{c[1]}H{c[2]}D{c[3]}bs{c[4]}k{c[5]}i{c[6]}l{c[7]}"
+                         + ("cu" if c[8] else ""))
+def test_select_blocks_matches_reference(case):
+    bsz, t, h, d, bs, topk, ib, lb, cu = case
+    g = torch.Generator().manual_seed(t * 7 + h)
+    q = torch.randn(bsz, t, h, d, generator=g).to(DEV)
+    k = torch.randn(bsz, t, d, generator=g).to(DEV)
+    cs = torch.tensor(cu, dtype=torch.int32, device=DEV) if cu else None
+    kw = dict(block_size=bs, topk=topk, init_blocks=ib, local_blocks=lb, scale=d ** -0.5, cu_seqlens=cs)
+    got = msa.select_blocks(q, k, backend="triton", **kw)
+    ref = select_blocks_reference(q, k, **kw)
+    check_selection(got, ref, q, k, tol=1e-5, cu=cu, **{x: kw[x] for x in ("block_size", "topk", "init_blocks",
+                                                                           "local_blocks", "scale")})
+
+
+def test_chunking_small_tiles_and_splits():
+    """A tiny budget forces many query chunks; 32-row tiles with H=3 give 10-token tiles that straddle
+    block boundaries; nsplit=3 interleaves key blocks over programs; a large negative scale flips order."""
+    g = torch.Generator().manual_seed(1)
+    t, h, d, bs, topk = 211, 3, 32, 16, 6
+    q = torch.randn(1, t, h, d, generator=g).to(DEV)
+    k = torch.randn(1, t, d, generator=g).to(DEV)
+    cu = [0, 100, 211]
+    cs = torch.tensor(cu, dtype=torch.int32, device=DEV)
+    for scale in (0.3, -1.0):
+        kw = dict(block_size=bs, topk=topk, init_blocks=1, local_blocks=1, scale=scale, cu_seqlens=cs)
+        got = select_blocks_triton(q, k, budget_bytes=4096, rows=32, nsplit=3, **kw)
+        ref = select_blocks_reference(q, k, **kw)
+        check_selection(got, ref, q, k, tol=1e-5, cu=cu, block_size=bs, topk=topk, init_blocks=1, local_blocks=1,
+                        scale=scale)
+
+
+def test_block_size_not_power_of_two_and_large_topk():
+    """block 24 (masked sub-tile), topk 64 > visible blocks: every visible block selected."""
+    g = torch.Generator().manual_seed(2)
+    t, h, d, bs, topk = 150, 2, 32, 24, 64
+    q = torch.randn(1, t, h, d, generator=g).to(DEV)
+    k = torch.randn(1, t, d, generator=g).to(DEV)
+    kw = dict(block_size=bs, topk=topk, init_blocks=0, local_blocks=1, scale=d ** -0.5, cu_seqlens=None)
+    got = select_blocks_triton(q, k, **kw)
+    ref = select_blocks_reference(q, k, **kw)
+    check_selection(got, ref, q, k, tol=1e-5, cu=None, **{x: kw[x] for x in ("block_size", "topk", "init_blocks",
+                                                                            "local_blocks", "scale")})
+
+
+@pytest.mark.parametrize("d,bs", [(32, 16), (128, 32)])
+def test_block_scores_kernel(d, bs):
+    """The first stage alone: fused causal block max vs block_scores_reference (fp32, atol/rtol 1e-5)."""
+    g = torch.Generator().manual_seed(d)
+    t, h = 97, 2
+    q = torch.randn(t, h, d, generator=g).to(DEV)
+    k = torch.randn(t, d, generator=g).to(DEV)
+    got = block_scores_triton(q, k, block_size=bs, scale=0.25, rows=32, nsplit=2)
+    ref = block_scores_reference(q, k, 0, bs, 0.25)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_inputs():
+    """bf16 inputs (upcast after load): score multisets within 2e-2 of the fp32 reference on bf16 data."""
+    g = torch.Generator().manual_seed(3)
+    t, h, d, bs, topk = 130, 2, 64, 16, 4
+    q = torch.randn(1, t, h, d, generator=g).to(DEV).bfloat16()
+    k = torch.randn(1, t, d, generator=g).to(DEV).bfloat16()
+    kw = dict(block_size=bs, topk=topk, init_blocks=0, local_blocks=1, scale=d ** -0.5, cu_seqlens=None)
+    got = select_blocks_triton(q, k, **kw)
+    ref = select_blocks_reference(q, k, **kw)
+    check_selection(got, ref, q, k, tol=2e-2, cu=None, **{x: kw[x] for x in ("block_size", "topk", "init_blocks",
+                                                                             "local_blocks", "scale")})
+
+
+def test_checker_can_fail():
+    """The checker rejects a selection that moves the local block out of the last slot."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 70, 1, 32, generator=g)
+    k = torch.randn(1, 70, 32, generator=g)
+    kw = dict(block_size=16, topk=3, init_blocks=0, local_blocks=1, scale=0.2, cu_seqlens=None)
+    ref = select_blocks_reference(q, k, **kw)
+    bad = ref.flip(-1).contiguous()
+    with pytest.raises(AssertionError):
+        check_selection(bad, ref, q, k, tol=1e-5, cu=None, block_size=16, topk=3, init_blocks=0, local_blocks=1,
+                        scale=0.2)
