@@ -9,7 +9,6 @@ convention is checked exactly: local block in the last valid slot, -1 only after
 import os
 import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -8,7 +8,6 @@ after the valid prefix; fresh outputs are poisoned with -7 to expose unwritten e
 import os
 import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -12,8 +12,9 @@ and a padded batch look the same to a kernel.
 
 from __future__ import annotations
 
+import bisect
 import math
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -73,17 +74,47 @@ def block_layout(batch: int, seqlen: int, block_size: int, cu_seqlens: Optional[
                        torch.tensor(blen, dtype=torch.int32, device=device), seq_block_offset, total)
 
 
+def block_starts_host(batch: int, seqlen: int, block_size: int, cu_seqlens: Optional[torch.Tensor]) -> List[int]:
+    """Flattened first-token index of every global key block, ascending, as a host list (one
+    cu_seqlens copy to the host, no other sync). Used to bound the blocks a token range can touch."""
+    if cu_seqlens is None:
+        spans = [(b * seqlen, seqlen) for b in range(batch)]
+    else:
+        cu = [int(x) for x in cu_seqlens.detach().cpu().tolist()]
+        spans = [(s, e - s) for s, e in zip(cu[:-1], cu[1:])]
+    return [s + i * block_size for s, n in spans for i in range(math.ceil(n / block_size))]
+
+
+def blocks_before(block_starts: List[int], token_end: int) -> int:
+    """Number of global key blocks whose first token is < token_end: every block a query token
+    < token_end can select (selected blocks start at or before the query) has a smaller global id."""
+    return bisect.bisect_left(block_starts, token_end)
+
+
 def build_reverse_index(block_indices: torch.Tensor, block_size: int, cu_seqlens: Optional[torch.Tensor] = None,
-                        max_queries_per_item: int = 4096) -> ReverseIndex:
-    """block_indices: int32 (B, T, H_kv, K) in the spec's convention. Returns the ReverseIndex."""
+                        max_queries_per_item: int = 4096, *, token_range: Optional[Tuple[int, int]] = None,
+                        layout: Optional[BlockLayout] = None, block_limit: Optional[int] = None) -> ReverseIndex:
+    """block_indices: int32 (B, T, H_kv, K) in the spec's convention. Returns the ReverseIndex.
+
+    Optional (keyword-only) arguments for query chunking; with their defaults the result covers all
+    tokens and all blocks exactly as described in the module docstring:
+        token_range: (t0, t1) flattened tokens (over B * T) to index; entries are then chunk-local,
+            ``(token - t0) * K + slot``.
+        layout: a BlockLayout from ``block_layout`` to reuse (it costs a host loop per call).
+        block_limit: number of global blocks NB' the rows cover (``row = r * NB' + global_block``);
+            must exceed every block the token range selects, e.g. ``blocks_before(starts, t1)``.
+            Default: layout.num_blocks.
+    """
     bsz, t, hkv, k = block_indices.shape
     dev = block_indices.device
-    layout = block_layout(bsz, t, block_size, cu_seqlens, dev)
-    nb = layout.num_blocks
+    if layout is None:
+        layout = block_layout(bsz, t, block_size, cu_seqlens, dev)
+    nb = layout.num_blocks if block_limit is None else block_limit
     rows = hkv * nb
-    ntok = bsz * t
-    idx = block_indices.reshape(ntok, hkv, k).to(torch.int64)
-    gblock = idx + layout.seq_block_offset.view(ntok, 1, 1)
+    t0, t1 = (0, bsz * t) if token_range is None else token_range
+    ntok = t1 - t0
+    idx = block_indices.reshape(bsz * t, hkv, k)[t0:t1].to(torch.int64)
+    gblock = idx + layout.seq_block_offset[t0:t1].view(ntok, 1, 1)
     r = torch.arange(hkv, device=dev).view(1, hkv, 1)
     row = torch.where(idx >= 0, r * nb + gblock, torch.full_like(idx, rows))  # invalid -> sentinel row
     entry = (torch.arange(ntok, device=dev).view(ntok, 1, 1) * k + torch.arange(k, device=dev).view(1, 1, k))

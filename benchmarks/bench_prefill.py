@@ -1,0 +1,461 @@
+"""Prefill benchmark of MSA at the paper's shape vs dense causal GQA (spec sections 3-4).
+
+    PYTHONPATH=. python benchmarks/bench_prefill.py --out DIR [--quick] [--sizes 8192,32768] [--no-flex]
+
+Shape: batch 1, H_q 64, H_kv 4, D 128, d_idx 128, B_k 128, k 16, bf16. Sizes T = 8K, 32K, 128K,
+512K, 1M (--quick: 8K, 32K, 128K; about 1-2 minutes on an H100, most of it FlexAttention compiles).
+
+1. Parity gate (bf16, GPU): both sparse-attention kernels vs ``sparse_attention_reference`` (fp32
+   math on the same bf16 inputs) at T ~ 2K-4K for G = 16, 3, 64, 1 and a packed batch, indices
+   from ``select_blocks_reference``. Tolerances: o max abs err <= 2e-2 and rmse(o - ref) / rmse(ref)
+   <= 1e-2, lse max abs err <= 5e-3. Prints PASS/FAIL; on FAIL nothing is timed (exit code 1).
+2. Timing: ``triton.testing.do_bench`` medians (calls over 100 ms: 1 warm-up + ``--heavy-reps``
+   timed calls with CUDA events, median). Variants: the indexer ``msa.select_blocks(backend="triton")``
+   (if it fails, recorded, and the attention uses synthetic indices: local block + 15 random
+   earlier blocks per (token, group)); the sparse attention forward with the KV-outer and the
+   query-outer kernel, and the one ``auto`` picks; the total (indexer + auto attention); dense
+   causal GQA through torch SDPA with the cuDNN and the flash backends (enable_gqa; 1M is
+   extrapolated from 512K by T^2 and labelled so); FlexAttention with a BlockMask giving each query
+   the same 16-block budget (sink block 0 + 14 previous blocks + its own block, causal inside it).
+   FLOPs (spec section 3): dense 2*H_q*d*T^2, sparse attention 4*H_q*d*T*k*B_k, index H_kv*d_idx*T^2;
+   FlexAttention is rated with the sparse-attention formula. Peak memory is
+   torch.cuda.max_memory_allocated during the variant. Inputs are not rotated: every tensor is
+   >= 128 MB at T >= 8K, larger than L2.
+   --sweep T also times a few launch configurations / partial budgets of both kernels at T
+   (env knobs of msa/ops/sparse_attention/triton_impl.py) to tune the defaults.
+3. Output: DIR/bench_prefill.json (GPU, versions, command, gate, results), DIR/bench_prefill.png,
+   and a table printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import msa  # noqa: E402
+from msa.ops.select_blocks.reference import select_blocks_reference  # noqa: E402
+from msa.ops.sparse_attention.reference import sparse_attention_reference  # noqa: E402
+from msa.ops.sparse_attention.triton_impl import choose_kernel, sparse_attention_fwd_triton  # noqa: E402
+
+HQ, HKV, D, DIDX, BK, TOPK = 64, 4, 128, 128, 128, 16
+DT = torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def flops(t):
+    return dict(dense=2 * HQ * D * t * t, sparse=4 * HQ * D * t * TOPK * BK, index=HKV * DIDX * t * t)
+
+
+def timed(fn, heavy_reps=2):
+    """Median ms of fn(): do_bench for short calls, CUDA events for calls over 100 ms."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    first = (time.perf_counter() - t0) * 1e3
+    if first < 100:
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    times = []
+    for _ in range(heavy_reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def measure(name, fn, heavy_reps):
+    """{'ms', 'peak_gb'} or {'error'}; OOM and other failures are recorded, not raised."""
+    try:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        ms = timed(fn, heavy_reps)
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30
+        return dict(ms=ms, peak_gb=peak)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return dict(error="OOM")
+    except Exception as exc:  # a baseline missing on this torch build must not stop the run
+        torch.cuda.empty_cache()
+        return dict(error=f"{type(exc).__name__}: {str(exc)[:300]}")
+
+
+def synthetic_indices(t, device, seed=0):
+    """int32 (1, T, H_kv, TOPK) in the spec convention: up to 15 random earlier blocks (ascending),
+    the local block in the last valid slot, -1 after. Chunked so no (T, NB) buffer over ~1 GB."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    nb = math.ceil(t / BK)
+    out = torch.empty(t, HKV, TOPK, dtype=torch.int32, device=device)
+    chunk = max(BK, (1 << 28) // (HKV * nb) // BK * BK)
+    big = 1 << 30
+    for c0 in range(0, t, chunk):
+        c1 = min(t, c0 + chunk)
+        nbc = math.ceil(c1 / BK)
+        local = torch.arange(c0, c1, device=device) // BK
+        sc = torch.rand(c1 - c0, HKV, nbc, generator=gen, device=device)
+        b = torch.arange(nbc, device=device)
+        sc = torch.where((b.view(1, 1, -1) < local.view(-1, 1, 1)), sc, torch.full_like(sc, -1.0))
+        kk = min(TOPK - 1, nbc)
+        vals, ids = sc.topk(kk, dim=-1)
+        ids = torch.where(vals >= 0, ids, torch.full_like(ids, big)).sort(-1).values
+        nvalid = (ids < big).sum(-1, keepdim=True)
+        ids = torch.cat([ids, torch.full_like(ids[..., :1], big)], -1)
+        if ids.shape[-1] < TOPK:
+            ids = torch.cat([ids, torch.full_like(ids[..., :1], big).expand(-1, -1, TOPK - ids.shape[-1])], -1)
+        ids = ids.scatter(-1, nvalid, local.view(-1, 1, 1).expand(-1, HKV, 1))
+        out[c0:c1] = torch.where(ids >= big, torch.full_like(ids, -1), ids).to(torch.int32)
+    return out.unsqueeze(0)
+
+
+def flex_block_mask(t, device):
+    """BlockMask with the MSA budget: per query block qb, full blocks {0} U [qb-14, qb-1] and the
+    partial (causal) diagonal block qb -> 16 blocks per query once qb >= 15."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    nqb = math.ceil(t / BK)
+    qb = torch.arange(nqb, device=device)
+    cand = torch.cat([torch.zeros(nqb, 1, dtype=torch.long, device=device),
+                      qb.view(-1, 1) - 14 + torch.arange(14, device=device).view(1, -1)], 1)
+    ok = (cand >= 0) & (cand < qb.view(-1, 1))
+    ok[:, 1:] &= cand[:, 1:] != 0  # block 0 is already the sink column
+    big = nqb + 1
+    full = torch.where(ok, cand, torch.full_like(cand, big)).sort(-1).values
+    full_num = ok.sum(-1)
+    pad = torch.zeros(nqb, nqb, dtype=torch.int32, device=device)
+    full_idx = pad.clone()
+    w = min(full.shape[1], nqb)  # sorted valid ids come first and there are at most qb < nqb of them
+    full_idx[:, :w] = torch.where(full < big, full, torch.zeros_like(full))[:, :w].to(torch.int32)
+    part_idx = pad
+    part_idx[:, 0] = qb.to(torch.int32)
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    return BlockMask.from_kv_blocks(torch.ones(1, 1, nqb, dtype=torch.int32, device=device), part_idx.view(1, 1, nqb, nqb),
+                                    full_num.to(torch.int32).view(1, 1, nqb), full_idx.view(1, 1, nqb, nqb),
+                                    BLOCK_SIZE=BK, mask_mod=causal, seq_lengths=(t, t))
+
+
+# ------------------------------------------------------------------------------------------ parity gate
+def parity_gate(device):
+    cases = [  # (name, hq, hkv, d, lengths (packed when several))
+        ("G16 d128 T4096", 64, 4, 128, [4096]),
+        ("G3 d128 T3001", 12, 4, 128, [3001]),
+        ("G64 d64 T2500", 64, 1, 64, [2500]),
+        ("G1 d64 T2177", 8, 8, 64, [2177]),
+        ("G16 d128 packed 1000+1+1537+700", 32, 2, 128, [1000, 1, 1537, 700]),
+    ]
+    rows, ok_all = [], True
+    gen = torch.Generator(device=device).manual_seed(0)
+    for name, hq, hkv, d, lens in cases:
+        t = sum(lens)
+        cu = None if len(lens) == 1 else torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32,
+                                                       device=device)
+        q = torch.randn(1, t, hq, d, generator=gen, device=device).to(DT)
+        k = torch.randn(1, t, hkv, d, generator=gen, device=device).to(DT)
+        v = torch.randn(1, t, hkv, d, generator=gen, device=device).to(DT)
+        qi = torch.randn(1, t, hkv, DIDX, generator=gen, device=device).to(DT)
+        ki = torch.randn(1, t, DIDX, generator=gen, device=device).to(DT)
+        bi = select_blocks_reference(qi, ki, block_size=BK, topk=TOPK, init_blocks=0, local_blocks=1,
+                                     scale=DIDX ** -0.5, cu_seqlens=cu)
+        # the reference in fp32 on the same (bf16-rounded) inputs: the kernel's only extra error is
+        # bf16 P before the PV product and the bf16 output
+        o32, l_ref = sparse_attention_reference(q.float(), k.float(), v.float(), bi, block_size=BK,
+                                                scale=d ** -0.5, cu_seqlens=cu)
+        for kern in ("kv", "qo"):
+            try:
+                o, lse = sparse_attention_fwd_triton(q, k, v, bi, block_size=BK, scale=d ** -0.5, cu_seqlens=cu,
+                                                     kernel=kern)
+                torch.cuda.synchronize()
+                err = (o.float() - o32).abs().max().item()
+                rel = ((o.float() - o32).pow(2).mean().sqrt() / o32.pow(2).mean().sqrt()).item()
+                lerr = (lse - l_ref).abs().max().item()
+                ok = (err <= 2e-2) and (rel <= 1e-2) and (lerr <= 5e-3) and bool(torch.isfinite(o).all())
+                rows.append(dict(case=name, kernel=kern, max_abs=err, rel_rmse=rel, lse_max_abs=lerr, ok=ok))
+            except Exception as exc:
+                ok = False
+                rows.append(dict(case=name, kernel=kern, ok=False, error=f"{type(exc).__name__}: {exc}"[:500]))
+                traceback.print_exc()
+            ok_all &= ok
+            r = rows[-1]
+            print(f"  parity {name:34s} {kern}: " + ("PASS" if ok else "FAIL") +
+                  (f"  max_abs {r['max_abs']:.2e} rel_rmse {r['rel_rmse']:.2e} lse {r['lse_max_abs']:.2e}"
+                   if "max_abs" in r else f"  {r.get('error')}"), flush=True)
+    return ok_all, rows
+
+
+# ------------------------------------------------------------------------------------------------ main
+def run_size(t, args, device, indexer_fn, flex_fn):
+    res = dict(T=t, flops=flops(t))
+    gen = torch.Generator(device=device).manual_seed(t)
+    q = torch.randn(1, t, HQ, D, generator=gen, device=device, dtype=DT)
+    k = torch.randn(1, t, HKV, D, generator=gen, device=device, dtype=DT)
+    v = torch.randn(1, t, HKV, D, generator=gen, device=device, dtype=DT)
+    qi = torch.randn(1, t, HKV, DIDX, generator=gen, device=device, dtype=DT)
+    ki = torch.randn(1, t, DIDX, generator=gen, device=device, dtype=DT)
+    hr = args.heavy_reps
+
+    bi = None
+    if indexer_fn is not None:
+        res["indexer"] = measure("indexer", lambda: indexer_fn(qi, ki), hr)
+        if "ms" in res["indexer"]:
+            try:
+                bi = indexer_fn(qi, ki)
+                res["indices"] = "indexer"
+            except Exception as exc:  # pragma: no cover
+                res["indexer"]["error"] = str(exc)[:300]
+    else:
+        res["indexer"] = dict(error="triton indexer unavailable")
+    if bi is None:
+        bi = synthetic_indices(t, device)
+        res["indices"] = "synthetic (local + 15 random earlier blocks)"
+    del qi, ki
+
+    scale = D ** -0.5
+    for kern in ("kv", "qo"):
+        res[f"sparse_{kern}"] = measure(kern, lambda: sparse_attention_fwd_triton(
+            q, k, v, bi, block_size=BK, scale=scale, cu_seqlens=None, kernel=kern), hr)
+    auto = choose_kernel(t, HQ // HKV, TOPK, math.ceil(t / BK), math.ceil(t / BK),
+                         max(1, int(os.environ.get("MSA_SPARSE_FWD_PARTIAL_BYTES", 4 << 30))
+                             // (TOPK * HQ * (D + 1) * 4)))
+    res["auto_kernel"] = auto
+    sp = res[f"sparse_{auto}"]
+    if "ms" in sp and "ms" in res["indexer"]:
+        res["total"] = dict(ms=res["indexer"]["ms"] + sp["ms"])
+    del bi
+
+    # dense causal GQA baselines
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    for name, be in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION)):
+        if t > args.dense_max:
+            res[name] = dict(error=f"skipped (T > {args.dense_max}); see extrapolated")
+            continue
+
+        def dense(be=be):
+            with sdpa_kernel([be]):
+                return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+        res[name] = measure(name, dense, hr)
+    dense_ok = [res[n]["ms"] for n in ("sdpa_cudnn", "sdpa_flash") if "ms" in res.get(n, {})]
+    if dense_ok:
+        res["dense_best"] = dict(ms=min(dense_ok), extrapolated=False)
+
+    if flex_fn is not None and t <= args.flex_max:
+        try:
+            bm = flex_block_mask(t, device)
+            res["flex"] = measure("flex", lambda: flex_fn(qt, kt, vt, block_mask=bm, enable_gqa=True), hr)
+            del bm
+        except Exception as exc:
+            res["flex"] = dict(error=f"{type(exc).__name__}: {str(exc)[:300]}")
+    else:
+        res["flex"] = dict(error="skipped")
+    del q, k, v, qt, kt, vt
+    torch.cuda.empty_cache()
+    return res
+
+
+SWEEP = [  # (env var, value, kernel)
+    ("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=128,num_warps=8,PRELOAD=1", "kv"),
+    ("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=128,num_warps=8,PRELOAD=0", "kv"),
+    ("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=128,num_warps=8,num_stages=3", "kv"),
+    ("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=64,num_warps=4,PRELOAD=1", "kv"),
+    ("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=64,num_warps=4,PRELOAD=0", "kv"),
+    ("MSA_SPARSE_FWD_PARTIAL_BYTES", str(1 << 30), "kv"),
+    ("MSA_SPARSE_FWD_PARTIAL_BYTES", str(16 << 30), "kv"),
+    ("MSA_SPARSE_FWD_QO_CONFIG", "BLOCK_N=64,num_warps=4", "qo"),
+    ("MSA_SPARSE_FWD_QO_CONFIG", "BLOCK_N=128,num_warps=4", "qo"),
+    ("MSA_SPARSE_FWD_QO_CONFIG", "BLOCK_N=64,num_warps=4,num_stages=3", "qo"),
+]
+
+
+def sweep(t, device, heavy_reps):
+    """Launch-configuration sweep of both kernels at one T (synthetic indices), to tune the defaults."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    q = torch.randn(1, t, HQ, D, generator=gen, device=device, dtype=DT)
+    k = torch.randn(1, t, HKV, D, generator=gen, device=device, dtype=DT)
+    v = torch.randn(1, t, HKV, D, generator=gen, device=device, dtype=DT)
+    bi = synthetic_indices(t, device)
+    rows = []
+    for var, val, kern in SWEEP:
+        old = os.environ.get(var)
+        os.environ[var] = val
+        try:
+            r = measure(val, lambda: sparse_attention_fwd_triton(q, k, v, bi, block_size=BK, scale=D ** -0.5,
+                                                                 cu_seqlens=None, kernel=kern), heavy_reps)
+        finally:
+            if old is None:
+                del os.environ[var]
+            else:
+                os.environ[var] = old
+        if "ms" in r:
+            r["tflops"] = tflops(r["ms"], flops(t)["sparse"])
+        rows.append(dict(T=t, kernel=kern, var=var, value=val, **r))
+        print(f"  sweep T={t} {kern} {var}={val}: " +
+              (f"{r['ms']:.2f} ms {r['tflops']:.1f} TF/s" if "ms" in r else r["error"]), flush=True)
+    del q, k, v, bi
+    torch.cuda.empty_cache()
+    return rows
+
+
+def tflops(ms, f):
+    return f / (ms * 1e-3) / 1e12
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sizes", default=None, help="comma-separated T values (overrides the defaults)")
+    ap.add_argument("--heavy-reps", type=int, default=2, help="timed reps of calls over 100 ms")
+    ap.add_argument("--dense-max", type=int, default=1 << 19, help="larger T: dense is extrapolated by T^2")
+    ap.add_argument("--flex-max", type=int, default=1 << 20)
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--skip-gate", action="store_true")
+    ap.add_argument("--sweep", type=int, default=0, metavar="T",
+                    help="also time launch configurations / partial budgets of both kernels at this T")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    device = torch.device("cuda")
+    sizes = ([int(s) for s in args.sizes.split(",")] if args.sizes else
+             [8192, 32768, 131072] if args.quick else [8192, 32768, 131072, 524288, 1048576])
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                command="PYTHONPATH=. python " + " ".join(sys.argv),
+                shape=dict(H_q=HQ, H_kv=HKV, D=D, d_idx=DIDX, block=BK, topk=TOPK, dtype="bf16", batch=1),
+                env={k: v for k, v in os.environ.items() if k.startswith("MSA_")})
+    print(f"GPU {meta['gpu']}  torch {meta['torch']}  triton {meta['triton']}", flush=True)
+
+    if args.skip_gate:
+        gate_ok, gate_rows = True, []
+    else:
+        print("parity gate (bf16 vs reference):", flush=True)
+        gate_ok, gate_rows = parity_gate(device)
+        print("GATE " + ("PASS" if gate_ok else "FAIL"), flush=True)
+    out = dict(meta=meta, gate=dict(passed=gate_ok, rows=gate_rows), results=[])
+    path = os.path.join(args.out, "bench_prefill.json")
+    if not gate_ok:
+        json.dump(out, open(path, "w"), indent=1)
+        print("parity gate FAILED: no timing")
+        sys.exit(1)
+
+    indexer_fn, out["indexer_status"] = None, "ok"
+    try:
+        from msa.ops.select_blocks.triton_impl import select_blocks_triton  # noqa: F401
+
+        def indexer_fn(qi, ki):
+            return msa.select_blocks(qi, ki, block_size=BK, topk=TOPK, backend="triton")
+    except Exception as exc:
+        out["indexer_status"] = f"unavailable: {type(exc).__name__}: {exc}"[:300]
+        print("indexer:", out["indexer_status"], flush=True)
+    flex_fn = None
+    if not args.no_flex:
+        try:
+            from torch.nn.attention.flex_attention import flex_attention
+            flex_fn = torch.compile(flex_attention, dynamic=False)
+        except Exception as exc:
+            out["flex_status"] = f"unavailable: {exc}"[:300]
+
+    if args.sweep:
+        out["sweep"] = sweep(args.sweep, device, args.heavy_reps)
+        json.dump(out, open(path, "w"), indent=1)
+    for t in sizes:
+        print(f"T = {t} ...", flush=True)
+        try:
+            res = run_size(t, args, device, indexer_fn, flex_fn)
+        except torch.cuda.OutOfMemoryError:
+            res = dict(T=t, error="OOM")
+            torch.cuda.empty_cache()
+        out["results"].append(res)
+        json.dump(out, open(path, "w"), indent=1)
+    # dense beyond --dense-max: extrapolate from the largest measured T by T^2
+    measured = [r for r in out["results"] if "dense_best" in r]
+    if measured:
+        base = measured[-1]
+        for r in out["results"]:
+            if "dense_best" not in r and "error" not in r:
+                r["dense_best"] = dict(ms=base["dense_best"]["ms"] * (r["T"] / base["T"]) ** 2, extrapolated=True,
+                                       from_T=base["T"])
+    for r in out["results"]:
+        if "error" in r:
+            continue
+        f = r["flops"]
+        for key, fk in (("indexer", "index"), ("sparse_kv", "sparse"), ("sparse_qo", "sparse"),
+                        ("sdpa_cudnn", "dense"), ("sdpa_flash", "dense"), ("dense_best", "dense"),
+                        ("flex", "sparse")):
+            if "ms" in r.get(key, {}):
+                r[key]["tflops"] = tflops(r[key]["ms"], f[fk])
+        if "total" in r:
+            r["total"]["tflops"] = tflops(r["total"]["ms"], f["index"] + f["sparse"])
+        if "dense_best" in r:
+            for key in ("sparse_kv", "sparse_qo", "total", "flex"):
+                if "ms" in r.get(key, {}):
+                    r[key]["speedup_vs_dense"] = r["dense_best"]["ms"] / r[key]["ms"]
+    json.dump(out, open(path, "w"), indent=1)
+    plot(out, os.path.join(args.out, "bench_prefill.png"))
+    table(out)
+
+
+def plot(out, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as exc:
+        print("no plot:", exc)
+        return
+    rs = [r for r in out["results"] if "error" not in r]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, label in (("indexer", "indexer (triton)"), ("sparse_kv", "sparse attn KV-outer"),
+                       ("sparse_qo", "sparse attn query-outer"), ("total", "MSA total"),
+                       ("dense_best", "dense SDPA (best)"), ("flex", "FlexAttention 16-block budget")):
+        pts = [(r["T"], r[key]["ms"]) for r in rs if "ms" in r.get(key, {})]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("T (tokens)")
+    ax.set_ylabel("ms (forward, 1 layer)")
+    ax.set_title(f"MSA prefill, {out['meta']['gpu']}\nH_q 64, H_kv 4, D 128, B_k 128, k 16, bf16")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def table(out):
+    def cell(r, key):
+        x = r.get(key, {})
+        if "ms" not in x:
+            return f"{'-':>10s}"
+        s = f"{x['ms']:10.2f}"
+        return s + ("*" if x.get("extrapolated") else "")
+
+    print("\nms per forward (* = extrapolated by T^2); TFLOP/s by spec section 3; speedup vs fastest dense")
+    print(f"{'T':>8s} {'indexer':>10s} {'sparse_kv':>10s} {'sparse_qo':>10s} {'total':>10s} {'dense':>10s} "
+          f"{'flex':>10s} {'auto':>5s} {'kvTF/s':>7s} {'speedup':>8s} {'peakGB':>7s}")
+    for r in out["results"]:
+        if "error" in r:
+            print(f"{r['T']:8d} {r['error']}")
+            continue
+        kv = r.get("sparse_kv", {})
+        print(f"{r['T']:8d} {cell(r, 'indexer')} {cell(r, 'sparse_kv')} {cell(r, 'sparse_qo')} {cell(r, 'total')} "
+              f"{cell(r, 'dense_best')} {cell(r, 'flex')} {r.get('auto_kernel', '-'):>5s} "
+              f"{kv.get('tflops', float('nan')):7.1f} {r.get('total', {}).get('speedup_vs_dense', float('nan')):8.2f} "
+              f"{kv.get('peak_gb', float('nan')):7.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Triton kernels of the MSA Main Branch forward (spec section 4).
+
+Three kernels:
+
+* ``sparse_attention_fwd_kernel`` (KV-outer): one program per work item of the reverse index, i.e.
+  one (KV group r, key block g) row or a slice of a hot row. The key/value block is loaded once
+  and every query of the item attends to it. MMA rows pack query positions x heads:
+  row m -> (entry m // G, head r * G + m % G), so any G works (not only powers of two).
+  Each (query, slot) pair writes its block-local softmax output (already divided by its own row
+  sum) and its block-local lse into a slot reserved for it (``entry = token * K + slot``), so there
+  are no atomics and the result is deterministic.
+* ``sparse_attention_combine_fwd_kernel``: per (token, head) merges the K partials exactly with
+  their lse (slots holding -1 contribute nothing).
+* ``sparse_attention_qo_fwd_kernel`` (query-outer): one program per (token, group), the G heads as
+  MMA rows (padded to >= 16), online softmax over the K selected blocks. No partial buffers.
+
+All kernels index flattened tokens (``token = b * T + t``) of contiguous (B, T, H, D) tensors, and
+compute with exp2 (the softmax scale is pre-multiplied by log2(e)); lse values leave in natural log.
+In the interpreter (UPCAST) every load is converted to fp32 right away, because its bf16 math is wrong.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _load_kv_tile(K, V, kstart, klen, n0, r, H_KV: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    """Keys/values n0 .. n0 + BLOCK_N of the block starting at flattened token kstart (klen keys)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kmask = (offs_n < klen)[:, None] & (offs_d < D)[None, :]
+    # int64: token * H_kv * D overflows int32 beyond 2^31 elements (e.g. 1M tokens x 64 heads x 128)
+    ptr = ((kstart + offs_n).to(tl.int64) * H_KV + r)[:, None] * D + offs_d[None, :]
+    k = tl.load(K + ptr, mask=kmask, other=0.0)
+    v = tl.load(V + ptr, mask=kmask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
+def _online_step(q, k, v, m_i, l_i, acc, visible, qk_scale, DOT_PREC: tl.constexpr):
+    """One online-softmax step in the log2 domain (qk_scale = scale * log2(e)). The scale is applied
+    to the fp32 scores, not to q, so bf16 queries are not rounded a second time."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # rows with nothing visible yet keep m = -inf; shift by 0 so exp2 gives 0 instead of NaN
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def sparse_attention_fwd_kernel(Q, K, V, PO, PLSE, ENTRIES, WORK_ROW, WORK_START, WORK_END, BLOCK_START, BLOCK_LEN,
+                                tok0, nb_rows, qk_scale,
+                                H_Q: tl.constexpr, H_KV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr,
+                                D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, KV_TILES: tl.constexpr, PRELOAD: tl.constexpr,
+                                UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """KV-outer partial attention of one work item.
+
+    Q (T_all, H_Q, D), K/V (T_all, H_KV, D): contiguous, flattened tokens.
+    PO fp32 (C*TOPK, H_Q, D), PLSE fp32 (C*TOPK, H_Q): partial output / lse per chunk-local entry.
+    ENTRIES int32: chunk-local token * TOPK + slot, grouped by row; WORK_*: int32 item descriptors.
+    BLOCK_START/BLOCK_LEN int32 (NB,): flattened first token and length of every global block.
+    tok0: first flattened token of the chunk; nb_rows: blocks per group in the row numbering.
+    PRELOAD (only with KV_TILES == 1): keep the key block in the program across query tiles
+    instead of re-reading it (from L2) per tile.
+    """
+    w = tl.program_id(0)
+    start = tl.load(WORK_START + w)
+    end = tl.load(WORK_END + w)
+    # empty items (the grid is an upper bound from shapes) must not touch the K/V block
+    if start < end:
+        row = tl.load(WORK_ROW + w)
+        r = row // nb_rows
+        gb = row % nb_rows
+        kstart = tl.load(BLOCK_START + gb)
+        klen = tl.load(BLOCK_LEN + gb)
+        QPT: tl.constexpr = BLOCK_M // G  # query positions per tile
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        qi = offs_m // G
+        head = r * G + offs_m % G
+        if PRELOAD:
+            # the whole key block fits one tile: load it once for all the item's queries
+            k_blk, v_blk = _load_kv_tile(K, V, kstart, klen, 0, r, H_KV, D, BLOCK_N, BLOCK_D, UPCAST)
+        for q0 in range(start, end, QPT):
+            row_ok = (offs_m < QPT * G) & (q0 + qi < end)
+            e = tl.load(ENTRIES + q0 + qi, mask=row_ok, other=0)
+            tok = tok0 + (e // TOPK).to(tl.int64)
+            qmask = row_ok[:, None] & (offs_d < D)[None, :]
+            q = tl.load(Q + (tok * H_Q + head)[:, None] * D + offs_d[None, :], mask=qmask, other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            for kt in tl.static_range(KV_TILES):
+                if PRELOAD:
+                    kk = k_blk
+                    vv = v_blk
+                else:
+                    kk, vv = _load_kv_tile(K, V, kstart, klen, kt * BLOCK_N, r, H_KV, D, BLOCK_N, BLOCK_D, UPCAST)
+                offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+                # causal inside the block; the block may be partial at a sequence end
+                visible = (offs_n < klen)[None, :] & ((kstart + offs_n)[None, :] <= tok[:, None])
+                m_i, l_i, acc = _online_step(q, kk, vv, m_i, l_i, acc, visible, qk_scale, DOT_PREC)
+            l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+            o = acc / l_safe[:, None]
+            lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+            dst = e.to(tl.int64) * H_Q + head
+            tl.store(PO + dst[:, None] * D + offs_d[None, :], o, mask=qmask)
+            tl.store(PLSE + dst, lse, mask=row_ok)
+
+
+@triton.jit
+def sparse_attention_combine_fwd_kernel(PO, PLSE, BI, O, LSE, tok0,
+                                        H_Q: tl.constexpr, H_KV: tl.constexpr, G: tl.constexpr,
+                                        TOPK: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr,
+                                        BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Exact merge of the K partials of one chunk-local token, BLOCK_H heads per program.
+
+    PO fp32 (C*TOPK, H_Q, D), PLSE fp32 (C*TOPK, H_Q); BI int32 (T_all, H_KV, TOPK) (validity of
+    each slot: partials of -1 slots were never written and are not read); O (T_all, H_Q, D) in the
+    output dtype; LSE fp32 (T_all, H_Q).
+    """
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    s = tl.arange(0, BLOCK_K)
+    d = tl.arange(0, BLOCK_D)
+    tok = tok0 + t
+    hmask = h < H_Q
+    grp = h // G
+    smask = hmask[:, None] & (s < TOPK)[None, :]
+    idx = tl.load(BI + (tok * H_KV + grp)[:, None] * TOPK + s[None, :], mask=smask, other=-1)
+    ent0 = t * TOPK  # first chunk-local entry of this token
+    # pass 1: the K lse values give the max and the normaliser (tiny loads)
+    plse = tl.load(PLSE + (ent0 + s)[None, :] * H_Q + h[:, None], mask=idx >= 0, other=float("-inf"))
+    m = tl.max(plse, 1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    den = tl.sum(tl.exp(plse - m_safe[:, None]), 1)
+    den_safe = tl.where(den == 0.0, 1.0, den)
+    lse = tl.where(den == 0.0, float("-inf"), m_safe + tl.log(den_safe))
+    # pass 2: weighted sum of the partial outputs, one slot at a time; for a fixed slot the
+    # BLOCK_H heads x D values are contiguous in PO, so every load is one coalesced run
+    dmask = (d < D)[None, :]
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    for sl in range(TOPK):
+        b = tl.load(BI + (tok * H_KV + grp) * TOPK + sl, mask=hmask, other=-1)
+        ok = b >= 0
+        lse_s = tl.load(PLSE + (ent0 + sl) * H_Q + h, mask=ok, other=float("-inf"))
+        wgt = tl.exp(lse_s - m_safe) / den_safe
+        po = tl.load(PO + ((ent0 + sl) * H_Q + h)[:, None] * D + d[None, :], mask=ok[:, None] & dmask, other=0.0)
+        acc += po * wgt[:, None]
+    tl.store(O + (tok * H_Q + h)[:, None] * D + d[None, :], acc.to(O.dtype.element_ty), mask=hmask[:, None] & dmask)
+    tl.store(LSE + tok * H_Q + h, lse, mask=hmask)
+
+
+@triton.jit
+def sparse_attention_qo_fwd_kernel(Q, K, V, O, LSE, BI, SEQ_BLOCK_OFFSET, BLOCK_START, BLOCK_LEN, qk_scale,
+                                   H_Q: tl.constexpr, H_KV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr,
+                                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+                                   BLOCK_N: tl.constexpr, KV_TILES: tl.constexpr, UPCAST: tl.constexpr,
+                                   DOT_PREC: tl.constexpr):
+    """Query-outer attention of one (token, group): G heads as rows, online softmax over the blocks.
+
+    Q/O (T_all, H_Q, D), K/V (T_all, H_KV, D), BI int32 (T_all, H_KV, TOPK), SEQ_BLOCK_OFFSET int64
+    (T_all,) global id of block 0 of each token's sequence, BLOCK_START/BLOCK_LEN int32 (NB,), LSE fp32.
+    """
+    tok = tl.program_id(0).to(tl.int64)
+    r = tl.program_id(1)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    head = r * G + offs_g
+    qmask = (offs_g < G)[:, None] & (offs_d < D)[None, :]
+    q = tl.load(Q + (tok * H_Q + head)[:, None] * D + offs_d[None, :], mask=qmask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    sbo = tl.load(SEQ_BLOCK_OFFSET + tok)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for slot in range(TOPK):
+        b = tl.load(BI + (tok * H_KV + r) * TOPK + slot)
+        if b >= 0:
+            gb = sbo + b
+            kstart = tl.load(BLOCK_START + gb)
+            klen = tl.load(BLOCK_LEN + gb)
+            for kt in tl.static_range(KV_TILES):
+                kk, vv = _load_kv_tile(K, V, kstart, klen, kt * BLOCK_N, r, H_KV, D, BLOCK_N, BLOCK_D, UPCAST)
+                offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+                visible = ((offs_n < klen) & (kstart + offs_n <= tok))[None, :] & (offs_g < BLOCK_G)[:, None]
+                m_i, l_i, acc = _online_step(q, kk, vv, m_i, l_i, acc, visible, qk_scale, DOT_PREC)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+    tl.store(O + (tok * H_Q + head)[:, None] * D + offs_d[None, :], o.to(O.dtype.element_ty), mask=qmask)
+    tl.store(LSE + tok * H_Q + head, lse, mask=offs_g < G)

@@ -1,0 +1,188 @@
+"""Triton forward of ``msa.sparse_attention`` (spec section 4): KV-outer + combine, or query-outer.
+
+Kernel choice (``kernel=`` argument, else env ``MSA_SPARSE_FWD_KERNEL`` = ``kv`` | ``qo`` | ``auto``):
+``auto`` takes the query-outer kernel when the work is too small for the reverse index to pay off
+(fewer than ``QO_MAX_TOKENS`` tokens: the index build is ~15 small torch ops plus a sort) or when
+the KV-outer kernel would fill its MMA rows poorly (expected queries x G per (group, block) row of a
+chunk below ``KV_MIN_ROWS``); otherwise KV-outer. Both thresholds are first guesses, to be tuned
+with benchmarks/bench_prefill.py on the GPU.
+
+Memory: the KV-outer path needs fp32 partials of K * H_q * (D + 1) * 4 bytes per token (0.5 MB per
+token at 64 heads, K = 16, D = 128), so the queries are processed in chunks whose partials fit
+``partial_budget_bytes`` (env ``MSA_SPARSE_FWD_PARTIAL_BYTES``, default 4 GiB); the reverse index is
+built per chunk on the device (no host sync: every size comes from shapes and the host-side block
+layout). With T = 1M, H_q = 64, H_kv = 4, D = 128, K = 16 the peak is q/k/v/o (34 GB) + 4 GB.
+
+Tuning knobs (env ``MSA_SPARSE_FWD_CONFIG``, e.g. ``BLOCK_M=64,num_warps=4,PRELOAD=0``) override the
+per-head-dim launch configuration of the KV-outer kernel; ``MSA_SPARSE_FWD_QO_CONFIG`` does the
+same for the query-outer kernel (``BLOCK_N``, ``num_warps``, ``num_stages``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+import triton
+
+from .reference import sparse_attention_reference
+from .reverse_index import block_layout, block_starts_host, blocks_before, build_reverse_index
+from .triton_fwd import (sparse_attention_combine_fwd_kernel, sparse_attention_fwd_kernel,
+                         sparse_attention_qo_fwd_kernel)
+
+LOG2E = 1.4426950408889634
+QO_MAX_TOKENS = 1024          # below this many tokens (B * T) auto picks query-outer
+KV_MIN_ROWS = 64              # KV-outer needs about this many MMA rows per (group, block) row
+DEFAULT_PARTIAL_BYTES = 4 << 30
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _buffer(*shape, dtype, device) -> torch.Tensor:
+    """Uninitialised buffer; NaN-filled when MSA_DEBUG_POISON=1 so that unwritten values show in tests."""
+    if os.environ.get("MSA_DEBUG_POISON", "0") == "1":
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _parse_config(env: str) -> Dict[str, int]:
+    out = {}
+    for item in os.environ.get(env, "").split(","):
+        if "=" in item:
+            key, val = item.split("=", 1)
+            out[key.strip()] = int(val)
+    return out
+
+
+def _pow2(x: int, lo: int = 1) -> int:
+    return max(lo, triton.next_power_of_2(int(x)))
+
+
+def kv_outer_config(head_dim: int, group: int, block_size: int) -> Dict[str, int]:
+    """Launch configuration of the KV-outer kernel.
+
+    BLOCK_M MMA rows (>= G so one query's heads fit one tile), BLOCK_N keys per tile (the whole block
+    when B_k <= 128, so it is loaded once per work item), 8 warps for D = 128 (a 128 x 128 fp32
+    accumulator plus the score tile need the registers of 256 threads), 4 below.
+    """
+    block_d = _pow2(head_dim, 16)
+    cfg = dict(BLOCK_M=64 if (_interpreting() or block_d <= 64) else 128,
+               BLOCK_N=max(16, min(128, _pow2(block_size))),
+               num_warps=8 if block_d >= 128 else 4, num_stages=2, PRELOAD=1)
+    cfg.update(_parse_config("MSA_SPARSE_FWD_CONFIG"))
+    cfg["BLOCK_M"] = max(cfg["BLOCK_M"], _pow2(group, 16))
+    return cfg
+
+
+def qo_config(head_dim: int, group: int, block_size: int) -> Dict[str, int]:
+    """Launch configuration of the query-outer kernel: G heads padded to >= 16 rows (MMA minimum);
+    64-key tiles at D = 128 keep the K/V tiles (2 x 16 KB) small enough for 2-stage pipelining."""
+    block_d = _pow2(head_dim, 16)
+    cfg = dict(BLOCK_N=max(16, min(64 if block_d >= 128 else 128, _pow2(block_size))),
+               num_warps=4, num_stages=2)
+    cfg.update(_parse_config("MSA_SPARSE_FWD_QO_CONFIG"))
+    return cfg
+
+
+def _partial_budget(partial_budget_bytes: Optional[int]) -> int:
+    if partial_budget_bytes is not None:
+        return int(partial_budget_bytes)
+    return int(os.environ.get("MSA_SPARSE_FWD_PARTIAL_BYTES", DEFAULT_PARTIAL_BYTES))
+
+
+def choose_kernel(ntok: int, group: int, topk: int, blocks_per_seq: int, num_blocks: int, chunk_tokens: int,
+                  kernel: Optional[str] = None) -> str:
+    """'kv' or 'qo' (see the module docstring for the heuristic)."""
+    kernel = kernel or os.environ.get("MSA_SPARSE_FWD_KERNEL", "auto")
+    if kernel not in ("auto", "kv", "qo"):
+        raise ValueError(f"kernel must be 'auto', 'kv' or 'qo', got {kernel!r}")
+    if kernel != "auto":
+        return kernel
+    if ntok < QO_MAX_TOKENS:
+        return "qo"
+    # expected queries per (group, block) row of one chunk, times G heads = MMA rows per work item
+    rows = group * min(chunk_tokens, ntok) * min(topk, blocks_per_seq) / max(1, num_blocks)
+    return "kv" if rows >= KV_MIN_ROWS else "qo"
+
+
+def sparse_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor, *,
+                                block_size: int, scale: float, cu_seqlens: Optional[torch.Tensor],
+                                kernel: Optional[str] = None, partial_budget_bytes: Optional[int] = None,
+                                max_queries_per_item: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward of the MSA Main Branch with Triton kernels (arguments already validated).
+
+    Args:
+        q: (B, T, H_q, D) bf16/fp16 (fp32 in the interpreter); fp64 falls back to the reference.
+        k, v: (B, T, H_kv, D), q's dtype.
+        block_indices: int32 (B, T, H_kv, K), spec convention (block ids within the sequence, -1 unused).
+        block_size: B_k; scale: softmax scale; cu_seqlens: int32 (S+1,) packed sequences (B == 1) or None.
+        kernel: 'kv' (KV-outer + combine), 'qo' (query-outer) or None/'auto' (heuristic, env override).
+        partial_budget_bytes: bytes of fp32 partials per query chunk of the KV-outer path.
+        max_queries_per_item: hot-row split of the reverse index (default 2 * K * B_k queries).
+
+    Returns:
+        o: (B, T, H_q, D) in q.dtype; lse: fp32 (B, T, H_q), natural log (-inf for a row with no block).
+    """
+    if q.dtype == torch.float64:  # tl.dot has no fp64 path worth having; exactness matters more here
+        return sparse_attention_reference(q, k, v, block_indices, block_size=block_size, scale=scale,
+                                          cu_seqlens=cu_seqlens)
+    bsz, t, hq, d = q.shape
+    hkv = k.shape[2]
+    topk = block_indices.shape[3]
+    g = hq // hkv
+    ntok = bsz * t
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    bi = block_indices.contiguous()
+    dev = q.device
+    layout = block_layout(bsz, t, block_size, cu_seqlens, dev)
+    nb = layout.num_blocks
+    o = _buffer(bsz, t, hq, d, dtype=q.dtype, device=dev)
+    lse = _buffer(bsz, t, hq, dtype=torch.float32, device=dev)
+    per_token = topk * hq * (d + 1) * 4
+    chunk = max(1, min(ntok, _partial_budget(partial_budget_bytes) // per_token))
+    blocks_per_seq = math.ceil(t / block_size) if cu_seqlens is None else nb
+    which = choose_kernel(ntok, g, topk, blocks_per_seq, nb, chunk, kernel)
+    upcast = _interpreting()
+    dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    block_d = _pow2(d, 16)
+    qk_scale = float(scale) * LOG2E
+
+    if which == "qo":
+        cfg = qo_config(d, g, block_size)
+        kv_tiles = math.ceil(block_size / cfg["BLOCK_N"])
+        sparse_attention_qo_fwd_kernel[(ntok, hkv)](
+            q, k, v, o, lse, bi, layout.seq_block_offset, layout.block_start, layout.block_len, qk_scale,
+            H_Q=hq, H_KV=hkv, G=g, TOPK=topk, D=d, BLOCK_D=block_d, BLOCK_G=_pow2(g, 16),
+            BLOCK_N=cfg["BLOCK_N"], KV_TILES=kv_tiles, UPCAST=upcast, DOT_PREC=dot_prec,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        return o, lse
+
+    cfg = kv_outer_config(d, g, block_size)
+    kv_tiles = math.ceil(block_size / cfg["BLOCK_N"])
+    preload = bool(cfg["PRELOAD"]) and kv_tiles == 1
+    mq = max_queries_per_item or max(1, 2 * topk * block_size)
+    starts = block_starts_host(bsz, t, block_size, cu_seqlens)
+    # partial buffers sized for one chunk and reused: launches on one stream run in order
+    po = _buffer(chunk * topk, hq, d, dtype=torch.float32, device=dev)
+    plse = _buffer(chunk * topk, hq, dtype=torch.float32, device=dev)
+    block_k = _pow2(topk)
+    block_h = min(_pow2(hq), max(1, 4096 // block_d))
+    for t0 in range(0, ntok, chunk):
+        t1 = min(ntok, t0 + chunk)
+        nbr = max(1, blocks_before(starts, t1))
+        ri = build_reverse_index(bi, block_size, cu_seqlens, mq, token_range=(t0, t1), layout=layout,
+                                 block_limit=nbr)
+        sparse_attention_fwd_kernel[(ri.work_row.numel(),)](
+            q, k, v, po, plse, ri.entries, ri.work_row, ri.work_start, ri.work_end, layout.block_start,
+            layout.block_len, t0, nbr, qk_scale,
+            H_Q=hq, H_KV=hkv, G=g, TOPK=topk, D=d, BLOCK_D=block_d, BLOCK_M=cfg["BLOCK_M"],
+            BLOCK_N=cfg["BLOCK_N"], KV_TILES=kv_tiles, PRELOAD=preload, UPCAST=upcast, DOT_PREC=dot_prec,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        sparse_attention_combine_fwd_kernel[(t1 - t0, triton.cdiv(hq, block_h))](
+            po, plse, bi, o, lse, t0, H_Q=hq, H_KV=hkv, G=g, TOPK=topk, BLOCK_K=block_k, D=d, BLOCK_D=block_d,
+            BLOCK_H=block_h, num_warps=4)
+    return o, lse

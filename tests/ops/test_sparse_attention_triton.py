@@ -1,0 +1,211 @@
+"""Triton forward of msa.sparse_attention vs the reference, in the Triton interpreter (fp32, small).
+
+Tolerance: fp32 everywhere, max abs error <= 1e-4 on o and on lse (both kernels compute the same
+softmax in a different order; observed errors are ~1e-6). Indices come from select_blocks_reference
+and are fed to both sides, so near-ties in the selection cannot make a test fail. Every buffer the
+kernels write (o, lse, partials) is pre-filled with NaN (MSA_DEBUG_POISON=1), so an unwritten
+value fails the comparison.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before any triton kernel module is imported
+os.environ["MSA_DEBUG_POISON"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import msa  # noqa: E402
+from msa.ops.select_blocks.reference import select_blocks_reference  # noqa: E402
+from msa.ops.sparse_attention.reference import sparse_attention_reference  # noqa: E402
+from msa.ops.sparse_attention.reverse_index import build_reverse_index  # noqa: E402
+from msa.ops.sparse_attention.triton_impl import choose_kernel, sparse_attention_fwd_triton  # noqa: E402
+
+ATOL = 1e-4
+
+
+def make_inputs(lengths, hkv, g, d, block_size, topk, *, batch=1, packed=False, init_blocks=0, seed=0):
+    """Random q/k/v and the reference selection. lengths: one length (batch rows) or a list (packed)."""
+    gen = torch.Generator().manual_seed(seed)
+    if packed:
+        t = sum(lengths)
+        cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+        batch = 1
+    else:
+        t, cu = lengths, None
+    hq = hkv * g
+    q = torch.randn(batch, t, hq, d, generator=gen)
+    k = torch.randn(batch, t, hkv, d, generator=gen)
+    v = torch.randn(batch, t, hkv, d, generator=gen)
+    qi = torch.randn(batch, t, hkv, 16, generator=gen)
+    ki = torch.randn(batch, t, 16, generator=gen)
+    bi = select_blocks_reference(qi, ki, block_size=block_size, topk=topk, init_blocks=init_blocks,
+                                 local_blocks=1, scale=0.25, cu_seqlens=cu)
+    return q, k, v, bi, cu
+
+
+def check_against_reference(q, k, v, bi, cu, block_size, **kw):
+    scale = q.shape[-1] ** -0.5
+    o_ref, lse_ref = sparse_attention_reference(q, k, v, bi, block_size=block_size, scale=scale, cu_seqlens=cu)
+    o, lse = sparse_attention_fwd_triton(q, k, v, bi, block_size=block_size, scale=scale, cu_seqlens=cu, **kw)
+    assert o.shape == o_ref.shape and o.dtype == o_ref.dtype
+    assert lse.shape == lse_ref.shape and lse.dtype == torch.float32
+    assert not torch.isnan(o).any(), "unwritten or NaN output"
+    assert not torch.isnan(lse).any(), "unwritten or NaN lse"
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref))
+    fin = torch.isfinite(lse_ref)
+    assert (o - o_ref).abs().max().item() <= ATOL
+    assert (lse[fin] - lse_ref[fin]).abs().max().item() <= ATOL if fin.any() else True
+    return o, lse
+
+
+# (T, block_size, G, H_kv, D, topk): odd lengths, both block sizes, G in {1, 3, 4, 16}
+CASES = [
+    (1, 16, 4, 2, 16, 4),
+    (63, 16, 3, 2, 16, 3),
+    (127, 32, 1, 2, 32, 2),
+    (129, 16, 16, 1, 16, 4),
+    (300, 32, 4, 1, 32, 4),
+    (300, 16, 3, 1, 16, 5),
+]
+
+
+@pytest.mark.parametrize("kernel", ["kv", "qo"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}-bs{}-G{}-hkv{}-d{}-k{}".format(*c))
+def test_matches_reference(case, kernel):
+    t, bs, g, hkv, d, topk = case
+    q, k, v, bi, cu = make_inputs(t, hkv, g, d, bs, topk, seed=t)
+    check_against_reference(q, k, v, bi, cu, bs, kernel=kernel)
+
+
+@pytest.mark.parametrize("kernel", ["kv", "qo"])
+def test_packed_sequences_partial_blocks_adjacent(kernel):
+    # 37 | 1 | 70 | 20: every sequence ends in a partial block right next to the next sequence's start
+    q, k, v, bi, cu = make_inputs([37, 1, 70, 20], 2, 3, 16, 16, 3, packed=True, seed=1)
+    check_against_reference(q, k, v, bi, cu, 16, kernel=kernel)
+
+
+@pytest.mark.parametrize("kernel", ["kv", "qo"])
+def test_batch_rows(kernel):
+    q, k, v, bi, cu = make_inputs(75, 2, 4, 16, 16, 2, batch=2, seed=2)
+    check_against_reference(q, k, v, bi, cu, 16, kernel=kernel)
+
+
+@pytest.mark.parametrize("kernel", ["kv", "qo"])
+def test_topk_covering_all_blocks_is_dense(kernel):
+    t, bs = 100, 16
+    q, k, v, bi, cu = make_inputs(t, 1, 4, 16, bs, 8, seed=3)  # 7 blocks <= topk: every row selects all
+    assert ((bi >= 0).sum(-1) == torch.arange(t).div(bs, rounding_mode="floor").view(1, -1, 1) + 1).all()
+    scale = 16 ** -0.5
+    o_dense, lse_dense = sparse_attention_reference(q, k, v, None, block_size=bs, scale=scale, cu_seqlens=None)
+    o, lse = sparse_attention_fwd_triton(q, k, v, bi, block_size=bs, scale=scale, cu_seqlens=None, kernel=kernel)
+    assert (o - o_dense).abs().max().item() <= ATOL
+    assert (lse - lse_dense).abs().max().item() <= ATOL
+
+
+@pytest.mark.parametrize("kernel", ["kv", "qo"])
+def test_padded_and_empty_rows(kernel):
+    # drop the free choices of some rows (-1 padding after a shorter valid prefix) and empty a few
+    # rows completely (the reference then gives o = 0, lse = -inf)
+    t, bs, topk = 90, 16, 4
+    q, k, v, bi, cu = make_inputs(t, 2, 3, 16, bs, topk, seed=4)
+    bi = bi.clone()
+    local = bi.gather(-1, ((bi >= 0).sum(-1, keepdim=True) - 1).clamp(min=0).long())
+    short = torch.zeros_like(bi[..., :1], dtype=torch.bool)
+    short[:, ::3] = True
+    bi = torch.where(short, torch.cat([local, torch.full_like(bi[..., 1:], -1)], -1), bi)
+    bi[:, 10, 1] = -1
+    bi[:, 57, :] = -1
+    check_against_reference(q, k, v, bi, cu, bs, kernel=kernel)
+
+
+def test_hot_block_split_and_chunks():
+    # init_blocks=1 makes block 0 (a sink) selected by every query: with 5 queries per work item its
+    # row is cut into many items; a 40-token partial budget also forces several query chunks
+    t, g, hkv, d, bs, topk = 150, 3, 2, 16, 16, 3
+    q, k, v, bi, cu = make_inputs(t, hkv, g, d, bs, topk, init_blocks=1, seed=5)
+    ri = build_reverse_index(bi, bs, None, 5)
+    counts = (ri.row_ptr[1:] - ri.row_ptr[:-1])
+    assert counts.max().item() > 5  # some row really is hot
+    per_token = topk * hkv * g * (d + 1) * 4
+    check_against_reference(q, k, v, bi, cu, bs, kernel="kv", max_queries_per_item=5,
+                            partial_budget_bytes=40 * per_token)
+
+
+def test_chunks_across_packed_sequences():
+    q, k, v, bi, cu = make_inputs([45, 30, 19], 1, 4, 16, 16, 2, packed=True, seed=6)
+    per_token = 2 * 4 * 17 * 4
+    check_against_reference(q, k, v, bi, cu, 16, kernel="kv", partial_budget_bytes=23 * per_token,
+                            max_queries_per_item=7)
+
+
+@pytest.mark.parametrize("kernel", ["kv", "qo"])
+def test_multi_tile_blocks_and_odd_block_size(kernel, monkeypatch):
+    # 16-key tiles inside 40-key blocks: the multi-tile online softmax (used for B_k > 128 on GPU)
+    monkeypatch.setenv("MSA_SPARSE_FWD_CONFIG", "BLOCK_N=16")
+    monkeypatch.setenv("MSA_SPARSE_FWD_QO_CONFIG", "BLOCK_N=16")
+    q, k, v, bi, cu = make_inputs(130, 1, 4, 16, 40, 2, seed=7)
+    check_against_reference(q, k, v, bi, cu, 40, kernel=kernel)
+
+
+def test_no_preload_and_large_group(monkeypatch):
+    # G = 16 with 16-row tiles (one query per tile) and the K/V block re-read per query tile
+    monkeypatch.setenv("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=16,PRELOAD=0")
+    q, k, v, bi, cu = make_inputs(70, 1, 16, 16, 16, 3, seed=8)
+    check_against_reference(q, k, v, bi, cu, 16, kernel="kv")
+
+
+def test_deterministic():
+    q, k, v, bi, cu = make_inputs(80, 2, 3, 16, 16, 3, seed=9)
+    kw = dict(block_size=16, scale=0.25, cu_seqlens=None, kernel="kv", max_queries_per_item=4)
+    o1, l1 = sparse_attention_fwd_triton(q, k, v, bi, **kw)
+    o2, l2 = sparse_attention_fwd_triton(q, k, v, bi, **kw)
+    assert torch.equal(o1, o2) and torch.equal(l1, l2)
+
+
+def test_public_interface_and_backward():
+    q, k, v, bi, cu = make_inputs(40, 1, 2, 16, 16, 2, seed=10)
+    qr, kr, vr = (x.clone().requires_grad_(True) for x in (q, k, v))
+    o, lse = msa.sparse_attention(qr, kr, vr, bi, block_size=16, return_lse=True, backend="triton")
+    o_ref, lse_ref = sparse_attention_reference(q, k, v, bi, block_size=16, scale=16 ** -0.5, cu_seqlens=None)
+    assert (o - o_ref).abs().max().item() <= ATOL and (lse - lse_ref).abs().max().item() <= ATOL
+    o.sum().backward()  # the backward recomputes through the reference until triton_bwd exists
+    assert all(torch.isfinite(x.grad).all() for x in (qr, kr, vr))
+
+
+def test_heuristic_and_override(monkeypatch):
+    assert choose_kernel(100, 16, 16, 8, 8, 100) == "qo"                  # tiny: query-outer
+    assert choose_kernel(1 << 20, 16, 16, 8192, 8192, 8192) == "kv"        # 1M, G = 16
+    assert choose_kernel(1 << 20, 16, 16, 8192, 8192, 8192, "qo") == "qo"  # argument wins
+    monkeypatch.setenv("MSA_SPARSE_FWD_KERNEL", "qo")
+    assert choose_kernel(1 << 20, 16, 16, 8192, 8192, 8192) == "qo"
+    with pytest.raises(ValueError):
+        choose_kernel(10, 1, 1, 1, 1, 1, "bogus")
+
+
+def test_reverse_index_token_range_matches_full():
+    # the chunked build (token_range + block_limit) lists exactly the full build's pairs of its tokens
+    from msa.ops.sparse_attention.reverse_index import block_layout, block_starts_host, blocks_before
+    q, k, v, bi, cu = make_inputs([40, 9, 60], 2, 1, 16, 16, 3, packed=True, seed=11)
+    full = build_reverse_index(bi, 16, cu, 4)
+    nb = full.layout.num_blocks
+
+    def pairs(ri, nbr, t0, t1):
+        out = set()
+        ptr = ri.row_ptr.tolist()
+        for row in range(len(ptr) - 1):
+            for e in ri.entries[ptr[row]:ptr[row + 1]].tolist():
+                tok = t0 + e // 3
+                if t0 <= tok < t1:
+                    out.add((row // nbr, row % nbr, tok, e % 3))
+        return out
+
+    layout = block_layout(1, 109, 16, cu, "cpu")
+    starts = block_starts_host(1, 109, 16, cu)
+    for t0, t1 in ((0, 23), (23, 50), (50, 109)):
+        nbr = blocks_before(starts, t1)
+        part = build_reverse_index(bi, 16, cu, 4, token_range=(t0, t1), layout=layout, block_limit=nbr)
+        assert pairs(part, nbr, t0, t1) == {p for p in pairs(full, nb, 0, 109) if t0 <= p[2] < t1}
+        # work items tile every row exactly, at most 4 entries each
+        s, e = part.work_start, part.work_end
+        assert ((e - s) <= 4).all() and int((e - s).sum()) == int(part.row_ptr[-1])
