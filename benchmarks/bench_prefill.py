@@ -1,6 +1,7 @@
 """Prefill benchmark of MSA at the paper's shape vs dense causal GQA (spec sections 3-4).
 
     PYTHONPATH=. python benchmarks/bench_prefill.py --out DIR [--quick] [--sizes 8192,32768] [--no-flex]
+    PYTHONPATH=. python benchmarks/bench_prefill.py --out DIR --sizes 524288,1048576   # large T, < 4 min
 
 Shape: batch 1, H_q 64, H_kv 4, D 128, d_idx 128, B_k 128, k 16, bf16. Sizes T = 8K, 32K, 128K,
 512K, 1M (--quick: 8K, 32K, 128K; about 1-2 minutes on an H100, most of it FlexAttention compiles).
@@ -14,9 +15,15 @@ Shape: batch 1, H_q 64, H_kv 4, D 128, d_idx 128, B_k 128, k 16, bf16. Sizes T =
    (if it fails, recorded, and the attention uses synthetic indices: local block + 15 random
    earlier blocks per (token, group)); the sparse attention forward with the KV-outer and the
    query-outer kernel, and the one ``auto`` picks; the total (indexer + auto attention); dense
-   causal GQA through torch SDPA with the cuDNN and the flash backends (enable_gqa; 1M is
-   extrapolated from 512K by T^2 and labelled so); FlexAttention with a BlockMask giving each query
-   the same 16-block budget (sink block 0 + 14 previous blocks + its own block, causal inside it).
+   causal GQA through torch SDPA with the cuDNN and the flash backends (enable_gqa) up to
+   ``--dense-max`` (default 128K); above it dense is estimated by T^2 from the largest dense time
+   of this run (or from one cuDNN call at 128K); if the estimate is under 30 s, one cuDNN call at T
+   is timed (label "timed once"), else the estimate is reported (label "extrapolated", * in the
+   table); FlexAttention (up to ``--flex-max``, default 128K: every new T recompiles) with a
+   BlockMask giving each query the same 16-block budget (sink block 0 + 14 previous blocks + its
+   own block, causal inside it).
+   Breakdown: one extra KV-outer call with CUDA events per stage (reverse index build, KV-outer
+   kernel, combine kernel; summed over query chunks) next to the indexer's time.
    FLOPs (spec section 3): dense 2*H_q*d*T^2, sparse attention 4*H_q*d*T*k*B_k, index H_kv*d_idx*T^2;
    FlexAttention is rated with the sparse-attention formula. Peak memory is
    torch.cuda.max_memory_allocated during the variant. Inputs are not rotated: every tensor is
@@ -45,7 +52,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import msa  # noqa: E402
 from msa.ops.select_blocks.reference import select_blocks_reference  # noqa: E402
 from msa.ops.sparse_attention.reference import sparse_attention_reference  # noqa: E402
-from msa.ops.sparse_attention.triton_impl import choose_kernel, sparse_attention_fwd_triton  # noqa: E402
+from msa.ops.sparse_attention.triton_impl import (_partial_budget, choose_kernel,  # noqa: E402
+                                                  partial_bytes_per_token, sparse_attention_fwd_triton)
+
+DENSE_ONCE_MAX_S = 30.0  # above --dense-max, time dense once only if the T^2 estimate is below this
 
 HQ, HKV, D, DIDX, BK, TOPK = 64, 4, 128, 128, 128, 16
 DT = torch.bfloat16
@@ -176,10 +186,12 @@ def parity_gate(device):
         # bf16 P before the PV product and the bf16 output
         o32, l_ref = sparse_attention_reference(q.float(), k.float(), v.float(), bi, block_size=BK,
                                                 scale=d ** -0.5, cu_seqlens=cu)
-        for kern in ("kv", "qo"):
+        # "kv-chunks": the KV-outer path with a budget of ~1/5 of the tokens' partials (reused buffer)
+        for kern in ("kv", "qo", "kv-chunks"):
             try:
+                budget = None if kern != "kv-chunks" else max(1, t // 5) * partial_bytes_per_token(TOPK, hq, d, DT)
                 o, lse = sparse_attention_fwd_triton(q, k, v, bi, block_size=BK, scale=d ** -0.5, cu_seqlens=cu,
-                                                     kernel=kern)
+                                                     kernel=kern[:2], partial_budget_bytes=budget)
                 torch.cuda.synchronize()
                 err = (o.float() - o32).abs().max().item()
                 rel = ((o.float() - o32).pow(2).mean().sqrt() / o32.pow(2).mean().sqrt()).item()
@@ -199,7 +211,7 @@ def parity_gate(device):
 
 
 # ------------------------------------------------------------------------------------------------ main
-def run_size(t, args, device, indexer_fn, flex_fn):
+def run_size(t, args, device, indexer_fn, flex_fn, dense_hist):
     res = dict(T=t, flops=flops(t))
     gen = torch.Generator(device=device).manual_seed(t)
     q = torch.randn(1, t, HQ, D, generator=gen, device=device, dtype=DT)
@@ -211,13 +223,16 @@ def run_size(t, args, device, indexer_fn, flex_fn):
 
     bi = None
     if indexer_fn is not None:
-        res["indexer"] = measure("indexer", lambda: indexer_fn(qi, ki), hr)
-        if "ms" in res["indexer"]:
-            try:
-                bi = indexer_fn(qi, ki)
-                res["indices"] = "indexer"
-            except Exception as exc:  # pragma: no cover
-                res["indexer"]["error"] = str(exc)[:300]
+        last = {}
+
+        def run_indexer():
+            last["bi"] = None  # drop the previous result first: at 1M it is 256 MB
+            last["bi"] = indexer_fn(qi, ki)
+        res["indexer"] = measure("indexer", run_indexer, hr)
+        if "ms" in res["indexer"] and last.get("bi") is not None:
+            bi = last["bi"]  # the timed calls' result: no extra (at 1M: seconds-long) call
+            res["indices"] = "indexer"
+        last.clear()
     else:
         res["indexer"] = dict(error="triton indexer unavailable")
     if bi is None:
@@ -229,10 +244,21 @@ def run_size(t, args, device, indexer_fn, flex_fn):
     for kern in ("kv", "qo"):
         res[f"sparse_{kern}"] = measure(kern, lambda: sparse_attention_fwd_triton(
             q, k, v, bi, block_size=BK, scale=scale, cu_seqlens=None, kernel=kern), hr)
-    auto = choose_kernel(t, HQ // HKV, TOPK, math.ceil(t / BK), math.ceil(t / BK),
-                         max(1, int(os.environ.get("MSA_SPARSE_FWD_PARTIAL_BYTES", 4 << 30))
-                             // (TOPK * HQ * (D + 1) * 4)))
+    # the chunk the forward would use now (same budget rule as triton_impl)
+    chunk = max(1, _partial_budget(None, device) // partial_bytes_per_token(TOPK, HQ, D, DT))
+    auto = choose_kernel(t, HQ // HKV, TOPK, math.ceil(t / BK), math.ceil(t / BK), chunk)
     res["auto_kernel"] = auto
+    # per-stage breakdown of one KV-outer call (CUDA events; synchronises, so outside the timing)
+    try:
+        st = {}
+        sparse_attention_fwd_triton(q, k, v, bi, block_size=BK, scale=scale, cu_seqlens=None, kernel="kv",
+                                    stage_times=st)
+        res["breakdown_kv"] = st
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        res["breakdown_kv"] = dict(error="OOM")
+    except Exception as exc:
+        res["breakdown_kv"] = dict(error=f"{type(exc).__name__}: {str(exc)[:300]}")
     sp = res[f"sparse_{auto}"]
     if "ms" in sp and "ms" in res["indexer"]:
         res["total"] = dict(ms=res["indexer"]["ms"] + sp["ms"])
@@ -241,18 +267,50 @@ def run_size(t, args, device, indexer_fn, flex_fn):
     # dense causal GQA baselines
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    for name, be in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION)):
-        if t > args.dense_max:
-            res[name] = dict(error=f"skipped (T > {args.dense_max}); see extrapolated")
-            continue
 
-        def dense(be=be):
-            with sdpa_kernel([be]):
-                return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
-        res[name] = measure(name, dense, hr)
-    dense_ok = [res[n]["ms"] for n in ("sdpa_cudnn", "sdpa_flash") if "ms" in res.get(n, {})]
-    if dense_ok:
-        res["dense_best"] = dict(ms=min(dense_ok), extrapolated=False)
+    def dense(be, tt=t):
+        with sdpa_kernel([be]):
+            return torch.nn.functional.scaled_dot_product_attention(qt[:, :, :tt], kt[:, :, :tt], vt[:, :, :tt],
+                                                                    is_causal=True, enable_gqa=True)
+    if t <= args.dense_max:
+        for name, be in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION)):
+            res[name] = measure(name, lambda be=be: dense(be), hr)
+        dense_ok = [res[n]["ms"] for n in ("sdpa_cudnn", "sdpa_flash") if "ms" in res.get(n, {})]
+        if dense_ok:
+            res["dense_best"] = dict(ms=min(dense_ok), extrapolated=False)
+            dense_hist.append((t, min(dense_ok)))
+    else:
+        res["sdpa_flash"] = dict(error=f"skipped (T > {args.dense_max})")
+        if not dense_hist:  # nothing measured in this run yet: one cuDNN call at 128K as the base
+            tb = min(t, 131072)
+            r0 = measure("sdpa_cudnn_base", lambda: dense(SDPBackend.CUDNN_ATTENTION, tb), 1)
+            if "ms" in r0:
+                dense_hist.append((tb, r0["ms"]))
+        est = None
+        if dense_hist:
+            tb, msb = dense_hist[-1]
+            est = dict(ms=msb * (t / tb) ** 2, extrapolated=True, from_T=tb)
+        if est is not None and est["ms"] < DENSE_ONCE_MAX_S * 1e3:
+            try:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                s_ev, e_ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s_ev.record()
+                dense(SDPBackend.CUDNN_ATTENTION)
+                e_ev.record()
+                torch.cuda.synchronize()
+                ms = s_ev.elapsed_time(e_ev)
+                res["sdpa_cudnn"] = dict(ms=ms, peak_gb=torch.cuda.max_memory_allocated() / 2 ** 30,
+                                         note="timed once (no warm-up)")
+                res["dense_best"] = dict(ms=ms, extrapolated=False, note="cuDNN, timed once")
+                dense_hist.append((t, ms))
+            except Exception as exc:  # OOM or a missing backend: fall back to the estimate
+                torch.cuda.empty_cache()
+                res["sdpa_cudnn"] = dict(error=f"{type(exc).__name__}: {str(exc)[:200]}")
+        else:
+            res["sdpa_cudnn"] = dict(error=f"skipped (T > {args.dense_max}, estimate over {DENSE_ONCE_MAX_S:.0f} s)")
+        if "dense_best" not in res and est is not None:
+            res["dense_best"] = est
 
     if flex_fn is not None and t <= args.flex_max:
         try:
@@ -270,12 +328,19 @@ def run_size(t, args, device, indexer_fn, flex_fn):
 
 SWEEP = [  # (env var, value, kernel)
     ("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=128,num_warps=8,PRELOAD=1", "kv"),
-    ("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=128,num_warps=8,PRELOAD=0", "kv"),
-    ("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=128,num_warps=8,num_stages=3", "kv"),
+    ("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=128,num_warps=8,PRELOAD=1,PREFETCH=1", "kv"),
+    ("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=128,num_warps=8,PRELOAD=0,num_stages=1,PREFETCH=1", "kv"),
+    ("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=64,num_warps=4,PRELOAD=1,PREFETCH=1", "kv"),
+    ("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=128,num_warps=8,num_stages=2", "kv"),
+    ("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=128,num_warps=8,num_stages=1", "kv"),
+    ("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=128,num_warps=8,PRELOAD=0,num_stages=1", "kv"),
+    ("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=128,num_warps=8,PRELOAD=0,num_stages=2", "kv"),
+    ("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=64,num_warps=4,num_stages=3", "kv"),
+    ("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=128,num_warps=4,num_stages=2", "kv"),
+    ("MSA_SPARSE_FWD_PARTIAL_DTYPE", "fp32", "kv"),
+    ("MSA_SPARSE_FWD_PARTIAL_BYTES", str(4 << 30), "kv"),
     ("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=64,num_warps=4,PRELOAD=1", "kv"),
-    ("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=64,num_warps=4,PRELOAD=0", "kv"),
     ("MSA_SPARSE_FWD_PARTIAL_BYTES", str(1 << 30), "kv"),
-    ("MSA_SPARSE_FWD_PARTIAL_BYTES", str(16 << 30), "kv"),
     ("MSA_SPARSE_FWD_QO_CONFIG", "BLOCK_N=64,num_warps=4", "qo"),
     ("MSA_SPARSE_FWD_QO_CONFIG", "BLOCK_N=128,num_warps=4", "qo"),
     ("MSA_SPARSE_FWD_QO_CONFIG", "BLOCK_N=64,num_warps=4,num_stages=3", "qo"),
@@ -321,8 +386,9 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sizes", default=None, help="comma-separated T values (overrides the defaults)")
     ap.add_argument("--heavy-reps", type=int, default=2, help="timed reps of calls over 100 ms")
-    ap.add_argument("--dense-max", type=int, default=1 << 19, help="larger T: dense is extrapolated by T^2")
-    ap.add_argument("--flex-max", type=int, default=1 << 20)
+    ap.add_argument("--dense-max", type=int, default=1 << 17,
+                    help="larger T: dense is timed once if its T^2 estimate is < 30 s, else extrapolated")
+    ap.add_argument("--flex-max", type=int, default=1 << 17, help="larger T: FlexAttention skipped")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--skip-gate", action="store_true")
     ap.add_argument("--sweep", type=int, default=0, metavar="T",
@@ -371,10 +437,11 @@ def main():
     if args.sweep:
         out["sweep"] = sweep(args.sweep, device, args.heavy_reps)
         json.dump(out, open(path, "w"), indent=1)
+    dense_hist = []  # (T, best dense ms) measured so far, the base of the T^2 estimates
     for t in sizes:
         print(f"T = {t} ...", flush=True)
         try:
-            res = run_size(t, args, device, indexer_fn, flex_fn)
+            res = run_size(t, args, device, indexer_fn, flex_fn, dense_hist)
         except torch.cuda.OutOfMemoryError:
             res = dict(T=t, error="OOM")
             torch.cuda.empty_cache()
@@ -392,6 +459,9 @@ def main():
         if "error" in r:
             continue
         f = r["flops"]
+        bd = r.get("breakdown_kv", {})
+        if "kv_kernel" in bd:
+            bd["kv_kernel_tflops"] = tflops(bd["kv_kernel"], f["sparse"])
         for key, fk in (("indexer", "index"), ("sparse_kv", "sparse"), ("sparse_qo", "sparse"),
                         ("sdpa_cudnn", "dense"), ("sdpa_flash", "dense"), ("dense_best", "dense"),
                         ("flex", "sparse")):
@@ -446,6 +516,7 @@ def table(out):
     print("\nms per forward (* = extrapolated by T^2); TFLOP/s by spec section 3; speedup vs fastest dense")
     print(f"{'T':>8s} {'indexer':>10s} {'sparse_kv':>10s} {'sparse_qo':>10s} {'total':>10s} {'dense':>10s} "
           f"{'flex':>10s} {'auto':>5s} {'kvTF/s':>7s} {'speedup':>8s} {'peakGB':>7s}")
+    rows = []
     for r in out["results"]:
         if "error" in r:
             print(f"{r['T']:8d} {r['error']}")
@@ -455,6 +526,18 @@ def table(out):
               f"{cell(r, 'dense_best')} {cell(r, 'flex')} {r.get('auto_kernel', '-'):>5s} "
               f"{kv.get('tflops', float('nan')):7.1f} {r.get('total', {}).get('speedup_vs_dense', float('nan')):8.2f} "
               f"{kv.get('peak_gb', float('nan')):7.1f}")
+        rows.append(r)
+    print("\nbreakdown, ms (indexer: do_bench median; KV-outer stages: one call with CUDA events, summed over chunks)")
+    print(f"{'T':>8s} {'indexer':>10s} {'rev_index':>10s} {'kv_kernel':>10s} {'combine':>10s} {'kv_sum':>10s} "
+          f"{'chunks':>6s} {'kernTF/s':>8s}")
+    for r in rows:
+        bd = r.get("breakdown_kv", {})
+        if "kv_kernel" not in bd:
+            print(f"{r['T']:8d} {cell(r, 'indexer')} {bd.get('error', '-')}")
+            continue
+        tot = bd["reverse_index"] + bd["kv_kernel"] + bd["combine"]
+        print(f"{r['T']:8d} {cell(r, 'indexer')} {bd['reverse_index']:10.2f} {bd['kv_kernel']:10.2f} "
+              f"{bd['combine']:10.2f} {tot:10.2f} {bd['chunks']:6d} {bd.get('kv_kernel_tflops', float('nan')):8.1f}")
 
 
 if __name__ == "__main__":

@@ -124,8 +124,8 @@ def bench_topk_shapes(dev, quick):
             row["triton_GBps"] = r * n * 4 / row["triton_ms"] / 1e6
             if i == 0:  # small config sweep so the lead can pin the best one
                 sweep = []
-                for rows, seg, nw in [(1, 8, 2), (1, 8, 4), (2, 8, 4), (4, 8, 4), (4, 8, 8), (2, 16, 4),
-                                      (1, 16, 2), (8, 8, 8)]:
+                for rows, seg, nw in [(1, 8, 2), (2, 8, 4), (4, 8, 4), (4, 8, 8), (8, 8, 8), (8, 8, 4), (2, 16, 4),
+                                      (4, 4, 4), (16, 8, 8)]:
                     try:
                         ms = do_bench(lambda: launch_block_topk(x, o, k, rows=rows, seg=seg, num_warps=nw),
                                       return_mode="median")
@@ -176,6 +176,70 @@ def bench_indexer(dev, quick):
     return out
 
 
+def bench_stages(dev, quick):
+    """Per-stage breakdown of select_blocks_triton (score kernel vs top-k kernel, per chunk, CUDA events
+    around each launch) and the call as bench_prefill.py makes it: msa.select_blocks(..., backend="triton")
+    after torch.cuda.empty_cache(), single calls timed with CUDA events (median of 5) plus host wall time.
+    Meant to explain the gap between this benchmark's do_bench numbers and bench_prefill's indexer column."""
+    import msa
+    import msa.ops.select_blocks.triton_impl as impl
+    out = []
+    for t in [8192, 32768, 131072]:
+        row = {"T": t}
+        try:
+            torch.cuda.empty_cache()
+            gen = torch.Generator(device=dev).manual_seed(t)  # same construction as bench_prefill.run_size
+            q = torch.randn(1, t, H_KV, D_IDX, generator=gen, device=dev, dtype=torch.bfloat16)
+            k = torch.randn(1, t, D_IDX, generator=gen, device=dev, dtype=torch.bfloat16)
+            msa.select_blocks(q, k, block_size=BS, topk=K, backend="triton")  # compile
+            torch.cuda.synchronize()
+            events = []
+            orig_s, orig_k = impl._launch_scores, impl.launch_block_topk
+
+            def wrap(name, fn):
+                def inner(*a, **kw):
+                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    e0.record()
+                    fn(*a, **kw)
+                    e1.record()
+                    events.append((name, e0, e1))
+                return inner
+            impl._launch_scores, impl.launch_block_topk = wrap("scores", orig_s), wrap("topk", orig_k)
+            try:
+                t0 = time.perf_counter()
+                msa.select_blocks(q, k, block_size=BS, topk=K, backend="triton")
+                host = time.perf_counter() - t0
+                torch.cuda.synchronize()
+            finally:
+                impl._launch_scores, impl.launch_block_topk = orig_s, orig_k
+            row["chunks"] = [{"stage": n, "ms": a.elapsed_time(b)} for n, a, b in events]
+            row["scores_ms"] = sum(c["ms"] for c in row["chunks"] if c["stage"] == "scores")
+            row["topk_ms"] = sum(c["ms"] for c in row["chunks"] if c["stage"] == "topk")
+            row["host_enqueue_ms"] = host * 1e3
+            times, walls = [], []
+            for _ in range(5):
+                torch.cuda.empty_cache()
+                torch.cuda.synchronize()
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                w0 = time.perf_counter()
+                e0.record()
+                msa.select_blocks(q, k, block_size=BS, topk=K, backend="triton")
+                e1.record()
+                torch.cuda.synchronize()
+                walls.append((time.perf_counter() - w0) * 1e3)
+                times.append(e0.elapsed_time(e1))
+            row["prefill_style_ms"] = sorted(times)[2]
+            row["prefill_style_wall_ms"] = sorted(walls)[2]
+            row["do_bench_ms"] = do_bench(lambda: msa.select_blocks(q, k, block_size=BS, topk=K, backend="triton"),
+                                          warmup=3, rep=300, return_mode="median")
+            del q, k
+        except torch.cuda.OutOfMemoryError as exc:
+            row["error"] = f"OOM: {exc}"[:300]
+        out.append(row)
+        print({x: y for x, y in row.items() if x != "chunks"}, flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -192,7 +256,8 @@ def main():
         print(f"PARITY {name}: {'PASS' if r['pass'] else 'FAIL'} ({r['detail']})", flush=True)
     topk_rows = bench_topk_shapes(dev, args.quick)
     idx_rows = bench_indexer(dev, args.quick)
-    result = {**info, "parity": par, "topk": topk_rows, "indexer": idx_rows}
+    stage_rows = bench_stages(dev, args.quick)
+    result = {**info, "parity": par, "topk": topk_rows, "indexer": idx_rows, "indexer_stages": stage_rows}
     path = os.path.join(args.out, "bench_topk.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
@@ -218,6 +283,14 @@ def main():
         else:
             ref = f"{r['reference_ms']:>10.2f}" if "reference_ms" in r else f"{'-':>10}"
             print(f"{r['T']:<28}{r['triton_ms']:>10.2f}{r['index_TFLOPs']:>10.1f}{r['peak_extra_GiB']:>10.2f}{ref}")
+    print(f"{'stages T':<10}{'scores':>9}{'topk':>9}{'chunks':>7}{'host':>8}{'prefill-style':>14}{'wall':>8}{'do_bench':>9}")
+    for r in stage_rows:
+        if "error" in r:
+            print(f"{r['T']:<10}{r['error'][:60]}")
+        else:
+            print(f"{r['T']:<10}{r['scores_ms']:>9.2f}{r['topk_ms']:>9.2f}{len(r['chunks']) // 2:>7}"
+                  f"{r['host_enqueue_ms']:>8.2f}{r['prefill_style_ms']:>14.2f}{r['prefill_style_wall_ms']:>8.2f}"
+                  f"{r['do_bench_ms']:>9.2f}")
 
 
 if __name__ == "__main__":

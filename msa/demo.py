@@ -30,9 +30,9 @@ from .models import MSAForCausalLM, MSALMConfig
 class DemoConfig:
     seq_len: int = 512
     batch_size: int = 4
-    steps: int = 120
-    warmup_steps: int = 40
-    eval_every: int = 10
+    steps: int = 400
+    warmup_steps: int = 120
+    eval_every: int = 25
     lr: float = 3e-3
     index_lr: float = 3e-3
     hidden_size: int = 128
@@ -221,10 +221,11 @@ def plot(path: Path, hist_msa, hist_dense, picture, mass, layer_idx: int, cfg: D
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(2, 2, figsize=(13, 9))
-    for hist, name in ((hist_msa, "MSA (dense warmup -> sparse)"), (hist_dense, "dense")):
+    for hist, name, color in ((hist_msa, "MSA (dense warmup -> sparse)", "tab:blue"), (hist_dense, "dense", "tab:red")):
         ev = [r for r in hist if "val_lm_loss" in r]
-        ax[0, 0].plot([r["step"] for r in hist], [r["lm_loss"] for r in hist], alpha=0.35)
-        ax[0, 0].plot([r["step"] for r in ev], [r["val_lm_loss"] for r in ev], marker="o", ms=3, label=f"{name} (val)")
+        ax[0, 0].plot([r["step"] for r in hist], [r["lm_loss"] for r in hist], color=color, alpha=0.25, lw=0.8)
+        ax[0, 0].plot([r["step"] for r in ev], [r["val_lm_loss"] for r in ev], color=color, marker="o", ms=3,
+                      label=f"{name} (val)")
     ax[0, 0].axvline(cfg.warmup_steps, color="gray", ls="--", lw=1)
     ax[0, 0].set(title="LM loss (bytes; faint: train)", xlabel="step", ylabel="nats / byte")
     ax[0, 0].legend()

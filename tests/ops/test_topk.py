@@ -110,6 +110,23 @@ def test_convention_mode_matches_select_from_scores(max_tile):
     assert torch.equal(last, local.view(-1, 1).expand(t, h))
 
 
+@pytest.mark.parametrize("n,k,rows,seg,nw", [(1024, 16, 2, 8, 4), (300, 33, 4, 4, 4), (1024, 16, 4, 8, 4),
+                                             (1024, 16, 1, 8, 2), (1024, 16, 8, 8, 8), (2048, 32, 2, 8, 4)])
+def test_gpu_layouts(n, k, rows, seg, nw):
+    """The launch configs that failed on the H200 with the old int64-packed keys ([2,128] and [4,128]
+    rows x segments, 4 warps) plus the sweep's configs. Values rise with the column, so the answer is the
+    LAST k columns: a reduction that only looked at the low word (column) would pick the first ones."""
+    r = 6
+    g = torch.Generator().manual_seed(n + k)
+    x = (torch.arange(n).float().view(1, -1) + 0.5 * torch.rand(r, n, generator=g)).to(DEV)
+    x[1] = -x[1]  # negative keys: the answer is the FIRST k columns
+    x[2, ::2] = float("-inf")
+    x[3] = x[3].round()  # ties between neighbours
+    ids = run(x, k, rows=rows, seg=seg, num_warps=nw)
+    check_against_torch(x, ids, k)
+    assert torch.equal(ids, block_topk_reference(x, k))
+
+
 def test_validation_errors():
     x = torch.randn(4, 8)
     with pytest.raises(ValueError, match="scores"):

@@ -64,6 +64,9 @@ class DecodePlan:
         out_dtype: dtype of o (default the cache dtype).
         topk_chunk, index_blocks_per_program, attention_splits: launch-geometry overrides (tests / tuning):
             blocks per top-k program (power of two), blocks per index program, splits of the attention.
+        index_tile_blocks, index_num_stages, index_programs_per_sm: index-kernel tuning (blocks per
+            loaded tile, software-pipeline depth, programs per SM of the single wave); defaults:
+            1 / 3 for bf16 keys, 2 / 3 for fp8 keys at d_idx * block_size <= 16K, 2 programs per SM.
 
     run(q (B, t, H_q, D), q_idx (B, t, H_kv, D_idx) or None, layer_idx) -> (o (B, t, H_q, D),
     block_indices int32 (B, t, H_kv, topk) or None when dense). q is cast to nothing: it must have
@@ -74,7 +77,9 @@ class DecodePlan:
                  local_blocks: int = 1, num_tokens: int = 1, scale: Optional[float] = None,
                  index_scale: Optional[float] = None, dense: bool = False, max_seq_len: Optional[int] = None,
                  out_dtype: Optional[torch.dtype] = None, topk_chunk: Optional[int] = None,
-                 index_blocks_per_program: Optional[int] = None, attention_splits: Optional[int] = None):
+                 index_blocks_per_program: Optional[int] = None, attention_splits: Optional[int] = None,
+                 index_tile_blocks: Optional[int] = None, index_num_stages: Optional[int] = None,
+                 index_programs_per_sm: Optional[int] = None):
         c = cache
         check(num_heads % c.num_kv_heads == 0,
               f"num_heads ({num_heads}) must be a multiple of the cache's num_kv_heads ({c.num_kv_heads})")
@@ -104,26 +109,40 @@ class DecodePlan:
         self.s_rows = max(1, c.rows_per_seq)
         self.pt_stride = c.page_table.shape[1] if c.paged else 0
 
-        # index kernel geometry: rows = T * H per sequence, blocks split so that ~4 programs per SM
+        # index kernel geometry: rows = T * H per sequence; keys streamed in tiles of NBT blocks (fp8:
+        # two blocks, so a tile is 32 KB like a bf16 block at d_idx 128); the tiles are split over
+        # about ``index_programs_per_sm`` resident programs per SM in ONE wave (every program the same
+        # size: no wave-quantisation tail on the stream that dominates the step at long contexts).
         if not dense:
             self.idx_rows = max(16, min(64, _pow2(T * H)))
             self.idx_row_tiles = math.ceil(T * H / self.idx_rows)
-            per_seq = max(1, (4 * nsm) // max(1, B * self.idx_row_tiles))
-            self.idx_bps = max(1, min(64, math.ceil(self.nb_cap / per_seq)))
+            ebytes = c.k_idx[0].element_size() if c.k_idx[0] is not None else 2
+            self.idx_nbt = index_tile_blocks or (2 if ebytes == 1 and (self.DI or 0) * block_size <= 16384 else 1)
+            check(self.idx_nbt >= 1 and self.idx_nbt & (self.idx_nbt - 1) == 0,
+                  f"index_tile_blocks must be a power of two, got {self.idx_nbt}")
+            self.idx_stages = index_num_stages or (3 if self.idx_nbt * block_size * (self.DI or 0) * ebytes <= 32768
+                                                  else 2)
+            ntiles = math.ceil(self.nb_cap / self.idx_nbt)
+            pps = index_programs_per_sm or 2
+            per_seq = max(1, (pps * nsm) // max(1, B * self.idx_row_tiles))
+            self.idx_tps = max(1, math.ceil(ntiles / per_seq))
             if index_blocks_per_program is not None:
-                self.idx_bps = int(index_blocks_per_program)
-            self.idx_splits = math.ceil(self.nb_cap / self.idx_bps)
+                self.idx_tps = max(1, math.ceil(int(index_blocks_per_program) / self.idx_nbt))
+            self.idx_splits = math.ceil(ntiles / self.idx_tps)
             self.k_pad = _pow2(topk)
-            self.chunk = max(self.k_pad, min(1024, _pow2(self.nb_cap)))
+            # top-k chunks of <= 256 blocks: one warp per (row, chunk), reductions in warp shuffles
+            self.chunk = max(self.k_pad, min(256, _pow2(self.nb_cap)))
             if topk_chunk is not None:
                 check(topk_chunk >= self.k_pad and topk_chunk & (topk_chunk - 1) == 0,
                       f"topk_chunk must be a power of two >= {self.k_pad}, got {topk_chunk}")
                 self.chunk = topk_chunk
             self.nc = math.ceil(self.nb_cap / self.chunk)
+            self.topk_warps = 1 if self.chunk <= 256 else (2 if self.chunk <= 1024 else 4)
+            self.merge_pad = _pow2(self.nc * self.k_pad)
+            self.merge_warps = 1 if self.merge_pad <= 512 else (2 if self.merge_pad <= 2048 else 4)
             nrows = B * T * H
             self.scores = torch.empty(B, T, H, self.nb_cap, dtype=torch.float32, device=dev)
-            self.cand_v = torch.empty(nrows, self.nc, self.k_pad, dtype=torch.float32, device=dev)
-            self.cand_i = torch.empty(nrows, self.nc, self.k_pad, dtype=torch.int32, device=dev)
+            self.cand = torch.empty(nrows, self.nc, self.k_pad, dtype=torch.int64, device=dev)
             self.block_indices = torch.empty(B, T, H, topk, dtype=torch.int32, device=dev)
         # attention geometry: split the k blocks (or all blocks when dense) so that ~2 programs per SM
         nblocks = self.nb_cap if dense else topk
@@ -158,11 +177,13 @@ class DecodePlan:
             check(q_idx.device == c.device, f"q_idx must be on the cache device {c.device}, got {q_idx.device}")
 
     def run(self, q: torch.Tensor, q_idx: Optional[torch.Tensor], layer_idx: int,
-            block_indices: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+            block_indices: Optional[torch.Tensor] = None, timer=None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Launch the decode kernels for one layer. Only kernel launches: capturable in a CUDA graph.
 
         block_indices: optional int32 (B, t, H_kv, topk) selection to use instead of the indexer's
-        (index convention of spec section 1); q_idx is then ignored."""
+        (index convention of spec section 1); q_idx is then ignored.
+        timer: optional callable (benchmarks, never inside a graph): called with a kernel name right
+        before each launch and with None after the last one (e.g. to record CUDA events)."""
         c = self.cache
         q = q if q.is_contiguous() else q.contiguous()
         lens = c.lengths_dev[layer_idx]
@@ -178,23 +199,31 @@ class DecodePlan:
             kidx = c.k_idx[layer_idx]
             mode = 0 if not c.fp8_index else (1 if c.index_scale_mode == "token" else 2)
             ks = c.k_idx_scale[layer_idx] if mode else self._dummy_f
+            if timer is not None:
+                timer("index")
             tk.decode_index_fwd_kernel[(B, self.idx_row_tiles, self.idx_splits)](
                 q_idx, kidx, ks, pt, lens, self.scores,
-                T, H, self.DI, self.nb_cap, self.s_rows, self.pt_stride, self.idx_bps, self.index_scale,
-                BS=BS, DI_PAD=max(16, _pow2(self.DI)), ROWS=self.idx_rows, PAGED=c.paged, SCALE_MODE=mode,
-                F32=self.f32, num_warps=4, num_stages=3 if not interpreting() else 1)
+                T, H, self.DI, self.nb_cap, self.s_rows, self.pt_stride, self.idx_tps, self.index_scale,
+                BS=BS, NBT=self.idx_nbt, DI_PAD=max(16, _pow2(self.DI)), ROWS=self.idx_rows, PAGED=c.paged,
+                SCALE_MODE=mode, F32=self.f32, num_warps=4, num_stages=self.idx_stages if not interpreting() else 1)
             nrows = B * T * H
             final = self.nc == 1
+            if timer is not None:
+                timer("topk")
             tk.decode_topk_fwd_kernel[(nrows, self.nc)](
-                self.scores, lens, self.cand_v, self.cand_i, self.block_indices,
+                self.scores, lens, self.cand, self.block_indices,
                 T, H, self.nb_cap, self.nc, self.init_blocks, self.local_blocks,
-                BS=BS, TOPK=self.topk, K_PAD=self.k_pad, CHUNK=self.chunk, FINAL=final, num_warps=4)
+                BS=BS, TOPK=self.topk, K_PAD=self.k_pad, CHUNK=self.chunk, FINAL=final, num_warps=self.topk_warps)
             if not final:
+                if timer is not None:
+                    timer("topk_merge")
                 tk.decode_topk_merge_fwd_kernel[(nrows,)](
-                    self.cand_v, self.cand_i, lens, self.block_indices, T, H, self.nc,
-                    BS=BS, TOPK=self.topk, K_PAD=self.k_pad, NCK_PAD=_pow2(self.nc * self.k_pad), num_warps=4)
+                    self.cand, lens, self.block_indices, T, H, self.nc,
+                    BS=BS, TOPK=self.topk, K_PAD=self.k_pad, NCK_PAD=self.merge_pad, num_warps=self.merge_warps)
             sel = self.block_indices
         G = self.G
+        if timer is not None:
+            timer("attention")
         tk.decode_attention_fwd_kernel[(B * T, H, self.att_splits)](
             q, c.k[layer_idx], c.v[layer_idx], sel if sel is not None else self._dummy_i, pt, lens,
             self.o_part, self.lse_part,
@@ -202,9 +231,13 @@ class DecodePlan:
             self.scale * tk.LOG2E,
             BS=BS, G_PAD=max(16, _pow2(G)), D_PAD=max(16, _pow2(self.D)), PAGED=c.paged, DENSE=self.dense,
             F32=self.f32, num_warps=4 if G <= 16 else 8, num_stages=2 if not interpreting() else 1)
+        if timer is not None:
+            timer("attn_merge")
         tk.decode_merge_fwd_kernel[(B * T * self.HQ,)](
             self.o_part, self.lse_part, self.out, self.lse, self.D, self.att_splits,
             S_PAD=_pow2(self.att_splits), D_PAD=max(16, _pow2(self.D)), num_warps=4)
+        if timer is not None:
+            timer(None)
         return self.out, sel
 
 

@@ -4,11 +4,14 @@ Four launches per decode step, all with grids that depend only on the plan's cap
 current lengths, which are read from device memory), so a step is CUDA-graph capturable:
 
 1. ``decode_index_fwd_kernel``: split-K over the index-key cache. One program per (sequence, row
-   tile, block range); the rows are the t new tokens x H_kv groups of one sequence (padded to >= 16
-   MMA rows), so every index key is read from HBM once per step. Writes causal block maxima.
+   tile, range of tiles of NBT blocks); the rows are the t new tokens x H_kv groups of one sequence
+   (padded to >= 16 MMA rows), so every index key is read from HBM once per step. Writes causal
+   block maxima (fp32, B*T*H*NB floats: 128 KB at 1M tokens, negligible next to the keys).
 2. ``decode_topk_fwd_kernel``: exp-free top-k on raw block scores (forced blocks get +inf, invisible
-   ones -inf) per (row, chunk of blocks); with one chunk it writes the final selection directly.
-3. ``decode_topk_merge_fwd_kernel``: merges the per-chunk candidates (only when several chunks).
+   ones are left out) per (row, chunk of blocks); with one chunk it writes the final selection.
+   Score and block id are packed in one int64 so each of the k steps is ONE max reduction (small
+   chunks, 1-2 warps: the reductions stay in warp shuffles).
+3. ``decode_topk_merge_fwd_kernel``: merges the per-chunk packed candidates (only when several chunks).
 4. ``decode_attention_fwd_kernel``: split-K over the selected blocks (or all blocks when dense); one
    program per (sequence x token, group, split) with the G heads of the group as MMA rows, then
    ``decode_merge_fwd_kernel`` combines the splits exactly through their log-sum-exps.
@@ -45,15 +48,18 @@ def decode_index_fwd_kernel(
     pt_ptr,       # int32 (B, PT_STRIDE) page table (PAGED) or dummy
     lens_ptr,     # int32 (B,) tokens stored per sequence (the T new ones included)
     score_ptr,    # fp32 (B, T, H, NB_CAP) causal block maxima (times the index scale)
-    T, H, DI, NB_CAP, S_ROWS, PT_STRIDE, BPS, scale,
-    BS: tl.constexpr, DI_PAD: tl.constexpr, ROWS: tl.constexpr,
+    T, H, DI, NB_CAP, S_ROWS, PT_STRIDE, TPS, scale,
+    BS: tl.constexpr, NBT: tl.constexpr, DI_PAD: tl.constexpr, ROWS: tl.constexpr,
     PAGED: tl.constexpr, SCALE_MODE: tl.constexpr, F32: tl.constexpr,
 ):
+    """Program (b, row tile, split) streams TPS tiles of NBT blocks (NBT * BS key rows per tile: fp8
+    keys use NBT = 2 so one tile is still 32 KB of HBM traffic at d_idx 128)."""
     b = tl.program_id(0)
     rt = tl.program_id(1)
     sp = tl.program_id(2)
     L = tl.load(lens_ptr + b)
     nb = (L + BS - 1) // BS
+    ntile = (nb + NBT - 1) // NBT
     rows = rt * ROWS + tl.arange(0, ROWS)          # row = token * H + group
     rmask = rows < T * H
     pos = L - T + rows // H                        # absolute position of each row's query
@@ -62,35 +68,50 @@ def decode_index_fwd_kernel(
     q = tl.load(q_ptr + (b * T * H + rows)[:, None] * DI + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
     if F32:
         q = q.to(tl.float32)
-    jo = tl.arange(0, BS)
-    blk_end = tl.minimum(sp * BPS + BPS, nb)
-    for blk in range(sp * BPS, blk_end):
-        if PAGED:
-            base = tl.load(pt_ptr + b * PT_STRIDE + blk).to(tl.int64) * BS
-        else:
-            base = b.to(tl.int64) * S_ROWS + blk * BS
-        j = blk * BS + jo
+    KT: tl.constexpr = NBT * BS
+    jo = tl.arange(0, KT)
+    bo = tl.arange(0, NBT)
+    sbase = (b * T * H + rows).to(tl.int64) * NB_CAP
+    t_end = tl.minimum(sp * TPS + TPS, ntile)
+    for tt in range(sp * TPS, t_end):
+        blk0 = tt * NBT
+        j = blk0 * BS + jo                         # absolute key positions of the tile
         kmask = j < L
-        kk = tl.load(k_ptr + (base + jo)[:, None] * DI + d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
+        if PAGED:
+            # one page-table entry per key row (a tile may span several, non-adjacent, pages)
+            page = tl.load(pt_ptr + b * PT_STRIDE + j // BS, mask=kmask, other=0).to(tl.int64)
+            krow = page * BS + (jo % BS)
+        else:
+            krow = b.to(tl.int64) * S_ROWS + j
+        kk = tl.load(k_ptr + krow[:, None] * DI + d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
         if F32:
             kk = kk.to(tl.float32)
         else:
-            kk = kk.to(q.dtype)
-        s = _mm(q, tl.trans(kk), F32)                # (ROWS, BS)
+            kk = kk.to(q.dtype)                    # fp8 -> bf16 is exact: scales applied in fp32 below
+        s = _mm(q, tl.trans(kk), F32)              # (ROWS, KT)
         if SCALE_MODE == 1:
-            s = s * tl.load(ks_ptr + base + jo, mask=kmask, other=1.0)[None, :]
+            s = s * tl.load(ks_ptr + krow, mask=kmask, other=1.0)[None, :]
         s = tl.where(j[None, :] <= pos[:, None], s, float("-inf"))
-        m = tl.max(s, axis=1)
+        blk = blk0 + bo
+        bmask = blk < nb
+        if NBT == 1:
+            m = tl.max(s, axis=1)[:, None]         # (ROWS, 1)
+        else:
+            m = tl.max(tl.reshape(s, (ROWS, NBT, BS)), axis=2)   # (ROWS, NBT)
         if SCALE_MODE == 2:
-            m = m * tl.load(ks_ptr + base // BS)     # positive scale commutes with the max
-        tl.store(score_ptr + (b * T * H + rows).to(tl.int64) * NB_CAP + blk, m * scale, mask=rmask)
+            # a positive per-block scale commutes with the max
+            if PAGED:
+                srow = tl.load(pt_ptr + b * PT_STRIDE + blk, mask=bmask, other=0).to(tl.int64)
+            else:
+                srow = (b.to(tl.int64) * S_ROWS) // BS + blk
+            m = m * tl.load(ks_ptr + srow, mask=bmask, other=1.0)[None, :]
+        tl.store(score_ptr + sbase[:, None] + blk[None, :], m * scale, mask=rmask[:, None] & bmask[None, :])
 
 
 @triton.jit
-def _order_selection(ids, vals, local, K_PAD: tl.constexpr):
+def _order_selection(ids, valid, local, K_PAD: tl.constexpr):
     """Index convention: valid non-local ids ascending, the local block last, -1 padding."""
     BIG: tl.constexpr = 2147483647
-    valid = vals > float("-inf")
     key = tl.where(ids == local, BIG - 1, ids)
     key = tl.where(valid, key, BIG)
     key = tl.sort(key)
@@ -99,15 +120,44 @@ def _order_selection(ids, vals, local, K_PAD: tl.constexpr):
 
 
 @triton.jit
+def _pack(x, ids):
+    """(score fp32, block id >= 0) -> int64 whose integer order is (score, then LOWER id) order, so
+    one max reduction is an argmax with the lowest-id tie break. Float bits are made monotone by
+    flipping the magnitude bits of negative values; -inf packs above EMPTY (int64 min)."""
+    bits = x.to(tl.int32, bitcast=True)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (key.to(tl.int64) << 32) | (2147483647 - ids).to(tl.int64)
+
+
+@triton.jit
+def _unpack_id(p):
+    low = p - ((p >> 32) << 32)                   # the low 32 bits (arithmetic shifts)
+    return (2147483647 - low).to(tl.int32)
+
+
+@triton.jit
+def _topk_packed(x, TOPK: tl.constexpr, K_PAD: tl.constexpr):
+    """The TOPK largest of the packed keys x (1-D), as a (K_PAD,) vector (EMPTY beyond)."""
+    EMPTY: tl.constexpr = -9223372036854775808
+    kr = tl.arange(0, K_PAD)
+    sel = tl.full((K_PAD,), EMPTY, tl.int64)
+    for kk in tl.static_range(TOPK):
+        mx = tl.max(x, axis=0)
+        sel = tl.where(kr == kk, mx, sel)
+        x = tl.where(x == mx, EMPTY, x)            # packed keys are unique (ids differ)
+    return sel
+
+
+@triton.jit
 def decode_topk_fwd_kernel(
     score_ptr,    # fp32 (NROWS, NB_CAP) block scores, NROWS = B*T*H
     lens_ptr,     # int32 (B,)
-    cand_v_ptr,   # fp32 (NROWS, NC, K_PAD) candidate scores (unused when FINAL)
-    cand_i_ptr,   # int32 (NROWS, NC, K_PAD) candidate block ids (unused when FINAL)
+    cand_ptr,     # int64 (NROWS, NC, K_PAD) packed candidates (unused when FINAL)
     out_ptr,      # int32 (NROWS, TOPK) final selection (FINAL only)
     T, H, NB_CAP, NC, INIT, LOCALB,
     BS: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.constexpr, CHUNK: tl.constexpr, FINAL: tl.constexpr,
 ):
+    EMPTY: tl.constexpr = -9223372036854775808
     row = tl.program_id(0)
     c = tl.program_id(1)
     b = row // (T * H)
@@ -121,51 +171,35 @@ def decode_topk_fwd_kernel(
     x = tl.load(score_ptr + row.to(tl.int64) * NB_CAP + cols, mask=vis, other=float("-inf"))
     forced = ((cols < INIT) | (cols > local - LOCALB)) & vis
     x = tl.where(forced, float("inf"), x)
+    # -inf scores (no visible token: cannot happen for a visible block) stay out of the selection
+    p = tl.where(vis & (x > float("-inf")), _pack(x, cols), EMPTY)
+    sel = _topk_packed(p, TOPK, K_PAD)
     kr = tl.arange(0, K_PAD)
-    sel_v = tl.full((K_PAD,), float("-inf"), tl.float32)
-    sel_i = tl.full((K_PAD,), -1, tl.int32)
-    for kk in tl.static_range(TOPK):
-        mx = tl.max(x, axis=0)
-        idx = tl.min(tl.where(x == mx, cols, 2147483647), axis=0)   # ties: lowest block id
-        sel_v = tl.where(kr == kk, mx, sel_v)
-        sel_i = tl.where(kr == kk, idx, sel_i)
-        x = tl.where(cols == idx, float("-inf"), x)
     if FINAL:
-        out = _order_selection(sel_i, sel_v, local, K_PAD)
+        out = _order_selection(_unpack_id(sel), sel != EMPTY, local, K_PAD)
         tl.store(out_ptr + row.to(tl.int64) * TOPK + kr, out, mask=kr < TOPK)
     else:
-        off = (row.to(tl.int64) * NC + c) * K_PAD + kr
-        tl.store(cand_v_ptr + off, sel_v)
-        tl.store(cand_i_ptr + off, sel_i)
+        tl.store(cand_ptr + (row.to(tl.int64) * NC + c) * K_PAD + kr, sel)
 
 
 @triton.jit
 def decode_topk_merge_fwd_kernel(
-    cand_v_ptr, cand_i_ptr,   # (NROWS, NC, K_PAD)
+    cand_ptr,     # int64 (NROWS, NC, K_PAD) packed candidates
     lens_ptr, out_ptr,        # int32 (B,), int32 (NROWS, TOPK)
     T, H, NC,
     BS: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.constexpr, NCK_PAD: tl.constexpr,
 ):
+    EMPTY: tl.constexpr = -9223372036854775808
     row = tl.program_id(0)
     b = row // (T * H)
     i = (row // H) % T
     L = tl.load(lens_ptr + b)
     local = tl.where(L - T + i >= 0, (L - T + i) // BS, -1)
     e = tl.arange(0, NCK_PAD)
-    em = e < NC * K_PAD
-    x = tl.load(cand_v_ptr + row.to(tl.int64) * NC * K_PAD + e, mask=em, other=float("-inf"))
-    ids = tl.load(cand_i_ptr + row.to(tl.int64) * NC * K_PAD + e, mask=em, other=-1)
+    x = tl.load(cand_ptr + row.to(tl.int64) * NC * K_PAD + e, mask=e < NC * K_PAD, other=EMPTY)
+    sel = _topk_packed(x, TOPK, K_PAD)
+    out = _order_selection(_unpack_id(sel), sel != EMPTY, local, K_PAD)
     kr = tl.arange(0, K_PAD)
-    sel_v = tl.full((K_PAD,), float("-inf"), tl.float32)
-    sel_i = tl.full((K_PAD,), -1, tl.int32)
-    for kk in tl.static_range(TOPK):
-        mx = tl.max(x, axis=0)
-        p = tl.min(tl.where(x == mx, e, 2147483647), axis=0)
-        idx = tl.sum(tl.where(e == p, ids, 0), axis=0)
-        sel_v = tl.where(kr == kk, mx, sel_v)
-        sel_i = tl.where(kr == kk, idx, sel_i)
-        x = tl.where(e == p, float("-inf"), x)
-    out = _order_selection(sel_i, sel_v, local, K_PAD)
     tl.store(out_ptr + row.to(tl.int64) * TOPK + kr, out, mask=kr < TOPK)
 
 

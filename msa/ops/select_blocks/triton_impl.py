@@ -45,6 +45,23 @@ def _tile_table(starts: torch.Tensor, lens: torch.Tensor, tok_per_tile: int) -> 
     return torch.stack([t0, t1, starts[seq_of_tile]], dim=1)
 
 
+_TILE_CACHE: dict = {}
+
+
+def _tiles_cached(starts: torch.Tensor, lens: torch.Tensor, tok_per_tile: int, dev):
+    """(CPU table, int32 device copy) of _tile_table, cached per layout: repeated calls of the same shape
+    (every layer of a prefill) skip the host->device copy."""
+    key = (tuple(starts.tolist()), tuple(lens.tolist()), tok_per_tile, str(dev))
+    hit = _TILE_CACHE.get(key)
+    if hit is None:
+        tiles = _tile_table(starts, lens, tok_per_tile)
+        hit = (tiles, tiles.to(torch.int32).to(dev))
+        if len(_TILE_CACHE) >= 32:
+            _TILE_CACHE.pop(next(iter(_TILE_CACHE)))
+        _TILE_CACHE[key] = hit
+    return hit
+
+
 @torch.no_grad()
 def select_blocks_triton(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size: int, topk: int,
                          init_blocks: int, local_blocks: int, scale: float,
@@ -82,13 +99,16 @@ def select_blocks_triton(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size
     else:
         cu = cu_seqlens.detach().to("cpu", torch.int64)
         starts, lens = cu[:-1], cu[1:] - cu[:-1]
-    seq_start_tok = torch.repeat_interleave(starts, lens)
-    pos = (torch.arange(total) - seq_start_tok).to(torch.int32).to(dev)
+    if cu_seqlens is None:
+        # built on the device: no pageable host->device copy (it would stall the host on the stream)
+        pos = torch.arange(total, device=dev, dtype=torch.int32) % t
+    else:
+        seq_start_tok = torch.repeat_interleave(starts, lens)
+        pos = (torch.arange(total) - seq_start_tok).to(torch.int32).to(dev)
 
     rows = rows or _default_rows(q, heads)
     tok_per_tile = rows // heads
-    tiles = _tile_table(starts, lens, tok_per_tile)
-    tiles_dev = tiles.to(torch.int32).to(dev)
+    tiles, tiles_dev = _tiles_cached(starts, lens, tok_per_tile, dev)
     # width of a tile's buffer rows: 1 + its last local block
     tile_width = (tiles[:, 1] - 1 - tiles[:, 2]) // block_size + 1
 
@@ -140,6 +160,7 @@ def _launch_scores(q, k, scores, tiles_dev, tok_a, block_size, scale, rows, nspl
         q.stride(0), q.stride(1), k.stride(0), scores.stride(0),
         tok_a, heads, dim, block_size, float(scale), ns,
         ROWS=rows, BLOCK_N=block_n, BLOCK_D=block_d, UPCAST=upcast, IEEE=ieee,
+        POS_SCALE=float(scale) > 0, SUB_MASK=block_size % block_n != 0,
         num_warps=num_warps, num_stages=1 if interp else (2 if wide else 3))
 
 

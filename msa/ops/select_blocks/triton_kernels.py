@@ -20,7 +20,7 @@ def index_scores_fwd_kernel(
     stride_qt, stride_qh, stride_kt, stride_sr,
     chunk_tok0, heads, head_dim, block_size, scale, nsplit,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, POS_SCALE: tl.constexpr, SUB_MASK: tl.constexpr,
 ):
     """Block-max scores of one query tile.
 
@@ -54,12 +54,41 @@ def index_scores_fwd_kernel(
         q = q.to(tl.float32)
     n = tl.arange(0, BLOCK_N)
     srow = (tok - chunk_tok0).to(tl.int64) * heads + grp
-    # One flat loop over (my key block, sub-tile) so the compiler can software-pipeline the K loads
-    # (a nested loop over a 1-iteration sub-tile loop would not be pipelined).
     subs = tl.cdiv(block_size, BLOCK_N)
     n_mine = tl.maximum((last_local - split + nsplit) // nsplit, 0)
+    # Blocks that end at or before the tile's FIRST position are fully visible to every row: their
+    # loop needs no causal mask (the mask costs about as much ALU time as the MMA). Only the few
+    # blocks on the tile's diagonal go through the masked loop below.
+    first_pos = tok0 - seq0
+    n_full_blocks = (first_pos + 1) // block_size  # blocks b with (b + 1) * block_size - 1 <= first_pos
+    n_full_mine = tl.minimum(tl.maximum((n_full_blocks - split + nsplit - 1) // nsplit, 0), n_mine)
     m = tl.full([ROWS], float("-inf"), tl.float32)
-    for it in range(0, n_mine * subs):
+    # One flat loop over (my key block, sub-tile) so the compiler can software-pipeline the K loads.
+    for it in range(0, n_full_mine * subs):
+        bi = it // subs
+        sub = (it - bi * subs) * BLOCK_N
+        b = split + bi * nsplit
+        kp = b * block_size + sub + n
+        kt = tl.load(k_ptr + (seq0 + kp).to(tl.int64)[None, :] * stride_kt + d[:, None],
+                     mask=dmask[:, None] & (sub + n < block_size)[None, :], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+        if IEEE:
+            s = tl.dot(q, kt, input_precision="ieee")
+        else:
+            s = tl.dot(q, kt)
+        if POS_SCALE:  # max(s) * scale == max(s * scale) for scale > 0: scale the [ROWS] vector only
+            if SUB_MASK:
+                s = tl.where((sub + n < block_size)[None, :], s, float("-inf"))
+            m = tl.maximum(m, tl.max(s, axis=1))
+        else:
+            s = tl.where((sub + n < block_size)[None, :], s * scale, float("-inf"))
+            m = tl.maximum(m, tl.max(s, axis=1))
+        is_last = (sub + BLOCK_N + tl.zeros([ROWS], tl.int32)) >= block_size
+        out = m * scale if POS_SCALE else m
+        tl.store(s_ptr + srow * stride_sr + b, out, mask=rvalid & is_last)
+        m = tl.where(is_last, float("-inf"), m)
+    for it in range(n_full_mine * subs, n_mine * subs):
         bi = it // subs
         sub = (it - bi * subs) * BLOCK_N
         b = split + bi * nsplit

@@ -113,21 +113,20 @@ def build_reverse_index(block_indices: torch.Tensor, block_size: int, cu_seqlens
     rows = hkv * nb
     t0, t1 = (0, bsz * t) if token_range is None else token_range
     ntok = t1 - t0
-    idx = block_indices.reshape(bsz * t, hkv, k)[t0:t1].to(torch.int64)
-    gblock = idx + layout.seq_block_offset[t0:t1].view(ntok, 1, 1)
-    r = torch.arange(hkv, device=dev).view(1, hkv, 1)
+    idx = block_indices.reshape(bsz * t, hkv, k)[t0:t1]
+    # the rows fit int32 (H_kv * NB < 2^31); int32 keys halve the radix-sort passes of the old
+    # int64 (row, token) key. A stable sort of the row alone keeps tokens (then slots) ascending
+    # inside a row, because the flat input order is (token, group, slot).
+    gblock = idx + layout.seq_block_offset[t0:t1].to(torch.int32).view(ntok, 1, 1)
+    r = torch.arange(hkv, device=dev, dtype=torch.int32).view(1, hkv, 1)
     row = torch.where(idx >= 0, r * nb + gblock, torch.full_like(idx, rows))  # invalid -> sentinel row
-    entry = (torch.arange(ntok, device=dev).view(ntok, 1, 1) * k + torch.arange(k, device=dev).view(1, 1, k))
-    entry = entry.expand(ntok, hkv, k)
-    # sort by (row, token): key = row * (ntok * k) + entry keeps tokens ascending inside a row
-    key = (row * (ntok * k) + entry).reshape(-1)
-    key_sorted, _ = torch.sort(key)
-    entries = (key_sorted % (ntok * k)).to(torch.int32)
-    counts = torch.zeros(rows + 1, dtype=torch.int64, device=dev)
-    counts.scatter_add_(0, row.reshape(-1), torch.ones_like(row.reshape(-1)))
-    counts = counts[:rows]
-    row_ptr = torch.zeros(rows + 1, dtype=torch.int64, device=dev)
-    row_ptr[1:] = torch.cumsum(counts, 0)
+    row_sorted, order = torch.sort(row.reshape(-1), stable=True)
+    # flat position (token * H_kv + r) * K + slot  ->  entry token * K + slot
+    entries = ((order // (hkv * k)) * k + order % k).to(torch.int32)
+    # CSR pointers by binary search in the sorted rows (deterministic, no atomics); the sentinel
+    # row sorts last, so row_ptr[rows] is the number of valid entries
+    row_ptr = torch.searchsorted(row_sorted, torch.arange(rows + 1, device=dev, dtype=torch.int32))
+    counts = row_ptr[1:] - row_ptr[:-1]
     # work items: ceil(count / C) per row, upper bound from shapes only
     c = max_queries_per_item
     items = (counts + c - 1) // c

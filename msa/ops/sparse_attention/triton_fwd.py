@@ -8,9 +8,14 @@ Three kernels:
   row m -> (entry m // G, head r * G + m % G), so any G works (not only powers of two).
   Each (query, slot) pair writes its block-local softmax output (already divided by its own row
   sum) and its block-local lse into a slot reserved for it (``entry = token * K + slot``), so there
-  are no atomics and the result is deterministic.
+  are no atomics and the result is deterministic. The partial outputs are stored in the partial
+  buffer's dtype (bf16/fp16 for 16-bit inputs: they are convex combinations of V rows, so the
+  16-bit rounding is the same size as the final output's, and it halves the dominant memory
+  traffic; fp32 for fp32 inputs); the lse values always stay fp32.
+  When the key block fits one tile (B_k <= BLOCK_N, the usual case) the softmax is a plain
+  one-tile softmax (no running max / rescale).
 * ``sparse_attention_combine_fwd_kernel``: per (token, head) merges the K partials exactly with
-  their lse (slots holding -1 contribute nothing).
+  their lse (slots holding -1 contribute nothing), accumulating in fp32.
 * ``sparse_attention_qo_fwd_kernel`` (query-outer): one program per (token, group), the G heads as
   MMA rows (padded to >= 16), online softmax over the K selected blocks. No partial buffers.
 
@@ -61,21 +66,40 @@ def _online_step(q, k, v, m_i, l_i, acc, visible, qk_scale, DOT_PREC: tl.constex
 
 
 @triton.jit
+def _single_tile(q, k, v, visible, qk_scale, DOT_PREC: tl.constexpr):
+    """Softmax over one key tile (the whole block): returns the normalised output and the lse in
+    log2 units (-inf for a row with no visible key, whose output is 0)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    s = tl.where(visible, s, float("-inf"))
+    m = tl.max(s, 1)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    p = tl.exp2(s - m_use[:, None])
+    l = tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    l_safe = tl.where(l == 0.0, 1.0, l)
+    o = acc * (1.0 / l_safe)[:, None]
+    lse2 = tl.where(l == 0.0, float("-inf"), m_use + tl.log2(l_safe))
+    return o, lse2
+
+
+@triton.jit
 def sparse_attention_fwd_kernel(Q, K, V, PO, PLSE, ENTRIES, WORK_ROW, WORK_START, WORK_END, BLOCK_START, BLOCK_LEN,
                                 tok0, nb_rows, qk_scale,
                                 H_Q: tl.constexpr, H_KV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr,
                                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_N: tl.constexpr, KV_TILES: tl.constexpr, PRELOAD: tl.constexpr,
-                                UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+                                UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, PREFETCH: tl.constexpr = 0):
     """KV-outer partial attention of one work item.
 
     Q (T_all, H_Q, D), K/V (T_all, H_KV, D): contiguous, flattened tokens.
-    PO fp32 (C*TOPK, H_Q, D), PLSE fp32 (C*TOPK, H_Q): partial output / lse per chunk-local entry.
+    PO (C*TOPK, H_Q, D) fp32/bf16/fp16, PLSE fp32 (C*TOPK, H_Q): partial output / lse per chunk-local
+    entry.
     ENTRIES int32: chunk-local token * TOPK + slot, grouped by row; WORK_*: int32 item descriptors.
     BLOCK_START/BLOCK_LEN int32 (NB,): flattened first token and length of every global block.
     tok0: first flattened token of the chunk; nb_rows: blocks per group in the row numbering.
     PRELOAD (only with KV_TILES == 1): keep the key block in the program across query tiles
-    instead of re-reading it (from L2) per tile.
+    instead of re-reading it (from L2) per tile. Entries of a row are sorted by token, so within a
+    block all causal masking concerns the block's own queries; the mask is a cheap int32 compare.
     """
     w = tl.program_id(0)
     start = tl.load(WORK_START + w)
@@ -95,33 +119,62 @@ def sparse_attention_fwd_kernel(Q, K, V, PO, PLSE, ENTRIES, WORK_ROW, WORK_START
         if PRELOAD:
             # the whole key block fits one tile: load it once for all the item's queries
             k_blk, v_blk = _load_kv_tile(K, V, kstart, klen, 0, r, H_KV, D, BLOCK_N, BLOCK_D, UPCAST)
+        if PREFETCH:
+            # software prefetch: the next tile's entries and gathered Q rows are requested before
+            # this tile's MMAs, so their (dependent, DRAM-latency) loads overlap the compute
+            ok_n = (offs_m < QPT * G) & (start + qi < end)
+            e_n = tl.load(ENTRIES + start + qi, mask=ok_n, other=0)
+            tok_n = tok0 + (e_n // TOPK).to(tl.int64)
+            q_n = tl.load(Q + (tok_n * H_Q + head)[:, None] * D + offs_d[None, :],
+                          mask=ok_n[:, None] & (offs_d < D)[None, :], other=0.0)
         for q0 in range(start, end, QPT):
-            row_ok = (offs_m < QPT * G) & (q0 + qi < end)
-            e = tl.load(ENTRIES + q0 + qi, mask=row_ok, other=0)
-            tok = tok0 + (e // TOPK).to(tl.int64)
-            qmask = row_ok[:, None] & (offs_d < D)[None, :]
-            q = tl.load(Q + (tok * H_Q + head)[:, None] * D + offs_d[None, :], mask=qmask, other=0.0)
+            if PREFETCH:
+                row_ok = ok_n
+                e = e_n
+                tok = tok_n
+                q = q_n
+                qmask = row_ok[:, None] & (offs_d < D)[None, :]
+                ok_n = (offs_m < QPT * G) & (q0 + QPT + qi < end)
+                e_n = tl.load(ENTRIES + q0 + QPT + qi, mask=ok_n, other=0)
+                tok_n = tok0 + (e_n // TOPK).to(tl.int64)
+                q_n = tl.load(Q + (tok_n * H_Q + head)[:, None] * D + offs_d[None, :],
+                              mask=ok_n[:, None] & (offs_d < D)[None, :], other=0.0)
+            else:
+                row_ok = (offs_m < QPT * G) & (q0 + qi < end)
+                e = tl.load(ENTRIES + q0 + qi, mask=row_ok, other=0)
+                tok = tok0 + (e // TOPK).to(tl.int64)
+                qmask = row_ok[:, None] & (offs_d < D)[None, :]
+                q = tl.load(Q + (tok * H_Q + head)[:, None] * D + offs_d[None, :], mask=qmask, other=0.0)
             if UPCAST:
                 q = q.to(tl.float32)
-            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            l_i = tl.zeros([BLOCK_M], tl.float32)
-            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-            for kt in tl.static_range(KV_TILES):
+            # key position relative to the block start vs query position relative to it (int32:
+            # a difference of flattened tokens, no int64 in the mask)
+            qrel = (tok - kstart).to(tl.int32)
+            if KV_TILES == 1:
                 if PRELOAD:
                     kk = k_blk
                     vv = v_blk
                 else:
-                    kk, vv = _load_kv_tile(K, V, kstart, klen, kt * BLOCK_N, r, H_KV, D, BLOCK_N, BLOCK_D, UPCAST)
-                offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+                    kk, vv = _load_kv_tile(K, V, kstart, klen, 0, r, H_KV, D, BLOCK_N, BLOCK_D, UPCAST)
+                offs_n = tl.arange(0, BLOCK_N)
                 # causal inside the block; the block may be partial at a sequence end
-                visible = (offs_n < klen)[None, :] & ((kstart + offs_n)[None, :] <= tok[:, None])
-                m_i, l_i, acc = _online_step(q, kk, vv, m_i, l_i, acc, visible, qk_scale, DOT_PREC)
-            l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-            o = acc / l_safe[:, None]
-            lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+                visible = (offs_n < klen)[None, :] & (offs_n[None, :] <= qrel[:, None])
+                o, lse2 = _single_tile(q, kk, vv, visible, qk_scale, DOT_PREC)
+            else:
+                m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                l_i = tl.zeros([BLOCK_M], tl.float32)
+                acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+                for kt in tl.static_range(KV_TILES):
+                    kk, vv = _load_kv_tile(K, V, kstart, klen, kt * BLOCK_N, r, H_KV, D, BLOCK_N, BLOCK_D, UPCAST)
+                    offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+                    visible = (offs_n < klen)[None, :] & (offs_n[None, :] <= qrel[:, None])
+                    m_i, l_i, acc = _online_step(q, kk, vv, m_i, l_i, acc, visible, qk_scale, DOT_PREC)
+                l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+                o = acc * (1.0 / l_safe)[:, None]
+                lse2 = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
             dst = e.to(tl.int64) * H_Q + head
-            tl.store(PO + dst[:, None] * D + offs_d[None, :], o, mask=qmask)
-            tl.store(PLSE + dst, lse, mask=row_ok)
+            tl.store(PO + dst[:, None] * D + offs_d[None, :], o.to(PO.dtype.element_ty), mask=qmask)
+            tl.store(PLSE + dst, lse2 * LN2, mask=row_ok)
 
 
 @triton.jit
@@ -131,7 +184,7 @@ def sparse_attention_combine_fwd_kernel(PO, PLSE, BI, O, LSE, tok0,
                                         BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
     """Exact merge of the K partials of one chunk-local token, BLOCK_H heads per program.
 
-    PO fp32 (C*TOPK, H_Q, D), PLSE fp32 (C*TOPK, H_Q); BI int32 (T_all, H_KV, TOPK) (validity of
+    PO (C*TOPK, H_Q, D) fp32/bf16/fp16, PLSE fp32 (C*TOPK, H_Q); BI int32 (T_all, H_KV, TOPK) (validity of
     each slot: partials of -1 slots were never written and are not read); O (T_all, H_Q, D) in the
     output dtype; LSE fp32 (T_all, H_Q).
     """
@@ -156,13 +209,15 @@ def sparse_attention_combine_fwd_kernel(PO, PLSE, BI, O, LSE, tok0,
     # BLOCK_H heads x D values are contiguous in PO, so every load is one coalesced run
     dmask = (d < D)[None, :]
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    for sl in range(TOPK):
+    inv_den = 1.0 / den_safe
+    # unrolled so the K independent partial loads can all be in flight at once
+    for sl in tl.static_range(TOPK):
         b = tl.load(BI + (tok * H_KV + grp) * TOPK + sl, mask=hmask, other=-1)
         ok = b >= 0
         lse_s = tl.load(PLSE + (ent0 + sl) * H_Q + h, mask=ok, other=float("-inf"))
-        wgt = tl.exp(lse_s - m_safe) / den_safe
+        wgt = tl.exp(lse_s - m_safe) * inv_den
         po = tl.load(PO + ((ent0 + sl) * H_Q + h)[:, None] * D + d[None, :], mask=ok[:, None] & dmask, other=0.0)
-        acc += po * wgt[:, None]
+        acc += po.to(tl.float32) * wgt[:, None]
     tl.store(O + (tok * H_Q + h)[:, None] * D + d[None, :], acc.to(O.dtype.element_ty), mask=hmask[:, None] & dmask)
     tl.store(LSE + tok * H_Q + h, lse, mask=hmask)
 

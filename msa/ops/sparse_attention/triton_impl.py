@@ -1,21 +1,28 @@
 """Triton forward of ``msa.sparse_attention`` (spec section 4): KV-outer + combine, or query-outer.
 
 Kernel choice (``kernel=`` argument, else env ``MSA_SPARSE_FWD_KERNEL`` = ``kv`` | ``qo`` | ``auto``):
-``auto`` takes the query-outer kernel when the work is too small for the reverse index to pay off
-(fewer than ``QO_MAX_TOKENS`` tokens: the index build is ~15 small torch ops plus a sort) or when
-the KV-outer kernel would fill its MMA rows poorly (expected queries x G per (group, block) row of a
-chunk below ``KV_MIN_ROWS``); otherwise KV-outer. Both thresholds are first guesses, to be tuned
-with benchmarks/bench_prefill.py on the GPU.
+``auto`` takes the query-outer kernel when the work is too small for the reverse index and the
+partial round trip to pay off (fewer than ``QO_MAX_TOKENS`` tokens; on an H200 at the paper shape
+query-outer won at 8K tokens, KV-outer from 32K on) or when the KV-outer kernel would fill its MMA
+rows poorly (expected queries x G per (group, block) row of a chunk below ``KV_MIN_ROWS``);
+otherwise KV-outer.
 
-Memory: the KV-outer path needs fp32 partials of K * H_q * (D + 1) * 4 bytes per token (0.5 MB per
-token at 64 heads, K = 16, D = 128), so the queries are processed in chunks whose partials fit
-``partial_budget_bytes`` (env ``MSA_SPARSE_FWD_PARTIAL_BYTES``, default 4 GiB); the reverse index is
-built per chunk on the device (no host sync: every size comes from shapes and the host-side block
-layout). With T = 1M, H_q = 64, H_kv = 4, D = 128, K = 16 the peak is q/k/v/o (34 GB) + 4 GB.
+Memory: the KV-outer path needs K * H_q * (D * s + 4) bytes of partials per token (s = 2 for
+bf16/fp16 inputs, whose partial outputs are stored in the input dtype; s = 4 for fp32; env
+``MSA_SPARSE_FWD_PARTIAL_DTYPE=fp32`` forces fp32), i.e. 0.27 MB per token at 64 heads, K = 16,
+D = 128, bf16. The queries are processed in chunks whose partials fit the partial budget
+(``partial_budget_bytes`` argument, else env ``MSA_SPARSE_FWD_PARTIAL_BYTES``, else
+min(16 GiB, 25% of the free device memory incl. the allocator's cache), at least 256 MiB); the
+reverse index is built per chunk on the device (no host sync: every size comes from shapes and the
+host-side block layout). Fewer chunks = fewer launches and better-filled work items.
 
 Tuning knobs (env ``MSA_SPARSE_FWD_CONFIG``, e.g. ``BLOCK_M=64,num_warps=4,PRELOAD=0``) override the
 per-head-dim launch configuration of the KV-outer kernel; ``MSA_SPARSE_FWD_QO_CONFIG`` does the
 same for the query-outer kernel (``BLOCK_N``, ``num_warps``, ``num_stages``).
+
+Profiling: pass ``stage_times={}`` to get CUDA-event times (ms, summed over chunks) of the stages
+``reverse_index``, ``kv_kernel``, ``combine`` (KV-outer) or ``qo_kernel``; it synchronises, so
+use it only outside timed loops.
 """
 
 from __future__ import annotations
@@ -33,9 +40,10 @@ from .triton_fwd import (sparse_attention_combine_fwd_kernel, sparse_attention_f
                          sparse_attention_qo_fwd_kernel)
 
 LOG2E = 1.4426950408889634
-QO_MAX_TOKENS = 1024          # below this many tokens (B * T) auto picks query-outer
+QO_MAX_TOKENS = 16384         # below this many tokens (B * T) auto picks query-outer (H200: qo won at 8K)
 KV_MIN_ROWS = 64              # KV-outer needs about this many MMA rows per (group, block) row
-DEFAULT_PARTIAL_BYTES = 4 << 30
+MAX_DEFAULT_PARTIAL_BYTES = 16 << 30
+MIN_DEFAULT_PARTIAL_BYTES = 256 << 20
 
 
 def _interpreting() -> bool:
@@ -67,12 +75,14 @@ def kv_outer_config(head_dim: int, group: int, block_size: int) -> Dict[str, int
 
     BLOCK_M MMA rows (>= G so one query's heads fit one tile), BLOCK_N keys per tile (the whole block
     when B_k <= 128, so it is loaded once per work item), 8 warps for D = 128 (a 128 x 128 fp32
-    accumulator plus the score tile need the registers of 256 threads), 4 below.
+    accumulator plus the score tile need the registers of 256 threads), 4 below; 3 stages at D = 128
+    (H200 sweep at 32K: 22.9 ms vs 23.4 ms with 2).
     """
     block_d = _pow2(head_dim, 16)
     cfg = dict(BLOCK_M=64 if (_interpreting() or block_d <= 64) else 128,
                BLOCK_N=max(16, min(128, _pow2(block_size))),
-               num_warps=8 if block_d >= 128 else 4, num_stages=2, PRELOAD=1)
+               num_warps=8 if block_d >= 128 else 4, num_stages=3 if block_d >= 128 else 2, PRELOAD=1,
+               PREFETCH=0)
     cfg.update(_parse_config("MSA_SPARSE_FWD_CONFIG"))
     cfg["BLOCK_M"] = max(cfg["BLOCK_M"], _pow2(group, 16))
     return cfg
@@ -88,10 +98,57 @@ def qo_config(head_dim: int, group: int, block_size: int) -> Dict[str, int]:
     return cfg
 
 
-def _partial_budget(partial_budget_bytes: Optional[int]) -> int:
+def _partial_budget(partial_budget_bytes: Optional[int], device=None) -> int:
     if partial_budget_bytes is not None:
         return int(partial_budget_bytes)
-    return int(os.environ.get("MSA_SPARSE_FWD_PARTIAL_BYTES", DEFAULT_PARTIAL_BYTES))
+    env = os.environ.get("MSA_SPARSE_FWD_PARTIAL_BYTES")
+    if env:
+        return int(env)
+    if device is None or torch.device(device).type != "cuda":
+        return MAX_DEFAULT_PARTIAL_BYTES
+    free, _ = torch.cuda.mem_get_info(device)  # no stream sync
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return max(MIN_DEFAULT_PARTIAL_BYTES, min(MAX_DEFAULT_PARTIAL_BYTES, free // 4))
+
+
+def partial_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the KV-outer partial outputs: the input dtype for 16-bit inputs, else fp32."""
+    if os.environ.get("MSA_SPARSE_FWD_PARTIAL_DTYPE", "auto") == "fp32":
+        return torch.float32
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def partial_bytes_per_token(topk: int, hq: int, d: int, dtype: torch.dtype) -> int:
+    return topk * hq * (d * partial_dtype(dtype).itemsize + 4)
+
+
+class _StageTimer:
+    """CUDA-event timing of the forward's stages, summed over chunks; a no-op unless a dict is given."""
+
+    def __init__(self, out: Optional[Dict[str, float]], device):
+        self.out = out if (out is not None and torch.device(device).type == "cuda") else None
+        self.events = []
+        self.cur = None
+
+    def start(self, name: str):
+        if self.out is not None:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.cur = (name, ev)
+
+    def stop(self):
+        if self.out is not None:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.events.append((*self.cur, ev))
+
+    def finish(self):
+        if self.out is not None:
+            torch.cuda.synchronize()
+            for name, a, b in self.events:
+                self.out[name] = self.out.get(name, 0.0) + a.elapsed_time(b)
+            self.out["chunks"] = sum(1 for n, _, _ in self.events if n in ("kv_kernel", "qo_kernel"))
+            self.events = []
 
 
 def choose_kernel(ntok: int, group: int, topk: int, blocks_per_seq: int, num_blocks: int, chunk_tokens: int,
@@ -112,7 +169,8 @@ def choose_kernel(ntok: int, group: int, topk: int, blocks_per_seq: int, num_blo
 def sparse_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor, *,
                                 block_size: int, scale: float, cu_seqlens: Optional[torch.Tensor],
                                 kernel: Optional[str] = None, partial_budget_bytes: Optional[int] = None,
-                                max_queries_per_item: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                                max_queries_per_item: Optional[int] = None,
+                                stage_times: Optional[Dict[str, float]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward of the MSA Main Branch with Triton kernels (arguments already validated).
 
     Args:
@@ -121,8 +179,10 @@ def sparse_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         block_indices: int32 (B, T, H_kv, K), spec convention (block ids within the sequence, -1 unused).
         block_size: B_k; scale: softmax scale; cu_seqlens: int32 (S+1,) packed sequences (B == 1) or None.
         kernel: 'kv' (KV-outer + combine), 'qo' (query-outer) or None/'auto' (heuristic, env override).
-        partial_budget_bytes: bytes of fp32 partials per query chunk of the KV-outer path.
+        partial_budget_bytes: bytes of partials (outputs + lse) per query chunk of the KV-outer path.
         max_queries_per_item: hot-row split of the reverse index (default 2 * K * B_k queries).
+        stage_times: optional dict; when given (CUDA only) it receives CUDA-event times in ms of
+            the stages (see the module docstring) and the call synchronises.
 
     Returns:
         o: (B, T, H_q, D) in q.dtype; lse: fp32 (B, T, H_q), natural log (-inf for a row with no block).
@@ -142,23 +202,28 @@ def sparse_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     nb = layout.num_blocks
     o = _buffer(bsz, t, hq, d, dtype=q.dtype, device=dev)
     lse = _buffer(bsz, t, hq, dtype=torch.float32, device=dev)
-    per_token = topk * hq * (d + 1) * 4
-    chunk = max(1, min(ntok, _partial_budget(partial_budget_bytes) // per_token))
+    pdtype = partial_dtype(q.dtype)
+    per_token = partial_bytes_per_token(topk, hq, d, q.dtype)
+    chunk = max(1, min(ntok, _partial_budget(partial_budget_bytes, dev) // per_token))
     blocks_per_seq = math.ceil(t / block_size) if cu_seqlens is None else nb
     which = choose_kernel(ntok, g, topk, blocks_per_seq, nb, chunk, kernel)
     upcast = _interpreting()
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
     block_d = _pow2(d, 16)
     qk_scale = float(scale) * LOG2E
+    timer = _StageTimer(stage_times, dev)
 
     if which == "qo":
         cfg = qo_config(d, g, block_size)
         kv_tiles = math.ceil(block_size / cfg["BLOCK_N"])
+        timer.start("qo_kernel")
         sparse_attention_qo_fwd_kernel[(ntok, hkv)](
             q, k, v, o, lse, bi, layout.seq_block_offset, layout.block_start, layout.block_len, qk_scale,
             H_Q=hq, H_KV=hkv, G=g, TOPK=topk, D=d, BLOCK_D=block_d, BLOCK_G=_pow2(g, 16),
             BLOCK_N=cfg["BLOCK_N"], KV_TILES=kv_tiles, UPCAST=upcast, DOT_PREC=dot_prec,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        timer.stop()
+        timer.finish()
         return o, lse
 
     cfg = kv_outer_config(d, g, block_size)
@@ -167,22 +232,29 @@ def sparse_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     mq = max_queries_per_item or max(1, 2 * topk * block_size)
     starts = block_starts_host(bsz, t, block_size, cu_seqlens)
     # partial buffers sized for one chunk and reused: launches on one stream run in order
-    po = _buffer(chunk * topk, hq, d, dtype=torch.float32, device=dev)
+    po = _buffer(chunk * topk, hq, d, dtype=pdtype, device=dev)
     plse = _buffer(chunk * topk, hq, dtype=torch.float32, device=dev)
     block_k = _pow2(topk)
     block_h = min(_pow2(hq), max(1, 4096 // block_d))
     for t0 in range(0, ntok, chunk):
         t1 = min(ntok, t0 + chunk)
         nbr = max(1, blocks_before(starts, t1))
+        timer.start("reverse_index")
         ri = build_reverse_index(bi, block_size, cu_seqlens, mq, token_range=(t0, t1), layout=layout,
                                  block_limit=nbr)
+        timer.stop()
+        timer.start("kv_kernel")
         sparse_attention_fwd_kernel[(ri.work_row.numel(),)](
             q, k, v, po, plse, ri.entries, ri.work_row, ri.work_start, ri.work_end, layout.block_start,
             layout.block_len, t0, nbr, qk_scale,
             H_Q=hq, H_KV=hkv, G=g, TOPK=topk, D=d, BLOCK_D=block_d, BLOCK_M=cfg["BLOCK_M"],
             BLOCK_N=cfg["BLOCK_N"], KV_TILES=kv_tiles, PRELOAD=preload, UPCAST=upcast, DOT_PREC=dot_prec,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            PREFETCH=cfg["PREFETCH"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        timer.stop()
+        timer.start("combine")
         sparse_attention_combine_fwd_kernel[(t1 - t0, triton.cdiv(hq, block_h))](
             po, plse, bi, o, lse, t0, H_Q=hq, H_KV=hkv, G=g, TOPK=topk, BLOCK_K=block_k, D=d, BLOCK_D=block_d,
             BLOCK_H=block_h, num_warps=4)
+        timer.stop()
+    timer.finish()
     return o, lse
