@@ -232,6 +232,13 @@ def run_size(t, args, device, indexer_fn, flex_fn, dense_hist):
         if "ms" in res["indexer"] and last.get("bi") is not None:
             bi = last["bi"]  # the timed calls' result: no extra (at 1M: seconds-long) call
             res["indices"] = "indexer"
+            try:  # the kernels below trust their indices: validate the indexer's output first
+                from msa.ops.sparse_attention.interface import check_block_indices
+                check_block_indices(bi, 1, t, HKV, BK, None)
+            except ValueError as exc:
+                res["indexer"]["error"] = f"invalid indexer output: {exc}"
+                print(f"  T={t}: INVALID indexer output ({exc}); using synthetic indices", flush=True)
+                bi = None
         last.clear()
     else:
         res["indexer"] = dict(error="triton indexer unavailable")

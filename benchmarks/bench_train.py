@@ -1,6 +1,6 @@
 """Training-step benchmark of one MSA layer's attention: sparse phase and warmup phase vs dense SDPA.
 
-    PYTHONPATH=. python benchmarks/bench_train.py --out DIR [--quick]
+    PYTHONPATH=. python benchmarks/bench_train.py --out DIR [--quick] [--sweep] [--sizes 8192,32768]
 
 1. Parity gate (bf16, T = 4096, paper heads): Triton backward dq/dk/dv vs autograd of the reference
    (given the reference's o/lse), the sparse and the warmup KL value and dq_idx/dk_idx vs the
@@ -19,6 +19,14 @@
      compute_log_sumexp=True)``; the backward is the matching ``*_backward`` aten op. "dense+lse" is
      timed against plain SDPA so the overhead of exposing the lse is visible.
    Peak memory (torch.cuda.max_memory_allocated over one step, inputs included) is recorded per variant.
+   Per-stage breakdown (CUDA events around each stage of one step, median of 5): sparse = select,
+   attn_fwd, attn_bwd, kl_fwd, kl_bwd; warmup (cuDNN) = attn_fwd (with lse), attn_bwd, kl_fwd, kl_bwd.
+   Note: the sparse KL computes loss, dq_idx and dk_idx in its forward (one KV-outer pass), so its
+   kl_bwd is only the grad_out scaling; the warmup KL's kl_bwd is the key-outer dk_idx pass.
+   --sweep: at T = 32768 also times the KL / backward kernels under a few launch configurations
+   (env knobs MSA_KL_KV_CONFIG, MSA_KL_DENSE_CONFIG, MSA_KL_DENSE_MODE, MSA_SPARSE_BWD_CONFIG) to tune
+   the defaults. The warmup KL runs in its default 'onepass' mode (teacher once, dq_idx by atomics)
+   unless MSA_KL_DENSE_MODE=twopass (deterministic) is set.
    FLOPs (causal, paper Eq. 12 style): dense fwd 2*H_q*D*T^2, fwd+bwd x3.5.
 3. JSON (GPU, versions, command, results) and a PNG plot under --out; a table is printed last.
    Sizes: T = 8K, 32K, 128K, 512K (memory permitting; OOM is caught per size); --quick: 8K, 32K.
@@ -40,6 +48,7 @@ import torch.nn.functional as F
 
 HQ, HKV, D, DI, BLOCK, TOPK = 64, 4, 128, 128, 128, 16
 DENSE_MAX_T = 131072  # dense baselines above this would take minutes per size
+SWEEP = False  # --sweep: launch-configuration sweep of the KL / backward kernels at T = 32K
 
 
 def median_ms(fn, heavy_reps=3):
@@ -61,6 +70,121 @@ def median_ms(fn, heavy_reps=3):
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b))
     return float(sorted(times)[len(times) // 2])
+
+
+def stage_breakdown(stages, reps=5, warmup=2):
+    """Median ms per stage of a step given as [(name, fn), ...] run in order, each stage bracketed by
+    CUDA events on the current stream (the stages' outputs feed the next ones through closures).
+    The sum of the stage medians can differ slightly from the whole-step median (launch gaps)."""
+    times = {name: [] for name, _ in stages}
+    for it in range(warmup + reps):
+        evs = [torch.cuda.Event(enable_timing=True) for _ in range(len(stages) + 1)]
+        evs[0].record()
+        for i, (_, fn) in enumerate(stages):
+            fn()
+            evs[i + 1].record()
+        torch.cuda.synchronize()
+        if it >= warmup:
+            for i, (name, _) in enumerate(stages):
+                times[name].append(evs[i].elapsed_time(evs[i + 1]))
+    return {name: float(sorted(v)[len(v) // 2]) for name, v in times.items()}
+
+
+def sparse_stages(q, k, v, qi, ki, do, kl_kw):
+    """The sparse training step split into select / attn fwd / attn bwd / kl fwd / kl bwd."""
+    import msa
+    from msa.ops.indexer_kl.triton_impl import indexer_kl_triton
+    st = {}
+
+    def sel():
+        with torch.no_grad():
+            st["bi"] = msa.select_blocks(qi, ki, block_size=BLOCK, topk=TOPK, backend="triton")
+
+    def afwd():
+        st["o"], st["lse"] = msa.sparse_attention(q, k, v, st["bi"], block_size=BLOCK, return_lse=True,
+                                                  backend="triton")
+
+    def abwd():
+        torch.autograd.grad(st["o"], (q, k, v), do)
+        st.pop("o")
+
+    def kfwd():
+        st["loss"] = indexer_kl_triton(qi, ki, q.detach(), k.detach(), st["bi"], **kl_kw, teacher_lse=st["lse"])
+
+    def kbwd():
+        torch.autograd.grad(st.pop("loss"), (qi, ki))
+
+    return [("select", sel), ("attn_fwd", afwd), ("attn_bwd", abwd), ("kl_fwd", kfwd), ("kl_bwd", kbwd)]
+
+
+def warmup_stages(q, k, v, qi, ki, do, kl_kw, impl, scale):
+    """The warmup step split into dense attn fwd (with lse) / attn bwd / kl fwd / kl bwd."""
+    from msa.ops.indexer_kl.triton_impl import indexer_kl_triton
+    st = {}
+
+    def afwd():
+        st["o"], st["lse"] = DenseAttentionWithLse.apply(q, k, v, scale, impl)
+
+    def abwd():
+        torch.autograd.grad(st.pop("o"), (q, k, v), do)
+
+    def kfwd():
+        st["loss"] = indexer_kl_triton(qi, ki, q.detach(), k.detach(), None, **kl_kw, teacher_lse=st["lse"])
+
+    def kbwd():
+        torch.autograd.grad(st.pop("loss"), (qi, ki))
+
+    return [("attn_fwd", afwd), ("attn_bwd", abwd), ("kl_fwd", kfwd), ("kl_bwd", kbwd)]
+
+
+def config_sweep(q, k, v, qi, ki, do, kl_kw, notes):
+    """Times the kernels under a few launch configurations (env knobs read at call time) so the
+    defaults can be tuned from one run. Returns {label: ms or error string}."""
+    import msa
+    from msa.ops.indexer_kl.triton_impl import indexer_kl_triton
+    out = {}
+    with torch.no_grad():
+        bi = msa.select_blocks(qi, ki, block_size=BLOCK, topk=TOPK, backend="triton")
+        o, lse = msa.sparse_attention(q, k, v, bi, block_size=BLOCK, return_lse=True, backend="triton")
+    from msa.ops.sparse_attention.triton_bwd import sparse_attention_bwd_triton
+    sweeps = [
+        ("MSA_KL_KV_CONFIG", ["BLOCK_M=128,num_warps=8,num_stages=2", "BLOCK_M=128,num_warps=8,num_stages=1",
+                              "BLOCK_M=64,num_warps=8,num_stages=2", "BLOCK_M=64,num_warps=4,num_stages=2"],
+         lambda: torch.autograd.grad(indexer_kl_triton(qi, ki, q.detach(), k.detach(), bi, **kl_kw,
+                                                       teacher_lse=lse), (qi, ki))),
+        ("MSA_SPARSE_BWD_CONFIG", ["DKDV_BLOCK_M=64,DKDV_BLOCK_N=64,DKDV_WARPS=8,DKDV_STAGES=2",
+                                   "DKDV_BLOCK_M=32,DKDV_BLOCK_N=128,DKDV_WARPS=8,DKDV_STAGES=2",
+                                   "DKDV_BLOCK_M=64,DKDV_BLOCK_N=128,DKDV_WARPS=8,DKDV_STAGES=1",
+                                   "DKDV_BLOCK_M=128,DKDV_BLOCK_N=64,DKDV_WARPS=8,DKDV_STAGES=2",
+                                   "DQ_WARPS=8,DQ_STAGES=2", "DQ_WARPS=4,DQ_STAGES=3", "DQ_BLOCK_N=64,DQ_WARPS=4"],
+         lambda: sparse_attention_bwd_triton(do, q.detach(), k.detach(), v.detach(), o, lse, bi, block_size=BLOCK,
+                                             scale=D ** -0.5, cu_seqlens=None)),
+    ]
+    if (q.shape[1] <= 32768):
+        with torch.no_grad():
+            _, dlse = DenseAttentionWithLse.apply(q.detach(), k.detach(), v.detach(), D ** -0.5, "cudnn")
+        sweeps.append(("MSA_KL_DENSE_CONFIG", ["BLOCK_M=128,BLOCK_N=64,DK_BLOCK_N=128,num_warps=8,num_stages=2",
+                                               "BLOCK_M=128,BLOCK_N=128,DK_BLOCK_N=128,num_warps=8,num_stages=2",
+                                               "BLOCK_M=64,BLOCK_N=64,DK_BLOCK_N=64,num_warps=4,num_stages=2",
+                                               "BLOCK_M=128,BLOCK_N=64,DK_BLOCK_N=64,num_warps=8,num_stages=3"],
+                       lambda: torch.autograd.grad(indexer_kl_triton(qi, ki, q.detach(), k.detach(), None, **kl_kw,
+                                                                     teacher_lse=dlse), (qi, ki))))
+        sweeps.append(("MSA_KL_DENSE_MODE", ["onepass", "twopass"], sweeps[-1][2]))
+    for env, cfgs, fn in sweeps:
+        old = os.environ.get(env)
+        for cfg in cfgs:
+            os.environ[env] = cfg
+            try:
+                out[f"{env}={cfg}"] = median_ms(fn)
+            except Exception as exc:
+                out[f"{env}={cfg}"] = f"error: {type(exc).__name__}: {str(exc)[:160]}"
+                torch.cuda.empty_cache()
+            print(f"  sweep {env}={cfg}: {out[f'{env}={cfg}']}", flush=True)
+        if old is None:
+            os.environ.pop(env, None)
+        else:
+            os.environ[env] = old
+    return out
 
 
 def peak_gb(fn):
@@ -289,6 +413,20 @@ def bench_size(t, notes):
         row["warmup_over_dense"] = row["warmup_step_best_ms"] / row["dense_best_ms"]
     row["dense_tflops"] = (3.5 * 2 * HQ * D * t * t / (row["dense_best_ms"] * 1e-3) / 1e12
                            if row["dense_best_ms"] else None)
+    for label, stages in (("sparse", lambda: sparse_stages(q, k, v, qi, ki, do, kl_kw)),
+                          ("warmup_cudnn", lambda: warmup_stages(q, k, v, qi, ki, do, kl_kw, "cudnn", scale))):
+        if label.startswith("warmup") and not dense_ok:
+            continue
+        try:
+            row[f"{label}_stages_ms"] = stage_breakdown(stages(), reps=3 if t > 32768 else 5)
+        except torch.cuda.OutOfMemoryError:
+            row[f"{label}_stages_ms"] = "OOM"
+            torch.cuda.empty_cache()
+        except Exception as exc:
+            row[f"{label}_stages_ms"] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
+        print(f"  T={t} {label} stages (ms): {row[f'{label}_stages_ms']}", flush=True)
+    if SWEEP and t == 32768:
+        row["sweep"] = config_sweep(q, k, v, qi, ki, do, kl_kw, notes)
     del q, k, v, qi, ki, do, bi, lse_sparse
     torch.cuda.empty_cache()
     return row
@@ -299,7 +437,10 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sizes", type=str, default=None, help="comma-separated T values (overrides defaults)")
+    ap.add_argument("--sweep", action="store_true", help="also sweep kernel launch configs at T = 32768")
     args = ap.parse_args()
+    global SWEEP
+    SWEEP = args.sweep
     os.makedirs(args.out, exist_ok=True)
     assert torch.cuda.is_available(), "bench_train.py needs a CUDA GPU"
     import triton
@@ -355,11 +496,17 @@ def main():
     except Exception as exc:
         notes.append(f"plot failed: {exc!r}")
     cols = ["T", "select_ms", "sparse_attn_fwd_bwd_ms", "sparse_kl_fwd_bwd_ms", "sparse_step_ms", "sdpa_cudnn_ms",
-            "sdpa_flash_ms", "dense_lse_flash_ms", "dense_kl_fwd_bwd_ms", "warmup_step_best_ms",
+            "sdpa_flash_ms", "dense_lse_cudnn_ms", "dense_kl_fwd_bwd_ms", "warmup_step_best_ms",
             "sparse_speedup_vs_dense", "warmup_over_dense", "sparse_step_peak_gb", "sdpa_flash_peak_gb"]
     for n in notes:
         print("note:", n)
     print("parity:", "PASS" if gate.get("pass") else "FAIL")
+    for r in rows:
+        for label in ("sparse", "warmup_cudnn"):
+            st = r.get(f"{label}_stages_ms")
+            if isinstance(st, dict):
+                print(f"T={r['T']} {label} stages: " + ", ".join(f"{k} {v:.2f}" for k, v in st.items())
+                      + f" | sum {sum(st.values()):.2f} ms")
     print(" | ".join(c.replace("_ms", "") for c in cols))
     for r in rows:
         cells = []

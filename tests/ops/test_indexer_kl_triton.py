@@ -3,8 +3,9 @@
 Tolerances (fp32): |loss - ref| <= 1e-5 * max(1, |ref|); dq_idx, dk_idx relative error
 ||x - ref|| / max(||ref||, 1e-2) < 1e-4 (observed ~3e-7; the floor covers T = 1, where the exact
 gradient is 0 and fp32 rounding leaves ~1e-7). Covers T in {1, 63, 129, 200}, block sizes 16/32, G in {1, 3, 8, 16}, B = 2, packed sequences with adjacent partial blocks, hot rows split
-over several work items, -1 padded rows, a precomputed teacher lse, the detach rule (no gradient to
-q, k) and bitwise repeatability. Fresh float buffers are NaN-filled so unwritten outputs show.
+over several work items, -1 padded rows, a precomputed teacher lse (also through msa.indexer_kl_loss),
+other MMA-row packings and query chunking (env knobs), both warmup modes (onepass / twopass), the detach rule (no gradient to q, k) and
+bitwise repeatability. On a GPU the same tests run with looser tolerances (see TOL/LTOL). Fresh float buffers are NaN-filled so unwritten outputs show.
 """
 
 import os
@@ -23,7 +24,12 @@ from msa.ops.select_blocks.reference import select_blocks_reference
 from msa.ops.sparse_attention.reference import sparse_attention_reference
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = 1e-4
+# GPU: fp32 dots use input_precision="ieee" but exp/log and summation order differ from the CPU
+TOL = 1e-4 if DEV == "cpu" else 5e-4
+LTOL = 1e-5 if DEV == "cpu" else 1e-4  # loss value, relative to max(1, |ref|)
+if DEV == "cuda":  # the fp32 reference must not run its matmuls in TF32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 @pytest.fixture(autouse=True)
@@ -80,7 +86,7 @@ def run_both(qi, ki, q, k, bi, cu, block_size, c=None, teacher_lse=None):
 def check(ref, got):
     (lr, ga, gb), (lg, ga2, gb2) = ref, got
     assert lg.dtype == torch.float32 and lg.dim() == 0
-    assert abs(lg.item() - lr.item()) <= 1e-5 * max(1.0, abs(lr.item())), (lg.item(), lr.item())
+    assert abs(lg.item() - lr.item()) <= LTOL * max(1.0, abs(lr.item())), (lg.item(), lr.item())
     for name, x, y in (("dq_idx", ga2, ga), ("dk_idx", gb2, gb)):
         assert torch.isfinite(x).all(), f"{name} has unwritten (NaN) entries"
         assert rel(x, y) < TOL, f"{name} rel err {rel(x, y):.3e}"
@@ -110,8 +116,10 @@ DENSE = [
 ]
 
 
+@pytest.mark.parametrize("mode", ["onepass", "twopass"])
 @pytest.mark.parametrize("bsz,t,hkv,g,d,di,block_size,cu", DENSE)
-def test_warmup_kl_matches_reference(bsz, t, hkv, g, d, di, block_size, cu):
+def test_warmup_kl_matches_reference(monkeypatch, bsz, t, hkv, g, d, di, block_size, cu, mode):
+    monkeypatch.setenv("MSA_KL_DENSE_MODE", mode)
     qi, ki, q, k, bi, cu = make_case(bsz, t, hkv, g, d, di, block_size, 1, cu, sparse=False)
     check(*run_both(qi, ki, q, k, bi, cu, block_size))
 
@@ -146,4 +154,54 @@ def test_interface_dispatch():
     qi, ki, q, k, bi, cu = make_case(1, 33, 1, 3, 16, 16, 16, 2)
     a = msa.indexer_kl_loss(qi, ki, q, k, bi, block_size=16, backend="triton")
     b = msa.indexer_kl_loss(qi, ki, q, k, bi, block_size=16, backend="reference")
-    assert abs(a.item() - b.item()) <= 1e-5 * max(1.0, abs(b.item()))
+    assert abs(a.item() - b.item()) <= LTOL * max(1.0, abs(b.item()))
+
+
+@pytest.mark.parametrize("sparse,mode", [(True, "auto"), (False, "onepass"), (False, "twopass")])
+def test_packing_and_chunking_configs(monkeypatch, sparse, mode):
+    """Other MMA-row packings (BLOCK_M = 32: several queries x G = 3 heads per tile, ENT_PAD = 16) and,
+    for the sparse phase, query chunking (tiny partial budget: many chunks, each with its own reverse
+    index, dk_idx added chunk by chunk) give the reference result."""
+    monkeypatch.setenv("MSA_KL_KV_CONFIG", "BLOCK_M=32")
+    monkeypatch.setenv("MSA_KL_DENSE_CONFIG", "BLOCK_M=32,BLOCK_N=32,DK_BLOCK_N=32")
+    monkeypatch.setenv("MSA_KL_PARTIAL_BYTES", "4000")
+    monkeypatch.setenv("MSA_KL_DENSE_MODE", mode)
+    qi, ki, q, k, bi, cu = make_case(1, 150, 2, 3, 16, 16, 16, 3, torch.tensor([0, 70, 150], dtype=torch.int32),
+                                     sparse=sparse, pad_rows=sparse)
+    check(*run_both(qi, ki, q, k, bi, cu, 16, 9))
+
+
+def test_interface_passes_teacher_lse():
+    """msa.indexer_kl_loss(..., teacher_lse=...) reaches the Triton path: a deliberately wrong lse changes
+    the loss, the right one (the forward's) matches the reference; a wrong shape is rejected."""
+    import msa
+    qi, ki, q, k, bi, cu = make_case(1, 40, 1, 3, 16, 16, 16, 2)
+    v = torch.randn_like(k)
+    _, lse = sparse_attention_reference(q, k, v, bi, block_size=16, scale=16 ** -0.5, cu_seqlens=cu)
+    ref = msa.indexer_kl_loss(qi, ki, q, k, bi, block_size=16, backend="reference")
+    good = msa.indexer_kl_loss(qi, ki, q, k, bi, block_size=16, backend="triton", teacher_lse=lse)
+    bad = msa.indexer_kl_loss(qi, ki, q, k, bi, block_size=16, backend="triton", teacher_lse=lse + 1.0)
+    assert abs(good.item() - ref.item()) <= LTOL * max(1.0, abs(ref.item()))
+    assert abs(bad.item() - ref.item()) > 1e-2
+    with pytest.raises(Exception):
+        msa.indexer_kl_loss(qi, ki, q, k, bi, block_size=16, backend="triton", teacher_lse=lse[:, :-1])
+
+
+def test_warmup_deterministic_mode_is_repeatable():
+    """Under torch.use_deterministic_algorithms the warmup path avoids atomics (twopass): bitwise repeatable."""
+    qi, ki, q, k, bi, cu = make_case(1, 90, 2, 3, 16, 16, 16, 1, sparse=False)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        from msa.ops.indexer_kl.triton_impl import dense_mode
+        assert dense_mode() == "twopass"
+        outs = []
+        for _ in range(2):
+            a, b = qi.clone().requires_grad_(True), ki.clone().requires_grad_(True)
+            loss = indexer_kl_triton(a, b, q, k, None, block_size=16, scale=0.25, index_scale=0.25, cu_seqlens=cu)
+            loss.backward()
+            outs.append((loss.detach(), a.grad, b.grad))
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    for x, y in zip(*outs):
+        assert torch.equal(x, y)

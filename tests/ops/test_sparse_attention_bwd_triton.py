@@ -1,10 +1,13 @@
 """Triton backward of msa.sparse_attention vs autograd of the reference (CPU: TRITON_INTERPRET=1).
 
-Tolerance: fp32, relative error ||x - ref|| / max(||ref||, 1e-3) < 1e-4 for dq, dk, dv (observed ~3e-7).
+Tolerance: fp32, relative error ||x - ref|| / max(||ref||, 1e-2) < 1e-4 for dq, dk, dv (observed ~3e-7 in
+the interpreter). The same tests run on a GPU (fp32 dots use input_precision="ieee", the reference's
+fp32 matmuls are forced off TF32); there the tolerance is 5e-4 because GPU exp/ordering differ. The
+1e-2 norm floor covers T = 1, where the exact dq is 0 and fp32 rounding of dp - delta leaves ~1e-7.
 Covers T in {1, 63, 129, 200}, block sizes 16/32, G in {1, 3, 8, 16}, B = 2, packed sequences whose
 partial blocks sit next to each other, hot rows split over several work items (small
-max_queries_per_item), -1 padded rows (and one all -1 row), bitwise repeatability, and the
-custom-op autograd path. Fresh float buffers are NaN-filled so unwritten outputs show.
+max_queries_per_item), -1 padded rows (and one all -1 row), other launch configurations (env
+MSA_SPARSE_BWD_CONFIG), the opt-in atomic dQ mode, bitwise repeatability (default mode), and the custom-op autograd path. Fresh float buffers are NaN-filled so unwritten outputs show.
 """
 
 import os
@@ -22,7 +25,10 @@ from msa.ops.sparse_attention.reference import sparse_attention_reference
 from msa.ops.sparse_attention.triton_bwd import sparse_attention_bwd_triton
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = 1e-4
+TOL = 1e-4 if DEV == "cpu" else 5e-4
+if DEV == "cuda":  # the fp32 reference must not run its matmuls in TF32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 @pytest.fixture(autouse=True)
@@ -44,8 +50,8 @@ def nan_empty(monkeypatch):
 
 
 def rel(a, b):
-    """||a - b|| / ||b||, with ||b|| floored at 1e-3 (e.g. dq is exactly 0 when a query sees one key)."""
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-3)).item()
+    """||a - b|| / ||b||, with ||b|| floored at 1e-2 (e.g. dq is exactly 0 when a query sees one key)."""
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-2)).item()
 
 
 def make_case(bsz, t, hkv, g, d, block_size, topk, cu=None, seed=0, pad_rows=False):
@@ -98,6 +104,33 @@ def test_bwd_matches_reference(bsz, t, hkv, g, d, block_size, topk, cu, c, pad_r
     assert dq.dtype == q.dtype and dk.shape == k.shape and dv.shape == v.shape
     for name, got, ref in (("dq", dq, gq), ("dk", dk, gk), ("dv", dv, gv)):
         assert torch.isfinite(got).all(), f"{name} has unwritten (NaN) entries"
+        assert rel(got, ref) < TOL, f"{name} rel err {rel(got, ref):.3e}"
+
+
+@pytest.mark.parametrize("cu", [None, torch.tensor([0, 37, 100, 163, 200], dtype=torch.int32)])
+def test_bwd_atomic_dq_mode(monkeypatch, cu):
+    """Opt-in MSA_SPARSE_BWD_DQ=atomic (dQ accumulated by the KV-outer kernel) matches the reference,
+    including split hot rows and key sub-tiles."""
+    monkeypatch.setenv("MSA_SPARSE_BWD_DQ", "atomic")
+    monkeypatch.setenv("MSA_SPARSE_BWD_CONFIG", "DKDV_BLOCK_N=16,DKDV_BLOCK_M=32")
+    q, k, v, bi, cu = make_case(1, 200, 2, 3, 16, 32, 3, cu, pad_rows=True)
+    o, lse, do, (gq, gk, gv) = reference_grads(q, k, v, bi, 32, 0.25, cu)
+    dq, dk, dv = sparse_attention_bwd_triton(do, q, k, v, o, lse, bi, block_size=32, scale=0.25, cu_seqlens=cu,
+                                             max_queries_per_item=7)
+    for name, got, ref in (("dq", dq, gq), ("dk", dk, gk), ("dv", dv, gv)):
+        assert torch.isfinite(got).all(), f"{name} has unwritten (NaN) entries"
+        assert rel(got, ref) < TOL, f"{name} rel err {rel(got, ref):.3e}"
+
+
+def test_bwd_other_launch_configs(monkeypatch):
+    """Key sub-tiles in the dQ kernel (DQ_BLOCK_N < block), several key programs per block and 32 packed
+    query x head rows in the dK/dV kernel (MSA_SPARSE_BWD_CONFIG knobs) give the reference gradients."""
+    monkeypatch.setenv("MSA_SPARSE_BWD_CONFIG", "DQ_BLOCK_N=16,DKDV_BLOCK_N=16,DKDV_BLOCK_M=32")
+    q, k, v, bi, cu = make_case(1, 129, 2, 3, 16, 32, 2, torch.tensor([0, 1, 60, 129], dtype=torch.int32))
+    o, lse, do, (gq, gk, gv) = reference_grads(q, k, v, bi, 32, 0.25, cu)
+    dq, dk, dv = sparse_attention_bwd_triton(do, q, k, v, o, lse, bi, block_size=32, scale=0.25, cu_seqlens=cu,
+                                             max_queries_per_item=8)
+    for name, got, ref in (("dq", dq, gq), ("dk", dk, gk), ("dv", dv, gv)):
         assert rel(got, ref) < TOL, f"{name} rel err {rel(got, ref):.3e}"
 
 

@@ -15,7 +15,8 @@ from .reference import indexer_kl_reference
 def indexer_kl_loss(q_idx: torch.Tensor, k_idx: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                     block_indices: Optional[torch.Tensor] = None, *, block_size: int = 128,
                     scale: Optional[float] = None, index_scale: Optional[float] = None,
-                    cu_seqlens: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
+                    cu_seqlens: Optional[torch.Tensor] = None, backend: str = "auto",
+                    teacher_lse: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-layer KL between the main branch's attention (teacher) and the indexer's (student).
 
     Args:
@@ -30,6 +31,12 @@ def indexer_kl_loss(q_idx: torch.Tensor, k_idx: torch.Tensor, q: torch.Tensor, k
         index_scale: index score scale, default D_idx ** -0.5.
         cu_seqlens: optional int32 (S+1,) offsets of packed sequences (then B must be 1).
         backend: "auto", "reference" or "triton".
+        teacher_lse: optional fp32 (B, T, H_q) per-head natural-log log-sum-exp of q.k*scale over the
+            SAME support, so the Triton backend does not recompute it: in the sparse phase the lse of
+            ``msa.sparse_attention(q, k, v, block_indices, return_lse=True)``; in warmup the dense causal
+            attention's logsumexp transposed to (B, T, H_q) (e.g. from
+            ``torch.ops.aten._scaled_dot_product_cudnn_attention(..., compute_log_sumexp=True)``).
+            Treated as a constant. The reference backend ignores it (it recomputes the teacher exactly).
 
     Returns:
         fp32 scalar: mean over all tokens and groups of KL(p || p_idx). Its gradient w.r.t. the
@@ -59,11 +66,15 @@ def indexer_kl_loss(q_idx: torch.Tensor, k_idx: torch.Tensor, q: torch.Tensor, k
     if block_indices is not None:
         check_block_indices(block_indices, bsz, t, hkv, block_size, cu_seqlens)
     check_backend(backend)
+    if teacher_lse is not None:
+        check(teacher_lse.shape == (bsz, t, q.shape[2]),
+              f"teacher_lse must have shape (B, T, H_q) = {(bsz, t, q.shape[2])}, got {tuple(teacher_lse.shape)}")
+        check(teacher_lse.is_floating_point(), "teacher_lse must be a float tensor")
     scale = default_scale(scale, q.shape[3])
     index_scale = default_scale(index_scale, di)
     impl = resolve_backend(backend, [q_idx, k_idx, q, k])
     kwargs = dict(block_size=block_size, scale=scale, index_scale=index_scale, cu_seqlens=cu_seqlens)
     fn = load_triton_impl(__package__, "triton_impl", "indexer_kl_triton", backend) if impl == "triton" else None
     if fn is not None:
-        return fn(q_idx, k_idx, q.detach(), k.detach(), block_indices, **kwargs)
+        return fn(q_idx, k_idx, q.detach(), k.detach(), block_indices, teacher_lse=teacher_lse, **kwargs)
     return indexer_kl_reference(q_idx, k_idx, q, k, block_indices, **kwargs)

@@ -1,28 +1,167 @@
 """Triton implementation of the indexer KL loss (``msa.indexer_kl_loss(..., backend="triton")``).
 
-Forward (query-outer): optional teacher-lse pass, then one pass that produces the per-(token, group)
-KL, the student log-sum-exp and, when gradients are needed, dq_idx. Backward (key-outer): dk_idx,
-recomputing teacher and student probabilities tile by tile, deterministic (fixed-order reductions).
-Kernels and math: ``triton_kernels.py``. Gradients flow to q_idx and k_idx only (spec section 2).
+Sparse phase (KV-outer over the reverse index, ``sparse_kl_kv``): a cheap student-lse pass, then ONE
+pass that builds the teacher once per (key block, query, head) with query positions x G heads as MMA
+rows and produces the loss, dq_idx (per-entry partials summed over the K slots) and dk_idx (per
+work-item partials summed per key block), all in the forward; backward only scales by grad_out.
+Extra memory: fp32 dq_idx partials of T * H_kv * K * D_idx * 4 bytes (32 KB per token at the paper's
+shape, i.e. O(T * k)), plus one (B_k x D_idx) fp32 partial per work item.
+
+Warmup phase, flash-style (no T x T buffer), two modes (``dense_mode``): 'onepass' (default) computes
+the student lse first (cheap), then the teacher once in a key-outer pass that keeps dk_idx in
+registers and atomically adds the dq_idx contributions (fp32, not bitwise repeatable); 'twopass'
+(under torch.use_deterministic_algorithms) is a query-outer forward (loss, dq_idx) plus a key-outer
+dk_idx pass that recomputes the teacher. Kernels and math: ``triton_kernels.py``. Gradients flow
+to q_idx and k_idx only (spec section 2); every reduction runs in a fixed order (deterministic).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 import triton
+import triton.language as tl
 
-from ..sparse_attention.reverse_index import build_reverse_index
+from ..sparse_attention.reverse_index import block_layout, block_starts_host, blocks_before, build_reverse_index
 from ..sparse_attention.triton_bwd import (_compute_dtype, _dot_precision, _interpreting, _pow2,
                                            token_seq_start)
-from .triton_kernels import (indexer_kl_bwd_dense_dk_kernel, indexer_kl_bwd_sparse_dk_kernel,
-                             indexer_kl_bwd_sparse_reduce_kernel, indexer_kl_fwd_dense_kernel,
+from .triton_kernels import (indexer_kl_bwd_dense_rows_dk_kernel, indexer_kl_bwd_sparse_reduce_kernel,
+                             indexer_kl_fwd_dense_onepass_kernel, indexer_kl_fwd_dense_rows_kernel,
+                             indexer_kl_fwd_kv_kernel,
                              indexer_kl_fwd_lse_dense_kernel, indexer_kl_fwd_lse_sparse_kernel,
-                             indexer_kl_fwd_sparse_kernel)
+                             indexer_kl_fwd_slse_kv_kernel)
+
+
+def _parse_config(env: str):
+    out = {}
+    for item in os.environ.get(env, "").split(","):
+        if "=" in item:
+            key, val = item.split("=", 1)
+            out[key.strip()] = int(val)
+    return out
+
+
+def kv_config(g: int, d: int, di: int):
+    """Launch configuration of ``indexer_kl_fwd_kv_kernel`` (env ``MSA_KL_KV_CONFIG``, e.g.
+    ``BLOCK_M=64,num_warps=4,num_stages=1``). 128 teacher rows (8 queries x 16 heads at the paper's
+    shape) make the teacher MMA as large as the attention's; 8 warps hold the 128 x 128 fp32 score tile
+    plus the 128 x D_idx dk_idx accumulator."""
+    if _interpreting():
+        cfg = dict(BLOCK_M=16, num_warps=4, num_stages=1)
+    else:
+        cfg = dict(BLOCK_M=128 if max(d, di) <= 128 else 64, num_warps=8, num_stages=2)
+    cfg.update(_parse_config("MSA_KL_KV_CONFIG"))
+    cfg["BLOCK_M"] = max(cfg["BLOCK_M"], _pow2(g))
+    return cfg
+
+
+def dense_rows_config(g: int, d: int, di: int):
+    """Launch configuration of the warmup kernels (env ``MSA_KL_DENSE_CONFIG``: BLOCK_M, BLOCK_N (forward
+    key tile), DK_BLOCK_N (dk_idx key tile), num_warps, num_stages). 128 teacher rows = ENT query
+    positions x G heads per MMA; the forward streams 64-key tiles past its register-resident query
+    tile, the dk_idx pass keeps 128 keys and a 128 x D_idx fp32 accumulator."""
+    if _interpreting():
+        cfg = dict(BLOCK_M=16, BLOCK_N=16, DK_BLOCK_N=16, num_warps=4, num_stages=1)
+    else:
+        cfg = dict(BLOCK_M=128 if max(d, di) <= 128 else 64, BLOCK_N=64, DK_BLOCK_N=128, num_warps=8,
+                   num_stages=2)
+    cfg.update(_parse_config("MSA_KL_DENSE_CONFIG"))
+    cfg["BLOCK_M"] = max(cfg["BLOCK_M"], _pow2(g))
+    return cfg
+
+
+DEFAULT_KL_PARTIAL_BYTES = 2 << 30
+
+
+def sparse_kl_kv(q_idx, k_idx, q, k, block_indices, lse_t, *, block_size, index_scale, scale, cu_seqlens,
+                 max_queries_per_item=None, with_grad=True, partial_budget_bytes=None):
+    """Sparse-phase loss and gradients in one KV-outer pass (see the module docstring).
+
+    q_idx (B, T, H_kv, D_idx), k_idx (B, T, D_idx), q (B, T, H_q, D), k (B, T, H_kv, D), contiguous;
+    block_indices int32 (B, T, H_kv, K); lse_t fp32 (B*T*H_q,) teacher lse over the selected support.
+    Queries are processed in chunks whose per-entry partials (K * H_kv * (D_idx + 2) fp32 per token)
+    fit ``partial_budget_bytes`` (env ``MSA_KL_PARTIAL_BYTES``, default 2 GiB: 65K tokens at the paper's
+    shape), each chunk with its own reverse index; chunk results are added in chunk order.
+    Returns (loss fp32 scalar, dq_idx fp32 (B, T, H_kv, D_idx) or None, dk_idx fp32 (B, T, D_idx) or None),
+    gradients for a unit upstream gradient.
+    """
+    bsz, t, hkv, di = q_idx.shape
+    hq, d = q.shape[2], q.shape[3]
+    g = hq // hkv
+    ntok = bsz * t
+    dev = q_idx.device
+    nsel = block_indices.shape[3]
+    inv_n = 1.0 / (ntok * hkv)
+    cdt, prec = _compute_dtype(q.dtype), _dot_precision(q.dtype)
+    bi = block_indices.to(torch.int32).contiguous()
+    c = max_queries_per_item or max(64, 2 * nsel * block_size)
+    budget = int(partial_budget_bytes if partial_budget_bytes is not None else
+                 os.environ.get("MSA_KL_PARTIAL_BYTES", DEFAULT_KL_PARTIAL_BYTES))
+    chunk = max(1, min(ntok, budget // (nsel * hkv * (di + 2) * 4)))
+    layout = block_layout(bsz, t, block_size, cu_seqlens, dev)
+    starts = block_starts_host(bsz, t, block_size, cu_seqlens)
+    bn, bdi = _pow2(block_size), _pow2(di)
+    cfg = kv_config(g, d, di)
+    ent_pad = max(16, _pow2(cfg["BLOCK_M"] // g))
+    split_p = cdt != tl.float32
+    lse_s = torch.empty((ntok, hkv), dtype=torch.float32, device=dev)
+    klp = torch.empty((chunk * nsel * hkv,), dtype=torch.float32, device=dev)
+    plse = torch.empty_like(klp)
+    dqp = torch.empty((chunk * nsel * hkv, di), dtype=torch.float32, device=dev) if with_grad else klp
+    dq_idx = torch.empty((ntok, hkv, di), dtype=torch.float32, device=dev) if with_grad else None
+    dk_idx = None
+    loss = None
+    for t0 in range(0, ntok, chunk):
+        t1 = min(ntok, t0 + chunk)
+        nt = t1 - t0
+        n_ent = nt * nsel * hkv
+        nbr = max(1, blocks_before(starts, t1))
+        ri = build_reverse_index(bi, block_size, cu_seqlens, c, token_range=(t0, t1), layout=layout,
+                                 block_limit=nbr)
+        n_items = ri.work_row.numel()
+        # 1. student lse: block-local per entry, then a logsumexp over the K slots (-1 slots stay -inf)
+        plse[:n_ent].fill_(float("-inf"))
+        indexer_kl_fwd_slse_kv_kernel[(n_items,)](
+            q_idx, k_idx, plse, ri.entries, ri.work_row, ri.work_start, ri.work_end, layout.block_start,
+            layout.block_len, t0, float(index_scale), hkv, nsel, nbr, DI=di, BLOCK_E=16 if _interpreting() else 64,
+            BLOCK_N=bn, BLOCK_DI=bdi, CDT=cdt, DOT_PREC=prec, num_warps=4)
+        torch.logsumexp(plse[:n_ent].view(nt, nsel, hkv), dim=1, out=lse_s[t0:t1])
+        # 2. teacher + KL + gradients; slots of -1 entries are never written, hence the zero fill
+        klp[:n_ent].zero_()
+        if with_grad:
+            dqp[:n_ent].zero_()
+        part = torch.empty((n_items, bn, bdi), dtype=torch.float32, device=dev) if with_grad else klp
+        indexer_kl_fwd_kv_kernel[(n_items,)](
+            q_idx, k_idx, q, k, lse_t, lse_s, klp, dqp, part, ri.entries, ri.work_row, ri.work_start, ri.work_end,
+            layout.block_start, layout.block_len, t0, float(scale), float(index_scale), hq, hkv, nsel, nbr, G=g,
+            D=d, DI=di, BLOCK_M=cfg["BLOCK_M"], ENT_PAD=ent_pad, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DI=bdi,
+            CDT=cdt, DOT_PREC=prec, SPLIT_P=split_p, WITH_GRAD=with_grad, num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"])
+        part_loss = klp[:n_ent].sum()  # fixed-order torch reductions: deterministic
+        loss = part_loss if loss is None else loss + part_loss
+        if not with_grad:
+            continue
+        torch.sum(dqp[:n_ent].view(nt, nsel, hkv, di), dim=1, out=dq_idx[t0:t1])
+        counts = (ri.row_ptr[1:] - ri.row_ptr[:-1]).to(torch.int64)
+        items = (counts + c - 1) // c
+        first = torch.cumsum(items, 0) - items
+        # rows cover only the blocks this chunk can select; later blocks get zeros from the kernel
+        dk_c = torch.empty((bsz, t, di), dtype=torch.float32, device=dev)
+        indexer_kl_bwd_sparse_reduce_kernel[(layout.num_blocks,)](
+            part, dk_c, items.to(torch.int32), first.to(torch.int32), layout.block_start, layout.block_len,
+            float(index_scale * inv_n), hkv, nbr, DI=di, BLOCK_N=bn, BLOCK_DI=bdi)
+        dk_idx = dk_c if dk_idx is None else dk_idx.add_(dk_c)
+    loss = loss * inv_n
+    if not with_grad:
+        return loss, None, None
+    dq_idx.mul_(index_scale * inv_n)
+    return loss, dq_idx.view(bsz, t, hkv, di), dk_idx
 
 
 def _dense_tiles(d: int, di: int):
+    """(BLOCK_Q, BLOCK_N, num_warps) of the warmup teacher-lse kernel."""
     if _interpreting():
         return 16, 16, 4
     big = max(d, di) > 64
@@ -55,8 +194,71 @@ def teacher_lse_triton(q: torch.Tensor, k: torch.Tensor, block_indices: Optional
     return lse
 
 
+def dense_mode() -> str:
+    """Warmup-phase algorithm: 'onepass' (teacher computed once; dq_idx through fp32 atomic adds, so not
+    bitwise repeatable) or 'twopass' (deterministic; the dk_idx pass recomputes the teacher). Env
+    ``MSA_KL_DENSE_MODE`` = auto | onepass | twopass; auto = twopass under
+    ``torch.use_deterministic_algorithms(True)``, else onepass."""
+    mode = os.environ.get("MSA_KL_DENSE_MODE", "auto")
+    if mode not in ("auto", "onepass", "twopass"):
+        raise ValueError(f"MSA_KL_DENSE_MODE must be auto, onepass or twopass, got {mode!r}")
+    if mode == "auto":
+        mode = "twopass" if torch.are_deterministic_algorithms_enabled() else "onepass"
+    return mode
+
+
+def _seq_end(bsz: int, t: int, cu_seqlens: Optional[torch.Tensor], dev) -> torch.Tensor:
+    """int32 (B*T,): one past the last token of each token's own sequence (flattened)."""
+    ntok = bsz * t
+    if cu_seqlens is None:
+        return (token_seq_start(bsz, t, None, dev).to(torch.int64) + t).to(torch.int32)
+    cu = cu_seqlens.to(device=dev, dtype=torch.int64)
+    return cu[torch.searchsorted(cu[1:], torch.arange(ntok, device=dev), right=True) + 1].to(torch.int32)
+
+
+def dense_kl_onepass(q_idx, k_idx, q, k, lse_t, *, scale, index_scale, cu_seqlens):
+    """Warmup loss and gradients with one teacher pass (see ``indexer_kl_fwd_dense_onepass_kernel``).
+    Inputs contiguous as in ``sparse_kl_kv``; lse_t fp32 (B*T*H_q,). Returns (loss, dq_idx fp32
+    (B, T, H_kv, D_idx), dk_idx fp32 (B, T, D_idx)) for a unit upstream gradient."""
+    bsz, t, hkv, di = q_idx.shape
+    hq, d = q.shape[2], q.shape[3]
+    g = hq // hkv
+    ntok = bsz * t
+    dev = q_idx.device
+    inv_n = 1.0 / (ntok * hkv)
+    cdt, prec = _compute_dtype(q.dtype), _dot_precision(q.dtype)
+    seq_start = token_seq_start(bsz, t, cu_seqlens, dev)
+    # student lse (H_kv x D_idx per key: ~1/16 of the teacher's work at the paper's shape): the teacher-lse
+    # kernel with the index queries as H_kv "heads" sharing one "KV head", the index keys
+    lse_s = torch.empty(ntok * hkv, dtype=torch.float32, device=dev)
+    bq, bn, nw = _dense_tiles(di, di)
+    indexer_kl_fwd_lse_dense_kernel[(triton.cdiv(ntok, bq), hkv)](
+        q_idx, k_idx, seq_start, lse_s, float(index_scale), ntok, hkv, 1, G=hkv, D=di, BLOCK_Q=bq, BLOCK_N=bn,
+        BLOCK_D=_pow2(di), CDT=cdt, DOT_PREC=prec, num_warps=nw)
+    cfg = dense_rows_config(g, d, di)
+    ent = cfg["BLOCK_M"] // g
+    bn = cfg["DK_BLOCK_N"]
+    nprog = triton.cdiv(ntok, bn)
+    part = torch.empty((hkv, ntok, di), dtype=torch.float32, device=dev)
+    dq = torch.zeros((ntok * hkv, di), dtype=torch.float32, device=dev)
+    klpart = torch.empty(hkv * nprog, dtype=torch.float32, device=dev)
+    indexer_kl_fwd_dense_onepass_kernel[(nprog, hkv)](
+        q_idx, k_idx, q, k, _seq_end(bsz, t, cu_seqlens, dev), lse_t, lse_s, part, dq, klpart, float(scale),
+        float(index_scale), ntok, hq, hkv, G=g, D=d, DI=di, BLOCK_M=cfg["BLOCK_M"], ENT_PAD=max(16, _pow2(ent)),
+        BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DI=_pow2(di), CDT=cdt, DOT_PREC=prec, SPLIT_P=cdt != tl.float32,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    loss = klpart.sum() * inv_n
+    dk = part[0].clone()
+    for r in range(1, hkv):  # fixed order over groups
+        dk += part[r]
+    mult = index_scale * inv_n
+    return loss, dq.mul_(mult).view(bsz, t, hkv, di), dk.mul_(mult).view(bsz, t, di)
+
+
 class IndexerKLTriton(torch.autograd.Function):
-    """Loss forward + dq_idx (query-outer); backward computes dk_idx (key-outer) and scales both."""
+    """Sparse, and warmup in 'onepass' mode: loss, dq_idx and dk_idx all in the forward; backward scales
+    them by grad_out. Warmup 'twopass' (deterministic) mode: loss + dq_idx in the forward (query-outer);
+    backward computes dk_idx (key-outer, teacher recomputed)."""
 
     @staticmethod
     def forward(ctx, q_idx, k_idx, q, k, block_indices, teacher_lse, block_size, scale, index_scale, cu_seqlens,
@@ -72,6 +274,22 @@ class IndexerKLTriton(torch.autograd.Function):
             teacher_lse = teacher_lse_triton(q, k, block_indices, block_size=block_size, scale=scale,
                                              cu_seqlens=cu_seqlens)
         lse_t = teacher_lse.detach().float().contiguous()
+        ctx.meta = (block_size, float(scale), float(index_scale), cu_seqlens, max_queries_per_item)
+        ctx.precomputed = block_indices is not None
+        ctx.qi_dtype, ctx.ki_dtype = q_idx.dtype, k_idx.dtype
+        if block_indices is not None:
+            loss, dq_idx, dk_idx = sparse_kl_kv(q_idx, k_idx, q, k, block_indices, lse_t, block_size=block_size,
+                                                index_scale=index_scale, scale=scale, cu_seqlens=cu_seqlens,
+                                                max_queries_per_item=max_queries_per_item, with_grad=with_grad)
+            if with_grad:
+                ctx.save_for_backward(dq_idx, dk_idx)
+            return loss
+        if with_grad and dense_mode() == "onepass":
+            loss, dq_idx, dk_idx = dense_kl_onepass(q_idx, k_idx, q, k, lse_t, scale=scale, index_scale=index_scale,
+                                                    cu_seqlens=cu_seqlens)
+            ctx.precomputed = True  # gradients already computed: backward only scales them
+            ctx.save_for_backward(dq_idx, dk_idx)
+            return loss
         seq_start = token_seq_start(bsz, t, cu_seqlens, dev)
         n_rows = ntok * hkv
         inv_n = 1.0 / n_rows
@@ -80,43 +298,41 @@ class IndexerKLTriton(torch.autograd.Function):
         dq_idx = torch.empty_like(q_idx) if with_grad else kl  # dummy pointer when unused
         cdt = _compute_dtype(q.dtype)
         prec = _dot_precision(q.dtype)
-        if block_indices is not None:
-            bi = block_indices.to(torch.int32).contiguous()
-            indexer_kl_fwd_sparse_kernel[(ntok, hkv)](
-                q_idx, k_idx, q, k, bi, seq_start, lse_t, kl, lse_s, dq_idx, float(scale), float(index_scale), inv_n,
-                hq, hkv, bi.shape[3], block_size, G=g, D=d, DI=di, BLOCK_G=_pow2(g), BLOCK_N=_pow2(block_size),
-                BLOCK_D=_pow2(d), BLOCK_DI=_pow2(di), CDT=cdt, DOT_PREC=prec, WITH_GRAD=with_grad,
-                num_warps=4 if _interpreting() or _pow2(block_size) * _pow2(di) <= 4096 else 8)
-        else:
-            bi = None
-            bq, bn, nw = _dense_tiles(d, di)
-            indexer_kl_fwd_dense_kernel[(triton.cdiv(ntok, bq), hkv)](
-                q_idx, k_idx, q, k, seq_start, lse_t, kl, lse_s, dq_idx, float(scale), float(index_scale), inv_n,
-                ntok, hq, hkv, G=g, D=d, DI=di, BLOCK_Q=bq, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DI=_pow2(di),
-                CDT=cdt, DOT_PREC=prec, WITH_GRAD=with_grad, num_warps=nw)
+        cfg = dense_rows_config(g, d, di)
+        ent = cfg["BLOCK_M"] // g
+        indexer_kl_fwd_dense_rows_kernel[(triton.cdiv(ntok, ent), hkv)](
+            q_idx, k_idx, q, k, seq_start, lse_t, kl, lse_s, dq_idx, float(scale), float(index_scale), inv_n,
+            ntok, hq, hkv, G=g, D=d, DI=di, BLOCK_M=cfg["BLOCK_M"], ENT_PAD=max(16, _pow2(ent)),
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_pow2(d), BLOCK_DI=_pow2(di), CDT=cdt, DOT_PREC=prec,
+            SPLIT_P=cdt != tl.float32, WITH_GRAD=with_grad, num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"])
         loss = kl.sum() * inv_n  # fixed-order torch reduction: deterministic
         if with_grad:
-            ctx.save_for_backward(q_idx, k_idx, q, k, bi, lse_t, lse_s, dq_idx)
-        ctx.meta = (block_size, float(scale), float(index_scale), cu_seqlens, max_queries_per_item)
+            ctx.save_for_backward(q_idx, k_idx, q, k, lse_t, lse_s, dq_idx)
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):
-        q_idx, k_idx, q, k, bi, lse_t, lse_s, dq_idx = ctx.saved_tensors
+        if ctx.precomputed:
+            dq_idx, dk_idx = ctx.saved_tensors
+            dq = (dq_idx * grad_out).to(ctx.qi_dtype) if ctx.needs_input_grad[0] else None
+            dk = (dk_idx * grad_out).to(ctx.ki_dtype) if ctx.needs_input_grad[1] else None
+            return dq, dk, None, None, None, None, None, None, None, None, None
+        q_idx, k_idx, q, k, lse_t, lse_s, dq_idx = ctx.saved_tensors
         block_size, scale, index_scale, cu_seqlens, c = ctx.meta
         dk_idx = None
         if ctx.needs_input_grad[1]:
-            dk_idx = indexer_kl_dk_triton(q_idx, k_idx, q, k, bi, lse_t, lse_s, block_size=block_size, scale=scale,
-                                          index_scale=index_scale, cu_seqlens=cu_seqlens, max_queries_per_item=c)
+            dk_idx = indexer_kl_dk_triton(q_idx, k_idx, q, k, lse_t, lse_s, block_size=block_size, scale=scale,
+                                          index_scale=index_scale, cu_seqlens=cu_seqlens)
             dk_idx = (dk_idx * grad_out).to(k_idx.dtype)
         dq = (dq_idx.float() * grad_out).to(q_idx.dtype) if ctx.needs_input_grad[0] else None
         return dq, dk_idx, None, None, None, None, None, None, None, None, None
 
 
-def indexer_kl_dk_triton(q_idx, k_idx, q, k, block_indices, lse_t, lse_s, *, block_size, scale, index_scale,
-                         cu_seqlens, max_queries_per_item=None) -> torch.Tensor:
-    """dLoss/dk_idx (B, T, D_idx) in fp32 for a unit upstream gradient. lse_t: fp32 (B*T*H_q,) teacher lse;
-    lse_s: fp32 (B*T*H_kv,) student lse from the forward kernel."""
+def indexer_kl_dk_triton(q_idx, k_idx, q, k, lse_t, lse_s, *, block_size, scale, index_scale,
+                         cu_seqlens) -> torch.Tensor:
+    """Warmup-phase dLoss/dk_idx (B, T, D_idx) in fp32 for a unit upstream gradient (key-outer, teacher
+    recomputed). lse_t: fp32 (B*T*H_q,) teacher lse; lse_s: fp32 (B*T*H_kv,) student lse from the forward."""
     bsz, t, hkv, di = q_idx.shape
     hq, d = q.shape[2], q.shape[3]
     g = hq // hkv
@@ -124,45 +340,20 @@ def indexer_kl_dk_triton(q_idx, k_idx, q, k, block_indices, lse_t, lse_s, *, blo
     dev = q_idx.device
     inv_n = 1.0 / (ntok * hkv)
     cdt, prec = _compute_dtype(q.dtype), _dot_precision(q.dtype)
-    if block_indices is None:
-        seq_start = token_seq_start(bsz, t, cu_seqlens, dev).to(torch.int64)
-        # one past the last token of each token's own sequence
-        if cu_seqlens is None:
-            seq_end = (seq_start + t).to(torch.int32)
-        else:
-            cu = cu_seqlens.to(device=dev, dtype=torch.int64)
-            seq_end = cu[torch.searchsorted(cu[1:], torch.arange(ntok, device=dev), right=True) + 1].to(torch.int32)
-        bq, bn, nw = _dense_tiles(d, di)
-        part = torch.empty((hkv, ntok, di), dtype=torch.float32, device=dev)
-        indexer_kl_bwd_dense_dk_kernel[(triton.cdiv(ntok, bn), hkv)](
-            q_idx, k_idx, q, k, seq_end, lse_t, lse_s, part, float(scale), float(index_scale), ntok, hq, hkv, G=g, D=d,
-            DI=di, BLOCK_Q=bq, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DI=_pow2(di), CDT=cdt, DOT_PREC=prec,
-            num_warps=nw)
-        dk = part[0].clone()
-        for r in range(1, hkv):  # fixed order over groups
-            dk += part[r]
-        return (dk * (index_scale * inv_n)).view(bsz, t, di)
-    nsel = block_indices.shape[3]
-    c = max_queries_per_item or max(64, 2 * nsel * block_size)
-    ri = build_reverse_index(block_indices, block_size, cu_seqlens, c)
-    nb = ri.layout.num_blocks
-    counts = (ri.row_ptr[1:] - ri.row_ptr[:-1]).to(torch.int64)
-    items = (counts + c - 1) // c
-    first = torch.cumsum(items, 0) - items
-    n_items = ri.work_row.numel()
-    bn, bdi = _pow2(block_size), _pow2(di)
-    part = torch.empty((n_items, bn, bdi), dtype=torch.float32, device=dev)
-    block_e = 16 if _interpreting() else 64
-    indexer_kl_bwd_sparse_dk_kernel[(n_items,)](
-        q_idx, k_idx, q, k, lse_t, lse_s, part, ri.entries, ri.work_row, ri.work_start, ri.work_end,
-        ri.layout.block_start, ri.layout.block_len, float(scale), float(index_scale), hq, hkv, nsel, nb, G=g, D=d,
-        DI=di, BLOCK_E=block_e, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DI=bdi, CDT=cdt, DOT_PREC=prec,
-        num_warps=4 if _interpreting() else 8)
-    dk = torch.empty((bsz, t, di), dtype=torch.float32, device=dev)
-    indexer_kl_bwd_sparse_reduce_kernel[(nb,)](
-        part, dk, items.to(torch.int32), first.to(torch.int32), ri.layout.block_start, ri.layout.block_len,
-        float(index_scale * inv_n), hkv, nb, DI=di, BLOCK_N=bn, BLOCK_DI=bdi)
-    return dk
+    seq_end = _seq_end(bsz, t, cu_seqlens, dev)
+    cfg = dense_rows_config(g, d, di)
+    ent = cfg["BLOCK_M"] // g
+    bn = cfg["DK_BLOCK_N"]
+    part = torch.empty((hkv, ntok, di), dtype=torch.float32, device=dev)
+    indexer_kl_bwd_dense_rows_dk_kernel[(triton.cdiv(ntok, bn), hkv)](
+        q_idx, k_idx, q, k, seq_end, lse_t, lse_s, part, float(scale), float(index_scale), ntok, hq, hkv, G=g,
+        D=d, DI=di, BLOCK_M=cfg["BLOCK_M"], ENT_PAD=max(16, _pow2(ent)), BLOCK_N=bn, BLOCK_D=_pow2(d),
+        BLOCK_DI=_pow2(di), CDT=cdt, DOT_PREC=prec, SPLIT_P=cdt != tl.float32, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
+    dk = part[0].clone()
+    for r in range(1, hkv):  # fixed order over groups
+        dk += part[r]
+    return (dk * (index_scale * inv_n)).view(bsz, t, di)
 
 
 def indexer_kl_triton(q_idx: torch.Tensor, k_idx: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
@@ -180,9 +371,10 @@ def indexer_kl_triton(q_idx: torch.Tensor, k_idx: torch.Tensor, q: torch.Tensor,
         teacher_lse: optional fp32 (B, T, H_q) per-head natural-log lse of q.k*scale over the SAME support,
             to skip recomputing it: in the sparse phase pass the lse returned by
             ``msa.sparse_attention(q, k, v, block_indices, return_lse=True)``; in warmup pass the dense causal
-            attention's logsumexp (e.g. ``torch.ops.aten._scaled_dot_product_flash_attention(...)[1]``,
-            which is (B, H_q, T): transpose it to (B, T, H_q)). When None it is computed here.
-        max_queries_per_item: hot-row split of the reverse index used by the sparse dk_idx pass.
+            attention's logsumexp (e.g. ``torch.ops.aten._scaled_dot_product_cudnn_attention(...,
+            compute_log_sumexp=True)[1]`` (fastest on H100/H200) or the flash op's ``[1]``; both are
+            (B, H_q, T[, 1]): reshape/transpose to (B, T, H_q)). When None it is computed here.
+        max_queries_per_item: hot-row split of the reverse index used by the sparse KV-outer pass.
 
     Returns:
         fp32 scalar loss; gradient w.r.t. the student logits is (p_idx - p) / (B * T * H_kv).

@@ -3,23 +3,22 @@
 Notation per query token i and group r over the support U (selected blocks with j <= i, or every
 causal key j <= i in warmup): student logits s_j = <q_idx[i, r], k_idx[j]> * index_scale with
 p_idx = softmax_U(s); teacher p_j = (1/G) sum_h exp(t_hj - lse_h), t_hj = <q[i, h], k[j, r]> * scale,
-lse_h the head's log-sum-exp over U (the main forward's lse in the sparse phase).
+lse_h the head's log-sum-exp over U (the main forward's lse, passed in).
 
-KL(p || p_idx) = sum_j p_j (log p_j - s_j) + lse_s * sum_j p_j, so one query-outer pass with an
-online student log-sum-exp yields the KL, lse_s and dq_idx = index_scale * sum_j (p_idx_j - p_j) k_idx[j]
-(the (p_idx - p) / N gradient of the spec). dk_idx needs the full row statistics, so it is a second,
-key-outer pass that recomputes p and p_idx tile by tile.
+KL(p || p_idx) = sum_j p_j (log p_j - s_j) + lse_s * sum_j p_j, which splits over any partition of U
+(blocks, key tiles) once lse_s is known; the gradient w.r.t. s_j is (p_idx_j - p_j) / N, so
+dq_idx = index_scale / N * sum_j (p_idx_j - p_j) k_idx[j] and dk_idx[j] = index_scale / N * sum_i (...) q_idx[i].
 
-Kernels:
+Kernels (the teacher always uses ONE MMA per key tile whose rows are query positions x the G heads of
+a group, row m -> (query m // G, head r * G + m % G), so any G works; the G rows of a query are
+averaged by a small 0/1-matrix MMA):
 - ``indexer_kl_fwd_lse_sparse_kernel`` / ``indexer_kl_fwd_lse_dense_kernel``: teacher lse per
-  (token, head) when the caller does not pass it.
-- ``indexer_kl_fwd_sparse_kernel``: one program per (token, group), loop over the selected blocks.
-- ``indexer_kl_fwd_dense_kernel``: one program per (query tile, group), loop over causal key tiles.
-- ``indexer_kl_bwd_sparse_dk_kernel``: one program per reverse-index work item (group, key block,
-  chunk of queries) writing an fp32 partial; ``indexer_kl_bwd_sparse_reduce_kernel`` sums, per key
-  block, the partials of all groups and items in a fixed order (deterministic, no atomics).
-- ``indexer_kl_bwd_dense_dk_kernel``: one program per (key tile, group) over the causal query tiles;
-  the per-group partials are summed in a fixed order by the caller.
+  (token, head), only when the caller does not pass it.
+- sparse phase, KV-outer over the reverse index: ``indexer_kl_fwd_slse_kv_kernel`` (student lse per
+  (query, slot) entry) and ``indexer_kl_fwd_kv_kernel`` (loss + dq_idx + dk_idx in one pass);
+  ``indexer_kl_bwd_sparse_reduce_kernel`` sums the dk_idx partials per key block in a fixed order.
+- warmup phase: ``indexer_kl_fwd_dense_rows_kernel`` (query-outer: loss, student lse, dq_idx) and
+  ``indexer_kl_bwd_dense_rows_dk_kernel`` (key-outer dk_idx, per-group partials summed by the caller).
 """
 
 from __future__ import annotations
@@ -94,150 +93,91 @@ def indexer_kl_fwd_lse_dense_kernel(Q, K, SEQ_START, LSE, scale, NTOK, HQ, HKV, 
 
 
 @triton.jit
-def indexer_kl_fwd_sparse_kernel(QI, KI, Q, K, BI, SEQ_START, LSE_T, KL, LSE_S, DQI, scale, index_scale, inv_n, HQ,
-                                 HKV, NSEL, BS, G: tl.constexpr, D: tl.constexpr, DI: tl.constexpr,
-                                 BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                                 BLOCK_DI: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr,
-                                 WITH_GRAD: tl.constexpr):
-    tok = tl.program_id(0)
-    r = tl.program_id(1)
-    tok64 = tok.to(tl.int64)
-    g = tl.arange(0, BLOCK_G)
-    d = tl.arange(0, BLOCK_D)
-    e = tl.arange(0, BLOCK_DI)
+def indexer_kl_bwd_sparse_reduce_kernel(PART, DKI, ROW_ITEMS, ROW_FIRST, BLOCK_START, BLOCK_LEN, mult, HKV, NB,
+                                        DI: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DI: tl.constexpr):
+    gb = tl.program_id(0)
+    kstart = tl.load(BLOCK_START + gb)
+    klen = tl.load(BLOCK_LEN + gb)
     n = tl.arange(0, BLOCK_N)
-    gmask = g < G
-    dmask = d < D
-    emask = e < DI
-    qrow = tok64 * HQ + r * G + g
-    q = tl.load(Q + qrow[:, None] * D + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0).to(CDT)
-    lse_t = tl.load(LSE_T + qrow, mask=gmask, other=0.0)
-    qi_row = tok64 * HKV + r
-    qi = tl.load(QI + qi_row * DI + e, mask=emask, other=0.0).to(tl.float32)
-    seq_start = tl.load(SEQ_START + tok)
-    m_s = tl.full([1], -1.0e30, dtype=tl.float32)
-    l_s = tl.zeros([1], dtype=tl.float32)
-    acc_s = tl.zeros([BLOCK_DI], dtype=tl.float32)  # sum_j exp(s_j - m_s) k_idx[j]
-    acc_p = tl.zeros([BLOCK_DI], dtype=tl.float32)  # sum_j p_j k_idx[j]
-    a = tl.zeros([1], dtype=tl.float32)  # sum_j p_j (log p_j - s_j)
-    psum = tl.zeros([1], dtype=tl.float32)
-    for slot in range(NSEL):
-        b = tl.load(BI + (tok64 * HKV + r) * NSEL + slot)
-        if b >= 0:
-            kpos = seq_start + b * BS + n
-            kmask = (n < BS) & (kpos <= tok)
-            kp64 = kpos.to(tl.int64)
-            kk = tl.load(K + (kp64 * HKV + r)[:, None] * D + d[None, :], mask=kmask[:, None] & dmask[None, :],
-                         other=0.0).to(CDT)
-            t = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * scale
-            pt = tl.where(gmask[:, None] & kmask[None, :], tl.exp(t - lse_t[:, None]), 0.0)
-            p = tl.sum(pt, axis=0) / G
-            ki = tl.load(KI + kp64[:, None] * DI + e[None, :], mask=kmask[:, None] & emask[None, :],
-                         other=0.0).to(tl.float32)
-            s = tl.sum(ki * qi[None, :], axis=1) * index_scale  # one student row: CUDA-core dot
-            s = tl.where(kmask, s, float("-inf"))
-            m_new = tl.maximum(m_s, tl.max(s, axis=0))
-            alpha = tl.exp(m_s - m_new)
-            ex = tl.exp(s - m_new)
-            l_s = l_s * alpha + tl.sum(ex, axis=0)
-            a += tl.sum(tl.where(p > 0, p * (tl.log(p) - s), 0.0), axis=0)
-            psum += tl.sum(p, axis=0)
-            if WITH_GRAD:
-                acc_s = acc_s * alpha + tl.sum(ex[:, None] * ki, axis=0)
-                acc_p += tl.sum(p[:, None] * ki, axis=0)
-            m_s = m_new
-    has = l_s > 0  # a row with no valid slot has an empty support: KL 0, gradient 0
-    lse_s = tl.where(has, m_s + tl.log(tl.where(has, l_s, 1.0)), float("inf"))
-    kl = tl.where(has, a + psum * lse_s, 0.0)
-    one = tl.arange(0, 1)
-    tl.store(KL + qi_row + one, kl)
-    tl.store(LSE_S + qi_row + one, lse_s)
-    if WITH_GRAD:
-        inv_l = tl.where(has, 1.0 / tl.where(has, l_s, 1.0), 0.0)
-        dqi = (acc_s * inv_l - acc_p) * (index_scale * inv_n)
-        tl.store(DQI + qi_row * DI + e, dqi.to(DQI.dtype.element_ty), mask=emask)
-
-
-@triton.jit
-def indexer_kl_fwd_dense_kernel(QI, KI, Q, K, SEQ_START, LSE_T, KL, LSE_S, DQI, scale, index_scale, inv_n, NTOK, HQ,
-                                HKV, G: tl.constexpr, D: tl.constexpr, DI: tl.constexpr, BLOCK_Q: tl.constexpr,
-                                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DI: tl.constexpr,
-                                CDT: tl.constexpr, DOT_PREC: tl.constexpr, WITH_GRAD: tl.constexpr):
-    pid = tl.program_id(0)
-    r = tl.program_id(1)
-    i = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    imask = i < NTOK
-    i64 = i.to(tl.int64)
-    d = tl.arange(0, BLOCK_D)
     e = tl.arange(0, BLOCK_DI)
-    dmask = d < D
-    emask = e < DI
-    qi_row = i64 * HKV + r
-    qi = tl.load(QI + qi_row[:, None] * DI + e[None, :], mask=imask[:, None] & emask[None, :], other=0.0).to(CDT)
-    sstart = tl.load(SEQ_START + i, mask=imask, other=0)
-    lo = tl.load(SEQ_START + pid * BLOCK_Q)
-    hi = tl.minimum(pid * BLOCK_Q + BLOCK_Q, NTOK)
-    m_s = tl.full([BLOCK_Q], -1.0e30, dtype=tl.float32)
-    l_s = tl.zeros([BLOCK_Q], dtype=tl.float32)
-    a = tl.zeros([BLOCK_Q], dtype=tl.float32)
-    psum = tl.zeros([BLOCK_Q], dtype=tl.float32)
-    acc_s = tl.zeros([BLOCK_Q, BLOCK_DI], dtype=tl.float32)
-    acc_p = tl.zeros([BLOCK_Q, BLOCK_DI], dtype=tl.float32)
-    for j0 in range(lo, hi, BLOCK_N):
-        j = j0 + tl.arange(0, BLOCK_N)
-        jmask = j < NTOK
-        j64 = j.to(tl.int64)
-        valid = imask[:, None] & (j[None, :] <= i[:, None]) & (j[None, :] >= sstart[:, None])
-        ki = tl.load(KI + j64[:, None] * DI + e[None, :], mask=jmask[:, None] & emask[None, :], other=0.0).to(CDT)
-        kk = tl.load(K + (j64 * HKV + r)[:, None] * D + d[None, :], mask=jmask[:, None] & dmask[None, :],
-                     other=0.0).to(CDT)
-        # teacher: average of the G heads' normalised probabilities (head loop: any G works)
-        p = tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.float32)
-        for hh in range(G):
-            qrow = i64 * HQ + r * G + hh
-            qh = tl.load(Q + qrow[:, None] * D + d[None, :], mask=imask[:, None] & dmask[None, :], other=0.0).to(CDT)
-            lse_h = tl.load(LSE_T + qrow, mask=imask, other=0.0)
-            t = tl.dot(qh, tl.trans(kk), input_precision=DOT_PREC) * scale
-            p += tl.exp(t - lse_h[:, None])
-        p = tl.where(valid, p / G, 0.0)
-        s = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC) * index_scale
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_s, tl.max(s, axis=1))
-        alpha = tl.exp(m_s - m_new)
-        ex = tl.exp(s - m_new[:, None])
-        l_s = l_s * alpha + tl.sum(ex, axis=1)
-        a += tl.sum(tl.where(p > 0, p * (tl.log(p) - s), 0.0), axis=1)
-        psum += tl.sum(p, axis=1)
-        if WITH_GRAD:
-            acc_s = acc_s * alpha[:, None] + tl.dot(ex.to(CDT), ki, input_precision=DOT_PREC)
-            acc_p += tl.dot(p.to(CDT), ki, input_precision=DOT_PREC)
-        m_s = m_new
-    has = l_s > 0
-    lse_s = tl.where(has, m_s + tl.log(tl.where(has, l_s, 1.0)), float("inf"))
-    kl = tl.where(has, a + psum * lse_s, 0.0)
-    tl.store(KL + qi_row, kl, mask=imask)
-    tl.store(LSE_S + qi_row, lse_s, mask=imask)
-    if WITH_GRAD:
-        inv_l = tl.where(has, 1.0 / tl.where(has, l_s, 1.0), 0.0)
-        dqi = (acc_s * inv_l[:, None] - acc_p) * (index_scale * inv_n)
-        tl.store(DQI + qi_row[:, None] * DI + e[None, :], dqi.to(DQI.dtype.element_ty),
-                 mask=imask[:, None] & emask[None, :])
+    acc = tl.zeros([BLOCK_N, BLOCK_DI], dtype=tl.float32)
+    # blocks >= NB (the rows of a query chunk cover only the blocks it can select) receive zeros
+    gbc = tl.minimum(gb, NB - 1)
+    for r in range(HKV):  # fixed order: groups, then the row's items
+        row = r * NB + gbc
+        cnt = tl.where(gb < NB, tl.load(ROW_ITEMS + row), 0)
+        first = tl.load(ROW_FIRST + row)
+        for it in range(cnt):
+            acc += tl.load(PART + ((first + it).to(tl.int64) * BLOCK_N + n)[:, None] * BLOCK_DI + e[None, :])
+    mask = (n < klen)[:, None] & (e < DI)[None, :]
+    tl.store(DKI + (kstart + n).to(tl.int64)[:, None] * DI + e[None, :], (acc * mult).to(DKI.dtype.element_ty),
+             mask=mask)
 
 
 @triton.jit
-def indexer_kl_bwd_sparse_dk_kernel(QI, KI, Q, K, LSE_T, LSE_S, PART, ENTRIES, WORK_ROW, WORK_START, WORK_END,
-                                    BLOCK_START, BLOCK_LEN, scale, index_scale, HQ, HKV, NSEL, NB, G: tl.constexpr,
-                                    D: tl.constexpr, DI: tl.constexpr, BLOCK_E: tl.constexpr,
-                                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DI: tl.constexpr,
-                                    CDT: tl.constexpr, DOT_PREC: tl.constexpr):
+def indexer_kl_fwd_slse_kv_kernel(QI, KI, PLSE, ENTRIES, WORK_ROW, WORK_START, WORK_END, BLOCK_START, BLOCK_LEN,
+                                  tok0, index_scale, HKV, NSEL, NB, DI: tl.constexpr, BLOCK_E: tl.constexpr,
+                                  BLOCK_N: tl.constexpr, BLOCK_DI: tl.constexpr, CDT: tl.constexpr,
+                                  DOT_PREC: tl.constexpr):
+    """PLSE fp32 (C * K * H_kv,): block-local student lse of chunk-local entry ((token - tok0) * K + slot)
+    of group r at (entry * H_kv + r); slots of -1 are never written (the caller pre-fills -inf)."""
     w = tl.program_id(0)
-    row = tl.load(WORK_ROW + w)
     start = tl.load(WORK_START + w)
     end = tl.load(WORK_END + w)
+    if start < end:
+        row = tl.load(WORK_ROW + w)
+        r = row // NB
+        gb = row % NB
+        kstart = tl.load(BLOCK_START + gb)
+        klen = tl.load(BLOCK_LEN + gb)
+        n = tl.arange(0, BLOCK_N)
+        e = tl.arange(0, BLOCK_DI)
+        emask = e < DI
+        kvalid = n < klen
+        kpos = kstart + n
+        ki = tl.load(KI + kpos.to(tl.int64)[:, None] * DI + e[None, :], mask=kvalid[:, None] & emask[None, :],
+                     other=0.0).to(CDT)
+        for e0 in range(start, end, BLOCK_E):
+            ei = e0 + tl.arange(0, BLOCK_E)
+            em = ei < end
+            ent = tl.load(ENTRIES + ei, mask=em, other=0)
+            tok = tok0 + ent // NSEL
+            qi = tl.load(QI + (tok.to(tl.int64) * HKV + r)[:, None] * DI + e[None, :],
+                         mask=em[:, None] & emask[None, :], other=0.0).to(CDT)
+            s = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC) * index_scale
+            valid = em[:, None] & kvalid[None, :] & (kpos[None, :] <= tok[:, None])
+            s = tl.where(valid, s, float("-inf"))
+            m = tl.max(s, axis=1)
+            m_safe = tl.where(m == float("-inf"), 0.0, m)
+            l = tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
+            lse = tl.where(l > 0, m_safe + tl.log(tl.where(l > 0, l, 1.0)), float("-inf"))
+            tl.store(PLSE + ent.to(tl.int64) * HKV + r, lse, mask=em)
+
+
+@triton.jit
+def indexer_kl_fwd_kv_kernel(QI, KI, Q, K, LSE_T, LSE_S, KLP, DQP, PART, ENTRIES, WORK_ROW, WORK_START, WORK_END,
+                             BLOCK_START, BLOCK_LEN, tok0, scale, index_scale, HQ, HKV, NSEL, NB, G: tl.constexpr,
+                             D: tl.constexpr, DI: tl.constexpr, BLOCK_M: tl.constexpr, ENT_PAD: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DI: tl.constexpr,
+                             CDT: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT_P: tl.constexpr,
+                             WITH_GRAD: tl.constexpr):
+    """One work item (group r, key block, chunk of the queries that selected it).
+
+    QI (T_all, H_kv, DI), KI (T_all, DI), Q (T_all, H_q, D), K (T_all, H_kv, D); LSE_T fp32 (T_all * H_q,)
+    teacher lse; LSE_S fp32 (T_all * H_kv,) student lse over the whole support; KLP fp32
+    (C * K * H_kv,) and DQP fp32 (C * K * H_kv, DI): per-entry KL contribution / unscaled dq_idx partial
+    at (entry * H_kv + r), entry = (token - tok0) * K + slot local to the query chunk; PART fp32
+    (items, BLOCK_N, BLOCK_DI): unscaled dk_idx partial of this item (zeros for empty items).
+    """
+    w = tl.program_id(0)
+    start = tl.load(WORK_START + w)
+    end = tl.load(WORK_END + w)
+    row = tl.load(WORK_ROW + w)
     r = row // NB
     gb = row % NB
     kstart = tl.load(BLOCK_START + gb)
     klen = tl.load(BLOCK_LEN + gb)
+    ENT: tl.constexpr = BLOCK_M // G  # query positions per teacher tile
     n = tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     e = tl.arange(0, BLOCK_DI)
@@ -249,55 +189,170 @@ def indexer_kl_bwd_sparse_dk_kernel(QI, KI, Q, K, LSE_T, LSE_S, PART, ENTRIES, W
     kk = tl.load(K + (kp64 * HKV + r)[:, None] * D + d[None, :], mask=kvalid[:, None] & dmask[None, :],
                  other=0.0).to(CDT)
     ki = tl.load(KI + kp64[:, None] * DI + e[None, :], mask=kvalid[:, None] & emask[None, :], other=0.0).to(CDT)
+    m = tl.arange(0, BLOCK_M)
+    ment = m // G
+    mhead = r * G + m % G
+    mrow_ok = ment < ENT
+    x = tl.arange(0, ENT_PAD)
+    # head-averaging matrix: entry x collects its G rows (exact 0/1 values in any dtype)
+    avg = tl.where((x[:, None] == ment[None, :]) & mrow_ok[None, :], 1.0, 0.0).to(CDT)
     dk = tl.zeros([BLOCK_N, BLOCK_DI], dtype=tl.float32)
-    for e0 in range(start, end, BLOCK_E):
-        ei = e0 + tl.arange(0, BLOCK_E)
-        em = ei < end
-        tok = tl.load(ENTRIES + ei, mask=em, other=0) // NSEL
-        tok64 = tok.to(tl.int64)
-        qi = tl.load(QI + (tok64 * HKV + r)[:, None] * DI + e[None, :], mask=em[:, None] & emask[None, :],
-                     other=0.0).to(CDT)
-        lse_s = tl.load(LSE_S + tok64 * HKV + r, mask=em, other=float("inf"))
+    for e0 in range(start, end, ENT):
+        # teacher rows: ENT entries x G heads
+        eidx = e0 + ment
+        rmask = mrow_ok & (eidx < end)
+        ent = tl.load(ENTRIES + eidx, mask=rmask, other=0)
+        tok = tok0 + ent // NSEL
+        qrow = tok.to(tl.int64) * HQ + mhead
+        q = tl.load(Q + qrow[:, None] * D + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0).to(CDT)
+        lse_h = tl.load(LSE_T + qrow, mask=rmask, other=0.0)
+        t = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * scale
+        vis = rmask[:, None] & kvalid[None, :] & (kpos[None, :] <= tok[:, None])
+        p = tl.where(vis, tl.exp(t - lse_h[:, None]), 0.0)
+        if SPLIT_P:
+            p_hi = p.to(CDT)
+            p_lo = (p - p_hi.to(tl.float32)).to(CDT)
+            pe = tl.dot(avg, p_hi) + tl.dot(avg, p_lo)
+        else:
+            pe = tl.dot(avg, p.to(CDT), input_precision=DOT_PREC)
+        pe = pe * (1.0 / G)
+        # student rows: the same ENT entries (padded to ENT_PAD >= 16 MMA rows)
+        xidx = e0 + x
+        xmask = (x < ENT) & (xidx < end)
+        xent = tl.load(ENTRIES + xidx, mask=xmask, other=0)
+        xtok = tok0 + xent // NSEL
+        srow = xtok.to(tl.int64) * HKV + r
+        qi = tl.load(QI + srow[:, None] * DI + e[None, :], mask=xmask[:, None] & emask[None, :], other=0.0).to(CDT)
+        lse_s = tl.load(LSE_S + srow, mask=xmask, other=0.0)
         s = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC) * index_scale
-        valid = em[:, None] & kvalid[None, :] & (kpos[None, :] <= tok[:, None])
-        p = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
-        for hh in range(G):
-            qrow = tok64 * HQ + r * G + hh
-            qh = tl.load(Q + qrow[:, None] * D + d[None, :], mask=em[:, None] & dmask[None, :], other=0.0).to(CDT)
-            lse_h = tl.load(LSE_T + qrow, mask=em, other=0.0)
-            t = tl.dot(qh, tl.trans(kk), input_precision=DOT_PREC) * scale
-            p += tl.exp(t - lse_h[:, None])
-        gr = tl.where(valid, tl.exp(s - lse_s[:, None]) - p / G, 0.0)
-        dk += tl.dot(tl.trans(gr.to(CDT)), qi, input_precision=DOT_PREC)
-    # every work item owns its partial slot w (unused items write zeros that nobody reads)
-    tl.store(PART + (w.to(tl.int64) * BLOCK_N + n)[:, None] * BLOCK_DI + e[None, :], dk)
+        xvis = xmask[:, None] & kvalid[None, :] & (kpos[None, :] <= xtok[:, None])
+        pe = tl.where(xvis, pe, 0.0)
+        # KL(p || p_idx) = sum_j p_j (log p_j - s_j) + lse_s * sum_j p_j, split over the entry's blocks
+        klv = tl.sum(tl.where(pe > 0, pe * (tl.log(tl.where(pe > 0, pe, 1.0)) - s), 0.0), axis=1)
+        klv += lse_s * tl.sum(pe, axis=1)
+        slot_row = xent.to(tl.int64) * HKV + r
+        tl.store(KLP + slot_row, klv, mask=xmask)
+        if WITH_GRAD:
+            gr = tl.where(xvis, tl.exp(s - lse_s[:, None]) - pe, 0.0)
+            grc = gr.to(CDT)
+            dq = tl.dot(grc, ki, input_precision=DOT_PREC)
+            tl.store(DQP + slot_row[:, None] * DI + e[None, :], dq, mask=xmask[:, None] & emask[None, :])
+            dk += tl.dot(tl.trans(grc), qi, input_precision=DOT_PREC)
+    if WITH_GRAD:
+        tl.store(PART + (w.to(tl.int64) * BLOCK_N + n)[:, None] * BLOCK_DI + e[None, :], dk)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Warmup phase (full causal support), flash-style with heads as MMA rows. One MMA per head per key
+# tile would re-read that head's queries for every key tile and run G small MMAs; instead
+# ENT = BLOCK_M // G query positions x G heads are the rows of ONE teacher MMA per key tile
+# (the query tile stays in registers in the forward) and average the heads with the same 0/1-matrix
+# MMA as the sparse kernel. The student uses ENT_PAD >= 16 rows (ENT queries of one group).
+# ---------------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def indexer_kl_bwd_sparse_reduce_kernel(PART, DKI, ROW_ITEMS, ROW_FIRST, BLOCK_START, BLOCK_LEN, mult, HKV, NB,
-                                        DI: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DI: tl.constexpr):
-    gb = tl.program_id(0)
-    kstart = tl.load(BLOCK_START + gb)
-    klen = tl.load(BLOCK_LEN + gb)
-    n = tl.arange(0, BLOCK_N)
+def _teacher_entry_probs(q, kk, lse_h, vis, avg, scale, G: tl.constexpr, CDT: tl.constexpr,
+                         DOT_PREC: tl.constexpr, SPLIT_P: tl.constexpr):
+    """(ENT_PAD, BLOCK_N) teacher probabilities: mean over each entry's G head rows of exp(t - lse_h)."""
+    t = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * scale
+    p = tl.where(vis, tl.exp(t - lse_h[:, None]), 0.0)
+    if SPLIT_P:  # bf16 hi + lo parts: the average keeps ~16 mantissa bits
+        p_hi = p.to(CDT)
+        p_lo = (p - p_hi.to(tl.float32)).to(CDT)
+        pe = tl.dot(avg, p_hi) + tl.dot(avg, p_lo)
+    else:
+        pe = tl.dot(avg, p.to(CDT), input_precision=DOT_PREC)
+    return pe * (1.0 / G)
+
+
+@triton.jit
+def indexer_kl_fwd_dense_rows_kernel(QI, KI, Q, K, SEQ_START, LSE_T, KL, LSE_S, DQI, scale, index_scale, inv_n,
+                                     NTOK, HQ, HKV, G: tl.constexpr, D: tl.constexpr, DI: tl.constexpr,
+                                     BLOCK_M: tl.constexpr, ENT_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                                     BLOCK_D: tl.constexpr, BLOCK_DI: tl.constexpr, CDT: tl.constexpr,
+                                     DOT_PREC: tl.constexpr, SPLIT_P: tl.constexpr, WITH_GRAD: tl.constexpr):
+    """Warmup forward: one program per (tile of ENT queries, group r), loop over causal key tiles.
+
+    QI (T_all, H_kv, DI), KI (T_all, DI), Q (T_all, H_q, D), K (T_all, H_kv, D); SEQ_START int32 (T_all,);
+    LSE_T fp32 (T_all * H_q,) teacher lse; outputs KL, LSE_S fp32 (T_all * H_kv,) and (WITH_GRAD) DQI
+    (T_all, H_kv, DI) = (p_idx - p) @ k_idx * index_scale * inv_n.
+    """
+    ENT: tl.constexpr = BLOCK_M // G
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)  # late (long) query tiles first: better tail balance
+    r = tl.program_id(1)
+    i0 = tile * ENT
+    d = tl.arange(0, BLOCK_D)
     e = tl.arange(0, BLOCK_DI)
-    acc = tl.zeros([BLOCK_N, BLOCK_DI], dtype=tl.float32)
-    for r in range(HKV):  # fixed order: groups, then the row's items
-        row = r * NB + gb
-        cnt = tl.load(ROW_ITEMS + row)
-        first = tl.load(ROW_FIRST + row)
-        for it in range(cnt):
-            acc += tl.load(PART + ((first + it).to(tl.int64) * BLOCK_N + n)[:, None] * BLOCK_DI + e[None, :])
-    mask = (n < klen)[:, None] & (e < DI)[None, :]
-    tl.store(DKI + (kstart + n).to(tl.int64)[:, None] * DI + e[None, :], (acc * mult).to(DKI.dtype.element_ty),
-             mask=mask)
+    dmask = d < D
+    emask = e < DI
+    m = tl.arange(0, BLOCK_M)
+    ment = m // G
+    mi = i0 + ment
+    rmask = (ment < ENT) & (mi < NTOK)
+    qrow = mi.to(tl.int64) * HQ + r * G + m % G
+    q = tl.load(Q + qrow[:, None] * D + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0).to(CDT)
+    lse_h = tl.load(LSE_T + qrow, mask=rmask, other=0.0)
+    mstart = tl.load(SEQ_START + mi, mask=rmask, other=0)
+    x = tl.arange(0, ENT_PAD)
+    xi = i0 + x
+    xmask = (x < ENT) & (xi < NTOK)
+    srow = xi.to(tl.int64) * HKV + r
+    qi = tl.load(QI + srow[:, None] * DI + e[None, :], mask=xmask[:, None] & emask[None, :], other=0.0).to(CDT)
+    xstart = tl.load(SEQ_START + xi, mask=xmask, other=0)
+    avg = tl.where((x[:, None] == ment[None, :]) & (ment < ENT)[None, :], 1.0, 0.0).to(CDT)
+    lo = tl.load(SEQ_START + i0)  # the tile's first query has the smallest sequence start
+    hi = tl.minimum(i0 + ENT, NTOK)
+    m_s = tl.full([ENT_PAD], -1.0e30, dtype=tl.float32)
+    l_s = tl.zeros([ENT_PAD], dtype=tl.float32)
+    a = tl.zeros([ENT_PAD], dtype=tl.float32)
+    psum = tl.zeros([ENT_PAD], dtype=tl.float32)
+    acc_s = tl.zeros([ENT_PAD, BLOCK_DI], dtype=tl.float32)
+    acc_p = tl.zeros([ENT_PAD, BLOCK_DI], dtype=tl.float32)
+    for j0 in range(lo, hi, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        jmask = j < NTOK
+        j64 = j.to(tl.int64)
+        kk = tl.load(K + (j64 * HKV + r)[:, None] * D + d[None, :], mask=jmask[:, None] & dmask[None, :],
+                     other=0.0).to(CDT)
+        ki = tl.load(KI + j64[:, None] * DI + e[None, :], mask=jmask[:, None] & emask[None, :], other=0.0).to(CDT)
+        vis = rmask[:, None] & (j[None, :] <= mi[:, None]) & (j[None, :] >= mstart[:, None])
+        pe = _teacher_entry_probs(q, kk, lse_h, vis, avg, scale, G, CDT, DOT_PREC, SPLIT_P)
+        xvis = xmask[:, None] & (j[None, :] <= xi[:, None]) & (j[None, :] >= xstart[:, None])
+        pe = tl.where(xvis, pe, 0.0)
+        s = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC) * index_scale
+        sm = tl.where(xvis, s, float("-inf"))
+        m_new = tl.maximum(m_s, tl.max(sm, axis=1))
+        alpha = tl.exp(m_s - m_new)
+        ex = tl.exp(sm - m_new[:, None])
+        l_s = l_s * alpha + tl.sum(ex, axis=1)
+        a += tl.sum(tl.where(pe > 0, pe * (tl.log(tl.where(pe > 0, pe, 1.0)) - s), 0.0), axis=1)
+        psum += tl.sum(pe, axis=1)
+        if WITH_GRAD:
+            acc_s = acc_s * alpha[:, None] + tl.dot(ex.to(CDT), ki, input_precision=DOT_PREC)
+            acc_p += tl.dot(pe.to(CDT), ki, input_precision=DOT_PREC)
+        m_s = m_new
+    has = l_s > 0
+    lse_s = tl.where(has, m_s + tl.log(tl.where(has, l_s, 1.0)), float("inf"))
+    kl = tl.where(has, a + psum * lse_s, 0.0)
+    tl.store(KL + srow, kl, mask=xmask)
+    tl.store(LSE_S + srow, lse_s, mask=xmask)
+    if WITH_GRAD:
+        inv_l = tl.where(has, 1.0 / tl.where(has, l_s, 1.0), 0.0)
+        dqi = (acc_s * inv_l[:, None] - acc_p) * (index_scale * inv_n)
+        tl.store(DQI + srow[:, None] * DI + e[None, :], dqi.to(DQI.dtype.element_ty),
+                 mask=xmask[:, None] & emask[None, :])
 
 
 @triton.jit
-def indexer_kl_bwd_dense_dk_kernel(QI, KI, Q, K, SEQ_END, LSE_T, LSE_S, PART, scale, index_scale, NTOK, HQ, HKV,
-                                   G: tl.constexpr, D: tl.constexpr, DI: tl.constexpr, BLOCK_Q: tl.constexpr,
-                                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DI: tl.constexpr,
-                                   CDT: tl.constexpr, DOT_PREC: tl.constexpr):
+def indexer_kl_bwd_dense_rows_dk_kernel(QI, KI, Q, K, SEQ_END, LSE_T, LSE_S, PART, scale, index_scale, NTOK, HQ,
+                                        HKV, G: tl.constexpr, D: tl.constexpr, DI: tl.constexpr,
+                                        BLOCK_M: tl.constexpr, ENT_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                                        BLOCK_D: tl.constexpr, BLOCK_DI: tl.constexpr, CDT: tl.constexpr,
+                                        DOT_PREC: tl.constexpr, SPLIT_P: tl.constexpr):
+    """Warmup dk_idx: one program per (key tile, group r) over the causal queries of the key's sequence,
+    ENT queries x G heads per teacher MMA. PART fp32 (H_kv, T_all, DI): unscaled per-group partial."""
+    ENT: tl.constexpr = BLOCK_M // G
     pid = tl.program_id(0)
     r = tl.program_id(1)
     j = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -308,28 +363,95 @@ def indexer_kl_bwd_dense_dk_kernel(QI, KI, Q, K, SEQ_END, LSE_T, LSE_S, PART, sc
     dmask = d < D
     emask = e < DI
     send = tl.load(SEQ_END + j, mask=jmask, other=0)
-    ki = tl.load(KI + j64[:, None] * DI + e[None, :], mask=jmask[:, None] & emask[None, :], other=0.0).to(CDT)
     kk = tl.load(K + (j64 * HKV + r)[:, None] * D + d[None, :], mask=jmask[:, None] & dmask[None, :],
                  other=0.0).to(CDT)
+    ki = tl.load(KI + j64[:, None] * DI + e[None, :], mask=jmask[:, None] & emask[None, :], other=0.0).to(CDT)
+    m = tl.arange(0, BLOCK_M)
+    ment = m // G
+    mhead = r * G + m % G
+    x = tl.arange(0, ENT_PAD)
+    avg = tl.where((x[:, None] == ment[None, :]) & (ment < ENT)[None, :], 1.0, 0.0).to(CDT)
     lo = pid * BLOCK_N
     hi = tl.load(SEQ_END + tl.minimum(pid * BLOCK_N + BLOCK_N, NTOK) - 1)  # last key has the largest end
     dk = tl.zeros([BLOCK_N, BLOCK_DI], dtype=tl.float32)
-    for i0 in range(lo, hi, BLOCK_Q):
-        i = i0 + tl.arange(0, BLOCK_Q)
-        imask = i < NTOK
-        i64 = i.to(tl.int64)
-        valid = imask[:, None] & jmask[None, :] & (j[None, :] <= i[:, None]) & (i[:, None] < send[None, :])
-        qi = tl.load(QI + (i64 * HKV + r)[:, None] * DI + e[None, :], mask=imask[:, None] & emask[None, :],
-                     other=0.0).to(CDT)
-        lse_s = tl.load(LSE_S + i64 * HKV + r, mask=imask, other=float("inf"))
+    for i0 in range(lo, hi, ENT):
+        mi = i0 + ment
+        rmask = (ment < ENT) & (mi < NTOK)
+        qrow = mi.to(tl.int64) * HQ + mhead
+        q = tl.load(Q + qrow[:, None] * D + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0).to(CDT)
+        lse_h = tl.load(LSE_T + qrow, mask=rmask, other=0.0)
+        vis = rmask[:, None] & jmask[None, :] & (j[None, :] <= mi[:, None]) & (mi[:, None] < send[None, :])
+        pe = _teacher_entry_probs(q, kk, lse_h, vis, avg, scale, G, CDT, DOT_PREC, SPLIT_P)
+        xi = i0 + x
+        xmask = (x < ENT) & (xi < NTOK)
+        srow = xi.to(tl.int64) * HKV + r
+        qi = tl.load(QI + srow[:, None] * DI + e[None, :], mask=xmask[:, None] & emask[None, :], other=0.0).to(CDT)
+        lse_s = tl.load(LSE_S + srow, mask=xmask, other=float("inf"))
         s = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC) * index_scale
-        p = tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.float32)
-        for hh in range(G):
-            qrow = i64 * HQ + r * G + hh
-            qh = tl.load(Q + qrow[:, None] * D + d[None, :], mask=imask[:, None] & dmask[None, :], other=0.0).to(CDT)
-            lse_h = tl.load(LSE_T + qrow, mask=imask, other=0.0)
-            t = tl.dot(qh, tl.trans(kk), input_precision=DOT_PREC) * scale
-            p += tl.exp(t - lse_h[:, None])
-        gr = tl.where(valid, tl.exp(s - lse_s[:, None]) - p / G, 0.0)
+        xvis = xmask[:, None] & jmask[None, :] & (j[None, :] <= xi[:, None]) & (xi[:, None] < send[None, :])
+        gr = tl.where(xvis, tl.exp(s - lse_s[:, None]) - pe, 0.0)
         dk += tl.dot(tl.trans(gr.to(CDT)), qi, input_precision=DOT_PREC)
     tl.store(PART + (r * NTOK + j64)[:, None] * DI + e[None, :], dk, mask=jmask[:, None] & emask[None, :])
+
+
+@triton.jit
+def indexer_kl_fwd_dense_onepass_kernel(QI, KI, Q, K, SEQ_END, LSE_T, LSE_S, PART, DQI, KLPART, scale, index_scale,
+                                        NTOK, HQ, HKV, G: tl.constexpr, D: tl.constexpr, DI: tl.constexpr,
+                                        BLOCK_M: tl.constexpr, ENT_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                                        BLOCK_D: tl.constexpr, BLOCK_DI: tl.constexpr, CDT: tl.constexpr,
+                                        DOT_PREC: tl.constexpr, SPLIT_P: tl.constexpr):
+    """Warmup loss + both gradients with the teacher computed ONCE (the two-pass path computes it in the
+    forward and again in the dk_idx pass). Needs the student lse first (LSE_S fp32 (T_all * H_kv,), a
+    cheap pass). Key-outer like ``indexer_kl_bwd_dense_rows_dk_kernel``: dk_idx stays in registers
+    (PART fp32 (H_kv, T_all, DI), unscaled per-group partial); the dq_idx contributions g @ k_idx of each
+    (key tile, query tile) are fp32 atomic adds into DQI (T_all * H_kv, DI) (zero-filled, unscaled), so
+    dq_idx is not bitwise repeatable; KLPART fp32 (programs,) gets this program's KL contribution
+    (summed later in a fixed order)."""
+    ENT: tl.constexpr = BLOCK_M // G
+    pid = tl.program_id(0)
+    r = tl.program_id(1)
+    j = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    jmask = j < NTOK
+    j64 = j.to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    e = tl.arange(0, BLOCK_DI)
+    dmask = d < D
+    emask = e < DI
+    send = tl.load(SEQ_END + j, mask=jmask, other=0)
+    kk = tl.load(K + (j64 * HKV + r)[:, None] * D + d[None, :], mask=jmask[:, None] & dmask[None, :],
+                 other=0.0).to(CDT)
+    ki = tl.load(KI + j64[:, None] * DI + e[None, :], mask=jmask[:, None] & emask[None, :], other=0.0).to(CDT)
+    m = tl.arange(0, BLOCK_M)
+    ment = m // G
+    mhead = r * G + m % G
+    x = tl.arange(0, ENT_PAD)
+    avg = tl.where((x[:, None] == ment[None, :]) & (ment < ENT)[None, :], 1.0, 0.0).to(CDT)
+    lo = pid * BLOCK_N
+    hi = tl.load(SEQ_END + tl.minimum(pid * BLOCK_N + BLOCK_N, NTOK) - 1)
+    dk = tl.zeros([BLOCK_N, BLOCK_DI], dtype=tl.float32)
+    klacc = tl.zeros([ENT_PAD], dtype=tl.float32)
+    for i0 in range(lo, hi, ENT):
+        mi = i0 + ment
+        rmask = (ment < ENT) & (mi < NTOK)
+        qrow = mi.to(tl.int64) * HQ + mhead
+        q = tl.load(Q + qrow[:, None] * D + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0).to(CDT)
+        lse_h = tl.load(LSE_T + qrow, mask=rmask, other=0.0)
+        vis = rmask[:, None] & jmask[None, :] & (j[None, :] <= mi[:, None]) & (mi[:, None] < send[None, :])
+        pe = _teacher_entry_probs(q, kk, lse_h, vis, avg, scale, G, CDT, DOT_PREC, SPLIT_P)
+        xi = i0 + x
+        xmask = (x < ENT) & (xi < NTOK)
+        srow = xi.to(tl.int64) * HKV + r
+        qi = tl.load(QI + srow[:, None] * DI + e[None, :], mask=xmask[:, None] & emask[None, :], other=0.0).to(CDT)
+        lse_s = tl.load(LSE_S + srow, mask=xmask, other=0.0)
+        s = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC) * index_scale
+        xvis = xmask[:, None] & jmask[None, :] & (j[None, :] <= xi[:, None]) & (xi[:, None] < send[None, :])
+        pe = tl.where(xvis, pe, 0.0)
+        klacc += tl.sum(tl.where(pe > 0, pe * (tl.log(tl.where(pe > 0, pe, 1.0)) - s + lse_s[:, None]), 0.0), 1)
+        gr = tl.where(xvis, tl.exp(s - lse_s[:, None]) - pe, 0.0)
+        grc = gr.to(CDT)
+        dk += tl.dot(tl.trans(grc), qi, input_precision=DOT_PREC)
+        dq = tl.dot(grc, ki, input_precision=DOT_PREC)
+        tl.atomic_add(DQI + srow[:, None] * DI + e[None, :], dq, mask=xmask[:, None] & emask[None, :])
+    tl.store(PART + (r * NTOK + j64)[:, None] * DI + e[None, :], dk, mask=jmask[:, None] & emask[None, :])
+    one = tl.arange(0, 1)
+    tl.store(KLPART + (r * tl.num_programs(0) + pid) + one, tl.sum(klacc, 0) + tl.zeros([1], dtype=tl.float32))

@@ -15,6 +15,11 @@ Three launches (plus a small reduce when hot rows were split):
    ``sparse_attention_bwd_reduce_kernel`` sums the partials in item order. No atomics anywhere, so
    two runs give bitwise identical gradients.
 
+Opt-in ``MSA_SPARSE_BWD_DQ=atomic`` (see ``dq_mode``) skips launch 2: the dK/dV kernel also computes
+dS @ K per tile and adds it into an fp32 dQ buffer with atomics (K/V then leave memory once per
+(block, query tile) instead of once per (query, block)); dQ is then not bitwise repeatable. Launch
+configurations: ``bwd_config`` (env ``MSA_SPARSE_BWD_CONFIG``).
+
 Causal masking uses flattened token indices: a key at flattened position j is visible to the query
 at flattened position t iff it lies in one of the query's selected blocks and j <= t (blocks are
 numbered from the query's own sequence start, so no key of another sequence is ever addressed).
@@ -80,8 +85,8 @@ def sparse_attention_bwd_preprocess_kernel(O, DO, DELTA, n_rows, D: tl.constexpr
 @triton.jit
 def sparse_attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, BI, SEQ_START, scale, HQ, HKV, NSEL, BS,
                                    G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr,
-                                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CDT: tl.constexpr,
-                                   DOT_PREC: tl.constexpr):
+                                   BLOCK_N: tl.constexpr, KV_TILES: tl.constexpr, BLOCK_D: tl.constexpr,
+                                   CDT: tl.constexpr, DOT_PREC: tl.constexpr):
     tok = tl.program_id(0)
     r = tl.program_id(1)
     tok64 = tok.to(tl.int64)
@@ -103,26 +108,28 @@ def sparse_attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, BI, SEQ_START, s
     for slot in range(NSEL):
         b = tl.load(BI + (tok64 * HKV + r) * NSEL + slot)
         if b >= 0:
-            kpos = seq_start + b * BS + n
-            kmask = (n < BS) & (kpos <= tok)
-            koff = (kpos.to(tl.int64) * HKV + r)[:, None] * D + d[None, :]
-            kvmask = kmask[:, None] & dmask[None, :]
-            kk = tl.load(K + koff, mask=kvmask, other=0.0).to(CDT)
-            vv = tl.load(V + koff, mask=kvmask, other=0.0).to(CDT)
-            s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * scale
-            p = tl.where(gmask[:, None] & kmask[None, :], tl.exp(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(vv), input_precision=DOT_PREC)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(CDT), kk, input_precision=DOT_PREC)
+            for kt in tl.static_range(KV_TILES):  # key sub-tiles of the block (smaller K/V tiles)
+                nn = kt * BLOCK_N + n
+                kpos = seq_start + b * BS + nn
+                kmask = (nn < BS) & (kpos <= tok)
+                koff = (kpos.to(tl.int64) * HKV + r)[:, None] * D + d[None, :]
+                kvmask = kmask[:, None] & dmask[None, :]
+                kk = tl.load(K + koff, mask=kvmask, other=0.0).to(CDT)
+                vv = tl.load(V + koff, mask=kvmask, other=0.0).to(CDT)
+                s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * scale
+                p = tl.where(gmask[:, None] & kmask[None, :], tl.exp(s - lse[:, None]), 0.0)
+                dp = tl.dot(do, tl.trans(vv), input_precision=DOT_PREC)
+                ds = p * (dp - delta[:, None])
+                dq += tl.dot(ds.to(CDT), kk, input_precision=DOT_PREC)
     tl.store(DQ + qoff, (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
 
 
 @triton.jit
-def sparse_attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PDK, PDV, ENTRIES, WORK_ROW, WORK_START,
+def sparse_attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PDK, PDV, DQ32, ENTRIES, WORK_ROW, WORK_START,
                                      WORK_END, WORK_SLOT, BLOCK_START, BLOCK_LEN, scale, HQ, HKV, NSEL, NB,
                                      G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BS_PAD: tl.constexpr,
-                                     CDT: tl.constexpr, DOT_PREC: tl.constexpr):
+                                     CDT: tl.constexpr, DOT_PREC: tl.constexpr, DQ_ATOMIC: tl.constexpr):
     w = tl.program_id(0)
     sub = tl.program_id(1)  # key sub-tile of the block (keeps the dK/dV accumulators in registers)
     ENT: tl.constexpr = BLOCK_M // G  # query positions per MMA tile
@@ -168,6 +175,11 @@ def sparse_attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PDK, PDV, 
         dp = tl.dot(do, tl.trans(vv), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(CDT)), q, input_precision=DOT_PREC)
+        if DQ_ATOMIC:
+            # opt-in: this key tile's dQ contribution added into an fp32 buffer (FlashAttention-2 style);
+            # saves the query-outer dQ kernel's re-reads of K/V but is not bitwise repeatable
+            dqc = tl.dot(ds.to(CDT), kk, input_precision=DOT_PREC) * scale
+            tl.atomic_add(DQ32 + qoff, dqc, mask=qmask)
     dk = dk * scale
     # scalar conditions broadcast through an int vector (the interpreter rejects scalar bool masks)
     zero_n = tl.zeros([BLOCK_N], dtype=tl.int32)
@@ -211,6 +223,47 @@ def sparse_attention_bwd_reduce_kernel(PDK, PDV, DK, DV, ROW_ITEMS, ROW_FIRST_SL
     tl.store(DV + koff, acc_v.to(DV.dtype.element_ty), mask=smask)
 
 
+def _parse_config(env: str):
+    out = {}
+    for item in os.environ.get(env, "").split(","):
+        if "=" in item:
+            key, val = item.split("=", 1)
+            out[key.strip()] = int(val)
+    return out
+
+
+def bwd_config(g: int, d: int, block_size: int):
+    """Launch configuration of the backward (env ``MSA_SPARSE_BWD_CONFIG``, e.g.
+    ``DKDV_BLOCK_M=32,DKDV_BLOCK_N=128,DKDV_WARPS=8,DKDV_STAGES=2,DQ_BLOCK_N=64,DQ_WARPS=4,DQ_STAGES=2``;
+    ``benchmarks/bench_train.py --sweep`` times a few). DKDV_BLOCK_M: packed query x head rows per MMA
+    (raised to >= G); DKDV_BLOCK_N: keys per program (the block is split over programs, each keeping
+    its dK/dV accumulators in registers); DQ_BLOCK_N: keys per sub-tile of the query-outer dQ kernel."""
+    bs_pad = _pow2(block_size)
+    if _interpreting():
+        cfg = dict(DKDV_BLOCK_M=16, DKDV_BLOCK_N=bs_pad, DKDV_WARPS=4, DKDV_STAGES=1, DQ_BLOCK_N=bs_pad,
+                   DQ_WARPS=4, DQ_STAGES=1)
+    else:
+        big = _pow2(_pow2(g) * bs_pad) > 4096
+        cfg = dict(DKDV_BLOCK_M=64, DKDV_BLOCK_N=min(bs_pad, 64), DKDV_WARPS=8, DKDV_STAGES=2, DQ_BLOCK_N=bs_pad,
+                   DQ_WARPS=8 if big else 4, DQ_STAGES=2)
+    cfg.update(_parse_config("MSA_SPARSE_BWD_CONFIG"))
+    cfg["DKDV_BLOCK_M"] = max(cfg["DKDV_BLOCK_M"], _pow2(g))
+    cfg["DKDV_BLOCK_N"] = max(16, min(bs_pad, _pow2(cfg["DKDV_BLOCK_N"])))
+    cfg["DQ_BLOCK_N"] = max(16, min(bs_pad, _pow2(cfg["DQ_BLOCK_N"])))
+    return cfg
+
+
+def dq_mode() -> str:
+    """'query' (default: the spec's deterministic query-outer dQ kernel) or 'atomic' (opt-in, env
+    ``MSA_SPARSE_BWD_DQ=atomic``, ignored under torch.use_deterministic_algorithms: the dK/dV kernel also
+    adds each key tile's dQ contribution into an fp32 buffer with atomics, so K/V are read once per
+    (block, query tile) instead of once per query; dQ is then not bitwise repeatable)."""
+    mode = os.environ.get("MSA_SPARSE_BWD_DQ", "query")
+    if mode not in ("query", "atomic"):
+        raise ValueError(f"MSA_SPARSE_BWD_DQ must be 'query' or 'atomic', got {mode!r}")
+    return "query" if torch.are_deterministic_algorithms_enabled() else mode
+
+
 def default_max_queries_per_item(block_size: int, topk: int) -> int:
     """Hot-row chunk: ~2 * k * B_k queries as in the spec (at least 64 so tiles stay full)."""
     return max(64, 2 * topk * block_size)
@@ -252,20 +305,24 @@ def sparse_attention_bwd_triton(do: torch.Tensor, q: torch.Tensor, k: torch.Tens
     prec = _dot_precision(q.dtype)
     block_d = _pow2(d)
     bs_pad = _pow2(block_size)
-    interp = _interpreting()
 
     delta = torch.empty(ntok * hq, dtype=torch.float32, device=dev)
     block_r = 64
     sparse_attention_bwd_preprocess_kernel[(triton.cdiv(ntok * hq, block_r),)](
         o, do, delta, ntok * hq, D=d, BLOCK_R=block_r, BLOCK_D=block_d)
 
-    seq_start = token_seq_start(bsz, t, cu_seqlens, dev)
-    dq = torch.empty_like(q)
-    block_g = _pow2(g)
-    sparse_attention_bwd_dq_kernel[(ntok, hkv)](
-        q, k, v, do, lse, delta, dq, bi, seq_start, float(scale), hq, hkv, nsel, block_size,
-        G=g, D=d, BLOCK_G=block_g, BLOCK_N=bs_pad, BLOCK_D=block_d, CDT=cdt, DOT_PREC=prec,
-        num_warps=4 if block_g * bs_pad <= 4096 else 8)
+    cfg = bwd_config(g, d, block_size)
+    dq_atomic = dq_mode() == "atomic"
+    if dq_atomic:
+        dq32 = torch.zeros((ntok * hq, d), dtype=torch.float32, device=dev)
+    else:
+        dq32 = delta  # unused pointer
+        seq_start = token_seq_start(bsz, t, cu_seqlens, dev)
+        dq = torch.empty_like(q)
+        sparse_attention_bwd_dq_kernel[(ntok, hkv)](
+            q, k, v, do, lse, delta, dq, bi, seq_start, float(scale), hq, hkv, nsel, block_size,
+            G=g, D=d, BLOCK_G=_pow2(g), BLOCK_N=cfg["DQ_BLOCK_N"], KV_TILES=bs_pad // cfg["DQ_BLOCK_N"],
+            BLOCK_D=block_d, CDT=cdt, DOT_PREC=prec, num_warps=cfg["DQ_WARPS"], num_stages=cfg["DQ_STAGES"])
 
     c = max_queries_per_item or default_max_queries_per_item(block_size, nsel)
     if reverse_index is None:
@@ -290,14 +347,16 @@ def sparse_attention_bwd_triton(do: torch.Tensor, q: torch.Tensor, k: torch.Tens
     dv = torch.zeros_like(v)
     pdk = torch.empty((n_slots, bs_pad, d), dtype=torch.float32, device=dev)
     pdv = torch.empty_like(pdk)
-    block_m = max(16 if interp else 64, _pow2(g))
-    block_n = bs_pad if interp else min(bs_pad, 64)
+    block_m = cfg["DKDV_BLOCK_M"]
+    block_n = cfg["DKDV_BLOCK_N"]
     sparse_attention_bwd_dkdv_kernel[(n_items, bs_pad // block_n)](
-        q, k, v, do, lse, delta, dk, dv, pdk, pdv, ri.entries, ri.work_row, ri.work_start, ri.work_end,
+        q, k, v, do, lse, delta, dk, dv, pdk, pdv, dq32, ri.entries, ri.work_row, ri.work_start, ri.work_end,
         slot_of_item.to(torch.int32), ri.layout.block_start, ri.layout.block_len, float(scale), hq, hkv, nsel, nb,
         G=g, D=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BS_PAD=bs_pad, CDT=cdt, DOT_PREC=prec,
-        num_warps=4 if interp else 8, num_stages=1 if interp else 2)
+        DQ_ATOMIC=dq_atomic, num_warps=cfg["DKDV_WARPS"], num_stages=cfg["DKDV_STAGES"])
     sparse_attention_bwd_reduce_kernel[(rows, bs_pad // block_n)](
         pdk, pdv, dk, dv, items.to(torch.int32), row_first_slot.to(torch.int32), ri.layout.block_start,
         ri.layout.block_len, hkv, nb, D=d, BLOCK_N=block_n, BLOCK_D=block_d, BS_PAD=bs_pad)
+    if dq_atomic:
+        dq = dq32.view(q.shape).to(q.dtype)
     return dq, dk, dv

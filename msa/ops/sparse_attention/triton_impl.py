@@ -73,16 +73,15 @@ def _pow2(x: int, lo: int = 1) -> int:
 def kv_outer_config(head_dim: int, group: int, block_size: int) -> Dict[str, int]:
     """Launch configuration of the KV-outer kernel.
 
-    BLOCK_M MMA rows (>= G so one query's heads fit one tile), BLOCK_N keys per tile (the whole block
-    when B_k <= 128, so it is loaded once per work item), 8 warps for D = 128 (a 128 x 128 fp32
-    accumulator plus the score tile need the registers of 256 threads), 4 below; 3 stages at D = 128
-    (H200 sweep at 32K: 22.9 ms vs 23.4 ms with 2).
+    BLOCK_M MMA rows (raised to >= G so one query's heads fit one tile), BLOCK_N keys per tile (the
+    whole block when B_k <= 128, so it is loaded once per work item). Override with the env var
+    MSA_SPARSE_FWD_CONFIG (e.g. "BLOCK_M=128,num_warps=8").
     """
     block_d = _pow2(head_dim, 16)
-    cfg = dict(BLOCK_M=64 if (_interpreting() or block_d <= 64) else 128,
-               BLOCK_N=max(16, min(128, _pow2(block_size))),
-               num_warps=8 if block_d >= 128 else 4, num_stages=3 if block_d >= 128 else 2, PRELOAD=1,
-               PREFETCH=0)
+    # H200 sweep at 32K with bf16 partials (benchmarks/results/dev/round3_prefill.json): BLOCK_M=64,
+    # 4 warps, 3 stages 14.7 ms; 128 rows / 8 warps 16.2 ms; software prefetch of the next Q tile 15.7 ms
+    cfg = dict(BLOCK_M=64, BLOCK_N=max(16, min(128, _pow2(block_size))),
+               num_warps=4, num_stages=3 if block_d >= 128 else 2, PRELOAD=1, PREFETCH=0)
     cfg.update(_parse_config("MSA_SPARSE_FWD_CONFIG"))
     cfg["BLOCK_M"] = max(cfg["BLOCK_M"], _pow2(group, 16))
     return cfg

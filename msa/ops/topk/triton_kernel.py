@@ -131,16 +131,15 @@ def block_topk_fwd_kernel(
             v2 = tl.where(forced2, float("inf"), v2)
         cand = _key(v2, valid2, SENT)
         ccol = tl.where(valid2, cols2, BIG)
-    # one 2D reduction per step instead of two nested ones
-    cand = tl.reshape(cand, [ROWS, KP * SEG])
-    ccol = tl.reshape(ccol, [ROWS, KP * SEG])
+    # Nested 3D reductions, no tl.reshape: reshaping [ROWS, KP, SEG] to [ROWS, KP * SEG] selected
+    # columns that were not maxima on sm_90 (triton 3.6; correct in the interpreter).
     res_k = tl.full([ROWS, KP], SENT, tl.int32)
     res_c = tl.full([ROWS, KP], -1, tl.int32)
     for it in range(topk):
-        w = tl.max(cand, axis=1)
-        c = tl.min(tl.where(cand == w[:, None], ccol, BIG), axis=1)
+        w = tl.max(tl.max(cand, axis=2), axis=1)
+        c = tl.min(tl.min(tl.where(cand == w[:, None, None], ccol, BIG), axis=2), axis=1)
         # columns are unique within a row, so this removes exactly the winner
-        cand = tl.where(ccol == c[:, None], SENT, cand)
+        cand = tl.where(ccol == c[:, None, None], SENT, cand)
         c = tl.where(w == SENT, -1, c)
         res_k = tl.where(kp[None, :] == it, w[:, None], res_k)
         res_c = tl.where(kp[None, :] == it, c[:, None], res_c)
