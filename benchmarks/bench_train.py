@@ -24,7 +24,8 @@
    Note: the sparse KL computes loss, dq_idx and dk_idx in its forward (one KV-outer pass), so its
    kl_bwd is only the grad_out scaling; the warmup KL's kl_bwd is the key-outer dk_idx pass.
    --sweep: at T = 32768 also times the KL / backward kernels under a few launch configurations
-   (env knobs MSA_KL_KV_CONFIG, MSA_KL_DENSE_CONFIG, MSA_KL_DENSE_MODE, MSA_SPARSE_BWD_CONFIG) to tune
+   (env knobs MSA_KL_KV_CONFIG, MSA_KL_DENSE_CONFIG, MSA_KL_DENSE_MODE, MSA_SPARSE_BWD_CONFIG,
+   MSA_SPARSE_BWD_DQ) to tune
    the defaults. The warmup KL runs in its default 'onepass' mode (teacher once, dq_idx by atomics)
    unless MSA_KL_DENSE_MODE=twopass (deterministic) is set.
    FLOPs (causal, paper Eq. 12 style): dense fwd 2*H_q*D*T^2, fwd+bwd x3.5.
@@ -160,6 +161,7 @@ def config_sweep(q, k, v, qi, ki, do, kl_kw, notes):
          lambda: sparse_attention_bwd_triton(do, q.detach(), k.detach(), v.detach(), o, lse, bi, block_size=BLOCK,
                                              scale=D ** -0.5, cu_seqlens=None)),
     ]
+    sweeps.append(("MSA_SPARSE_BWD_DQ", ["query", "atomic"], sweeps[-1][2]))
     if (q.shape[1] <= 32768):
         with torch.no_grad():
             _, dlse = DenseAttentionWithLse.apply(q.detach(), k.detach(), v.detach(), D ** -0.5, "cudnn")

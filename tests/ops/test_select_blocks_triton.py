@@ -173,3 +173,65 @@ def test_checker_can_fail():
     with pytest.raises(AssertionError):
         check_selection(bad, ref, q, k, tol=1e-5, cu=None, block_size=16, topk=3, init_blocks=0, local_blocks=1,
                         scale=0.2)
+
+
+# Score-kernel variants (register-buffered stores, persistent grid, sub-tiled blocks, large tiles).
+# (rows, nsplit, tune): with H=3 a 32-row tile holds 10 tokens (tiles start off block boundaries);
+# nbuf 4 over ~20 blocks leaves partial buffers at the end of rows; nsplit 3 makes the buffered columns
+# strided; block_n 16 < block 32 gives 2 sub-tiles per block; persist 1 loops 4 programs (CPU n_SM = 4)
+# over all work items.
+SCORE_VARIANTS = [
+    (32, 1, dict(nbuf=4)),
+    (32, 3, dict(nbuf=4)),
+    (64, 2, dict(nbuf=8, block_n=16)),
+    (32, 1, dict(nbuf=2, persist=1)),
+    (64, 3, dict(nbuf=4, persist=2, block_n=16)),
+    (128, None, dict(nbuf=16)),
+]
+
+
+@pytest.mark.parametrize("variant", SCORE_VARIANTS, ids=lambda v: f"r{v[0]}s{v[1]}" + "".join(
+    f"_{a}{b}" for a, b in v[2].items()))
+@pytest.mark.parametrize("scale", [0.25, -0.5])
+def test_block_scores_variants(variant, scale):
+    """Every score-kernel variant equals block_scores_reference (fp32, rtol/atol 1e-5); unwritten
+    entries would stay +inf (poisoned buffer) and fail. T=331 with block 32: 11 blocks, 10 full blocks
+    before the last tile; negative scale takes the scale-before-max path."""
+    rows, nsplit, tune = variant
+    g = torch.Generator().manual_seed(rows + (nsplit or 0))
+    t, h, d, bs = 331, 3, 32, 32
+    q = torch.randn(t, h, d, generator=g).to(DEV)
+    k = torch.randn(t, d, generator=g).to(DEV)
+    got = block_scores_triton(q, k, block_size=bs, scale=scale, rows=rows, nsplit=nsplit, **tune)
+    ref = block_scores_reference(q, k, 0, bs, scale)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", SCORE_VARIANTS[1:5], ids=lambda v: f"r{v[0]}s{v[1]}" + "".join(
+    f"_{a}{b}" for a, b in v[2].items()))
+def test_select_blocks_variants_packed(variant):
+    """Full pipeline with kernel variants on packed sequences (partial blocks side by side), forcing and
+    a small budget (several chunks): sets or score multisets equal the reference (1e-5)."""
+    rows, nsplit, tune = variant
+    g = torch.Generator().manual_seed(11)
+    t, h, d, bs, topk = 300, 2, 32, 16, 5
+    q = torch.randn(1, t, h, d, generator=g).to(DEV)
+    k = torch.randn(1, t, d, generator=g).to(DEV)
+    cu = [0, 37, 38, 200, 300]
+    cs = torch.tensor(cu, dtype=torch.int32, device=DEV)
+    kw = dict(block_size=bs, topk=topk, init_blocks=1, local_blocks=2, scale=d ** -0.5, cu_seqlens=cs)
+    got = select_blocks_triton(q, k, budget_bytes=8192, rows=rows, nsplit=nsplit, **tune, **kw)
+    ref = select_blocks_reference(q, k, **kw)
+    check_selection(got, ref, q, k, tol=1e-5, cu=cu, **{x: kw[x] for x in ("block_size", "topk", "init_blocks",
+                                                                           "local_blocks", "scale")})
+
+
+def test_score_config_defaults_fit_shared_memory(monkeypatch):
+    """Resolved GPU defaults stay within SMEM_LIMIT for the paper shape and for a wide head (d_idx 256)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # score_config only reads it (GPU defaults)
+    for dim in (64, 128, 256):
+        q = torch.empty(1, 4, dim, dtype=torch.bfloat16)
+        cfg = IMPL.score_config(q, 4, dim, 128)
+        assert IMPL.score_smem_bytes(cfg["rows"], cfg["block_n"], cfg["block_d"], 2, cfg["num_stages"]) \
+            <= IMPL.SMEM_LIMIT

@@ -1,27 +1,36 @@
 """Triton kernels of MSA decoding over a (contiguous or paged) cache.
 
-Four launches per decode step, all with grids that depend only on the plan's capacity (not on the
-current lengths, which are read from device memory), so a step is CUDA-graph capturable:
+Every grid depends only on the plan's capacity (not on the current lengths, which are read from
+device memory), so a step is CUDA-graph capturable. Two launch chains (``DecodePlan(fused=...)``):
 
-1. ``decode_index_fwd_kernel``: split-K over the index-key cache. One program per (sequence, row
-   tile, range of tiles of NBT blocks); the rows are the t new tokens x H_kv groups of one sequence
-   (padded to >= 16 MMA rows), so every index key is read from HBM once per step. Writes causal
-   block maxima (fp32, B*T*H*NB floats: 128 KB at 1M tokens, negligible next to the keys).
-2. ``decode_topk_fwd_kernel``: exp-free top-k on raw block scores (forced blocks get +inf, invisible
-   ones are left out) per (row, chunk of blocks); with one chunk it writes the final selection.
-   Score and block id are packed in one int64 so each of the k steps is ONE max reduction (small
-   chunks, 1-2 warps: the reductions stay in warp shuffles).
-3. ``decode_topk_merge_fwd_kernel``: merges the per-chunk packed candidates (only when several chunks).
-4. ``decode_attention_fwd_kernel``: split-K over the selected blocks (or all blocks when dense); one
-   program per (sequence x token, group, split) with the G heads of the group as MMA rows, then
+Fused chain (default; 2 launches, a 3rd only when the attention is split):
+
+1. ``decode_index_fwd_kernel`` with LOCAL_TOPK: split-K over the index-key cache. One program per
+   (sequence, row tile, range of tiles of NBT blocks); the rows are the t new tokens x H_kv groups of
+   one sequence (padded to >= 16 MMA rows), so every index key is read from HBM once per step. The
+   causal block maxima of the program's range stay in registers and its epilogue writes the range's
+   exp-free top-k as packed (score, id) int64 candidates (forced blocks +inf, invisible ones left out).
+2. ``decode_attention_fwd_kernel`` with FUSED_SEL: every program (sequence x token, group, split)
+   first merges the per-range candidates of its row itself (a few thousand int64 at 1M tokens:
+   redundant across the splits of a row but cheaper than a launch), split 0 writes the selection,
+   then split-K attention over the selected blocks with the G heads of the group as MMA rows. With
+   ONE split (DIRECT) the program writes the final output and lse itself; otherwise
    ``decode_merge_fwd_kernel`` combines the splits exactly through their log-sum-exps.
+
+Legacy chain (``fused=False``, kept for comparison; 4-5 launches): index kernel writing every block
+maximum (fp32, B*T*H*NB floats) -> ``decode_topk_fwd_kernel`` per (row, chunk of blocks) ->
+``decode_topk_merge_fwd_kernel`` (several chunks) -> attention reading the selection -> merge.
+
+Exp-free top-k: score and block id are packed in one int64 so each of the k steps is ONE max
+reduction (ties: the lower block id wins, in every chain).
 
 Token row addressing (same for K, V and index keys): contiguous ``b * S_ROWS + j``; paged
 ``page_table[b, j // BS] * BS + j % BS`` (page size == block size).
 
 In the interpreter (F32=True) every load is upcast to fp32 and dots use ieee precision; on the GPU
 bf16 / fp16 operands feed the tensor cores with fp32 accumulation and fp8 index keys are upcast to
-the query dtype right after the load.
+the query dtype right after the load. EVEN_D (the head dim is a power of two >= 16) drops the mask
+along the head dim so loads stay 16-byte vectors.
 """
 
 from __future__ import annotations

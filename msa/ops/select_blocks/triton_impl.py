@@ -66,7 +66,8 @@ def _tiles_cached(starts: torch.Tensor, lens: torch.Tensor, tok_per_tile: int, d
 def select_blocks_triton(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size: int, topk: int,
                          init_blocks: int, local_blocks: int, scale: float,
                          cu_seqlens: Optional[torch.Tensor], budget_bytes: int = DEFAULT_BUDGET_BYTES,
-                         rows: Optional[int] = None, nsplit: Optional[int] = None) -> torch.Tensor:
+                         rows: Optional[int] = None, nsplit: Optional[int] = None,
+                         **tune) -> torch.Tensor:
     """Index Branch block selection in Triton (arguments already validated by ``msa.select_blocks``).
 
     Args:
@@ -76,6 +77,8 @@ def select_blocks_triton(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size
         cu_seqlens: optional int32 (S+1,) packed-sequence offsets (B == 1).
         budget_bytes: cap of the fp32 block-score buffer (the only intermediate).
         rows, nsplit: tuning overrides (MMA rows per program, key-block splits per tile).
+        tune: further score-kernel overrides, see ``score_config`` (block_n, num_warps, num_stages,
+            nbuf, persist).
 
     Returns:
         int32 (B, T, H_kv, topk): block ids within each sequence, the local block in the last valid
@@ -106,7 +109,8 @@ def select_blocks_triton(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size
         seq_start_tok = torch.repeat_interleave(starts, lens)
         pos = (torch.arange(total) - seq_start_tok).to(torch.int32).to(dev)
 
-    rows = rows or _default_rows(q, heads)
+    cfg = score_config(q, heads, dim, block_size, rows=rows, nsplit=nsplit, **tune)
+    rows = cfg["rows"]
     tok_per_tile = rows // heads
     tiles, tiles_dev = _tiles_cached(starts, lens, tok_per_tile, dev)
     # width of a tile's buffer rows: 1 + its last local block
@@ -126,62 +130,110 @@ def select_blocks_triton(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size
         tok_a, tok_b = int(tiles[i0, 0]), int(tiles[i1 - 1, 1])
         width = int(tile_width[i0:i1].max())
         scores = buf[: (tok_b - tok_a) * heads * width].view((tok_b - tok_a) * heads, width)
-        _launch_scores(q, k, scores, tiles_dev[i0:i1], tok_a, block_size, scale, rows, nsplit)
+        _launch_scores(q, k, scores, tiles_dev[i0:i1], tok_a, block_size, scale, cfg)
         launch_block_topk(scores, out, topk, n_cols=width, pos=pos, pos_tok_off=tok_a, heads=heads,
                           block_size=block_size, init_blocks=init_blocks, local_blocks=local_blocks,
                           out_row_off=tok_a * heads, convention=True)
     return out.view(bsz, t, heads, topk)
 
 
-def _default_rows(q: torch.Tensor, heads: int) -> int:
-    """MMA rows per program: 128 for 16-bit inputs; 64 for fp32 on the GPU (shared memory budget)."""
-    wide = q.element_size() == 4 and os.environ.get("TRITON_INTERPRET") != "1"
-    return max(64 if wide else 128, _pow2(heads))
+# Score-kernel defaults for 16-bit inputs on the GPU (ROWS = 128, BLOCK_N = 128, 8 warps, 3 stages:
+# Q 32 KB + 3 x 32 KB of K stages in shared memory). Pin the winner of `bench_topk.py --parts sweep` here.
+SCORE_DEFAULTS = {"rows": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "nbuf": 1, "persist": 0}
+SMEM_LIMIT = 232448  # bytes of shared memory one CTA may use on H100/H200 (227 KB)
 
 
-def _launch_scores(q, k, scores, tiles_dev, tok_a, block_size, scale, rows, nsplit) -> None:
+def _interp() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def score_smem_bytes(rows: int, block_n: int, block_d: int, elt: int, stages: int) -> int:
+    """Shared-memory estimate of index_scores_fwd_kernel: the Q tile (an MMA operand) plus `stages`
+    pipelined K tiles, plus a small allowance for layout conversions of the [ROWS] maxima."""
+    return rows * block_d * elt + max(1, stages) * block_n * block_d * elt + rows * 4 * 4
+
+
+def score_config(q: torch.Tensor, heads: int, dim: int, block_size: int, *, rows: Optional[int] = None,
+                 nsplit: Optional[int] = None, block_n: Optional[int] = None, num_warps: Optional[int] = None,
+                 num_stages: Optional[int] = None, nbuf: Optional[int] = None,
+                 persist: Optional[int] = None) -> dict:
+    """Resolved launch configuration of index_scores_fwd_kernel (None = default).
+
+    rows: MMA rows per program (power of two >= H_kv; tokens per tile = rows // H_kv).
+    nsplit: key-block splits per tile (None: enough programs for ~4 per SM).
+    block_n: keys per MMA (power of two, 16..128; capped by the block size).
+    num_warps, num_stages: Triton launch options.
+    nbuf: consecutive blocks whose maxima are buffered in registers and stored together (power of two).
+    persist: 0 = one program per (tile, split); p > 0 = p x n_SM persistent programs.
+    Defaults that would exceed SMEM_LIMIT shrink num_stages then block_n; explicit values are kept (an
+    impossible explicit config fails to compile, which the sweep records).
+    """
+    interp = _interp()
+    wide = q.element_size() == 4 and not interp
+    elt = q.element_size()
+    block_d = max(16, _pow2(dim))
+    d = SCORE_DEFAULTS
+    explicit = dict(block_n=block_n, num_stages=num_stages)
+    if rows is None:  # fp32 on the GPU: twice the bytes per tile, halve the rows
+        rows = 64 if wide else d["rows"]
+    rows = max(_pow2(rows), _pow2(heads))
+    bn_cap = max(16, min(128, _pow2(block_size)))
+    block_n = min(block_n or (64 if wide else d["block_n"]), bn_cap)
+    num_stages = num_stages or (2 if wide else d["num_stages"])
+    if explicit["num_stages"] is None:
+        while num_stages > 2 and score_smem_bytes(rows, block_n, block_d, elt, num_stages) > SMEM_LIMIT:
+            num_stages -= 1
+    if explicit["block_n"] is None:
+        while block_n > 16 and score_smem_bytes(rows, block_n, block_d, elt, num_stages) > SMEM_LIMIT:
+            block_n //= 2
+    num_warps = num_warps or (d["num_warps"] if rows >= 128 else 4)
+    nbuf = _pow2(nbuf if nbuf is not None else d["nbuf"])
+    persist = d["persist"] if persist is None else int(persist)
+    if interp:
+        num_warps, num_stages = 1, 1
+    return {"rows": rows, "nsplit": nsplit, "block_n": block_n, "block_d": block_d, "num_warps": num_warps,
+            "num_stages": num_stages, "nbuf": nbuf, "persist": persist}
+
+
+def _launch_scores(q, k, scores, tiles_dev, tok_a, block_size, scale, cfg) -> None:
     """index_scores_fwd_kernel over the tiles of one chunk into scores (chunk rows, width) fp32."""
     heads, dim = q.shape[1], q.shape[2]
-    interp = os.environ.get("TRITON_INTERPRET") == "1"
-    block_n = max(16, min(128, _pow2(block_size)))
-    wide = q.element_size() == 4 and not interp
-    if wide:  # fp32 tiles are twice as large: keep Q + pipelined K stages inside shared memory
-        block_n = min(block_n, 64)
-    block_d = max(16, _pow2(dim))
-    upcast = interp or q.dtype == torch.float32
+    upcast = _interp() or q.dtype == torch.float32
     ieee = q.dtype == torch.float32
     n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-    num_warps = 1 if interp else (8 if rows >= 128 else 4)
     n_tiles = tiles_dev.shape[0]
     # enough programs to fill the GPU (~4 per SM) even when a chunk holds few long tiles
-    ns = nsplit or max(1, min(scores.shape[1], triton.cdiv(4 * n_sm, n_tiles)))
-    index_scores_fwd_kernel[(n_tiles, ns)](
+    ns = cfg["nsplit"] or max(1, min(scores.shape[1], triton.cdiv(4 * n_sm, n_tiles)))
+    n_work = n_tiles * ns
+    persist = cfg["persist"] > 0
+    grid = (min(n_work, cfg["persist"] * n_sm) if persist else n_work,)
+    index_scores_fwd_kernel[grid](
         q, k, scores, tiles_dev,
         q.stride(0), q.stride(1), k.stride(0), scores.stride(0),
-        tok_a, heads, dim, block_size, float(scale), ns,
-        ROWS=rows, BLOCK_N=block_n, BLOCK_D=block_d, UPCAST=upcast, IEEE=ieee,
-        POS_SCALE=float(scale) > 0, SUB_MASK=block_size % block_n != 0,
-        num_warps=num_warps, num_stages=1 if interp else (2 if wide else 3))
+        tok_a, heads, dim, block_size, float(scale), ns, n_tiles,
+        ROWS=cfg["rows"], BLOCK_N=cfg["block_n"], BLOCK_D=cfg["block_d"], NBUF=cfg["nbuf"], PERSIST=persist,
+        UPCAST=upcast, IEEE=ieee, POS_SCALE=float(scale) > 0, SUB_MASK=block_size % cfg["block_n"] != 0,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 @torch.no_grad()
 def block_scores_triton(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size: int, scale: float,
-                        rows: Optional[int] = None, nsplit: Optional[int] = None) -> torch.Tensor:
+                        rows: Optional[int] = None, nsplit: Optional[int] = None, **tune) -> torch.Tensor:
     """Causal block-max scores of ONE sequence (a test/debug view of the first pipeline stage).
 
     q_idx: (T, H_kv, D_idx); k_idx: (T, D_idx). Returns fp32 (T, H_kv, NB), NB = ceil(T / block_size),
     -inf where the block lies after the query (matches ``block_scores_reference(q, k, 0, ...)``).
-    Builds the whole (T, H_kv, NB) buffer: for small T only.
+    rows, nsplit, tune: score-kernel overrides (``score_config``). Builds the whole (T, H_kv, NB) buffer: for small T only.
     """
     t, heads, dim = q_idx.shape
     q = q_idx if q_idx.stride(2) == 1 else q_idx.contiguous()
     k = k_idx.to(q.dtype)
     k = k if k.stride(1) == 1 else k.contiguous()
-    rows = rows or _default_rows(q, heads)
-    tiles = _tile_table(torch.zeros(1, dtype=torch.int64), torch.tensor([t]), rows // heads)
+    cfg = score_config(q, heads, dim, block_size, rows=rows, nsplit=nsplit, **tune)
+    tiles = _tile_table(torch.zeros(1, dtype=torch.int64), torch.tensor([t]), cfg["rows"] // heads)
     nb = triton.cdiv(t, block_size)
     scores = _empty((t * heads, nb), torch.float32, q.device)
-    _launch_scores(q, k, scores, tiles.to(torch.int32).to(q.device), 0, block_size, scale, rows, nsplit)
+    _launch_scores(q, k, scores, tiles.to(torch.int32).to(q.device), 0, block_size, scale, cfg)
     local = (torch.arange(t, device=q.device) // block_size).view(t, 1, 1)
     invisible = torch.arange(nb, device=q.device).view(1, 1, nb) > local
     return scores.view(t, heads, nb).masked_fill(invisible, float("-inf"))

@@ -2,10 +2,18 @@
 
 ``index_scores_fwd_kernel``: k_idx is ONE head shared by all H_kv groups, so the (query, group) pairs of
 a tile of consecutive tokens are the MMA rows of a single GEMM against each key block (ROWS = 128 rows =
-128 // H_kv tokens x H_kv groups). Each program keeps its Q tile in registers and walks the key blocks
-b = split, split + nsplit, ... up to the tile's LAST local block only (causal: about half the work of a
-full T x T product), reduces every block to its per-row max right after the MMA and writes one fp32 per
-(row, block). The T x T token scores never exist; only the (chunk rows, blocks) block-score buffer does.
+128 // H_kv tokens x H_kv groups by default; 256 halves the K re-reads). A work item is (tile, split): it
+keeps its Q tile on chip and walks the key blocks b = split, split + nsplit, ... up to the tile's LAST
+local block only (causal: about half the work of a full T x T product), reduces every block to its
+per-row max right after the MMA and writes one fp32 per (row, block). The T x T token scores never
+exist; only the (chunk rows, blocks) block-score buffer does.
+
+Tuning knobs (all constexpr or launch options, chosen in triton_impl.py):
+- NBUF > 1: the maxima of NBUF consecutive blocks of a row are kept in a [ROWS, NBUF] register tile and
+  stored together (one store of NBUF columns instead of NBUF scattered single-column stores).
+- PERSIST: a grid of about (programs per SM) x n_SM programs loops over the work items in launch order
+  (longest tiles first, consecutive tiles of one split next to each other, so programs running at the
+  same time walk the same k_idx blocks and share them in L2); otherwise one program per item.
 """
 
 from __future__ import annotations
@@ -15,27 +23,17 @@ import triton.language as tl
 
 
 @triton.jit
-def index_scores_fwd_kernel(
-    q_ptr, k_ptr, s_ptr, tile_ptr,
+def _index_scores_item(
+    q_ptr, k_ptr, s_ptr, tile_ptr, tile, split,
     stride_qt, stride_qh, stride_kt, stride_sr,
     chunk_tok0, heads, head_dim, block_size, scale, nsplit,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NBUF: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, POS_SCALE: tl.constexpr, SUB_MASK: tl.constexpr,
 ):
-    """Block-max scores of one query tile.
-
-    q: (T_total, H_kv, D) flattened tokens; k: (T_total, D); tile table int32 (n_tiles, 3) holding
-    (first token, end token, sequence start) of tiles that never cross a sequence boundary.
-    s: fp32 (chunk rows, width) with row (token - chunk_tok0) * H_kv + group; column b is written for
-    every b <= the row's local block (b * block_size <= position), nothing else.
-    """
-    # Tiles are sorted by token, so later tiles see more key blocks: start the longest ones first to
-    # shorten the tail (one large-smem CTA per SM at ROWS = BLOCK_N = D = 128).
-    pid = tl.num_programs(0) - 1 - tl.program_id(0)
-    split = tl.program_id(1)
-    tok0 = tl.load(tile_ptr + pid * 3)
-    tok1 = tl.load(tile_ptr + pid * 3 + 1)
-    seq0 = tl.load(tile_ptr + pid * 3 + 2)
+    """Block-max scores of one (tile, split) work item (see index_scores_fwd_kernel)."""
+    tok0 = tl.load(tile_ptr + tile * 3)
+    tok1 = tl.load(tile_ptr + tile * 3 + 1)
+    seq0 = tl.load(tile_ptr + tile * 3 + 2)
 
     r = tl.arange(0, ROWS)
     tok = tok0 + r // heads
@@ -63,6 +61,8 @@ def index_scores_fwd_kernel(
     n_full_blocks = (first_pos + 1) // block_size  # blocks b with (b + 1) * block_size - 1 <= first_pos
     n_full_mine = tl.minimum(tl.maximum((n_full_blocks - split + nsplit - 1) // nsplit, 0), n_mine)
     m = tl.full([ROWS], float("-inf"), tl.float32)
+    cols = tl.arange(0, NBUF)
+    buf = tl.full([ROWS, NBUF], float("-inf"), tl.float32)
     # One flat loop over (my key block, sub-tile) so the compiler can software-pipeline the K loads.
     for it in range(0, n_full_mine * subs):
         bi = it // subs
@@ -84,10 +84,22 @@ def index_scores_fwd_kernel(
         else:
             s = tl.where((sub + n < block_size)[None, :], s * scale, float("-inf"))
             m = tl.maximum(m, tl.max(s, axis=1))
+        # a [ROWS] vector, not a scalar: the interpreter rejects scalar-bool & tensor-bool masks
         is_last = (sub + BLOCK_N + tl.zeros([ROWS], tl.int32)) >= block_size
         out = m * scale if POS_SCALE else m
-        tl.store(s_ptr + srow * stride_sr + b, out, mask=rvalid & is_last)
+        if NBUF == 1:
+            tl.store(s_ptr + srow * stride_sr + b, out, mask=rvalid & is_last)
+        else:
+            # slot of this block in the row buffer; slots fill 0, 1, ... so a flush after slot j
+            # stores exactly the slots <= j, all written since the previous flush
+            slot = bi % NBUF
+            buf = tl.where((cols[None, :] == slot) & is_last[:, None], out[:, None], buf)
+            if (sub + BLOCK_N >= block_size) & (slot == NBUF - 1):
+                bcol = split + (bi - slot + cols) * nsplit
+                tl.store(s_ptr + srow[:, None] * stride_sr + bcol[None, :], buf,
+                         mask=rvalid[:, None] & (cols <= slot)[None, :])
         m = tl.where(is_last, float("-inf"), m)
+    # Diagonal blocks (at most ceil(tile tokens / block_size) + 1 per tile): direct single-column stores.
     for it in range(n_full_mine * subs, n_mine * subs):
         bi = it // subs
         sub = (it - bi * subs) * BLOCK_N
@@ -105,7 +117,41 @@ def index_scores_fwd_kernel(
         s = s * scale  # before the max: a negative scale would flip the order
         s = tl.where(kmask[None, :] & (kp[None, :] <= pos[:, None]), s, float("-inf"))
         m = tl.maximum(m, tl.max(s, axis=1))
-        # a [ROWS] vector, not a scalar: the interpreter rejects scalar-bool & tensor-bool masks
         is_last = (sub + BLOCK_N + tl.zeros([ROWS], tl.int32)) >= block_size
         tl.store(s_ptr + srow * stride_sr + b, m, mask=rvalid & (b <= local) & is_last)
         m = tl.where(is_last, float("-inf"), m)
+
+
+@triton.jit
+def index_scores_fwd_kernel(
+    q_ptr, k_ptr, s_ptr, tile_ptr,
+    stride_qt, stride_qh, stride_kt, stride_sr,
+    chunk_tok0, heads, head_dim, block_size, scale, nsplit, n_tiles,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NBUF: tl.constexpr,
+    PERSIST: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, POS_SCALE: tl.constexpr, SUB_MASK: tl.constexpr,
+):
+    """Block-max scores of the query tiles of one chunk.
+
+    q: (T_total, H_kv, D) flattened tokens; k: (T_total, D); tile table int32 (n_tiles, 3) holding
+    (first token, end token, sequence start) of tiles that never cross a sequence boundary, sorted by token.
+    s: fp32 (chunk rows, width) with row (token - chunk_tok0) * H_kv + group; column b is written for
+    every b <= the row's local block (b * block_size <= position), nothing else.
+    Work item w in [0, n_tiles * nsplit): split = w // n_tiles, tile = n_tiles - 1 - w % n_tiles.
+    Grid: (n_tiles * nsplit,) one item per program, or (P,) with PERSIST (items w = pid, pid + P, ...).
+    """
+    # Tiles are sorted by token, so later tiles see more key blocks: start the longest ones first to
+    # shorten the tail.
+    n_work = n_tiles * nsplit
+    if PERSIST:
+        for w in range(tl.program_id(0), n_work, tl.num_programs(0)):
+            _index_scores_item(q_ptr, k_ptr, s_ptr, tile_ptr, n_tiles - 1 - w % n_tiles, w // n_tiles,
+                               stride_qt, stride_qh, stride_kt, stride_sr,
+                               chunk_tok0, heads, head_dim, block_size, scale, nsplit,
+                               ROWS, BLOCK_N, BLOCK_D, NBUF, UPCAST, IEEE, POS_SCALE, SUB_MASK)
+    else:
+        w = tl.program_id(0)
+        _index_scores_item(q_ptr, k_ptr, s_ptr, tile_ptr, n_tiles - 1 - w % n_tiles, w // n_tiles,
+                           stride_qt, stride_qh, stride_kt, stride_sr,
+                           chunk_tok0, heads, head_dim, block_size, scale, nsplit,
+                           ROWS, BLOCK_N, BLOCK_D, NBUF, UPCAST, IEEE, POS_SCALE, SUB_MASK)
