@@ -10,7 +10,14 @@ Usage (GPU): PYTHONPATH=. python benchmarks/bench_topk.py --out DIR [--quick]
    - the full indexer select_blocks_triton at H_kv 4, d_idx 128, block 128, k 16, bf16 for
      T = 8K, 32K, 128K (+ 512K, 1M without --quick); TFLOP/s uses the spec's index FLOPs
      H_kv * d_idx * T^2 (causal, multiply-add = 2); peak memory from torch.cuda.max_memory_allocated.
+   - score-kernel sweep (index_scores_fwd_kernel alone, no top-k) at T = 32K and 128K over ROWS, BLOCK_N,
+     num_warps, num_stages, NBUF (register-buffered stores), persistent grid, nsplit; every config first
+     passes a bf16 parity gate against block_scores_reference (T = 4000, odd length); the full indexer is
+     then also timed with the fastest passing config ("best_cfg_ms").
 3. JSON under --out with the GPU name, versions, command and all results; a short table printed last.
+
+Parts can be chosen: --parts parity,topk,sweep,indexer,stages (default: all).
+Sweep only, e.g.: PYTHONPATH=. python benchmarks/bench_topk.py --out DIR --parts parity,sweep,indexer
 """
 
 from __future__ import annotations
@@ -28,7 +35,10 @@ from triton.testing import do_bench
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from msa.ops.select_blocks.reference import block_scores_reference, select_blocks_reference  # noqa: E402
-from msa.ops.select_blocks.triton_impl import select_blocks_triton  # noqa: E402
+from msa.ops.select_blocks.triton_impl import block_scores_triton, select_blocks_triton  # noqa: E402
+
+# the module object (msa.ops re-exports a function named select_blocks, which shadows the package path)
+sb_impl = sys.modules["msa.ops.select_blocks.triton_impl"]
 from msa.ops.topk import block_topk  # noqa: E402
 from msa.ops.topk.triton_kernel import launch_block_topk  # noqa: E402
 
@@ -141,7 +151,112 @@ def bench_topk_shapes(dev, quick):
     return out
 
 
-def bench_indexer(dev, quick):
+# (rows, block_n, num_warps, num_stages, nbuf, persist, nsplit); the first is the shipped default.
+# Shared memory (bf16, d 128): Q rows*256 B + stages * block_n*256 B -> 128/128/3 = 128 KB (1 CTA/SM),
+# 128/128/2 and 128/64/3 fit 2 CTAs/SM, 256/128/3 = 160 KB, 256/128/4 = 192 KB (< 227 KB).
+SWEEP = [
+    (128, 128, 8, 3, 1, 0, None),
+    (128, 128, 8, 2, 1, 0, None),
+    (128, 128, 8, 4, 1, 0, None),
+    (128, 128, 4, 3, 1, 0, None),
+    (128, 64, 4, 3, 1, 0, None),
+    (128, 64, 8, 4, 1, 0, None),
+    (128, 128, 8, 3, 8, 0, None),
+    (128, 128, 8, 3, 16, 0, None),
+    (128, 128, 8, 3, 1, 1, None),
+    (128, 64, 4, 3, 8, 2, None),
+    (256, 128, 8, 3, 1, 0, None),
+    (256, 128, 8, 4, 1, 0, None),
+    (256, 64, 8, 3, 1, 0, None),
+    (256, 64, 8, 4, 1, 0, None),
+    (256, 128, 8, 3, 8, 0, None),
+    (256, 128, 16, 3, 1, 0, None),
+    (256, 128, 8, 3, 1, 1, None),
+    (256, 64, 8, 3, 8, 1, None),
+    (128, 128, 8, 3, 1, 0, 2),
+]
+SWEEP_QUICK = [SWEEP[i] for i in (0, 1, 4, 6, 8, 10, 12)]  # --quick: ~7 compiles x 2-3 specialisations
+
+
+def _cfg_dict(c):
+    rows, bn, nw, st, nbuf, persist, ns = c
+    return dict(rows=rows, block_n=bn, num_warps=nw, num_stages=st, nbuf=nbuf, persist=persist, nsplit=ns)
+
+
+def _cfg_name(c):
+    rows, bn, nw, st, nbuf, persist, ns = c
+    return f"r{rows}_n{bn}_w{nw}_s{st}_buf{nbuf}_p{persist}" + (f"_ns{ns}" if ns else "")
+
+
+def sweep_scores(dev, quick, ts=(32768, 131072), tp=4000):
+    """index_scores_fwd_kernel alone over SWEEP configs: parity (bf16, T=4000 vs block_scores_reference,
+    atol/rtol 1e-2), then do_bench median (CUDA events) at T = 32K and 128K, TFLOP/s = H*d*T^2 / time."""
+    configs = SWEEP_QUICK if quick else SWEEP
+    torch.manual_seed(1)
+    qp = torch.randn(tp, H_KV, D_IDX, device=dev, dtype=torch.bfloat16)
+    kp = torch.randn(tp, D_IDX, device=dev, dtype=torch.bfloat16)
+    refp = block_scores_reference(qp, kp, 0, BS, D_IDX ** -0.5).float()
+    rows_out = []
+    ok_cfgs = []
+    for c in configs:
+        row = {"config": _cfg_name(c), **_cfg_dict(c)}
+        try:
+            got = block_scores_triton(qp, kp, block_size=BS, scale=D_IDX ** -0.5, **_cfg_dict(c))
+            err = (got - refp).abs()
+            fin = torch.isfinite(refp)
+            good = bool(torch.equal(torch.isfinite(got), fin)) and bool(
+                (err[fin] <= 1e-2 + 1e-2 * refp[fin].abs()).all())
+            row["parity"] = "PASS" if good else "FAIL"
+            row["parity_max_err"] = float(err[fin].max()) if fin.any() else 0.0
+            if good:
+                ok_cfgs.append(c)
+        except Exception as exc:  # out of resources, compile errors
+            row["parity"] = "ERROR"
+            row["error"] = repr(exc)[:300]
+        rows_out.append(row)
+    del qp, kp, refp
+    for t in ts:
+        try:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            q = torch.randn(t, H_KV, D_IDX, device=dev, dtype=torch.bfloat16)
+            k = torch.randn(t, D_IDX, device=dev, dtype=torch.bfloat16)
+            nb = triton.cdiv(t, BS)
+            scores = torch.empty(t * H_KV, nb, device=dev, dtype=torch.float32)
+            flops = H_KV * D_IDX * t * t
+            for row, c in zip(rows_out, configs):
+                if row["parity"] != "PASS":
+                    continue
+                try:
+                    cfg = sb_impl.score_config(q, H_KV, D_IDX, BS, **_cfg_dict(c))
+                    tiles = sb_impl._tile_table(torch.zeros(1, dtype=torch.int64), torch.tensor([t]),
+                                                cfg["rows"] // H_KV).to(torch.int32).to(dev)
+                    fn = lambda: sb_impl._launch_scores(q, k, scores, tiles, 0, BS, D_IDX ** -0.5, cfg)  # noqa: E731
+                    fn()
+                    ms = do_bench(fn, warmup=10, rep=150 if quick else 400, return_mode="median")
+                    row[f"T{t // 1024}K_ms"] = ms
+                    row[f"T{t // 1024}K_TFLOPs"] = flops / ms / 1e9
+                except torch.cuda.OutOfMemoryError as exc:
+                    row[f"T{t // 1024}K_error"] = f"OOM: {exc}"[:200]
+                except Exception as exc:
+                    row[f"T{t // 1024}K_error"] = repr(exc)[:200]
+            del q, k, scores
+        except torch.cuda.OutOfMemoryError as exc:
+            for row in rows_out:
+                row[f"T{t // 1024}K_error"] = f"OOM: {exc}"[:200]
+    for row in rows_out:
+        print({x: (round(y, 3) if isinstance(y, float) else y) for x, y in row.items()}, flush=True)
+    key = f"T{ts[-1] // 1024}K_ms"
+    timed = [r for r in rows_out if key in r]
+    best = min(timed, key=lambda r: r[key]) if timed else None
+    best_cfg = None
+    if best is not None:
+        best_cfg = {x: best[x] for x in ("rows", "block_n", "num_warps", "num_stages", "nbuf", "persist",
+                                         "nsplit")}
+    return rows_out, best_cfg
+
+
+def bench_indexer(dev, quick, best_cfg=None):
     ts = [8192, 32768, 131072] + ([] if quick else [524288, 1048576])
     out = []
     for t in ts:
@@ -165,6 +280,13 @@ def bench_indexer(dev, quick):
                                         rep=max(1, int(reps * once * 1000)), return_mode="median")
             flops = H_KV * D_IDX * t * t
             row["index_TFLOPs"] = flops / row["triton_ms"] / 1e9
+            if best_cfg:  # the sweep's fastest score-kernel config in the full pipeline
+                tune = {x: y for x, y in best_cfg.items() if y is not None}
+                select_blocks_triton(q, k, **kw, **tune)
+                row["best_cfg_ms"] = do_bench(lambda: select_blocks_triton(q, k, **kw, **tune),
+                                              warmup=1 if once > 1 else 25, rep=max(1, int(reps * once * 1000)),
+                                              return_mode="median")
+                row["best_cfg_TFLOPs"] = flops / row["best_cfg_ms"] / 1e9
             if t <= (8192 if quick else 32768):
                 row["reference_ms"] = do_bench(lambda: select_blocks_reference(q, k, **kw), warmup=1, rep=200,
                                                return_mode="median")
@@ -244,26 +366,33 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--parts", default="parity,topk,sweep,indexer,stages",
+                    help="comma list of parity, topk, sweep, indexer, stages")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     dev = "cuda"
     os.makedirs(args.out, exist_ok=True)
     info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "command": " ".join([sys.executable] + sys.argv), "quick": args.quick,
             "flops_formula": "index FLOPs = H_kv * d_idx * T^2 (causal, 2 per multiply-add)"}
-    par = parity(dev)
+    par = parity(dev) if "parity" in parts else {}
     for name, r in par.items():
         print(f"PARITY {name}: {'PASS' if r['pass'] else 'FAIL'} ({r['detail']})", flush=True)
-    topk_rows = bench_topk_shapes(dev, args.quick)
-    idx_rows = bench_indexer(dev, args.quick)
-    stage_rows = bench_stages(dev, args.quick)
-    result = {**info, "parity": par, "topk": topk_rows, "indexer": idx_rows, "indexer_stages": stage_rows}
+    topk_rows = bench_topk_shapes(dev, args.quick) if "topk" in parts else []
+    sweep_rows, best_cfg = sweep_scores(dev, args.quick) if "sweep" in parts else ([], None)
+    idx_rows = bench_indexer(dev, args.quick, best_cfg) if "indexer" in parts else []
+    stage_rows = bench_stages(dev, args.quick) if "stages" in parts else []
+    result = {**info, "parity": par, "topk": topk_rows, "score_sweep": sweep_rows, "score_best_cfg": best_cfg,
+              "score_defaults": sb_impl.SCORE_DEFAULTS, "indexer": idx_rows, "indexer_stages": stage_rows}
     path = os.path.join(args.out, "bench_topk.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
 
     print(f"\n# {info['gpu']}  torch {info['torch']}  triton {info['triton']}  -> {path}")
-    print("parity:", "PASS" if all(r["pass"] for r in par.values()) else "FAIL")
+    sweep_fail = [r["config"] for r in sweep_rows if r.get("parity") == "FAIL"]
+    print("parity:", "PASS" if all(r["pass"] for r in par.values()) and not sweep_fail else "FAIL",
+          f"(score-sweep configs failing parity: {sweep_fail})" if sweep_fail else "")
     print(f"{'top-k rows x blocks, k':<28}{'triton ms':>10}{'torch ms':>10}{'speedup':>9}")
     for r in topk_rows:
         lab = f"{r['rows'] // 1024}K x {r['blocks']}, {r['k']}"
@@ -276,13 +405,22 @@ def main():
             if best:
                 print(f"{'  best sweep config':<28}{best['ms']:>10.3f}   rows={best['rows']} seg={best['seg']} "
                       f"warps={best['num_warps']}")
-    print(f"{'indexer T (H4 d128 B128 k16)':<28}{'ms':>10}{'TFLOP/s':>10}{'peak GiB':>10}{'ref ms':>10}")
+    if sweep_rows:
+        print(f"{'score kernel config':<34}{'parity':>7}{'32K ms':>9}{'TFLOP/s':>9}{'128K ms':>9}{'TFLOP/s':>9}")
+        for r in sweep_rows:
+            cells = "".join(f"{r[f'T{x}K_ms']:>9.2f}{r[f'T{x}K_TFLOPs']:>9.1f}" if f"T{x}K_ms" in r
+                            else f"{'err' if f'T{x}K_error' in r else '-':>9}{'':>9}" for x in (32, 128))
+            print(f"{r['config']:<34}{r['parity']:>7}{cells}")
+        print(f"best score config at 128K: {best_cfg}  (default {sb_impl.SCORE_DEFAULTS})")
+    print(f"{'indexer T (H4 d128 B128 k16)':<28}{'ms':>10}{'TFLOP/s':>10}{'peak GiB':>10}{'ref ms':>10}"
+          f"{'best ms':>10}{'TFLOP/s':>10}")
     for r in idx_rows:
         if "error" in r:
             print(f"{r['T']:<28}{r['error'][:40]}")
         else:
             ref = f"{r['reference_ms']:>10.2f}" if "reference_ms" in r else f"{'-':>10}"
-            print(f"{r['T']:<28}{r['triton_ms']:>10.2f}{r['index_TFLOPs']:>10.1f}{r['peak_extra_GiB']:>10.2f}{ref}")
+            bst = f"{r['best_cfg_ms']:>10.2f}{r['best_cfg_TFLOPs']:>10.1f}" if "best_cfg_ms" in r else ""
+            print(f"{r['T']:<28}{r['triton_ms']:>10.2f}{r['index_TFLOPs']:>10.1f}{r['peak_extra_GiB']:>10.2f}{ref}{bst}")
     print(f"{'stages T':<10}{'scores':>9}{'topk':>9}{'chunks':>7}{'host':>8}{'prefill-style':>14}{'wall':>8}{'do_bench':>9}")
     for r in stage_rows:
         if "error" in r:

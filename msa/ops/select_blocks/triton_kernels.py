@@ -94,7 +94,7 @@ def _index_scores_item(
             # stores exactly the slots <= j, all written since the previous flush
             slot = bi % NBUF
             buf = tl.where((cols[None, :] == slot) & is_last[:, None], out[:, None], buf)
-            if (sub + BLOCK_N >= block_size) & (slot == NBUF - 1):
+            if (sub + BLOCK_N >= block_size) & ((slot == NBUF - 1) | (bi == n_full_mine - 1)):
                 bcol = split + (bi - slot + cols) * nsplit
                 tl.store(s_ptr + srow[:, None] * stride_sr + bcol[None, :], buf,
                          mask=rvalid[:, None] & (cols <= slot)[None, :])
