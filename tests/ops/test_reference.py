@@ -288,3 +288,15 @@ def test_indexer_kl_bad_input():
         msa.indexer_kl_loss(q_idx, k_idx, q[:, :, :3], k)
     with pytest.raises(ValueError, match="block_indices"):
         msa.indexer_kl_loss(q_idx, k_idx, q, k, torch.zeros(1, 40, 2, 3, dtype=torch.int64), block_size=16)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_exact_ties_go_to_the_lower_block_id(backend):
+    """Repeated tokens give identical index keys: equal block scores must resolve the same way on
+    every backend (toward the lower block id), or backends would attend to different blocks."""
+    t, bs = 16 * 8, 16
+    k_idx = torch.ones(1, t, 4)
+    k_idx[0, 40] = 3.0  # block 2 wins; blocks 0, 1, 3..6 tie
+    q_idx = torch.ones(1, t, 1, 4)
+    out = msa.select_blocks(q_idx, k_idx, block_size=bs, topk=4, backend=backend)
+    assert selection_sets(out)[0][t - 1][0] == [0, 1, 2, 7]

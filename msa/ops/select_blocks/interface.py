@@ -29,7 +29,8 @@ def select_blocks(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size: int =
 
     Returns:
         int32 (B, T, H_kv, topk): block ids within each sequence, unordered, the local block in the
-        last valid slot, -1 after the valid prefix (the MiniMax / vLLM convention).
+        last valid slot, -1 after the valid prefix (the MiniMax / vLLM convention). Equal block scores
+        are broken toward the lower block id on every backend, so backends select the same sets.
 
     Equivalent PyTorch (one sequence, one group r; a query i at position i)::
 

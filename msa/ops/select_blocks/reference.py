@@ -69,8 +69,10 @@ def select_from_scores(m: torch.Tensor, pos: torch.Tensor, block_size: int, topk
     m = torch.where(forced.unsqueeze(1), torch.full_like(m, float("inf")), m)
     m = torch.where((b > lc).unsqueeze(1), torch.full_like(m, float("-inf")), m)
     kk = min(topk, nb)
-    vals, ids = m.topk(kk, dim=-1)
-    return order_selection(ids, vals > float("-inf"), local, topk)
+    # stable descending sort: equal scores go to the lower block id, the tie-break every backend uses
+    # (exact ties are common: repeated tokens give identical index keys when the index branch has no RoPE)
+    vals, ids = m.sort(dim=-1, descending=True, stable=True)
+    return order_selection(ids[..., :kk], vals[..., :kk] > float("-inf"), local, topk)
 
 
 def select_blocks_sequence(q_idx: torch.Tensor, k_idx: torch.Tensor, *, q_start: int, block_size: int, topk: int,
