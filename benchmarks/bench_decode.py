@@ -8,9 +8,11 @@
    recall against the bf16-key selection is reported. Prints PASS/FAIL per check.
 2. Timing at the paper's shape (H_q 64, H_kv 4, D 128, d_idx 128, block 128, k 16): contexts 32K,
    128K, 512K, 1M; batch 1 and 16; 1 and 4 new query tokens per step; bf16 / fp8 (per-token or
-   per-block scales) index keys; contiguous / paged (randomly permuted page table) caches. The MSA
-   step (4-5 kernel launches) is captured in a CUDA graph and timed with triton.testing.do_bench
-   (median, L2 flushed between runs). The baseline is dense decode over the contiguous cache with
+   per-block scales) index keys; contiguous / paged (randomly permuted page table) caches. Both
+   launch chains are timed: the fused one (DecodePlan default: index + per-range top-k, attention +
+   candidate merge, + split merge when the attention is split; 2-3 launches) and the legacy one
+   (fused=False: 4-5 launches). Each MSA step is captured in a CUDA graph and timed with
+   triton.testing.do_bench (median, L2 flushed between runs). The baseline is dense decode over the contiguous cache with
    torch SDPA, fastest of the flash / cuDNN / efficient backends, queries packed per KV head
    (B, H_kv, G*t, D) so GQA needs no K/V expansion (for t > 1 the intra-step causal mask is dropped:
    same bytes, negligible FLOPs); the enable_gqa path is timed as well where it runs.
@@ -18,7 +20,8 @@
    L*d_idx*(2 or 1) B (+ scales) plus 2*H_kv*D*k*B_k*2 B per new token. Achieved GB/s are compared
    with a measured device-to-device copy bandwidth (read + write bytes / time).
 4. Per-kernel breakdown (CUDA events around each launch of an eager run) next to the graph-replay
-   total, and at the longest context (B=1, t=1, contiguous) a small sweep of index-kernel geometries.
+   total, and at the longest context (B=1, t=1, contiguous) small sweeps of index-kernel geometries
+   and of the fused chain's attention splits (1 split = 2 launches, no merge kernel).
 JSON + PNG under --out; a short table is printed last. Sizes that do not fit are recorded as OOM.
 """
 
@@ -238,34 +241,39 @@ def gate(dev):
                 o_ref = torch.stack([sparse_attention_sequence(q[b], *cache.view(0, b)[:2], s_ref[b], q_start=n - t,
                                                                block_size=BS, scale=D ** -0.5)[0]
                                      for b, n in enumerate(lens)])
-                plan = DecodePlan(cache, num_heads=HQ, block_size=BS, topk=TOPK, init_blocks=init, local_blocks=loc,
-                                  num_tokens=t)
-                plan.out.fill_(float("nan"))
-                o, s = plan.run(q, qi, 0)
-                o, s = o.clone(), s.clone()
-                exact, robust, worst = selection_match(s, s_ref, scores, t)
-                o2, _ = plan.run(q, qi, 0, block_indices=s_ref)
-                e_attn = rel_err(o2, o_ref)
-                dplan = DecodePlan(cache, num_heads=HQ, block_size=BS, topk=TOPK, num_tokens=t, dense=True)
                 od_ref, _ = decode_attention_reference(q, qi, cache, 0, dense=True, **kw)
-                e_dense = rel_err(dplan.run(q, None, 0)[0], od_ref)
                 nonfinite = int((~torch.isfinite(cache.k_idx[0].float())).sum())
-                ok = (robust == 1.0 and e_attn < 1e-2 and e_dense < 1e-2 and torch.isfinite(o).all().item()
-                      and nonfinite == 0)
-                row = dict(check=f"decode paged={paged} idx={idx} t={t}", selection_equal_frac=exact,
-                           selection_equal_up_to_ties_frac=robust, worst_tie_gap=worst, attn_rel_rmse=e_attn,
-                           dense_rel_rmse=e_dense, nonfinite_index_keys=nonfinite, passed=bool(ok))
-                msg = ""
                 if idx == "bf16":
                     sel16 = s_ref
-                else:
-                    br, sr = recall(s, sel16, base, qi, t)
-                    row.update(block_recall_vs_bf16=br, score_recall_vs_bf16=sr)
-                    msg = f" | vs bf16 selection: block recall {br:.3f} score recall {sr:.3f}"
-                checks.append(row)
-                print(f"[gate] {row['check']}: sel exact={exact:.3f} up-to-ties={robust:.3f} (gap {worst:.1e}) "
-                      f"attn={e_attn:.2e} dense={e_dense:.2e} {'PASS' if ok else 'FAIL'}{msg}", flush=True)
-                del plan, dplan
+                # fused chain with its default split count and with one split (no merge launch), legacy chain
+                for chain, pkw in (("fused", {}), ("fused-1split", dict(attention_splits=1)),
+                                   ("legacy", dict(fused=False))):
+                    plan = DecodePlan(cache, num_heads=HQ, block_size=BS, topk=TOPK, init_blocks=init,
+                                      local_blocks=loc, num_tokens=t, **pkw)
+                    plan.out.fill_(float("nan"))
+                    plan.block_indices.fill_(-7)
+                    o, s = plan.run(q, qi, 0)
+                    o, s = o.clone(), s.clone()
+                    exact, robust, worst = selection_match(s, s_ref, scores, t)
+                    o2, _ = plan.run(q, qi, 0, block_indices=s_ref)
+                    e_attn = rel_err(o2, o_ref)
+                    dplan = DecodePlan(cache, num_heads=HQ, block_size=BS, topk=TOPK, num_tokens=t, dense=True,
+                                       **pkw)
+                    e_dense = rel_err(dplan.run(q, None, 0)[0], od_ref)
+                    ok = (robust == 1.0 and e_attn < 1e-2 and e_dense < 1e-2 and torch.isfinite(o).all().item()
+                          and nonfinite == 0 and plan.fused == (chain != "legacy"))
+                    row = dict(check=f"decode {chain} paged={paged} idx={idx} t={t}", selection_equal_frac=exact,
+                               selection_equal_up_to_ties_frac=robust, worst_tie_gap=worst, attn_rel_rmse=e_attn,
+                               dense_rel_rmse=e_dense, nonfinite_index_keys=nonfinite, passed=bool(ok))
+                    msg = ""
+                    if idx != "bf16":
+                        br, sr = recall(s, sel16, base, qi, t)
+                        row.update(block_recall_vs_bf16=br, score_recall_vs_bf16=sr)
+                        msg = f" | vs bf16 selection: block recall {br:.3f} score recall {sr:.3f}"
+                    checks.append(row)
+                    print(f"[gate] {row['check']}: sel exact={exact:.3f} up-to-ties={robust:.3f} (gap {worst:.1e}) "
+                          f"attn={e_attn:.2e} dense={e_dense:.2e} {'PASS' if ok else 'FAIL'}{msg}", flush=True)
+                    del plan, dplan
                 if cache is not base:
                     del cache
             del base
@@ -388,10 +396,15 @@ INDEX_SWEEP = [dict(), dict(index_programs_per_sm=1, index_num_stages=4), dict(i
                dict(index_tile_blocks=1), dict(index_tile_blocks=2), dict(index_tile_blocks=4, index_num_stages=2)]
 
 
-def index_sweep(cache, q, qi, t):
-    """Graph-replay time (ms) of the whole step for a few index-kernel geometries (tuning data)."""
+ATTN_SPLIT_SWEEP = [dict(attention_splits=n) for n in (1, 2, 4, 8, 16)] + [
+    dict(attention_splits=1, index_programs_per_sm=4), dict(attention_splits=4, index_programs_per_sm=4)]
+
+
+def index_sweep(cache, q, qi, t, sweep=INDEX_SWEEP):
+    """Graph-replay time (ms) of the whole step for a few geometries (tuning data; fused chain unless
+    the config says fused=False)."""
     out = {}
-    for cfg in INDEX_SWEEP:
+    for cfg in sweep:
         key = ",".join(f"{k_}={v_}" for k_, v_ in cfg.items()) or "default"
         try:
             plan = DecodePlan(cache, num_heads=HQ, block_size=BS, topk=TOPK, num_tokens=t, **cfg)
@@ -450,30 +463,46 @@ def main():
                                 dense_ms, dense_be, dres = time_dense(cache, L, q)
                                 row["dense_all"] = dres
                                 own_dense = dres.get("triton_splitk_dense")
-                            plan = DecodePlan(cache, num_heads=HQ, block_size=BS, topk=TOPK, num_tokens=t)
-                            fn = lambda: plan.run(q, qi, 0)  # noqa: E731
-                            rep = graph_of(fn)
-                            ms = bench(rep or fn)
                             mb = msa_bytes(B, L, t, idx)
-                            bd = breakdown(plan, q, qi)
-                            row["breakdown_eager_us"] = bd
-                            row["geometry"] = dict(index_programs=B * plan.idx_row_tiles * plan.idx_splits,
-                                                   index_tiles_per_program=plan.idx_tps, index_tile_blocks=plan.idx_nbt,
-                                                   index_stages=plan.idx_stages, topk_chunks=plan.nc,
-                                                   attention_splits=plan.att_splits)
-                            print(f"  per-kernel (eager, us): " + " ".join(f"{k_} {v_:.1f}" for k_, v_ in bd.items())
-                                  + f" | sum {sum(bd.values()):.1f} vs graph total {ms * 1e3:.1f}", flush=True)
+                            chains = {}
+                            for chain, pkw in (("fused", {}), ("legacy", dict(fused=False))):
+                                plan = DecodePlan(cache, num_heads=HQ, block_size=BS, topk=TOPK, num_tokens=t, **pkw)
+                                fn = lambda plan=plan: plan.run(q, qi, 0)  # noqa: E731
+                                rep = graph_of(fn)
+                                ms_c = bench(rep or fn)
+                                bd = breakdown(plan, q, qi)
+                                geo = dict(fused=plan.fused, index_programs=B * plan.idx_row_tiles * plan.idx_splits,
+                                           index_tiles_per_program=plan.idx_tps, index_tile_blocks=plan.idx_nbt,
+                                           index_stages=plan.idx_stages, attention_splits=plan.att_splits,
+                                           launches=len(bd))
+                                if plan.fused:
+                                    geo.update(candidates_per_row=plan.ncand)
+                                else:
+                                    geo.update(topk_chunks=plan.nc)
+                                chains[chain] = dict(ms=ms_c, graph=rep is not None, breakdown_eager_us=bd, geometry=geo)
+                                print(f"  {chain:>6} per-kernel (eager, us): "
+                                      + " ".join(f"{k_} {v_:.1f}" for k_, v_ in bd.items())
+                                      + f" | sum {sum(bd.values()):.1f} vs graph total {ms_c * 1e3:.1f}", flush=True)
+                                del plan, fn, rep
+                            ms = chains["fused"]["ms"]
+                            row["chains"] = chains
+                            row["breakdown_eager_us"] = chains["fused"]["breakdown_eager_us"]
+                            row["geometry"] = chains["fused"]["geometry"]
+                            row.update(legacy_ms=chains["legacy"]["ms"], fused_gain=chains["legacy"]["ms"] / ms)
                             if L == contexts[-1] and B == 1 and t == 1 and not paged:
-                                sw = index_sweep(cache, q, qi, t)
-                                row["index_sweep_ms"] = sw
-                                print("  index sweep (graph ms): " + " ".join(
-                                    f"[{k_}] {v_:.4f}" if isinstance(v_, float) else f"[{k_}] {v_}" for k_, v_ in sw.items()),
-                                    flush=True)
-                            row.update(msa_ms=ms, graph=rep is not None, msa_bytes=mb, msa_GBps=mb / (ms * 1e-3) / 1e9,
+                                for name, sweep in (("index_sweep_ms", INDEX_SWEEP),
+                                                    ("attention_split_sweep_ms", ATTN_SPLIT_SWEEP)):
+                                    sw = index_sweep(cache, q, qi, t, sweep)
+                                    row[name] = sw
+                                    print(f"  {name} (graph ms, fused chain): " + " ".join(
+                                        f"[{k_}] {v_:.4f}" if isinstance(v_, float) else f"[{k_}] {v_}"
+                                        for k_, v_ in sw.items()), flush=True)
+                            row.update(msa_ms=ms, graph=chains["fused"]["graph"], msa_bytes=mb,
+                                       msa_GBps=mb / (ms * 1e-3) / 1e9,
                                        dense_ms=dense_ms, dense_backend=dense_be, dense_bytes=dense_bytes(B, L))
                             if dense_ms:
                                 row.update(dense_GBps=dense_bytes(B, L) / (dense_ms * 1e-3) / 1e9,
-                                           speedup=dense_ms / ms)
+                                           speedup=dense_ms / ms, legacy_speedup=dense_ms / row["legacy_ms"])
                             if isinstance(own_dense, float):
                                 row.update(triton_dense_ms=own_dense, speedup_vs_triton_dense=own_dense / ms)
                             row["status"] = "ok"
@@ -486,9 +515,11 @@ def main():
                             torch.cuda.empty_cache()
                         results.append(row)
                         if row["status"] == "ok":
-                            print(f"B={B} L={L} t={t} {'paged' if paged else 'contig'} {idx}: msa {row['msa_ms']:.3f} ms "
-                                  f"({row['msa_GBps']:.0f} GB/s) dense {dense_ms or float('nan'):.3f} ms "
-                                  f"[{dense_be}] speedup {row.get('speedup', float('nan')):.2f}x", flush=True)
+                            print(f"B={B} L={L} t={t} {'paged' if paged else 'contig'} {idx}: msa fused {row['msa_ms']:.4f} ms "
+                                  f"({row['msa_GBps']:.0f} GB/s) legacy {row['legacy_ms']:.4f} ms | dense "
+                                  f"{dense_ms or float('nan'):.3f} ms [{dense_be}] speedup fused "
+                                  f"{row.get('speedup', float('nan')):.2f}x legacy "
+                                  f"{row.get('legacy_speedup', float('nan')):.2f}x", flush=True)
                         else:
                             print(f"B={B} L={L} t={t} paged={paged} {idx}: {row['status']}", flush=True)
     out = dict(meta=meta, gate=dict(passed=ok, checks=checks), copy_GBps=bw, results=results,
@@ -502,15 +533,15 @@ def main():
         print(f"(plot failed: {exc})")
     print(f"\nGPU {meta['gpu']}  torch {meta['torch']}  triton {meta['triton']}  copy {bw:.0f} GB/s  "
           f"gate {'PASS' if ok else 'FAIL'}")
-    print(f"{'B':>3} {'L':>8} {'t':>2} {'layout':>6} {'index':>6} {'msa ms':>8} {'GB/s':>6} {'dense ms':>9} "
-          f"{'GB/s':>6} {'speedup':>8} {'vs triton dense':>15}")
+    print(f"{'B':>3} {'L':>8} {'t':>2} {'layout':>6} {'index':>6} {'fused ms':>9} {'GB/s':>6} {'legacy ms':>9} "
+          f"{'dense ms':>9} {'GB/s':>6} {'speedup':>8} {'legacy x':>8} {'vs triton dense':>15}")
     for r in results:
         if r.get("status") != "ok":
             continue
         print(f"{r['B']:>3} {r['L']:>8} {r['t']:>2} {'paged' if r['paged'] else 'contig':>6} {r['index']:>6} "
-              f"{r['msa_ms']:>8.3f} {r['msa_GBps']:>6.0f} {r['dense_ms'] or float('nan'):>9.3f} "
+              f"{r['msa_ms']:>9.4f} {r['msa_GBps']:>6.0f} {r['legacy_ms']:>9.4f} {r['dense_ms'] or float('nan'):>9.3f} "
               f"{r.get('dense_GBps', float('nan')):>6.0f} {r.get('speedup', float('nan')):>7.2f}x "
-              f"{r.get('speedup_vs_triton_dense', float('nan')):>14.2f}x")
+              f"{r.get('legacy_speedup', float('nan')):>7.2f}x {r.get('speedup_vs_triton_dense', float('nan')):>14.2f}x")
 
 
 def plot(results, path, gpu):
@@ -523,14 +554,18 @@ def plot(results, path, gpu):
         pts = sorted((r["L"], r["speedup"]) for r in results if r.get("status") == "ok" and "speedup" in r
                      and (r["B"], r["t"], r["paged"], r["index"]) == key)
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                    label=f"B={key[0]} t={key[1]} {'paged' if key[2] else 'contig'} {key[3]}")
+            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                            label=f"B={key[0]} t={key[1]} {'paged' if key[2] else 'contig'} {key[3]}")
+            leg = sorted((r["L"], r["legacy_speedup"]) for r in results if r.get("status") == "ok"
+                         and "legacy_speedup" in r and (r["B"], r["t"], r["paged"], r["index"]) == key)
+            if leg:  # the legacy (4-5 launch) chain, dashed in the same colour
+                ax.plot([p[0] for p in leg], [p[1] for p in leg], ls="--", marker="x", c=line.get_color(), lw=0.8)
     ax.axhline(7.6, ls="--", c="gray", lw=0.8)
     ax.axhline(12, ls=":", c="gray", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context tokens")
     ax.set_ylabel("speedup over dense SDPA decode")
-    ax.set_title(f"MSA decode (64/4/128, d_idx 128, B_k 128, k 16) on {gpu}")
+    ax.set_title(f"MSA decode (64/4/128, d_idx 128, B_k 128, k 16) on {gpu}; dashed: legacy chain", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

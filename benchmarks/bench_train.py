@@ -5,7 +5,11 @@
 1. Parity gate (bf16, T = 4096, paper heads): Triton backward dq/dk/dv vs autograd of the reference
    (given the reference's o/lse), the sparse and the warmup KL value and dq_idx/dk_idx vs the
    reference. Relative error = ||x - ref|| / ||ref||; PASS when every gradient < 2e-2 and every KL value
-   within 1e-2 relative. Printed and stored as PASS/FAIL.
+   within 1e-2 relative. Printed and stored as PASS/FAIL. Each step (attention backward, forward,
+   sparse KL, warmup KL) runs on its own: a failing step is reported by name, and then
+   ``benchmarks/aot_check.py`` (compile-only) names the kernels over the shared-memory limit.
+   Every timed variant is measured in its own try/except: an error (OOM, OutOfResources, ...) fills
+   only its own cell.
 2. Timings (``triton.testing.do_bench`` medians; calls over ~150 ms use 1 warm-up + 3 CUDA-event runs),
    at the paper's shape H_q 64, H_kv 4, D 128, d_idx 128, block 128, k 16, bf16, B = 1:
    - sparse step: ``msa.select_blocks(backend="triton")`` + ``msa.sparse_attention(backend="triton")``
@@ -31,6 +35,8 @@
    FLOPs (causal, paper Eq. 12 style): dense fwd 2*H_q*D*T^2, fwd+bwd x3.5.
 3. JSON (GPU, versions, command, results) and a PNG plot under --out; a table is printed last.
    Sizes: T = 8K, 32K, 128K, 512K (memory permitting; OOM is caught per size); --quick: 8K, 32K.
+   Targets (spec): sparse step (select + attn fwd/bwd + KL fwd/bwd) >= 8x faster than dense cuDNN
+   fwd+bwd at 128K; warmup step <= 1.3x the dense step.
 """
 
 from __future__ import annotations
@@ -149,14 +155,18 @@ def config_sweep(q, k, v, qi, ki, do, kl_kw, notes):
         o, lse = msa.sparse_attention(q, k, v, bi, block_size=BLOCK, return_lse=True, backend="triton")
     from msa.ops.sparse_attention.triton_bwd import sparse_attention_bwd_triton
     sweeps = [
-        ("MSA_KL_KV_CONFIG", ["BLOCK_M=128,num_warps=8,num_stages=2", "BLOCK_M=128,num_warps=8,num_stages=1",
-                              "BLOCK_M=64,num_warps=8,num_stages=2", "BLOCK_M=64,num_warps=4,num_stages=2"],
+        ("MSA_KL_KV_CONFIG", ["BLOCK_M=128,BLOCK_N=64,num_warps=8,num_stages=2",
+                              "BLOCK_M=128,BLOCK_N=64,num_warps=8,num_stages=3",
+                              "BLOCK_M=128,BLOCK_N=128,num_warps=8,num_stages=1",
+                              "BLOCK_M=64,BLOCK_N=64,num_warps=4,num_stages=2",
+                              "BLOCK_M=256,BLOCK_N=32,num_warps=8,num_stages=2"],
          lambda: torch.autograd.grad(indexer_kl_triton(qi, ki, q.detach(), k.detach(), bi, **kl_kw,
                                                        teacher_lse=lse), (qi, ki))),
-        ("MSA_SPARSE_BWD_CONFIG", ["DKDV_BLOCK_M=64,DKDV_BLOCK_N=64,DKDV_WARPS=8,DKDV_STAGES=2",
-                                   "DKDV_BLOCK_M=32,DKDV_BLOCK_N=128,DKDV_WARPS=8,DKDV_STAGES=2",
-                                   "DKDV_BLOCK_M=64,DKDV_BLOCK_N=128,DKDV_WARPS=8,DKDV_STAGES=1",
-                                   "DKDV_BLOCK_M=128,DKDV_BLOCK_N=64,DKDV_WARPS=8,DKDV_STAGES=2",
+        ("MSA_SPARSE_BWD_CONFIG", ["DKDV_BLOCK_M=128,DKDV_BLOCK_N=64,DKDV_WARPS=8,DKDV_STAGES=2",
+                                   "DKDV_BLOCK_M=128,DKDV_BLOCK_N=64,DKDV_WARPS=8,DKDV_STAGES=3",
+                                   "DKDV_BLOCK_M=64,DKDV_BLOCK_N=64,DKDV_WARPS=8,DKDV_STAGES=2",
+                                   "DKDV_BLOCK_M=64,DKDV_BLOCK_N=64,DKDV_WARPS=4,DKDV_STAGES=2",
+                                   "DKDV_BLOCK_M=128,DKDV_BLOCK_N=32,DKDV_WARPS=4,DKDV_STAGES=2",
                                    "DQ_WARPS=8,DQ_STAGES=2", "DQ_WARPS=4,DQ_STAGES=3", "DQ_BLOCK_N=64,DQ_WARPS=4"],
          lambda: sparse_attention_bwd_triton(do, q.detach(), k.detach(), v.detach(), o, lse, bi, block_size=BLOCK,
                                              scale=D ** -0.5, cu_seqlens=None)),
@@ -165,10 +175,11 @@ def config_sweep(q, k, v, qi, ki, do, kl_kw, notes):
     if (q.shape[1] <= 32768):
         with torch.no_grad():
             _, dlse = DenseAttentionWithLse.apply(q.detach(), k.detach(), v.detach(), D ** -0.5, "cudnn")
-        sweeps.append(("MSA_KL_DENSE_CONFIG", ["BLOCK_M=128,BLOCK_N=64,DK_BLOCK_N=128,num_warps=8,num_stages=2",
-                                               "BLOCK_M=128,BLOCK_N=128,DK_BLOCK_N=128,num_warps=8,num_stages=2",
+        sweeps.append(("MSA_KL_DENSE_CONFIG", ["BLOCK_M=128,BLOCK_N=64,DK_BLOCK_N=64,num_warps=8,num_stages=2",
+                                               "BLOCK_M=128,BLOCK_N=64,DK_BLOCK_N=64,num_warps=8,num_stages=3",
+                                               "BLOCK_M=128,BLOCK_N=64,DK_BLOCK_N=128,num_warps=8,num_stages=1",
                                                "BLOCK_M=64,BLOCK_N=64,DK_BLOCK_N=64,num_warps=4,num_stages=2",
-                                               "BLOCK_M=128,BLOCK_N=64,DK_BLOCK_N=64,num_warps=8,num_stages=3"],
+                                               "BLOCK_M=256,BLOCK_N=64,DK_BLOCK_N=32,num_warps=8,num_stages=2"],
                        lambda: torch.autograd.grad(indexer_kl_triton(qi, ki, q.detach(), k.detach(), None, **kl_kw,
                                                                      teacher_lse=dlse), (qi, ki))))
         sweeps.append(("MSA_KL_DENSE_MODE", ["onepass", "twopass"], sweeps[-1][2]))
@@ -187,6 +198,25 @@ def config_sweep(q, k, v, qi, ki, do, kl_kw, notes):
         else:
             os.environ[env] = old
     return out
+
+
+def _err(exc):
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return "OOM"
+    return f"error: {type(exc).__name__}: {str(exc)[:200]}"
+
+
+def measure(row, name, fn, with_peak=True):
+    """Times fn into row[name + '_ms'] (and its peak memory); any exception (OOM, OutOfResources, ...) is
+    recorded in that cell only, so one failing kernel never poisons the other variants."""
+    try:
+        row[name + "_ms"] = median_ms(fn)
+        if with_peak:
+            row[name + "_peak_gb"] = peak_gb(fn)
+    except Exception as exc:
+        row[name + "_ms"] = _err(exc)
+        print(f"  {name}: {row[name + '_ms']}", flush=True)
+        torch.cuda.empty_cache()
 
 
 def peak_gb(fn):
@@ -263,11 +293,35 @@ def select(qi, ki, results_notes):
         return msa.select_blocks(qi, ki, block_size=BLOCK, topk=TOPK, backend="reference")
 
 
+def _gate_step(res, label, fn):
+    """Runs one parity check; an exception is recorded as res['errors'][label] (which kernel family
+    failed, e.g. 'sparse_attention_bwd_triton') instead of aborting the whole gate."""
+    try:
+        fn()
+        return True
+    except Exception as exc:
+        res.setdefault("errors", {})[label] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        print(f"  parity step {label} FAILED: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+        torch.cuda.empty_cache()
+        return False
+
+
+def aot_overflows():
+    """Names of the Triton training kernels whose static shared memory exceeds the limit or that fail to
+    compile for this GPU's architecture (benchmarks/aot_check.py; compiles only, launches nothing)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import aot_check
+    major, minor = torch.cuda.get_device_capability()
+    rows = aot_check.check(arch=major * 10 + minor, verbose=False)
+    return [dict(kernel=r["kernel"], shared=r.get("shared"), error=r.get("error")) for r in rows if not r["ok"]]
+
+
 def parity_gate(t, notes):
     from msa.ops.indexer_kl.reference import indexer_kl_reference
     from msa.ops.indexer_kl.triton_impl import indexer_kl_triton
     from msa.ops.sparse_attention.reference import sparse_attention_reference
     from msa.ops.sparse_attention.triton_bwd import sparse_attention_bwd_triton
+    import msa
     q, k, v, qi, ki, do = make_inputs(t, seed=1)
     scale, iscale = D ** -0.5, DI ** -0.5
     res = {"T": t}
@@ -276,16 +330,18 @@ def parity_gate(t, notes):
     qr, kr, vr = (x.clone().requires_grad_(True) for x in (q, k, v))
     o, lse = sparse_attention_reference(qr, kr, vr, bi, block_size=BLOCK, scale=scale, cu_seqlens=None)
     gq, gk, gv = torch.autograd.grad(o, (qr, kr, vr), do)
-    dq, dk, dv = sparse_attention_bwd_triton(do, q, k, v, o.detach(), lse, bi, block_size=BLOCK, scale=scale,
-                                             cu_seqlens=None)
-    res.update(dq=rel(dq, gq), dk=rel(dk, gk), dv=rel(dv, gv))
-    try:
-        import msa
+    o, lse = o.detach(), lse.detach()
+
+    def attn_bwd():
+        dq, dk, dv = sparse_attention_bwd_triton(do, q, k, v, o, lse, bi, block_size=BLOCK, scale=scale,
+                                                 cu_seqlens=None)
+        res.update(dq=rel(dq, gq), dk=rel(dk, gk), dv=rel(dv, gv))
+
+    def attn_fwd():
         o_t, lse_t = msa.sparse_attention(q, k, v, bi, block_size=BLOCK, return_lse=True, backend="triton")
         res.update(fwd_o=rel(o_t, o), fwd_lse_maxabs=float((lse_t - lse).abs().max()))
-    except Exception as exc:
-        notes.append(f"sparse_attention(backend='triton') forward failed in the gate: {exc!r}")
-    for phase, sel, tl_ in (("sparse", bi, lse), ("warmup", None, None)):
+
+    def kl(phase, sel, tl_):
         kw = dict(block_size=BLOCK, scale=scale, index_scale=iscale, cu_seqlens=None)
         a, b = qi.clone().requires_grad_(True), ki.clone().requires_grad_(True)
         lr = indexer_kl_reference(a, b, q, k, sel, **kw)
@@ -296,9 +352,24 @@ def parity_gate(t, notes):
         res[f"{phase}_kl_ref"], res[f"{phase}_kl"] = float(lr), float(lg)
         res[f"{phase}_kl_rel"] = abs(float(lg) - float(lr)) / max(abs(float(lr)), 1e-6)
         res[f"{phase}_dq_idx"], res[f"{phase}_dk_idx"] = rel(ga2, ga), rel(gb2, gb)
-    grads = [res[x] for x in ("dq", "dk", "dv", "sparse_dq_idx", "sparse_dk_idx", "warmup_dq_idx", "warmup_dk_idx")]
-    ok = all(x < 2e-2 for x in grads) and res["sparse_kl_rel"] < 1e-2 and res["warmup_kl_rel"] < 1e-2
+
+    steps = [("sparse_attention_bwd_triton (dq/dkdv kernels)", attn_bwd),
+             ("sparse_attention_fwd_triton", attn_fwd),
+             ("indexer_kl sparse (slse_kv + fwd_kv kernels)", lambda: kl("sparse", bi, lse)),
+             ("indexer_kl warmup (" + os.environ.get("MSA_KL_DENSE_MODE", "auto") + " mode)",
+              lambda: kl("warmup", None, None))]
+    for label, fn in steps:
+        _gate_step(res, label, fn)
+    names = ("dq", "dk", "dv", "sparse_dq_idx", "sparse_dk_idx", "warmup_dq_idx", "warmup_dk_idx")
+    grads = [res.get(x, float("inf")) for x in names]
+    ok = (all(x < 2e-2 for x in grads) and res.get("sparse_kl_rel", 1.0) < 1e-2
+          and res.get("warmup_kl_rel", 1.0) < 1e-2 and "errors" not in res)
     res["pass"] = bool(ok)
+    if "errors" in res:
+        try:
+            res["aot_over_limit"] = aot_overflows()
+        except Exception as exc:
+            res["aot_over_limit"] = f"aot check failed: {type(exc).__name__}: {str(exc)[:200]}"
     return res
 
 
@@ -388,22 +459,14 @@ def bench_size(t, notes):
                                                            teacher_lse=lse), (qi, ki))
         return fn
     for name, fn in list(variants.items()):
-        try:
-            row[name + "_ms"] = median_ms(fn)
-            row[name + "_peak_gb"] = peak_gb(fn)
-        except torch.cuda.OutOfMemoryError:
-            row[name + "_ms"] = "OOM"
-            torch.cuda.empty_cache()
-        except Exception as exc:
-            row[name + "_ms"] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
-            torch.cuda.empty_cache()
+        measure(row, name, fn)
     ok = [i for i in ("flash", "cudnn") if isinstance(row.get(f"dense_lse_{i}_ms"), float)]
     if ok:
         row["lse_impl"] = min(ok, key=lambda i: row[f"dense_lse_{i}_ms"])
         try:
-            row["dense_kl_fwd_bwd_ms"] = median_ms(dense_kl_fn())
-        except torch.cuda.OutOfMemoryError:
-            row["dense_kl_fwd_bwd_ms"] = "OOM"
+            measure(row, "dense_kl_fwd_bwd", dense_kl_fn(), with_peak=False)
+        except Exception as exc:  # the lse computation itself
+            row["dense_kl_fwd_bwd_ms"] = _err(exc)
     dense = [row[f"sdpa_{b}{r}_ms"] for b in ("cudnn", "flash") for r in ("", "_repeat_kv")
              if isinstance(row.get(f"sdpa_{b}{r}_ms"), float)]
     row["dense_best_ms"] = min(dense) if dense else None
@@ -421,14 +484,15 @@ def bench_size(t, notes):
             continue
         try:
             row[f"{label}_stages_ms"] = stage_breakdown(stages(), reps=3 if t > 32768 else 5)
-        except torch.cuda.OutOfMemoryError:
-            row[f"{label}_stages_ms"] = "OOM"
-            torch.cuda.empty_cache()
         except Exception as exc:
-            row[f"{label}_stages_ms"] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
+            row[f"{label}_stages_ms"] = _err(exc)
+            torch.cuda.empty_cache()
         print(f"  T={t} {label} stages (ms): {row[f'{label}_stages_ms']}", flush=True)
     if SWEEP and t == 32768:
-        row["sweep"] = config_sweep(q, k, v, qi, ki, do, kl_kw, notes)
+        try:
+            row["sweep"] = config_sweep(q, k, v, qi, ki, do, kl_kw, notes)
+        except Exception as exc:  # e.g. the sweep's own setup (selection, forward)
+            row["sweep"] = _err(exc)
     del q, k, v, qi, ki, do, bi, lse_sparse
     torch.cuda.empty_cache()
     return row
@@ -458,7 +522,13 @@ def main():
         gate = {"pass": False, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
     result["parity"] = gate
     print("parity gate (bf16, T=4096):", "PASS" if gate.get("pass") else "FAIL",
-          {k: (round(v, 6) if isinstance(v, float) else v) for k, v in gate.items() if k != "trace"}, flush=True)
+          {k: (round(v, 6) if isinstance(v, float) else v) for k, v in gate.items()
+           if k not in ("trace", "errors", "aot_over_limit")}, flush=True)
+    for label, err in gate.get("errors", {}).items():
+        print(f"  parity FAILED in {label}: {err}", flush=True)
+    if gate.get("aot_over_limit"):
+        print(f"  AOT check, kernels over the shared-memory limit / not compiling: {gate['aot_over_limit']}",
+              flush=True)
     sizes = ([int(s) for s in args.sizes.split(",")] if args.sizes else
              ([8192, 32768] if args.quick else [8192, 32768, 131072, 524288]))
     rows = []
@@ -502,7 +572,8 @@ def main():
             "sparse_speedup_vs_dense", "warmup_over_dense", "sparse_step_peak_gb", "sdpa_flash_peak_gb"]
     for n in notes:
         print("note:", n)
-    print("parity:", "PASS" if gate.get("pass") else "FAIL")
+    print("parity:", "PASS" if gate.get("pass") else "FAIL", "" if gate.get("pass") else
+          f"(failed steps: {list(gate.get('errors', {}))}; AOT over limit: {gate.get('aot_over_limit')})")
     for r in rows:
         for label in ("sparse", "warmup_cudnn"):
             st = r.get(f"{label}_stages_ms")

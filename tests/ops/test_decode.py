@@ -93,13 +93,20 @@ def run_plan(cache, q, q_idx, bs, topk, **kw):
     plan = DecodePlan(cache, num_heads=q.shape[2], block_size=bs, topk=topk, num_tokens=q.shape[1],
                       **{k: v for k, v in kw.items() if k in ("topk_chunk", "index_blocks_per_program",
                                                                "attention_splits", "init_blocks", "local_blocks",
-                                                               "dense", "index_tile_blocks")})
-    for buf in (plan.out, plan.o_part, plan.lse_part):
+                                                               "dense", "index_tile_blocks", "fused",
+                                                               "index_programs_per_sm")})
+    if "fused" in kw and not plan.dense:
+        assert plan.fused == kw["fused"]  # the requested chain really runs (no silent fallback)
+    for buf in (plan.out, plan.lse, plan.o_part, plan.lse_part):
         buf.fill_(NAN)
     if not plan.dense:
-        plan.scores.fill_(NAN)
+        if plan.scores is not None:
+            plan.scores.fill_(NAN)
+        plan.cand.fill_(12345)  # garbage candidates: every slot the kernels read must be written
         plan.block_indices.fill_(-7)
-    return plan.run(q, q_idx, 0, block_indices=kw.get("block_indices"))
+    out = plan.run(q, q_idx, 0, block_indices=kw.get("block_indices"))
+    assert not torch.isnan(plan.lse).any()  # every query's lse written (-inf only when it saw nothing)
+    return out
 
 
 CASES = [
@@ -112,24 +119,51 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "legacy"])
 @pytest.mark.parametrize("case", CASES, ids=[f"c{i}" for i in range(len(CASES))])
-def test_decode_matches_reference(case):
+def test_decode_matches_reference(case, fused):
+    """Both launch chains; the fused one with 1 attention split (output written by the attention
+    kernel, no merge launch) and with several (merge kernel)."""
     lens, t, H, G, D, DI, bs, topk, paged, idt, mode = case
     cache = make_cache(lens, t, H, D, DI, bs=bs, paged=paged, index_dtype=idt, mode=mode, perm_pages=paged)
     g = torch.Generator().manual_seed(1)
     q, qi = torch.randn(len(lens), t, H * G, D, generator=g).to(DEV), torch.randn(len(lens), t, H, DI, generator=g).to(DEV)
     o_ref, s_ref = decode_attention(q, qi, cache, 0, block_size=bs, topk=topk, backend="reference")
-    o, s = run_plan(cache, q, qi, bs, topk, index_blocks_per_program=2)
-    check_selection(s, s_ref, qi, cache, bs, t, DI ** -0.5)
+    for splits in ((1, None) if fused else (None,)):
+        o, s = run_plan(cache, q, qi, bs, topk, index_blocks_per_program=2, fused=fused, attention_splits=splits)
+        check_selection(s, s_ref, qi, cache, bs, t, DI ** -0.5)
+        if torch.equal(s.sort(-1).values, s_ref.sort(-1).values):
+            assert torch.allclose(o, o_ref, atol=ATOL, rtol=0)
     # attention with the reference's selection (robust to near-ties)
-    o2, _ = run_plan(cache, q, qi, bs, topk, block_indices=s_ref, attention_splits=3)
-    assert torch.allclose(o2, o_ref, atol=ATOL, rtol=0)
-    if torch.equal(s.sort(-1).values, s_ref.sort(-1).values):
-        assert torch.allclose(o, o_ref, atol=ATOL, rtol=0)
+    for splits in (3, 1):
+        o2, _ = run_plan(cache, q, qi, bs, topk, block_indices=s_ref, attention_splits=splits, fused=fused)
+        assert torch.allclose(o2, o_ref, atol=ATOL, rtol=0)
     # dense mode == full causal attention
     od_ref, _ = decode_attention(q, qi, cache, 0, block_size=bs, topk=topk, dense=True, backend="reference")
-    od, none = run_plan(cache, q, None, bs, topk, dense=True, attention_splits=2)
+    od, none = run_plan(cache, q, None, bs, topk, dense=True, attention_splits=2, fused=fused)
     assert none is None and torch.allclose(od, od_ref, atol=ATOL, rtol=0)
+
+
+def test_fused_local_topk_ranges_and_chains_agree():
+    """Fused chain: index ranges with more blocks than k (in-kernel top-k of the range) and with fewer
+    (every block a candidate), several row tiles (t * H_kv > 64 rows), forced blocks on range edges;
+    the fused and the legacy chain give the same selection (ties: lowest id) and output."""
+    lens, t, H, G, D, DI, bs, topk = [700, 250], 20, 4, 1, 16, 16, 16, 7  # 250: 16 blocks, one range
+    cache = make_cache(lens, t, H, D, DI, bs=bs, seed=21)
+    g = torch.Generator().manual_seed(22)
+    q, qi = torch.randn(2, t, H * G, D, generator=g).to(DEV), torch.randn(2, t, H, DI, generator=g).to(DEV)
+    qi[1, :3] = 0.0  # ties
+    kw = dict(init_blocks=1, local_blocks=2)
+    o_ref, s_ref = decode_attention(q, qi, cache, 0, block_size=bs, topk=topk, backend="reference", **kw)
+    ol, sl = run_plan(cache, q, qi, bs, topk, fused=False, **kw)
+    for bpp in (16, 5):  # 16 blocks per range > k_pad = 8; 5 blocks (padded to 8) <= k_pad
+        plan_kw = dict(index_blocks_per_program=bpp, fused=True, **kw)
+        o, s = run_plan(cache, q, qi, bs, topk, **plan_kw)
+        check_selection(s, s_ref, qi, cache, bs, t, DI ** -0.5)
+        assert torch.equal(s, sl)
+        assert torch.allclose(o, ol, atol=1e-6, rtol=0)
+    if torch.equal(sl.sort(-1).values, s_ref.sort(-1).values):
+        assert torch.allclose(ol, o_ref, atol=ATOL, rtol=0)
 
 
 def test_topk_merge_path_and_forcing():
@@ -142,8 +176,11 @@ def test_topk_merge_path_and_forcing():
         o_ref, s_ref = decode_attention_reference(q, qi, cache, 0, block_size=bs, topk=topk, init_blocks=init,
                                                   local_blocks=loc, scale=D ** -0.5, index_scale=DI ** -0.5,
                                                   dense=False)
-        o, s = run_plan(cache, q, qi, bs, topk, init_blocks=init, local_blocks=loc, topk_chunk=8)
+        o, s = run_plan(cache, q, qi, bs, topk, init_blocks=init, local_blocks=loc, topk_chunk=8, fused=False)
         check_selection(s, s_ref, qi, cache, bs, t, DI ** -0.5)
+        of, sf = run_plan(cache, q, qi, bs, topk, init_blocks=init, local_blocks=loc, index_blocks_per_program=8,
+                          fused=True)
+        assert torch.equal(sf, s) and torch.allclose(of, o, atol=1e-6, rtol=0)
         for b in range(3):  # forced blocks present
             n = int(cache.seq_lens(0)[b])
             for i in range(t):
@@ -281,9 +318,10 @@ def test_bad_inputs():
         DecodePlan(cache, num_heads=4, block_size=16, topk=3).run(q, qi, 0, block_indices=torch.zeros(2, 1, 2, 3, device=DEV))
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "legacy"])
 @pytest.mark.parametrize("nbt,paged,idt,mode", [(2, True, torch.float8_e4m3fn, "block"), (4, False, None, "token"),
                                                 (2, False, torch.float8_e4m3fn, "token")])
-def test_index_multi_block_tiles(nbt, paged, idt, mode):
+def test_index_multi_block_tiles(nbt, paged, idt, mode, fused):
     """Index tiles of several blocks (the fp8 default is 2): tiles that straddle non-adjacent pages,
     the sequence end and the split boundaries; negative and tied scores through the packed top-k."""
     lens, t, H, G, D, DI, bs, topk = [131, 260, 47], 2, 2, 2, 16, 16, 16, 5
@@ -294,7 +332,7 @@ def test_index_multi_block_tiles(nbt, paged, idt, mode):
     o_ref, s_ref = decode_attention(q, qi, cache, 0, block_size=bs, topk=topk, init_blocks=1, local_blocks=2,
                                     backend="reference")
     o, s = run_plan(cache, q, qi, bs, topk, init_blocks=1, local_blocks=2, index_tile_blocks=nbt,
-                    index_blocks_per_program=3 * nbt, topk_chunk=8)
+                    index_blocks_per_program=3 * nbt, topk_chunk=8, fused=fused)
     check_selection(s, s_ref, qi, cache, bs, t, DI ** -0.5)
     assert s[0, :, :, :3].tolist() == [[[0, 1, 2]] * H] * t  # ties: the lowest free ids first
     if torch.equal(s.sort(-1).values, s_ref.sort(-1).values):

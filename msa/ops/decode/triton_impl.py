@@ -39,6 +39,9 @@ import torch
 from ..common import check, interpreting
 from . import triton_kernels as tk
 
+FUSED_MAX_BLOCKS = 128   # blocks per index program whose maxima the fused chain keeps in registers
+FUSED_MAX_CAND = 8192    # packed candidates per row the fused attention merges in registers
+
 
 def _pow2(x: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, x))))
@@ -62,8 +65,15 @@ class DecodePlan:
         dense: attend to every block (warmup-mode / dense layers); no index keys are read.
         max_seq_len: capacity in tokens (default the cache's max_seq_len); sets the grids.
         out_dtype: dtype of o (default the cache dtype).
+        fused: True (default): 2 launches (index + per-range top-k, then attention that merges the
+            candidates itself), a 3rd (split merge) only when the attention has several splits.
+            False: the legacy chain index -> top-k -> top-k merge -> attention -> merge (comparison).
+            The fused chain falls back to the legacy one (``plan.fused`` False) when the candidates
+            would not fit its bounds (more than 8192 per row or 256 blocks per index program, i.e.
+            beyond ~16M-token contexts at block 128).
         topk_chunk, index_blocks_per_program, attention_splits: launch-geometry overrides (tests / tuning):
-            blocks per top-k program (power of two), blocks per index program, splits of the attention.
+            blocks per top-k program (power of two, legacy chain), blocks per index program (the fused
+            chain caps it at 128), splits of the attention (1 = no merge launch in the fused chain).
         index_tile_blocks, index_num_stages, index_programs_per_sm: index-kernel tuning (blocks per
             loaded tile, software-pipeline depth, programs per SM of the single wave); defaults:
             1 / 3 for bf16 keys, 2 / 3 for fp8 keys at d_idx * block_size <= 16K, 2 programs per SM.
@@ -79,7 +89,7 @@ class DecodePlan:
                  out_dtype: Optional[torch.dtype] = None, topk_chunk: Optional[int] = None,
                  index_blocks_per_program: Optional[int] = None, attention_splits: Optional[int] = None,
                  index_tile_blocks: Optional[int] = None, index_num_stages: Optional[int] = None,
-                 index_programs_per_sm: Optional[int] = None):
+                 index_programs_per_sm: Optional[int] = None, fused: bool = True):
         c = cache
         check(num_heads % c.num_kv_heads == 0,
               f"num_heads ({num_heads}) must be a multiple of the cache's num_kv_heads ({c.num_kv_heads})")
@@ -128,22 +138,44 @@ class DecodePlan:
             self.idx_tps = max(1, math.ceil(ntiles / per_seq))
             if index_blocks_per_program is not None:
                 self.idx_tps = max(1, math.ceil(int(index_blocks_per_program) / self.idx_nbt))
-            self.idx_splits = math.ceil(ntiles / self.idx_tps)
             self.k_pad = _pow2(topk)
-            # top-k chunks of <= 256 blocks: one warp per (row, chunk), reductions in warp shuffles
-            self.chunk = max(self.k_pad, min(256, _pow2(self.nb_cap)))
-            if topk_chunk is not None:
-                check(topk_chunk >= self.k_pad and topk_chunk & (topk_chunk - 1) == 0,
-                      f"topk_chunk must be a power of two >= {self.k_pad}, got {topk_chunk}")
-                self.chunk = topk_chunk
-            self.nc = math.ceil(self.nb_cap / self.chunk)
-            self.topk_warps = 1 if self.chunk <= 256 else (2 if self.chunk <= 1024 else 4)
-            self.merge_pad = _pow2(self.nc * self.k_pad)
-            self.merge_warps = 1 if self.merge_pad <= 512 else (2 if self.merge_pad <= 2048 else 4)
             nrows = B * T * H
-            self.scores = torch.empty(B, T, H, self.nb_cap, dtype=torch.float32, device=dev)
-            self.cand = torch.empty(nrows, self.nc, self.k_pad, dtype=torch.int64, device=dev)
+            self.fused = bool(fused)
+            if self.fused:
+                # the range of one program is held in registers (ROWS x blocks): <= 128 blocks; the
+                # attention merges splits * C_PAD candidates per row in registers: <= 8192
+                self.idx_tps = min(self.idx_tps, max(1, FUSED_MAX_BLOCKS // self.idx_nbt))
+                c_pad = min(self.k_pad, _pow2(self.idx_tps) * self.idx_nbt)
+                if math.ceil(ntiles / self.idx_tps) * c_pad > FUSED_MAX_CAND:
+                    self.idx_tps = math.ceil(ntiles / (FUSED_MAX_CAND // self.k_pad))
+                    c_pad = min(self.k_pad, _pow2(self.idx_tps) * self.idx_nbt)
+                if _pow2(self.idx_tps) * self.idx_nbt > 2 * FUSED_MAX_BLOCKS:
+                    self.fused = False       # beyond the fused chain's bounds: legacy chain
+                    self.idx_tps = max(1, math.ceil(ntiles / per_seq))
+            self.idx_splits = math.ceil(ntiles / self.idx_tps)
+            if self.fused:
+                self.idx_nt_pad = _pow2(self.idx_tps)
+                self.c_pad = min(self.k_pad, self.idx_nt_pad * self.idx_nbt)
+                self.ncand = self.idx_splits * self.c_pad
+                self.ncand_pad = _pow2(self.ncand)
+                self.scores = None
+                self.cand = torch.empty(nrows, self.idx_splits, self.c_pad, dtype=torch.int64, device=dev)
+            else:
+                # top-k chunks of <= 256 blocks: one warp per (row, chunk), reductions in warp shuffles
+                self.chunk = max(self.k_pad, min(256, _pow2(self.nb_cap)))
+                if topk_chunk is not None:
+                    check(topk_chunk >= self.k_pad and topk_chunk & (topk_chunk - 1) == 0,
+                          f"topk_chunk must be a power of two >= {self.k_pad}, got {topk_chunk}")
+                    self.chunk = topk_chunk
+                self.nc = math.ceil(self.nb_cap / self.chunk)
+                self.topk_warps = 1 if self.chunk <= 256 else (2 if self.chunk <= 1024 else 4)
+                self.merge_pad = _pow2(self.nc * self.k_pad)
+                self.merge_warps = 1 if self.merge_pad <= 512 else (2 if self.merge_pad <= 2048 else 4)
+                self.scores = torch.empty(B, T, H, self.nb_cap, dtype=torch.float32, device=dev)
+                self.cand = torch.empty(nrows, self.nc, self.k_pad, dtype=torch.int64, device=dev)
             self.block_indices = torch.empty(B, T, H, topk, dtype=torch.int32, device=dev)
+        else:
+            self.fused = bool(fused)
         # attention geometry: split the k blocks (or all blocks when dense) so that ~2 programs per SM
         nblocks = self.nb_cap if dense else topk
         progs = max(1, B * T * H)
@@ -153,11 +185,15 @@ class DecodePlan:
             self.att_splits = max(1, min(nblocks, int(attention_splits)))
         self.att_bps = math.ceil(nblocks / self.att_splits)
         self.att_splits = math.ceil(nblocks / self.att_bps)
-        self.o_part = torch.empty(B * T, HQ, self.att_splits, D, dtype=torch.float32, device=dev)
-        self.lse_part = torch.empty(B * T, HQ, self.att_splits, dtype=torch.float32, device=dev)
+        # fused chain with one split: the attention writes o / lse itself (no merge launch)
+        self.att_direct = self.fused and self.att_splits == 1
+        ns = 0 if self.att_direct else self.att_splits
+        self.o_part = torch.empty(B * T, HQ, ns, D, dtype=torch.float32, device=dev)
+        self.lse_part = torch.empty(B * T, HQ, ns, dtype=torch.float32, device=dev)
         self.out = torch.empty(B, T, HQ, D, dtype=self.out_dtype, device=dev)
         self.lse = torch.empty(B, T, HQ, dtype=torch.float32, device=dev)
         self._dummy_i = torch.zeros(1, dtype=torch.int32, device=dev)
+        self._dummy_l = torch.zeros(1, dtype=torch.int64, device=dev)
         self._dummy_f = torch.ones(1, dtype=torch.float32, device=dev)
 
     def check_inputs(self, q: torch.Tensor, q_idx: Optional[torch.Tensor], layer_idx: int) -> None:
@@ -199,43 +235,60 @@ class DecodePlan:
             kidx = c.k_idx[layer_idx]
             mode = 0 if not c.fp8_index else (1 if c.index_scale_mode == "token" else 2)
             ks = c.k_idx_scale[layer_idx] if mode else self._dummy_f
+            di_pad = max(16, _pow2(self.DI))
             if timer is not None:
                 timer("index")
+            fz = self.fused
             tk.decode_index_fwd_kernel[(B, self.idx_row_tiles, self.idx_splits)](
-                q_idx, kidx, ks, pt, lens, self.scores,
-                T, H, self.DI, self.nb_cap, self.s_rows, self.pt_stride, self.idx_tps, self.index_scale,
-                BS=BS, NBT=self.idx_nbt, DI_PAD=max(16, _pow2(self.DI)), ROWS=self.idx_rows, PAGED=c.paged,
-                SCALE_MODE=mode, F32=self.f32, num_warps=4, num_stages=self.idx_stages if not interpreting() else 1)
-            nrows = B * T * H
-            final = self.nc == 1
-            if timer is not None:
-                timer("topk")
-            tk.decode_topk_fwd_kernel[(nrows, self.nc)](
-                self.scores, lens, self.cand, self.block_indices,
-                T, H, self.nb_cap, self.nc, self.init_blocks, self.local_blocks,
-                BS=BS, TOPK=self.topk, K_PAD=self.k_pad, CHUNK=self.chunk, FINAL=final, num_warps=self.topk_warps)
-            if not final:
+                q_idx, kidx, ks, pt, lens, self.cand if fz else self.scores,
+                T, H, self.DI, self.nb_cap, self.s_rows, self.pt_stride, self.idx_tps, self.idx_splits,
+                self.init_blocks, self.local_blocks, self.index_scale,
+                BS=BS, NBT=self.idx_nbt, DI_PAD=di_pad, ROWS=self.idx_rows, PAGED=c.paged,
+                SCALE_MODE=mode, F32=self.f32, EVEN_D=di_pad == self.DI, LOCAL_TOPK=fz,
+                NT_PAD=self.idx_nt_pad if fz else 1, TOPK=self.topk, K_PAD=self.k_pad,
+                C_PAD=self.c_pad if fz else 1,
+                num_warps=4, num_stages=self.idx_stages if not interpreting() else 1)
+            if not fz:
+                nrows = B * T * H
+                final = self.nc == 1
                 if timer is not None:
-                    timer("topk_merge")
-                tk.decode_topk_merge_fwd_kernel[(nrows,)](
-                    self.cand, lens, self.block_indices, T, H, self.nc,
-                    BS=BS, TOPK=self.topk, K_PAD=self.k_pad, NCK_PAD=self.merge_pad, num_warps=self.merge_warps)
+                    timer("topk")
+                tk.decode_topk_fwd_kernel[(nrows, self.nc)](
+                    self.scores, lens, self.cand, self.block_indices,
+                    T, H, self.nb_cap, self.nc, self.init_blocks, self.local_blocks,
+                    BS=BS, TOPK=self.topk, K_PAD=self.k_pad, CHUNK=self.chunk, FINAL=final,
+                    num_warps=self.topk_warps)
+                if not final:
+                    if timer is not None:
+                        timer("topk_merge")
+                    tk.decode_topk_merge_fwd_kernel[(nrows,)](
+                        self.cand, lens, self.block_indices, T, H, self.nc,
+                        BS=BS, TOPK=self.topk, K_PAD=self.k_pad, NCK_PAD=self.merge_pad, num_warps=self.merge_warps)
             sel = self.block_indices
         G = self.G
+        fused_sel = self.fused and not self.dense and block_indices is None
+        d_pad = max(16, _pow2(self.D))
+        warps = 4 if G <= 16 else 8
+        if fused_sel and self.ncand_pad > 4096:
+            warps = 8                                  # the candidate merge holds ncand_pad int64
         if timer is not None:
             timer("attention")
         tk.decode_attention_fwd_kernel[(B * T, H, self.att_splits)](
-            q, c.k[layer_idx], c.v[layer_idx], sel if sel is not None else self._dummy_i, pt, lens,
-            self.o_part, self.lse_part,
+            q, c.k[layer_idx], c.v[layer_idx], sel if sel is not None else self._dummy_i,
+            self.cand if fused_sel else self._dummy_l, pt, lens,
+            self.out if self.att_direct else self.o_part, self.lse if self.att_direct else self.lse_part,
             T, H, G, self.D, self.s_rows, self.pt_stride, self.topk, self.att_splits, self.att_bps,
-            self.scale * tk.LOG2E,
-            BS=BS, G_PAD=max(16, _pow2(G)), D_PAD=max(16, _pow2(self.D)), PAGED=c.paged, DENSE=self.dense,
-            F32=self.f32, num_warps=4 if G <= 16 else 8, num_stages=2 if not interpreting() else 1)
-        if timer is not None:
-            timer("attn_merge")
-        tk.decode_merge_fwd_kernel[(B * T * self.HQ,)](
-            self.o_part, self.lse_part, self.out, self.lse, self.D, self.att_splits,
-            S_PAD=_pow2(self.att_splits), D_PAD=max(16, _pow2(self.D)), num_warps=4)
+            self.ncand if fused_sel else 1, self.scale * tk.LOG2E,
+            BS=BS, G_PAD=max(16, _pow2(G)), D_PAD=d_pad, PAGED=c.paged, DENSE=self.dense,
+            F32=self.f32, EVEN_D=d_pad == self.D, FUSED_SEL=fused_sel, DIRECT=self.att_direct,
+            K_PAD=self.k_pad if fused_sel else 1, NCAND_PAD=self.ncand_pad if fused_sel else 1,
+            num_warps=warps, num_stages=2 if not interpreting() else 1)
+        if not self.att_direct:
+            if timer is not None:
+                timer("attn_merge")
+            tk.decode_merge_fwd_kernel[(B * T * self.HQ,)](
+                self.o_part, self.lse_part, self.out, self.lse, self.D, self.att_splits,
+                S_PAD=_pow2(self.att_splits), D_PAD=d_pad, num_warps=4)
         if timer is not None:
             timer(None)
         return self.out, sel

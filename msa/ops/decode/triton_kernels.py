@@ -56,13 +56,19 @@ def decode_index_fwd_kernel(
     ks_ptr,       # fp32 scales: per row (SCALE_MODE 1) or per block of BS rows (2); dummy otherwise
     pt_ptr,       # int32 (B, PT_STRIDE) page table (PAGED) or dummy
     lens_ptr,     # int32 (B,) tokens stored per sequence (the T new ones included)
-    score_ptr,    # fp32 (B, T, H, NB_CAP) causal block maxima (times the index scale)
-    T, H, DI, NB_CAP, S_ROWS, PT_STRIDE, TPS, scale,
+    out_ptr,      # LOCAL_TOPK: int64 (B*T*H, NSPLIT, C_PAD) packed candidates of each program's range;
+                  # else fp32 (B, T, H, NB_CAP) causal block maxima (times the index scale)
+    T, H, DI, NB_CAP, S_ROWS, PT_STRIDE, TPS, NSPLIT, INIT, LOCALB, scale,
     BS: tl.constexpr, NBT: tl.constexpr, DI_PAD: tl.constexpr, ROWS: tl.constexpr,
-    PAGED: tl.constexpr, SCALE_MODE: tl.constexpr, F32: tl.constexpr,
+    PAGED: tl.constexpr, SCALE_MODE: tl.constexpr, F32: tl.constexpr, EVEN_D: tl.constexpr,
+    LOCAL_TOPK: tl.constexpr, NT_PAD: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.constexpr,
+    C_PAD: tl.constexpr,
 ):
     """Program (b, row tile, split) streams TPS tiles of NBT blocks (NBT * BS key rows per tile: fp8
-    keys use NBT = 2 so one tile is still 32 KB of HBM traffic at d_idx 128)."""
+    keys use NBT = 2 so one tile is still 32 KB of HBM traffic at d_idx 128). LOCAL_TOPK: the TPS * NBT
+    block maxima (NT_PAD >= TPS) are kept in registers and the epilogue writes their top-k (C_PAD =
+    min(K_PAD, NT_PAD * NBT) packed candidates, EMPTY-padded)."""
+    EMPTY: tl.constexpr = -9223372036854775808
     b = tl.program_id(0)
     rt = tl.program_id(1)
     sp = tl.program_id(2)
@@ -73,7 +79,11 @@ def decode_index_fwd_kernel(
     rmask = rows < T * H
     pos = L - T + rows // H                        # absolute position of each row's query
     d = tl.arange(0, DI_PAD)
-    dmask = d < DI
+    if EVEN_D:
+        # no mask along d: the loads stay 16-byte vectors
+        dmask = d < DI_PAD
+    else:
+        dmask = d < DI
     q = tl.load(q_ptr + (b * T * H + rows)[:, None] * DI + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
     if F32:
         q = q.to(tl.float32)
@@ -81,8 +91,15 @@ def decode_index_fwd_kernel(
     jo = tl.arange(0, KT)
     bo = tl.arange(0, NBT)
     sbase = (b * T * H + rows).to(tl.int64) * NB_CAP
-    t_end = tl.minimum(sp * TPS + TPS, ntile)
-    for tt in range(sp * TPS, t_end):
+    t0 = sp * TPS
+    t_end = tl.minimum(t0 + TPS, ntile)
+    if LOCAL_TOPK:
+        to = tl.arange(0, NT_PAD)
+        if NBT == 1:
+            acc = tl.full((ROWS, NT_PAD), float("-inf"), tl.float32)
+        else:
+            acc3 = tl.full((ROWS, NT_PAD, NBT), float("-inf"), tl.float32)
+    for tt in range(t0, t_end):
         blk0 = tt * NBT
         j = blk0 * BS + jo                         # absolute key positions of the tile
         kmask = j < L
@@ -92,7 +109,10 @@ def decode_index_fwd_kernel(
             krow = page * BS + (jo % BS)
         else:
             krow = b.to(tl.int64) * S_ROWS + j
-        kk = tl.load(k_ptr + krow[:, None] * DI + d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
+        if EVEN_D:
+            kk = tl.load(k_ptr + krow[:, None] * DI_PAD + d[None, :], mask=kmask[:, None], other=0.0)
+        else:
+            kk = tl.load(k_ptr + krow[:, None] * DI + d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
         if F32:
             kk = kk.to(tl.float32)
         else:
@@ -114,7 +134,37 @@ def decode_index_fwd_kernel(
             else:
                 srow = (b.to(tl.int64) * S_ROWS) // BS + blk
             m = m * tl.load(ks_ptr + srow, mask=bmask, other=1.0)[None, :]
-        tl.store(score_ptr + sbase[:, None] + blk[None, :], m * scale, mask=rmask[:, None] & bmask[None, :])
+        if LOCAL_TOPK:
+            # park the tile's maxima in this program's register array (column = tile within the range)
+            if NBT == 1:
+                acc = tl.where(to[None, :] == tt - t0, m * scale, acc)
+            else:
+                acc3 = tl.where(to[None, :, None] == tt - t0, (m * scale)[:, None, :], acc3)
+        else:
+            tl.store(out_ptr + sbase[:, None] + blk[None, :], m * scale, mask=rmask[:, None] & bmask[None, :])
+    if LOCAL_TOPK:
+        P_PAD: tl.constexpr = NT_PAD * NBT
+        if NBT != 1:
+            acc = tl.reshape(acc3, (ROWS, P_PAD))
+        cols = t0 * NBT + tl.arange(0, P_PAD)      # block id of each column
+        # integer division truncates toward zero: a (padding) query before the sequence start sees nothing
+        local = tl.where(pos >= 0, pos // BS, -1)
+        vis = (cols[None, :] <= local[:, None]) & (cols[None, :] < t_end * NBT)
+        forced = ((cols[None, :] < INIT) | (cols[None, :] > local[:, None] - LOCALB)) & vis
+        x = tl.where(forced, float("inf"), acc)
+        # -inf (no visible token: cannot happen for a visible block) stays out of the selection
+        p = tl.where(vis & (x > float("-inf")), _pack(x, cols[None, :]), EMPTY)
+        cbase = ((b * T * H + rows).to(tl.int64) * NSPLIT + sp) * C_PAD
+        kr = tl.arange(0, C_PAD)
+        if P_PAD <= C_PAD:
+            tl.store(out_ptr + cbase[:, None] + kr[None, :], p, mask=rmask[:, None])
+        else:
+            sel = tl.full((ROWS, C_PAD), EMPTY, tl.int64)
+            for kk2 in tl.static_range(TOPK):
+                mx = tl.max(p, axis=1)
+                sel = tl.where(kr[None, :] == kk2, mx[:, None], sel)
+                p = tl.where(p == mx[:, None], EMPTY, p)   # packed keys are unique (ids differ)
+            tl.store(out_ptr + cbase[:, None] + kr[None, :], sel, mask=rmask[:, None])
 
 
 @triton.jit
@@ -155,6 +205,14 @@ def _topk_packed(x, TOPK: tl.constexpr, K_PAD: tl.constexpr):
         sel = tl.where(kr == kk, mx, sel)
         x = tl.where(x == mx, EMPTY, x)            # packed keys are unique (ids differ)
     return sel
+
+
+@triton.jit
+def _select_from_candidates(x, local, TOPK: tl.constexpr, K_PAD: tl.constexpr):
+    """Final selection (K_PAD,) int32 in the index convention from packed candidates x (1-D)."""
+    EMPTY: tl.constexpr = -9223372036854775808
+    sel = _topk_packed(x, TOPK, K_PAD)
+    return _order_selection(_unpack_id(sel), sel != EMPTY, local, K_PAD)
 
 
 @triton.jit
@@ -206,8 +264,7 @@ def decode_topk_merge_fwd_kernel(
     local = tl.where(L - T + i >= 0, (L - T + i) // BS, -1)
     e = tl.arange(0, NCK_PAD)
     x = tl.load(cand_ptr + row.to(tl.int64) * NC * K_PAD + e, mask=e < NC * K_PAD, other=EMPTY)
-    sel = _topk_packed(x, TOPK, K_PAD)
-    out = _order_selection(_unpack_id(sel), sel != EMPTY, local, K_PAD)
+    out = _select_from_candidates(x, local, TOPK, K_PAD)
     kr = tl.arange(0, K_PAD)
     tl.store(out_ptr + row.to(tl.int64) * TOPK + kr, out, mask=kr < TOPK)
 
@@ -216,15 +273,19 @@ def decode_topk_merge_fwd_kernel(
 def decode_attention_fwd_kernel(
     q_ptr,        # (B*T, HQ, D) queries, contiguous
     k_ptr, v_ptr,  # token rows (R, H, D)
-    idx_ptr,      # int32 (B*T, H, TOPK) selection (sparse) or dummy (DENSE)
+    idx_ptr,      # int32 (B*T, H, TOPK) selection: read (sparse), written by split 0 (FUSED_SEL); dummy (DENSE)
+    cand_ptr,     # int64 (B*T*H, NCAND) packed candidates of the index kernel (FUSED_SEL) or dummy
     pt_ptr,       # int32 (B, PT_STRIDE) or dummy
     lens_ptr,     # int32 (B,)
-    o_ptr,        # fp32 (B*T, HQ, NSPLIT, D) partial outputs
-    lse_ptr,      # fp32 (B*T, HQ, NSPLIT) partial log2-sum-exp (-inf when the split saw nothing)
-    T, H, G, D, S_ROWS, PT_STRIDE, TOPK, NSPLIT, BPS, scale_log2,
+    o_ptr,        # DIRECT: (B*T, HQ, D) output in its dtype; else fp32 (B*T, HQ, NSPLIT, D) partial outputs
+    lse_ptr,      # DIRECT: fp32 (B*T, HQ) natural-log lse; else fp32 (B*T, HQ, NSPLIT) partial log2-sum-exp
+                  # (-inf when the split / query saw nothing)
+    T, H, G, D, S_ROWS, PT_STRIDE, TOPK, NSPLIT, BPS, NCAND, scale_log2,
     BS: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr,
-    PAGED: tl.constexpr, DENSE: tl.constexpr, F32: tl.constexpr,
+    PAGED: tl.constexpr, DENSE: tl.constexpr, F32: tl.constexpr, EVEN_D: tl.constexpr,
+    FUSED_SEL: tl.constexpr, DIRECT: tl.constexpr, K_PAD: tl.constexpr, NCAND_PAD: tl.constexpr,
 ):
+    EMPTY: tl.constexpr = -9223372036854775808
     bt = tl.program_id(0)
     r = tl.program_id(1)
     sp = tl.program_id(2)
@@ -237,11 +298,23 @@ def decode_attention_fwd_kernel(
     hr = tl.arange(0, G_PAD)
     hmask = hr < G
     d = tl.arange(0, D_PAD)
-    dmask = d < D
+    if EVEN_D:
+        dmask = d < D_PAD
+    else:
+        dmask = d < D
     q = tl.load(q_ptr + (bt.to(tl.int64) * HQ + r * G + hr)[:, None] * D + d[None, :],
                 mask=hmask[:, None] & dmask[None, :], other=0.0)
     if F32:
         q = q.to(tl.float32)
+    if FUSED_SEL:
+        # merge the per-range candidates of this (token, group) row: every split of the row redoes
+        # this small exp-free top-k (no inter-program dependency, so no extra launch)
+        kr = tl.arange(0, K_PAD)
+        e = tl.arange(0, NCAND_PAD)
+        row = bt.to(tl.int64) * H + r
+        xc = tl.load(cand_ptr + row * NCAND + e, mask=e < NCAND, other=EMPTY)
+        ids = _select_from_candidates(xc, local, TOPK, K_PAD)
+        tl.store(idx_ptr + row * TOPK + kr, ids, mask=kr < tl.where(sp == 0, TOPK, 0))
     jo = tl.arange(0, BS)
     m_i = tl.full((G_PAD,), float("-inf"), tl.float32)
     l_i = tl.zeros((G_PAD,), tl.float32)
@@ -250,6 +323,9 @@ def decode_attention_fwd_kernel(
         if DENSE:
             blk = s
             ok = s <= local
+        elif FUSED_SEL:
+            blk = tl.sum(tl.where(kr == s, ids, 0), axis=0)
+            ok = (s < TOPK) & (blk >= 0) & (blk <= local)
         else:
             blk = tl.load(idx_ptr + (bt.to(tl.int64) * H + r) * TOPK + s, mask=s < TOPK, other=-1)
             ok = (s < TOPK) & (blk >= 0) & (blk <= local)
@@ -260,8 +336,12 @@ def decode_attention_fwd_kernel(
                 base = b.to(tl.int64) * S_ROWS + blk * BS
             j = blk * BS + jo
             kmask = j <= pos
-            off = ((base + jo) * H + r)[:, None] * D + d[None, :]
-            m2 = kmask[:, None] & dmask[None, :]
+            if EVEN_D:
+                off = ((base + jo) * H + r)[:, None] * D_PAD + d[None, :]
+                m2 = kmask[:, None]
+            else:
+                off = ((base + jo) * H + r)[:, None] * D + d[None, :]
+                m2 = kmask[:, None] & dmask[None, :]
             kk = tl.load(k_ptr + off, mask=m2, other=0.0)
             vv = tl.load(v_ptr + off, mask=m2, other=0.0)
             if F32:
@@ -279,9 +359,16 @@ def decode_attention_fwd_kernel(
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
     hq = r * G + hr
-    obase = (bt.to(tl.int64) * HQ + hq) * NSPLIT + sp
-    tl.store(o_ptr + obase[:, None] * D + d[None, :], o, mask=hmask[:, None] & dmask[None, :])
-    tl.store(lse_ptr + obase, lse, mask=hmask)
+    if DIRECT:
+        # one split: this program's result is final (no merge launch)
+        obase = bt.to(tl.int64) * HQ + hq
+        tl.store(o_ptr + obase[:, None] * D + d[None, :], o.to(o_ptr.dtype.element_ty),
+                 mask=hmask[:, None] & dmask[None, :])
+        tl.store(lse_ptr + obase, lse * 0.6931471805599453, mask=hmask)
+    else:
+        obase = (bt.to(tl.int64) * HQ + hq) * NSPLIT + sp
+        tl.store(o_ptr + obase[:, None] * D + d[None, :], o, mask=hmask[:, None] & dmask[None, :])
+        tl.store(lse_ptr + obase, lse, mask=hmask)
 
 
 @triton.jit

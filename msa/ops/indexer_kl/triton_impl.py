@@ -4,8 +4,9 @@ Sparse phase (KV-outer over the reverse index, ``sparse_kl_kv``): a cheap studen
 pass that builds the teacher once per (key block, query, head) with query positions x G heads as MMA
 rows and produces the loss, dq_idx (per-entry partials summed over the K slots) and dk_idx (per
 work-item partials summed per key block), all in the forward; backward only scales by grad_out.
-Extra memory: fp32 dq_idx partials of T * H_kv * K * D_idx * 4 bytes (32 KB per token at the paper's
-shape, i.e. O(T * k)), plus one (B_k x D_idx) fp32 partial per work item.
+Extra memory: fp32 dq_idx partials of T * H_kv * K * NSUB * D_idx * 4 bytes (NSUB = key sub-tiles per
+block, 2 by default: 64 KB per token at the paper's shape, i.e. O(T * k), capped by query chunking at
+``MSA_KL_PARTIAL_BYTES``), plus one (B_k x D_idx) fp32 partial per work item.
 
 Warmup phase, flash-style (no T x T buffer), two modes (``dense_mode``): 'onepass' (default) computes
 the student lse first (cheap), then the teacher once in a key-outer pass that keeps dk_idx in
@@ -43,17 +44,21 @@ def _parse_config(env: str):
     return out
 
 
-def kv_config(g: int, d: int, di: int):
+def kv_config(g: int, d: int, di: int, block_size: int = 128):
     """Launch configuration of ``indexer_kl_fwd_kv_kernel`` (env ``MSA_KL_KV_CONFIG``, e.g.
-    ``BLOCK_M=64,num_warps=4,num_stages=1``). 128 teacher rows (8 queries x 16 heads at the paper's
-    shape) make the teacher MMA as large as the attention's; 8 warps hold the 128 x 128 fp32 score tile
-    plus the 128 x D_idx dk_idx accumulator."""
-    if _interpreting():
-        cfg = dict(BLOCK_M=16, num_warps=4, num_stages=1)
+    ``BLOCK_M=64,BLOCK_N=128,num_warps=4,num_stages=1``). 128 teacher rows (8 queries x 16 heads at the
+    paper's shape) make the teacher MMA as large as the attention's; BLOCK_N keys of the block per program
+    (the block is split over programs). sm_90 AOT report (benchmarks/aot_check.py, paper shape):
+    BLOCK_N=128 w8 s2 needs 234624 B of shared memory (> 232448: OutOfResources) and spills, s1 fits
+    (163840 B) but still spills; BLOCK_N=64 w8 s2 fits without spills (the default)."""
+    bs_pad = _pow2(block_size)
+    if _interpreting():  # split the block whenever it has >= 32 keys so the sub-tile path is tested
+        cfg = dict(BLOCK_M=16, BLOCK_N=max(16, bs_pad // 2), num_warps=4, num_stages=1)
     else:
-        cfg = dict(BLOCK_M=128 if max(d, di) <= 128 else 64, num_warps=8, num_stages=2)
+        cfg = dict(BLOCK_M=128 if max(d, di) <= 128 else 64, BLOCK_N=64, num_warps=8, num_stages=2)
     cfg.update(_parse_config("MSA_KL_KV_CONFIG"))
     cfg["BLOCK_M"] = max(cfg["BLOCK_M"], _pow2(g))
+    cfg["BLOCK_N"] = max(16, min(bs_pad, _pow2(cfg["BLOCK_N"])))
     return cfg
 
 
@@ -61,18 +66,21 @@ def dense_rows_config(g: int, d: int, di: int):
     """Launch configuration of the warmup kernels (env ``MSA_KL_DENSE_CONFIG``: BLOCK_M, BLOCK_N (forward
     key tile), DK_BLOCK_N (dk_idx key tile), num_warps, num_stages). 128 teacher rows = ENT query
     positions x G heads per MMA; the forward streams 64-key tiles past its register-resident query
-    tile, the dk_idx pass keeps 128 keys and a 128 x D_idx fp32 accumulator."""
+    tile, the dk_idx / onepass kernels keep 64 keys and a 64 x D_idx fp32 accumulator."""
     if _interpreting():
         cfg = dict(BLOCK_M=16, BLOCK_N=16, DK_BLOCK_N=16, num_warps=4, num_stages=1)
     else:
-        cfg = dict(BLOCK_M=128 if max(d, di) <= 128 else 64, BLOCK_N=64, DK_BLOCK_N=128, num_warps=8,
+        # sm_90 AOT report (benchmarks/aot_check.py, paper shape): DK_BLOCK_N=128 makes the onepass kernel
+        # need 234048 B of shared memory (> 232448) and spill; DK_BLOCK_N=64 fits (152128 B, 237 regs,
+        # no spills) and also removes the twopass dk kernel's spills
+        cfg = dict(BLOCK_M=128 if max(d, di) <= 128 else 64, BLOCK_N=64, DK_BLOCK_N=64, num_warps=8,
                    num_stages=2)
     cfg.update(_parse_config("MSA_KL_DENSE_CONFIG"))
     cfg["BLOCK_M"] = max(cfg["BLOCK_M"], _pow2(g))
     return cfg
 
 
-DEFAULT_KL_PARTIAL_BYTES = 2 << 30
+DEFAULT_KL_PARTIAL_BYTES = 4 << 30
 
 
 def sparse_kl_kv(q_idx, k_idx, q, k, block_indices, lse_t, *, block_size, index_scale, scale, cu_seqlens,
@@ -82,8 +90,8 @@ def sparse_kl_kv(q_idx, k_idx, q, k, block_indices, lse_t, *, block_size, index_
     q_idx (B, T, H_kv, D_idx), k_idx (B, T, D_idx), q (B, T, H_q, D), k (B, T, H_kv, D), contiguous;
     block_indices int32 (B, T, H_kv, K); lse_t fp32 (B*T*H_q,) teacher lse over the selected support.
     Queries are processed in chunks whose per-entry partials (K * H_kv * (D_idx + 2) fp32 per token)
-    fit ``partial_budget_bytes`` (env ``MSA_KL_PARTIAL_BYTES``, default 2 GiB: 65K tokens at the paper's
-    shape), each chunk with its own reverse index; chunk results are added in chunk order.
+    fit ``partial_budget_bytes`` (env ``MSA_KL_PARTIAL_BYTES``, default 4 GiB: 64K tokens at the paper's
+    shape with two key sub-tiles per block), each chunk with its own reverse index; chunk results are added in chunk order.
     Returns (loss fp32 scalar, dq_idx fp32 (B, T, H_kv, D_idx) or None, dk_idx fp32 (B, T, D_idx) or None),
     gradients for a unit upstream gradient.
     """
@@ -99,17 +107,18 @@ def sparse_kl_kv(q_idx, k_idx, q, k, block_indices, lse_t, *, block_size, index_
     c = max_queries_per_item or max(64, 2 * nsel * block_size)
     budget = int(partial_budget_bytes if partial_budget_bytes is not None else
                  os.environ.get("MSA_KL_PARTIAL_BYTES", DEFAULT_KL_PARTIAL_BYTES))
-    chunk = max(1, min(ntok, budget // (nsel * hkv * (di + 2) * 4)))
+    bn, bdi = _pow2(block_size), _pow2(di)
+    cfg = kv_config(g, d, di, block_size)
+    nsub = bn // cfg["BLOCK_N"]  # key sub-tiles per block: each writes its own per-entry partials
+    chunk = max(1, min(ntok, budget // (nsel * nsub * hkv * (di + 2) * 4)))
     layout = block_layout(bsz, t, block_size, cu_seqlens, dev)
     starts = block_starts_host(bsz, t, block_size, cu_seqlens)
-    bn, bdi = _pow2(block_size), _pow2(di)
-    cfg = kv_config(g, d, di)
     ent_pad = max(16, _pow2(cfg["BLOCK_M"] // g))
     split_p = cdt != tl.float32
     lse_s = torch.empty((ntok, hkv), dtype=torch.float32, device=dev)
-    klp = torch.empty((chunk * nsel * hkv,), dtype=torch.float32, device=dev)
-    plse = torch.empty_like(klp)
-    dqp = torch.empty((chunk * nsel * hkv, di), dtype=torch.float32, device=dev) if with_grad else klp
+    klp = torch.empty((chunk * nsel * nsub * hkv,), dtype=torch.float32, device=dev)
+    plse = torch.empty((chunk * nsel * hkv,), dtype=torch.float32, device=dev)
+    dqp = torch.empty((chunk * nsel * nsub * hkv, di), dtype=torch.float32, device=dev) if with_grad else klp
     dq_idx = torch.empty((ntok, hkv, di), dtype=torch.float32, device=dev) if with_grad else None
     dk_idx = None
     loss = None
@@ -129,21 +138,22 @@ def sparse_kl_kv(q_idx, k_idx, q, k, block_indices, lse_t, *, block_size, index_
             BLOCK_N=bn, BLOCK_DI=bdi, CDT=cdt, DOT_PREC=prec, num_warps=4)
         torch.logsumexp(plse[:n_ent].view(nt, nsel, hkv), dim=1, out=lse_s[t0:t1])
         # 2. teacher + KL + gradients; slots of -1 entries are never written, hence the zero fill
-        klp[:n_ent].zero_()
+        n_part = n_ent * nsub
+        klp[:n_part].zero_()
         if with_grad:
-            dqp[:n_ent].zero_()
+            dqp[:n_part].zero_()
         part = torch.empty((n_items, bn, bdi), dtype=torch.float32, device=dev) if with_grad else klp
-        indexer_kl_fwd_kv_kernel[(n_items,)](
+        indexer_kl_fwd_kv_kernel[(n_items, nsub)](
             q_idx, k_idx, q, k, lse_t, lse_s, klp, dqp, part, ri.entries, ri.work_row, ri.work_start, ri.work_end,
             layout.block_start, layout.block_len, t0, float(scale), float(index_scale), hq, hkv, nsel, nbr, G=g,
-            D=d, DI=di, BLOCK_M=cfg["BLOCK_M"], ENT_PAD=ent_pad, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DI=bdi,
-            CDT=cdt, DOT_PREC=prec, SPLIT_P=split_p, WITH_GRAD=with_grad, num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"])
-        part_loss = klp[:n_ent].sum()  # fixed-order torch reductions: deterministic
+            D=d, DI=di, BLOCK_M=cfg["BLOCK_M"], ENT_PAD=ent_pad, BLOCK_N=cfg["BLOCK_N"], BS_PAD=bn,
+            BLOCK_D=_pow2(d), BLOCK_DI=bdi, CDT=cdt, DOT_PREC=prec, SPLIT_P=split_p, WITH_GRAD=with_grad,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        part_loss = klp[:n_part].sum()  # fixed-order torch reductions: deterministic
         loss = part_loss if loss is None else loss + part_loss
         if not with_grad:
             continue
-        torch.sum(dqp[:n_ent].view(nt, nsel, hkv, di), dim=1, out=dq_idx[t0:t1])
+        torch.sum(dqp[:n_part].view(nt, nsel * nsub, hkv, di), dim=1, out=dq_idx[t0:t1])
         counts = (ri.row_ptr[1:] - ri.row_ptr[:-1]).to(torch.int64)
         items = (counts + c - 1) // c
         first = torch.cumsum(items, 0) - items

@@ -158,18 +158,24 @@ def indexer_kl_fwd_slse_kv_kernel(QI, KI, PLSE, ENTRIES, WORK_ROW, WORK_START, W
 def indexer_kl_fwd_kv_kernel(QI, KI, Q, K, LSE_T, LSE_S, KLP, DQP, PART, ENTRIES, WORK_ROW, WORK_START, WORK_END,
                              BLOCK_START, BLOCK_LEN, tok0, scale, index_scale, HQ, HKV, NSEL, NB, G: tl.constexpr,
                              D: tl.constexpr, DI: tl.constexpr, BLOCK_M: tl.constexpr, ENT_PAD: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DI: tl.constexpr,
-                             CDT: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT_P: tl.constexpr,
-                             WITH_GRAD: tl.constexpr):
-    """One work item (group r, key block, chunk of the queries that selected it).
+                             BLOCK_N: tl.constexpr, BS_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_DI: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr,
+                             SPLIT_P: tl.constexpr, WITH_GRAD: tl.constexpr):
+    """One (work item, key sub-tile): group r, BLOCK_N of the BS_PAD keys of a key block, a chunk of the
+    queries that selected the block. Splitting the block over NSUB = BS_PAD // BLOCK_N programs keeps the
+    (BLOCK_M x BLOCK_N) teacher tile and the (BLOCK_N x D_idx) dk_idx accumulator in registers (at the
+    paper's shape one 128-key program needs > 232 KB of shared memory with 2 stages and spills).
 
     QI (T_all, H_kv, DI), KI (T_all, DI), Q (T_all, H_q, D), K (T_all, H_kv, D); LSE_T fp32 (T_all * H_q,)
     teacher lse; LSE_S fp32 (T_all * H_kv,) student lse over the whole support; KLP fp32
-    (C * K * H_kv,) and DQP fp32 (C * K * H_kv, DI): per-entry KL contribution / unscaled dq_idx partial
-    at (entry * H_kv + r), entry = (token - tok0) * K + slot local to the query chunk; PART fp32
-    (items, BLOCK_N, BLOCK_DI): unscaled dk_idx partial of this item (zeros for empty items).
+    (C * K * NSUB * H_kv,) and DQP fp32 (C * K * NSUB * H_kv, DI): per-(entry, sub-tile) KL contribution /
+    unscaled dq_idx partial at ((entry * NSUB + sub) * H_kv + r), entry = (token - tok0) * K + slot local to
+    the query chunk; PART fp32 (items, BS_PAD, BLOCK_DI): unscaled dk_idx partial of this item (zeros for
+    empty items), rows sub * BLOCK_N .. written by this program.
     """
     w = tl.program_id(0)
+    sub = tl.program_id(1)
+    NSUB: tl.constexpr = BS_PAD // BLOCK_N
     start = tl.load(WORK_START + w)
     end = tl.load(WORK_END + w)
     row = tl.load(WORK_ROW + w)
@@ -178,7 +184,7 @@ def indexer_kl_fwd_kv_kernel(QI, KI, Q, K, LSE_T, LSE_S, KLP, DQP, PART, ENTRIES
     kstart = tl.load(BLOCK_START + gb)
     klen = tl.load(BLOCK_LEN + gb)
     ENT: tl.constexpr = BLOCK_M // G  # query positions per teacher tile
-    n = tl.arange(0, BLOCK_N)
+    n = sub * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     e = tl.arange(0, BLOCK_DI)
     dmask = d < D
@@ -230,7 +236,7 @@ def indexer_kl_fwd_kv_kernel(QI, KI, Q, K, LSE_T, LSE_S, KLP, DQP, PART, ENTRIES
         # KL(p || p_idx) = sum_j p_j (log p_j - s_j) + lse_s * sum_j p_j, split over the entry's blocks
         klv = tl.sum(tl.where(pe > 0, pe * (tl.log(tl.where(pe > 0, pe, 1.0)) - s), 0.0), axis=1)
         klv += lse_s * tl.sum(pe, axis=1)
-        slot_row = xent.to(tl.int64) * HKV + r
+        slot_row = (xent.to(tl.int64) * NSUB + sub) * HKV + r
         tl.store(KLP + slot_row, klv, mask=xmask)
         if WITH_GRAD:
             gr = tl.where(xvis, tl.exp(s - lse_s[:, None]) - pe, 0.0)
@@ -239,7 +245,7 @@ def indexer_kl_fwd_kv_kernel(QI, KI, Q, K, LSE_T, LSE_S, KLP, DQP, PART, ENTRIES
             tl.store(DQP + slot_row[:, None] * DI + e[None, :], dq, mask=xmask[:, None] & emask[None, :])
             dk += tl.dot(tl.trans(grc), qi, input_precision=DOT_PREC)
     if WITH_GRAD:
-        tl.store(PART + (w.to(tl.int64) * BLOCK_N + n)[:, None] * BLOCK_DI + e[None, :], dk)
+        tl.store(PART + (w.to(tl.int64) * BS_PAD + n)[:, None] * BLOCK_DI + e[None, :], dk)
 
 
 # ---------------------------------------------------------------------------------------------------

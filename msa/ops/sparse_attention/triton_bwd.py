@@ -243,9 +243,13 @@ def bwd_config(g: int, d: int, block_size: int):
         cfg = dict(DKDV_BLOCK_M=16, DKDV_BLOCK_N=bs_pad, DKDV_WARPS=4, DKDV_STAGES=1, DQ_BLOCK_N=bs_pad,
                    DQ_WARPS=4, DQ_STAGES=1)
     else:
-        big = _pow2(_pow2(g) * bs_pad) > 4096
-        cfg = dict(DKDV_BLOCK_M=64, DKDV_BLOCK_N=min(bs_pad, 64), DKDV_WARPS=8, DKDV_STAGES=2, DQ_BLOCK_N=bs_pad,
-                   DQ_WARPS=8 if big else 4, DQ_STAGES=2)
+        # sm_90 AOT report at the paper's shape (benchmarks/aot_check.py): dK/dV with 128 rows x 64 keys, 8
+        # warps, 2 stages: 181760 B shared, 252 regs, no spills (64 x 64: 107264 B / 228 regs, half the MMA
+        # rows for the same one-CTA-per-SM occupancy; 128 keys per program spill ~600 B). The opt-in
+        # atomic-dQ variant adds a dS @ K MMA and needs 64 rows to stay clear of the 232448 B limit.
+        # dQ: 4 warps, 128-key tiles: 49152 B, 234 regs, no spills.
+        cfg = dict(DKDV_BLOCK_M=64 if dq_mode() == "atomic" else 128, DKDV_BLOCK_N=min(bs_pad, 64), DKDV_WARPS=8,
+                   DKDV_STAGES=2, DQ_BLOCK_N=bs_pad, DQ_WARPS=4, DQ_STAGES=2)
     cfg.update(_parse_config("MSA_SPARSE_BWD_CONFIG"))
     cfg["DKDV_BLOCK_M"] = max(cfg["DKDV_BLOCK_M"], _pow2(g))
     cfg["DKDV_BLOCK_N"] = max(16, min(bs_pad, _pow2(cfg["DKDV_BLOCK_N"])))

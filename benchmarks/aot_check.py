@@ -1,0 +1,271 @@
+"""Ahead-of-time resource check of every Triton training kernel at the paper's shape, no GPU needed.
+
+    pip install --no-deps --target /tmp/t36 triton-3.6.0-cp311-*.whl     # the GPU's Triton (has ptxas)
+    PYTHONPATH=/tmp/t36:. python benchmarks/aot_check.py [--arch 90] [--json OUT.json] [--only SUBSTR]
+
+(do NOT set TRITON_INTERPRET). For each kernel launch that a training step makes at H_q 64, H_kv 4,
+D 128, d_idx 128, block 128, k 16, bf16 (the launchers' own config functions are called, so the
+env knobs MSA_SPARSE_BWD_CONFIG, MSA_KL_KV_CONFIG, MSA_KL_DENSE_CONFIG, MSA_SPARSE_FWD_CONFIG apply),
+it compiles for sm_<arch> with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``
+and prints the static shared memory (``metadata.shared``, what the launcher checks against the
+device's 232448-byte opt-in limit on H100/H200), and registers / spill stores / spill loads from
+``ptxas -v`` on the generated PTX. Exit status 1 if any kernel needs more shared memory than
+--limit (default 232448) or fails to compile. Pointer arguments are assumed 16-byte aligned and
+integer arguments divisible by 16 get the divisibility hint, as the JIT does at run time.
+
+Also runnable on a GPU machine (it never launches anything).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("aot_check.py compiles real kernels: unset TRITON_INTERPRET")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+HQ, HKV, D, DI, BLOCK, TOPK = 64, 4, 128, 128, 128, 16
+T = 32768
+SMEM_LIMIT = 232448  # H100/H200 opt-in shared memory per block
+
+
+def _pow2(x, lo=16):
+    return max(lo, triton.next_power_of_2(int(x)))
+
+
+def _launches():
+    """[(label, kernel fn, {arg: value or type}, {constexpr: value}, num_warps, num_stages)] of one
+    training step at the paper's shape, built from the launchers' config functions."""
+    from msa.ops.indexer_kl import triton_kernels as kk
+    from msa.ops.indexer_kl.triton_impl import _dense_tiles, dense_rows_config, kv_config
+    from msa.ops.sparse_attention import triton_bwd as bw
+    from msa.ops.sparse_attention import triton_fwd as fw
+    from msa.ops.sparse_attention.triton_impl import kv_outer_config, qo_config
+
+    g = HQ // HKV
+    bf, f32, i32 = "*bf16", "*fp32", "*i32"
+    cdt, prec = tl.bfloat16, "tf32"
+    bs_pad, bd, bdi = _pow2(BLOCK), _pow2(D), _pow2(DI)
+    out = []
+
+    # sparse attention forward (KV-outer kernel + combine), owned by the forward's engineer
+    fc = kv_outer_config(D, g, BLOCK)
+    kv_tiles = -(-BLOCK // fc["BLOCK_N"])
+    out.append(("sparse_attention_fwd_kernel", fw.sparse_attention_fwd_kernel,
+                dict(Q=bf, K=bf, V=bf, PO=bf, PLSE=f32, ENTRIES=i32, WORK_ROW=i32, WORK_START=i32, WORK_END=i32,
+                     BLOCK_START=i32, BLOCK_LEN=i32, tok0=0, nb_rows=T // BLOCK, qk_scale=0.1),
+                dict(H_Q=HQ, H_KV=HKV, G=g, TOPK=TOPK, D=D, BLOCK_D=bd, BLOCK_M=fc["BLOCK_M"], BLOCK_N=fc["BLOCK_N"],
+                     KV_TILES=kv_tiles, PRELOAD=bool(fc["PRELOAD"]) and kv_tiles == 1, UPCAST=False, DOT_PREC=prec,
+                     PREFETCH=fc["PREFETCH"]), fc["num_warps"], fc["num_stages"]))
+    # the forward is another engineer's and evolves: take its combine config when it has one
+    from msa.ops.sparse_attention import triton_impl as fi
+    if hasattr(fi, "combine_config"):
+        cc = fi.combine_config(D, TOPK, HQ)
+        cc_const = dict(BLOCK_H=cc["BLOCK_H"], TOK_PER_PROG=cc["TOK_PER_PROG"])
+        cc_warps = cc.get("num_warps", 4)
+    else:
+        cc_const, cc_warps = dict(BLOCK_H=min(_pow2(HQ, 1), max(1, 4096 // bd))), 4
+    cc_args = dict(PO=bf, PLSE=f32, BI=i32, O=bf, LSE=f32, tok0=0, n_tok=T)
+    cc_args = {a: v for a, v in cc_args.items() if a in fw.sparse_attention_combine_fwd_kernel.arg_names}
+    out.append(("sparse_attention_combine_fwd_kernel", fw.sparse_attention_combine_fwd_kernel, cc_args,
+                dict(H_Q=HQ, H_KV=HKV, G=g, TOPK=TOPK, BLOCK_K=_pow2(TOPK, 1), D=D, BLOCK_D=bd, **cc_const),
+                cc_warps, 3))
+    qc = qo_config(D, g, BLOCK)
+    out.append(("sparse_attention_qo_fwd_kernel (short sequences only)", fw.sparse_attention_qo_fwd_kernel,
+                dict(Q=bf, K=bf, V=bf, O=bf, LSE=f32, BI=i32, SEQ_BLOCK_OFFSET=i32, BLOCK_START=i32, BLOCK_LEN=i32,
+                     qk_scale=0.1),
+                dict(H_Q=HQ, H_KV=HKV, G=g, TOPK=TOPK, D=D, BLOCK_D=bd, BLOCK_G=_pow2(g), BLOCK_N=qc["BLOCK_N"],
+                     KV_TILES=-(-BLOCK // qc["BLOCK_N"]), UPCAST=False, DOT_PREC=prec),
+                qc["num_warps"], qc["num_stages"]))
+
+    # sparse attention backward
+    bc = bw.bwd_config(g, D, BLOCK)
+    old_mode = os.environ.get("MSA_SPARSE_BWD_DQ")
+    os.environ["MSA_SPARSE_BWD_DQ"] = "atomic"
+    bc_atomic = bw.bwd_config(g, D, BLOCK)  # the opt-in atomic-dQ mode has its own defaults
+    if old_mode is None:
+        os.environ.pop("MSA_SPARSE_BWD_DQ")
+    else:
+        os.environ["MSA_SPARSE_BWD_DQ"] = old_mode
+    out.append(("sparse_attention_bwd_preprocess_kernel", bw.sparse_attention_bwd_preprocess_kernel,
+                dict(O=bf, DO=bf, DELTA=f32, n_rows=T * HQ), dict(D=D, BLOCK_R=64, BLOCK_D=bd), 4, 3))
+    out.append(("sparse_attention_bwd_dq_kernel", bw.sparse_attention_bwd_dq_kernel,
+                dict(Q=bf, K=bf, V=bf, DO=bf, LSE=f32, DELTA=f32, DQ=bf, BI=i32, SEQ_START=i32, scale=0.1, HQ=HQ,
+                     HKV=HKV, NSEL=TOPK, BS=BLOCK),
+                dict(G=g, D=D, BLOCK_G=_pow2(g), BLOCK_N=bc["DQ_BLOCK_N"], KV_TILES=bs_pad // bc["DQ_BLOCK_N"],
+                     BLOCK_D=bd, CDT=cdt, DOT_PREC=prec), bc["DQ_WARPS"], bc["DQ_STAGES"]))
+    for atomic, bc in ((False, bc), (True, bc_atomic)):
+        out.append((f"sparse_attention_bwd_dkdv_kernel{' (DQ_ATOMIC, opt-in)' if atomic else ''}",
+                    bw.sparse_attention_bwd_dkdv_kernel,
+                    dict(Q=bf, K=bf, V=bf, DO=bf, LSE=f32, DELTA=f32, DK=bf, DV=bf, PDK=f32, PDV=f32, DQ32=f32,
+                         ENTRIES=i32, WORK_ROW=i32, WORK_START=i32, WORK_END=i32, WORK_SLOT=i32, BLOCK_START=i32,
+                         BLOCK_LEN=i32, scale=0.1, HQ=HQ, HKV=HKV, NSEL=TOPK, NB=T // BLOCK),
+                    dict(G=g, D=D, BLOCK_M=bc["DKDV_BLOCK_M"], BLOCK_N=bc["DKDV_BLOCK_N"], BLOCK_D=bd, BS_PAD=bs_pad,
+                         CDT=cdt, DOT_PREC=prec, DQ_ATOMIC=atomic), bc["DKDV_WARPS"], bc["DKDV_STAGES"]))
+    out.append(("sparse_attention_bwd_reduce_kernel", bw.sparse_attention_bwd_reduce_kernel,
+                dict(PDK=f32, PDV=f32, DK=bf, DV=bf, ROW_ITEMS=i32, ROW_FIRST_SLOT=i32, BLOCK_START=i32,
+                     BLOCK_LEN=i32, HKV=HKV, NB=T // BLOCK),
+                dict(D=D, BLOCK_N=bc["DKDV_BLOCK_N"], BLOCK_D=bd, BS_PAD=bs_pad), 4, 3))
+
+    # indexer KL, sparse phase
+    kc = kv_config(g, D, DI, BLOCK)
+    out.append(("indexer_kl_fwd_slse_kv_kernel", kk.indexer_kl_fwd_slse_kv_kernel,
+                dict(QI=bf, KI=bf, PLSE=f32, ENTRIES=i32, WORK_ROW=i32, WORK_START=i32, WORK_END=i32,
+                     BLOCK_START=i32, BLOCK_LEN=i32, tok0=0, index_scale=0.1, HKV=HKV, NSEL=TOPK, NB=T // BLOCK),
+                dict(DI=DI, BLOCK_E=64, BLOCK_N=bs_pad, BLOCK_DI=bdi, CDT=cdt, DOT_PREC=prec), 4, 3))
+    out.append(("indexer_kl_fwd_kv_kernel", kk.indexer_kl_fwd_kv_kernel,
+                dict(QI=bf, KI=bf, Q=bf, K=bf, LSE_T=f32, LSE_S=f32, KLP=f32, DQP=f32, PART=f32, ENTRIES=i32,
+                     WORK_ROW=i32, WORK_START=i32, WORK_END=i32, BLOCK_START=i32, BLOCK_LEN=i32, tok0=0, scale=0.1,
+                     index_scale=0.1, HQ=HQ, HKV=HKV, NSEL=TOPK, NB=T // BLOCK),
+                dict(G=g, D=D, DI=DI, BLOCK_M=kc["BLOCK_M"], ENT_PAD=max(16, _pow2(kc["BLOCK_M"] // g)),
+                     BLOCK_N=kc["BLOCK_N"], BS_PAD=bs_pad, BLOCK_D=bd, BLOCK_DI=bdi, CDT=cdt, DOT_PREC=prec, SPLIT_P=True, WITH_GRAD=True),
+                kc["num_warps"], kc["num_stages"]))
+    out.append(("indexer_kl_bwd_sparse_reduce_kernel", kk.indexer_kl_bwd_sparse_reduce_kernel,
+                dict(PART=f32, DKI=f32, ROW_ITEMS=i32, ROW_FIRST=i32, BLOCK_START=i32, BLOCK_LEN=i32, mult=0.1,
+                     HKV=HKV, NB=T // BLOCK),
+                dict(DI=DI, BLOCK_N=bs_pad, BLOCK_DI=bdi), 4, 3))
+    out.append(("indexer_kl_fwd_lse_sparse_kernel (only without teacher_lse)", kk.indexer_kl_fwd_lse_sparse_kernel,
+                dict(Q=bf, K=bf, BI=i32, SEQ_START=i32, LSE=f32, scale=0.1, HQ=HQ, HKV=HKV, NSEL=TOPK, BS=BLOCK),
+                dict(G=g, D=D, BLOCK_G=_pow2(g), BLOCK_N=bs_pad, BLOCK_D=bd, CDT=cdt, DOT_PREC=prec), 4, 3))
+
+    # indexer KL, warmup phase
+    bq, bn, nw = _dense_tiles(DI, DI)
+    out.append(("indexer_kl_fwd_lse_dense_kernel (student lse)", kk.indexer_kl_fwd_lse_dense_kernel,
+                dict(Q=bf, K=bf, SEQ_START=i32, LSE=f32, scale=0.1, NTOK=T, HQ=HKV, HKV=1),
+                dict(G=HKV, D=DI, BLOCK_Q=bq, BLOCK_N=bn, BLOCK_D=bdi, CDT=cdt, DOT_PREC=prec), nw, 3))
+    bq, bn, nw = _dense_tiles(D, D)
+    out.append(("indexer_kl_fwd_lse_dense_kernel (teacher lse, only without teacher_lse)",
+                kk.indexer_kl_fwd_lse_dense_kernel,
+                dict(Q=bf, K=bf, SEQ_START=i32, LSE=f32, scale=0.1, NTOK=T, HQ=HQ, HKV=HKV),
+                dict(G=g, D=D, BLOCK_Q=bq, BLOCK_N=bn, BLOCK_D=bd, CDT=cdt, DOT_PREC=prec), nw, 3))
+    dc = dense_rows_config(g, D, DI)
+    ent_pad = max(16, _pow2(dc["BLOCK_M"] // g))
+    common = dict(G=g, D=D, DI=DI, BLOCK_M=dc["BLOCK_M"], ENT_PAD=ent_pad, BLOCK_D=bd, BLOCK_DI=bdi, CDT=cdt,
+                  DOT_PREC=prec, SPLIT_P=True)
+    out.append(("indexer_kl_fwd_dense_onepass_kernel (warmup default)", kk.indexer_kl_fwd_dense_onepass_kernel,
+                dict(QI=bf, KI=bf, Q=bf, K=bf, SEQ_END=i32, LSE_T=f32, LSE_S=f32, PART=f32, DQI=f32, KLPART=f32,
+                     scale=0.1, index_scale=0.1, NTOK=T, HQ=HQ, HKV=HKV),
+                dict(common, BLOCK_N=dc["DK_BLOCK_N"]), dc["num_warps"], dc["num_stages"]))
+    out.append(("indexer_kl_fwd_dense_rows_kernel (warmup twopass)", kk.indexer_kl_fwd_dense_rows_kernel,
+                dict(QI=bf, KI=bf, Q=bf, K=bf, SEQ_START=i32, LSE_T=f32, KL=f32, LSE_S=f32, DQI=bf, scale=0.1,
+                     index_scale=0.1, inv_n=0.1, NTOK=T, HQ=HQ, HKV=HKV),
+                dict(common, BLOCK_N=dc["BLOCK_N"], WITH_GRAD=True), dc["num_warps"], dc["num_stages"]))
+    out.append(("indexer_kl_bwd_dense_rows_dk_kernel (warmup twopass)", kk.indexer_kl_bwd_dense_rows_dk_kernel,
+                dict(QI=bf, KI=bf, Q=bf, K=bf, SEQ_END=i32, LSE_T=f32, LSE_S=f32, PART=f32, scale=0.1,
+                     index_scale=0.1, NTOK=T, HQ=HQ, HKV=HKV),
+                dict(common, BLOCK_N=dc["DK_BLOCK_N"]), dc["num_warps"], dc["num_stages"]))
+    return out
+
+
+def _signature(fn, args, constexprs):
+    sig, consts, attrs = {}, dict(constexprs), {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+            continue
+        if name not in args:
+            raise KeyError(f"{fn.__name__}: no value for argument {name}")
+        v = args[name]
+        if isinstance(v, str):  # pointer, 16-byte aligned
+            sig[name] = v
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            sig[name] = "fp32"
+        elif v == 1:  # the JIT specialises integer 1 into a constant
+            sig[name] = "constexpr"
+            consts[name] = 1
+        else:
+            sig[name] = "i32" if abs(v) < 2 ** 31 else "i64"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, consts, attrs
+
+
+def _ptxas_usage(ptx: str, arch: int):
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([ptxas, "-v", f"-arch=sm_{arch}a", src, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True)
+    txt = res.stdout + res.stderr
+    out = {}
+    m = re.search(r"Used (\d+) registers", txt)
+    if m:
+        out["regs"] = int(m.group(1))
+    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", txt)
+    if m:
+        out["spill_st"], out["spill_ld"] = int(m.group(1)), int(m.group(2))
+    m = re.search(r"(\d+) bytes stack frame", txt)
+    if m:
+        out["stack"] = int(m.group(1))
+    return out
+
+
+def check(arch=90, only=None, limit=SMEM_LIMIT, verbose=True):
+    rows = []
+    for label, fn, args, constexprs, nw, ns in _launches():
+        if only and only not in label:
+            continue
+        row = dict(kernel=label, num_warps=nw, num_stages=ns,
+                   constexprs={k: (str(v) if not isinstance(v, (int, float, bool)) else v)
+                               for k, v in constexprs.items()})
+        try:
+            sig, consts, attrs = _signature(fn, args, constexprs)
+            src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+            ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": nw, "num_stages": ns})
+            row["shared"] = int(ck.metadata.shared)
+            row.update(_ptxas_usage(ck.asm["ptx"], arch))
+            row["ok"] = row["shared"] <= limit
+        except Exception as exc:  # a compile failure is a failure too
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            row["ok"] = False
+        rows.append(row)
+        if verbose:
+            print(_fmt(row), flush=True)
+    return rows
+
+
+def _fmt(r):
+    if "error" in r:
+        return f"{r['kernel'][:62]:62s} w{r['num_warps']} s{r['num_stages']}  ERROR {r['error'][:200]}"
+    return (f"{r['kernel'][:62]:62s} w{r['num_warps']} s{r['num_stages']}  shared {r['shared']:7d}  "
+            f"regs {r.get('regs', '?'):>3}  spill st/ld {r.get('spill_st', '?')}/{r.get('spill_ld', '?')}"
+            f"{'' if r['ok'] else '  OVER LIMIT'}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--limit", type=int, default=SMEM_LIMIT)
+    ap.add_argument("--only", default=None, help="substring of the kernel labels to check")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    print(f"triton {triton.__version__}, sm_{args.arch}, shape H_q {HQ} H_kv {HKV} D {D} d_idx {DI} "
+          f"block {BLOCK} k {TOPK} bf16; shared-memory limit {args.limit}", flush=True)
+    rows = check(args.arch, args.only, args.limit)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(triton=triton.__version__, arch=args.arch, limit=args.limit, rows=rows), f, indent=1)
+    bad = [r["kernel"] for r in rows if not r["ok"]]
+    print("AOT check:", "PASS" if not bad else f"FAIL ({', '.join(bad)})")
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
