@@ -348,6 +348,13 @@ SWEEP = [  # (env var, value, kernel)
     ("MSA_SPARSE_FWD_PARTIAL_BYTES", str(4 << 30), "kv"),
     ("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=64,num_warps=4,PRELOAD=1", "kv"),
     ("MSA_SPARSE_FWD_PARTIAL_BYTES", str(1 << 30), "kv"),
+    ("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=64,num_warps=4,num_stages=2", "kv"),
+    ("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=64,num_warps=4,num_stages=4", "kv"),
+    # combine kernel (default BLOCK_H=8 at D 128 / K 16, 4 warps, 1 token per program)
+    ("MSA_SPARSE_FWD_COMBINE_CONFIG", "BLOCK_H=16,num_warps=8", "kv"),
+    ("MSA_SPARSE_FWD_COMBINE_CONFIG", "BLOCK_H=4,num_warps=2", "kv"),
+    ("MSA_SPARSE_FWD_COMBINE_CONFIG", "BLOCK_H=8,num_warps=8", "kv"),
+    ("MSA_SPARSE_FWD_COMBINE_CONFIG", "TOK_PER_PROG=2", "kv"),
     ("MSA_SPARSE_FWD_QO_CONFIG", "BLOCK_N=64,num_warps=4", "qo"),
     ("MSA_SPARSE_FWD_QO_CONFIG", "BLOCK_N=128,num_warps=4", "qo"),
     ("MSA_SPARSE_FWD_QO_CONFIG", "BLOCK_N=64,num_warps=4,num_stages=3", "qo"),

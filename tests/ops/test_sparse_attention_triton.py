@@ -33,7 +33,8 @@ if DEVICE == "cpu":
 def _poison(monkeypatch):
     monkeypatch.setenv("MSA_DEBUG_POISON", "1")
     for var in ("MSA_SPARSE_FWD_KERNEL", "MSA_SPARSE_FWD_CONFIG", "MSA_SPARSE_FWD_QO_CONFIG",
-                "MSA_SPARSE_FWD_PARTIAL_BYTES", "MSA_SPARSE_FWD_PARTIAL_DTYPE"):
+                "MSA_SPARSE_FWD_PARTIAL_BYTES", "MSA_SPARSE_FWD_PARTIAL_DTYPE",
+                "MSA_SPARSE_FWD_COMBINE_CONFIG"):
         monkeypatch.delenv(var, raising=False)
 
 
@@ -176,6 +177,17 @@ def test_no_preload_and_large_group(monkeypatch):
     check_against_reference(q, k, v, bi, cu, 16, kernel="kv")
 
 
+def test_combine_head_blocks_and_tokens_per_program(monkeypatch):
+    # combine with 2 heads per program (G = 3: a program's heads straddle two groups), 2 tokens per
+    # program over an odd token count (the last program's second token is out of range), and
+    # -1 slots (short rows) whose stale partials must not leak in
+    monkeypatch.setenv("MSA_SPARSE_FWD_COMBINE_CONFIG", "BLOCK_H=2,TOK_PER_PROG=2,num_warps=2")
+    q, k, v, bi, cu = make_inputs(67, 2, 3, 16, 16, 4, seed=14)
+    bi = bi.clone()
+    bi[:, ::5, :, :2] = -1
+    check_against_reference(q, k, v, bi, cu, 16, kernel="kv")
+
+
 def test_deterministic():
     q, k, v, bi, cu = make_inputs(80, 2, 3, 16, 16, 3, seed=9)
     kw = dict(block_size=16, scale=0.25, cu_seqlens=None, kernel="kv", max_queries_per_item=4)
@@ -232,6 +244,18 @@ def test_reverse_index_token_range_matches_full():
         # work items tile every row exactly, at most 4 entries each
         s, e = part.work_start, part.work_end
         assert ((e - s) <= 4).all() and int((e - s).sum()) == int(part.row_ptr[-1])
+
+
+def test_reverse_index_kernels_match_torch_build():
+    # the fused-kernel build and the torch-only fallback give identical tensors (chunked + full)
+    from msa.ops.sparse_attention.reverse_index import _build_reverse_index_torch, block_layout
+    q, k, v, bi, cu = make_inputs([40, 9, 60], 2, 1, 16, 16, 3, packed=True, seed=15)
+    layout = block_layout(1, 109, 16, cu, DEVICE)
+    for (t0, t1), nbr, c in (((0, 109), layout.num_blocks, 4), ((23, 50), 5, 3), ((50, 109), 9, 100)):
+        a = build_reverse_index(bi, 16, cu, c, token_range=(t0, t1), layout=layout, block_limit=nbr)
+        b = _build_reverse_index_torch(bi, layout, nbr, t0, t1, c)
+        for x, y in zip(a[1:], b[1:]):
+            assert x.dtype == y.dtype == torch.int32 and torch.equal(x, y)
 
 
 @pytest.mark.parametrize("pdtype", ["auto", "fp32"])

@@ -277,11 +277,11 @@ class DecodePlan:
             q, c.k[layer_idx], c.v[layer_idx], sel if sel is not None else self._dummy_i,
             self.cand if fused_sel else self._dummy_l, pt, lens,
             self.out if self.att_direct else self.o_part, self.lse if self.att_direct else self.lse_part,
-            T, H, G, self.D, self.s_rows, self.pt_stride, self.topk, self.att_splits, self.att_bps,
+            T, H, G, self.D, self.s_rows, self.pt_stride, self.att_splits, self.att_bps,
             self.ncand if fused_sel else 1, self.scale * tk.LOG2E,
             BS=BS, G_PAD=max(16, _pow2(G)), D_PAD=d_pad, PAGED=c.paged, DENSE=self.dense,
             F32=self.f32, EVEN_D=d_pad == self.D, FUSED_SEL=fused_sel, DIRECT=self.att_direct,
-            K_PAD=self.k_pad if fused_sel else 1, NCAND_PAD=self.ncand_pad if fused_sel else 1,
+            K_PAD=self.k_pad if fused_sel else 1, NCAND_PAD=self.ncand_pad if fused_sel else 1, TOPK=self.topk,
             num_warps=warps, num_stages=2 if not interpreting() else 1)
         if not self.att_direct:
             if timer is not None:

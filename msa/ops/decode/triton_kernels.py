@@ -280,10 +280,11 @@ def decode_attention_fwd_kernel(
     o_ptr,        # DIRECT: (B*T, HQ, D) output in its dtype; else fp32 (B*T, HQ, NSPLIT, D) partial outputs
     lse_ptr,      # DIRECT: fp32 (B*T, HQ) natural-log lse; else fp32 (B*T, HQ, NSPLIT) partial log2-sum-exp
                   # (-inf when the split / query saw nothing)
-    T, H, G, D, S_ROWS, PT_STRIDE, TOPK, NSPLIT, BPS, NCAND, scale_log2,
+    T, H, G, D, S_ROWS, PT_STRIDE, NSPLIT, BPS, NCAND, scale_log2,
     BS: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr,
     PAGED: tl.constexpr, DENSE: tl.constexpr, F32: tl.constexpr, EVEN_D: tl.constexpr,
     FUSED_SEL: tl.constexpr, DIRECT: tl.constexpr, K_PAD: tl.constexpr, NCAND_PAD: tl.constexpr,
+    TOPK: tl.constexpr,
 ):
     EMPTY: tl.constexpr = -9223372036854775808
     bt = tl.program_id(0)

@@ -14,9 +14,61 @@ from __future__ import annotations
 
 import bisect
 import math
+import os
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
+import triton
+import triton.language as tl
+
+_BLOCK = 1024  # elements per program of the element-wise kernels below
+
+
+@triton.jit
+def sparse_attention_revidx_keys_fwd_kernel(BI, SEQ_BLOCK_OFFSET, KEY, n, nb_rows,
+                                            HK: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr):
+    """Sort key of every (token, group, slot) of the chunk: its row ``r * nb_rows + global_block``,
+    or the sentinel row H_kv * nb_rows for a -1 slot (it sorts last). BI int32 (chunk tokens, H_kv,
+    K) flattened, SEQ_BLOCK_OFFSET int64 (chunk tokens,) (both already offset to the chunk's first
+    token), KEY int32 (n,) with n = chunk tokens * H_kv * K."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n
+    tok = i // HK
+    r = (i % HK) // K
+    b = tl.load(BI + i, mask=ok, other=-1)
+    sbo = tl.load(SEQ_BLOCK_OFFSET + tok, mask=ok, other=0).to(tl.int32)
+    rows = nb_rows * (HK // K)
+    tl.store(KEY + i, tl.where(b >= 0, r * nb_rows + sbo + b, rows), mask=ok)
+
+
+@triton.jit
+def sparse_attention_revidx_entries_fwd_kernel(ORDER, ENTRIES, n, HK: tl.constexpr, K: tl.constexpr,
+                                               BLOCK: tl.constexpr):
+    """flat position (token * H_kv + r) * K + slot (int64, from the sort) -> int32 token * K + slot."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n
+    o = tl.load(ORDER + i, mask=ok, other=0).to(tl.int32)
+    tl.store(ENTRIES + i, (o // HK) * K + o % K, mask=ok)
+
+
+@triton.jit
+def sparse_attention_revidx_items_fwd_kernel(WROW, ROW_PTR, ITEMS, ITEM_PTR, WORK_ROW, WORK_START, WORK_END,
+                                             rows, n, C: tl.constexpr, BLOCK: tl.constexpr):
+    """Work item w of row WROW[w] (searchsorted of w in the inclusive item cumsum ITEM_PTR) covers
+    C entries from row_ptr[row] + (w - first item of the row) * C; items past the last (wrow ==
+    rows) are empty (start = end = 0, row clamped to rows - 1). All int32."""
+    w = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = w < n
+    wrow = tl.load(WROW + w, mask=ok, other=0)
+    valid = wrow < rows
+    wr = tl.minimum(wrow, rows - 1)
+    items = tl.load(ITEMS + wr, mask=ok, other=0)
+    first = tl.load(ITEM_PTR + wr, mask=ok, other=0) - items
+    start = tl.load(ROW_PTR + wr, mask=ok, other=0) + (w - first) * C
+    end = tl.minimum(start + C, tl.load(ROW_PTR + wr + 1, mask=ok, other=0))
+    tl.store(WORK_ROW + w, wr, mask=ok)
+    tl.store(WORK_START + w, tl.where(valid, start, 0), mask=ok)
+    tl.store(WORK_END + w, tl.where(valid, end, 0), mask=ok)
 
 
 class BlockLayout(NamedTuple):
@@ -112,6 +164,45 @@ def build_reverse_index(block_indices: torch.Tensor, block_size: int, cu_seqlens
     nb = layout.num_blocks if block_limit is None else block_limit
     rows = hkv * nb
     t0, t1 = (0, bsz * t) if token_range is None else token_range
+    ntok = t1 - t0
+    n = ntok * hkv * k
+    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if n == 0 or n >= 2 ** 31 or not (dev.type == "cuda" or interp):
+        return _build_reverse_index_torch(block_indices, layout, nb, t0, t1, max_queries_per_item)
+    # a few fused kernels instead of ~40 small torch ops: the build was dominated by per-op launch
+    # overhead and int64 temporaries. The rows fit int32 (H_kv * NB < 2^31); int32 keys need half
+    # the radix-sort passes of an int64 (row, token) key. A stable sort of the row alone keeps
+    # tokens (then slots) ascending inside a row, because the flat input order is (token, group, slot).
+    bi = block_indices.reshape(bsz * t, hkv, k)[t0:t1].contiguous()  # a view when already contiguous
+    key = torch.empty(n, dtype=torch.int32, device=dev)
+    grid = (triton.cdiv(n, _BLOCK),)
+    sparse_attention_revidx_keys_fwd_kernel[grid](bi, layout.seq_block_offset[t0:t1], key, n, nb, HK=hkv * k, K=k,
+                                                  BLOCK=_BLOCK)
+    row_sorted, order = torch.sort(key, stable=True)
+    entries = torch.empty(n, dtype=torch.int32, device=dev)
+    sparse_attention_revidx_entries_fwd_kernel[grid](order, entries, n, HK=hkv * k, K=k, BLOCK=_BLOCK)
+    # CSR pointers by binary search in the sorted rows (deterministic, no atomics); the sentinel
+    # row sorts last, so row_ptr[rows] is the number of valid entries
+    row_ptr = torch.searchsorted(row_sorted, torch.arange(rows + 1, device=dev, dtype=torch.int32), out_int32=True)
+    c = max_queries_per_item
+    items = (row_ptr[1:] - row_ptr[:-1] + (c - 1)) // c  # work items per row
+    item_ptr = torch.cumsum(items, 0, dtype=torch.int32)
+    max_items = rows + math.ceil(n / c)  # upper bound from shapes only
+    wrow = torch.searchsorted(item_ptr, torch.arange(max_items, device=dev, dtype=torch.int32), right=True,
+                              out_int32=True)
+    work_row = torch.empty(max_items, dtype=torch.int32, device=dev)
+    work_start = torch.empty_like(work_row)
+    work_end = torch.empty_like(work_row)
+    sparse_attention_revidx_items_fwd_kernel[(triton.cdiv(max_items, _BLOCK),)](
+        wrow, row_ptr, items, item_ptr, work_row, work_start, work_end, rows, max_items, C=c, BLOCK=_BLOCK)
+    return ReverseIndex(layout, row_ptr, entries, work_row, work_start, work_end)
+
+
+def _build_reverse_index_torch(block_indices, layout, nb, t0, t1, max_queries_per_item) -> ReverseIndex:
+    """The same index with torch ops only (int64 positions): empty chunks and > 2^31 elements."""
+    bsz, t, hkv, k = block_indices.shape
+    dev = block_indices.device
+    rows = hkv * nb
     ntok = t1 - t0
     idx = block_indices.reshape(bsz * t, hkv, k)[t0:t1]
     # the rows fit int32 (H_kv * NB < 2^31); int32 keys halve the radix-sort passes of the old

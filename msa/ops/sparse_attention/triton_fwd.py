@@ -14,8 +14,9 @@ Three kernels:
   traffic; fp32 for fp32 inputs); the lse values always stay fp32.
   When the key block fits one tile (B_k <= BLOCK_N, the usual case) the softmax is a plain
   one-tile softmax (no running max / rescale).
-* ``sparse_attention_combine_fwd_kernel``: per (token, head) merges the K partials exactly with
-  their lse (slots holding -1 contribute nothing), accumulating in fp32.
+* ``sparse_attention_combine_fwd_kernel``: per (token, BLOCK_H heads) merges the K partials exactly
+  with their lse (slots holding -1 contribute nothing), accumulating in fp32; one [K*BLOCK_H, D]
+  load per token so the memory stream keeps 16 loads per thread in flight.
 * ``sparse_attention_qo_fwd_kernel`` (query-outer): one program per (token, group), the G heads as
   MMA rows (padded to >= 16), online softmax over the K selected blocks. No partial buffers.
 
@@ -178,48 +179,58 @@ def sparse_attention_fwd_kernel(Q, K, V, PO, PLSE, ENTRIES, WORK_ROW, WORK_START
 
 
 @triton.jit
-def sparse_attention_combine_fwd_kernel(PO, PLSE, BI, O, LSE, tok0,
+def sparse_attention_combine_fwd_kernel(PO, PLSE, BI, O, LSE, tok0, n_tok,
                                         H_Q: tl.constexpr, H_KV: tl.constexpr, G: tl.constexpr,
                                         TOPK: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr,
-                                        BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Exact merge of the K partials of one chunk-local token, BLOCK_H heads per program.
+                                        BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+                                        TOK_PER_PROG: tl.constexpr):
+    """Exact merge of the K partials of chunk-local tokens, BLOCK_H heads x TOK_PER_PROG tokens per
+    program.
 
     PO (C*TOPK, H_Q, D) fp32/bf16/fp16, PLSE fp32 (C*TOPK, H_Q); BI int32 (T_all, H_KV, TOPK) (validity of
     each slot: partials of -1 slots were never written and are not read); O (T_all, H_Q, D) in the
-    output dtype; LSE fp32 (T_all, H_Q).
+    output dtype; LSE fp32 (T_all, H_Q); n_tok: tokens of the chunk.
+
+    The kernel is a pure stream (it reads ~K * D * 2 bytes per output value), so it is written to
+    keep many independent loads in flight: all K slots x BLOCK_H heads of a token are fetched by
+    ONE load of a [K * BLOCK_H, D] tile (row j = slot j // BLOCK_H, head j % BLOCK_H; for a fixed
+    slot the BLOCK_H x D values are one contiguous run of PO), issued before the slot ids and lse
+    values are known (it depends on nothing but the token): rows of unused slots read stale
+    memory of the (allocated) buffer, which a select replaces by 0 (0 * NaN would be NaN).
+    Per-slot loads in an unrolled loop were tried: ptxas then kept only ~2 of the 16-byte loads
+    in flight per thread.
     """
-    t = tl.program_id(0).to(tl.int64)
+    pid_t = tl.program_id(0)
+    j = tl.arange(0, BLOCK_K * BLOCK_H)
+    js = j // BLOCK_H
+    jh = tl.program_id(1) * BLOCK_H + j % BLOCK_H
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    s = tl.arange(0, BLOCK_K)
     d = tl.arange(0, BLOCK_D)
-    tok = tok0 + t
-    hmask = h < H_Q
-    grp = h // G
-    smask = hmask[:, None] & (s < TOPK)[None, :]
-    idx = tl.load(BI + (tok * H_KV + grp)[:, None] * TOPK + s[None, :], mask=smask, other=-1)
-    ent0 = t * TOPK  # first chunk-local entry of this token
-    # pass 1: the K lse values give the max and the normaliser (tiny loads)
-    plse = tl.load(PLSE + (ent0 + s)[None, :] * H_Q + h[:, None], mask=idx >= 0, other=float("-inf"))
-    m = tl.max(plse, 1)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    den = tl.sum(tl.exp(plse - m_safe[:, None]), 1)
-    den_safe = tl.where(den == 0.0, 1.0, den)
-    lse = tl.where(den == 0.0, float("-inf"), m_safe + tl.log(den_safe))
-    # pass 2: weighted sum of the partial outputs, one slot at a time; for a fixed slot the
-    # BLOCK_H heads x D values are contiguous in PO, so every load is one coalesced run
     dmask = (d < D)[None, :]
-    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    inv_den = 1.0 / den_safe
-    # unrolled so the K independent partial loads can all be in flight at once
-    for sl in tl.static_range(TOPK):
-        b = tl.load(BI + (tok * H_KV + grp) * TOPK + sl, mask=hmask, other=-1)
+    for i in tl.static_range(TOK_PER_PROG):
+        t = pid_t * TOK_PER_PROG + i
+        t = t.to(tl.int64)
+        tok = tok0 + t
+        # (the scalar condition is applied as a tensor compare: the interpreter rejects a mask
+        # built with a scalar bool)
+        rok = (js < TOPK) & (jh < H_Q) & (js * 0 + t < n_tok)
+        pe = (t * TOPK + js) * H_Q + jh  # chunk-local (entry, head) of row j
+        po = tl.load(PO + pe[:, None] * D + d[None, :], mask=rok[:, None] & dmask, other=0.0)
+        b = tl.load(BI + (tok * H_KV + jh // G) * TOPK + js, mask=rok, other=-1)
         ok = b >= 0
-        lse_s = tl.load(PLSE + (ent0 + sl) * H_Q + h, mask=ok, other=float("-inf"))
-        wgt = tl.exp(lse_s - m_safe) * inv_den
-        po = tl.load(PO + ((ent0 + sl) * H_Q + h)[:, None] * D + d[None, :], mask=ok[:, None] & dmask, other=0.0)
-        acc += po.to(tl.float32) * wgt[:, None]
-    tl.store(O + (tok * H_Q + h)[:, None] * D + d[None, :], acc.to(O.dtype.element_ty), mask=hmask[:, None] & dmask)
-    tl.store(LSE + tok * H_Q + h, lse, mask=hmask)
+        plse = tl.reshape(tl.load(PLSE + pe, mask=ok, other=float("-inf")), [BLOCK_K, BLOCK_H])
+        m = tl.max(plse, 0)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        e = tl.exp(plse - m_safe[None, :])
+        den = tl.sum(e, 0)
+        den_safe = tl.where(den == 0.0, 1.0, den)
+        lse = tl.where(den == 0.0, float("-inf"), m_safe + tl.log(den_safe))
+        wgt = tl.reshape(e * (1.0 / den_safe)[None, :], [BLOCK_K * BLOCK_H])
+        contrib = tl.where(ok[:, None], po.to(tl.float32) * wgt[:, None], 0.0)
+        acc = tl.sum(tl.reshape(contrib, [BLOCK_K, BLOCK_H, BLOCK_D]), 0)
+        hm = (h < H_Q) & (h * 0 + t < n_tok)
+        tl.store(O + (tok * H_Q + h)[:, None] * D + d[None, :], acc.to(O.dtype.element_ty), mask=hm[:, None] & dmask)
+        tl.store(LSE + tok * H_Q + h, lse, mask=hm)
 
 
 @triton.jit
