@@ -246,7 +246,7 @@ def gate(dev):
                 if idx == "bf16":
                     sel16 = s_ref
                 # fused chain with its default split count and with one split (no merge launch), legacy chain
-                for chain, pkw in (("fused", {}), ("fused-1split", dict(attention_splits=1)),
+                for chain, pkw in (("fused", dict(fused=True)), ("fused-1split", dict(attention_splits=1, fused=True)),
                                    ("legacy", dict(fused=False))):
                     plan = DecodePlan(cache, num_heads=HQ, block_size=BS, topk=TOPK, init_blocks=init,
                                       local_blocks=loc, num_tokens=t, **pkw)
@@ -465,7 +465,7 @@ def main():
                                 own_dense = dres.get("triton_splitk_dense")
                             mb = msa_bytes(B, L, t, idx)
                             chains = {}
-                            for chain, pkw in (("fused", {}), ("legacy", dict(fused=False))):
+                            for chain, pkw in (("fused", dict(fused=True)), ("legacy", dict(fused=False))):
                                 plan = DecodePlan(cache, num_heads=HQ, block_size=BS, topk=TOPK, num_tokens=t, **pkw)
                                 fn = lambda plan=plan: plan.run(q, qi, 0)  # noqa: E731
                                 rep = graph_of(fn)
@@ -484,7 +484,10 @@ def main():
                                       + " ".join(f"{k_} {v_:.1f}" for k_, v_ in bd.items())
                                       + f" | sum {sum(bd.values()):.1f} vs graph total {ms_c * 1e3:.1f}", flush=True)
                                 del plan, fn, rep
-                            ms = chains["fused"]["ms"]
+                            # DecodePlan's default chain for this capacity (fused up to 256K tokens)
+                            default_chain = "fused" if L <= (1 << 18) else "legacy"
+                            ms = chains[default_chain]["ms"]
+                            row.update(default_chain=default_chain, fused_ms=chains["fused"]["ms"])
                             row["chains"] = chains
                             row["breakdown_eager_us"] = chains["fused"]["breakdown_eager_us"]
                             row["geometry"] = chains["fused"]["geometry"]
@@ -515,10 +518,10 @@ def main():
                             torch.cuda.empty_cache()
                         results.append(row)
                         if row["status"] == "ok":
-                            print(f"B={B} L={L} t={t} {'paged' if paged else 'contig'} {idx}: msa fused {row['msa_ms']:.4f} ms "
+                            print(f"B={B} L={L} t={t} {'paged' if paged else 'contig'} {idx}: msa ({row['default_chain']}) {row['msa_ms']:.4f} ms "
                                   f"({row['msa_GBps']:.0f} GB/s) legacy {row['legacy_ms']:.4f} ms | dense "
-                                  f"{dense_ms or float('nan'):.3f} ms [{dense_be}] speedup fused "
-                                  f"{row.get('speedup', float('nan')):.2f}x legacy "
+                                  f"{dense_ms or float('nan'):.3f} ms [{dense_be}] speedup "
+                                  f"{row.get('speedup', float('nan')):.2f}x (fused {row['fused_ms']:.4f} ms) legacy "
                                   f"{row.get('legacy_speedup', float('nan')):.2f}x", flush=True)
                         else:
                             print(f"B={B} L={L} t={t} paged={paged} {idx}: {row['status']}", flush=True)
@@ -533,7 +536,7 @@ def main():
         print(f"(plot failed: {exc})")
     print(f"\nGPU {meta['gpu']}  torch {meta['torch']}  triton {meta['triton']}  copy {bw:.0f} GB/s  "
           f"gate {'PASS' if ok else 'FAIL'}")
-    print(f"{'B':>3} {'L':>8} {'t':>2} {'layout':>6} {'index':>6} {'fused ms':>9} {'GB/s':>6} {'legacy ms':>9} "
+    print(f"{'B':>3} {'L':>8} {'t':>2} {'layout':>6} {'index':>6} {'msa ms':>9} {'GB/s':>6} {'legacy ms':>9} "
           f"{'dense ms':>9} {'GB/s':>6} {'speedup':>8} {'legacy x':>8} {'vs triton dense':>15}")
     for r in results:
         if r.get("status") != "ok":

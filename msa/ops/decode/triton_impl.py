@@ -65,7 +65,8 @@ class DecodePlan:
         dense: attend to every block (warmup-mode / dense layers); no index keys are read.
         max_seq_len: capacity in tokens (default the cache's max_seq_len); sets the grids.
         out_dtype: dtype of o (default the cache dtype).
-        fused: True (default): 2 launches (index + per-range top-k, then attention that merges the
+        fused: None (default) picks by capacity: fused up to 256K tokens, legacy beyond (H200 timings).
+            True: 2 launches (index + per-range top-k, then attention that merges the
             candidates itself), a 3rd (split merge) only when the attention has several splits.
             False: the legacy chain index -> top-k -> top-k merge -> attention -> merge (comparison).
             The fused chain falls back to the legacy one (``plan.fused`` False) when the candidates
@@ -89,8 +90,12 @@ class DecodePlan:
                  out_dtype: Optional[torch.dtype] = None, topk_chunk: Optional[int] = None,
                  index_blocks_per_program: Optional[int] = None, attention_splits: Optional[int] = None,
                  index_tile_blocks: Optional[int] = None, index_num_stages: Optional[int] = None,
-                 index_programs_per_sm: Optional[int] = None, fused: bool = True):
+                 index_programs_per_sm: Optional[int] = None, fused: Optional[bool] = None):
         c = cache
+        if fused is None:
+            # H200 (benchmarks/results/dev/round8_decode.json): the fused chain wins at 128K (31 vs 35 us),
+            # the legacy chain at 1M (94 vs 100 us, bf16 keys), where the index kernel dominates
+            fused = (max_seq_len or c.max_seq_len) <= (1 << 18)
         check(num_heads % c.num_kv_heads == 0,
               f"num_heads ({num_heads}) must be a multiple of the cache's num_kv_heads ({c.num_kv_heads})")
         check(isinstance(num_tokens, int) and num_tokens >= 1, f"num_tokens must be an int >= 1, got {num_tokens!r}")
