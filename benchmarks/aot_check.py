@@ -5,7 +5,8 @@
 
 (do NOT set TRITON_INTERPRET). For each kernel launch that a training step makes at H_q 64, H_kv 4,
 D 128, d_idx 128, block 128, k 16, bf16 (the launchers' own config functions are called, so the
-env knobs MSA_SPARSE_BWD_CONFIG, MSA_KL_KV_CONFIG, MSA_KL_DENSE_CONFIG, MSA_SPARSE_FWD_CONFIG apply),
+env knobs MSA_SPARSE_BWD_CONFIG, MSA_KL_KV_CONFIG, MSA_KL_DENSE_CONFIG, MSA_KL_DENSE_FLASH_CONFIG,
+MSA_SPARSE_FWD_CONFIG apply),
 it compiles for sm_<arch> with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``
 and prints the static shared memory (``metadata.shared``, what the launcher checks against the
 device's 232448-byte opt-in limit on H100/H200), and registers / spill stores / spill loads from
@@ -49,7 +50,7 @@ def _launches():
     """[(label, kernel fn, {arg: value or type}, {constexpr: value}, num_warps, num_stages)] of one
     training step at the paper's shape, built from the launchers' config functions."""
     from msa.ops.indexer_kl import triton_kernels as kk
-    from msa.ops.indexer_kl.triton_impl import _dense_tiles, dense_rows_config, kv_config
+    from msa.ops.indexer_kl.triton_impl import _dense_tiles, dense_flash_config, dense_rows_config, kv_config
     from msa.ops.sparse_attention import triton_bwd as bw
     from msa.ops.sparse_attention import triton_fwd as fw
     from msa.ops.sparse_attention.triton_impl import kv_outer_config, qo_config
@@ -150,6 +151,18 @@ def _launches():
                 kk.indexer_kl_fwd_lse_dense_kernel,
                 dict(Q=bf, K=bf, SEQ_START=i32, LSE=f32, scale=0.1, NTOK=T, HQ=HQ, HKV=HKV),
                 dict(G=g, D=D, BLOCK_Q=bq, BLOCK_N=bn, BLOCK_D=bd, CDT=cdt, DOT_PREC=prec), nw, 3))
+    fc2 = dense_flash_config(g, D, DI)
+    out.append(("indexer_kl_fwd_dense_flash_kernel (warmup default, pass 1)", kk.indexer_kl_fwd_dense_flash_kernel,
+                dict(QI=bf, KI=bf, Q=bf, K=bf, SEQ_START=i32, LSE_T=f32, KL=f32, LSE_S=f32, DQI=f32, qk2=0.1, is2=0.1,
+                     dq_mult=0.1, NTOK=T, HQ=HQ, HKV=HKV),
+                dict(G=g, D=D, DI=DI, BLOCK_M=fc2["BLOCK_M"], BLOCK_N=fc2["BLOCK_N"], BLOCK_D=bd, BLOCK_DI=bdi,
+                     CDT=cdt, DOT_PREC=prec), fc2["num_warps"], fc2["num_stages"]))
+    out.append(("indexer_kl_bwd_dense_flash_dk_kernel (warmup default, pass 2)",
+                kk.indexer_kl_bwd_dense_flash_dk_kernel,
+                dict(QI=bf, KI=bf, Q=bf, K=bf, SEQ_END=i32, LSE_T=f32, LSE_S=f32, PART=f32, qk2=0.1, is2=0.1, NTOK=T,
+                     HQ=HQ, HKV=HKV),
+                dict(G=g, D=D, DI=DI, BLOCK_M=fc2["DK_BLOCK_M"], BLOCK_N=fc2["DK_BLOCK_N"], BLOCK_D=bd, BLOCK_DI=bdi,
+                     CDT=cdt, DOT_PREC=prec), fc2["DK_WARPS"], fc2["DK_STAGES"]))
     dc = dense_rows_config(g, D, DI)
     ent_pad = max(16, _pow2(dc["BLOCK_M"] // g))
     common = dict(G=g, D=D, DI=DI, BLOCK_M=dc["BLOCK_M"], ENT_PAD=ent_pad, BLOCK_D=bd, BLOCK_DI=bdi, CDT=cdt,

@@ -162,24 +162,26 @@ def flex_block_mask(t, device):
 
 # ------------------------------------------------------------------------------------------ parity gate
 def parity_gate(device):
-    cases = [  # (name, hq, hkv, d, lengths (packed when several))
-        ("G16 d128 T4096", 64, 4, 128, [4096]),
-        ("G3 d128 T3001", 12, 4, 128, [3001]),
-        ("G64 d64 T2500", 64, 1, 64, [2500]),
-        ("G1 d64 T2177", 8, 8, 64, [2177]),
-        ("G16 d128 packed 1000+1+1537+700", 32, 2, 128, [1000, 1, 1537, 700]),
+    cases = [  # (name, hq, hkv, d, lengths (packed when several), dtype)
+        ("G16 d128 T4096", 64, 4, 128, [4096], DT),
+        ("G3 d128 T3001", 12, 4, 128, [3001], DT),
+        ("G64 d64 T2500", 64, 1, 64, [2500], DT),
+        ("G1 d64 T2177", 8, 8, 64, [2177], DT),
+        ("G16 d128 packed 1000+1+1537+700", 32, 2, 128, [1000, 1, 1537, 700], DT),
+        ("G16 d128 T3000 fp16", 64, 4, 128, [3000], torch.float16),
+        ("G12 d64 T2049 fp16", 24, 2, 64, [2049], torch.float16),
     ]
     rows, ok_all = [], True
     gen = torch.Generator(device=device).manual_seed(0)
-    for name, hq, hkv, d, lens in cases:
+    for name, hq, hkv, d, lens, dt in cases:
         t = sum(lens)
         cu = None if len(lens) == 1 else torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32,
                                                        device=device)
-        q = torch.randn(1, t, hq, d, generator=gen, device=device).to(DT)
-        k = torch.randn(1, t, hkv, d, generator=gen, device=device).to(DT)
-        v = torch.randn(1, t, hkv, d, generator=gen, device=device).to(DT)
-        qi = torch.randn(1, t, hkv, DIDX, generator=gen, device=device).to(DT)
-        ki = torch.randn(1, t, DIDX, generator=gen, device=device).to(DT)
+        q = torch.randn(1, t, hq, d, generator=gen, device=device).to(dt)
+        k = torch.randn(1, t, hkv, d, generator=gen, device=device).to(dt)
+        v = torch.randn(1, t, hkv, d, generator=gen, device=device).to(dt)
+        qi = torch.randn(1, t, hkv, DIDX, generator=gen, device=device).to(dt)
+        ki = torch.randn(1, t, DIDX, generator=gen, device=device).to(dt)
         bi = select_blocks_reference(qi, ki, block_size=BK, topk=TOPK, init_blocks=0, local_blocks=1,
                                      scale=DIDX ** -0.5, cu_seqlens=cu)
         # the reference in fp32 on the same (bf16-rounded) inputs: the kernel's only extra error is
@@ -189,7 +191,7 @@ def parity_gate(device):
         # "kv-chunks": the KV-outer path with a budget of ~1/5 of the tokens' partials (reused buffer)
         for kern in ("kv", "qo", "kv-chunks"):
             try:
-                budget = None if kern != "kv-chunks" else max(1, t // 5) * partial_bytes_per_token(TOPK, hq, d, DT)
+                budget = None if kern != "kv-chunks" else max(1, t // 5) * partial_bytes_per_token(TOPK, hq, d, dt)
                 o, lse = sparse_attention_fwd_triton(q, k, v, bi, block_size=BK, scale=d ** -0.5, cu_seqlens=cu,
                                                      kernel=kern[:2], partial_budget_bytes=budget)
                 torch.cuda.synchronize()

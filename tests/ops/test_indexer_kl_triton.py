@@ -4,7 +4,7 @@ Tolerances (fp32): |loss - ref| <= 1e-5 * max(1, |ref|); dq_idx, dk_idx relative
 ||x - ref|| / max(||ref||, 1e-2) < 1e-4 (observed ~3e-7; the floor covers T = 1, where the exact
 gradient is 0 and fp32 rounding leaves ~1e-7). Covers T in {1, 63, 129, 200}, block sizes 16/32, G in {1, 3, 8, 16}, B = 2, packed sequences with adjacent partial blocks, hot rows split
 over several work items, -1 padded rows, a precomputed teacher lse (also through msa.indexer_kl_loss),
-other MMA-row packings and query chunking (env knobs), both warmup modes (onepass / twopass), the detach rule (no gradient to q, k) and
+other MMA-row packings and query chunking (env knobs), all warmup modes (flash / onepass / twopass), the detach rule (no gradient to q, k) and
 bitwise repeatability. On a GPU the same tests run with looser tolerances (see TOL/LTOL). Fresh float buffers are NaN-filled so unwritten outputs show.
 """
 
@@ -116,7 +116,7 @@ DENSE = [
 ]
 
 
-@pytest.mark.parametrize("mode", ["onepass", "twopass"])
+@pytest.mark.parametrize("mode", ["flash", "onepass", "twopass"])
 @pytest.mark.parametrize("bsz,t,hkv,g,d,di,block_size,cu", DENSE)
 def test_warmup_kl_matches_reference(monkeypatch, bsz, t, hkv, g, d, di, block_size, cu, mode):
     monkeypatch.setenv("MSA_KL_DENSE_MODE", mode)
@@ -157,13 +157,15 @@ def test_interface_dispatch():
     assert abs(a.item() - b.item()) <= LTOL * max(1.0, abs(b.item()))
 
 
-@pytest.mark.parametrize("sparse,mode", [(True, "auto"), (False, "onepass"), (False, "twopass")])
+@pytest.mark.parametrize("sparse,mode", [(True, "auto"), (False, "flash"), (False, "onepass"), (False, "twopass")])
 def test_packing_and_chunking_configs(monkeypatch, sparse, mode):
     """Other MMA-row packings (BLOCK_M = 32: several queries x G = 3 heads per tile, ENT_PAD = 16) and,
     for the sparse phase, query chunking (tiny partial budget: many chunks, each with its own reverse
     index, dk_idx added chunk by chunk) give the reference result."""
     monkeypatch.setenv("MSA_KL_KV_CONFIG", "BLOCK_M=32")
     monkeypatch.setenv("MSA_KL_DENSE_CONFIG", "BLOCK_M=32,BLOCK_N=32,DK_BLOCK_N=32")
+    # flash: query/key tiles of different sizes (32 queries x 16 keys, pass 2 16 queries x 32 keys)
+    monkeypatch.setenv("MSA_KL_DENSE_FLASH_CONFIG", "BLOCK_M=32,BLOCK_N=16,DK_BLOCK_M=16,DK_BLOCK_N=32")
     monkeypatch.setenv("MSA_KL_PARTIAL_BYTES", "4000")
     monkeypatch.setenv("MSA_KL_DENSE_MODE", mode)
     qi, ki, q, k, bi, cu = make_case(1, 150, 2, 3, 16, 16, 16, 3, torch.tensor([0, 70, 150], dtype=torch.int32),
@@ -188,13 +190,14 @@ def test_interface_passes_teacher_lse():
 
 
 def test_warmup_deterministic_mode_is_repeatable():
-    """Under torch.use_deterministic_algorithms the warmup path avoids atomics (twopass): bitwise repeatable."""
+    """Under torch.use_deterministic_algorithms the warmup path avoids atomics (flash, also the default):
+    bitwise repeatable."""
     qi, ki, q, k, bi, cu = make_case(1, 90, 2, 3, 16, 16, 16, 1, sparse=False)
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         from msa.ops.indexer_kl.triton_impl import dense_mode
-        assert dense_mode() == "twopass"
+        assert dense_mode() == "flash"
         outs = []
         for _ in range(2):
             a, b = qi.clone().requires_grad_(True), ki.clone().requires_grad_(True)

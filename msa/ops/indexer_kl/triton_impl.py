@@ -28,7 +28,8 @@ import triton.language as tl
 from ..sparse_attention.reverse_index import block_layout, block_starts_host, blocks_before, build_reverse_index
 from ..sparse_attention.triton_bwd import (_compute_dtype, _dot_precision, _interpreting, _pow2,
                                            token_seq_start)
-from .triton_kernels import (indexer_kl_bwd_dense_rows_dk_kernel, indexer_kl_bwd_sparse_reduce_kernel,
+from .triton_kernels import (indexer_kl_bwd_dense_flash_dk_kernel, indexer_kl_bwd_dense_rows_dk_kernel,
+                             indexer_kl_bwd_sparse_reduce_kernel, indexer_kl_fwd_dense_flash_kernel,
                              indexer_kl_fwd_dense_onepass_kernel, indexer_kl_fwd_dense_rows_kernel,
                              indexer_kl_fwd_kv_kernel,
                              indexer_kl_fwd_lse_dense_kernel, indexer_kl_fwd_lse_sparse_kernel,
@@ -205,16 +206,75 @@ def teacher_lse_triton(q: torch.Tensor, k: torch.Tensor, block_indices: Optional
 
 
 def dense_mode() -> str:
-    """Warmup-phase algorithm: 'onepass' (teacher computed once; dq_idx through fp32 atomic adds, so not
-    bitwise repeatable) or 'twopass' (deterministic; the dk_idx pass recomputes the teacher). Env
-    ``MSA_KL_DENSE_MODE`` = auto | onepass | twopass; auto = twopass under
-    ``torch.use_deterministic_algorithms(True)``, else onepass."""
+    """Warmup-phase algorithm. Env ``MSA_KL_DENSE_MODE`` = auto | flash | onepass | twopass; auto = flash.
+    'flash' (default, deterministic): ``dense_kl_flash``, one head x 128 rows per MMA, two passes
+    (query-outer loss + dq_idx, key-outer dk_idx), no atomics. 'onepass' (older; teacher computed once,
+    dq_idx through fp32 atomic adds, not bitwise repeatable) and 'twopass' (older; deterministic, queries
+    x heads as MMA rows with an averaging MMA) are kept for comparison; onepass falls back to flash under
+    ``torch.use_deterministic_algorithms(True)``."""
     mode = os.environ.get("MSA_KL_DENSE_MODE", "auto")
-    if mode not in ("auto", "onepass", "twopass"):
-        raise ValueError(f"MSA_KL_DENSE_MODE must be auto, onepass or twopass, got {mode!r}")
-    if mode == "auto":
-        mode = "twopass" if torch.are_deterministic_algorithms_enabled() else "onepass"
+    if mode not in ("auto", "flash", "onepass", "twopass"):
+        raise ValueError(f"MSA_KL_DENSE_MODE must be auto, flash, onepass or twopass, got {mode!r}")
+    if mode == "auto" or (mode == "onepass" and torch.are_deterministic_algorithms_enabled()):
+        mode = "flash"
     return mode
+
+
+def dense_flash_config(g: int, d: int, di: int):
+    """Launch configuration of the 'flash' warmup kernels (env ``MSA_KL_DENSE_FLASH_CONFIG``: BLOCK_M /
+    BLOCK_N (queries / keys per tile of pass 1), DK_BLOCK_M / DK_BLOCK_N (queries / keys of pass 2),
+    num_warps, num_stages, DK_WARPS, DK_STAGES). The Q tile of each head is re-read (from L2) once per
+    (query tile, key tile), so the key tile sets the MMA flops per byte loaded: 128 keys ~ 128 flop/B.
+    Defaults from the sm_90 AOT report (benchmarks/aot_check.py, paper shape; see the table there)."""
+    if _interpreting():
+        cfg = dict(BLOCK_M=16, BLOCK_N=16, DK_BLOCK_M=16, DK_BLOCK_N=16, num_warps=4, num_stages=1, DK_WARPS=4,
+                   DK_STAGES=1)
+    else:
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, DK_BLOCK_M=128, DK_BLOCK_N=128, num_warps=8, num_stages=2,
+                   DK_WARPS=8, DK_STAGES=2)
+        if max(d, di) > 128:
+            cfg.update(BLOCK_M=64, DK_BLOCK_M=64)
+    cfg.update(_parse_config("MSA_KL_DENSE_FLASH_CONFIG"))
+    return cfg
+
+
+def dense_kl_flash(q_idx, k_idx, q, k, lse_t, *, scale, index_scale, cu_seqlens, with_grad=True):
+    """Warmup loss and gradients, deterministic, two passes (``indexer_kl_fwd_dense_flash_kernel`` then
+    ``indexer_kl_bwd_dense_flash_dk_kernel``). Inputs contiguous as in ``sparse_kl_kv``; lse_t fp32
+    (B*T*H_q,) teacher lse. Extra memory O(T): fp32 per-row KL / student lse, dq_idx and H_kv dk_idx
+    partials. Returns (loss, dq_idx fp32 (B, T, H_kv, D_idx), dk_idx fp32 (B, T, D_idx)) for a unit
+    upstream gradient (None gradients when not with_grad)."""
+    bsz, t, hkv, di = q_idx.shape
+    hq, d = q.shape[2], q.shape[3]
+    g = hq // hkv
+    ntok = bsz * t
+    dev = q_idx.device
+    inv_n = 1.0 / (ntok * hkv)
+    cdt, prec = _compute_dtype(q.dtype), _dot_precision(q.dtype)
+    log2e = 1.4426950408889634
+    qk2, is2 = float(scale) * log2e, float(index_scale) * log2e
+    cfg = dense_flash_config(g, d, di)
+    kl = torch.empty(ntok * hkv, dtype=torch.float32, device=dev)
+    lse_s = torch.empty(ntok * hkv, dtype=torch.float32, device=dev)
+    dq = torch.empty((ntok, hkv, di), dtype=torch.float32, device=dev)
+    indexer_kl_fwd_dense_flash_kernel[(triton.cdiv(ntok, cfg["BLOCK_M"]), hkv)](
+        q_idx, k_idx, q, k, token_seq_start(bsz, t, cu_seqlens, dev), lse_t, kl, lse_s, dq, qk2, is2,
+        float(index_scale * inv_n), ntok, hq, hkv, G=g, D=d, DI=di, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_D=_pow2(d), BLOCK_DI=_pow2(di), CDT=cdt, DOT_PREC=prec, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
+    loss = kl.sum() * inv_n  # fixed-order torch reduction: deterministic
+    if not with_grad:
+        return loss, None, None
+    bn = cfg["DK_BLOCK_N"]
+    part = torch.empty((hkv, ntok, di), dtype=torch.float32, device=dev)
+    indexer_kl_bwd_dense_flash_dk_kernel[(triton.cdiv(ntok, bn), hkv)](
+        q_idx, k_idx, q, k, _seq_end(bsz, t, cu_seqlens, dev), lse_t, lse_s, part, qk2, is2, ntok, hq, hkv, G=g,
+        D=d, DI=di, BLOCK_M=cfg["DK_BLOCK_M"], BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DI=_pow2(di), CDT=cdt,
+        DOT_PREC=prec, num_warps=cfg["DK_WARPS"], num_stages=cfg["DK_STAGES"])
+    dk = part[0].clone()
+    for r in range(1, hkv):  # fixed order over groups
+        dk += part[r]
+    return loss, dq.view(bsz, t, hkv, di), dk.mul_(index_scale * inv_n).view(bsz, t, di)
 
 
 def _seq_end(bsz: int, t: int, cu_seqlens: Optional[torch.Tensor], dev) -> torch.Tensor:
@@ -294,7 +354,15 @@ class IndexerKLTriton(torch.autograd.Function):
             if with_grad:
                 ctx.save_for_backward(dq_idx, dk_idx)
             return loss
-        if with_grad and dense_mode() == "onepass":
+        mode = dense_mode()
+        if mode == "flash":
+            loss, dq_idx, dk_idx = dense_kl_flash(q_idx, k_idx, q, k, lse_t, scale=scale, index_scale=index_scale,
+                                                  cu_seqlens=cu_seqlens, with_grad=with_grad)
+            if with_grad:
+                ctx.precomputed = True  # gradients already computed: backward only scales them
+                ctx.save_for_backward(dq_idx, dk_idx)
+            return loss
+        if with_grad and mode == "onepass":
             loss, dq_idx, dk_idx = dense_kl_onepass(q_idx, k_idx, q, k, lse_t, scale=scale, index_scale=index_scale,
                                                     cu_seqlens=cu_seqlens)
             ctx.precomputed = True  # gradients already computed: backward only scales them

@@ -461,3 +461,188 @@ def indexer_kl_fwd_dense_onepass_kernel(QI, KI, Q, K, SEQ_END, LSE_T, LSE_S, PAR
     tl.store(PART + (r * NTOK + j64)[:, None] * DI + e[None, :], dk, mask=jmask[:, None] & emask[None, :])
     one = tl.arange(0, 1)
     tl.store(KLPART + (r * tl.num_programs(0) + pid) + one, tl.sum(klacc, 0) + tl.zeros([1], dtype=tl.float32))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Warmup phase, 'flash' mode (default): two deterministic passes built like FlashAttention's forward
+# and dK/dV kernels. MMA rows are 128 query positions (or keys) of ONE head; the program loops over
+# the group's G heads per key (query) tile and adds exp2(t - lse_h) into one fp32 tile, so the
+# group average needs no cross-row reduction, no 0/1 averaging MMA and no hi/lo split, and the
+# student side gets full 128-row MMAs too. With the student lse known (prologue of pass 1) the
+# gradient of a tile is g = p_idx - p directly, so dq_idx / dk_idx each need ONE accumulator and no
+# atomics. Causal tiles are skipped; only diagonal / sequence-boundary tiles evaluate masks.
+# All exponentials are exp2 with the scales pre-multiplied by log2(e) (qk2, is2).
+# ---------------------------------------------------------------------------------------------------
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2C = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _flash_q_tile(Q, K, KI, LSE_T, qi, i, imask, istart, lse2_s, j0, r, qk2, is2, NTOK, HQ, HKV,
+                  G: tl.constexpr, D: tl.constexpr, DI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_DI: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr,
+                  MASKED: tl.constexpr):
+    """One key tile of pass 1: returns (g @ k_idx, sum_j p (log2 p - s2), sum_j p) for the query rows."""
+    d = tl.arange(0, BLOCK_D)
+    e = tl.arange(0, BLOCK_DI)
+    j = j0 + tl.arange(0, BLOCK_N)
+    j64 = j.to(tl.int64)
+    jmask = j < NTOK
+    kk = tl.load(K + (j64 * HKV + r)[:, None] * D + d[None, :], mask=jmask[:, None] & (d < D)[None, :],
+                 other=0.0).to(CDT)
+    ki = tl.load(KI + j64[:, None] * DI + e[None, :], mask=jmask[:, None] & (e < DI)[None, :], other=0.0).to(CDT)
+    pe = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    i64 = i.to(tl.int64)
+    for h in range(G):  # the group's heads share the key tile: sum their probabilities in fp32
+        qrow = i64 * HQ + r * G + h
+        q = tl.load(Q + qrow[:, None] * D + d[None, :], mask=imask[:, None] & (d < D)[None, :], other=0.0).to(CDT)
+        l2 = tl.load(LSE_T + qrow, mask=imask, other=0.0) * LOG2E
+        t = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC)
+        pe += tl.exp2(t * qk2 - l2[:, None])
+    pe = pe * (1.0 / G)
+    s2 = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC) * is2
+    # order chosen for register pressure: the loss terms first, then g overwrites s2 and pe
+    if MASKED:  # masked-out entries may hold inf (exp2 of a score above the lse): select, never multiply
+        vis = (j[None, :] <= i[:, None]) & (j[None, :] >= istart[:, None]) & jmask[None, :]
+        pe = tl.where(vis, pe, 0.0)
+    kl2 = tl.sum(tl.where(pe > 0, pe * (tl.log2(tl.where(pe > 0, pe, 1.0)) - s2), 0.0), axis=1)
+    psum = tl.sum(pe, axis=1)
+    ps = tl.exp2(s2 - lse2_s[:, None])
+    if MASKED:
+        ps = tl.where(vis, ps, 0.0)
+    dq = tl.dot((ps - pe).to(CDT), ki, input_precision=DOT_PREC)
+    return dq, kl2, psum
+
+
+@triton.jit
+def indexer_kl_fwd_dense_flash_kernel(QI, KI, Q, K, SEQ_START, LSE_T, KL, LSE_S, DQI, qk2, is2, dq_mult, NTOK, HQ,
+                                      HKV, G: tl.constexpr, D: tl.constexpr, DI: tl.constexpr,
+                                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                                      BLOCK_DI: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Warmup pass 1 (query-outer), one program per (BLOCK_M query positions, group r).
+
+    QI (T_all, H_kv, DI), KI (T_all, DI), Q (T_all, H_q, D), K (T_all, H_kv, D); SEQ_START int32 (T_all,);
+    LSE_T fp32 (T_all * H_q,) teacher lse (natural log, from the dense attention forward). Writes
+    KL fp32 (T_all * H_kv,) per-row KL, LSE_S fp32 (T_all * H_kv,) student lse in log2 units (read by
+    pass 2) and DQI fp32 (T_all, H_kv, DI) = dq_mult * (p_idx - p) @ k_idx. qk2 = scale * log2(e),
+    is2 = index_scale * log2(e). Prologue: the student lse over the causal keys (1/G of the work).
+    """
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)  # long (late) query tiles first: better tail
+    r = tl.program_id(1)
+    i0 = tile * BLOCK_M
+    i = i0 + tl.arange(0, BLOCK_M)
+    imask = i < NTOK
+    e = tl.arange(0, BLOCK_DI)
+    srow = i.to(tl.int64) * HKV + r
+    qi = tl.load(QI + srow[:, None] * DI + e[None, :], mask=imask[:, None] & (e < DI)[None, :], other=0.0).to(CDT)
+    istart = tl.load(SEQ_START + i, mask=imask, other=0)
+    lo = tl.load(SEQ_START + i0)  # rows ascend, so the first row has the smallest sequence start
+    ilast = tl.minimum(i0 + BLOCK_M, NTOK) - 1
+    hi = ilast + 1
+    m_s = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_s = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for j0 in range(lo, hi, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        ki = tl.load(KI + j.to(tl.int64)[:, None] * DI + e[None, :], mask=(j < NTOK)[:, None] & (e < DI)[None, :],
+                     other=0.0).to(CDT)
+        s2 = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC) * is2
+        vis = (j[None, :] <= i[:, None]) & (j[None, :] >= istart[:, None])
+        s2 = tl.where(vis, s2, float("-inf"))
+        m_new = tl.maximum(m_s, tl.max(s2, axis=1))
+        l_s = l_s * tl.exp2(m_s - m_new) + tl.sum(tl.exp2(s2 - m_new[:, None]), axis=1)
+        m_s = m_new
+    lse2_s = m_s + tl.log2(tl.where(l_s > 0, l_s, 1.0))
+    # key tiles entirely below the diagonal of a tile lying in one sequence need no mask
+    same = tl.load(SEQ_START + ilast) == lo
+    full_end = tl.where(same, lo + ((i0 + 1 - lo) // BLOCK_N) * BLOCK_N, lo)
+    acc = tl.zeros([BLOCK_M, BLOCK_DI], dtype=tl.float32)
+    kl2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    psum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for j0 in range(lo, full_end, BLOCK_N):
+        a, b, c = _flash_q_tile(Q, K, KI, LSE_T, qi, i, imask, istart, lse2_s, j0, r, qk2, is2, NTOK, HQ, HKV, G,
+                                D, DI, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DI, CDT, DOT_PREC, False)
+        acc += a
+        kl2 += b
+        psum += c
+    for j0 in range(full_end, hi, BLOCK_N):
+        a, b, c = _flash_q_tile(Q, K, KI, LSE_T, qi, i, imask, istart, lse2_s, j0, r, qk2, is2, NTOK, HQ, HKV, G,
+                                D, DI, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DI, CDT, DOT_PREC, True)
+        acc += a
+        kl2 += b
+        psum += c
+    # KL = sum_j p (ln p - s) + lse_s * sum_j p, evaluated in log2 units and converted once
+    tl.store(KL + srow, (kl2 + lse2_s * psum) * LN2C, mask=imask)
+    tl.store(LSE_S + srow, lse2_s, mask=imask)
+    tl.store(DQI + srow[:, None] * DI + e[None, :], acc * dq_mult, mask=imask[:, None] & (e < DI)[None, :])
+
+
+@triton.jit
+def _flash_k_tile(Q, QI, LSE_T, LSE_S, kk, ki, j, jmask, send, i0, r, qk2, is2, NTOK, HQ, HKV,
+                  G: tl.constexpr, D: tl.constexpr, DI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_DI: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr,
+                  MASKED: tl.constexpr):
+    """One query tile of pass 2: returns g^T @ q_idx for the key rows (g = p_idx - p)."""
+    d = tl.arange(0, BLOCK_D)
+    e = tl.arange(0, BLOCK_DI)
+    i = i0 + tl.arange(0, BLOCK_M)
+    i64 = i.to(tl.int64)
+    imask = i < NTOK
+    pt = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for h in range(G):
+        qrow = i64 * HQ + r * G + h
+        q = tl.load(Q + qrow[:, None] * D + d[None, :], mask=imask[:, None] & (d < D)[None, :], other=0.0).to(CDT)
+        l2 = tl.load(LSE_T + qrow, mask=imask, other=0.0) * LOG2E
+        t = tl.dot(kk, tl.trans(q), input_precision=DOT_PREC)
+        pt += tl.exp2(t * qk2 - l2[None, :])
+    srow = i64 * HKV + r
+    qi = tl.load(QI + srow[:, None] * DI + e[None, :], mask=imask[:, None] & (e < DI)[None, :], other=0.0).to(CDT)
+    ls2 = tl.load(LSE_S + srow, mask=imask, other=0.0)
+    s2 = tl.dot(ki, tl.trans(qi), input_precision=DOT_PREC) * is2
+    gt = tl.exp2(s2 - ls2[None, :]) - pt * (1.0 / G)
+    if MASKED:
+        vis = (j[:, None] <= i[None, :]) & (i[None, :] < send[:, None]) & jmask[:, None] & imask[None, :]
+        gt = tl.where(vis, gt, 0.0)
+    return tl.dot(gt.to(CDT), qi, input_precision=DOT_PREC)
+
+
+@triton.jit
+def indexer_kl_bwd_dense_flash_dk_kernel(QI, KI, Q, K, SEQ_END, LSE_T, LSE_S, PART, qk2, is2, NTOK, HQ, HKV,
+                                         G: tl.constexpr, D: tl.constexpr, DI: tl.constexpr,
+                                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                                         BLOCK_DI: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Warmup pass 2 (key-outer), one program per (BLOCK_N keys, group r), loops over the causal query
+    tiles (BLOCK_M queries) of the keys' sequence. LSE_S: pass 1's student lse (log2 units).
+    PART fp32 (H_kv, T_all, DI): unscaled per-group dk_idx partial (the caller sums the groups in order)."""
+    pid = tl.program_id(0)
+    r = tl.program_id(1)
+    j0 = pid * BLOCK_N
+    j = j0 + tl.arange(0, BLOCK_N)
+    jmask = j < NTOK
+    j64 = j.to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    e = tl.arange(0, BLOCK_DI)
+    kk = tl.load(K + (j64 * HKV + r)[:, None] * D + d[None, :], mask=jmask[:, None] & (d < D)[None, :],
+                 other=0.0).to(CDT)
+    ki = tl.load(KI + j64[:, None] * DI + e[None, :], mask=jmask[:, None] & (e < DI)[None, :], other=0.0).to(CDT)
+    send = tl.load(SEQ_END + j, mask=jmask, other=0)
+    jlast = tl.minimum(j0 + BLOCK_N, NTOK) - 1
+    send0 = tl.load(SEQ_END + j0)
+    hi = tl.load(SEQ_END + jlast)  # the last key's sequence ends last
+    DIAG: tl.constexpr = ((BLOCK_N + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    diag_end = tl.minimum(j0 + DIAG, hi)
+    # query tiles past the diagonal and inside the (single) sequence of every key need no mask
+    same = (send0 == hi) & (j0 + BLOCK_N <= NTOK)
+    n_full = tl.maximum(hi - diag_end, 0) // BLOCK_M
+    full_end = tl.where(same, diag_end + n_full * BLOCK_M, diag_end)
+    dk = tl.zeros([BLOCK_N, BLOCK_DI], dtype=tl.float32)
+    for i0 in range(j0, diag_end, BLOCK_M):
+        dk += _flash_k_tile(Q, QI, LSE_T, LSE_S, kk, ki, j, jmask, send, i0, r, qk2, is2, NTOK, HQ, HKV, G, D, DI,
+                            BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DI, CDT, DOT_PREC, True)
+    for i0 in range(diag_end, full_end, BLOCK_M):
+        dk += _flash_k_tile(Q, QI, LSE_T, LSE_S, kk, ki, j, jmask, send, i0, r, qk2, is2, NTOK, HQ, HKV, G, D, DI,
+                            BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DI, CDT, DOT_PREC, False)
+    for i0 in range(full_end, hi, BLOCK_M):
+        dk += _flash_k_tile(Q, QI, LSE_T, LSE_S, kk, ki, j, jmask, send, i0, r, qk2, is2, NTOK, HQ, HKV, G, D, DI,
+                            BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DI, CDT, DOT_PREC, True)
+    tl.store(PART + (r * NTOK + j64)[:, None] * DI + e[None, :], dk, mask=jmask[:, None] & (e < DI)[None, :])
