@@ -167,7 +167,7 @@ def _launches():
     ent_pad = max(16, _pow2(dc["BLOCK_M"] // g))
     common = dict(G=g, D=D, DI=DI, BLOCK_M=dc["BLOCK_M"], ENT_PAD=ent_pad, BLOCK_D=bd, BLOCK_DI=bdi, CDT=cdt,
                   DOT_PREC=prec, SPLIT_P=True)
-    out.append(("indexer_kl_fwd_dense_onepass_kernel (warmup default)", kk.indexer_kl_fwd_dense_onepass_kernel,
+    out.append(("indexer_kl_fwd_dense_onepass_kernel (warmup onepass)", kk.indexer_kl_fwd_dense_onepass_kernel,
                 dict(QI=bf, KI=bf, Q=bf, K=bf, SEQ_END=i32, LSE_T=f32, LSE_S=f32, PART=f32, DQI=f32, KLPART=f32,
                      scale=0.1, index_scale=0.1, NTOK=T, HQ=HQ, HKV=HKV),
                 dict(common, BLOCK_N=dc["DK_BLOCK_N"]), dc["num_warps"], dc["num_stages"]))

@@ -419,6 +419,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--contexts", default=None, help="comma-separated context lengths")
+    ap.add_argument("--batches", default=None, help="comma-separated batch sizes")
+    ap.add_argument("--tokens", default=None, help="comma-separated query tokens per step")
+    ap.add_argument("--indexes", default=None, help="comma-separated index-key formats: bf16,fp8tok,fp8blk")
+    ap.add_argument("--layouts", default=None, help="comma-separated: contig,paged")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     check_cuda = torch.cuda.is_available()
@@ -441,6 +446,17 @@ def main():
     else:
         contexts, batches, toks = [32768, 131072, 524288, 1048576], [1, 16], [1, 4]
         idxs, layouts = ["bf16", "fp8tok", "fp8blk"], [False, True]
+    # explicit subsets (comma-separated) override the defaults above
+    if args.contexts:
+        contexts = [int(x) for x in args.contexts.split(",")]
+    if args.batches:
+        batches = [int(x) for x in args.batches.split(",")]
+    if args.tokens:
+        toks = [int(x) for x in args.tokens.split(",")]
+    if args.indexes:
+        idxs = args.indexes.split(",")
+    if args.layouts:
+        layouts = [x == "paged" for x in args.layouts.split(",")]
     results = []
     for B in batches:
         for L in contexts:

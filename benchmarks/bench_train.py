@@ -28,10 +28,11 @@
    Note: the sparse KL computes loss, dq_idx and dk_idx in its forward (one KV-outer pass), so its
    kl_bwd is only the grad_out scaling; the warmup KL's kl_bwd is the key-outer dk_idx pass.
    --sweep: at T = 32768 also times the KL / backward kernels under a few launch configurations
-   (env knobs MSA_KL_KV_CONFIG, MSA_KL_DENSE_CONFIG, MSA_KL_DENSE_MODE, MSA_SPARSE_BWD_CONFIG,
+   (env knobs MSA_KL_KV_CONFIG, MSA_KL_DENSE_CONFIG, MSA_KL_DENSE_FLASH_CONFIG, MSA_KL_DENSE_MODE, MSA_SPARSE_BWD_CONFIG,
    MSA_SPARSE_BWD_DQ) to tune
-   the defaults. The warmup KL runs in its default 'onepass' mode (teacher once, dq_idx by atomics)
-   unless MSA_KL_DENSE_MODE=twopass (deterministic) is set.
+   the defaults (also MSA_KL_DENSE_FLASH_CONFIG). The warmup KL runs in its default 'flash' mode
+   (deterministic: query-outer loss + dq_idx pass, key-outer dk_idx pass, one head x 128 rows per MMA)
+   unless MSA_KL_DENSE_MODE=onepass|twopass (the older kernels) is set.
    FLOPs (causal, paper Eq. 12 style): dense fwd 2*H_q*D*T^2, fwd+bwd x3.5.
 3. JSON (GPU, versions, command, results) and a PNG plot under --out; a table is printed last.
    Sizes: T = 8K, 32K, 128K, 512K (memory permitting; OOM is caught per size); --quick: 8K, 32K.
@@ -156,6 +157,7 @@ def config_sweep(q, k, v, qi, ki, do, kl_kw, notes):
     from msa.ops.sparse_attention.triton_bwd import sparse_attention_bwd_triton
     sweeps = [
         ("MSA_KL_KV_CONFIG", ["BLOCK_M=128,BLOCK_N=64,num_warps=8,num_stages=2",
+                              "BLOCK_M=128,BLOCK_N=128,num_warps=8,num_stages=2",
                               "BLOCK_M=128,BLOCK_N=64,num_warps=8,num_stages=3",
                               "BLOCK_M=128,BLOCK_N=128,num_warps=8,num_stages=1",
                               "BLOCK_M=64,BLOCK_N=64,num_warps=4,num_stages=2",
@@ -175,6 +177,7 @@ def config_sweep(q, k, v, qi, ki, do, kl_kw, notes):
     if (q.shape[1] <= 32768):
         with torch.no_grad():
             _, dlse = DenseAttentionWithLse.apply(q.detach(), k.detach(), v.detach(), D ** -0.5, "cudnn")
+        # (MSA_KL_DENSE_CONFIG tunes the older onepass / twopass kernels: swept in onepass mode)
         sweeps.append(("MSA_KL_DENSE_CONFIG", ["BLOCK_M=128,BLOCK_N=64,DK_BLOCK_N=64,num_warps=8,num_stages=2",
                                                "BLOCK_M=128,BLOCK_N=64,DK_BLOCK_N=64,num_warps=8,num_stages=3",
                                                "BLOCK_M=128,BLOCK_N=64,DK_BLOCK_N=128,num_warps=8,num_stages=1",
@@ -182,7 +185,15 @@ def config_sweep(q, k, v, qi, ki, do, kl_kw, notes):
                                                "BLOCK_M=256,BLOCK_N=64,DK_BLOCK_N=32,num_warps=8,num_stages=2"],
                        lambda: torch.autograd.grad(indexer_kl_triton(qi, ki, q.detach(), k.detach(), None, **kl_kw,
                                                                      teacher_lse=dlse), (qi, ki))))
-        sweeps.append(("MSA_KL_DENSE_MODE", ["onepass", "twopass"], sweeps[-1][2]))
+        sweeps.append(("MSA_KL_DENSE_MODE", ["flash", "onepass", "twopass"], sweeps[-1][2]))
+        # the default 'flash' mode: pass 1 (BLOCK_M queries x BLOCK_N keys) / pass 2 (DK_BLOCK_N keys x
+        # DK_BLOCK_M queries); default BLOCK_M=128,BLOCK_N=64,DK_BLOCK_M=32,DK_BLOCK_N=128, w8 s2
+        sweeps.append(("MSA_KL_DENSE_FLASH_CONFIG", ["num_stages=1", "num_stages=3,DK_STAGES=3", "DK_STAGES=1",
+                                                     "BLOCK_M=64,BLOCK_N=64", "BLOCK_M=128,BLOCK_N=32",
+                                                     "BLOCK_M=64,BLOCK_N=128", "BLOCK_M=128,BLOCK_N=128",
+                                                     "DK_BLOCK_M=64,DK_BLOCK_N=128", "DK_BLOCK_M=64,DK_BLOCK_N=64",
+                                                     "DK_BLOCK_M=32,DK_BLOCK_N=128,DK_WARPS=4"],
+                       sweeps[-2][2]))
     for env, cfgs, fn in sweeps:
         old = os.environ.get(env)
         for cfg in cfgs:

@@ -97,7 +97,10 @@ class MSACache:
               f"index_scale_mode must be one of {INDEX_SCALE_MODES}, got {index_scale_mode!r}")
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
         self.num_kv_heads, self.head_dim, self.index_dim = num_kv_heads, head_dim, index_dim
-        self.dtype, self.device = dtype, torch.device(device)
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:  # "cuda" and "cuda:0" must compare equal later
+            dev = torch.device("cuda", torch.cuda.current_device())
+        self.dtype, self.device = dtype, dev
         self.fp8_index = index_dtype == torch.float8_e4m3fn and index_dim is not None
         self.index_dtype = torch.float8_e4m3fn if self.fp8_index else dtype
         self.index_scale_mode = index_scale_mode if self.fp8_index else None
