@@ -299,7 +299,7 @@ def run_size(t, args, device, indexer_fn, flex_fn, dense_hist):
         if dense_hist:
             tb, msb = dense_hist[-1]
             est = dict(ms=msb * (t / tb) ** 2, extrapolated=True, from_T=tb)
-        if est is not None and est["ms"] < DENSE_ONCE_MAX_S * 1e3:
+        if est is not None and est["ms"] < args.dense_once_max * 1e3:
             try:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -317,7 +317,7 @@ def run_size(t, args, device, indexer_fn, flex_fn, dense_hist):
                 torch.cuda.empty_cache()
                 res["sdpa_cudnn"] = dict(error=f"{type(exc).__name__}: {str(exc)[:200]}")
         else:
-            res["sdpa_cudnn"] = dict(error=f"skipped (T > {args.dense_max}, estimate over {DENSE_ONCE_MAX_S:.0f} s)")
+            res["sdpa_cudnn"] = dict(error=f"skipped (T > {args.dense_max}, estimate over {args.dense_once_max:.0f} s)")
         if "dense_best" not in res and est is not None:
             res["dense_best"] = est
 
@@ -403,7 +403,9 @@ def main():
     ap.add_argument("--sizes", default=None, help="comma-separated T values (overrides the defaults)")
     ap.add_argument("--heavy-reps", type=int, default=2, help="timed reps of calls over 100 ms")
     ap.add_argument("--dense-max", type=int, default=1 << 17,
-                    help="larger T: dense is timed once if its T^2 estimate is < 30 s, else extrapolated")
+                    help="larger T: dense is timed once if its T^2 estimate is < --dense-once-max s, else extrapolated")
+    ap.add_argument("--dense-once-max", type=float, default=DENSE_ONCE_MAX_S,
+                    help="seconds: above --dense-max, time one dense call if its estimate is below this")
     ap.add_argument("--flex-max", type=int, default=1 << 17, help="larger T: FlexAttention skipped")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--skip-gate", action="store_true")

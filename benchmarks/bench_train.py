@@ -26,7 +26,8 @@
    Per-stage breakdown (CUDA events around each stage of one step, median of 5): sparse = select,
    attn_fwd, attn_bwd, kl_fwd, kl_bwd; warmup (cuDNN) = attn_fwd (with lse), attn_bwd, kl_fwd, kl_bwd.
    Note: the sparse KL computes loss, dq_idx and dk_idx in its forward (one KV-outer pass), so its
-   kl_bwd is only the grad_out scaling; the warmup KL's kl_bwd is the key-outer dk_idx pass.
+   kl_bwd is only the grad_out scaling; so is the warmup KL's in the default 'flash' mode (both passes
+   run in its forward).
    --sweep: at T = 32768 also times the KL / backward kernels under a few launch configurations
    (env knobs MSA_KL_KV_CONFIG, MSA_KL_DENSE_CONFIG, MSA_KL_DENSE_FLASH_CONFIG, MSA_KL_DENSE_MODE, MSA_SPARSE_BWD_CONFIG,
    MSA_SPARSE_BWD_DQ) to tune
@@ -145,6 +146,19 @@ def warmup_stages(q, k, v, qi, ki, do, kl_kw, impl, scale):
     return [("attn_fwd", afwd), ("attn_bwd", abwd), ("kl_fwd", kfwd), ("kl_bwd", kbwd)]
 
 
+def _in_env(env, val, fn):
+    """fn() with os.environ[env] = val, restored afterwards."""
+    old = os.environ.get(env)
+    os.environ[env] = val
+    try:
+        return fn()
+    finally:
+        if old is None:
+            os.environ.pop(env, None)
+        else:
+            os.environ[env] = old
+
+
 def config_sweep(q, k, v, qi, ki, do, kl_kw, notes):
     """Times the kernels under a few launch configurations (env knobs read at call time) so the
     defaults can be tuned from one run. Returns {label: ms or error string}."""
@@ -178,14 +192,17 @@ def config_sweep(q, k, v, qi, ki, do, kl_kw, notes):
         with torch.no_grad():
             _, dlse = DenseAttentionWithLse.apply(q.detach(), k.detach(), v.detach(), D ** -0.5, "cudnn")
         # (MSA_KL_DENSE_CONFIG tunes the older onepass / twopass kernels: swept in onepass mode)
+        def dense_kl():
+            return torch.autograd.grad(indexer_kl_triton(qi, ki, q.detach(), k.detach(), None, **kl_kw,
+                                                         teacher_lse=dlse), (qi, ki))
+
         sweeps.append(("MSA_KL_DENSE_CONFIG", ["BLOCK_M=128,BLOCK_N=64,DK_BLOCK_N=64,num_warps=8,num_stages=2",
                                                "BLOCK_M=128,BLOCK_N=64,DK_BLOCK_N=64,num_warps=8,num_stages=3",
                                                "BLOCK_M=128,BLOCK_N=64,DK_BLOCK_N=128,num_warps=8,num_stages=1",
                                                "BLOCK_M=64,BLOCK_N=64,DK_BLOCK_N=64,num_warps=4,num_stages=2",
                                                "BLOCK_M=256,BLOCK_N=64,DK_BLOCK_N=32,num_warps=8,num_stages=2"],
-                       lambda: torch.autograd.grad(indexer_kl_triton(qi, ki, q.detach(), k.detach(), None, **kl_kw,
-                                                                     teacher_lse=dlse), (qi, ki))))
-        sweeps.append(("MSA_KL_DENSE_MODE", ["flash", "onepass", "twopass"], sweeps[-1][2]))
+                       lambda: _in_env("MSA_KL_DENSE_MODE", "onepass", dense_kl)))
+        sweeps.append(("MSA_KL_DENSE_MODE", ["flash", "onepass", "twopass"], dense_kl))
         # the default 'flash' mode: pass 1 (BLOCK_M queries x BLOCK_N keys) / pass 2 (DK_BLOCK_N keys x
         # DK_BLOCK_M queries); default BLOCK_M=128,BLOCK_N=64,DK_BLOCK_M=32,DK_BLOCK_N=128, w8 s2
         sweeps.append(("MSA_KL_DENSE_FLASH_CONFIG", ["num_stages=1", "num_stages=3,DK_STAGES=3", "DK_STAGES=1",
@@ -193,7 +210,7 @@ def config_sweep(q, k, v, qi, ki, do, kl_kw, notes):
                                                      "BLOCK_M=64,BLOCK_N=128", "BLOCK_M=128,BLOCK_N=128",
                                                      "DK_BLOCK_M=64,DK_BLOCK_N=128", "DK_BLOCK_M=64,DK_BLOCK_N=64",
                                                      "DK_BLOCK_M=32,DK_BLOCK_N=128,DK_WARPS=4"],
-                       sweeps[-2][2]))
+                       dense_kl))
     for env, cfgs, fn in sweeps:
         old = os.environ.get(env)
         for cfg in cfgs:

@@ -8,7 +8,11 @@ Extra memory: fp32 dq_idx partials of T * H_kv * K * NSUB * D_idx * 4 bytes (NSU
 block, 2 by default: 64 KB per token at the paper's shape, i.e. O(T * k), capped by query chunking at
 ``MSA_KL_PARTIAL_BYTES``), plus one (B_k x D_idx) fp32 partial per work item.
 
-Warmup phase, flash-style (no T x T buffer), two modes (``dense_mode``): 'onepass' (default) computes
+Warmup phase, flash-style (no T x T buffer), three modes (``dense_mode``): 'flash' (default,
+deterministic, ``dense_kl_flash``): pass 1 query-outer (student lse prologue, then loss + dq_idx with
+g = p_idx - p), pass 2 key-outer dk_idx; MMA rows are 128 positions of ONE head and the G heads of the
+group are summed in fp32 per tile, so no averaging MMA and full-size student MMAs. Older modes kept for
+comparison: 'onepass' computes
 the student lse first (cheap), then the teacher once in a key-outer pass that keeps dk_idx in
 registers and atomically adds the dq_idx contributions (fp32, not bitwise repeatable); 'twopass'
 (under torch.use_deterministic_algorithms) is a query-outer forward (loss, dq_idx) plus a key-outer
@@ -50,13 +54,15 @@ def kv_config(g: int, d: int, di: int, block_size: int = 128):
     ``BLOCK_M=64,BLOCK_N=128,num_warps=4,num_stages=1``). 128 teacher rows (8 queries x 16 heads at the
     paper's shape) make the teacher MMA as large as the attention's; BLOCK_N keys of the block per program
     (the block is split over programs). sm_90 AOT report (benchmarks/aot_check.py, paper shape):
-    BLOCK_N=128 w8 s2 needs 234624 B of shared memory (> 232448: OutOfResources) and spills, s1 fits
-    (163840 B) but still spills; BLOCK_N=64 w8 s2 fits without spills (the default)."""
+    BLOCK_N=128 w8 s2 needs 234624 B of shared memory (> 232448: OutOfResources); s1 fits (163840 B) with
+    some spills but measured fastest (H200, T=32K: 18.0 ms vs 22.0 ms for BLOCK_N=64 w8 s2, which fits
+    without spills): the default. One 128-key program per block also halves the per-entry partials."""
     bs_pad = _pow2(block_size)
     if _interpreting():  # split the block whenever it has >= 32 keys so the sub-tile path is tested
         cfg = dict(BLOCK_M=16, BLOCK_N=max(16, bs_pad // 2), num_warps=4, num_stages=1)
     else:
-        cfg = dict(BLOCK_M=128 if max(d, di) <= 128 else 64, BLOCK_N=64, num_warps=8, num_stages=2)
+        big = max(d, di) > 128
+        cfg = dict(BLOCK_M=64 if big else 128, BLOCK_N=64 if big else 128, num_warps=8, num_stages=1)
     cfg.update(_parse_config("MSA_KL_KV_CONFIG"))
     cfg["BLOCK_M"] = max(cfg["BLOCK_M"], _pow2(g))
     cfg["BLOCK_N"] = max(16, min(bs_pad, _pow2(cfg["BLOCK_N"])))
@@ -230,10 +236,14 @@ def dense_flash_config(g: int, d: int, di: int):
         cfg = dict(BLOCK_M=16, BLOCK_N=16, DK_BLOCK_M=16, DK_BLOCK_N=16, num_warps=4, num_stages=1, DK_WARPS=4,
                    DK_STAGES=1)
     else:
-        cfg = dict(BLOCK_M=128, BLOCK_N=128, DK_BLOCK_M=128, DK_BLOCK_N=128, num_warps=8, num_stages=2,
+        # sm_90 AOT (paper shape, 8 warps, 2 stages): pass 1 128 queries x 64 keys 131072 B, 104 B spills
+        # (128 x 128: 704 B, 64 x 128: 520 B; 64 x 64: none but half-width MMAs); pass 2 128 keys x 32
+        # queries 81920 B, no spills (128 x 128: 2.4 KB spills; 64 x 128 keys: 264 B). Pass 2's Q tiles
+        # are re-read per 128 keys (~128 MMA flop per byte), pass 1's per 64 keys.
+        cfg = dict(BLOCK_M=128, BLOCK_N=64, DK_BLOCK_M=32, DK_BLOCK_N=128, num_warps=8, num_stages=2,
                    DK_WARPS=8, DK_STAGES=2)
         if max(d, di) > 128:
-            cfg.update(BLOCK_M=64, DK_BLOCK_M=64)
+            cfg.update(BLOCK_M=64, DK_BLOCK_N=64)
     cfg.update(_parse_config("MSA_KL_DENSE_FLASH_CONFIG"))
     return cfg
 

@@ -479,25 +479,31 @@ LN2C = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _flash_q_tile(Q, K, KI, LSE_T, qi, i, imask, istart, lse2_s, j0, r, qk2, is2, NTOK, HQ, HKV,
+def _flash_q_tile(acc, Q, K, KI, LSE_T, qi, i0, i, imask, istart, lse2_s, j0, r, qk2, is2, NTOK, HQ, HKV,
                   G: tl.constexpr, D: tl.constexpr, DI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_DI: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr,
                   MASKED: tl.constexpr):
-    """One key tile of pass 1: returns (g @ k_idx, sum_j p (log2 p - s2), sum_j p) for the query rows."""
+    """One key tile of pass 1: returns (acc + g @ k_idx, sum_j p (log2 p - s2), sum_j p) for the query rows
+    (the accumulator goes through the MMA: a separate product tile would need 64 more registers)."""
+    # int64 scalar bases + int32 tile offsets: per-element int64 addresses cost registers (spills)
     d = tl.arange(0, BLOCK_D)
     e = tl.arange(0, BLOCK_DI)
-    j = j0 + tl.arange(0, BLOCK_N)
-    j64 = j.to(tl.int64)
+    nn = tl.arange(0, BLOCK_N)
+    mm = tl.arange(0, BLOCK_M)
+    j = j0 + nn
     jmask = j < NTOK
-    kk = tl.load(K + (j64 * HKV + r)[:, None] * D + d[None, :], mask=jmask[:, None] & (d < D)[None, :],
+    kbase = K + (tl.cast(j0, tl.int64) * HKV + r) * D
+    kk = tl.load(kbase + (nn * (HKV * D))[:, None] + d[None, :], mask=jmask[:, None] & (d < D)[None, :],
                  other=0.0).to(CDT)
-    ki = tl.load(KI + j64[:, None] * DI + e[None, :], mask=jmask[:, None] & (e < DI)[None, :], other=0.0).to(CDT)
+    ki = tl.load(KI + tl.cast(j0, tl.int64) * DI + (nn * DI)[:, None] + e[None, :], mask=jmask[:, None] & (e < DI)[None, :],
+                 other=0.0).to(CDT)
     pe = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    i64 = i.to(tl.int64)
+    qoff = (mm * (HQ * D))[:, None] + d[None, :]
+    qm = imask[:, None] & (d < D)[None, :]
+    row0 = tl.cast(i0, tl.int64) * HQ + r * G
     for h in range(G):  # the group's heads share the key tile: sum their probabilities in fp32
-        qrow = i64 * HQ + r * G + h
-        q = tl.load(Q + qrow[:, None] * D + d[None, :], mask=imask[:, None] & (d < D)[None, :], other=0.0).to(CDT)
-        l2 = tl.load(LSE_T + qrow, mask=imask, other=0.0) * LOG2E
+        q = tl.load(Q + (row0 + h) * D + qoff, mask=qm, other=0.0).to(CDT)
+        l2 = tl.load(LSE_T + (row0 + h) + mm * HQ, mask=imask, other=0.0) * LOG2E
         t = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC)
         pe += tl.exp2(t * qk2 - l2[:, None])
     pe = pe * (1.0 / G)
@@ -511,8 +517,8 @@ def _flash_q_tile(Q, K, KI, LSE_T, qi, i, imask, istart, lse2_s, j0, r, qk2, is2
     ps = tl.exp2(s2 - lse2_s[:, None])
     if MASKED:
         ps = tl.where(vis, ps, 0.0)
-    dq = tl.dot((ps - pe).to(CDT), ki, input_precision=DOT_PREC)
-    return dq, kl2, psum
+    acc = tl.dot((ps - pe).to(CDT), ki, acc, input_precision=DOT_PREC)
+    return acc, kl2, psum
 
 
 @triton.jit
@@ -560,15 +566,13 @@ def indexer_kl_fwd_dense_flash_kernel(QI, KI, Q, K, SEQ_START, LSE_T, KL, LSE_S,
     kl2 = tl.zeros([BLOCK_M], dtype=tl.float32)
     psum = tl.zeros([BLOCK_M], dtype=tl.float32)
     for j0 in range(lo, full_end, BLOCK_N):
-        a, b, c = _flash_q_tile(Q, K, KI, LSE_T, qi, i, imask, istart, lse2_s, j0, r, qk2, is2, NTOK, HQ, HKV, G,
-                                D, DI, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DI, CDT, DOT_PREC, False)
-        acc += a
+        acc, b, c = _flash_q_tile(acc, Q, K, KI, LSE_T, qi, i0, i, imask, istart, lse2_s, j0, r, qk2, is2, NTOK, HQ,
+                                  HKV, G, D, DI, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DI, CDT, DOT_PREC, False)
         kl2 += b
         psum += c
     for j0 in range(full_end, hi, BLOCK_N):
-        a, b, c = _flash_q_tile(Q, K, KI, LSE_T, qi, i, imask, istart, lse2_s, j0, r, qk2, is2, NTOK, HQ, HKV, G,
-                                D, DI, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DI, CDT, DOT_PREC, True)
-        acc += a
+        acc, b, c = _flash_q_tile(acc, Q, K, KI, LSE_T, qi, i0, i, imask, istart, lse2_s, j0, r, qk2, is2, NTOK, HQ,
+                                  HKV, G, D, DI, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DI, CDT, DOT_PREC, True)
         kl2 += b
         psum += c
     # KL = sum_j p (ln p - s) + lse_s * sum_j p, evaluated in log2 units and converted once
@@ -578,32 +582,35 @@ def indexer_kl_fwd_dense_flash_kernel(QI, KI, Q, K, SEQ_START, LSE_T, KL, LSE_S,
 
 
 @triton.jit
-def _flash_k_tile(Q, QI, LSE_T, LSE_S, kk, ki, j, jmask, send, i0, r, qk2, is2, NTOK, HQ, HKV,
+def _flash_k_tile(dk, Q, QI, LSE_T, LSE_S, kk, ki, j, jmask, send, i0, r, qk2, is2, NTOK, HQ, HKV,
                   G: tl.constexpr, D: tl.constexpr, DI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_DI: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr,
                   MASKED: tl.constexpr):
-    """One query tile of pass 2: returns g^T @ q_idx for the key rows (g = p_idx - p)."""
+    """One query tile of pass 2: returns dk + g^T @ q_idx for the key rows (g = p_idx - p)."""
     d = tl.arange(0, BLOCK_D)
     e = tl.arange(0, BLOCK_DI)
-    i = i0 + tl.arange(0, BLOCK_M)
-    i64 = i.to(tl.int64)
+    mm = tl.arange(0, BLOCK_M)
+    i = i0 + mm
     imask = i < NTOK
     pt = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    qoff = (mm * (HQ * D))[:, None] + d[None, :]
+    qm = imask[:, None] & (d < D)[None, :]
+    row0 = tl.cast(i0, tl.int64) * HQ + r * G
     for h in range(G):
-        qrow = i64 * HQ + r * G + h
-        q = tl.load(Q + qrow[:, None] * D + d[None, :], mask=imask[:, None] & (d < D)[None, :], other=0.0).to(CDT)
-        l2 = tl.load(LSE_T + qrow, mask=imask, other=0.0) * LOG2E
+        q = tl.load(Q + (row0 + h) * D + qoff, mask=qm, other=0.0).to(CDT)
+        l2 = tl.load(LSE_T + (row0 + h) + mm * HQ, mask=imask, other=0.0) * LOG2E
         t = tl.dot(kk, tl.trans(q), input_precision=DOT_PREC)
         pt += tl.exp2(t * qk2 - l2[None, :])
-    srow = i64 * HKV + r
-    qi = tl.load(QI + srow[:, None] * DI + e[None, :], mask=imask[:, None] & (e < DI)[None, :], other=0.0).to(CDT)
-    ls2 = tl.load(LSE_S + srow, mask=imask, other=0.0)
+    srow0 = tl.cast(i0, tl.int64) * HKV + r
+    qi = tl.load(QI + srow0 * DI + (mm * (HKV * DI))[:, None] + e[None, :], mask=imask[:, None] & (e < DI)[None, :],
+                 other=0.0).to(CDT)
+    ls2 = tl.load(LSE_S + srow0 + mm * HKV, mask=imask, other=0.0)
     s2 = tl.dot(ki, tl.trans(qi), input_precision=DOT_PREC) * is2
     gt = tl.exp2(s2 - ls2[None, :]) - pt * (1.0 / G)
     if MASKED:
         vis = (j[:, None] <= i[None, :]) & (i[None, :] < send[:, None]) & jmask[:, None] & imask[None, :]
         gt = tl.where(vis, gt, 0.0)
-    return tl.dot(gt.to(CDT), qi, input_precision=DOT_PREC)
+    return tl.dot(gt.to(CDT), qi, dk, input_precision=DOT_PREC)
 
 
 @triton.jit
@@ -637,12 +644,12 @@ def indexer_kl_bwd_dense_flash_dk_kernel(QI, KI, Q, K, SEQ_END, LSE_T, LSE_S, PA
     full_end = tl.where(same, diag_end + n_full * BLOCK_M, diag_end)
     dk = tl.zeros([BLOCK_N, BLOCK_DI], dtype=tl.float32)
     for i0 in range(j0, diag_end, BLOCK_M):
-        dk += _flash_k_tile(Q, QI, LSE_T, LSE_S, kk, ki, j, jmask, send, i0, r, qk2, is2, NTOK, HQ, HKV, G, D, DI,
-                            BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DI, CDT, DOT_PREC, True)
+        dk = _flash_k_tile(dk, Q, QI, LSE_T, LSE_S, kk, ki, j, jmask, send, i0, r, qk2, is2, NTOK, HQ, HKV, G, D, DI,
+                           BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DI, CDT, DOT_PREC, True)
     for i0 in range(diag_end, full_end, BLOCK_M):
-        dk += _flash_k_tile(Q, QI, LSE_T, LSE_S, kk, ki, j, jmask, send, i0, r, qk2, is2, NTOK, HQ, HKV, G, D, DI,
-                            BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DI, CDT, DOT_PREC, False)
+        dk = _flash_k_tile(dk, Q, QI, LSE_T, LSE_S, kk, ki, j, jmask, send, i0, r, qk2, is2, NTOK, HQ, HKV, G, D, DI,
+                           BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DI, CDT, DOT_PREC, False)
     for i0 in range(full_end, hi, BLOCK_M):
-        dk += _flash_k_tile(Q, QI, LSE_T, LSE_S, kk, ki, j, jmask, send, i0, r, qk2, is2, NTOK, HQ, HKV, G, D, DI,
-                            BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DI, CDT, DOT_PREC, True)
+        dk = _flash_k_tile(dk, Q, QI, LSE_T, LSE_S, kk, ki, j, jmask, send, i0, r, qk2, is2, NTOK, HQ, HKV, G, D, DI,
+                           BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DI, CDT, DOT_PREC, True)
     tl.store(PART + (r * NTOK + j64)[:, None] * DI + e[None, :], dk, mask=jmask[:, None] & (e < DI)[None, :])
