@@ -130,3 +130,13 @@ def load_triton_impl(package: str, module: str, name: str, backend: str):
         if backend == "auto":
             return None
         raise ValueError(f"backend='triton' is not available for this op: {exc}") from exc
+
+
+def env_config(env: str) -> dict:
+    """Launch-config overrides from an env var such as MSA_SPARSE_FWD_CONFIG="BLOCK_M=64,num_warps=4"."""
+    out = {}
+    for item in os.environ.get(env, "").split(","):
+        if "=" in item:
+            key, val = item.split("=", 1)
+            out[key.strip()] = int(val)
+    return out

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common import env_config
 from ..sparse_attention.reverse_index import block_layout, block_starts_host, blocks_before, build_reverse_index
 from ..sparse_attention.triton_bwd import (_compute_dtype, _dot_precision, _interpreting, _pow2,
                                            token_seq_start)
@@ -39,14 +40,6 @@ from .triton_kernels import (indexer_kl_bwd_dense_flash_dk_kernel, indexer_kl_bw
                              indexer_kl_fwd_lse_dense_kernel, indexer_kl_fwd_lse_sparse_kernel,
                              indexer_kl_fwd_slse_kv_kernel)
 
-
-def _parse_config(env: str):
-    out = {}
-    for item in os.environ.get(env, "").split(","):
-        if "=" in item:
-            key, val = item.split("=", 1)
-            out[key.strip()] = int(val)
-    return out
 
 
 def kv_config(g: int, d: int, di: int, block_size: int = 128):
@@ -63,7 +56,7 @@ def kv_config(g: int, d: int, di: int, block_size: int = 128):
     else:
         big = max(d, di) > 128
         cfg = dict(BLOCK_M=64 if big else 128, BLOCK_N=64 if big else 128, num_warps=8, num_stages=1)
-    cfg.update(_parse_config("MSA_KL_KV_CONFIG"))
+    cfg.update(env_config("MSA_KL_KV_CONFIG"))
     cfg["BLOCK_M"] = max(cfg["BLOCK_M"], _pow2(g))
     cfg["BLOCK_N"] = max(16, min(bs_pad, _pow2(cfg["BLOCK_N"])))
     return cfg
@@ -82,7 +75,7 @@ def dense_rows_config(g: int, d: int, di: int):
         # no spills) and also removes the twopass dk kernel's spills
         cfg = dict(BLOCK_M=128 if max(d, di) <= 128 else 64, BLOCK_N=64, DK_BLOCK_N=64, num_warps=8,
                    num_stages=2)
-    cfg.update(_parse_config("MSA_KL_DENSE_CONFIG"))
+    cfg.update(env_config("MSA_KL_DENSE_CONFIG"))
     cfg["BLOCK_M"] = max(cfg["BLOCK_M"], _pow2(g))
     return cfg
 
@@ -244,7 +237,7 @@ def dense_flash_config(g: int, d: int, di: int):
                    DK_WARPS=8, DK_STAGES=2)
         if max(d, di) > 128:
             cfg.update(BLOCK_M=64, DK_BLOCK_N=64)
-    cfg.update(_parse_config("MSA_KL_DENSE_FLASH_CONFIG"))
+    cfg.update(env_config("MSA_KL_DENSE_FLASH_CONFIG"))
     return cfg
 
 

@@ -27,7 +27,6 @@ numbered from the query's own sequence start, so no key of another sequence is e
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional, Tuple
 
@@ -36,6 +35,7 @@ import triton
 import triton.language as tl
 
 from .reverse_index import ReverseIndex, build_reverse_index
+from ..common import env_config
 
 
 def _interpreting() -> bool:
@@ -223,14 +223,6 @@ def sparse_attention_bwd_reduce_kernel(PDK, PDV, DK, DV, ROW_ITEMS, ROW_FIRST_SL
     tl.store(DV + koff, acc_v.to(DV.dtype.element_ty), mask=smask)
 
 
-def _parse_config(env: str):
-    out = {}
-    for item in os.environ.get(env, "").split(","):
-        if "=" in item:
-            key, val = item.split("=", 1)
-            out[key.strip()] = int(val)
-    return out
-
 
 def bwd_config(g: int, d: int, block_size: int):
     """Launch configuration of the backward (env ``MSA_SPARSE_BWD_CONFIG``, e.g.
@@ -250,7 +242,7 @@ def bwd_config(g: int, d: int, block_size: int):
         # dQ: 4 warps, 128-key tiles: 49152 B, 234 regs, no spills.
         cfg = dict(DKDV_BLOCK_M=64 if dq_mode() == "atomic" else 128, DKDV_BLOCK_N=min(bs_pad, 64), DKDV_WARPS=8,
                    DKDV_STAGES=2, DQ_BLOCK_N=bs_pad, DQ_WARPS=4, DQ_STAGES=2)
-    cfg.update(_parse_config("MSA_SPARSE_BWD_CONFIG"))
+    cfg.update(env_config("MSA_SPARSE_BWD_CONFIG"))
     cfg["DKDV_BLOCK_M"] = max(cfg["DKDV_BLOCK_M"], _pow2(g))
     cfg["DKDV_BLOCK_N"] = max(16, min(bs_pad, _pow2(cfg["DKDV_BLOCK_N"])))
     cfg["DQ_BLOCK_N"] = max(16, min(bs_pad, _pow2(cfg["DQ_BLOCK_N"])))

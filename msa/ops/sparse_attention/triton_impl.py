@@ -35,6 +35,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import triton
 
+from ..common import env_config
 from .reference import sparse_attention_reference
 from .reverse_index import block_layout, block_starts_host, blocks_before, build_reverse_index
 from .triton_fwd import (sparse_attention_combine_fwd_kernel, sparse_attention_fwd_kernel,
@@ -58,14 +59,6 @@ def _buffer(*shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _parse_config(env: str) -> Dict[str, int]:
-    out = {}
-    for item in os.environ.get(env, "").split(","):
-        if "=" in item:
-            key, val = item.split("=", 1)
-            out[key.strip()] = int(val)
-    return out
-
 
 def _pow2(x: int, lo: int = 1) -> int:
     return max(lo, triton.next_power_of_2(int(x)))
@@ -83,7 +76,7 @@ def kv_outer_config(head_dim: int, group: int, block_size: int) -> Dict[str, int
     # 4 warps, 3 stages 14.7 ms; 128 rows / 8 warps 16.2 ms; software prefetch of the next Q tile 15.7 ms
     cfg = dict(BLOCK_M=64, BLOCK_N=max(16, min(128, _pow2(block_size))),
                num_warps=4, num_stages=3 if block_d >= 128 else 2, PRELOAD=1, PREFETCH=0)
-    cfg.update(_parse_config("MSA_SPARSE_FWD_CONFIG"))
+    cfg.update(env_config("MSA_SPARSE_FWD_CONFIG"))
     cfg["BLOCK_M"] = max(cfg["BLOCK_M"], _pow2(group, 16))
     return cfg
 
@@ -96,7 +89,7 @@ def combine_config(head_dim: int, topk: int, hq: int) -> Dict[str, int]:
     Override with the env var MSA_SPARSE_FWD_COMBINE_CONFIG (e.g. "BLOCK_H=16,num_warps=8")."""
     elems = _pow2(topk) * _pow2(head_dim, 16)
     cfg = dict(BLOCK_H=min(_pow2(hq), max(1, 16384 // elems)), num_warps=4, TOK_PER_PROG=1)
-    cfg.update(_parse_config("MSA_SPARSE_FWD_COMBINE_CONFIG"))
+    cfg.update(env_config("MSA_SPARSE_FWD_COMBINE_CONFIG"))
     return cfg
 
 
@@ -106,7 +99,7 @@ def qo_config(head_dim: int, group: int, block_size: int) -> Dict[str, int]:
     block_d = _pow2(head_dim, 16)
     cfg = dict(BLOCK_N=max(16, min(64 if block_d >= 128 else 128, _pow2(block_size))),
                num_warps=4, num_stages=2)
-    cfg.update(_parse_config("MSA_SPARSE_FWD_QO_CONFIG"))
+    cfg.update(env_config("MSA_SPARSE_FWD_QO_CONFIG"))
     return cfg
 
 

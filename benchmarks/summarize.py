@@ -1,0 +1,115 @@
+"""Markdown tables of the committed benchmark results (benchmarks/results/*.json), for the README.
+
+    python benchmarks/summarize.py [--results benchmarks/results]
+
+Every number printed comes from the JSON files; the GPU, versions and command of each file are
+printed with its table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def _load(folder, name):
+    path = os.path.join(folder, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _meta(d):
+    m = d.get("meta", d)
+    return f"{m.get('gpu')}, torch {m.get('torch')}, triton {m.get('triton')}; `{m.get('command')}`"
+
+
+def _ms(x, digits=2):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def prefill(folder):
+    rows, metas = [], []
+    for name in ("prefill_h200.json", "prefill_long_h200.json"):
+        d = _load(folder, name)
+        if d is None:
+            continue
+        metas.append(_meta(d))
+        rows += d["results"]
+    out = ["| T | indexer ms | sparse attention ms | total ms | dense SDPA ms (best backend) | speedup | "
+           "FlexAttention, ideal 16-block mask, no indexer ms |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: r["T"]):
+        kern = r.get("auto_kernel", "kv")
+        att = r.get(f"sparse_{kern}", {}).get("ms")
+        dense = r.get("dense_best", {})
+        note = " (extrapolated)" if dense.get("extrapolated") else (" (timed once)" if "once" in str(dense.get("note", "")) else "")
+        flex = r.get("flex", {}).get("ms")
+        out.append(f"| {r['T'] // 1024}K | {_ms(r['indexer'].get('ms'))} | {_ms(att)} ({kern}) | "
+                   f"{_ms(r['total'].get('ms'))} | {_ms(dense.get('ms'), 1)}{note} | "
+                   f"**{r['total'].get('speedup_vs_dense', float('nan')):.2f}x** | {_ms(flex)} |")
+    return out, metas
+
+
+def topk(folder):
+    d = _load(folder, "topk_h200.json")
+    if d is None:
+        return [], []
+    out = ["| rows x blocks, k | Triton ms | torch.topk ms | speedup |", "|---|---|---|---|"]
+    for r in d["topk"]:
+        out.append(f"| {r['rows'] // 1024}K x {r['blocks']}, {r['k']} | {r['triton_ms']:.3f} | {r['torch_topk_ms']:.3f} | "
+                   f"{r['speedup']:.1f}x |")
+    out += ["", "| indexer T | ms | index TFLOP/s (H_kv d_idx T^2) |", "|---|---|---|"]
+    for r in d["indexer"]:
+        out.append(f"| {r['T'] // 1024}K | {r['triton_ms']:.2f} | {r['index_TFLOPs']:.0f} |")
+    return out, [_meta(d)]
+
+
+def decode(folder):
+    d = _load(folder, "decode_h200.json")
+    if d is None:
+        return [], []
+    out = [f"Device copy bandwidth measured in the same run: {d.get('copy_GBps', 0):.0f} GB/s.", "",
+           "| batch | context | tokens/step | index keys | MSA ms | MSA GB/s | dense ms (backend) | speedup |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in d["results"]:
+        if r.get("status") != "ok":
+            continue
+        out.append(f"| {r['B']} | {r['L'] // 1024}K | {r['t']} | {r['index']} | {r['msa_ms']:.4f} | "
+                   f"{r['msa_GBps']:.0f} | {r['dense_ms']:.3f} ({r['dense_backend']}) | **{r['speedup']:.2f}x** |")
+    return out, [_meta(d)]
+
+
+def train(folder):
+    d = _load(folder, "train_h200.json")
+    if d is None:
+        return [], []
+    out = ["| T | sparse step ms (select + attn fwd/bwd + KL) | dense fwd+bwd ms (best SDPA) | speedup | "
+           "warmup step ms | warmup / dense | sparse step peak GB |", "|---|---|---|---|---|---|---|"]
+    for r in d["results"]:
+        out.append(f"| {r['T'] // 1024}K | {_ms(r.get('sparse_step_ms'), 1)} | {_ms(r.get('dense_best_ms'), 1)} | "
+                   f"**{r.get('sparse_speedup_vs_dense', float('nan')):.2f}x** | {_ms(r.get('warmup_step_best_ms'), 1)} | "
+                   f"{r.get('warmup_over_dense', float('nan')):.2f}x | {_ms(r.get('sparse_step_peak_gb'), 1)} |")
+    st = d["results"][-1].get("sparse_stages_ms")
+    if st:
+        out += ["", f"Stages at {d['results'][-1]['T'] // 1024}K (ms): "
+                + ", ".join(f"{k} {v:.1f}" for k, v in st.items())]
+    return out, [_meta(d)]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = ap.parse_args()
+    for title, fn in (("Prefill", prefill), ("Top-k and indexer", topk), ("Decode", decode), ("Training", train)):
+        lines, metas = fn(args.results)
+        if not lines:
+            continue
+        print(f"### {title}\n")
+        print("\n".join(lines))
+        print("\n" + "\n".join(f"*{m}*" for m in metas) + "\n")
+
+
+if __name__ == "__main__":
+    main()
