@@ -72,7 +72,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     f.add_argument("--block-size", type=int, default=128)
     f.add_argument("--topk", type=int, default=16)
     f.add_argument("--seqlens", default=None, help="comma-separated token counts (default 8K .. 2M)")
-    b = sub.add_parser("bench", help="GPU benchmarks (arguments after the name go to the script)")
+    b = sub.add_parser("bench", add_help=False,  # --help goes to the benchmark script
+                       help="GPU benchmarks (arguments after the name go to the script)")
     b.add_argument("which", choices=BENCHES)
     args, extra = p.parse_known_args(argv)
     if args.cmd == "bench":
