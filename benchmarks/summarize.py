@@ -98,10 +98,56 @@ def train(folder):
     return out, [_meta(d)]
 
 
+def plot_prefill(folder, path):
+    """One picture of every prefill size in the committed JSON: time per stage and the speedup."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for name in ("prefill_h200.json", "prefill_long_h200.json"):
+        d = _load(folder, name)
+        if d is not None:
+            rows += d["results"]
+            gpu = d["meta"]["gpu"]
+    rows.sort(key=lambda r: r["T"])
+    ts = [r["T"] for r in rows]
+
+    def series(key, sub="ms"):
+        return [r.get(key, {}).get(sub) for r in rows]
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    att = [r.get(f"sparse_{r.get('auto_kernel', 'kv')}", {}).get("ms") for r in rows]
+    for ys, label, style in ((series("dense_best"), "dense SDPA (best backend)", "k-o"),
+                             (series("total"), "MSA total (indexer + attention)", "r-o"),
+                             (series("indexer"), "MSA indexer + top-k", "b--o"), (att, "MSA sparse attention", "g--o"),
+                             (series("flex"), "FlexAttention, ideal 16-block mask (no indexer)", "m:o")):
+        pts = [(t, y) for t, y in zip(ts, ys) if y is not None]
+        if pts:
+            ax.plot(*zip(*pts), style, label=label, ms=4)
+    ax.set(xscale="log", yscale="log", xlabel="tokens T", ylabel="ms per layer (forward)",
+           title=f"MSA prefill on {gpu}: 64/4/128, d_idx 128, B_k 128, k 16, bf16")
+    ax.set_xticks(ts, [f"{t // 1024}K" for t in ts])
+    ax.legend(fontsize=8)
+    sp = [r["total"].get("speedup_vs_dense") for r in rows]
+    ax2.plot(ts, sp, "r-o", label="measured speedup vs dense")
+    ratio = [32 * t / (t + 131072) for t in ts]
+    ax2.plot(ts, ratio, "k:", label="FLOP ratio (spec section 3)")
+    ax2.axhline(1.0, color="gray", lw=0.8)
+    ax2.set(xscale="log", xlabel="tokens T", ylabel="speedup (x)", title="speedup over dense attention")
+    ax2.set_xticks(ts, [f"{t // 1024}K" for t in ts])
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--plot", default=None, help="also write the combined prefill plot to this PNG")
     args = ap.parse_args()
+    if args.plot:
+        plot_prefill(args.results, args.plot)
     for title, fn in (("Prefill", prefill), ("Top-k and indexer", topk), ("Decode", decode), ("Training", train)):
         lines, metas = fn(args.results)
         if not lines:
