@@ -31,22 +31,8 @@ if DEV == "cuda":  # the fp32 reference must not run its matmuls in TF32
     torch.backends.cudnn.allow_tf32 = False
 
 
-@pytest.fixture(autouse=True)
-def nan_empty(monkeypatch):
-    """torch.empty / empty_like return NaN-filled float tensors, so any output element a kernel fails
-    to write shows up as NaN in the comparison."""
-    orig_empty, orig_like = torch.empty, torch.empty_like
-
-    def empty(*args, **kwargs):
-        t = orig_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    def empty_like(*args, **kwargs):
-        t = orig_like(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", empty)
-    monkeypatch.setattr(torch, "empty_like", empty_like)
+# every test runs with NaN-filled torch.empty (fixture in tests/ops/conftest.py)
+pytestmark = pytest.mark.usefixtures("nan_empty")
 
 
 def rel(a, b):
