@@ -3,7 +3,8 @@
 Kernel choice (``kernel=`` argument, else env ``MSA_SPARSE_FWD_KERNEL`` = ``kv`` | ``qo`` | ``auto``):
 ``auto`` takes the query-outer kernel when the work is too small for the reverse index and the
 partial round trip to pay off (fewer than ``QO_MAX_TOKENS`` tokens; on an H200 at the paper shape
-query-outer won at 8K tokens, KV-outer from 32K on) or when the KV-outer kernel would fill its MMA
+KV-outer won from 8K tokens on once its partials were bf16: 5.6 vs 7.0 ms at 8K, 12.5 vs 28.0 ms at
+32K, benchmarks/results/prefill_h200.json) or when the KV-outer kernel would fill its MMA
 rows poorly (expected queries x G per (group, block) row of a chunk below ``KV_MIN_ROWS``);
 otherwise KV-outer.
 
@@ -42,7 +43,7 @@ from .triton_fwd import (sparse_attention_combine_fwd_kernel, sparse_attention_f
                          sparse_attention_qo_fwd_kernel)
 
 LOG2E = 1.4426950408889634
-QO_MAX_TOKENS = 16384         # below this many tokens (B * T) auto picks query-outer (H200: qo won at 8K)
+QO_MAX_TOKENS = 4096          # below this many tokens (B * T) auto picks query-outer (H200: kv won at 8K)
 KV_MIN_ROWS = 64              # KV-outer needs about this many MMA rows per (group, block) row
 MAX_DEFAULT_PARTIAL_BYTES = 16 << 30
 MIN_DEFAULT_PARTIAL_BYTES = 256 << 20
