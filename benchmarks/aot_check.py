@@ -115,6 +115,19 @@ def _launches():
                          BLOCK_LEN=i32, scale=0.1, HQ=HQ, HKV=HKV, NSEL=TOPK, NB=T // BLOCK),
                     dict(G=g, D=D, BLOCK_M=bc["DKDV_BLOCK_M"], BLOCK_N=bc["DKDV_BLOCK_N"], BLOCK_D=bd, BS_PAD=bs_pad,
                          CDT=cdt, DOT_PREC=prec, DQ_ATOMIC=atomic), bc["DKDV_WARPS"], bc["DKDV_STAGES"]))
+    if hasattr(bw, "sparse_attention_bwd_dq_kv_kernel"):
+        out.append(("sparse_attention_bwd_dq_kv_kernel (dQ mode kv, default)", bw.sparse_attention_bwd_dq_kv_kernel,
+                    dict(Q=bf, K=bf, V=bf, DO=bf, LSE=f32, DELTA=f32, PDQ=bf, ENTRIES=i32, WORK_ROW=i32,
+                         WORK_START=i32, WORK_END=i32, BLOCK_START=i32, BLOCK_LEN=i32, tok0=0, nb_rows=T // BLOCK,
+                         qk_scale=0.1, scale=0.1),
+                    dict(H_Q=HQ, H_KV=HKV, G=g, TOPK=TOPK, D=D, BLOCK_D=bd, BLOCK_M=bc["DQKV_BLOCK_M"],
+                         BLOCK_N=bc["DQKV_BLOCK_N"], KV_TILES=-(-BLOCK // bc["DQKV_BLOCK_N"]), CDT=cdt, DOT_PREC=prec),
+                    bc["DQKV_WARPS"], bc["DQKV_STAGES"]))
+        bk = _pow2(TOPK, 1)
+        out.append(("sparse_attention_bwd_dq_reduce_kernel", bw.sparse_attention_bwd_dq_reduce_kernel,
+                    dict(PDQ=bf, BI=i32, DQ=bf, tok0=0),
+                    dict(H_Q=HQ, H_KV=HKV, G=g, TOPK=TOPK, BLOCK_K=bk, D=D, BLOCK_D=bd,
+                         BLOCK_H=bc["DQR_BLOCK_H"] or min(_pow2(HQ, 1), max(1, 16384 // (bk * bd)))), 4, 3))
     out.append(("sparse_attention_bwd_reduce_kernel", bw.sparse_attention_bwd_reduce_kernel,
                 dict(PDK=f32, PDV=f32, DK=bf, DV=bf, ROW_ITEMS=i32, ROW_FIRST_SLOT=i32, BLOCK_START=i32,
                      BLOCK_LEN=i32, HKV=HKV, NB=T // BLOCK),
@@ -133,6 +146,13 @@ def _launches():
                 dict(G=g, D=D, DI=DI, BLOCK_M=kc["BLOCK_M"], ENT_PAD=max(16, _pow2(kc["BLOCK_M"] // g)),
                      BLOCK_N=kc["BLOCK_N"], BS_PAD=bs_pad, BLOCK_D=bd, BLOCK_DI=bdi, CDT=cdt, DOT_PREC=prec, SPLIT_P=True, WITH_GRAD=True),
                 kc["num_warps"], kc["num_stages"]))
+    if hasattr(kk, "indexer_kl_fwd_kv_heads_kernel"):
+        out.append(("indexer_kl_fwd_kv_heads_kernel (sparse KL, ROWS=heads)", kk.indexer_kl_fwd_kv_heads_kernel,
+                    dict(QI=bf, KI=bf, Q=bf, K=bf, LSE_T=f32, LSE_S=f32, KLP=f32, DQP=f32, PART=f32, ENTRIES=i32,
+                         WORK_ROW=i32, WORK_START=i32, WORK_END=i32, BLOCK_START=i32, BLOCK_LEN=i32, tok0=0,
+                         qk2=0.1, is2=0.1, HQ=HQ, HKV=HKV, NSEL=TOPK, NB=T // BLOCK),
+                    dict(G=g, D=D, DI=DI, BLOCK_E=kc["BLOCK_E"], BS_PAD=bs_pad, BLOCK_D=bd, BLOCK_DI=bdi, CDT=cdt,
+                         DOT_PREC=prec, WITH_GRAD=True), kc["num_warps"], kc["num_stages"]))
     out.append(("indexer_kl_bwd_sparse_reduce_kernel", kk.indexer_kl_bwd_sparse_reduce_kernel,
                 dict(PART=f32, DKI=f32, ROW_ITEMS=i32, ROW_FIRST=i32, BLOCK_START=i32, BLOCK_LEN=i32, mult=0.1,
                      HKV=HKV, NB=T // BLOCK),
@@ -244,6 +264,9 @@ def check(arch=90, only=None, limit=SMEM_LIMIT, verbose=True):
             ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": nw, "num_stages": ns})
             row["shared"] = int(ck.metadata.shared)
             row.update(_ptxas_usage(ck.asm["ptx"], arch))
+            # which MMA the kernel got: Hopper wgmma, or the older warp-level mma.sync (small tiles)
+            row["wgmma"] = ck.asm["ptx"].count("wgmma.mma_async")
+            row["mma_sync"] = ck.asm["ptx"].count("mma.sync")
             row["ok"] = row["shared"] <= limit
         except Exception as exc:  # a compile failure is a failure too
             row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
@@ -259,7 +282,7 @@ def _fmt(r):
         return f"{r['kernel'][:62]:62s} w{r['num_warps']} s{r['num_stages']}  ERROR {r['error'][:200]}"
     return (f"{r['kernel'][:62]:62s} w{r['num_warps']} s{r['num_stages']}  shared {r['shared']:7d}  "
             f"regs {r.get('regs', '?'):>3}  spill st/ld {r.get('spill_st', '?')}/{r.get('spill_ld', '?')}"
-            f"{'' if r['ok'] else '  OVER LIMIT'}")
+            f"  wgmma/mma.sync {r.get('wgmma', '?')}/{r.get('mma_sync', '?')}{'' if r['ok'] else '  OVER LIMIT'}")
 
 
 def main():

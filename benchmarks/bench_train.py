@@ -28,7 +28,7 @@
    Note: the sparse KL computes loss, dq_idx and dk_idx in its forward (one KV-outer pass), so its
    kl_bwd is only the grad_out scaling; so is the warmup KL's in the default 'flash' mode (both passes
    run in its forward).
-   --sweep: at T = 32768 also times the KL / backward kernels under a few launch configurations
+   --sweep: at T = --sweep-size (default 32768) also times the KL / backward kernels under a few launch configurations
    (env knobs MSA_KL_KV_CONFIG, MSA_KL_DENSE_CONFIG, MSA_KL_DENSE_FLASH_CONFIG, MSA_KL_DENSE_MODE, MSA_SPARSE_BWD_CONFIG,
    MSA_SPARSE_BWD_DQ) to tune
    the defaults (also MSA_KL_DENSE_FLASH_CONFIG). The warmup KL runs in its default 'flash' mode
@@ -57,7 +57,10 @@ import torch.nn.functional as F
 
 HQ, HKV, D, DI, BLOCK, TOPK = 64, 4, 128, 128, 128, 16
 DENSE_MAX_T = 131072  # dense baselines above this would take minutes per size
-SWEEP = False  # --sweep: launch-configuration sweep of the KL / backward kernels at T = 32K
+SWEEP = False  # --sweep: launch-configuration sweep of the KL / backward kernels at T = SWEEP_T
+SWEEP_T = 32768
+PROFILE = False  # --profile: per-kernel GPU times of one sparse step (torch.profiler)
+NO_DENSE = False  # --no-dense: skip the dense / warmup variants (development rounds only)
 
 
 def median_ms(fn, heavy_reps=3):
@@ -170,24 +173,29 @@ def config_sweep(q, k, v, qi, ki, do, kl_kw, notes):
         o, lse = msa.sparse_attention(q, k, v, bi, block_size=BLOCK, return_lse=True, backend="triton")
     from msa.ops.sparse_attention.triton_bwd import sparse_attention_bwd_triton
     sweeps = [
-        ("MSA_KL_KV_CONFIG", ["BLOCK_M=128,BLOCK_N=64,num_warps=8,num_stages=2",
-                              "BLOCK_M=128,BLOCK_N=128,num_warps=8,num_stages=2",
-                              "BLOCK_M=128,BLOCK_N=64,num_warps=8,num_stages=3",
-                              "BLOCK_M=128,BLOCK_N=128,num_warps=8,num_stages=1",
-                              "BLOCK_M=64,BLOCK_N=64,num_warps=4,num_stages=2",
-                              "BLOCK_M=256,BLOCK_N=32,num_warps=8,num_stages=2"],
+        ("MSA_KL_KV_CONFIG", ["ROWS=heads,BLOCK_E=64,num_warps=8,num_stages=1",
+                              "ROWS=heads,BLOCK_E=64,num_warps=8,num_stages=2",
+                              "ROWS=heads,BLOCK_E=32,num_warps=8,num_stages=1",
+                              "ROWS=heads,BLOCK_E=32,num_warps=8,num_stages=2",
+                              "ROWS=heads,BLOCK_E=32,num_warps=4,num_stages=2",
+                              "ROWS=heads,BLOCK_E=128,num_warps=8,num_stages=1",
+                              "ROWS=packed,BLOCK_M=128,BLOCK_N=128,num_warps=8,num_stages=1"],
          lambda: torch.autograd.grad(indexer_kl_triton(qi, ki, q.detach(), k.detach(), bi, **kl_kw,
                                                        teacher_lse=lse), (qi, ki))),
         ("MSA_SPARSE_BWD_CONFIG", ["DKDV_BLOCK_M=128,DKDV_BLOCK_N=64,DKDV_WARPS=8,DKDV_STAGES=2",
-                                   "DKDV_BLOCK_M=128,DKDV_BLOCK_N=64,DKDV_WARPS=8,DKDV_STAGES=3",
-                                   "DKDV_BLOCK_M=64,DKDV_BLOCK_N=64,DKDV_WARPS=8,DKDV_STAGES=2",
                                    "DKDV_BLOCK_M=64,DKDV_BLOCK_N=64,DKDV_WARPS=4,DKDV_STAGES=2",
-                                   "DKDV_BLOCK_M=128,DKDV_BLOCK_N=32,DKDV_WARPS=4,DKDV_STAGES=2",
-                                   "DQ_WARPS=8,DQ_STAGES=2", "DQ_WARPS=4,DQ_STAGES=3", "DQ_BLOCK_N=64,DQ_WARPS=4"],
+                                   "DKDV_BLOCK_M=64,DKDV_BLOCK_N=64,DKDV_WARPS=4,DKDV_STAGES=3",
+                                   "DKDV_BLOCK_M=64,DKDV_BLOCK_N=64,DKDV_WARPS=4,DKDV_STAGES=1",
+                                   "DKDV_BLOCK_M=64,DKDV_BLOCK_N=64,DKDV_WARPS=4,DKDV_STAGES=2,"
+                                   "DQKV_BLOCK_M=64,DQKV_WARPS=4,DQKV_STAGES=1",
+                                   "DKDV_BLOCK_M=64,DKDV_BLOCK_N=64,DKDV_WARPS=4,DKDV_STAGES=2,"
+                                   "DQKV_BLOCK_M=128,DQKV_WARPS=8,DQKV_STAGES=2",
+                                   "DKDV_BLOCK_M=64,DKDV_BLOCK_N=64,DKDV_WARPS=4,DKDV_STAGES=2,"
+                                   "DQKV_BLOCK_M=128,DQKV_WARPS=8,DQKV_STAGES=1"],
          lambda: sparse_attention_bwd_triton(do, q.detach(), k.detach(), v.detach(), o, lse, bi, block_size=BLOCK,
                                              scale=D ** -0.5, cu_seqlens=None)),
     ]
-    sweeps.append(("MSA_SPARSE_BWD_DQ", ["query", "atomic"], sweeps[-1][2]))
+    sweeps.append(("MSA_SPARSE_BWD_DQ", ["kv", "query"], sweeps[-1][2]))
     if (q.shape[1] <= 32768):
         with torch.no_grad():
             _, dlse = DenseAttentionWithLse.apply(q.detach(), k.detach(), v.detach(), D ** -0.5, "cudnn")
@@ -226,6 +234,24 @@ def config_sweep(q, k, v, qi, ki, do, kl_kw, notes):
         else:
             os.environ[env] = old
     return out
+
+
+def profile_kernels(fn, top=16):
+    """{kernel name: GPU ms} of one call of fn (after one warm call), the `top` largest, via torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    tot = {}
+    for ev in prof.key_averages():
+        dt = getattr(ev, "device_time_total", None)
+        if dt is None:
+            dt = getattr(ev, "cuda_time_total", 0.0)
+        if dt > 0:
+            tot[ev.key[:90]] = tot.get(ev.key[:90], 0.0) + dt / 1e3
+    return dict(sorted(tot.items(), key=lambda kv: -kv[1])[:top])
 
 
 def _err(exc):
@@ -460,7 +486,7 @@ def bench_size(t, notes):
 
     variants = {"select": sel_fn, "sparse_attn_fwd_bwd": attn_fn, "sparse_kl_fwd_bwd": kl_sparse_fn,
                 "sparse_step": sparse_step}
-    dense_ok = t <= DENSE_MAX_T
+    dense_ok = t <= DENSE_MAX_T and not NO_DENSE
     if not dense_ok:
         notes.append(f"T={t}: dense variants skipped (one dense step takes tens of seconds); "
                      f"scale the largest measured dense time by (T / T_max)^2")
@@ -516,7 +542,31 @@ def bench_size(t, notes):
             row[f"{label}_stages_ms"] = _err(exc)
             torch.cuda.empty_cache()
         print(f"  T={t} {label} stages (ms): {row[f'{label}_stages_ms']}", flush=True)
-    if SWEEP and t == 32768:
+    from msa.ops.sparse_attention.triton_bwd import sparse_attention_bwd_triton
+    with torch.no_grad():
+        o_s, lse_s = msa.sparse_attention(q, k, v, bi, block_size=BLOCK, return_lse=True, backend="triton")
+    for mode in ("kv", "query"):  # the backward's own kernels, CUDA events (one warm call first)
+        try:
+            call = lambda st=None: _in_env("MSA_SPARSE_BWD_DQ", mode, lambda: sparse_attention_bwd_triton(
+                do, q.detach(), k.detach(), v.detach(), o_s, lse_s, bi, block_size=BLOCK, scale=scale,
+                cu_seqlens=None, stage_times=st))
+            call()
+            st = {}
+            call(st)
+            st.pop("chunks", None)
+            row[f"attn_bwd_{mode}_kernels_ms"] = st
+        except Exception as exc:
+            row[f"attn_bwd_{mode}_kernels_ms"] = _err(exc)
+            torch.cuda.empty_cache()
+        print(f"  T={t} attention backward kernels, dQ mode {mode} (ms): {row[f'attn_bwd_{mode}_kernels_ms']}",
+              flush=True)
+    del o_s, lse_s
+    if PROFILE:
+        row["sparse_step_kernels_ms"] = profile_kernels(sparse_step)
+        print(f"  T={t} sparse step, GPU kernel time per kernel (ms, torch.profiler, one step):", flush=True)
+        for name, ms in row["sparse_step_kernels_ms"].items():
+            print(f"    {ms:9.3f}  {name}", flush=True)
+    if SWEEP and t == SWEEP_T:
         try:
             row["sweep"] = config_sweep(q, k, v, qi, ki, do, kl_kw, notes)
         except Exception as exc:  # e.g. the sweep's own setup (selection, forward)
@@ -531,10 +581,14 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sizes", type=str, default=None, help="comma-separated T values (overrides defaults)")
-    ap.add_argument("--sweep", action="store_true", help="also sweep kernel launch configs at T = 32768")
+    ap.add_argument("--sweep", action="store_true", help="also sweep kernel launch configs at --sweep-size")
+    ap.add_argument("--sweep-size", type=int, default=32768, help="T of the --sweep (default 32768)")
+    ap.add_argument("--profile", action="store_true", help="per-kernel GPU times of one sparse step")
+    ap.add_argument("--no-dense", action="store_true",
+                    help="skip the dense and warmup variants (development rounds; no speedups then)")
     args = ap.parse_args()
-    global SWEEP
-    SWEEP = args.sweep
+    global SWEEP, SWEEP_T, NO_DENSE, PROFILE
+    SWEEP, SWEEP_T, NO_DENSE, PROFILE = args.sweep, args.sweep_size, args.no_dense, args.profile
     os.makedirs(args.out, exist_ok=True)
     assert torch.cuda.is_available(), "bench_train.py needs a CUDA GPU"
     import triton

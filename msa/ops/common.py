@@ -133,10 +133,15 @@ def load_triton_impl(package: str, module: str, name: str, backend: str):
 
 
 def env_config(env: str) -> dict:
-    """Launch-config overrides from an env var such as MSA_SPARSE_FWD_CONFIG="BLOCK_M=64,num_warps=4"."""
+    """Launch-config overrides from an env var such as MSA_SPARSE_FWD_CONFIG="BLOCK_M=64,num_warps=4"
+    (integer values; a non-integer value such as ROWS=heads stays a string)."""
     out = {}
     for item in os.environ.get(env, "").split(","):
         if "=" in item:
             key, val = item.split("=", 1)
-            out[key.strip()] = int(val)
+            val = val.strip()
+            try:
+                out[key.strip()] = int(val)
+            except ValueError:
+                out[key.strip()] = val
     return out

@@ -7,7 +7,8 @@ fp32 matmuls are forced off TF32); there the tolerance is 5e-4 because GPU exp/o
 Covers T in {1, 63, 129, 200}, block sizes 16/32, G in {1, 3, 8, 16}, B = 2, packed sequences whose
 partial blocks sit next to each other, hot rows split over several work items (small
 max_queries_per_item), -1 padded rows (and one all -1 row), other launch configurations (env
-MSA_SPARSE_BWD_CONFIG), the opt-in atomic dQ mode, bitwise repeatability (default mode), and the custom-op autograd path. Fresh float buffers are NaN-filled so unwritten outputs show.
+MSA_SPARSE_BWD_CONFIG), the three dQ modes (KV-outer default, chunked; query-outer; opt-in atomic),
+bitwise repeatability (default mode), and the custom-op autograd path. Fresh float buffers are NaN-filled so unwritten outputs show.
 """
 
 import os
@@ -106,6 +107,34 @@ def test_bwd_atomic_dq_mode(monkeypatch, cu):
     for name, got, ref in (("dq", dq, gq), ("dk", dk, gk), ("dv", dv, gv)):
         assert torch.isfinite(got).all(), f"{name} has unwritten (NaN) entries"
         assert rel(got, ref) < TOL, f"{name} rel err {rel(got, ref):.3e}"
+
+
+@pytest.mark.parametrize("mode,budget,config", [
+    ("query", None, ""),
+    # KV-outer dQ over 4 query chunks (each with its own reverse index), 2 key tiles per block,
+    # 16 packed rows and 2 heads per reduce program
+    ("kv", 48 * 3 * 6 * 16 * 4, "DQKV_BLOCK_N=16,DQKV_BLOCK_M=16,DQR_BLOCK_H=2"),
+])
+@pytest.mark.parametrize("cu", [None, torch.tensor([0, 37, 100, 163, 200], dtype=torch.int32)])
+def test_bwd_dq_modes(monkeypatch, mode, budget, config, cu):
+    """Both deterministic dQ modes (query-outer; KV-outer with slot partials, chunked) match the reference."""
+    monkeypatch.setenv("MSA_SPARSE_BWD_DQ", mode)
+    monkeypatch.setenv("MSA_SPARSE_BWD_CONFIG", config)
+    q, k, v, bi, cu = make_case(1, 200, 2, 3, 16, 32, 3, cu, pad_rows=True)
+    o, lse, do, (gq, gk, gv) = reference_grads(q, k, v, bi, 32, 0.25, cu)
+    dq, dk, dv = sparse_attention_bwd_triton(do, q, k, v, o, lse, bi, block_size=32, scale=0.25, cu_seqlens=cu,
+                                             max_queries_per_item=7, partial_budget_bytes=budget)
+    for name, got, ref in (("dq", dq, gq), ("dk", dk, gk), ("dv", dv, gv)):
+        assert torch.isfinite(got).all(), f"{name} has unwritten (NaN) entries"
+        assert rel(got, ref) < TOL, f"{name} rel err {rel(got, ref):.3e}"
+
+
+def test_bwd_dq_mode_rejects_unknown(monkeypatch):
+    monkeypatch.setenv("MSA_SPARSE_BWD_DQ", "fast")
+    q, k, v, bi, cu = make_case(1, 63, 2, 3, 16, 16, 3)
+    o, lse, do, _ = reference_grads(q, k, v, bi, 16, 0.25, cu)
+    with pytest.raises(ValueError, match="MSA_SPARSE_BWD_DQ"):
+        sparse_attention_bwd_triton(do, q, k, v, o, lse, bi, block_size=16, scale=0.25, cu_seqlens=cu)
 
 
 def test_bwd_other_launch_configs(monkeypatch):

@@ -38,27 +38,37 @@ from .triton_kernels import (indexer_kl_bwd_dense_flash_dk_kernel, indexer_kl_bw
                              indexer_kl_fwd_dense_onepass_kernel, indexer_kl_fwd_dense_rows_kernel,
                              indexer_kl_fwd_kv_kernel,
                              indexer_kl_fwd_lse_dense_kernel, indexer_kl_fwd_lse_sparse_kernel,
-                             indexer_kl_fwd_slse_kv_kernel)
+                             indexer_kl_fwd_slse_kv_kernel, indexer_kl_fwd_kv_heads_kernel)
 
+
+LOG2E = 1.4426950408889634
 
 
 def kv_config(g: int, d: int, di: int, block_size: int = 128):
-    """Launch configuration of ``indexer_kl_fwd_kv_kernel`` (env ``MSA_KL_KV_CONFIG``, e.g.
-    ``BLOCK_M=64,BLOCK_N=128,num_warps=4,num_stages=1``). 128 teacher rows (8 queries x 16 heads at the
-    paper's shape) make the teacher MMA as large as the attention's; BLOCK_N keys of the block per program
-    (the block is split over programs). sm_90 AOT report (benchmarks/aot_check.py, paper shape):
-    BLOCK_N=128 w8 s2 needs 234624 B of shared memory (> 232448: OutOfResources); s1 fits (163840 B) with
-    some spills but measured fastest (H200, T=32K: 18.0 ms vs 22.0 ms for BLOCK_N=64 w8 s2, which fits
-    without spills): the default. One 128-key program per block also halves the per-entry partials."""
+    """Launch configuration of the sparse-phase KL kernel (env ``MSA_KL_KV_CONFIG``, e.g.
+    ``ROWS=heads,BLOCK_E=64,num_warps=8,num_stages=2`` or ``ROWS=packed,BLOCK_M=128,BLOCK_N=128``).
+
+    ROWS=heads (default, ``indexer_kl_fwd_kv_heads_kernel``): MMA rows are BLOCK_E (query, slot)
+    entries of one head, looping over the G heads of the group; one program per work item (whole
+    key block). ROWS=packed (``indexer_kl_fwd_kv_kernel``): 128 teacher rows = BLOCK_M // G entries x G
+    heads averaged by a 0/1-matrix MMA, BLOCK_N keys of the block per program (the block is split
+    over programs). H200 at 128K tokens, paper shape (benchmarks/results/dev/round12_log.txt), KL
+    forward + backward: heads BLOCK_E=128 w8 s1 39.0 ms (the default; the sm_90 AOT report shows
+    ~600 B of spills, yet it was fastest), heads BLOCK_E=32 w4 s2 39.0 ms, heads BLOCK_E=64 w8 s2
+    46.7 ms, packed BLOCK_M=128 BLOCK_N=128 w8 s1 68.8 ms (the previous default)."""
     bs_pad = _pow2(block_size)
-    if _interpreting():  # split the block whenever it has >= 32 keys so the sub-tile path is tested
-        cfg = dict(BLOCK_M=16, BLOCK_N=max(16, bs_pad // 2), num_warps=4, num_stages=1)
+    if _interpreting():  # packed: split the block whenever it has >= 32 keys so the sub-tile path is tested
+        cfg = dict(ROWS="heads", BLOCK_E=16, BLOCK_M=16, BLOCK_N=max(16, bs_pad // 2), num_warps=4, num_stages=1)
     else:
         big = max(d, di) > 128
-        cfg = dict(BLOCK_M=64 if big else 128, BLOCK_N=64 if big else 128, num_warps=8, num_stages=1)
+        cfg = dict(ROWS="heads", BLOCK_E=64 if big else 128, BLOCK_M=64 if big else 128, BLOCK_N=64 if big else 128,
+                   num_warps=8, num_stages=1)
     cfg.update(env_config("MSA_KL_KV_CONFIG"))
+    if cfg["ROWS"] not in ("heads", "packed"):
+        raise ValueError(f"MSA_KL_KV_CONFIG: ROWS must be 'heads' or 'packed', got {cfg['ROWS']!r}")
     cfg["BLOCK_M"] = max(cfg["BLOCK_M"], _pow2(g))
-    cfg["BLOCK_N"] = max(16, min(bs_pad, _pow2(cfg["BLOCK_N"])))
+    cfg["BLOCK_N"] = bs_pad if cfg["ROWS"] == "heads" else max(16, min(bs_pad, _pow2(cfg["BLOCK_N"])))
+    cfg["BLOCK_E"] = max(16, _pow2(cfg["BLOCK_E"]))
     return cfg
 
 
@@ -143,12 +153,20 @@ def sparse_kl_kv(q_idx, k_idx, q, k, block_indices, lse_t, *, block_size, index_
         if with_grad:
             dqp[:n_part].zero_()
         part = torch.empty((n_items, bn, bdi), dtype=torch.float32, device=dev) if with_grad else klp
-        indexer_kl_fwd_kv_kernel[(n_items, nsub)](
-            q_idx, k_idx, q, k, lse_t, lse_s, klp, dqp, part, ri.entries, ri.work_row, ri.work_start, ri.work_end,
-            layout.block_start, layout.block_len, t0, float(scale), float(index_scale), hq, hkv, nsel, nbr, G=g,
-            D=d, DI=di, BLOCK_M=cfg["BLOCK_M"], ENT_PAD=ent_pad, BLOCK_N=cfg["BLOCK_N"], BS_PAD=bn,
-            BLOCK_D=_pow2(d), BLOCK_DI=bdi, CDT=cdt, DOT_PREC=prec, SPLIT_P=split_p, WITH_GRAD=with_grad,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        if cfg["ROWS"] == "heads":
+            indexer_kl_fwd_kv_heads_kernel[(n_items,)](
+                q_idx, k_idx, q, k, lse_t, lse_s, klp, dqp, part, ri.entries, ri.work_row, ri.work_start,
+                ri.work_end, layout.block_start, layout.block_len, t0, float(scale) * LOG2E,
+                float(index_scale) * LOG2E, hq, hkv, nsel, nbr, G=g, D=d, DI=di, BLOCK_E=cfg["BLOCK_E"], BS_PAD=bn,
+                BLOCK_D=_pow2(d), BLOCK_DI=bdi, CDT=cdt, DOT_PREC=prec, WITH_GRAD=with_grad,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        else:
+            indexer_kl_fwd_kv_kernel[(n_items, nsub)](
+                q_idx, k_idx, q, k, lse_t, lse_s, klp, dqp, part, ri.entries, ri.work_row, ri.work_start,
+                ri.work_end, layout.block_start, layout.block_len, t0, float(scale), float(index_scale), hq, hkv,
+                nsel, nbr, G=g, D=d, DI=di, BLOCK_M=cfg["BLOCK_M"], ENT_PAD=ent_pad, BLOCK_N=cfg["BLOCK_N"],
+                BS_PAD=bn, BLOCK_D=_pow2(d), BLOCK_DI=bdi, CDT=cdt, DOT_PREC=prec, SPLIT_P=split_p,
+                WITH_GRAD=with_grad, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         part_loss = klp[:n_part].sum()  # fixed-order torch reductions: deterministic
         loss = part_loss if loss is None else loss + part_loss
         if not with_grad:

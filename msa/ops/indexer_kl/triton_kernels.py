@@ -26,6 +26,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2C = tl.constexpr(0.6931471805599453)
+
 
 @triton.jit
 def indexer_kl_fwd_lse_sparse_kernel(Q, K, BI, SEQ_START, LSE, scale, HQ, HKV, NSEL, BS, G: tl.constexpr,
@@ -244,6 +247,76 @@ def indexer_kl_fwd_kv_kernel(QI, KI, Q, K, LSE_T, LSE_S, KLP, DQP, PART, ENTRIES
             dq = tl.dot(grc, ki, input_precision=DOT_PREC)
             tl.store(DQP + slot_row[:, None] * DI + e[None, :], dq, mask=xmask[:, None] & emask[None, :])
             dk += tl.dot(tl.trans(grc), qi, input_precision=DOT_PREC)
+    if WITH_GRAD:
+        tl.store(PART + (w.to(tl.int64) * BS_PAD + n)[:, None] * BLOCK_DI + e[None, :], dk)
+
+
+
+@triton.jit
+def indexer_kl_fwd_kv_heads_kernel(QI, KI, Q, K, LSE_T, LSE_S, KLP, DQP, PART, ENTRIES, WORK_ROW, WORK_START,
+                                   WORK_END, BLOCK_START, BLOCK_LEN, tok0, qk2, is2, HQ, HKV, NSEL, NB,
+                                   G: tl.constexpr, D: tl.constexpr, DI: tl.constexpr, BLOCK_E: tl.constexpr,
+                                   BS_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DI: tl.constexpr,
+                                   CDT: tl.constexpr, DOT_PREC: tl.constexpr, WITH_GRAD: tl.constexpr):
+    """Sparse-phase KL of one work item (whole key block), MMA rows = BLOCK_E (query, slot) entries of ONE
+    head at a time (``MSA_KL_KV_CONFIG`` ``ROWS=heads``, the default).
+
+    The loop over the group's G heads adds exp2(t_h - lse_h) into one fp32 (BLOCK_E x keys) tile, so the
+    head average needs no cross-row reduction (no 0/1 averaging MMA, no hi/lo split), and the student
+    side (scores, dq_idx, dk_idx) runs BLOCK_E-row MMAs instead of 16-row ones. Same inputs and outputs
+    as ``indexer_kl_fwd_kv_kernel`` with one key sub-tile (NSUB = 1); LSE_S is natural log, qk2 =
+    scale * log2(e), is2 = index_scale * log2(e).
+    """
+    w = tl.program_id(0)
+    start = tl.load(WORK_START + w)
+    end = tl.load(WORK_END + w)
+    row = tl.load(WORK_ROW + w)
+    r = row // NB
+    gb = row % NB
+    kstart = tl.load(BLOCK_START + gb)
+    klen = tl.load(BLOCK_LEN + gb)
+    n = tl.arange(0, BS_PAD)
+    d = tl.arange(0, BLOCK_D)
+    e = tl.arange(0, BLOCK_DI)
+    x = tl.arange(0, BLOCK_E)
+    dmask = d < D
+    emask = e < DI
+    kvalid = n < klen
+    kpos = kstart + n
+    kp64 = kpos.to(tl.int64)
+    kk = tl.load(K + (kp64 * HKV + r)[:, None] * D + d[None, :], mask=kvalid[:, None] & dmask[None, :],
+                 other=0.0).to(CDT)
+    ki = tl.load(KI + kp64[:, None] * DI + e[None, :], mask=kvalid[:, None] & emask[None, :], other=0.0).to(CDT)
+    dk = tl.zeros([BS_PAD, BLOCK_DI], dtype=tl.float32)
+    for e0 in range(start, end, BLOCK_E):
+        xm = e0 + x < end
+        ent = tl.load(ENTRIES + e0 + x, mask=xm, other=0)
+        tok = tok0 + ent // NSEL
+        vis = xm[:, None] & kvalid[None, :] & (kpos[None, :] <= tok[:, None])
+        qrow0 = tok.to(tl.int64) * HQ + r * G
+        qm = xm[:, None] & dmask[None, :]
+        pe = tl.zeros([BLOCK_E, BS_PAD], dtype=tl.float32)
+        for h in range(G):  # the group's heads share the key block: sum their probabilities in fp32
+            q = tl.load(Q + (qrow0 + h)[:, None] * D + d[None, :], mask=qm, other=0.0).to(CDT)
+            l2 = tl.load(LSE_T + qrow0 + h, mask=xm, other=0.0) * LOG2E
+            t = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC)
+            pe += tl.exp2(t * qk2 - l2[:, None])
+        # masked entries may hold inf (a future key's score above the lse): select, never multiply
+        pe = tl.where(vis, pe * (1.0 / G), 0.0)
+        srow = tok.to(tl.int64) * HKV + r
+        qi = tl.load(QI + srow[:, None] * DI + e[None, :], mask=xm[:, None] & emask[None, :], other=0.0).to(CDT)
+        lse_s = tl.load(LSE_S + srow, mask=xm, other=0.0)
+        s2 = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC) * is2
+        # KL(p || p_idx) = sum_j p_j (ln p_j - s_j) + lse_s sum_j p_j, with ln = LN2 * log2 and s = LN2 * s2
+        klv = tl.sum(tl.where(pe > 0, pe * (tl.log2(tl.where(pe > 0, pe, 1.0)) - s2), 0.0), axis=1) * LN2C
+        klv += lse_s * tl.sum(pe, axis=1)
+        slot_row = ent.to(tl.int64) * HKV + r
+        tl.store(KLP + slot_row, klv, mask=xm)
+        if WITH_GRAD:
+            gr = tl.where(vis, tl.exp2(s2 - (lse_s * LOG2E)[:, None]) - pe, 0.0).to(CDT)
+            dq = tl.dot(gr, ki, input_precision=DOT_PREC)
+            tl.store(DQP + slot_row[:, None] * DI + e[None, :], dq, mask=xm[:, None] & emask[None, :])
+            dk = tl.dot(tl.trans(gr), qi, dk, input_precision=DOT_PREC)
     if WITH_GRAD:
         tl.store(PART + (w.to(tl.int64) * BS_PAD + n)[:, None] * BLOCK_DI + e[None, :], dk)
 
@@ -474,8 +547,6 @@ def indexer_kl_fwd_dense_onepass_kernel(QI, KI, Q, K, SEQ_END, LSE_T, LSE_S, PAR
 # All exponentials are exp2 with the scales pre-multiplied by log2(e) (qk2, is2).
 # ---------------------------------------------------------------------------------------------------
 
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2C = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit

@@ -1,24 +1,32 @@
-"""Triton backward of the MSA Main Branch (spec section 4): dQ query-outer, dK/dV KV-outer.
+"""Triton backward of the MSA Main Branch (spec section 4): dQ and dK/dV KV-outer, deterministic.
 
-Three launches (plus a small reduce when hot rows were split):
+Launches:
 
 1. ``sparse_attention_bwd_preprocess_kernel``: delta[token, head] = rowsum(dO * O) in fp32.
-2. ``sparse_attention_bwd_dq_kernel``: one program per (token, group). The group's G heads are the
-   MMA rows (padded to >= 16); the program loops over the group's selected blocks and recomputes
-   P = exp(S - lse) from the forward's lse, so no softmax state is stored.
+2. dQ, by ``dq_mode()`` (env ``MSA_SPARSE_BWD_DQ``):
+   - ``kv`` (default): ``sparse_attention_bwd_dq_kv_kernel`` runs over the reverse index like the
+     forward's KV-outer kernel: it loads a key/value block once, gathers the queries that selected it
+     (``BLOCK_M // G`` query positions x G heads per MMA) and writes each (query, slot)'s dS @ K into
+     a pre-assigned partial slot (input dtype for bf16/fp16, fp32 otherwise);
+     ``sparse_attention_bwd_dq_reduce_kernel`` sums the K slots of every query in a fixed order.
+     Queries are processed in chunks whose partials fit the forward's partial budget.
+     The spec's query-outer dQ (mode ``query``) re-reads K/V for every (token, group, block): at the
+     paper shape that is ~0.5 TB of L2 traffic at 128K tokens, with only G = 16 MMA rows.
+   - ``query``: ``sparse_attention_bwd_dq_kernel``, one program per (token, group), the G heads as MMA
+     rows (padded to >= 16), looping over the group's selected blocks.
+   - ``atomic`` (opt-in, not bitwise repeatable): the dK/dV kernel also adds dS @ K into an fp32
+     buffer with atomics.
+   Every mode recomputes P = exp(S - lse) from the forward's lse, so no softmax state is stored.
 3. ``sparse_attention_bwd_dkdv_kernel``: one program per (work item, key sub-tile) of the reverse
    index (``reverse_index.build_reverse_index``). It loads its key block once and gathers the queries
    that selected it, packing ``BLOCK_M // G`` query positions x G heads into the MMA rows; row m maps
    to entry ``m // G`` and head ``r * G + m % G`` at run time, so any G (1, 3, 12, 64, ...) works.
    A row of the index that fits one work item writes dK/dV directly; a hot row split into several
    items writes one fp32 partial per item into a pre-assigned slot, and
-   ``sparse_attention_bwd_reduce_kernel`` sums the partials in item order. No atomics anywhere, so
-   two runs give bitwise identical gradients.
+   ``sparse_attention_bwd_reduce_kernel`` sums the partials in item order. Without the atomic mode
+   there are no atomics anywhere, so two runs give bitwise identical gradients.
 
-Opt-in ``MSA_SPARSE_BWD_DQ=atomic`` (see ``dq_mode``) skips launch 2: the dK/dV kernel also computes
-dS @ K per tile and adds it into an fp32 dQ buffer with atomics (K/V then leave memory once per
-(block, query tile) instead of once per (query, block)); dQ is then not bitwise repeatable. Launch
-configurations: ``bwd_config`` (env ``MSA_SPARSE_BWD_CONFIG``).
+Launch configurations: ``bwd_config`` (env ``MSA_SPARSE_BWD_CONFIG``).
 
 Causal masking uses flattened token indices: a key at flattened position j is visible to the query
 at flattened position t iff it lies in one of the query's selected blocks and j <= t (blocks are
@@ -34,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reverse_index import ReverseIndex, build_reverse_index
+from .reverse_index import ReverseIndex, block_starts_host, blocks_before, build_reverse_index
 from ..common import env_config
 
 
@@ -224,40 +232,155 @@ def sparse_attention_bwd_reduce_kernel(PDK, PDV, DK, DV, ROW_ITEMS, ROW_FIRST_SL
 
 
 
+LOG2E_C = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def sparse_attention_bwd_dq_kv_kernel(Q, K, V, DO, LSE, DELTA, PDQ, ENTRIES, WORK_ROW, WORK_START, WORK_END,
+                                      BLOCK_START, BLOCK_LEN, tok0, nb_rows, qk_scale, scale,
+                                      H_Q: tl.constexpr, H_KV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr,
+                                      D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                                      BLOCK_N: tl.constexpr, KV_TILES: tl.constexpr, CDT: tl.constexpr,
+                                      DOT_PREC: tl.constexpr):
+    """KV-outer dQ of one work item (mode ``kv``): the key/value block is loaded once and every query
+    of the item gets its block-local dQ contribution dS @ K * scale, written into the partial slot of
+    its (query, slot) entry (no atomics); ``sparse_attention_bwd_dq_reduce_kernel`` sums the K slots
+    in a fixed order.
+
+    Q/DO (T_all, H_Q, D), K/V (T_all, H_KV, D), LSE/DELTA fp32 (T_all * H_Q,), PDQ (C * TOPK, H_Q, D)
+    partial buffer (bf16/fp16 for 16-bit inputs, fp32 otherwise) indexed by the chunk-local entry
+    (token - tok0) * TOPK + slot. Rows pack query positions x heads as in the forward KV-outer kernel.
+    """
+    w = tl.program_id(0)
+    start = tl.load(WORK_START + w)
+    end = tl.load(WORK_END + w)
+    if start < end:  # empty items (the grid is a shape bound) touch nothing
+        row = tl.load(WORK_ROW + w)
+        r = row // nb_rows
+        gb = row % nb_rows
+        kstart = tl.load(BLOCK_START + gb)
+        klen = tl.load(BLOCK_LEN + gb)
+        QPT: tl.constexpr = BLOCK_M // G
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        qi = offs_m // G
+        head = r * G + offs_m % G
+        if KV_TILES == 1:  # the whole block is one tile: keep it for all the item's queries
+            offs_n = tl.arange(0, BLOCK_N)
+            kvm = (offs_n < klen)[:, None] & dmask[None, :]
+            kvp = ((kstart + offs_n).to(tl.int64) * H_KV + r)[:, None] * D + offs_d[None, :]
+            k_blk = tl.load(K + kvp, mask=kvm, other=0.0).to(CDT)
+            v_blk = tl.load(V + kvp, mask=kvm, other=0.0).to(CDT)
+        for q0 in range(start, end, QPT):
+            row_ok = (offs_m < QPT * G) & (q0 + qi < end)
+            e = tl.load(ENTRIES + q0 + qi, mask=row_ok, other=0)
+            tok = tok0 + (e // TOPK).to(tl.int64)
+            qrow = tok * H_Q + head
+            qmask = row_ok[:, None] & dmask[None, :]
+            qoff = qrow[:, None] * D + offs_d[None, :]
+            q = tl.load(Q + qoff, mask=qmask, other=0.0).to(CDT)
+            do = tl.load(DO + qoff, mask=qmask, other=0.0).to(CDT)
+            lse2 = tl.load(LSE + qrow, mask=row_ok, other=0.0) * LOG2E_C
+            delta = tl.load(DELTA + qrow, mask=row_ok, other=0.0)
+            qrel = (tok - kstart).to(tl.int32)  # causal mask relative to the block start (int32)
+            dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            for kt in tl.static_range(KV_TILES):
+                offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+                if KV_TILES == 1:
+                    kk = k_blk
+                    vv = v_blk
+                else:
+                    kvm = (offs_n < klen)[:, None] & dmask[None, :]
+                    kvp = ((kstart + offs_n).to(tl.int64) * H_KV + r)[:, None] * D + offs_d[None, :]
+                    kk = tl.load(K + kvp, mask=kvm, other=0.0).to(CDT)
+                    vv = tl.load(V + kvp, mask=kvm, other=0.0).to(CDT)
+                visible = row_ok[:, None] & (offs_n < klen)[None, :] & (offs_n[None, :] <= qrel[:, None])
+                s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * qk_scale
+                p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
+                dp = tl.dot(do, tl.trans(vv), input_precision=DOT_PREC)
+                ds = p * (dp - delta[:, None])
+                dq = tl.dot(ds.to(CDT), kk, dq, input_precision=DOT_PREC)
+            dst = (e.to(tl.int64) * H_Q + head)[:, None] * D + offs_d[None, :]
+            tl.store(PDQ + dst, (dq * scale).to(PDQ.dtype.element_ty), mask=qmask)
+
+
+@triton.jit
+def sparse_attention_bwd_dq_reduce_kernel(PDQ, BI, DQ, tok0, H_Q: tl.constexpr, H_KV: tl.constexpr,
+                                          G: tl.constexpr, TOPK: tl.constexpr, BLOCK_K: tl.constexpr,
+                                          D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
+    """dQ[token, heads] = sum over the token's valid slots of PDQ (fixed order, fp32), one program per
+    (chunk-local token, BLOCK_H heads). BI int32 (T_all, H_KV, TOPK) tells the valid slots (-1 slots
+    were never written: their stale rows are replaced by 0 with a select, never multiplied)."""
+    t = tl.program_id(0).to(tl.int64)
+    tok = tok0 + t
+    j = tl.arange(0, BLOCK_K * BLOCK_H)
+    js = j // BLOCK_H
+    jh = tl.program_id(1) * BLOCK_H + j % BLOCK_H
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    dmask = (d < D)[None, :]
+    rok = (js < TOPK) & (jh < H_Q)
+    # one [K * BLOCK_H, D] load issued before the slot ids are known (as the forward combine)
+    x = tl.load(PDQ + ((t * TOPK + js) * H_Q + jh)[:, None] * D + d[None, :], mask=rok[:, None] & dmask, other=0.0)
+    b = tl.load(BI + (tok * H_KV + jh // G) * TOPK + js, mask=rok, other=-1)
+    x = tl.where((b >= 0)[:, None], x.to(tl.float32), 0.0)
+    acc = tl.sum(tl.reshape(x, [BLOCK_K, BLOCK_H, BLOCK_D]), 0)
+    tl.store(DQ + (tok * H_Q + h)[:, None] * D + d[None, :], acc.to(DQ.dtype.element_ty),
+             mask=(h < H_Q)[:, None] & dmask)
+
+
 def bwd_config(g: int, d: int, block_size: int):
     """Launch configuration of the backward (env ``MSA_SPARSE_BWD_CONFIG``, e.g.
-    ``DKDV_BLOCK_M=32,DKDV_BLOCK_N=128,DKDV_WARPS=8,DKDV_STAGES=2,DQ_BLOCK_N=64,DQ_WARPS=4,DQ_STAGES=2``;
+    ``DKDV_BLOCK_M=32,DKDV_BLOCK_N=128,DKDV_WARPS=8,DKDV_STAGES=2,DQKV_BLOCK_M=64,DQKV_WARPS=4``;
     ``benchmarks/bench_train.py --sweep`` times a few). DKDV_BLOCK_M: packed query x head rows per MMA
     (raised to >= G); DKDV_BLOCK_N: keys per program (the block is split over programs, each keeping
-    its dK/dV accumulators in registers); DQ_BLOCK_N: keys per sub-tile of the query-outer dQ kernel."""
+    its dK/dV accumulators in registers); DQKV_*: the KV-outer dQ kernel (mode ``kv``: rows, warps,
+    stages, key tile); DQR_BLOCK_H: heads per program of its slot reduction; DQ_*: the query-outer dQ
+    kernel (mode ``query``)."""
     bs_pad = _pow2(block_size)
     if _interpreting():
         cfg = dict(DKDV_BLOCK_M=16, DKDV_BLOCK_N=bs_pad, DKDV_WARPS=4, DKDV_STAGES=1, DQ_BLOCK_N=bs_pad,
-                   DQ_WARPS=4, DQ_STAGES=1)
+                   DQ_WARPS=4, DQ_STAGES=1, DQKV_BLOCK_M=16, DQKV_BLOCK_N=bs_pad, DQKV_WARPS=4, DQKV_STAGES=1)
     else:
-        # sm_90 AOT report at the paper's shape (benchmarks/aot_check.py): dK/dV with 128 rows x 64 keys, 8
-        # warps, 2 stages: 181760 B shared, 252 regs, no spills (64 x 64: 107264 B / 228 regs, half the MMA
-        # rows for the same one-CTA-per-SM occupancy; 128 keys per program spill ~600 B). The opt-in
-        # atomic-dQ variant adds a dS @ K MMA and needs 64 rows to stay clear of the 232448 B limit.
-        # dQ: 4 warps, 128-key tiles: 49152 B, 234 regs, no spills.
-        cfg = dict(DKDV_BLOCK_M=64 if dq_mode() == "atomic" else 128, DKDV_BLOCK_N=min(bs_pad, 64), DKDV_WARPS=8,
-                   DKDV_STAGES=2, DQ_BLOCK_N=bs_pad, DQ_WARPS=4, DQ_STAGES=2)
+        # H200 sweep at 128K tokens, paper shape (benchmarks/results/dev/round12_log.txt), whole backward:
+        # dK/dV 128 rows x 64 keys w8 s2 + dQ-kv 64 rows w4 s2: 121.2 ms; dK/dV 64 x 64 w4 s2: 116.2 ms;
+        # + dQ-kv s1: 106.6 ms (the default); dQ-kv 128 rows w8 s2: 109.0 ms; query-outer dQ: 181.9 ms.
+        # sm_90 AOT (benchmarks/aot_check.py): dK/dV 64 x 64 w4 s2: 107264 B shared, ~180 B of spills (128 x 64
+        # w8 s2 has none, yet is slower); dQ-kv 64 rows w4 s1: 98304 B, 218 regs, no spills.
+        cfg = dict(DKDV_BLOCK_M=64, DKDV_BLOCK_N=min(bs_pad, 64), DKDV_WARPS=4, DKDV_STAGES=2, DQ_BLOCK_N=bs_pad,
+                   DQ_WARPS=4, DQ_STAGES=2, DQKV_BLOCK_M=64, DQKV_BLOCK_N=min(bs_pad, 128), DQKV_WARPS=4,
+                   DQKV_STAGES=1)
+    cfg["DQR_BLOCK_H"] = 0  # 0: chosen from the shape (about 16K partial values per program)
     cfg.update(env_config("MSA_SPARSE_BWD_CONFIG"))
     cfg["DKDV_BLOCK_M"] = max(cfg["DKDV_BLOCK_M"], _pow2(g))
     cfg["DKDV_BLOCK_N"] = max(16, min(bs_pad, _pow2(cfg["DKDV_BLOCK_N"])))
     cfg["DQ_BLOCK_N"] = max(16, min(bs_pad, _pow2(cfg["DQ_BLOCK_N"])))
+    cfg["DQKV_BLOCK_M"] = max(cfg["DQKV_BLOCK_M"], _pow2(g))
+    cfg["DQKV_BLOCK_N"] = max(16, min(bs_pad, _pow2(cfg["DQKV_BLOCK_N"])))
     return cfg
 
 
+DQ_MODES = ("kv", "query", "atomic")
+
+
 def dq_mode() -> str:
-    """'query' (default: the spec's deterministic query-outer dQ kernel) or 'atomic' (opt-in, env
-    ``MSA_SPARSE_BWD_DQ=atomic``, ignored under torch.use_deterministic_algorithms: the dK/dV kernel also
-    adds each key tile's dQ contribution into an fp32 buffer with atomics, so K/V are read once per
-    (block, query tile) instead of once per query; dQ is then not bitwise repeatable)."""
-    mode = os.environ.get("MSA_SPARSE_BWD_DQ", "query")
-    if mode not in ("query", "atomic"):
-        raise ValueError(f"MSA_SPARSE_BWD_DQ must be 'query' or 'atomic', got {mode!r}")
-    return "query" if torch.are_deterministic_algorithms_enabled() else mode
+    """How dQ is computed (env ``MSA_SPARSE_BWD_DQ``):
+
+    - ``kv`` (default): KV-outer over the reverse index like the forward; each (query, slot) gets its
+      block's dQ contribution in a pre-assigned partial slot, summed per query in a fixed slot order.
+      K/V leave memory once per (block, query tile); deterministic.
+    - ``query``: the spec's query-outer kernel, one program per (token, group) re-reading K/V of its
+      K blocks; deterministic, no partial buffer.
+    - ``atomic``: the dK/dV kernel also adds dS @ K into an fp32 buffer with atomics; not bitwise
+      repeatable, so it is replaced by ``kv`` under torch.use_deterministic_algorithms.
+    """
+    mode = os.environ.get("MSA_SPARSE_BWD_DQ", "kv")
+    if mode not in DQ_MODES:
+        raise ValueError(f"MSA_SPARSE_BWD_DQ must be one of {DQ_MODES}, got {mode!r}")
+    if mode == "atomic" and torch.are_deterministic_algorithms_enabled():
+        return "kv"
+    return mode
 
 
 def default_max_queries_per_item(block_size: int, topk: int) -> int:
@@ -265,12 +388,64 @@ def default_max_queries_per_item(block_size: int, topk: int) -> int:
     return max(64, 2 * topk * block_size)
 
 
+
+def _dq_kv_outer(q, k, v, do, lse, delta, bi, *, block_size: int, scale: float, cu_seqlens, mq: int, cfg,
+                 full_index: ReverseIndex, partial_budget_bytes: Optional[int], timer) -> torch.Tensor:
+    """dQ of mode ``kv``: KV-outer kernel + fixed-order slot reduction, over query chunks whose partials
+    (K * H_q * D per token, input dtype for 16-bit inputs) fit the forward's partial budget. One chunk
+    reuses the dK/dV reverse index; several build a chunk-local index each (device-side, no sync)."""
+    from .triton_impl import _partial_budget, partial_dtype  # the forward's budget rule and dtype
+
+    bsz, t, hq, d = q.shape
+    hkv, nsel = k.shape[2], bi.shape[3]
+    g = hq // hkv
+    ntok = bsz * t
+    dev = q.device
+    pdtype = partial_dtype(q.dtype)
+    per_token = nsel * hq * d * pdtype.itemsize
+    chunk = max(1, min(ntok, _partial_budget(partial_budget_bytes, dev) // per_token))
+    pdq = torch.empty((chunk * nsel, hq, d), dtype=pdtype, device=dev)
+    dq = torch.empty_like(q)
+    layout = full_index.layout
+    starts = block_starts_host(bsz, t, block_size, cu_seqlens)
+    block_d = _pow2(d)
+    block_n = cfg["DQKV_BLOCK_N"]
+    block_k = _pow2(nsel, 1)
+    block_h = cfg["DQR_BLOCK_H"] or min(_pow2(hq, 1), max(1, 16384 // (block_k * block_d)))
+    cdt, prec = _compute_dtype(q.dtype), _dot_precision(q.dtype)
+    for t0 in range(0, ntok, chunk):
+        t1 = min(ntok, t0 + chunk)
+        if t0 == 0 and t1 == ntok:
+            ri, nbr = full_index, layout.num_blocks
+        else:
+            timer.start("dq_reverse_index")
+            nbr = max(1, blocks_before(starts, t1))
+            ri = build_reverse_index(bi, block_size, cu_seqlens, mq, token_range=(t0, t1), layout=layout,
+                                     block_limit=nbr)
+            timer.stop()
+        timer.start("dq_kernel")
+        sparse_attention_bwd_dq_kv_kernel[(ri.work_row.numel(),)](
+            q, k, v, do, lse, delta, pdq, ri.entries, ri.work_row, ri.work_start, ri.work_end, layout.block_start,
+            layout.block_len, t0, nbr, float(scale) * 1.4426950408889634, float(scale),
+            H_Q=hq, H_KV=hkv, G=g, TOPK=nsel, D=d, BLOCK_D=block_d, BLOCK_M=cfg["DQKV_BLOCK_M"], BLOCK_N=block_n,
+            KV_TILES=triton.cdiv(block_size, block_n), CDT=cdt, DOT_PREC=prec, num_warps=cfg["DQKV_WARPS"],
+            num_stages=cfg["DQKV_STAGES"])
+        timer.stop()
+        timer.start("dq_reduce")
+        sparse_attention_bwd_dq_reduce_kernel[(t1 - t0, triton.cdiv(hq, block_h))](
+            pdq, bi, dq, t0, H_Q=hq, H_KV=hkv, G=g, TOPK=nsel, BLOCK_K=block_k, D=d, BLOCK_D=block_d,
+            BLOCK_H=block_h, num_warps=4)
+        timer.stop()
+    return dq
+
+
 def sparse_attention_bwd_triton(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                                 lse: torch.Tensor, block_indices: torch.Tensor, *, block_size: int, scale: float,
                                 cu_seqlens: Optional[torch.Tensor], max_queries_per_item: Optional[int] = None,
-                                reverse_index: Optional[ReverseIndex] = None
-                                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``msa.sparse_attention`` w.r.t. q, k, v (deterministic, no atomics).
+                                reverse_index: Optional[ReverseIndex] = None,
+                                partial_budget_bytes: Optional[int] = None,
+                                stage_times: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``msa.sparse_attention`` w.r.t. q, k, v (deterministic unless dQ mode ``atomic``).
 
     Args:
         do: (B, T, H_q, D) upstream gradient of o, any float dtype (cast to q.dtype).
@@ -282,6 +457,11 @@ def sparse_attention_bwd_triton(do: torch.Tensor, q: torch.Tensor, k: torch.Tens
         max_queries_per_item: hot-row split size of the reverse index (default 2 * K * block_size).
         reverse_index: optional prebuilt ``build_reverse_index(block_indices, block_size, cu_seqlens,
             max_queries_per_item)`` (e.g. shared with a KV-outer forward); built here when None.
+        partial_budget_bytes: bytes of dQ partials per query chunk (dQ mode ``kv``); default as the
+            forward (env ``MSA_SPARSE_FWD_PARTIAL_BYTES``, else min(16 GiB, 25% of free memory)).
+        stage_times: optional dict (CUDA only) that receives CUDA-event times in ms of the stages
+            (preprocess, dq_kernel, dq_reduce, dq_reverse_index, reverse_index, dkdv_kernel, dkdv_reduce);
+            the call then synchronises, so use it only outside timed loops.
 
     Returns:
         dq (B, T, H_q, D), dk, dv (B, T, H_kv, D), each in its input's dtype.
@@ -302,28 +482,40 @@ def sparse_attention_bwd_triton(do: torch.Tensor, q: torch.Tensor, k: torch.Tens
     block_d = _pow2(d)
     bs_pad = _pow2(block_size)
 
+    from .triton_impl import _StageTimer
+    timer = _StageTimer(stage_times, dev)
     delta = torch.empty(ntok * hq, dtype=torch.float32, device=dev)
     block_r = 64
+    timer.start("preprocess")
     sparse_attention_bwd_preprocess_kernel[(triton.cdiv(ntok * hq, block_r),)](
         o, do, delta, ntok * hq, D=d, BLOCK_R=block_r, BLOCK_D=block_d)
+    timer.stop()
 
     cfg = bwd_config(g, d, block_size)
-    dq_atomic = dq_mode() == "atomic"
+    mode = dq_mode()
+    dq_atomic = mode == "atomic"
+    dq32 = delta  # unused pointer unless atomic
     if dq_atomic:
         dq32 = torch.zeros((ntok * hq, d), dtype=torch.float32, device=dev)
-    else:
-        dq32 = delta  # unused pointer
+    elif mode == "query":
         seq_start = token_seq_start(bsz, t, cu_seqlens, dev)
         dq = torch.empty_like(q)
+        timer.start("dq_kernel")
         sparse_attention_bwd_dq_kernel[(ntok, hkv)](
             q, k, v, do, lse, delta, dq, bi, seq_start, float(scale), hq, hkv, nsel, block_size,
             G=g, D=d, BLOCK_G=_pow2(g), BLOCK_N=cfg["DQ_BLOCK_N"], KV_TILES=bs_pad // cfg["DQ_BLOCK_N"],
             BLOCK_D=block_d, CDT=cdt, DOT_PREC=prec, num_warps=cfg["DQ_WARPS"], num_stages=cfg["DQ_STAGES"])
+        timer.stop()
 
     c = max_queries_per_item or default_max_queries_per_item(block_size, nsel)
     if reverse_index is None:
+        timer.start("reverse_index")
         reverse_index = build_reverse_index(bi, block_size, cu_seqlens, c)
+        timer.stop()
     ri = reverse_index
+    if mode == "kv":
+        dq = _dq_kv_outer(q, k, v, do, lse, delta, bi, block_size=block_size, scale=scale, cu_seqlens=cu_seqlens,
+                          mq=c, cfg=cfg, full_index=ri, partial_budget_bytes=partial_budget_bytes, timer=timer)
     nb = ri.layout.num_blocks
     rows = hkv * nb
     n_items = ri.work_row.numel()
@@ -345,14 +537,19 @@ def sparse_attention_bwd_triton(do: torch.Tensor, q: torch.Tensor, k: torch.Tens
     pdv = torch.empty_like(pdk)
     block_m = cfg["DKDV_BLOCK_M"]
     block_n = cfg["DKDV_BLOCK_N"]
+    timer.start("dkdv_kernel")
     sparse_attention_bwd_dkdv_kernel[(n_items, bs_pad // block_n)](
         q, k, v, do, lse, delta, dk, dv, pdk, pdv, dq32, ri.entries, ri.work_row, ri.work_start, ri.work_end,
         slot_of_item.to(torch.int32), ri.layout.block_start, ri.layout.block_len, float(scale), hq, hkv, nsel, nb,
         G=g, D=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BS_PAD=bs_pad, CDT=cdt, DOT_PREC=prec,
         DQ_ATOMIC=dq_atomic, num_warps=cfg["DKDV_WARPS"], num_stages=cfg["DKDV_STAGES"])
+    timer.stop()
+    timer.start("dkdv_reduce")
     sparse_attention_bwd_reduce_kernel[(rows, bs_pad // block_n)](
         pdk, pdv, dk, dv, items.to(torch.int32), row_first_slot.to(torch.int32), ri.layout.block_start,
         ri.layout.block_len, hkv, nb, D=d, BLOCK_N=block_n, BLOCK_D=block_d, BS_PAD=bs_pad)
+    timer.stop()
+    timer.finish()
     if dq_atomic:
         dq = dq32.view(q.shape).to(q.dtype)
     return dq, dk, dv
