@@ -172,12 +172,15 @@ def _launches():
                 dict(Q=bf, K=bf, SEQ_START=i32, LSE=f32, scale=0.1, NTOK=T, HQ=HQ, HKV=HKV),
                 dict(G=g, D=D, BLOCK_Q=bq, BLOCK_N=bn, BLOCK_D=bd, CDT=cdt, DOT_PREC=prec), nw, 3))
     fc2 = dense_flash_config(g, D, DI)
-    out.append(("indexer_kl_fwd_dense_flash_kernel (warmup default, pass 1)", kk.indexer_kl_fwd_dense_flash_kernel,
-                dict(QI=bf, KI=bf, Q=bf, K=bf, SEQ_START=i32, LSE_T=f32, KL=f32, LSE_S=f32, DQI=f32, qk2=0.1, is2=0.1,
-                     dq_mult=0.1, NTOK=T, HQ=HQ, HKV=HKV),
-                dict(G=g, D=D, DI=DI, BLOCK_M=fc2["BLOCK_M"], BLOCK_N=fc2["BLOCK_N"], BLOCK_D=bd, BLOCK_DI=bdi,
-                     CDT=cdt, DOT_PREC=prec), fc2["num_warps"], fc2["num_stages"]))
-    out.append(("indexer_kl_bwd_dense_flash_dk_kernel (warmup default, pass 2)",
+    for atomic in (True, False):
+        fc2 = dense_flash_config(g, D, DI, atomic)
+        out.append((f"indexer_kl_fwd_dense_flash_kernel (warmup, {'flash-atomic' if atomic else 'flash pass 1'})",
+                    kk.indexer_kl_fwd_dense_flash_kernel,
+                    dict(QI=bf, KI=bf, Q=bf, K=bf, SEQ_START=i32, LSE_T=f32, KL=f32, LSE_S=f32, DQI=f32, DKI=f32,
+                         qk2=0.1, is2=0.1, dq_mult=0.1, NTOK=T, HQ=HQ, HKV=HKV),
+                    dict(G=g, D=D, DI=DI, BLOCK_M=fc2["BLOCK_M"], BLOCK_N=fc2["BLOCK_N"], BLOCK_D=bd, BLOCK_DI=bdi,
+                         CDT=cdt, DOT_PREC=prec, DK_ATOMIC=atomic), fc2["num_warps"], fc2["num_stages"]))
+    out.append(("indexer_kl_bwd_dense_flash_dk_kernel (warmup flash, pass 2)",
                 kk.indexer_kl_bwd_dense_flash_dk_kernel,
                 dict(QI=bf, KI=bf, Q=bf, K=bf, SEQ_END=i32, LSE_T=f32, LSE_S=f32, PART=f32, qk2=0.1, is2=0.1, NTOK=T,
                      HQ=HQ, HKV=HKV),

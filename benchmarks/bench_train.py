@@ -59,6 +59,7 @@ HQ, HKV, D, DI, BLOCK, TOPK = 64, 4, 128, 128, 128, 16
 DENSE_MAX_T = 131072  # dense baselines above this would take minutes per size
 SWEEP = False  # --sweep: launch-configuration sweep of the KL / backward kernels at T = SWEEP_T
 SWEEP_T = 32768
+SWEEP_GROUPS = ("kl_kv", "bwd", "dense")
 PROFILE = False  # --profile: per-kernel GPU times of one sparse step (torch.profiler)
 NO_DENSE = False  # --no-dense: skip the dense / warmup variants (development rounds only)
 
@@ -204,22 +205,17 @@ def config_sweep(q, k, v, qi, ki, do, kl_kw, notes):
             return torch.autograd.grad(indexer_kl_triton(qi, ki, q.detach(), k.detach(), None, **kl_kw,
                                                          teacher_lse=dlse), (qi, ki))
 
-        sweeps.append(("MSA_KL_DENSE_CONFIG", ["BLOCK_M=128,BLOCK_N=64,DK_BLOCK_N=64,num_warps=8,num_stages=2",
-                                               "BLOCK_M=128,BLOCK_N=64,DK_BLOCK_N=64,num_warps=8,num_stages=3",
-                                               "BLOCK_M=128,BLOCK_N=64,DK_BLOCK_N=128,num_warps=8,num_stages=1",
-                                               "BLOCK_M=64,BLOCK_N=64,DK_BLOCK_N=64,num_warps=4,num_stages=2",
-                                               "BLOCK_M=256,BLOCK_N=64,DK_BLOCK_N=32,num_warps=8,num_stages=2"],
-                       lambda: _in_env("MSA_KL_DENSE_MODE", "onepass", dense_kl)))
-        sweeps.append(("MSA_KL_DENSE_MODE", ["flash", "onepass", "twopass"], dense_kl))
-        # the default 'flash' mode: pass 1 (BLOCK_M queries x BLOCK_N keys) / pass 2 (DK_BLOCK_N keys x
-        # DK_BLOCK_M queries); default BLOCK_M=128,BLOCK_N=64,DK_BLOCK_M=32,DK_BLOCK_N=128, w8 s2
-        sweeps.append(("MSA_KL_DENSE_FLASH_CONFIG", ["num_stages=1", "num_stages=3,DK_STAGES=3", "DK_STAGES=1",
-                                                     "BLOCK_M=64,BLOCK_N=64", "BLOCK_M=128,BLOCK_N=32",
-                                                     "BLOCK_M=64,BLOCK_N=128", "BLOCK_M=128,BLOCK_N=128",
-                                                     "DK_BLOCK_M=64,DK_BLOCK_N=128", "DK_BLOCK_M=64,DK_BLOCK_N=64",
-                                                     "DK_BLOCK_M=32,DK_BLOCK_N=128,DK_WARPS=4"],
-                       dense_kl))
+        sweeps.append(("MSA_KL_DENSE_MODE", ["flash-atomic", "flash", "onepass"], dense_kl))
+        # flash-atomic (the default): one query-outer pass, BLOCK_M queries x BLOCK_N keys per tile
+        sweeps.append(("MSA_KL_DENSE_FLASH_CONFIG", ["num_stages=2", "num_stages=1", "num_stages=3",
+                                                     "BLOCK_M=64", "BLOCK_M=64,num_warps=4", "BLOCK_M=64,num_stages=3",
+                                                     "BLOCK_N=32", "BLOCK_M=128,BLOCK_N=128"],
+                       lambda: _in_env("MSA_KL_DENSE_MODE", "flash-atomic", dense_kl)))
+    groups = {"kl_kv": ("MSA_KL_KV",), "bwd": ("MSA_SPARSE_BWD",), "dense": ("MSA_KL_DENSE",)}
+    keep = tuple(p for gname in SWEEP_GROUPS for p in groups[gname])
     for env, cfgs, fn in sweeps:
+        if not env.startswith(keep):
+            continue
         old = os.environ.get(env)
         for cfg in cfgs:
             os.environ[env] = cfg
@@ -583,12 +579,18 @@ def main():
     ap.add_argument("--sizes", type=str, default=None, help="comma-separated T values (overrides defaults)")
     ap.add_argument("--sweep", action="store_true", help="also sweep kernel launch configs at --sweep-size")
     ap.add_argument("--sweep-size", type=int, default=32768, help="T of the --sweep (default 32768)")
+    ap.add_argument("--sweep-groups", default="kl_kv,bwd,dense",
+                    help="comma-separated subset of kl_kv, bwd, dense (the dense KL sweeps need T <= 32768)")
     ap.add_argument("--profile", action="store_true", help="per-kernel GPU times of one sparse step")
     ap.add_argument("--no-dense", action="store_true",
                     help="skip the dense and warmup variants (development rounds; no speedups then)")
     args = ap.parse_args()
-    global SWEEP, SWEEP_T, NO_DENSE, PROFILE
+    global SWEEP, SWEEP_T, NO_DENSE, PROFILE, SWEEP_GROUPS
     SWEEP, SWEEP_T, NO_DENSE, PROFILE = args.sweep, args.sweep_size, args.no_dense, args.profile
+    SWEEP_GROUPS = tuple(x for x in args.sweep_groups.split(",") if x)
+    bad = [x for x in SWEEP_GROUPS if x not in ("kl_kv", "bwd", "dense")]
+    if bad:
+        ap.error(f"--sweep-groups: unknown {bad}; choose from kl_kv, bwd, dense")
     os.makedirs(args.out, exist_ok=True)
     assert torch.cuda.is_available(), "bench_train.py needs a CUDA GPU"
     import triton

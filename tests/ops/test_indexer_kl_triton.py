@@ -5,7 +5,7 @@ Tolerances (fp32): |loss - ref| <= 1e-5 * max(1, |ref|); dq_idx, dk_idx relative
 gradient is 0 and fp32 rounding leaves ~1e-7). Covers T in {1, 63, 129, 200}, block sizes 16/32, G in {1, 3, 8, 16}, B = 2, packed sequences with adjacent partial blocks, hot rows split
 over several work items, -1 padded rows, a precomputed teacher lse (also through msa.indexer_kl_loss),
 both sparse kernels (entries of one head per MMA; entries x heads), other MMA-row packings and query chunking
-(env knobs), all warmup modes (flash / onepass / twopass), the detach rule (no gradient to q, k) and
+(env knobs), all warmup modes (flash-atomic / flash / onepass / twopass), the detach rule (no gradient to q, k) and
 bitwise repeatability. On a GPU the same tests run with looser tolerances (see TOL/LTOL). Fresh float buffers are NaN-filled so unwritten outputs show.
 """
 
@@ -109,7 +109,7 @@ DENSE = [
 ]
 
 
-@pytest.mark.parametrize("mode", ["flash", "onepass", "twopass"])
+@pytest.mark.parametrize("mode", ["flash-atomic", "flash", "onepass", "twopass"])
 @pytest.mark.parametrize("bsz,t,hkv,g,d,di,block_size,cu", DENSE)
 def test_warmup_kl_matches_reference(monkeypatch, bsz, t, hkv, g, d, di, block_size, cu, mode):
     monkeypatch.setenv("MSA_KL_DENSE_MODE", mode)
@@ -152,7 +152,8 @@ def test_interface_dispatch():
 
 @pytest.mark.parametrize("sparse,mode,kv_cfg", [(True, "auto", "ROWS=packed,BLOCK_M=32"),
                                                 (True, "auto", "ROWS=heads,BLOCK_E=32"),
-                                                (False, "flash", ""), (False, "onepass", ""),
+                                                (False, "flash", ""), (False, "flash-atomic", ""),
+                                                (False, "onepass", ""),
                                                 (False, "twopass", "")])
 def test_packing_and_chunking_configs(monkeypatch, sparse, mode, kv_cfg):
     """Other MMA-row packings (BLOCK_M = 32: several queries x G = 3 heads per tile, ENT_PAD = 16; 32
@@ -185,15 +186,18 @@ def test_interface_passes_teacher_lse():
         msa.indexer_kl_loss(qi, ki, q, k, bi, block_size=16, backend="triton", teacher_lse=lse[:, :-1])
 
 
-def test_warmup_deterministic_mode_is_repeatable():
-    """Under torch.use_deterministic_algorithms the warmup path avoids atomics (flash, also the default):
-    bitwise repeatable."""
+def test_warmup_deterministic_mode_is_repeatable(monkeypatch):
+    """Under torch.use_deterministic_algorithms the warmup path avoids atomics ('flash' instead of the
+    default 'flash-atomic', also when 'flash-atomic' is asked for): bitwise repeatable."""
     qi, ki, q, k, bi, cu = make_case(1, 90, 2, 3, 16, 16, 16, 1, sparse=False)
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         from msa.ops.indexer_kl.triton_impl import dense_mode
         assert dense_mode() == "flash"
+        monkeypatch.setenv("MSA_KL_DENSE_MODE", "flash-atomic")
+        assert dense_mode() == "flash"
+        monkeypatch.delenv("MSA_KL_DENSE_MODE")
         outs = []
         for _ in range(2):
             a, b = qi.clone().requires_grad_(True), ki.clone().requires_grad_(True)

@@ -222,49 +222,65 @@ def teacher_lse_triton(q: torch.Tensor, k: torch.Tensor, block_indices: Optional
     return lse
 
 
+DENSE_MODES = ("auto", "flash-atomic", "flash", "onepass", "twopass")
+
+
 def dense_mode() -> str:
-    """Warmup-phase algorithm. Env ``MSA_KL_DENSE_MODE`` = auto | flash | onepass | twopass; auto = flash.
-    'flash' (default, deterministic): ``dense_kl_flash``, one head x 128 rows per MMA, two passes
-    (query-outer loss + dq_idx, key-outer dk_idx), no atomics. 'onepass' (older; teacher computed once,
-    dq_idx through fp32 atomic adds, not bitwise repeatable) and 'twopass' (older; deterministic, queries
-    x heads as MMA rows with an averaging MMA) are kept for comparison; onepass falls back to flash under
-    ``torch.use_deterministic_algorithms(True)``."""
+    """Warmup-phase algorithm. Env ``MSA_KL_DENSE_MODE`` = auto | flash-atomic | flash | onepass | twopass.
+
+    - 'flash-atomic' (what auto picks, unless ``torch.use_deterministic_algorithms(True)``): one pass of
+      ``indexer_kl_fwd_dense_flash_kernel`` (query-outer, one head x 128 rows per MMA) computing the
+      loss, dq_idx in registers and dk_idx through fp32 atomic adds: the teacher is computed once, but
+      dk_idx is not bitwise repeatable.
+    - 'flash' (auto under deterministic algorithms): the same query-outer pass for loss + dq_idx, then a
+      key-outer pass for dk_idx that recomputes the teacher; no atomics, bitwise repeatable.
+    - 'onepass' (older; queries x heads as MMA rows, dq_idx through atomics) and 'twopass' (older;
+      deterministic) are kept for comparison; onepass falls back to flash under deterministic
+      algorithms.
+    """
     mode = os.environ.get("MSA_KL_DENSE_MODE", "auto")
-    if mode not in ("auto", "flash", "onepass", "twopass"):
-        raise ValueError(f"MSA_KL_DENSE_MODE must be auto, flash, onepass or twopass, got {mode!r}")
-    if mode == "auto" or (mode == "onepass" and torch.are_deterministic_algorithms_enabled()):
+    if mode not in DENSE_MODES:
+        raise ValueError(f"MSA_KL_DENSE_MODE must be one of {', '.join(DENSE_MODES)}, got {mode!r}")
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    if mode == "auto":
+        mode = "flash" if deterministic else "flash-atomic"
+    if deterministic and mode in ("onepass", "flash-atomic"):
         mode = "flash"
     return mode
 
 
-def dense_flash_config(g: int, d: int, di: int):
-    """Launch configuration of the 'flash' warmup kernels (env ``MSA_KL_DENSE_FLASH_CONFIG``: BLOCK_M /
-    BLOCK_N (queries / keys per tile of pass 1), DK_BLOCK_M / DK_BLOCK_N (queries / keys of pass 2),
-    num_warps, num_stages, DK_WARPS, DK_STAGES). The Q tile of each head is re-read (from L2) once per
-    (query tile, key tile), so the key tile sets the MMA flops per byte loaded: 128 keys ~ 128 flop/B.
-    Defaults from the sm_90 AOT report (benchmarks/aot_check.py, paper shape; see the table there)."""
+def dense_flash_config(g: int, d: int, di: int, atomic_dk: bool = False):
+    """Launch configuration of the 'flash' / 'flash-atomic' warmup kernels (env ``MSA_KL_DENSE_FLASH_CONFIG``:
+    BLOCK_M / BLOCK_N (queries / keys per tile of pass 1), DK_BLOCK_M / DK_BLOCK_N (queries / keys of
+    pass 2), num_warps, num_stages, DK_WARPS, DK_STAGES). The Q tile of each head is re-read (from L2)
+    once per (query tile, key tile), so the key tile sets the MMA flops per byte loaded: 128 keys ~ 128
+    flop/B."""
     if _interpreting():
         cfg = dict(BLOCK_M=16, BLOCK_N=16, DK_BLOCK_M=16, DK_BLOCK_N=16, num_warps=4, num_stages=1, DK_WARPS=4,
                    DK_STAGES=1)
     else:
         # sm_90 AOT (paper shape, 8 warps, 2 stages): pass 1 128 queries x 64 keys 131072 B, 104 B spills
-        # (128 x 128: 704 B, 64 x 128: 520 B; 64 x 64: none but half-width MMAs); pass 2 128 keys x 32
-        # queries 81920 B, no spills (128 x 128: 2.4 KB spills; 64 x 128 keys: 264 B). Pass 2's Q tiles
-        # are re-read per 128 keys (~128 MMA flop per byte), pass 1's per 64 keys.
-        cfg = dict(BLOCK_M=128, BLOCK_N=64, DK_BLOCK_M=32, DK_BLOCK_N=128, num_warps=8, num_stages=2,
-                   DK_WARPS=8, DK_STAGES=2)
+        # (128 x 128: 520 B, 64 x 128: 520 B; 64 x 64: none but half-width MMAs); pass 2 128 keys x 32
+        # queries 81920 B, no spills (128 x 128: 2.4 KB spills; 64 x 128 keys: 264 B).
+        # flash-atomic, H200 at 32K (benchmarks/results/dev/round12_log.txt): 128 x 64 s2 56.6 ms, s3 47.9,
+        # 128 x 128 s2 44.1 (the default, although the AOT report shows ~1.4 KB of spills), 64 x 64 w4 55.1, 128 x 32 97.9.
+        cfg = dict(BLOCK_M=128, BLOCK_N=128 if atomic_dk else 64, DK_BLOCK_M=32, DK_BLOCK_N=128, num_warps=8,
+                   num_stages=2, DK_WARPS=8, DK_STAGES=2)
         if max(d, di) > 128:
-            cfg.update(BLOCK_M=64, DK_BLOCK_N=64)
+            cfg.update(BLOCK_M=64, BLOCK_N=64, DK_BLOCK_N=64)
     cfg.update(env_config("MSA_KL_DENSE_FLASH_CONFIG"))
     return cfg
 
 
-def dense_kl_flash(q_idx, k_idx, q, k, lse_t, *, scale, index_scale, cu_seqlens, with_grad=True):
-    """Warmup loss and gradients, deterministic, two passes (``indexer_kl_fwd_dense_flash_kernel`` then
-    ``indexer_kl_bwd_dense_flash_dk_kernel``). Inputs contiguous as in ``sparse_kl_kv``; lse_t fp32
-    (B*T*H_q,) teacher lse. Extra memory O(T): fp32 per-row KL / student lse, dq_idx and H_kv dk_idx
-    partials. Returns (loss, dq_idx fp32 (B, T, H_kv, D_idx), dk_idx fp32 (B, T, D_idx)) for a unit
-    upstream gradient (None gradients when not with_grad)."""
+def dense_kl_flash(q_idx, k_idx, q, k, lse_t, *, scale, index_scale, cu_seqlens, with_grad=True,
+                   atomic_dk=False):
+    """Warmup loss and gradients: ``indexer_kl_fwd_dense_flash_kernel`` (loss, dq_idx), then either
+    ``indexer_kl_bwd_dense_flash_dk_kernel`` (deterministic second pass for dk_idx) or, with atomic_dk,
+    nothing more (the first pass already added dk_idx with atomics). Inputs contiguous as in
+    ``sparse_kl_kv``; lse_t fp32 (B*T*H_q,) teacher lse. Extra memory O(T): fp32 per-row KL / student
+    lse, dq_idx and dk_idx (H_kv partials in the two-pass mode). Returns (loss, dq_idx fp32
+    (B, T, H_kv, D_idx), dk_idx fp32 (B, T, D_idx)) for a unit upstream gradient (None gradients when
+    not with_grad)."""
     bsz, t, hkv, di = q_idx.shape
     hq, d = q.shape[2], q.shape[3]
     g = hq // hkv
@@ -274,18 +290,22 @@ def dense_kl_flash(q_idx, k_idx, q, k, lse_t, *, scale, index_scale, cu_seqlens,
     cdt, prec = _compute_dtype(q.dtype), _dot_precision(q.dtype)
     log2e = 1.4426950408889634
     qk2, is2 = float(scale) * log2e, float(index_scale) * log2e
-    cfg = dense_flash_config(g, d, di)
+    atomic_dk = atomic_dk and with_grad
+    cfg = dense_flash_config(g, d, di, atomic_dk)
     kl = torch.empty(ntok * hkv, dtype=torch.float32, device=dev)
     lse_s = torch.empty(ntok * hkv, dtype=torch.float32, device=dev)
     dq = torch.empty((ntok, hkv, di), dtype=torch.float32, device=dev)
+    dk_acc = torch.zeros((ntok, di), dtype=torch.float32, device=dev) if atomic_dk else kl  # dummy when unused
     indexer_kl_fwd_dense_flash_kernel[(triton.cdiv(ntok, cfg["BLOCK_M"]), hkv)](
-        q_idx, k_idx, q, k, token_seq_start(bsz, t, cu_seqlens, dev), lse_t, kl, lse_s, dq, qk2, is2,
+        q_idx, k_idx, q, k, token_seq_start(bsz, t, cu_seqlens, dev), lse_t, kl, lse_s, dq, dk_acc, qk2, is2,
         float(index_scale * inv_n), ntok, hq, hkv, G=g, D=d, DI=di, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_D=_pow2(d), BLOCK_DI=_pow2(di), CDT=cdt, DOT_PREC=prec, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        BLOCK_D=_pow2(d), BLOCK_DI=_pow2(di), CDT=cdt, DOT_PREC=prec, DK_ATOMIC=atomic_dk,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     loss = kl.sum() * inv_n  # fixed-order torch reduction: deterministic
     if not with_grad:
         return loss, None, None
+    if atomic_dk:
+        return loss, dq.view(bsz, t, hkv, di), dk_acc.mul_(index_scale * inv_n).view(bsz, t, di)
     bn = cfg["DK_BLOCK_N"]
     part = torch.empty((hkv, ntok, di), dtype=torch.float32, device=dev)
     indexer_kl_bwd_dense_flash_dk_kernel[(triton.cdiv(ntok, bn), hkv)](
@@ -376,9 +396,10 @@ class IndexerKLTriton(torch.autograd.Function):
                 ctx.save_for_backward(dq_idx, dk_idx)
             return loss
         mode = dense_mode()
-        if mode == "flash":
+        if mode in ("flash", "flash-atomic"):
             loss, dq_idx, dk_idx = dense_kl_flash(q_idx, k_idx, q, k, lse_t, scale=scale, index_scale=index_scale,
-                                                  cu_seqlens=cu_seqlens, with_grad=with_grad)
+                                                  cu_seqlens=cu_seqlens, with_grad=with_grad,
+                                                  atomic_dk=mode == "flash-atomic")
             if with_grad:
                 ctx.precomputed = True  # gradients already computed: backward only scales them
                 ctx.save_for_backward(dq_idx, dk_idx)

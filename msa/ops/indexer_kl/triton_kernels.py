@@ -550,10 +550,10 @@ def indexer_kl_fwd_dense_onepass_kernel(QI, KI, Q, K, SEQ_END, LSE_T, LSE_S, PAR
 
 
 @triton.jit
-def _flash_q_tile(acc, Q, K, KI, LSE_T, qi, i0, i, imask, istart, lse2_s, j0, r, qk2, is2, NTOK, HQ, HKV,
+def _flash_q_tile(acc, Q, K, KI, LSE_T, DKI, qi, i0, i, imask, istart, lse2_s, j0, r, qk2, is2, NTOK, HQ, HKV,
                   G: tl.constexpr, D: tl.constexpr, DI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_DI: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr,
-                  MASKED: tl.constexpr):
+                  MASKED: tl.constexpr, DK_ATOMIC: tl.constexpr):
     """One key tile of pass 1: returns (acc + g @ k_idx, sum_j p (log2 p - s2), sum_j p) for the query rows
     (the accumulator goes through the MMA: a separate product tile would need 64 more registers)."""
     # int64 scalar bases + int32 tile offsets: per-element int64 addresses cost registers (spills)
@@ -588,15 +588,21 @@ def _flash_q_tile(acc, Q, K, KI, LSE_T, qi, i0, i, imask, istart, lse2_s, j0, r,
     ps = tl.exp2(s2 - lse2_s[:, None])
     if MASKED:
         ps = tl.where(vis, ps, 0.0)
-    acc = tl.dot((ps - pe).to(CDT), ki, acc, input_precision=DOT_PREC)
+    gc = (ps - pe).to(CDT)
+    acc = tl.dot(gc, ki, acc, input_precision=DOT_PREC)
+    if DK_ATOMIC:  # one-pass mode: this tile's dk_idx contribution g^T @ q_idx, added with fp32 atomics
+        dkc = tl.dot(tl.trans(gc), qi, input_precision=DOT_PREC)
+        tl.atomic_add(DKI + (tl.cast(j0, tl.int64) * DI + (nn * DI)[:, None] + e[None, :]), dkc,
+                      mask=jmask[:, None] & (e < DI)[None, :], sem="relaxed")
     return acc, kl2, psum
 
 
 @triton.jit
-def indexer_kl_fwd_dense_flash_kernel(QI, KI, Q, K, SEQ_START, LSE_T, KL, LSE_S, DQI, qk2, is2, dq_mult, NTOK, HQ,
-                                      HKV, G: tl.constexpr, D: tl.constexpr, DI: tl.constexpr,
+def indexer_kl_fwd_dense_flash_kernel(QI, KI, Q, K, SEQ_START, LSE_T, KL, LSE_S, DQI, DKI, qk2, is2, dq_mult, NTOK,
+                                      HQ, HKV, G: tl.constexpr, D: tl.constexpr, DI: tl.constexpr,
                                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                                      BLOCK_DI: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr):
+                                      BLOCK_DI: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr,
+                                      DK_ATOMIC: tl.constexpr = False):
     """Warmup pass 1 (query-outer), one program per (BLOCK_M query positions, group r).
 
     QI (T_all, H_kv, DI), KI (T_all, DI), Q (T_all, H_q, D), K (T_all, H_kv, D); SEQ_START int32 (T_all,);
@@ -604,6 +610,9 @@ def indexer_kl_fwd_dense_flash_kernel(QI, KI, Q, K, SEQ_START, LSE_T, KL, LSE_S,
     KL fp32 (T_all * H_kv,) per-row KL, LSE_S fp32 (T_all * H_kv,) student lse in log2 units (read by
     pass 2) and DQI fp32 (T_all, H_kv, DI) = dq_mult * (p_idx - p) @ k_idx. qk2 = scale * log2(e),
     is2 = index_scale * log2(e). Prologue: the student lse over the causal keys (1/G of the work).
+    DK_ATOMIC (one-pass mode): also adds the unscaled dk_idx contributions (p_idx - p)^T @ q_idx of every
+    tile into DKI fp32 (T_all, DI) (zero-filled) with atomics, so pass 2 is not needed (not bitwise
+    repeatable).
     """
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # long (late) query tiles first: better tail
     r = tl.program_id(1)
@@ -637,13 +646,15 @@ def indexer_kl_fwd_dense_flash_kernel(QI, KI, Q, K, SEQ_START, LSE_T, KL, LSE_S,
     kl2 = tl.zeros([BLOCK_M], dtype=tl.float32)
     psum = tl.zeros([BLOCK_M], dtype=tl.float32)
     for j0 in range(lo, full_end, BLOCK_N):
-        acc, b, c = _flash_q_tile(acc, Q, K, KI, LSE_T, qi, i0, i, imask, istart, lse2_s, j0, r, qk2, is2, NTOK, HQ,
-                                  HKV, G, D, DI, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DI, CDT, DOT_PREC, False)
+        acc, b, c = _flash_q_tile(acc, Q, K, KI, LSE_T, DKI, qi, i0, i, imask, istart, lse2_s, j0, r, qk2, is2, NTOK,
+                                  HQ, HKV, G, D, DI, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DI, CDT, DOT_PREC, False,
+                                  DK_ATOMIC)
         kl2 += b
         psum += c
     for j0 in range(full_end, hi, BLOCK_N):
-        acc, b, c = _flash_q_tile(acc, Q, K, KI, LSE_T, qi, i0, i, imask, istart, lse2_s, j0, r, qk2, is2, NTOK, HQ,
-                                  HKV, G, D, DI, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DI, CDT, DOT_PREC, True)
+        acc, b, c = _flash_q_tile(acc, Q, K, KI, LSE_T, DKI, qi, i0, i, imask, istart, lse2_s, j0, r, qk2, is2, NTOK,
+                                  HQ, HKV, G, D, DI, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DI, CDT, DOT_PREC, True,
+                                  DK_ATOMIC)
         kl2 += b
         psum += c
     # KL = sum_j p (ln p - s) + lse_s * sum_j p, evaluated in log2 units and converted once
