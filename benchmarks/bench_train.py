@@ -197,7 +197,7 @@ def config_sweep(q, k, v, qi, ki, do, kl_kw, notes):
                                              scale=D ** -0.5, cu_seqlens=None)),
     ]
     sweeps.append(("MSA_SPARSE_BWD_DQ", ["kv", "query"], sweeps[-1][2]))
-    if (q.shape[1] <= 32768):
+    if q.shape[1] <= DENSE_MAX_T:
         with torch.no_grad():
             _, dlse = DenseAttentionWithLse.apply(q.detach(), k.detach(), v.detach(), D ** -0.5, "cudnn")
         # (MSA_KL_DENSE_CONFIG tunes the older onepass / twopass kernels: swept in onepass mode)
@@ -205,11 +205,15 @@ def config_sweep(q, k, v, qi, ki, do, kl_kw, notes):
             return torch.autograd.grad(indexer_kl_triton(qi, ki, q.detach(), k.detach(), None, **kl_kw,
                                                          teacher_lse=dlse), (qi, ki))
 
-        sweeps.append(("MSA_KL_DENSE_MODE", ["flash-atomic", "flash", "onepass"], dense_kl))
+        sweeps.append(("MSA_KL_DENSE_MODE", ["flash-atomic"], dense_kl))
         # flash-atomic (the default): one query-outer pass, BLOCK_M queries x BLOCK_N keys per tile
-        sweeps.append(("MSA_KL_DENSE_FLASH_CONFIG", ["num_stages=2", "num_stages=1", "num_stages=3",
-                                                     "BLOCK_M=64", "BLOCK_M=64,num_warps=4", "BLOCK_M=64,num_stages=3",
-                                                     "BLOCK_N=32", "BLOCK_M=128,BLOCK_N=128"],
+        sweeps.append(("MSA_KL_DENSE_FLASH_CONFIG", ["BLOCK_M=128,BLOCK_N=128,num_stages=2",
+                                                     "BLOCK_M=128,BLOCK_N=128,num_stages=3",
+                                                     "BLOCK_M=128,BLOCK_N=128,num_stages=1",
+                                                     "BLOCK_M=128,BLOCK_N=64,num_stages=3",
+                                                     "BLOCK_M=128,BLOCK_N=64,num_stages=4",
+                                                     "BLOCK_M=64,BLOCK_N=128,num_warps=4,num_stages=2",
+                                                     "BLOCK_M=64,BLOCK_N=64,num_warps=4,num_stages=3"],
                        lambda: _in_env("MSA_KL_DENSE_MODE", "flash-atomic", dense_kl)))
     groups = {"kl_kv": ("MSA_KL_KV",), "bwd": ("MSA_SPARSE_BWD",), "dense": ("MSA_KL_DENSE",)}
     keep = tuple(p for gname in SWEEP_GROUPS for p in groups[gname])
@@ -580,7 +584,7 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also sweep kernel launch configs at --sweep-size")
     ap.add_argument("--sweep-size", type=int, default=32768, help="T of the --sweep (default 32768)")
     ap.add_argument("--sweep-groups", default="kl_kv,bwd,dense",
-                    help="comma-separated subset of kl_kv, bwd, dense (the dense KL sweeps need T <= 32768)")
+                    help="comma-separated subset of kl_kv, bwd, dense (the dense KL sweeps need T <= 131072)")
     ap.add_argument("--profile", action="store_true", help="per-kernel GPU times of one sparse step")
     ap.add_argument("--no-dense", action="store_true",
                     help="skip the dense and warmup variants (development rounds; no speedups then)")

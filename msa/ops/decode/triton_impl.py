@@ -32,6 +32,7 @@ Example (one layer; the same plan serves every layer of the same shape)::
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -197,6 +198,12 @@ class DecodePlan:
         self.lse_part = torch.empty(B * T, HQ, ns, dtype=torch.float32, device=dev)
         self.out = torch.empty(B, T, HQ, D, dtype=self.out_dtype, device=dev)
         self.lse = torch.empty(B, T, HQ, dtype=torch.float32, device=dev)
+        # programmatic dependent launch (sm_90+, env MSA_DECODE_PDL=0 turns it off): each kernel after the
+        # first may be scheduled while its predecessor finishes, and waits (griddepcontrol.wait) before
+        # reading the predecessor's output; hides part of the per-launch latency inside a CUDA graph
+        self.pdl = (dev.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(dev)[0] >= 9
+                    and os.environ.get("MSA_DECODE_PDL", "1") != "0")
+        self._pdl_launch = {"launch_pdl": True} if self.pdl else {}
         self._dummy_i = torch.zeros(1, dtype=torch.int32, device=dev)
         self._dummy_l = torch.zeros(1, dtype=torch.int64, device=dev)
         self._dummy_f = torch.ones(1, dtype=torch.float32, device=dev)
@@ -251,7 +258,7 @@ class DecodePlan:
                 BS=BS, NBT=self.idx_nbt, DI_PAD=di_pad, ROWS=self.idx_rows, PAGED=c.paged,
                 SCALE_MODE=mode, F32=self.f32, EVEN_D=di_pad == self.DI, LOCAL_TOPK=fz,
                 NT_PAD=self.idx_nt_pad if fz else 1, TOPK=self.topk, K_PAD=self.k_pad,
-                C_PAD=self.c_pad if fz else 1,
+                C_PAD=self.c_pad if fz else 1, PDL=self.pdl,
                 num_warps=4, num_stages=self.idx_stages if not interpreting() else 1)
             if not fz:
                 nrows = B * T * H
@@ -261,17 +268,20 @@ class DecodePlan:
                 tk.decode_topk_fwd_kernel[(nrows, self.nc)](
                     self.scores, lens, self.cand, self.block_indices,
                     T, H, self.nb_cap, self.nc, self.init_blocks, self.local_blocks,
-                    BS=BS, TOPK=self.topk, K_PAD=self.k_pad, CHUNK=self.chunk, FINAL=final,
-                    num_warps=self.topk_warps)
+                    BS=BS, TOPK=self.topk, K_PAD=self.k_pad, CHUNK=self.chunk, FINAL=final, PDL=self.pdl,
+                    num_warps=self.topk_warps, **self._pdl_launch)
                 if not final:
                     if timer is not None:
                         timer("topk_merge")
                     tk.decode_topk_merge_fwd_kernel[(nrows,)](
                         self.cand, lens, self.block_indices, T, H, self.nc,
-                        BS=BS, TOPK=self.topk, K_PAD=self.k_pad, NCK_PAD=self.merge_pad, num_warps=self.merge_warps)
+                        BS=BS, TOPK=self.topk, K_PAD=self.k_pad, NCK_PAD=self.merge_pad, PDL=self.pdl,
+                        num_warps=self.merge_warps, **self._pdl_launch)
             sel = self.block_indices
         G = self.G
         fused_sel = self.fused and not self.dense and block_indices is None
+        # the attention follows a kernel of this chain (PDL-safe) unless the selection came from outside
+        sel_from_chain = not self.dense and block_indices is None
         d_pad = max(16, _pow2(self.D))
         warps = 4 if G <= 16 else 8
         if fused_sel and self.ncand_pad > 4096:
@@ -287,13 +297,14 @@ class DecodePlan:
             BS=BS, G_PAD=max(16, _pow2(G)), D_PAD=d_pad, PAGED=c.paged, DENSE=self.dense,
             F32=self.f32, EVEN_D=d_pad == self.D, FUSED_SEL=fused_sel, DIRECT=self.att_direct,
             K_PAD=self.k_pad if fused_sel else 1, NCAND_PAD=self.ncand_pad if fused_sel else 1, TOPK=self.topk,
-            num_warps=warps, num_stages=2 if not interpreting() else 1)
+            PDL=self.pdl and sel_from_chain, num_warps=warps, num_stages=2 if not interpreting() else 1,
+            **(self._pdl_launch if sel_from_chain else {}))
         if not self.att_direct:
             if timer is not None:
                 timer("attn_merge")
             tk.decode_merge_fwd_kernel[(B * T * self.HQ,)](
                 self.o_part, self.lse_part, self.out, self.lse, self.D, self.att_splits,
-                S_PAD=_pow2(self.att_splits), D_PAD=d_pad, num_warps=4)
+                S_PAD=_pow2(self.att_splits), D_PAD=d_pad, PDL=self.pdl, num_warps=4, **self._pdl_launch)
         if timer is not None:
             timer(None)
         return self.out, sel

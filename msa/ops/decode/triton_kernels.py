@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 LOG2E = 1.4426950408889634
 
@@ -62,7 +63,7 @@ def decode_index_fwd_kernel(
     BS: tl.constexpr, NBT: tl.constexpr, DI_PAD: tl.constexpr, ROWS: tl.constexpr,
     PAGED: tl.constexpr, SCALE_MODE: tl.constexpr, F32: tl.constexpr, EVEN_D: tl.constexpr,
     LOCAL_TOPK: tl.constexpr, NT_PAD: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.constexpr,
-    C_PAD: tl.constexpr,
+    C_PAD: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Program (b, row tile, split) streams TPS tiles of NBT blocks (NBT * BS key rows per tile: fp8
     keys use NBT = 2 so one tile is still 32 KB of HBM traffic at d_idx 128). LOCAL_TOPK: the TPS * NBT
@@ -142,6 +143,10 @@ def decode_index_fwd_kernel(
                 acc3 = tl.where(to[None, :, None] == tt - t0, (m * scale)[:, None, :], acc3)
         else:
             tl.store(out_ptr + sbase[:, None] + blk[None, :], m * scale, mask=rmask[:, None] & bmask[None, :])
+    if PDL:
+        # programmatic dependent launch: the next kernel of the chain may start its prologue now (it
+        # waits with gdc_wait before reading what this kernel writes)
+        gdc_launch_dependents()
     if LOCAL_TOPK:
         P_PAD: tl.constexpr = NT_PAD * NBT
         if NBT != 1:
@@ -223,6 +228,7 @@ def decode_topk_fwd_kernel(
     out_ptr,      # int32 (NROWS, TOPK) final selection (FINAL only)
     T, H, NB_CAP, NC, INIT, LOCALB,
     BS: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.constexpr, CHUNK: tl.constexpr, FINAL: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     EMPTY: tl.constexpr = -9223372036854775808
     row = tl.program_id(0)
@@ -230,6 +236,9 @@ def decode_topk_fwd_kernel(
     b = row // (T * H)
     i = (row // H) % T
     L = tl.load(lens_ptr + b)
+    if PDL:
+        gdc_wait()               # the index kernel's scores are complete and visible after this
+        gdc_launch_dependents()
     pos = L - T + i
     # integer division truncates toward zero: a (padding) query before the sequence start sees nothing
     local = tl.where(pos >= 0, pos // BS, -1)
@@ -255,12 +264,16 @@ def decode_topk_merge_fwd_kernel(
     lens_ptr, out_ptr,        # int32 (B,), int32 (NROWS, TOPK)
     T, H, NC,
     BS: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.constexpr, NCK_PAD: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     EMPTY: tl.constexpr = -9223372036854775808
     row = tl.program_id(0)
     b = row // (T * H)
     i = (row // H) % T
     L = tl.load(lens_ptr + b)
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     local = tl.where(L - T + i >= 0, (L - T + i) // BS, -1)
     e = tl.arange(0, NCK_PAD)
     x = tl.load(cand_ptr + row.to(tl.int64) * NC * K_PAD + e, mask=e < NC * K_PAD, other=EMPTY)
@@ -284,7 +297,7 @@ def decode_attention_fwd_kernel(
     BS: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr,
     PAGED: tl.constexpr, DENSE: tl.constexpr, F32: tl.constexpr, EVEN_D: tl.constexpr,
     FUSED_SEL: tl.constexpr, DIRECT: tl.constexpr, K_PAD: tl.constexpr, NCAND_PAD: tl.constexpr,
-    TOPK: tl.constexpr,
+    TOPK: tl.constexpr, PDL: tl.constexpr = False,
 ):
     EMPTY: tl.constexpr = -9223372036854775808
     bt = tl.program_id(0)
@@ -307,6 +320,11 @@ def decode_attention_fwd_kernel(
                 mask=hmask[:, None] & dmask[None, :], other=0.0)
     if F32:
         q = q.to(tl.float32)
+    if PDL:
+        # q, lens and the caches were written before the chain's first (non-PDL) kernel started; the
+        # selection / candidates come from the previous kernel: wait for it only now
+        gdc_wait()
+        gdc_launch_dependents()
     if FUSED_SEL:
         # merge the per-range candidates of this (token, group) row: every split of the row redoes
         # this small exp-free top-k (no inter-program dependency, so no extra launch)
@@ -379,9 +397,11 @@ def decode_merge_fwd_kernel(
     o_ptr,        # (B*T*HQ, D) output in the query dtype
     lse_ptr,      # fp32 (B*T*HQ,) natural-log lse (-inf when nothing was visible)
     D, NSPLIT,
-    S_PAD: tl.constexpr, D_PAD: tl.constexpr,
+    S_PAD: tl.constexpr, D_PAD: tl.constexpr, PDL: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)
+    if PDL:
+        gdc_wait()
     s = tl.arange(0, S_PAD)
     smask = s < NSPLIT
     d = tl.arange(0, D_PAD)
