@@ -262,10 +262,11 @@ def dense_flash_config(g: int, d: int, di: int, atomic_dk: bool = False):
         # sm_90 AOT (paper shape, 8 warps, 2 stages): pass 1 128 queries x 64 keys 131072 B, 104 B spills
         # (128 x 128: 520 B, 64 x 128: 520 B; 64 x 64: none but half-width MMAs); pass 2 128 keys x 32
         # queries 81920 B, no spills (128 x 128: 2.4 KB spills; 64 x 128 keys: 264 B).
-        # flash-atomic, H200 at 32K (benchmarks/results/dev/round12_log.txt): 128 x 64 s2 56.6 ms, s3 47.9,
-        # 128 x 128 s2 44.1 (the default, although the AOT report shows ~1.4 KB of spills), 64 x 64 w4 55.1, 128 x 32 97.9.
+        # flash-atomic, H200 (benchmarks/results/dev/round12_log.txt), 32K: 128 x 64 s2 56.6 ms, s3 47.9,
+        # 128 x 128 s2 44.1, 64 x 64 w4 55.1, 128 x 32 97.9; 128K: 128 x 128 s2 689 ms, s3 672 (the default:
+        # 196608 B shared, ~1.3 KB of spills in the AOT report), s1 897, 128 x 64 s3 786, 64 x 128 w4 857.
         cfg = dict(BLOCK_M=128, BLOCK_N=128 if atomic_dk else 64, DK_BLOCK_M=32, DK_BLOCK_N=128, num_warps=8,
-                   num_stages=2, DK_WARPS=8, DK_STAGES=2)
+                   num_stages=3 if atomic_dk else 2, DK_WARPS=8, DK_STAGES=2)
         if max(d, di) > 128:
             cfg.update(BLOCK_M=64, BLOCK_N=64, DK_BLOCK_N=64)
     cfg.update(env_config("MSA_KL_DENSE_FLASH_CONFIG"))

@@ -15,10 +15,14 @@ averaged by a small 0/1-matrix MMA):
 - ``indexer_kl_fwd_lse_sparse_kernel`` / ``indexer_kl_fwd_lse_dense_kernel``: teacher lse per
   (token, head), only when the caller does not pass it.
 - sparse phase, KV-outer over the reverse index: ``indexer_kl_fwd_slse_kv_kernel`` (student lse per
-  (query, slot) entry) and ``indexer_kl_fwd_kv_kernel`` (loss + dq_idx + dk_idx in one pass);
+  (query, slot) entry) and ``indexer_kl_fwd_kv_heads_kernel`` (default: loss + dq_idx + dk_idx in one
+  pass, MMA rows = entries of one head, heads looped; ``indexer_kl_fwd_kv_kernel`` is the older
+  entries x heads packing with an averaging MMA);
   ``indexer_kl_bwd_sparse_reduce_kernel`` sums the dk_idx partials per key block in a fixed order.
-- warmup phase: ``indexer_kl_fwd_dense_rows_kernel`` (query-outer: loss, student lse, dq_idx) and
-  ``indexer_kl_bwd_dense_rows_dk_kernel`` (key-outer dk_idx, per-group partials summed by the caller).
+- warmup phase: ``indexer_kl_fwd_dense_flash_kernel`` (query-outer, one head x 128 rows per MMA: loss,
+  student lse, dq_idx, and with DK_ATOMIC dk_idx through atomics) plus, in the deterministic mode,
+  ``indexer_kl_bwd_dense_flash_dk_kernel`` (key-outer dk_idx); the older ``indexer_kl_fwd_dense_rows_kernel``
+  / ``indexer_kl_bwd_dense_rows_dk_kernel`` / ``indexer_kl_fwd_dense_onepass_kernel`` stay for comparison.
 """
 
 from __future__ import annotations
