@@ -5,7 +5,7 @@
 
 (do NOT set TRITON_INTERPRET). For each kernel launch that a training step makes at H_q 64, H_kv 4,
 D 128, d_idx 128, block 128, k 16, bf16 (the launchers' own config functions are called, so the
-env knobs MSA_SPARSE_BWD_CONFIG, MSA_KL_KV_CONFIG, MSA_KL_DENSE_CONFIG, MSA_KL_DENSE_FLASH_CONFIG,
+env knobs MSA_SPARSE_BWD_CONFIG, MSA_KL_KV_CONFIG, MSA_KL_DENSE_FLASH_CONFIG,
 MSA_SPARSE_FWD_CONFIG apply),
 it compiles for sm_<arch> with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``
 and prints the static shared memory (``metadata.shared``, what the launcher checks against the
@@ -50,7 +50,7 @@ def _launches():
     """[(label, kernel fn, {arg: value or type}, {constexpr: value}, num_warps, num_stages)] of one
     training step at the paper's shape, built from the launchers' config functions."""
     from msa.ops.indexer_kl import triton_kernels as kk
-    from msa.ops.indexer_kl.triton_impl import _dense_tiles, dense_flash_config, dense_rows_config, kv_config
+    from msa.ops.indexer_kl.triton_impl import _dense_tiles, dense_flash_config, kv_config
     from msa.ops.sparse_attention import triton_bwd as bw
     from msa.ops.sparse_attention import triton_fwd as fw
     from msa.ops.sparse_attention.triton_impl import kv_outer_config, qo_config
@@ -93,13 +93,6 @@ def _launches():
 
     # sparse attention backward
     bc = bw.bwd_config(g, D, BLOCK)
-    old_mode = os.environ.get("MSA_SPARSE_BWD_DQ")
-    os.environ["MSA_SPARSE_BWD_DQ"] = "atomic"
-    bc_atomic = bw.bwd_config(g, D, BLOCK)  # the opt-in atomic-dQ mode has its own defaults
-    if old_mode is None:
-        os.environ.pop("MSA_SPARSE_BWD_DQ")
-    else:
-        os.environ["MSA_SPARSE_BWD_DQ"] = old_mode
     out.append(("sparse_attention_bwd_preprocess_kernel", bw.sparse_attention_bwd_preprocess_kernel,
                 dict(O=bf, DO=bf, DELTA=f32, n_rows=T * HQ), dict(D=D, BLOCK_R=64, BLOCK_D=bd), 4, 3))
     out.append(("sparse_attention_bwd_dq_kernel", bw.sparse_attention_bwd_dq_kernel,
@@ -107,27 +100,24 @@ def _launches():
                      HKV=HKV, NSEL=TOPK, BS=BLOCK),
                 dict(G=g, D=D, BLOCK_G=_pow2(g), BLOCK_N=bc["DQ_BLOCK_N"], KV_TILES=bs_pad // bc["DQ_BLOCK_N"],
                      BLOCK_D=bd, CDT=cdt, DOT_PREC=prec), bc["DQ_WARPS"], bc["DQ_STAGES"]))
-    for atomic, bc in ((False, bc), (True, bc_atomic)):
-        out.append((f"sparse_attention_bwd_dkdv_kernel{' (DQ_ATOMIC, opt-in)' if atomic else ''}",
-                    bw.sparse_attention_bwd_dkdv_kernel,
-                    dict(Q=bf, K=bf, V=bf, DO=bf, LSE=f32, DELTA=f32, DK=bf, DV=bf, PDK=f32, PDV=f32, DQ32=f32,
-                         ENTRIES=i32, WORK_ROW=i32, WORK_START=i32, WORK_END=i32, WORK_SLOT=i32, BLOCK_START=i32,
-                         BLOCK_LEN=i32, scale=0.1, HQ=HQ, HKV=HKV, NSEL=TOPK, NB=T // BLOCK),
-                    dict(G=g, D=D, BLOCK_M=bc["DKDV_BLOCK_M"], BLOCK_N=bc["DKDV_BLOCK_N"], BLOCK_D=bd, BS_PAD=bs_pad,
-                         CDT=cdt, DOT_PREC=prec, DQ_ATOMIC=atomic), bc["DKDV_WARPS"], bc["DKDV_STAGES"]))
-    if hasattr(bw, "sparse_attention_bwd_dq_kv_kernel"):
-        out.append(("sparse_attention_bwd_dq_kv_kernel (dQ mode kv, default)", bw.sparse_attention_bwd_dq_kv_kernel,
-                    dict(Q=bf, K=bf, V=bf, DO=bf, LSE=f32, DELTA=f32, PDQ=bf, ENTRIES=i32, WORK_ROW=i32,
-                         WORK_START=i32, WORK_END=i32, BLOCK_START=i32, BLOCK_LEN=i32, tok0=0, nb_rows=T // BLOCK,
-                         qk_scale=0.1, scale=0.1),
-                    dict(H_Q=HQ, H_KV=HKV, G=g, TOPK=TOPK, D=D, BLOCK_D=bd, BLOCK_M=bc["DQKV_BLOCK_M"],
-                         BLOCK_N=bc["DQKV_BLOCK_N"], KV_TILES=-(-BLOCK // bc["DQKV_BLOCK_N"]), CDT=cdt, DOT_PREC=prec),
-                    bc["DQKV_WARPS"], bc["DQKV_STAGES"]))
-        bk = _pow2(TOPK, 1)
-        out.append(("sparse_attention_bwd_dq_reduce_kernel", bw.sparse_attention_bwd_dq_reduce_kernel,
-                    dict(PDQ=bf, BI=i32, DQ=bf, tok0=0),
-                    dict(H_Q=HQ, H_KV=HKV, G=g, TOPK=TOPK, BLOCK_K=bk, D=D, BLOCK_D=bd,
-                         BLOCK_H=bc["DQR_BLOCK_H"] or min(_pow2(HQ, 1), max(1, 16384 // (bk * bd)))), 4, 3))
+    out.append(("sparse_attention_bwd_dkdv_kernel", bw.sparse_attention_bwd_dkdv_kernel,
+                dict(Q=bf, K=bf, V=bf, DO=bf, LSE=f32, DELTA=f32, DK=bf, DV=bf, PDK=f32, PDV=f32,
+                     ENTRIES=i32, WORK_ROW=i32, WORK_START=i32, WORK_END=i32, WORK_SLOT=i32, BLOCK_START=i32,
+                     BLOCK_LEN=i32, scale=0.1, HQ=HQ, HKV=HKV, NSEL=TOPK, NB=T // BLOCK),
+                dict(G=g, D=D, BLOCK_M=bc["DKDV_BLOCK_M"], BLOCK_N=bc["DKDV_BLOCK_N"], BLOCK_D=bd, BS_PAD=bs_pad,
+                     CDT=cdt, DOT_PREC=prec), bc["DKDV_WARPS"], bc["DKDV_STAGES"]))
+    out.append(("sparse_attention_bwd_dq_kv_kernel (dQ mode kv, default)", bw.sparse_attention_bwd_dq_kv_kernel,
+                dict(Q=bf, K=bf, V=bf, DO=bf, LSE=f32, DELTA=f32, PDQ=bf, ENTRIES=i32, WORK_ROW=i32,
+                     WORK_START=i32, WORK_END=i32, BLOCK_START=i32, BLOCK_LEN=i32, tok0=0, nb_rows=T // BLOCK,
+                     qk_scale=0.1, scale=0.1),
+                dict(H_Q=HQ, H_KV=HKV, G=g, TOPK=TOPK, D=D, BLOCK_D=bd, BLOCK_M=bc["DQKV_BLOCK_M"],
+                     BLOCK_N=bc["DQKV_BLOCK_N"], KV_TILES=-(-BLOCK // bc["DQKV_BLOCK_N"]), CDT=cdt, DOT_PREC=prec),
+                bc["DQKV_WARPS"], bc["DQKV_STAGES"]))
+    bk = _pow2(TOPK, 1)
+    out.append(("sparse_attention_bwd_dq_reduce_kernel", bw.sparse_attention_bwd_dq_reduce_kernel,
+                dict(PDQ=bf, BI=i32, DQ=bf, tok0=0),
+                dict(H_Q=HQ, H_KV=HKV, G=g, TOPK=TOPK, BLOCK_K=bk, D=D, BLOCK_D=bd,
+                     BLOCK_H=bc["DQR_BLOCK_H"] or min(_pow2(HQ, 1), max(1, 16384 // (bk * bd)))), 4, 3))
     out.append(("sparse_attention_bwd_reduce_kernel", bw.sparse_attention_bwd_reduce_kernel,
                 dict(PDK=f32, PDV=f32, DK=bf, DV=bf, ROW_ITEMS=i32, ROW_FIRST_SLOT=i32, BLOCK_START=i32,
                      BLOCK_LEN=i32, HKV=HKV, NB=T // BLOCK),
@@ -139,20 +129,12 @@ def _launches():
                 dict(QI=bf, KI=bf, PLSE=f32, ENTRIES=i32, WORK_ROW=i32, WORK_START=i32, WORK_END=i32,
                      BLOCK_START=i32, BLOCK_LEN=i32, tok0=0, index_scale=0.1, HKV=HKV, NSEL=TOPK, NB=T // BLOCK),
                 dict(DI=DI, BLOCK_E=64, BLOCK_N=bs_pad, BLOCK_DI=bdi, CDT=cdt, DOT_PREC=prec), 4, 3))
-    out.append(("indexer_kl_fwd_kv_kernel", kk.indexer_kl_fwd_kv_kernel,
+    out.append(("indexer_kl_fwd_kv_heads_kernel (sparse KL)", kk.indexer_kl_fwd_kv_heads_kernel,
                 dict(QI=bf, KI=bf, Q=bf, K=bf, LSE_T=f32, LSE_S=f32, KLP=f32, DQP=f32, PART=f32, ENTRIES=i32,
-                     WORK_ROW=i32, WORK_START=i32, WORK_END=i32, BLOCK_START=i32, BLOCK_LEN=i32, tok0=0, scale=0.1,
-                     index_scale=0.1, HQ=HQ, HKV=HKV, NSEL=TOPK, NB=T // BLOCK),
-                dict(G=g, D=D, DI=DI, BLOCK_M=kc["BLOCK_M"], ENT_PAD=max(16, _pow2(kc["BLOCK_M"] // g)),
-                     BLOCK_N=kc["BLOCK_N"], BS_PAD=bs_pad, BLOCK_D=bd, BLOCK_DI=bdi, CDT=cdt, DOT_PREC=prec, SPLIT_P=True, WITH_GRAD=True),
-                kc["num_warps"], kc["num_stages"]))
-    if hasattr(kk, "indexer_kl_fwd_kv_heads_kernel"):
-        out.append(("indexer_kl_fwd_kv_heads_kernel (sparse KL, ROWS=heads)", kk.indexer_kl_fwd_kv_heads_kernel,
-                    dict(QI=bf, KI=bf, Q=bf, K=bf, LSE_T=f32, LSE_S=f32, KLP=f32, DQP=f32, PART=f32, ENTRIES=i32,
-                         WORK_ROW=i32, WORK_START=i32, WORK_END=i32, BLOCK_START=i32, BLOCK_LEN=i32, tok0=0,
-                         qk2=0.1, is2=0.1, HQ=HQ, HKV=HKV, NSEL=TOPK, NB=T // BLOCK),
-                    dict(G=g, D=D, DI=DI, BLOCK_E=kc["BLOCK_E"], BS_PAD=bs_pad, BLOCK_D=bd, BLOCK_DI=bdi, CDT=cdt,
-                         DOT_PREC=prec, WITH_GRAD=True), kc["num_warps"], kc["num_stages"]))
+                     WORK_ROW=i32, WORK_START=i32, WORK_END=i32, BLOCK_START=i32, BLOCK_LEN=i32, tok0=0,
+                     qk2=0.1, is2=0.1, HQ=HQ, HKV=HKV, NSEL=TOPK, NB=T // BLOCK),
+                dict(G=g, D=D, DI=DI, BLOCK_E=kc["BLOCK_E"], BS_PAD=bs_pad, BLOCK_D=bd, BLOCK_DI=bdi, CDT=cdt,
+                     DOT_PREC=prec, WITH_GRAD=True), kc["num_warps"], kc["num_stages"]))
     out.append(("indexer_kl_bwd_sparse_reduce_kernel", kk.indexer_kl_bwd_sparse_reduce_kernel,
                 dict(PART=f32, DKI=f32, ROW_ITEMS=i32, ROW_FIRST=i32, BLOCK_START=i32, BLOCK_LEN=i32, mult=0.1,
                      HKV=HKV, NB=T // BLOCK),
@@ -162,10 +144,6 @@ def _launches():
                 dict(G=g, D=D, BLOCK_G=_pow2(g), BLOCK_N=bs_pad, BLOCK_D=bd, CDT=cdt, DOT_PREC=prec), 4, 3))
 
     # indexer KL, warmup phase
-    bq, bn, nw = _dense_tiles(DI, DI)
-    out.append(("indexer_kl_fwd_lse_dense_kernel (student lse)", kk.indexer_kl_fwd_lse_dense_kernel,
-                dict(Q=bf, K=bf, SEQ_START=i32, LSE=f32, scale=0.1, NTOK=T, HQ=HKV, HKV=1),
-                dict(G=HKV, D=DI, BLOCK_Q=bq, BLOCK_N=bn, BLOCK_D=bdi, CDT=cdt, DOT_PREC=prec), nw, 3))
     bq, bn, nw = _dense_tiles(D, D)
     out.append(("indexer_kl_fwd_lse_dense_kernel (teacher lse, only without teacher_lse)",
                 kk.indexer_kl_fwd_lse_dense_kernel,
@@ -186,22 +164,6 @@ def _launches():
                      HQ=HQ, HKV=HKV),
                 dict(G=g, D=D, DI=DI, BLOCK_M=fc2["DK_BLOCK_M"], BLOCK_N=fc2["DK_BLOCK_N"], BLOCK_D=bd, BLOCK_DI=bdi,
                      CDT=cdt, DOT_PREC=prec), fc2["DK_WARPS"], fc2["DK_STAGES"]))
-    dc = dense_rows_config(g, D, DI)
-    ent_pad = max(16, _pow2(dc["BLOCK_M"] // g))
-    common = dict(G=g, D=D, DI=DI, BLOCK_M=dc["BLOCK_M"], ENT_PAD=ent_pad, BLOCK_D=bd, BLOCK_DI=bdi, CDT=cdt,
-                  DOT_PREC=prec, SPLIT_P=True)
-    out.append(("indexer_kl_fwd_dense_onepass_kernel (warmup onepass)", kk.indexer_kl_fwd_dense_onepass_kernel,
-                dict(QI=bf, KI=bf, Q=bf, K=bf, SEQ_END=i32, LSE_T=f32, LSE_S=f32, PART=f32, DQI=f32, KLPART=f32,
-                     scale=0.1, index_scale=0.1, NTOK=T, HQ=HQ, HKV=HKV),
-                dict(common, BLOCK_N=dc["DK_BLOCK_N"]), dc["num_warps"], dc["num_stages"]))
-    out.append(("indexer_kl_fwd_dense_rows_kernel (warmup twopass)", kk.indexer_kl_fwd_dense_rows_kernel,
-                dict(QI=bf, KI=bf, Q=bf, K=bf, SEQ_START=i32, LSE_T=f32, KL=f32, LSE_S=f32, DQI=bf, scale=0.1,
-                     index_scale=0.1, inv_n=0.1, NTOK=T, HQ=HQ, HKV=HKV),
-                dict(common, BLOCK_N=dc["BLOCK_N"], WITH_GRAD=True), dc["num_warps"], dc["num_stages"]))
-    out.append(("indexer_kl_bwd_dense_rows_dk_kernel (warmup twopass)", kk.indexer_kl_bwd_dense_rows_dk_kernel,
-                dict(QI=bf, KI=bf, Q=bf, K=bf, SEQ_END=i32, LSE_T=f32, LSE_S=f32, PART=f32, scale=0.1,
-                     index_scale=0.1, NTOK=T, HQ=HQ, HKV=HKV),
-                dict(common, BLOCK_N=dc["DK_BLOCK_N"]), dc["num_warps"], dc["num_stages"]))
     return out
 
 

@@ -25,15 +25,15 @@
    Peak memory (torch.cuda.max_memory_allocated over one step, inputs included) is recorded per variant.
    Per-stage breakdown (CUDA events around each stage of one step, median of 5): sparse = select,
    attn_fwd, attn_bwd, kl_fwd, kl_bwd; warmup (cuDNN) = attn_fwd (with lse), attn_bwd, kl_fwd, kl_bwd.
-   Note: the sparse KL computes loss, dq_idx and dk_idx in its forward (one KV-outer pass), so its
-   kl_bwd is only the grad_out scaling; so is the warmup KL's in the default 'flash' mode (both passes
-   run in its forward).
-   --sweep: at T = --sweep-size (default 32768) also times the KL / backward kernels under a few launch configurations
-   (env knobs MSA_KL_KV_CONFIG, MSA_KL_DENSE_CONFIG, MSA_KL_DENSE_FLASH_CONFIG, MSA_KL_DENSE_MODE, MSA_SPARSE_BWD_CONFIG,
-   MSA_SPARSE_BWD_DQ) to tune
-   the defaults (also MSA_KL_DENSE_FLASH_CONFIG). The warmup KL runs in its default 'flash' mode
-   (deterministic: query-outer loss + dq_idx pass, key-outer dk_idx pass, one head x 128 rows per MMA)
-   unless MSA_KL_DENSE_MODE=onepass|twopass (the older kernels) is set.
+   Note: both KL phases compute loss, dq_idx and dk_idx in their forward, so kl_bwd is only the
+   grad_out scaling. The warmup KL runs in its default 'flash-atomic' mode (one query-outer pass, dk_idx
+   by fp32 atomics) unless MSA_KL_DENSE_MODE=flash (deterministic second pass) is set.
+   Also per size: the attention backward's own kernels (CUDA events, dQ modes kv and query).
+   --profile: per-kernel GPU times of one sparse step (torch.profiler). --no-dense: skip the dense
+   and warmup variants (development rounds). --sweep: at T = --sweep-size (default 32768) also times
+   the KL / backward kernels under a few launch configurations (env knobs MSA_KL_KV_CONFIG,
+   MSA_KL_DENSE_FLASH_CONFIG, MSA_KL_DENSE_MODE, MSA_SPARSE_BWD_CONFIG, MSA_SPARSE_BWD_DQ; groups
+   chosen with --sweep-groups kl_kv,bwd,dense) to tune the defaults.
    FLOPs (causal, paper Eq. 12 style): dense fwd 2*H_q*D*T^2, fwd+bwd x3.5.
 3. JSON (GPU, versions, command, results) and a PNG plot under --out; a table is printed last.
    Sizes: T = 8K, 32K, 128K, 512K (memory permitting; OOM is caught per size); --quick: 8K, 32K.
@@ -174,25 +174,14 @@ def config_sweep(q, k, v, qi, ki, do, kl_kw, notes):
         o, lse = msa.sparse_attention(q, k, v, bi, block_size=BLOCK, return_lse=True, backend="triton")
     from msa.ops.sparse_attention.triton_bwd import sparse_attention_bwd_triton
     sweeps = [
-        ("MSA_KL_KV_CONFIG", ["ROWS=heads,BLOCK_E=64,num_warps=8,num_stages=1",
-                              "ROWS=heads,BLOCK_E=64,num_warps=8,num_stages=2",
-                              "ROWS=heads,BLOCK_E=32,num_warps=8,num_stages=1",
-                              "ROWS=heads,BLOCK_E=32,num_warps=8,num_stages=2",
-                              "ROWS=heads,BLOCK_E=32,num_warps=4,num_stages=2",
-                              "ROWS=heads,BLOCK_E=128,num_warps=8,num_stages=1",
-                              "ROWS=packed,BLOCK_M=128,BLOCK_N=128,num_warps=8,num_stages=1"],
+        ("MSA_KL_KV_CONFIG", ["BLOCK_E=128,num_warps=8,num_stages=1", "BLOCK_E=128,num_warps=8,num_stages=2",
+                              "BLOCK_E=64,num_warps=8,num_stages=2", "BLOCK_E=32,num_warps=4,num_stages=2"],
          lambda: torch.autograd.grad(indexer_kl_triton(qi, ki, q.detach(), k.detach(), bi, **kl_kw,
                                                        teacher_lse=lse), (qi, ki))),
-        ("MSA_SPARSE_BWD_CONFIG", ["DKDV_BLOCK_M=128,DKDV_BLOCK_N=64,DKDV_WARPS=8,DKDV_STAGES=2",
-                                   "DKDV_BLOCK_M=64,DKDV_BLOCK_N=64,DKDV_WARPS=4,DKDV_STAGES=2",
-                                   "DKDV_BLOCK_M=64,DKDV_BLOCK_N=64,DKDV_WARPS=4,DKDV_STAGES=3",
-                                   "DKDV_BLOCK_M=64,DKDV_BLOCK_N=64,DKDV_WARPS=4,DKDV_STAGES=1",
-                                   "DKDV_BLOCK_M=64,DKDV_BLOCK_N=64,DKDV_WARPS=4,DKDV_STAGES=2,"
-                                   "DQKV_BLOCK_M=64,DQKV_WARPS=4,DQKV_STAGES=1",
-                                   "DKDV_BLOCK_M=64,DKDV_BLOCK_N=64,DKDV_WARPS=4,DKDV_STAGES=2,"
-                                   "DQKV_BLOCK_M=128,DQKV_WARPS=8,DQKV_STAGES=2",
-                                   "DKDV_BLOCK_M=64,DKDV_BLOCK_N=64,DKDV_WARPS=4,DKDV_STAGES=2,"
-                                   "DQKV_BLOCK_M=128,DQKV_WARPS=8,DQKV_STAGES=1"],
+        ("MSA_SPARSE_BWD_CONFIG", ["DKDV_BLOCK_M=64,DKDV_BLOCK_N=64,DKDV_WARPS=4,DKDV_STAGES=2",
+                                   "DKDV_BLOCK_M=128,DKDV_BLOCK_N=64,DKDV_WARPS=8,DKDV_STAGES=2",
+                                   "DQKV_BLOCK_M=64,DQKV_WARPS=4,DQKV_STAGES=2",
+                                   "DQKV_BLOCK_M=128,DQKV_WARPS=8,DQKV_STAGES=2"],
          lambda: sparse_attention_bwd_triton(do, q.detach(), k.detach(), v.detach(), o, lse, bi, block_size=BLOCK,
                                              scale=D ** -0.5, cu_seqlens=None)),
     ]
@@ -200,12 +189,11 @@ def config_sweep(q, k, v, qi, ki, do, kl_kw, notes):
     if q.shape[1] <= DENSE_MAX_T:
         with torch.no_grad():
             _, dlse = DenseAttentionWithLse.apply(q.detach(), k.detach(), v.detach(), D ** -0.5, "cudnn")
-        # (MSA_KL_DENSE_CONFIG tunes the older onepass / twopass kernels: swept in onepass mode)
         def dense_kl():
             return torch.autograd.grad(indexer_kl_triton(qi, ki, q.detach(), k.detach(), None, **kl_kw,
                                                          teacher_lse=dlse), (qi, ki))
 
-        sweeps.append(("MSA_KL_DENSE_MODE", ["flash-atomic"], dense_kl))
+        sweeps.append(("MSA_KL_DENSE_MODE", ["flash-atomic", "flash"], dense_kl))
         # flash-atomic (the default): one query-outer pass, BLOCK_M queries x BLOCK_N keys per tile
         sweeps.append(("MSA_KL_DENSE_FLASH_CONFIG", ["BLOCK_M=128,BLOCK_N=128,num_stages=2",
                                                      "BLOCK_M=128,BLOCK_N=128,num_stages=3",

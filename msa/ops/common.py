@@ -134,14 +134,13 @@ def load_triton_impl(package: str, module: str, name: str, backend: str):
 
 def env_config(env: str) -> dict:
     """Launch-config overrides from an env var such as MSA_SPARSE_FWD_CONFIG="BLOCK_M=64,num_warps=4"
-    (integer values; a non-integer value such as ROWS=heads stays a string)."""
+    (integer values; anything else is rejected with the variable's name)."""
     out = {}
     for item in os.environ.get(env, "").split(","):
         if "=" in item:
             key, val = item.split("=", 1)
-            val = val.strip()
             try:
                 out[key.strip()] = int(val)
             except ValueError:
-                out[key.strip()] = val
+                raise ValueError(f"{env}: {key.strip()}={val.strip()!r} is not an integer") from None
     return out

@@ -7,7 +7,7 @@ fp32 matmuls are forced off TF32); there the tolerance is 5e-4 because GPU exp/o
 Covers T in {1, 63, 129, 200}, block sizes 16/32, G in {1, 3, 8, 16}, B = 2, packed sequences whose
 partial blocks sit next to each other, hot rows split over several work items (small
 max_queries_per_item), -1 padded rows (and one all -1 row), other launch configurations (env
-MSA_SPARSE_BWD_CONFIG), the three dQ modes (KV-outer default, chunked; query-outer; opt-in atomic),
+MSA_SPARSE_BWD_CONFIG), both dQ modes (KV-outer default, chunked; query-outer),
 bitwise repeatability (default mode), and the custom-op autograd path. Fresh float buffers are NaN-filled so unwritten outputs show.
 """
 
@@ -89,21 +89,6 @@ def test_bwd_matches_reference(bsz, t, hkv, g, d, block_size, topk, cu, c, pad_r
     dq, dk, dv = sparse_attention_bwd_triton(do, q, k, v, o, lse, bi, block_size=block_size, scale=scale,
                                              cu_seqlens=cu, max_queries_per_item=c)
     assert dq.dtype == q.dtype and dk.shape == k.shape and dv.shape == v.shape
-    for name, got, ref in (("dq", dq, gq), ("dk", dk, gk), ("dv", dv, gv)):
-        assert torch.isfinite(got).all(), f"{name} has unwritten (NaN) entries"
-        assert rel(got, ref) < TOL, f"{name} rel err {rel(got, ref):.3e}"
-
-
-@pytest.mark.parametrize("cu", [None, torch.tensor([0, 37, 100, 163, 200], dtype=torch.int32)])
-def test_bwd_atomic_dq_mode(monkeypatch, cu):
-    """Opt-in MSA_SPARSE_BWD_DQ=atomic (dQ accumulated by the KV-outer kernel) matches the reference,
-    including split hot rows and key sub-tiles."""
-    monkeypatch.setenv("MSA_SPARSE_BWD_DQ", "atomic")
-    monkeypatch.setenv("MSA_SPARSE_BWD_CONFIG", "DKDV_BLOCK_N=16,DKDV_BLOCK_M=32")
-    q, k, v, bi, cu = make_case(1, 200, 2, 3, 16, 32, 3, cu, pad_rows=True)
-    o, lse, do, (gq, gk, gv) = reference_grads(q, k, v, bi, 32, 0.25, cu)
-    dq, dk, dv = sparse_attention_bwd_triton(do, q, k, v, o, lse, bi, block_size=32, scale=0.25, cu_seqlens=cu,
-                                             max_queries_per_item=7)
     for name, got, ref in (("dq", dq, gq), ("dk", dk, gk), ("dv", dv, gv)):
         assert torch.isfinite(got).all(), f"{name} has unwritten (NaN) entries"
         assert rel(got, ref) < TOL, f"{name} rel err {rel(got, ref):.3e}"

@@ -1,23 +1,19 @@
 """Triton implementation of the indexer KL loss (``msa.indexer_kl_loss(..., backend="triton")``).
 
 Sparse phase (KV-outer over the reverse index, ``sparse_kl_kv``): a cheap student-lse pass, then ONE
-pass that builds the teacher once per (key block, query, head) with query positions x G heads as MMA
-rows and produces the loss, dq_idx (per-entry partials summed over the K slots) and dk_idx (per
-work-item partials summed per key block), all in the forward; backward only scales by grad_out.
-Extra memory: fp32 dq_idx partials of T * H_kv * K * NSUB * D_idx * 4 bytes (NSUB = key sub-tiles per
-block, 2 by default: 64 KB per token at the paper's shape, i.e. O(T * k), capped by query chunking at
-``MSA_KL_PARTIAL_BYTES``), plus one (B_k x D_idx) fp32 partial per work item.
+pass that builds the teacher once per (key block, query, head) -- MMA rows are (query, slot) entries
+of one head, the group's heads looped -- and produces the loss, dq_idx (per-entry partials summed over
+the K slots) and dk_idx (per work-item partials summed per key block), all in the forward; backward
+only scales by grad_out. Extra memory: fp32 dq_idx partials of T * H_kv * K * D_idx * 4 bytes (32 KB
+per token at the paper's shape, i.e. O(T * k), capped by query chunking at ``MSA_KL_PARTIAL_BYTES``),
+plus one (B_k x D_idx) fp32 partial per work item.
 
-Warmup phase, flash-style (no T x T buffer), three modes (``dense_mode``): 'flash' (default,
-deterministic, ``dense_kl_flash``): pass 1 query-outer (student lse prologue, then loss + dq_idx with
-g = p_idx - p), pass 2 key-outer dk_idx; MMA rows are 128 positions of ONE head and the G heads of the
-group are summed in fp32 per tile, so no averaging MMA and full-size student MMAs. Older modes kept for
-comparison: 'onepass' computes
-the student lse first (cheap), then the teacher once in a key-outer pass that keeps dk_idx in
-registers and atomically adds the dq_idx contributions (fp32, not bitwise repeatable); 'twopass'
-(under torch.use_deterministic_algorithms) is a query-outer forward (loss, dq_idx) plus a key-outer
-dk_idx pass that recomputes the teacher. Kernels and math: ``triton_kernels.py``. Gradients flow
-to q_idx and k_idx only (spec section 2); every reduction runs in a fixed order (deterministic).
+Warmup phase, flash-style (no T x T buffer), two modes (``dense_mode``): 'flash-atomic' (default) is
+one query-outer pass (student lse prologue, then loss + dq_idx in registers + dk_idx by fp32 atomics,
+g = p_idx - p); 'flash' (under torch.use_deterministic_algorithms) adds a key-outer dk_idx pass that
+recomputes the teacher instead of the atomics. MMA rows are 128 positions of ONE head and the G heads
+of the group are summed in fp32 per tile. Kernels and math: ``triton_kernels.py``. Gradients flow to
+q_idx and k_idx only (spec section 2).
 """
 
 from __future__ import annotations
@@ -27,66 +23,34 @@ from typing import Optional
 
 import torch
 import triton
-import triton.language as tl
 
 from ..common import env_config
 from ..sparse_attention.reverse_index import block_layout, block_starts_host, blocks_before, build_reverse_index
 from ..sparse_attention.triton_bwd import (_compute_dtype, _dot_precision, _interpreting, _pow2,
                                            token_seq_start)
-from .triton_kernels import (indexer_kl_bwd_dense_flash_dk_kernel, indexer_kl_bwd_dense_rows_dk_kernel,
-                             indexer_kl_bwd_sparse_reduce_kernel, indexer_kl_fwd_dense_flash_kernel,
-                             indexer_kl_fwd_dense_onepass_kernel, indexer_kl_fwd_dense_rows_kernel,
-                             indexer_kl_fwd_kv_kernel,
+from .triton_kernels import (indexer_kl_bwd_dense_flash_dk_kernel, indexer_kl_bwd_sparse_reduce_kernel,
+                             indexer_kl_fwd_dense_flash_kernel, indexer_kl_fwd_kv_heads_kernel,
                              indexer_kl_fwd_lse_dense_kernel, indexer_kl_fwd_lse_sparse_kernel,
-                             indexer_kl_fwd_slse_kv_kernel, indexer_kl_fwd_kv_heads_kernel)
+                             indexer_kl_fwd_slse_kv_kernel)
 
 
 LOG2E = 1.4426950408889634
 
 
 def kv_config(g: int, d: int, di: int, block_size: int = 128):
-    """Launch configuration of the sparse-phase KL kernel (env ``MSA_KL_KV_CONFIG``, e.g.
-    ``ROWS=heads,BLOCK_E=64,num_warps=8,num_stages=2`` or ``ROWS=packed,BLOCK_M=128,BLOCK_N=128``).
-
-    ROWS=heads (default, ``indexer_kl_fwd_kv_heads_kernel``): MMA rows are BLOCK_E (query, slot)
-    entries of one head, looping over the G heads of the group; one program per work item (whole
-    key block). ROWS=packed (``indexer_kl_fwd_kv_kernel``): 128 teacher rows = BLOCK_M // G entries x G
-    heads averaged by a 0/1-matrix MMA, BLOCK_N keys of the block per program (the block is split
-    over programs). H200 at 128K tokens, paper shape (benchmarks/results/dev/round12_log.txt), KL
-    forward + backward: heads BLOCK_E=128 w8 s1 39.0 ms (the default; the sm_90 AOT report shows
-    ~600 B of spills, yet it was fastest), heads BLOCK_E=32 w4 s2 39.0 ms, heads BLOCK_E=64 w8 s2
-    46.7 ms, packed BLOCK_M=128 BLOCK_N=128 w8 s1 68.8 ms (the previous default)."""
-    bs_pad = _pow2(block_size)
-    if _interpreting():  # packed: split the block whenever it has >= 32 keys so the sub-tile path is tested
-        cfg = dict(ROWS="heads", BLOCK_E=16, BLOCK_M=16, BLOCK_N=max(16, bs_pad // 2), num_warps=4, num_stages=1)
-    else:
-        big = max(d, di) > 128
-        cfg = dict(ROWS="heads", BLOCK_E=64 if big else 128, BLOCK_M=64 if big else 128, BLOCK_N=64 if big else 128,
-                   num_warps=8, num_stages=1)
-    cfg.update(env_config("MSA_KL_KV_CONFIG"))
-    if cfg["ROWS"] not in ("heads", "packed"):
-        raise ValueError(f"MSA_KL_KV_CONFIG: ROWS must be 'heads' or 'packed', got {cfg['ROWS']!r}")
-    cfg["BLOCK_M"] = max(cfg["BLOCK_M"], _pow2(g))
-    cfg["BLOCK_N"] = bs_pad if cfg["ROWS"] == "heads" else max(16, min(bs_pad, _pow2(cfg["BLOCK_N"])))
-    cfg["BLOCK_E"] = max(16, _pow2(cfg["BLOCK_E"]))
-    return cfg
-
-
-def dense_rows_config(g: int, d: int, di: int):
-    """Launch configuration of the warmup kernels (env ``MSA_KL_DENSE_CONFIG``: BLOCK_M, BLOCK_N (forward
-    key tile), DK_BLOCK_N (dk_idx key tile), num_warps, num_stages). 128 teacher rows = ENT query
-    positions x G heads per MMA; the forward streams 64-key tiles past its register-resident query
-    tile, the dk_idx / onepass kernels keep 64 keys and a 64 x D_idx fp32 accumulator."""
+    """Launch configuration of ``indexer_kl_fwd_kv_heads_kernel`` (env ``MSA_KL_KV_CONFIG``, e.g.
+    ``BLOCK_E=64,num_warps=8,num_stages=2``): MMA rows are BLOCK_E (query, slot) entries of one head,
+    one program per work item (whole key block). H200 at 128K tokens, paper shape
+    (benchmarks/results/dev/round12_log.txt), KL forward + backward: BLOCK_E=128 w8 s1 39.0 ms (the
+    default; the sm_90 AOT report shows ~600 B of spills, yet it was fastest), BLOCK_E=32 w4 s2 39.0 ms,
+    BLOCK_E=64 w8 s2 46.7 ms; the earlier kernel with entries x heads as rows and a 0/1 averaging MMA
+    took 68.8 ms."""
     if _interpreting():
-        cfg = dict(BLOCK_M=16, BLOCK_N=16, DK_BLOCK_N=16, num_warps=4, num_stages=1)
+        cfg = dict(BLOCK_E=16, num_warps=4, num_stages=1)
     else:
-        # sm_90 AOT report (benchmarks/aot_check.py, paper shape): DK_BLOCK_N=128 makes the onepass kernel
-        # need 234048 B of shared memory (> 232448) and spill; DK_BLOCK_N=64 fits (152128 B, 237 regs,
-        # no spills) and also removes the twopass dk kernel's spills
-        cfg = dict(BLOCK_M=128 if max(d, di) <= 128 else 64, BLOCK_N=64, DK_BLOCK_N=64, num_warps=8,
-                   num_stages=2)
-    cfg.update(env_config("MSA_KL_DENSE_CONFIG"))
-    cfg["BLOCK_M"] = max(cfg["BLOCK_M"], _pow2(g))
+        cfg = dict(BLOCK_E=64 if max(d, di) > 128 else 128, num_warps=8, num_stages=1)
+    cfg.update(env_config("MSA_KL_KV_CONFIG"))
+    cfg["BLOCK_E"] = max(16, _pow2(cfg["BLOCK_E"]))
     return cfg
 
 
@@ -100,8 +64,8 @@ def sparse_kl_kv(q_idx, k_idx, q, k, block_indices, lse_t, *, block_size, index_
     q_idx (B, T, H_kv, D_idx), k_idx (B, T, D_idx), q (B, T, H_q, D), k (B, T, H_kv, D), contiguous;
     block_indices int32 (B, T, H_kv, K); lse_t fp32 (B*T*H_q,) teacher lse over the selected support.
     Queries are processed in chunks whose per-entry partials (K * H_kv * (D_idx + 2) fp32 per token)
-    fit ``partial_budget_bytes`` (env ``MSA_KL_PARTIAL_BYTES``, default 4 GiB: 64K tokens at the paper's
-    shape with two key sub-tiles per block), each chunk with its own reverse index; chunk results are added in chunk order.
+    fit ``partial_budget_bytes`` (env ``MSA_KL_PARTIAL_BYTES``, default 4 GiB: ~128K tokens at the paper's
+    shape), each chunk with its own reverse index; chunk results are added in chunk order.
     Returns (loss fp32 scalar, dq_idx fp32 (B, T, H_kv, D_idx) or None, dk_idx fp32 (B, T, D_idx) or None),
     gradients for a unit upstream gradient.
     """
@@ -119,16 +83,13 @@ def sparse_kl_kv(q_idx, k_idx, q, k, block_indices, lse_t, *, block_size, index_
                  os.environ.get("MSA_KL_PARTIAL_BYTES", DEFAULT_KL_PARTIAL_BYTES))
     bn, bdi = _pow2(block_size), _pow2(di)
     cfg = kv_config(g, d, di, block_size)
-    nsub = bn // cfg["BLOCK_N"]  # key sub-tiles per block: each writes its own per-entry partials
-    chunk = max(1, min(ntok, budget // (nsel * nsub * hkv * (di + 2) * 4)))
+    chunk = max(1, min(ntok, budget // (nsel * hkv * (di + 2) * 4)))
     layout = block_layout(bsz, t, block_size, cu_seqlens, dev)
     starts = block_starts_host(bsz, t, block_size, cu_seqlens)
-    ent_pad = max(16, _pow2(cfg["BLOCK_M"] // g))
-    split_p = cdt != tl.float32
     lse_s = torch.empty((ntok, hkv), dtype=torch.float32, device=dev)
-    klp = torch.empty((chunk * nsel * nsub * hkv,), dtype=torch.float32, device=dev)
+    klp = torch.empty((chunk * nsel * hkv,), dtype=torch.float32, device=dev)
     plse = torch.empty((chunk * nsel * hkv,), dtype=torch.float32, device=dev)
-    dqp = torch.empty((chunk * nsel * nsub * hkv, di), dtype=torch.float32, device=dev) if with_grad else klp
+    dqp = torch.empty((chunk * nsel * hkv, di), dtype=torch.float32, device=dev) if with_grad else klp
     dq_idx = torch.empty((ntok, hkv, di), dtype=torch.float32, device=dev) if with_grad else None
     dk_idx = None
     loss = None
@@ -148,30 +109,21 @@ def sparse_kl_kv(q_idx, k_idx, q, k, block_indices, lse_t, *, block_size, index_
             BLOCK_N=bn, BLOCK_DI=bdi, CDT=cdt, DOT_PREC=prec, num_warps=4)
         torch.logsumexp(plse[:n_ent].view(nt, nsel, hkv), dim=1, out=lse_s[t0:t1])
         # 2. teacher + KL + gradients; slots of -1 entries are never written, hence the zero fill
-        n_part = n_ent * nsub
+        n_part = n_ent
         klp[:n_part].zero_()
         if with_grad:
             dqp[:n_part].zero_()
         part = torch.empty((n_items, bn, bdi), dtype=torch.float32, device=dev) if with_grad else klp
-        if cfg["ROWS"] == "heads":
-            indexer_kl_fwd_kv_heads_kernel[(n_items,)](
-                q_idx, k_idx, q, k, lse_t, lse_s, klp, dqp, part, ri.entries, ri.work_row, ri.work_start,
-                ri.work_end, layout.block_start, layout.block_len, t0, float(scale) * LOG2E,
-                float(index_scale) * LOG2E, hq, hkv, nsel, nbr, G=g, D=d, DI=di, BLOCK_E=cfg["BLOCK_E"], BS_PAD=bn,
-                BLOCK_D=_pow2(d), BLOCK_DI=bdi, CDT=cdt, DOT_PREC=prec, WITH_GRAD=with_grad,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        else:
-            indexer_kl_fwd_kv_kernel[(n_items, nsub)](
-                q_idx, k_idx, q, k, lse_t, lse_s, klp, dqp, part, ri.entries, ri.work_row, ri.work_start,
-                ri.work_end, layout.block_start, layout.block_len, t0, float(scale), float(index_scale), hq, hkv,
-                nsel, nbr, G=g, D=d, DI=di, BLOCK_M=cfg["BLOCK_M"], ENT_PAD=ent_pad, BLOCK_N=cfg["BLOCK_N"],
-                BS_PAD=bn, BLOCK_D=_pow2(d), BLOCK_DI=bdi, CDT=cdt, DOT_PREC=prec, SPLIT_P=split_p,
-                WITH_GRAD=with_grad, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        indexer_kl_fwd_kv_heads_kernel[(n_items,)](
+            q_idx, k_idx, q, k, lse_t, lse_s, klp, dqp, part, ri.entries, ri.work_row, ri.work_start, ri.work_end,
+            layout.block_start, layout.block_len, t0, float(scale) * LOG2E, float(index_scale) * LOG2E, hq, hkv,
+            nsel, nbr, G=g, D=d, DI=di, BLOCK_E=cfg["BLOCK_E"], BS_PAD=bn, BLOCK_D=_pow2(d), BLOCK_DI=bdi,
+            CDT=cdt, DOT_PREC=prec, WITH_GRAD=with_grad, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         part_loss = klp[:n_part].sum()  # fixed-order torch reductions: deterministic
         loss = part_loss if loss is None else loss + part_loss
         if not with_grad:
             continue
-        torch.sum(dqp[:n_part].view(nt, nsel * nsub, hkv, di), dim=1, out=dq_idx[t0:t1])
+        torch.sum(dqp[:n_part].view(nt, nsel, hkv, di), dim=1, out=dq_idx[t0:t1])
         counts = (ri.row_ptr[1:] - ri.row_ptr[:-1]).to(torch.int64)
         items = (counts + c - 1) // c
         first = torch.cumsum(items, 0) - items
@@ -222,31 +174,26 @@ def teacher_lse_triton(q: torch.Tensor, k: torch.Tensor, block_indices: Optional
     return lse
 
 
-DENSE_MODES = ("auto", "flash-atomic", "flash", "onepass", "twopass")
+DENSE_MODES = ("auto", "flash-atomic", "flash")
 
 
 def dense_mode() -> str:
-    """Warmup-phase algorithm. Env ``MSA_KL_DENSE_MODE`` = auto | flash-atomic | flash | onepass | twopass.
+    """Warmup-phase algorithm. Env ``MSA_KL_DENSE_MODE`` = auto | flash-atomic | flash.
 
     - 'flash-atomic' (what auto picks, unless ``torch.use_deterministic_algorithms(True)``): one pass of
       ``indexer_kl_fwd_dense_flash_kernel`` (query-outer, one head x 128 rows per MMA) computing the
       loss, dq_idx in registers and dk_idx through fp32 atomic adds: the teacher is computed once, but
       dk_idx is not bitwise repeatable.
-    - 'flash' (auto under deterministic algorithms): the same query-outer pass for loss + dq_idx, then a
-      key-outer pass for dk_idx that recomputes the teacher; no atomics, bitwise repeatable.
-    - 'onepass' (older; queries x heads as MMA rows, dq_idx through atomics) and 'twopass' (older;
-      deterministic) are kept for comparison; onepass falls back to flash under deterministic
-      algorithms.
+    - 'flash' (auto under deterministic algorithms, which also turn 'flash-atomic' into it): the same
+      query-outer pass for loss + dq_idx, then a key-outer pass for dk_idx that recomputes the
+      teacher; no atomics, bitwise repeatable (H200, 32K: 114.6 ms vs 44.1 ms for flash-atomic).
     """
     mode = os.environ.get("MSA_KL_DENSE_MODE", "auto")
     if mode not in DENSE_MODES:
         raise ValueError(f"MSA_KL_DENSE_MODE must be one of {', '.join(DENSE_MODES)}, got {mode!r}")
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    if mode == "auto":
-        mode = "flash" if deterministic else "flash-atomic"
-    if deterministic and mode in ("onepass", "flash-atomic"):
-        mode = "flash"
-    return mode
+    if torch.are_deterministic_algorithms_enabled():
+        return "flash"
+    return "flash-atomic" if mode == "auto" else mode
 
 
 def dense_flash_config(g: int, d: int, di: int, atomic_dk: bool = False):
@@ -328,66 +275,19 @@ def _seq_end(bsz: int, t: int, cu_seqlens: Optional[torch.Tensor], dev) -> torch
     return cu[torch.searchsorted(cu[1:], torch.arange(ntok, device=dev), right=True) + 1].to(torch.int32)
 
 
-def dense_kl_onepass(q_idx, k_idx, q, k, lse_t, *, scale, index_scale, cu_seqlens):
-    """Warmup loss and gradients with one teacher pass (see ``indexer_kl_fwd_dense_onepass_kernel``).
-    Inputs contiguous as in ``sparse_kl_kv``; lse_t fp32 (B*T*H_q,). Returns (loss, dq_idx fp32
-    (B, T, H_kv, D_idx), dk_idx fp32 (B, T, D_idx)) for a unit upstream gradient."""
-    bsz, t, hkv, di = q_idx.shape
-    hq, d = q.shape[2], q.shape[3]
-    g = hq // hkv
-    ntok = bsz * t
-    dev = q_idx.device
-    inv_n = 1.0 / (ntok * hkv)
-    cdt, prec = _compute_dtype(q.dtype), _dot_precision(q.dtype)
-    seq_start = token_seq_start(bsz, t, cu_seqlens, dev)
-    # student lse (H_kv x D_idx per key: ~1/16 of the teacher's work at the paper's shape): the teacher-lse
-    # kernel with the index queries as H_kv "heads" sharing one "KV head", the index keys
-    lse_s = torch.empty(ntok * hkv, dtype=torch.float32, device=dev)
-    bq, bn, nw = _dense_tiles(di, di)
-    indexer_kl_fwd_lse_dense_kernel[(triton.cdiv(ntok, bq), hkv)](
-        q_idx, k_idx, seq_start, lse_s, float(index_scale), ntok, hkv, 1, G=hkv, D=di, BLOCK_Q=bq, BLOCK_N=bn,
-        BLOCK_D=_pow2(di), CDT=cdt, DOT_PREC=prec, num_warps=nw)
-    cfg = dense_rows_config(g, d, di)
-    ent = cfg["BLOCK_M"] // g
-    bn = cfg["DK_BLOCK_N"]
-    nprog = triton.cdiv(ntok, bn)
-    part = torch.empty((hkv, ntok, di), dtype=torch.float32, device=dev)
-    dq = torch.zeros((ntok * hkv, di), dtype=torch.float32, device=dev)
-    klpart = torch.empty(hkv * nprog, dtype=torch.float32, device=dev)
-    indexer_kl_fwd_dense_onepass_kernel[(nprog, hkv)](
-        q_idx, k_idx, q, k, _seq_end(bsz, t, cu_seqlens, dev), lse_t, lse_s, part, dq, klpart, float(scale),
-        float(index_scale), ntok, hq, hkv, G=g, D=d, DI=di, BLOCK_M=cfg["BLOCK_M"], ENT_PAD=max(16, _pow2(ent)),
-        BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DI=_pow2(di), CDT=cdt, DOT_PREC=prec, SPLIT_P=cdt != tl.float32,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    loss = klpart.sum() * inv_n
-    dk = part[0].clone()
-    for r in range(1, hkv):  # fixed order over groups
-        dk += part[r]
-    mult = index_scale * inv_n
-    return loss, dq.mul_(mult).view(bsz, t, hkv, di), dk.mul_(mult).view(bsz, t, di)
-
-
 class IndexerKLTriton(torch.autograd.Function):
-    """Sparse, and warmup in 'onepass' mode: loss, dq_idx and dk_idx all in the forward; backward scales
-    them by grad_out. Warmup 'twopass' (deterministic) mode: loss + dq_idx in the forward (query-outer);
-    backward computes dk_idx (key-outer, teacher recomputed)."""
+    """Both phases compute the loss, dq_idx and dk_idx in the forward (the teacher is built there
+    anyway); the backward only scales them by grad_out."""
 
     @staticmethod
     def forward(ctx, q_idx, k_idx, q, k, block_indices, teacher_lse, block_size, scale, index_scale, cu_seqlens,
                 max_queries_per_item):
-        bsz, t, hkv, di = q_idx.shape
-        hq, d = q.shape[2], q.shape[3]
-        g = hq // hkv
-        ntok = bsz * t
-        dev = q_idx.device
         q_idx, k_idx, q, k = (x.detach().contiguous() for x in (q_idx, k_idx, q, k))
         with_grad = bool(ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         if teacher_lse is None:
             teacher_lse = teacher_lse_triton(q, k, block_indices, block_size=block_size, scale=scale,
                                              cu_seqlens=cu_seqlens)
         lse_t = teacher_lse.detach().float().contiguous()
-        ctx.meta = (block_size, float(scale), float(index_scale), cu_seqlens, max_queries_per_item)
-        ctx.precomputed = block_indices is not None
         ctx.qi_dtype, ctx.ki_dtype = q_idx.dtype, k_idx.dtype
         if block_indices is not None:
             loss, dq_idx, dk_idx = sparse_kl_kv(q_idx, k_idx, q, k, block_indices, lse_t, block_size=block_size,
@@ -397,84 +297,19 @@ class IndexerKLTriton(torch.autograd.Function):
                 ctx.save_for_backward(dq_idx, dk_idx)
             return loss
         mode = dense_mode()
-        if mode in ("flash", "flash-atomic"):
-            loss, dq_idx, dk_idx = dense_kl_flash(q_idx, k_idx, q, k, lse_t, scale=scale, index_scale=index_scale,
-                                                  cu_seqlens=cu_seqlens, with_grad=with_grad,
-                                                  atomic_dk=mode == "flash-atomic")
-            if with_grad:
-                ctx.precomputed = True  # gradients already computed: backward only scales them
-                ctx.save_for_backward(dq_idx, dk_idx)
-            return loss
-        if with_grad and mode == "onepass":
-            loss, dq_idx, dk_idx = dense_kl_onepass(q_idx, k_idx, q, k, lse_t, scale=scale, index_scale=index_scale,
-                                                    cu_seqlens=cu_seqlens)
-            ctx.precomputed = True  # gradients already computed: backward only scales them
-            ctx.save_for_backward(dq_idx, dk_idx)
-            return loss
-        seq_start = token_seq_start(bsz, t, cu_seqlens, dev)
-        n_rows = ntok * hkv
-        inv_n = 1.0 / n_rows
-        kl = torch.empty(n_rows, dtype=torch.float32, device=dev)
-        lse_s = torch.empty(n_rows, dtype=torch.float32, device=dev)
-        dq_idx = torch.empty_like(q_idx) if with_grad else kl  # dummy pointer when unused
-        cdt = _compute_dtype(q.dtype)
-        prec = _dot_precision(q.dtype)
-        cfg = dense_rows_config(g, d, di)
-        ent = cfg["BLOCK_M"] // g
-        indexer_kl_fwd_dense_rows_kernel[(triton.cdiv(ntok, ent), hkv)](
-            q_idx, k_idx, q, k, seq_start, lse_t, kl, lse_s, dq_idx, float(scale), float(index_scale), inv_n,
-            ntok, hq, hkv, G=g, D=d, DI=di, BLOCK_M=cfg["BLOCK_M"], ENT_PAD=max(16, _pow2(ent)),
-            BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_pow2(d), BLOCK_DI=_pow2(di), CDT=cdt, DOT_PREC=prec,
-            SPLIT_P=cdt != tl.float32, WITH_GRAD=with_grad, num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"])
-        loss = kl.sum() * inv_n  # fixed-order torch reduction: deterministic
+        loss, dq_idx, dk_idx = dense_kl_flash(q_idx, k_idx, q, k, lse_t, scale=scale, index_scale=index_scale,
+                                              cu_seqlens=cu_seqlens, with_grad=with_grad,
+                                              atomic_dk=mode == "flash-atomic")
         if with_grad:
-            ctx.save_for_backward(q_idx, k_idx, q, k, lse_t, lse_s, dq_idx)
+            ctx.save_for_backward(dq_idx, dk_idx)
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):
-        if ctx.precomputed:
-            dq_idx, dk_idx = ctx.saved_tensors
-            dq = (dq_idx * grad_out).to(ctx.qi_dtype) if ctx.needs_input_grad[0] else None
-            dk = (dk_idx * grad_out).to(ctx.ki_dtype) if ctx.needs_input_grad[1] else None
-            return dq, dk, None, None, None, None, None, None, None, None, None
-        q_idx, k_idx, q, k, lse_t, lse_s, dq_idx = ctx.saved_tensors
-        block_size, scale, index_scale, cu_seqlens, c = ctx.meta
-        dk_idx = None
-        if ctx.needs_input_grad[1]:
-            dk_idx = indexer_kl_dk_triton(q_idx, k_idx, q, k, lse_t, lse_s, block_size=block_size, scale=scale,
-                                          index_scale=index_scale, cu_seqlens=cu_seqlens)
-            dk_idx = (dk_idx * grad_out).to(k_idx.dtype)
-        dq = (dq_idx.float() * grad_out).to(q_idx.dtype) if ctx.needs_input_grad[0] else None
-        return dq, dk_idx, None, None, None, None, None, None, None, None, None
-
-
-def indexer_kl_dk_triton(q_idx, k_idx, q, k, lse_t, lse_s, *, block_size, scale, index_scale,
-                         cu_seqlens) -> torch.Tensor:
-    """Warmup-phase dLoss/dk_idx (B, T, D_idx) in fp32 for a unit upstream gradient (key-outer, teacher
-    recomputed). lse_t: fp32 (B*T*H_q,) teacher lse; lse_s: fp32 (B*T*H_kv,) student lse from the forward."""
-    bsz, t, hkv, di = q_idx.shape
-    hq, d = q.shape[2], q.shape[3]
-    g = hq // hkv
-    ntok = bsz * t
-    dev = q_idx.device
-    inv_n = 1.0 / (ntok * hkv)
-    cdt, prec = _compute_dtype(q.dtype), _dot_precision(q.dtype)
-    seq_end = _seq_end(bsz, t, cu_seqlens, dev)
-    cfg = dense_rows_config(g, d, di)
-    ent = cfg["BLOCK_M"] // g
-    bn = cfg["DK_BLOCK_N"]
-    part = torch.empty((hkv, ntok, di), dtype=torch.float32, device=dev)
-    indexer_kl_bwd_dense_rows_dk_kernel[(triton.cdiv(ntok, bn), hkv)](
-        q_idx, k_idx, q, k, seq_end, lse_t, lse_s, part, float(scale), float(index_scale), ntok, hq, hkv, G=g,
-        D=d, DI=di, BLOCK_M=cfg["BLOCK_M"], ENT_PAD=max(16, _pow2(ent)), BLOCK_N=bn, BLOCK_D=_pow2(d),
-        BLOCK_DI=_pow2(di), CDT=cdt, DOT_PREC=prec, SPLIT_P=cdt != tl.float32, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
-    dk = part[0].clone()
-    for r in range(1, hkv):  # fixed order over groups
-        dk += part[r]
-    return (dk * (index_scale * inv_n)).view(bsz, t, di)
+        dq_idx, dk_idx = ctx.saved_tensors
+        dq = (dq_idx * grad_out).to(ctx.qi_dtype) if ctx.needs_input_grad[0] else None
+        dk = (dk_idx * grad_out).to(ctx.ki_dtype) if ctx.needs_input_grad[1] else None
+        return dq, dk, None, None, None, None, None, None, None, None, None
 
 
 def indexer_kl_triton(q_idx: torch.Tensor, k_idx: torch.Tensor, q: torch.Tensor, k: torch.Tensor,

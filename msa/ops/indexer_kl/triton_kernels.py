@@ -9,20 +9,17 @@ KL(p || p_idx) = sum_j p_j (log p_j - s_j) + lse_s * sum_j p_j, which splits ove
 (blocks, key tiles) once lse_s is known; the gradient w.r.t. s_j is (p_idx_j - p_j) / N, so
 dq_idx = index_scale / N * sum_j (p_idx_j - p_j) k_idx[j] and dk_idx[j] = index_scale / N * sum_i (...) q_idx[i].
 
-Kernels (the teacher always uses ONE MMA per key tile whose rows are query positions x the G heads of
-a group, row m -> (query m // G, head r * G + m % G), so any G works; the G rows of a query are
-averaged by a small 0/1-matrix MMA):
+Kernels (the teacher's MMA rows are query positions / entries of ONE head; the program loops over the
+G heads of the group and adds exp(t_h - lse_h) into one fp32 tile, so the head average needs no
+cross-row reduction and any G works):
 - ``indexer_kl_fwd_lse_sparse_kernel`` / ``indexer_kl_fwd_lse_dense_kernel``: teacher lse per
   (token, head), only when the caller does not pass it.
 - sparse phase, KV-outer over the reverse index: ``indexer_kl_fwd_slse_kv_kernel`` (student lse per
-  (query, slot) entry) and ``indexer_kl_fwd_kv_heads_kernel`` (default: loss + dq_idx + dk_idx in one
-  pass, MMA rows = entries of one head, heads looped; ``indexer_kl_fwd_kv_kernel`` is the older
-  entries x heads packing with an averaging MMA);
+  (query, slot) entry) and ``indexer_kl_fwd_kv_heads_kernel`` (loss + dq_idx + dk_idx in one pass);
   ``indexer_kl_bwd_sparse_reduce_kernel`` sums the dk_idx partials per key block in a fixed order.
-- warmup phase: ``indexer_kl_fwd_dense_flash_kernel`` (query-outer, one head x 128 rows per MMA: loss,
-  student lse, dq_idx, and with DK_ATOMIC dk_idx through atomics) plus, in the deterministic mode,
-  ``indexer_kl_bwd_dense_flash_dk_kernel`` (key-outer dk_idx); the older ``indexer_kl_fwd_dense_rows_kernel``
-  / ``indexer_kl_bwd_dense_rows_dk_kernel`` / ``indexer_kl_fwd_dense_onepass_kernel`` stay for comparison.
+- warmup phase: ``indexer_kl_fwd_dense_flash_kernel`` (query-outer: loss, student lse, dq_idx, and with
+  DK_ATOMIC dk_idx through fp32 atomics) plus, in the deterministic mode,
+  ``indexer_kl_bwd_dense_flash_dk_kernel`` (key-outer dk_idx, teacher recomputed).
 """
 
 from __future__ import annotations
@@ -162,114 +159,24 @@ def indexer_kl_fwd_slse_kv_kernel(QI, KI, PLSE, ENTRIES, WORK_ROW, WORK_START, W
 
 
 @triton.jit
-def indexer_kl_fwd_kv_kernel(QI, KI, Q, K, LSE_T, LSE_S, KLP, DQP, PART, ENTRIES, WORK_ROW, WORK_START, WORK_END,
-                             BLOCK_START, BLOCK_LEN, tok0, scale, index_scale, HQ, HKV, NSEL, NB, G: tl.constexpr,
-                             D: tl.constexpr, DI: tl.constexpr, BLOCK_M: tl.constexpr, ENT_PAD: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BS_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
-                             BLOCK_DI: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr,
-                             SPLIT_P: tl.constexpr, WITH_GRAD: tl.constexpr):
-    """One (work item, key sub-tile): group r, BLOCK_N of the BS_PAD keys of a key block, a chunk of the
-    queries that selected the block. Splitting the block over NSUB = BS_PAD // BLOCK_N programs keeps the
-    (BLOCK_M x BLOCK_N) teacher tile and the (BLOCK_N x D_idx) dk_idx accumulator in registers (at the
-    paper's shape one 128-key program needs > 232 KB of shared memory with 2 stages and spills).
-
-    QI (T_all, H_kv, DI), KI (T_all, DI), Q (T_all, H_q, D), K (T_all, H_kv, D); LSE_T fp32 (T_all * H_q,)
-    teacher lse; LSE_S fp32 (T_all * H_kv,) student lse over the whole support; KLP fp32
-    (C * K * NSUB * H_kv,) and DQP fp32 (C * K * NSUB * H_kv, DI): per-(entry, sub-tile) KL contribution /
-    unscaled dq_idx partial at ((entry * NSUB + sub) * H_kv + r), entry = (token - tok0) * K + slot local to
-    the query chunk; PART fp32 (items, BS_PAD, BLOCK_DI): unscaled dk_idx partial of this item (zeros for
-    empty items), rows sub * BLOCK_N .. written by this program.
-    """
-    w = tl.program_id(0)
-    sub = tl.program_id(1)
-    NSUB: tl.constexpr = BS_PAD // BLOCK_N
-    start = tl.load(WORK_START + w)
-    end = tl.load(WORK_END + w)
-    row = tl.load(WORK_ROW + w)
-    r = row // NB
-    gb = row % NB
-    kstart = tl.load(BLOCK_START + gb)
-    klen = tl.load(BLOCK_LEN + gb)
-    ENT: tl.constexpr = BLOCK_M // G  # query positions per teacher tile
-    n = sub * BLOCK_N + tl.arange(0, BLOCK_N)
-    d = tl.arange(0, BLOCK_D)
-    e = tl.arange(0, BLOCK_DI)
-    dmask = d < D
-    emask = e < DI
-    kvalid = n < klen
-    kpos = kstart + n
-    kp64 = kpos.to(tl.int64)
-    kk = tl.load(K + (kp64 * HKV + r)[:, None] * D + d[None, :], mask=kvalid[:, None] & dmask[None, :],
-                 other=0.0).to(CDT)
-    ki = tl.load(KI + kp64[:, None] * DI + e[None, :], mask=kvalid[:, None] & emask[None, :], other=0.0).to(CDT)
-    m = tl.arange(0, BLOCK_M)
-    ment = m // G
-    mhead = r * G + m % G
-    mrow_ok = ment < ENT
-    x = tl.arange(0, ENT_PAD)
-    # head-averaging matrix: entry x collects its G rows (exact 0/1 values in any dtype)
-    avg = tl.where((x[:, None] == ment[None, :]) & mrow_ok[None, :], 1.0, 0.0).to(CDT)
-    dk = tl.zeros([BLOCK_N, BLOCK_DI], dtype=tl.float32)
-    for e0 in range(start, end, ENT):
-        # teacher rows: ENT entries x G heads
-        eidx = e0 + ment
-        rmask = mrow_ok & (eidx < end)
-        ent = tl.load(ENTRIES + eidx, mask=rmask, other=0)
-        tok = tok0 + ent // NSEL
-        qrow = tok.to(tl.int64) * HQ + mhead
-        q = tl.load(Q + qrow[:, None] * D + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0).to(CDT)
-        lse_h = tl.load(LSE_T + qrow, mask=rmask, other=0.0)
-        t = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * scale
-        vis = rmask[:, None] & kvalid[None, :] & (kpos[None, :] <= tok[:, None])
-        p = tl.where(vis, tl.exp(t - lse_h[:, None]), 0.0)
-        if SPLIT_P:
-            p_hi = p.to(CDT)
-            p_lo = (p - p_hi.to(tl.float32)).to(CDT)
-            pe = tl.dot(avg, p_hi) + tl.dot(avg, p_lo)
-        else:
-            pe = tl.dot(avg, p.to(CDT), input_precision=DOT_PREC)
-        pe = pe * (1.0 / G)
-        # student rows: the same ENT entries (padded to ENT_PAD >= 16 MMA rows)
-        xidx = e0 + x
-        xmask = (x < ENT) & (xidx < end)
-        xent = tl.load(ENTRIES + xidx, mask=xmask, other=0)
-        xtok = tok0 + xent // NSEL
-        srow = xtok.to(tl.int64) * HKV + r
-        qi = tl.load(QI + srow[:, None] * DI + e[None, :], mask=xmask[:, None] & emask[None, :], other=0.0).to(CDT)
-        lse_s = tl.load(LSE_S + srow, mask=xmask, other=0.0)
-        s = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC) * index_scale
-        xvis = xmask[:, None] & kvalid[None, :] & (kpos[None, :] <= xtok[:, None])
-        pe = tl.where(xvis, pe, 0.0)
-        # KL(p || p_idx) = sum_j p_j (log p_j - s_j) + lse_s * sum_j p_j, split over the entry's blocks
-        klv = tl.sum(tl.where(pe > 0, pe * (tl.log(tl.where(pe > 0, pe, 1.0)) - s), 0.0), axis=1)
-        klv += lse_s * tl.sum(pe, axis=1)
-        slot_row = (xent.to(tl.int64) * NSUB + sub) * HKV + r
-        tl.store(KLP + slot_row, klv, mask=xmask)
-        if WITH_GRAD:
-            gr = tl.where(xvis, tl.exp(s - lse_s[:, None]) - pe, 0.0)
-            grc = gr.to(CDT)
-            dq = tl.dot(grc, ki, input_precision=DOT_PREC)
-            tl.store(DQP + slot_row[:, None] * DI + e[None, :], dq, mask=xmask[:, None] & emask[None, :])
-            dk += tl.dot(tl.trans(grc), qi, input_precision=DOT_PREC)
-    if WITH_GRAD:
-        tl.store(PART + (w.to(tl.int64) * BS_PAD + n)[:, None] * BLOCK_DI + e[None, :], dk)
-
-
-
-@triton.jit
 def indexer_kl_fwd_kv_heads_kernel(QI, KI, Q, K, LSE_T, LSE_S, KLP, DQP, PART, ENTRIES, WORK_ROW, WORK_START,
                                    WORK_END, BLOCK_START, BLOCK_LEN, tok0, qk2, is2, HQ, HKV, NSEL, NB,
                                    G: tl.constexpr, D: tl.constexpr, DI: tl.constexpr, BLOCK_E: tl.constexpr,
                                    BS_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DI: tl.constexpr,
                                    CDT: tl.constexpr, DOT_PREC: tl.constexpr, WITH_GRAD: tl.constexpr):
     """Sparse-phase KL of one work item (whole key block), MMA rows = BLOCK_E (query, slot) entries of ONE
-    head at a time (``MSA_KL_KV_CONFIG`` ``ROWS=heads``, the default).
+    head at a time.
 
     The loop over the group's G heads adds exp2(t_h - lse_h) into one fp32 (BLOCK_E x keys) tile, so the
-    head average needs no cross-row reduction (no 0/1 averaging MMA, no hi/lo split), and the student
-    side (scores, dq_idx, dk_idx) runs BLOCK_E-row MMAs instead of 16-row ones. Same inputs and outputs
-    as ``indexer_kl_fwd_kv_kernel`` with one key sub-tile (NSUB = 1); LSE_S is natural log, qk2 =
-    scale * log2(e), is2 = index_scale * log2(e).
+    head average needs no cross-row reduction, and the student side (scores, dq_idx, dk_idx) runs
+    BLOCK_E-row MMAs.
+
+    QI (T_all, H_kv, DI), KI (T_all, DI), Q (T_all, H_q, D), K (T_all, H_kv, D); LSE_T fp32 (T_all * H_q,)
+    teacher lse; LSE_S fp32 (T_all * H_kv,) student lse over the whole support (natural log); KLP fp32
+    (C * K * H_kv,) and DQP fp32 (C * K * H_kv, DI): per-entry KL contribution / unscaled dq_idx partial at
+    (entry * H_kv + r), entry = (token - tok0) * K + slot local to the query chunk; PART fp32 (items,
+    BS_PAD, BLOCK_DI): unscaled dk_idx partial of this item. qk2 = scale * log2(e), is2 = index_scale *
+    log2(e).
     """
     w = tl.program_id(0)
     start = tl.load(WORK_START + w)
@@ -326,231 +233,16 @@ def indexer_kl_fwd_kv_heads_kernel(QI, KI, Q, K, LSE_T, LSE_S, KLP, DQP, PART, E
 
 
 # ---------------------------------------------------------------------------------------------------
-# Warmup phase (full causal support), flash-style with heads as MMA rows. One MMA per head per key
-# tile would re-read that head's queries for every key tile and run G small MMAs; instead
-# ENT = BLOCK_M // G query positions x G heads are the rows of ONE teacher MMA per key tile
-# (the query tile stays in registers in the forward) and average the heads with the same 0/1-matrix
-# MMA as the sparse kernel. The student uses ENT_PAD >= 16 rows (ENT queries of one group).
-# ---------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _teacher_entry_probs(q, kk, lse_h, vis, avg, scale, G: tl.constexpr, CDT: tl.constexpr,
-                         DOT_PREC: tl.constexpr, SPLIT_P: tl.constexpr):
-    """(ENT_PAD, BLOCK_N) teacher probabilities: mean over each entry's G head rows of exp(t - lse_h)."""
-    t = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * scale
-    p = tl.where(vis, tl.exp(t - lse_h[:, None]), 0.0)
-    if SPLIT_P:  # bf16 hi + lo parts: the average keeps ~16 mantissa bits
-        p_hi = p.to(CDT)
-        p_lo = (p - p_hi.to(tl.float32)).to(CDT)
-        pe = tl.dot(avg, p_hi) + tl.dot(avg, p_lo)
-    else:
-        pe = tl.dot(avg, p.to(CDT), input_precision=DOT_PREC)
-    return pe * (1.0 / G)
-
-
-@triton.jit
-def indexer_kl_fwd_dense_rows_kernel(QI, KI, Q, K, SEQ_START, LSE_T, KL, LSE_S, DQI, scale, index_scale, inv_n,
-                                     NTOK, HQ, HKV, G: tl.constexpr, D: tl.constexpr, DI: tl.constexpr,
-                                     BLOCK_M: tl.constexpr, ENT_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                                     BLOCK_D: tl.constexpr, BLOCK_DI: tl.constexpr, CDT: tl.constexpr,
-                                     DOT_PREC: tl.constexpr, SPLIT_P: tl.constexpr, WITH_GRAD: tl.constexpr):
-    """Warmup forward: one program per (tile of ENT queries, group r), loop over causal key tiles.
-
-    QI (T_all, H_kv, DI), KI (T_all, DI), Q (T_all, H_q, D), K (T_all, H_kv, D); SEQ_START int32 (T_all,);
-    LSE_T fp32 (T_all * H_q,) teacher lse; outputs KL, LSE_S fp32 (T_all * H_kv,) and (WITH_GRAD) DQI
-    (T_all, H_kv, DI) = (p_idx - p) @ k_idx * index_scale * inv_n.
-    """
-    ENT: tl.constexpr = BLOCK_M // G
-    tile = tl.num_programs(0) - 1 - tl.program_id(0)  # late (long) query tiles first: better tail balance
-    r = tl.program_id(1)
-    i0 = tile * ENT
-    d = tl.arange(0, BLOCK_D)
-    e = tl.arange(0, BLOCK_DI)
-    dmask = d < D
-    emask = e < DI
-    m = tl.arange(0, BLOCK_M)
-    ment = m // G
-    mi = i0 + ment
-    rmask = (ment < ENT) & (mi < NTOK)
-    qrow = mi.to(tl.int64) * HQ + r * G + m % G
-    q = tl.load(Q + qrow[:, None] * D + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0).to(CDT)
-    lse_h = tl.load(LSE_T + qrow, mask=rmask, other=0.0)
-    mstart = tl.load(SEQ_START + mi, mask=rmask, other=0)
-    x = tl.arange(0, ENT_PAD)
-    xi = i0 + x
-    xmask = (x < ENT) & (xi < NTOK)
-    srow = xi.to(tl.int64) * HKV + r
-    qi = tl.load(QI + srow[:, None] * DI + e[None, :], mask=xmask[:, None] & emask[None, :], other=0.0).to(CDT)
-    xstart = tl.load(SEQ_START + xi, mask=xmask, other=0)
-    avg = tl.where((x[:, None] == ment[None, :]) & (ment < ENT)[None, :], 1.0, 0.0).to(CDT)
-    lo = tl.load(SEQ_START + i0)  # the tile's first query has the smallest sequence start
-    hi = tl.minimum(i0 + ENT, NTOK)
-    m_s = tl.full([ENT_PAD], -1.0e30, dtype=tl.float32)
-    l_s = tl.zeros([ENT_PAD], dtype=tl.float32)
-    a = tl.zeros([ENT_PAD], dtype=tl.float32)
-    psum = tl.zeros([ENT_PAD], dtype=tl.float32)
-    acc_s = tl.zeros([ENT_PAD, BLOCK_DI], dtype=tl.float32)
-    acc_p = tl.zeros([ENT_PAD, BLOCK_DI], dtype=tl.float32)
-    for j0 in range(lo, hi, BLOCK_N):
-        j = j0 + tl.arange(0, BLOCK_N)
-        jmask = j < NTOK
-        j64 = j.to(tl.int64)
-        kk = tl.load(K + (j64 * HKV + r)[:, None] * D + d[None, :], mask=jmask[:, None] & dmask[None, :],
-                     other=0.0).to(CDT)
-        ki = tl.load(KI + j64[:, None] * DI + e[None, :], mask=jmask[:, None] & emask[None, :], other=0.0).to(CDT)
-        vis = rmask[:, None] & (j[None, :] <= mi[:, None]) & (j[None, :] >= mstart[:, None])
-        pe = _teacher_entry_probs(q, kk, lse_h, vis, avg, scale, G, CDT, DOT_PREC, SPLIT_P)
-        xvis = xmask[:, None] & (j[None, :] <= xi[:, None]) & (j[None, :] >= xstart[:, None])
-        pe = tl.where(xvis, pe, 0.0)
-        s = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC) * index_scale
-        sm = tl.where(xvis, s, float("-inf"))
-        m_new = tl.maximum(m_s, tl.max(sm, axis=1))
-        alpha = tl.exp(m_s - m_new)
-        ex = tl.exp(sm - m_new[:, None])
-        l_s = l_s * alpha + tl.sum(ex, axis=1)
-        a += tl.sum(tl.where(pe > 0, pe * (tl.log(tl.where(pe > 0, pe, 1.0)) - s), 0.0), axis=1)
-        psum += tl.sum(pe, axis=1)
-        if WITH_GRAD:
-            acc_s = acc_s * alpha[:, None] + tl.dot(ex.to(CDT), ki, input_precision=DOT_PREC)
-            acc_p += tl.dot(pe.to(CDT), ki, input_precision=DOT_PREC)
-        m_s = m_new
-    has = l_s > 0
-    lse_s = tl.where(has, m_s + tl.log(tl.where(has, l_s, 1.0)), float("inf"))
-    kl = tl.where(has, a + psum * lse_s, 0.0)
-    tl.store(KL + srow, kl, mask=xmask)
-    tl.store(LSE_S + srow, lse_s, mask=xmask)
-    if WITH_GRAD:
-        inv_l = tl.where(has, 1.0 / tl.where(has, l_s, 1.0), 0.0)
-        dqi = (acc_s * inv_l[:, None] - acc_p) * (index_scale * inv_n)
-        tl.store(DQI + srow[:, None] * DI + e[None, :], dqi.to(DQI.dtype.element_ty),
-                 mask=xmask[:, None] & emask[None, :])
-
-
-@triton.jit
-def indexer_kl_bwd_dense_rows_dk_kernel(QI, KI, Q, K, SEQ_END, LSE_T, LSE_S, PART, scale, index_scale, NTOK, HQ,
-                                        HKV, G: tl.constexpr, D: tl.constexpr, DI: tl.constexpr,
-                                        BLOCK_M: tl.constexpr, ENT_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                                        BLOCK_D: tl.constexpr, BLOCK_DI: tl.constexpr, CDT: tl.constexpr,
-                                        DOT_PREC: tl.constexpr, SPLIT_P: tl.constexpr):
-    """Warmup dk_idx: one program per (key tile, group r) over the causal queries of the key's sequence,
-    ENT queries x G heads per teacher MMA. PART fp32 (H_kv, T_all, DI): unscaled per-group partial."""
-    ENT: tl.constexpr = BLOCK_M // G
-    pid = tl.program_id(0)
-    r = tl.program_id(1)
-    j = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    jmask = j < NTOK
-    j64 = j.to(tl.int64)
-    d = tl.arange(0, BLOCK_D)
-    e = tl.arange(0, BLOCK_DI)
-    dmask = d < D
-    emask = e < DI
-    send = tl.load(SEQ_END + j, mask=jmask, other=0)
-    kk = tl.load(K + (j64 * HKV + r)[:, None] * D + d[None, :], mask=jmask[:, None] & dmask[None, :],
-                 other=0.0).to(CDT)
-    ki = tl.load(KI + j64[:, None] * DI + e[None, :], mask=jmask[:, None] & emask[None, :], other=0.0).to(CDT)
-    m = tl.arange(0, BLOCK_M)
-    ment = m // G
-    mhead = r * G + m % G
-    x = tl.arange(0, ENT_PAD)
-    avg = tl.where((x[:, None] == ment[None, :]) & (ment < ENT)[None, :], 1.0, 0.0).to(CDT)
-    lo = pid * BLOCK_N
-    hi = tl.load(SEQ_END + tl.minimum(pid * BLOCK_N + BLOCK_N, NTOK) - 1)  # last key has the largest end
-    dk = tl.zeros([BLOCK_N, BLOCK_DI], dtype=tl.float32)
-    for i0 in range(lo, hi, ENT):
-        mi = i0 + ment
-        rmask = (ment < ENT) & (mi < NTOK)
-        qrow = mi.to(tl.int64) * HQ + mhead
-        q = tl.load(Q + qrow[:, None] * D + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0).to(CDT)
-        lse_h = tl.load(LSE_T + qrow, mask=rmask, other=0.0)
-        vis = rmask[:, None] & jmask[None, :] & (j[None, :] <= mi[:, None]) & (mi[:, None] < send[None, :])
-        pe = _teacher_entry_probs(q, kk, lse_h, vis, avg, scale, G, CDT, DOT_PREC, SPLIT_P)
-        xi = i0 + x
-        xmask = (x < ENT) & (xi < NTOK)
-        srow = xi.to(tl.int64) * HKV + r
-        qi = tl.load(QI + srow[:, None] * DI + e[None, :], mask=xmask[:, None] & emask[None, :], other=0.0).to(CDT)
-        lse_s = tl.load(LSE_S + srow, mask=xmask, other=float("inf"))
-        s = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC) * index_scale
-        xvis = xmask[:, None] & jmask[None, :] & (j[None, :] <= xi[:, None]) & (xi[:, None] < send[None, :])
-        gr = tl.where(xvis, tl.exp(s - lse_s[:, None]) - pe, 0.0)
-        dk += tl.dot(tl.trans(gr.to(CDT)), qi, input_precision=DOT_PREC)
-    tl.store(PART + (r * NTOK + j64)[:, None] * DI + e[None, :], dk, mask=jmask[:, None] & emask[None, :])
-
-
-@triton.jit
-def indexer_kl_fwd_dense_onepass_kernel(QI, KI, Q, K, SEQ_END, LSE_T, LSE_S, PART, DQI, KLPART, scale, index_scale,
-                                        NTOK, HQ, HKV, G: tl.constexpr, D: tl.constexpr, DI: tl.constexpr,
-                                        BLOCK_M: tl.constexpr, ENT_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                                        BLOCK_D: tl.constexpr, BLOCK_DI: tl.constexpr, CDT: tl.constexpr,
-                                        DOT_PREC: tl.constexpr, SPLIT_P: tl.constexpr):
-    """Warmup loss + both gradients with the teacher computed ONCE (the two-pass path computes it in the
-    forward and again in the dk_idx pass). Needs the student lse first (LSE_S fp32 (T_all * H_kv,), a
-    cheap pass). Key-outer like ``indexer_kl_bwd_dense_rows_dk_kernel``: dk_idx stays in registers
-    (PART fp32 (H_kv, T_all, DI), unscaled per-group partial); the dq_idx contributions g @ k_idx of each
-    (key tile, query tile) are fp32 atomic adds into DQI (T_all * H_kv, DI) (zero-filled, unscaled), so
-    dq_idx is not bitwise repeatable; KLPART fp32 (programs,) gets this program's KL contribution
-    (summed later in a fixed order)."""
-    ENT: tl.constexpr = BLOCK_M // G
-    pid = tl.program_id(0)
-    r = tl.program_id(1)
-    j = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    jmask = j < NTOK
-    j64 = j.to(tl.int64)
-    d = tl.arange(0, BLOCK_D)
-    e = tl.arange(0, BLOCK_DI)
-    dmask = d < D
-    emask = e < DI
-    send = tl.load(SEQ_END + j, mask=jmask, other=0)
-    kk = tl.load(K + (j64 * HKV + r)[:, None] * D + d[None, :], mask=jmask[:, None] & dmask[None, :],
-                 other=0.0).to(CDT)
-    ki = tl.load(KI + j64[:, None] * DI + e[None, :], mask=jmask[:, None] & emask[None, :], other=0.0).to(CDT)
-    m = tl.arange(0, BLOCK_M)
-    ment = m // G
-    mhead = r * G + m % G
-    x = tl.arange(0, ENT_PAD)
-    avg = tl.where((x[:, None] == ment[None, :]) & (ment < ENT)[None, :], 1.0, 0.0).to(CDT)
-    lo = pid * BLOCK_N
-    hi = tl.load(SEQ_END + tl.minimum(pid * BLOCK_N + BLOCK_N, NTOK) - 1)
-    dk = tl.zeros([BLOCK_N, BLOCK_DI], dtype=tl.float32)
-    klacc = tl.zeros([ENT_PAD], dtype=tl.float32)
-    for i0 in range(lo, hi, ENT):
-        mi = i0 + ment
-        rmask = (ment < ENT) & (mi < NTOK)
-        qrow = mi.to(tl.int64) * HQ + mhead
-        q = tl.load(Q + qrow[:, None] * D + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0).to(CDT)
-        lse_h = tl.load(LSE_T + qrow, mask=rmask, other=0.0)
-        vis = rmask[:, None] & jmask[None, :] & (j[None, :] <= mi[:, None]) & (mi[:, None] < send[None, :])
-        pe = _teacher_entry_probs(q, kk, lse_h, vis, avg, scale, G, CDT, DOT_PREC, SPLIT_P)
-        xi = i0 + x
-        xmask = (x < ENT) & (xi < NTOK)
-        srow = xi.to(tl.int64) * HKV + r
-        qi = tl.load(QI + srow[:, None] * DI + e[None, :], mask=xmask[:, None] & emask[None, :], other=0.0).to(CDT)
-        lse_s = tl.load(LSE_S + srow, mask=xmask, other=0.0)
-        s = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC) * index_scale
-        xvis = xmask[:, None] & jmask[None, :] & (j[None, :] <= xi[:, None]) & (xi[:, None] < send[None, :])
-        pe = tl.where(xvis, pe, 0.0)
-        klacc += tl.sum(tl.where(pe > 0, pe * (tl.log(tl.where(pe > 0, pe, 1.0)) - s + lse_s[:, None]), 0.0), 1)
-        gr = tl.where(xvis, tl.exp(s - lse_s[:, None]) - pe, 0.0)
-        grc = gr.to(CDT)
-        dk += tl.dot(tl.trans(grc), qi, input_precision=DOT_PREC)
-        dq = tl.dot(grc, ki, input_precision=DOT_PREC)
-        tl.atomic_add(DQI + srow[:, None] * DI + e[None, :], dq, mask=xmask[:, None] & emask[None, :])
-    tl.store(PART + (r * NTOK + j64)[:, None] * DI + e[None, :], dk, mask=jmask[:, None] & emask[None, :])
-    one = tl.arange(0, 1)
-    tl.store(KLPART + (r * tl.num_programs(0) + pid) + one, tl.sum(klacc, 0) + tl.zeros([1], dtype=tl.float32))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Warmup phase, 'flash' mode (default): two deterministic passes built like FlashAttention's forward
-# and dK/dV kernels. MMA rows are 128 query positions (or keys) of ONE head; the program loops over
-# the group's G heads per key (query) tile and adds exp2(t - lse_h) into one fp32 tile, so the
-# group average needs no cross-row reduction, no 0/1 averaging MMA and no hi/lo split, and the
+# Warmup phase: built like FlashAttention's forward and dK/dV kernels. MMA rows are 128 query positions
+# (or keys) of ONE head; the program loops over the group's G heads per key (query) tile and adds
+# exp2(t - lse_h) into one fp32 tile, so the group average needs no cross-row reduction, and the
 # student side gets full 128-row MMAs too. With the student lse known (prologue of pass 1) the
-# gradient of a tile is g = p_idx - p directly, so dq_idx / dk_idx each need ONE accumulator and no
-# atomics. Causal tiles are skipped; only diagonal / sequence-boundary tiles evaluate masks.
+# gradient of a tile is g = p_idx - p directly: pass 1 keeps dq_idx in registers and, in the default
+# 'flash-atomic' mode, adds g^T @ q_idx into dk_idx with fp32 atomics (one pass, teacher computed once);
+# the deterministic 'flash' mode computes dk_idx in a key-outer pass 2 instead (teacher recomputed).
+# Causal tiles are skipped; only diagonal / sequence-boundary tiles evaluate masks.
 # All exponentials are exp2 with the scales pre-multiplied by log2(e) (qk2, is2).
 # ---------------------------------------------------------------------------------------------------
-
 
 
 @triton.jit
