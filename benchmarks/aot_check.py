@@ -1,18 +1,19 @@
-"""Ahead-of-time resource check of every Triton training kernel at the paper's shape, no GPU needed.
+"""Ahead-of-time resource check of the Triton kernels at the paper's shape, no GPU needed.
 
     pip install --no-deps --target /tmp/t36 triton-3.6.0-cp311-*.whl     # the GPU's Triton (has ptxas)
     PYTHONPATH=/tmp/t36:. python benchmarks/aot_check.py [--arch 90] [--json OUT.json] [--only SUBSTR]
 
 (do NOT set TRITON_INTERPRET). For each kernel launch that a training step makes at H_q 64, H_kv 4,
 D 128, d_idx 128, block 128, k 16, bf16 (the launchers' own config functions are called, so the
-env knobs MSA_SPARSE_BWD_CONFIG, MSA_KL_KV_CONFIG, MSA_KL_DENSE_FLASH_CONFIG,
-MSA_SPARSE_FWD_CONFIG apply),
-it compiles for sm_<arch> with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``
-and prints the static shared memory (``metadata.shared``, what the launcher checks against the
-device's 232448-byte opt-in limit on H100/H200), and registers / spill stores / spill loads from
-``ptxas -v`` on the generated PTX. Exit status 1 if any kernel needs more shared memory than
---limit (default 232448) or fails to compile. Pointer arguments are assumed 16-byte aligned and
-integer arguments divisible by 16 get the divisibility hint, as the JIT does at run time.
+env knobs MSA_SPARSE_BWD_CONFIG, MSA_KL_KV_CONFIG, MSA_KL_DENSE_FLASH_CONFIG, MSA_SPARSE_FWD_CONFIG
+apply), and for the decode chain at 1M tokens, batch 1 (bf16 and fp8 index keys), it compiles for
+sm_<arch> with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` and prints the
+static shared memory (``metadata.shared``, what the launcher checks against the device's
+232448-byte opt-in limit on H100/H200), registers / spill stores / spill loads from ``ptxas -v`` on
+the generated PTX, and how many Hopper ``wgmma`` vs warp-level ``mma.sync`` instructions the PTX
+holds. Exit status 1 if any kernel needs more shared memory than --limit (default 232448) or fails
+to compile. Pointer arguments are assumed 16-byte aligned and integer arguments divisible by 16 get
+the divisibility hint, as the JIT does at run time.
 
 Also runnable on a GPU machine (it never launches anything).
 """
@@ -164,6 +165,40 @@ def _launches():
                      HQ=HQ, HKV=HKV),
                 dict(G=g, D=D, DI=DI, BLOCK_M=fc2["DK_BLOCK_M"], BLOCK_N=fc2["DK_BLOCK_N"], BLOCK_D=bd, BLOCK_DI=bdi,
                      CDT=cdt, DOT_PREC=prec), fc2["DK_WARPS"], fc2["DK_STAGES"]))
+    out += _decode_launches()
+    return out
+
+
+def _decode_launches():
+    """Decode kernels at 1M tokens, batch 1, one query token, paper shape (legacy chain, as DecodePlan
+    picks at 1M), bf16 and fp8 (per-block scales) index keys, PDL on."""
+    from msa.ops.decode import triton_kernels as dk
+    bf, f32, i32, i64, f8 = "*bf16", "*fp32", "*i32", "*i64", "*fp8e4nv"
+    nb_cap = (1 << 20) // BLOCK
+    out = []
+    for name, kptr, mode, nbt, tps in (("bf16", bf, 0, 1, 32), ("fp8 per-block", f8, 2, 2, 16)):
+        out.append((f"decode_index_fwd_kernel ({name} index keys, 1M, batch 1)", dk.decode_index_fwd_kernel,
+                    dict(q_ptr=bf, k_ptr=kptr, ks_ptr=f32, pt_ptr=i32, lens_ptr=i32, out_ptr=f32, T=1, H=HKV, DI=DI,
+                         NB_CAP=nb_cap, S_ROWS=1 << 20, PT_STRIDE=0, TPS=tps, NSPLIT=256, INIT=0, LOCALB=1,
+                         scale=0.1),
+                    dict(BS=BLOCK, NBT=nbt, DI_PAD=DI, ROWS=16, PAGED=False, SCALE_MODE=mode, F32=False, EVEN_D=True,
+                         LOCAL_TOPK=False, NT_PAD=1, TOPK=TOPK, K_PAD=TOPK, C_PAD=1, PDL=True), 4, 3))
+    out.append(("decode_topk_fwd_kernel (1M, 256-block chunks)", dk.decode_topk_fwd_kernel,
+                dict(score_ptr=f32, lens_ptr=i32, cand_ptr=i64, out_ptr=i32, T=1, H=HKV, NB_CAP=nb_cap, NC=32, INIT=0,
+                     LOCALB=1),
+                dict(BS=BLOCK, TOPK=TOPK, K_PAD=TOPK, CHUNK=256, FINAL=False, PDL=True), 1, 3))
+    out.append(("decode_topk_merge_fwd_kernel", dk.decode_topk_merge_fwd_kernel,
+                dict(cand_ptr=i64, lens_ptr=i32, out_ptr=i32, T=1, H=HKV, NC=32),
+                dict(BS=BLOCK, TOPK=TOPK, K_PAD=TOPK, NCK_PAD=512, PDL=True), 1, 3))
+    out.append(("decode_attention_fwd_kernel (16 splits)", dk.decode_attention_fwd_kernel,
+                dict(q_ptr=bf, k_ptr=bf, v_ptr=bf, idx_ptr=i32, cand_ptr=i64, pt_ptr=i32, lens_ptr=i32, o_ptr=f32,
+                     lse_ptr=f32, T=1, H=HKV, G=HQ // HKV, D=D, S_ROWS=1 << 20, PT_STRIDE=0, NSPLIT=16, BPS=1, NCAND=1,
+                     scale_log2=0.1),
+                dict(BS=BLOCK, G_PAD=HQ // HKV, D_PAD=D, PAGED=False, DENSE=False, F32=False, EVEN_D=True,
+                     FUSED_SEL=False, DIRECT=False, K_PAD=1, NCAND_PAD=1, TOPK=TOPK, PDL=True), 4, 2))
+    out.append(("decode_merge_fwd_kernel", dk.decode_merge_fwd_kernel,
+                dict(o_part_ptr=f32, lse_part_ptr=f32, o_ptr=bf, lse_ptr=f32, D=D, NSPLIT=16),
+                dict(S_PAD=16, D_PAD=D, PDL=True), 4, 3))
     return out
 
 
