@@ -125,7 +125,7 @@ def _launches():
                 dict(D=D, BLOCK_N=bc["DKDV_BLOCK_N"], BLOCK_D=bd, BS_PAD=bs_pad), 4, 3))
 
     # indexer KL, sparse phase
-    kc = kv_config(g, D, DI, BLOCK)
+    kc = kv_config(D, DI)
     out.append(("indexer_kl_fwd_slse_kv_kernel", kk.indexer_kl_fwd_slse_kv_kernel,
                 dict(QI=bf, KI=bf, PLSE=f32, ENTRIES=i32, WORK_ROW=i32, WORK_START=i32, WORK_END=i32,
                      BLOCK_START=i32, BLOCK_LEN=i32, tok0=0, index_scale=0.1, HKV=HKV, NSEL=TOPK, NB=T // BLOCK),

@@ -37,7 +37,7 @@ from .triton_kernels import (indexer_kl_bwd_dense_flash_dk_kernel, indexer_kl_bw
 LOG2E = 1.4426950408889634
 
 
-def kv_config(g: int, d: int, di: int, block_size: int = 128):
+def kv_config(d: int, di: int):
     """Launch configuration of ``indexer_kl_fwd_kv_heads_kernel`` (env ``MSA_KL_KV_CONFIG``, e.g.
     ``BLOCK_E=64,num_warps=8,num_stages=2``): MMA rows are BLOCK_E (query, slot) entries of one head,
     one program per work item (whole key block). H200 at 128K tokens, paper shape
@@ -82,7 +82,7 @@ def sparse_kl_kv(q_idx, k_idx, q, k, block_indices, lse_t, *, block_size, index_
     budget = int(partial_budget_bytes if partial_budget_bytes is not None else
                  os.environ.get("MSA_KL_PARTIAL_BYTES", DEFAULT_KL_PARTIAL_BYTES))
     bn, bdi = _pow2(block_size), _pow2(di)
-    cfg = kv_config(g, d, di, block_size)
+    cfg = kv_config(d, di)
     chunk = max(1, min(ntok, budget // (nsel * hkv * (di + 2) * 4)))
     layout = block_layout(bsz, t, block_size, cu_seqlens, dev)
     starts = block_starts_host(bsz, t, block_size, cu_seqlens)
@@ -236,8 +236,7 @@ def dense_kl_flash(q_idx, k_idx, q, k, lse_t, *, scale, index_scale, cu_seqlens,
     dev = q_idx.device
     inv_n = 1.0 / (ntok * hkv)
     cdt, prec = _compute_dtype(q.dtype), _dot_precision(q.dtype)
-    log2e = 1.4426950408889634
-    qk2, is2 = float(scale) * log2e, float(index_scale) * log2e
+    qk2, is2 = float(scale) * LOG2E, float(index_scale) * LOG2E
     atomic_dk = atomic_dk and with_grad
     cfg = dense_flash_config(g, d, di, atomic_dk)
     kl = torch.empty(ntok * hkv, dtype=torch.float32, device=dev)

@@ -384,7 +384,7 @@ def _dq_kv_outer(q, k, v, do, lse, delta, bi, *, block_size: int, scale: float, 
     """dQ of mode ``kv``: KV-outer kernel + fixed-order slot reduction, over query chunks whose partials
     (K * H_q * D per token, input dtype for 16-bit inputs) fit the forward's partial budget. One chunk
     reuses the dK/dV reverse index; several build a chunk-local index each (device-side, no sync)."""
-    from .triton_impl import _partial_budget, partial_dtype  # the forward's budget rule and dtype
+    from .triton_impl import LOG2E, _partial_budget, partial_dtype  # the forward's budget rule and dtype
 
     bsz, t, hq, d = q.shape
     hkv, nsel = k.shape[2], bi.shape[3]
@@ -416,7 +416,7 @@ def _dq_kv_outer(q, k, v, do, lse, delta, bi, *, block_size: int, scale: float, 
         timer.start("dq_kernel")
         sparse_attention_bwd_dq_kv_kernel[(ri.work_row.numel(),)](
             q, k, v, do, lse, delta, pdq, ri.entries, ri.work_row, ri.work_start, ri.work_end, layout.block_start,
-            layout.block_len, t0, nbr, float(scale) * 1.4426950408889634, float(scale),
+            layout.block_len, t0, nbr, float(scale) * LOG2E, float(scale),
             H_Q=hq, H_KV=hkv, G=g, TOPK=nsel, D=d, BLOCK_D=block_d, BLOCK_M=cfg["DQKV_BLOCK_M"], BLOCK_N=block_n,
             KV_TILES=triton.cdiv(block_size, block_n), CDT=cdt, DOT_PREC=prec, num_warps=cfg["DQKV_WARPS"],
             num_stages=cfg["DQKV_STAGES"])
