@@ -150,15 +150,15 @@ def _launches():
                 kk.indexer_kl_fwd_lse_dense_kernel,
                 dict(Q=bf, K=bf, SEQ_START=i32, LSE=f32, scale=0.1, NTOK=T, HQ=HQ, HKV=HKV),
                 dict(G=g, D=D, BLOCK_Q=bq, BLOCK_N=bn, BLOCK_D=bd, CDT=cdt, DOT_PREC=prec), nw, 3))
-    fc2 = dense_flash_config(g, D, DI)
     for atomic in (True, False):
         fc2 = dense_flash_config(g, D, DI, atomic)
         out.append((f"indexer_kl_fwd_dense_flash_kernel (warmup, {'flash-atomic' if atomic else 'flash pass 1'})",
                     kk.indexer_kl_fwd_dense_flash_kernel,
                     dict(QI=bf, KI=bf, Q=bf, K=bf, SEQ_START=i32, LSE_T=f32, KL=f32, LSE_S=f32, DQI=f32, DKI=f32,
-                         qk2=0.1, is2=0.1, dq_mult=0.1, NTOK=T, HQ=HQ, HKV=HKV),
+                         qk2=0.1, is2=0.1, lg2g=4.0, dq_mult=0.1, NTOK=T, HQ=HQ, HKV=HKV),
                     dict(G=g, D=D, DI=DI, BLOCK_M=fc2["BLOCK_M"], BLOCK_N=fc2["BLOCK_N"], BLOCK_D=bd, BLOCK_DI=bdi,
-                         CDT=cdt, DOT_PREC=prec, DK_ATOMIC=atomic), fc2["num_warps"], fc2["num_stages"]))
+                         CDT=cdt, DOT_PREC=prec, DK_ATOMIC=atomic, FAST=True),
+                    fc2["num_warps"], fc2["num_stages"]))
     out.append(("indexer_kl_bwd_dense_flash_dk_kernel (warmup flash, pass 2)",
                 kk.indexer_kl_bwd_dense_flash_dk_kernel,
                 dict(QI=bf, KI=bf, Q=bf, K=bf, SEQ_END=i32, LSE_T=f32, LSE_S=f32, PART=f32, qk2=0.1, is2=0.1, NTOK=T,
@@ -182,7 +182,8 @@ def _decode_launches():
                          NB_CAP=nb_cap, S_ROWS=1 << 20, PT_STRIDE=0, TPS=tps, NSPLIT=256, INIT=0, LOCALB=1,
                          scale=0.1),
                     dict(BS=BLOCK, NBT=nbt, DI_PAD=DI, ROWS=16, PAGED=False, SCALE_MODE=mode, F32=False, EVEN_D=True,
-                         LOCAL_TOPK=False, NT_PAD=1, TOPK=TOPK, K_PAD=TOPK, C_PAD=1, PDL=True), 4, 3))
+                         LOCAL_TOPK=False, NT_PAD=1, TOPK=TOPK, K_PAD=TOPK, C_PAD=1, PDL=True,
+                         FP8_F16=mode != 0), 4, 3))
     out.append(("decode_topk_fwd_kernel (1M, 256-block chunks)", dk.decode_topk_fwd_kernel,
                 dict(score_ptr=f32, lens_ptr=i32, cand_ptr=i64, out_ptr=i32, T=1, H=HKV, NB_CAP=nb_cap, NC=32, INIT=0,
                      LOCALB=1),

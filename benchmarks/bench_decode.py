@@ -20,7 +20,8 @@
    L*d_idx*(2 or 1) B (+ scales) plus 2*H_kv*D*k*B_k*2 B per new token. Achieved GB/s are compared
    with a measured device-to-device copy bandwidth (read + write bytes / time).
 4. Per-kernel breakdown (CUDA events around each launch of an eager run) next to the graph-replay
-   total, and at the longest context (B=1, t=1, contiguous) small sweeps of index-kernel geometries
+   total, the GPU timeline of a graph replay (torch.profiler: each kernel's start and duration, so the
+   gaps between the chain's launches show) at batch 1 and one token, and at the longest context (B=1, t=1, contiguous) small sweeps of index-kernel geometries
    and of the fused chain's attention splits (1 split = 2 launches, no merge kernel).
 JSON + PNG under --out; a short table is printed last. Sizes that do not fit are recorded as OOM.
 """
@@ -391,6 +392,31 @@ def breakdown(plan, q, qi, iters=20):
     return {k_: v_ / iters * 1000 for k_, v_ in tot.items()}
 
 
+def graph_timeline(rep, reps=5):
+    """GPU timeline of graph replays (torch.profiler / CUPTI): [(kernel, start us from the first kernel's
+    start, duration us)] of the last replay, plus the span (first start to last end). Shows how much of a
+    step is kernel time and how much is the gaps between the chain's launches."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    rep()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            rep()
+            torch.cuda.synchronize()
+    kern = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start),
+                  key=lambda e: e.time_range.start)
+    if not kern:
+        return None
+    per = len(kern) // reps
+    last = kern[-per:]
+    t0 = last[0].time_range.start
+    rows = [(e.name.split("(")[0][:40], round(e.time_range.start - t0, 2), round(e.time_range.end - e.time_range.start, 2))
+            for e in last]
+    return dict(kernels=rows, span_us=round(max(e.time_range.end for e in last) - t0, 2),
+                kernel_sum_us=round(sum(r[2] for r in rows), 2))
+
+
 INDEX_SWEEP = [dict(), dict(index_programs_per_sm=1, index_num_stages=4), dict(index_programs_per_sm=2, index_num_stages=4),
                dict(index_programs_per_sm=4, index_num_stages=3), dict(index_programs_per_sm=8, index_num_stages=2),
                dict(index_tile_blocks=1), dict(index_tile_blocks=2), dict(index_tile_blocks=4, index_num_stages=2)]
@@ -496,6 +522,15 @@ def main():
                                 else:
                                     geo.update(topk_chunks=plan.nc)
                                 chains[chain] = dict(ms=ms_c, graph=rep is not None, breakdown_eager_us=bd, geometry=geo)
+                                if B == 1 and t == 1 and not paged and rep is not None:
+                                    try:
+                                        tl_ = graph_timeline(rep)
+                                    except Exception as exc:  # profiler problems must not lose the run
+                                        tl_ = f"unavailable: {type(exc).__name__}: {exc}"[:200]
+                                    chains[chain]["graph_timeline"] = tl_
+                                    if isinstance(tl_, dict):
+                                        print(f"  {chain:>6} graph timeline (us): span {tl_['span_us']}, kernels "
+                                              + " | ".join(f"{n} @{a} +{d}" for n, a, d in tl_["kernels"]), flush=True)
                                 print(f"  {chain:>6} per-kernel (eager, us): "
                                       + " ".join(f"{k_} {v_:.1f}" for k_, v_ in bd.items())
                                       + f" | sum {sum(bd.values()):.1f} vs graph total {ms_c * 1e3:.1f}", flush=True)

@@ -197,10 +197,8 @@ def config_sweep(q, k, v, qi, ki, do, kl_kw, notes):
         # flash-atomic (the default): one query-outer pass, BLOCK_M queries x BLOCK_N keys per tile
         sweeps.append(("MSA_KL_DENSE_FLASH_CONFIG", ["BLOCK_M=128,BLOCK_N=128,num_stages=2",
                                                      "BLOCK_M=128,BLOCK_N=128,num_stages=3",
-                                                     "BLOCK_M=128,BLOCK_N=128,num_stages=1",
+                                                     "BLOCK_M=128,BLOCK_N=128,num_stages=4",
                                                      "BLOCK_M=128,BLOCK_N=64,num_stages=3",
-                                                     "BLOCK_M=128,BLOCK_N=64,num_stages=4",
-                                                     "BLOCK_M=64,BLOCK_N=128,num_warps=4,num_stages=2",
                                                      "BLOCK_M=64,BLOCK_N=64,num_warps=4,num_stages=3"],
                        lambda: _in_env("MSA_KL_DENSE_MODE", "flash-atomic", dense_kl)))
     groups = {"kl_kv": ("MSA_KL_KV",), "bwd": ("MSA_SPARSE_BWD",), "dense": ("MSA_KL_DENSE",)}

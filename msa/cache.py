@@ -380,18 +380,21 @@ class MSACache:
         self.lengths_dev[layer_idx].add_(t)
 
     # reading ------------------------------------------------------------------------------------
-    def index_keys(self, layer_idx: int, row: int, n: int) -> Optional[torch.Tensor]:
-        """(n, D_idx) index keys of positions 0..n-1 of a sequence in ``dtype`` (fp8 dequantised)."""
+    def index_keys(self, layer_idx: int, row: int, n: int,
+                   dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
+        """(n, D_idx) index keys of positions 0..n-1 of a sequence in ``dtype`` (default the cache dtype;
+        fp8 keys are dequantised in fp32, then cast: pass torch.float32 for the exact values the kernels use)."""
         kidx = self.k_idx[layer_idx]
         if kidx is None:
             return None
+        dtype = dtype or self.dtype
         rows = self.rows(row, 0, n).to(self.device)
         x = self._flat(kidx)[rows]
         if not self.fp8_index:
-            return x
+            return x.to(dtype)
         sc = self.k_idx_scale[layer_idx].view(-1)
         s = sc[rows] if self.index_scale_mode == "token" else sc[rows // self.index_block_size]
-        return (x.float() * s.unsqueeze(-1)).to(self.dtype)
+        return (x.float() * s.unsqueeze(-1)).to(dtype)
 
     def view(self, layer_idx: int, row: int) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """The stored (K, V, index keys) of one sequence: (n, H_kv, D), (n, H_kv, D), (n, D_idx) or None.

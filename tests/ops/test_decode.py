@@ -337,3 +337,30 @@ def test_index_multi_block_tiles(nbt, paged, idt, mode, fused):
     assert s[0, :, :, :3].tolist() == [[[0, 1, 2]] * H] * t  # ties: the lowest free ids first
     if torch.equal(s.sort(-1).values, s_ref.sort(-1).values):
         assert torch.allclose(o, o_ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["token", "block"])
+def test_fp8_keys_bf16_queries_large_values(mode):
+    """bf16 cache with fp8 index keys: the index kernel scores with fp16 operands (FP8_F16), the queries
+    rescaled per row by a power of two. Rows whose |q_idx| exceeds fp16's range (here ~1e5) and normal
+    rows must select what the reference selects on the same (dequantised) keys; without the rescale
+    the large rows would overflow to inf and select garbage."""
+    lens, t, H, G, D, DI, bs, topk = [300, 170], 2, 2, 2, 16, 32, 16, 5
+    cache = make_cache(lens, t, H, D, DI, bs=bs, seed=5, key_bias=1.0, dtype=torch.bfloat16,
+                       index_dtype=torch.float8_e4m3fn, mode=mode)
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(len(lens), t, H * G, D, generator=g).to(torch.bfloat16).to(DEV)
+    qi = torch.randn(len(lens), t, H, DI, generator=g)
+    qi[0, :, 0] *= 1.0e5      # max |q| ~ 3e5 > 65504
+    qi[1, 1, 1] *= 3.0e4
+    qi = qi.to(torch.bfloat16).to(DEV)
+    assert qi.float().abs().amax() > 65504
+    # reference selection on the exact (fp32) dequantised keys: the kernels apply the fp8 scales in fp32,
+    # while the cache's bf16 view of the keys would round them
+    from msa.ops.select_blocks.reference import select_blocks_sequence
+    s_ref = torch.stack([select_blocks_sequence(qi[b].float(), cache.index_keys(0, b, n, dtype=torch.float32),
+                                                q_start=n - t, block_size=bs, topk=topk, init_blocks=0,
+                                                local_blocks=1, scale=DI ** -0.5) for b, n in enumerate(lens)])
+    for fused in (True, False):
+        _, s = run_plan(cache, q, qi, bs, topk, fused=fused)
+        assert torch.equal(s.sort(-1).values, s_ref.sort(-1).values), fused

@@ -204,6 +204,9 @@ class DecodePlan:
         self.pdl = (dev.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(dev)[0] >= 9
                     and os.environ.get("MSA_DECODE_PDL", "1") != "0")
         self._pdl_launch = {"launch_pdl": True} if self.pdl else {}
+        # fp8 index keys with bf16 queries: score in fp16 (exact key convert, rescaled queries; see
+        # decode_index_fwd_kernel); env MSA_DECODE_FP8_F16=0 keeps the bf16 path (comparison)
+        self.fp8_f16 = os.environ.get("MSA_DECODE_FP8_F16", "1") != "0"
         self._dummy_i = torch.zeros(1, dtype=torch.int32, device=dev)
         self._dummy_l = torch.zeros(1, dtype=torch.int64, device=dev)
         self._dummy_f = torch.ones(1, dtype=torch.float32, device=dev)
@@ -258,7 +261,7 @@ class DecodePlan:
                 BS=BS, NBT=self.idx_nbt, DI_PAD=di_pad, ROWS=self.idx_rows, PAGED=c.paged,
                 SCALE_MODE=mode, F32=self.f32, EVEN_D=di_pad == self.DI, LOCAL_TOPK=fz,
                 NT_PAD=self.idx_nt_pad if fz else 1, TOPK=self.topk, K_PAD=self.k_pad,
-                C_PAD=self.c_pad if fz else 1, PDL=self.pdl,
+                C_PAD=self.c_pad if fz else 1, PDL=self.pdl, FP8_F16=self.fp8_f16 and bool(mode) and q_idx.dtype == torch.bfloat16,
                 num_warps=4, num_stages=self.idx_stages if not interpreting() else 1)
             if not fz:
                 nrows = B * T * H

@@ -63,12 +63,18 @@ def decode_index_fwd_kernel(
     BS: tl.constexpr, NBT: tl.constexpr, DI_PAD: tl.constexpr, ROWS: tl.constexpr,
     PAGED: tl.constexpr, SCALE_MODE: tl.constexpr, F32: tl.constexpr, EVEN_D: tl.constexpr,
     LOCAL_TOPK: tl.constexpr, NT_PAD: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.constexpr,
-    C_PAD: tl.constexpr, PDL: tl.constexpr = False,
+    C_PAD: tl.constexpr, PDL: tl.constexpr = False, FP8_F16: tl.constexpr = False,
 ):
     """Program (b, row tile, split) streams TPS tiles of NBT blocks (NBT * BS key rows per tile: fp8
     keys use NBT = 2 so one tile is still 32 KB of HBM traffic at d_idx 128). LOCAL_TOPK: the TPS * NBT
     block maxima (NT_PAD >= TPS) are kept in registers and the epilogue writes their top-k (C_PAD =
-    min(K_PAD, NT_PAD * NBT) packed candidates, EMPTY-padded)."""
+    min(K_PAD, NT_PAD * NBT) packed candidates, EMPTY-padded).
+
+    FP8_F16 (fp8 keys, bf16 queries, GPU): the keys go to fp16 (one packed e4m3x2 -> f16x2 convert per
+    two values; bf16 would need a second convert per value, which made the scan conversion-bound) and
+    the queries to fp16 after an exact power-of-two rescale per row (|q| <= 2^14, so no overflow;
+    components below ~2^-17 of the row maximum's scale lose bits, far below the fp8 keys' own
+    precision); the block maxima are scaled back (a positive row factor commutes with the max)."""
     EMPTY: tl.constexpr = -9223372036854775808
     b = tl.program_id(0)
     rt = tl.program_id(1)
@@ -86,7 +92,14 @@ def decode_index_fwd_kernel(
     else:
         dmask = d < DI
     q = tl.load(q_ptr + (b * T * H + rows)[:, None] * DI + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-    if F32:
+    if FP8_F16:
+        qf = q.to(tl.float32)
+        qa = tl.max(tl.abs(qf), axis=1)
+        qsh = tl.where(qa > 16384.0, tl.exp2(tl.ceil(tl.log2(qa)) - 14.0), 1.0)   # power of two: exact
+        q = (qf / qsh[:, None]).to(tl.float16)
+        if F32:  # interpreter: the same fp16 queries, fp32 products
+            q = q.to(tl.float32)
+    elif F32:
         q = q.to(tl.float32)
     KT: tl.constexpr = NBT * BS
     jo = tl.arange(0, KT)
@@ -117,7 +130,7 @@ def decode_index_fwd_kernel(
         if F32:
             kk = kk.to(tl.float32)
         else:
-            kk = kk.to(q.dtype)                    # fp8 -> bf16 is exact: scales applied in fp32 below
+            kk = kk.to(q.dtype)                    # fp8 -> bf16 / fp16 is exact: scales applied in fp32 below
         s = _mm(q, tl.trans(kk), F32)              # (ROWS, KT)
         if SCALE_MODE == 1:
             s = s * tl.load(ks_ptr + krow, mask=kmask, other=1.0)[None, :]
@@ -128,6 +141,8 @@ def decode_index_fwd_kernel(
             m = tl.max(s, axis=1)[:, None]         # (ROWS, 1)
         else:
             m = tl.max(tl.reshape(s, (ROWS, NBT, BS)), axis=2)   # (ROWS, NBT)
+        if FP8_F16:
+            m = m * qsh[:, None]
         if SCALE_MODE == 2:
             # a positive per-block scale commutes with the max
             if PAGED:

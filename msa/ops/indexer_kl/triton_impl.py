@@ -18,6 +18,7 @@ q_idx and k_idx only (spec section 2).
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -209,9 +210,12 @@ def dense_flash_config(g: int, d: int, di: int, atomic_dk: bool = False):
         # sm_90 AOT (paper shape, 8 warps, 2 stages): pass 1 128 queries x 64 keys 131072 B, 104 B spills
         # (128 x 128: 520 B, 64 x 128: 520 B; 64 x 64: none but half-width MMAs); pass 2 128 keys x 32
         # queries 81920 B, no spills (128 x 128: 2.4 KB spills; 64 x 128 keys: 264 B).
-        # flash-atomic, H200 (benchmarks/results/dev/round12_log.txt), 32K: 128 x 64 s2 56.6 ms, s3 47.9,
-        # 128 x 128 s2 44.1, 64 x 64 w4 55.1, 128 x 32 97.9; 128K: 128 x 128 s2 689 ms, s3 672 (the default:
-        # 196608 B shared, ~1.3 KB of spills in the AOT report), s1 897, 128 x 64 s3 786, 64 x 128 w4 857.
+        # flash-atomic, H200 (benchmarks/results/dev/round12_log.txt, round13_log.txt), 32K: 128 x 64 s2 56.6 ms,
+        # s3 47.9, 128 x 128 s2 44.1, 64 x 64 w4 55.1, 128 x 32 97.9; 128K: 128 x 128 s2 689 ms, s3 672 (the
+        # default: 196608 B shared, ~1.3 KB of spills in the AOT report), s1 897, 128 x 64 s3 786, 64 x 128 w4
+        # 857. Round 13 (MUFU log2, one row sum, 1/G folded into the exponent), 128K: s3 619-628 ms, s2 677,
+        # s4 638, 128 x 64 s3 739, 64 x 64 w4 755; 16 warps (128 registers, spills in the head loop) 1211;
+        # dq_idx through atomics too (no accumulator in registers) 657.
         cfg = dict(BLOCK_M=128, BLOCK_N=128 if atomic_dk else 64, DK_BLOCK_M=32, DK_BLOCK_N=128, num_warps=8,
                    num_stages=3 if atomic_dk else 2, DK_WARPS=8, DK_STAGES=2)
         if max(d, di) > 128:
@@ -245,9 +249,9 @@ def dense_kl_flash(q_idx, k_idx, q, k, lse_t, *, scale, index_scale, cu_seqlens,
     dk_acc = torch.zeros((ntok, di), dtype=torch.float32, device=dev) if atomic_dk else kl  # dummy when unused
     indexer_kl_fwd_dense_flash_kernel[(triton.cdiv(ntok, cfg["BLOCK_M"]), hkv)](
         q_idx, k_idx, q, k, token_seq_start(bsz, t, cu_seqlens, dev), lse_t, kl, lse_s, dq, dk_acc, qk2, is2,
-        float(index_scale * inv_n), ntok, hq, hkv, G=g, D=d, DI=di, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_D=_pow2(d), BLOCK_DI=_pow2(di), CDT=cdt, DOT_PREC=prec, DK_ATOMIC=atomic_dk,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        math.log2(g), float(index_scale * inv_n), ntok, hq, hkv, G=g, D=d, DI=di, BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_pow2(d), BLOCK_DI=_pow2(di), CDT=cdt, DOT_PREC=prec, DK_ATOMIC=atomic_dk,
+        FAST=not _interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     loss = kl.sum() * inv_n  # fixed-order torch reduction: deterministic
     if not with_grad:
         return loss, None, None

@@ -246,17 +246,49 @@ def indexer_kl_fwd_kv_heads_kernel(QI, KI, Q, K, LSE_T, LSE_S, KLP, DQP, PART, E
 
 
 @triton.jit
-def _flash_q_tile(acc, Q, K, KI, LSE_T, DKI, qi, i0, i, imask, istart, lse2_s, j0, r, qk2, is2, NTOK, HQ, HKV,
-                  G: tl.constexpr, D: tl.constexpr, DI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_D: tl.constexpr, BLOCK_DI: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr,
-                  MASKED: tl.constexpr, DK_ATOMIC: tl.constexpr):
-    """One key tile of pass 1: returns (acc + g @ k_idx, sum_j p (log2 p - s2), sum_j p) for the query rows
+def _log2_fast(x, FAST: tl.constexpr):
+    """log2 of positive normal fp32 values: one MUFU.LG2 on the GPU (``tl.log2`` lowers to libdevice's
+    ~15-instruction polynomial); the interpreter has no inline asm, so it keeps ``tl.log2``."""
+    if FAST:
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _teacher_tile(Q, LSE_T, kk, i0, imask, r, qk2, lg2g, HQ, G: tl.constexpr, D: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CDT: tl.constexpr,
+                  DOT_PREC: tl.constexpr):
+    """Teacher probabilities of one (query tile, key tile): (1/G) sum_h exp2(t_h * qk2 - lse2_h), the 1/G
+    folded into the exponent. The group's heads share the key tile; each head's Q tile is re-read (L2).
+    (Issuing head h+1's MMA before head h's exponentials does not overlap them: Triton 3.6 still waits
+    for the wgmma before the exponentials, and the second score tile spills.)"""
+    d = tl.arange(0, BLOCK_D)
+    mm = tl.arange(0, BLOCK_M)
+    qoff = (mm * (HQ * D))[:, None] + d[None, :]
+    qm = imask[:, None] & (d < D)[None, :]
+    row0 = tl.cast(i0, tl.int64) * HQ + r * G
+    pe = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for h in range(G):
+        q = tl.load(Q + (row0 + h) * D + qoff, mask=qm, other=0.0).to(CDT)
+        l2 = tl.load(LSE_T + (row0 + h) + mm * HQ, mask=imask, other=0.0) * LOG2E + lg2g
+        t = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC)
+        pe += tl.exp2(t * qk2 - l2[:, None])
+    return pe
+
+
+@triton.jit
+def _flash_q_tile(acc, Q, K, KI, LSE_T, DKI, qi, i0, i, imask, istart, lse2_s, j0, r, qk2, is2, lg2g, NTOK, HQ,
+                  HKV, G: tl.constexpr, D: tl.constexpr, DI: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DI: tl.constexpr, CDT: tl.constexpr,
+                  DOT_PREC: tl.constexpr, MASKED: tl.constexpr, DK_ATOMIC: tl.constexpr, FAST: tl.constexpr):
+    """One key tile of pass 1: returns (acc + g @ k_idx, sum_j p (log2 p - log2 p_idx)) for the query rows
     (the accumulator goes through the MMA: a separate product tile would need 64 more registers)."""
     # int64 scalar bases + int32 tile offsets: per-element int64 addresses cost registers (spills)
     d = tl.arange(0, BLOCK_D)
     e = tl.arange(0, BLOCK_DI)
     nn = tl.arange(0, BLOCK_N)
-    mm = tl.arange(0, BLOCK_M)
     j = j0 + nn
     jmask = j < NTOK
     kbase = K + (tl.cast(j0, tl.int64) * HKV + r) * D
@@ -264,24 +296,15 @@ def _flash_q_tile(acc, Q, K, KI, LSE_T, DKI, qi, i0, i, imask, istart, lse2_s, j
                  other=0.0).to(CDT)
     ki = tl.load(KI + tl.cast(j0, tl.int64) * DI + (nn * DI)[:, None] + e[None, :], mask=jmask[:, None] & (e < DI)[None, :],
                  other=0.0).to(CDT)
-    pe = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    qoff = (mm * (HQ * D))[:, None] + d[None, :]
-    qm = imask[:, None] & (d < D)[None, :]
-    row0 = tl.cast(i0, tl.int64) * HQ + r * G
-    for h in range(G):  # the group's heads share the key tile: sum their probabilities in fp32
-        q = tl.load(Q + (row0 + h) * D + qoff, mask=qm, other=0.0).to(CDT)
-        l2 = tl.load(LSE_T + (row0 + h) + mm * HQ, mask=imask, other=0.0) * LOG2E
-        t = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC)
-        pe += tl.exp2(t * qk2 - l2[:, None])
-    pe = pe * (1.0 / G)
-    s2 = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC) * is2
-    # order chosen for register pressure: the loss terms first, then g overwrites s2 and pe
+    pe = _teacher_tile(Q, LSE_T, kk, i0, imask, r, qk2, lg2g, HQ, G, D, BLOCK_M, BLOCK_N, BLOCK_D, CDT, DOT_PREC)
+    # u = log2 p_idx; the loss term p (log2 p - u) already holds the student lse, so one row sum suffices
+    u = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC) * is2 - lse2_s[:, None]
     if MASKED:  # masked-out entries may hold inf (exp2 of a score above the lse): select, never multiply
         vis = (j[None, :] <= i[:, None]) & (j[None, :] >= istart[:, None]) & jmask[None, :]
         pe = tl.where(vis, pe, 0.0)
-    kl2 = tl.sum(tl.where(pe > 0, pe * (tl.log2(tl.where(pe > 0, pe, 1.0)) - s2), 0.0), axis=1)
-    psum = tl.sum(pe, axis=1)
-    ps = tl.exp2(s2 - lse2_s[:, None])
+    # p = 0 (underflow or masked) contributes 0 * finite: the floor only keeps the log finite
+    kl2 = tl.sum(pe * (_log2_fast(tl.maximum(pe, 1.0e-30), FAST) - u), axis=1)
+    ps = tl.exp2(u)
     if MASKED:
         ps = tl.where(vis, ps, 0.0)
     gc = (ps - pe).to(CDT)
@@ -290,25 +313,42 @@ def _flash_q_tile(acc, Q, K, KI, LSE_T, DKI, qi, i0, i, imask, istart, lse2_s, j
         dkc = tl.dot(tl.trans(gc), qi, input_precision=DOT_PREC)
         tl.atomic_add(DKI + (tl.cast(j0, tl.int64) * DI + (nn * DI)[:, None] + e[None, :]), dkc,
                       mask=jmask[:, None] & (e < DI)[None, :], sem="relaxed")
-    return acc, kl2, psum
+    return acc, kl2
 
 
 @triton.jit
-def indexer_kl_fwd_dense_flash_kernel(QI, KI, Q, K, SEQ_START, LSE_T, KL, LSE_S, DQI, DKI, qk2, is2, dq_mult, NTOK,
-                                      HQ, HKV, G: tl.constexpr, D: tl.constexpr, DI: tl.constexpr,
+def _student_lse_tile(m_s, l_s, KI, qi, i, istart, j0, is2, NTOK, DI: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_DI: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr, MASKED: tl.constexpr):
+    """Online-softmax step of the student lse (log2 units) over one key tile."""
+    e = tl.arange(0, BLOCK_DI)
+    j = j0 + tl.arange(0, BLOCK_N)
+    ki = tl.load(KI + j.to(tl.int64)[:, None] * DI + e[None, :], mask=(j < NTOK)[:, None] & (e < DI)[None, :],
+                 other=0.0).to(CDT)
+    s2 = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC) * is2
+    if MASKED:
+        vis = (j[None, :] <= i[:, None]) & (j[None, :] >= istart[:, None])
+        s2 = tl.where(vis, s2, float("-inf"))
+    m_new = tl.maximum(m_s, tl.max(s2, axis=1))
+    l_s = l_s * tl.exp2(m_s - m_new) + tl.sum(tl.exp2(s2 - m_new[:, None]), axis=1)
+    return m_new, l_s
+
+
+@triton.jit
+def indexer_kl_fwd_dense_flash_kernel(QI, KI, Q, K, SEQ_START, LSE_T, KL, LSE_S, DQI, DKI, qk2, is2, lg2g, dq_mult,
+                                      NTOK, HQ, HKV, G: tl.constexpr, D: tl.constexpr, DI: tl.constexpr,
                                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                                       BLOCK_DI: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr,
-                                      DK_ATOMIC: tl.constexpr = False):
+                                      DK_ATOMIC: tl.constexpr = False, FAST: tl.constexpr = False):
     """Warmup pass 1 (query-outer), one program per (BLOCK_M query positions, group r).
 
     QI (T_all, H_kv, DI), KI (T_all, DI), Q (T_all, H_q, D), K (T_all, H_kv, D); SEQ_START int32 (T_all,);
     LSE_T fp32 (T_all * H_q,) teacher lse (natural log, from the dense attention forward). Writes
     KL fp32 (T_all * H_kv,) per-row KL, LSE_S fp32 (T_all * H_kv,) student lse in log2 units (read by
     pass 2) and DQI fp32 (T_all, H_kv, DI) = dq_mult * (p_idx - p) @ k_idx. qk2 = scale * log2(e),
-    is2 = index_scale * log2(e). Prologue: the student lse over the causal keys (1/G of the work).
-    DK_ATOMIC (one-pass mode): also adds the unscaled dk_idx contributions (p_idx - p)^T @ q_idx of every
-    tile into DKI fp32 (T_all, DI) (zero-filled) with atomics, so pass 2 is not needed (not bitwise
-    repeatable).
+    is2 = index_scale * log2(e), lg2g = log2(G). Prologue: the student lse over the causal keys (1/G of
+    the work). DK_ATOMIC (one-pass mode): also adds the unscaled dk_idx contributions
+    (p_idx - p)^T @ q_idx of every tile into DKI fp32 (T_all, DI) (zero-filled) with atomics, so pass 2
+    is not needed (not bitwise repeatable). FAST: MUFU log2 (GPU only).
     """
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # long (late) query tiles first: better tail
     r = tl.program_id(1)
@@ -322,39 +362,33 @@ def indexer_kl_fwd_dense_flash_kernel(QI, KI, Q, K, SEQ_START, LSE_T, KL, LSE_S,
     lo = tl.load(SEQ_START + i0)  # rows ascend, so the first row has the smallest sequence start
     ilast = tl.minimum(i0 + BLOCK_M, NTOK) - 1
     hi = ilast + 1
-    m_s = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-    l_s = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for j0 in range(lo, hi, BLOCK_N):
-        j = j0 + tl.arange(0, BLOCK_N)
-        ki = tl.load(KI + j.to(tl.int64)[:, None] * DI + e[None, :], mask=(j < NTOK)[:, None] & (e < DI)[None, :],
-                     other=0.0).to(CDT)
-        s2 = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC) * is2
-        vis = (j[None, :] <= i[:, None]) & (j[None, :] >= istart[:, None])
-        s2 = tl.where(vis, s2, float("-inf"))
-        m_new = tl.maximum(m_s, tl.max(s2, axis=1))
-        l_s = l_s * tl.exp2(m_s - m_new) + tl.sum(tl.exp2(s2 - m_new[:, None]), axis=1)
-        m_s = m_new
-    lse2_s = m_s + tl.log2(tl.where(l_s > 0, l_s, 1.0))
     # key tiles entirely below the diagonal of a tile lying in one sequence need no mask
     same = tl.load(SEQ_START + ilast) == lo
     full_end = tl.where(same, lo + ((i0 + 1 - lo) // BLOCK_N) * BLOCK_N, lo)
+    # prologue: student lse (log2 units), online over the key tiles (1/G of the teacher's MMA work)
+    m_s = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_s = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for j0 in range(lo, full_end, BLOCK_N):
+        m_s, l_s = _student_lse_tile(m_s, l_s, KI, qi, i, istart, j0, is2, NTOK, DI, BLOCK_N, BLOCK_DI, CDT, DOT_PREC,
+                                     False)
+    for j0 in range(full_end, hi, BLOCK_N):
+        m_s, l_s = _student_lse_tile(m_s, l_s, KI, qi, i, istart, j0, is2, NTOK, DI, BLOCK_N, BLOCK_DI, CDT, DOT_PREC,
+                                     True)
+    lse2_s = m_s + tl.log2(tl.where(l_s > 0, l_s, 1.0))
     acc = tl.zeros([BLOCK_M, BLOCK_DI], dtype=tl.float32)
     kl2 = tl.zeros([BLOCK_M], dtype=tl.float32)
-    psum = tl.zeros([BLOCK_M], dtype=tl.float32)
     for j0 in range(lo, full_end, BLOCK_N):
-        acc, b, c = _flash_q_tile(acc, Q, K, KI, LSE_T, DKI, qi, i0, i, imask, istart, lse2_s, j0, r, qk2, is2, NTOK,
-                                  HQ, HKV, G, D, DI, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DI, CDT, DOT_PREC, False,
-                                  DK_ATOMIC)
+        acc, b = _flash_q_tile(acc, Q, K, KI, LSE_T, DKI, qi, i0, i, imask, istart, lse2_s, j0, r, qk2, is2, lg2g,
+                               NTOK, HQ, HKV, G, D, DI, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DI, CDT, DOT_PREC, False,
+                               DK_ATOMIC, FAST)
         kl2 += b
-        psum += c
     for j0 in range(full_end, hi, BLOCK_N):
-        acc, b, c = _flash_q_tile(acc, Q, K, KI, LSE_T, DKI, qi, i0, i, imask, istart, lse2_s, j0, r, qk2, is2, NTOK,
-                                  HQ, HKV, G, D, DI, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DI, CDT, DOT_PREC, True,
-                                  DK_ATOMIC)
+        acc, b = _flash_q_tile(acc, Q, K, KI, LSE_T, DKI, qi, i0, i, imask, istart, lse2_s, j0, r, qk2, is2, lg2g,
+                               NTOK, HQ, HKV, G, D, DI, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DI, CDT, DOT_PREC, True,
+                               DK_ATOMIC, FAST)
         kl2 += b
-        psum += c
-    # KL = sum_j p (ln p - s) + lse_s * sum_j p, evaluated in log2 units and converted once
-    tl.store(KL + srow, (kl2 + lse2_s * psum) * LN2C, mask=imask)
+    # KL = sum_j p (ln p - ln p_idx), accumulated in log2 units and converted once
+    tl.store(KL + srow, kl2 * LN2C, mask=imask)
     tl.store(LSE_S + srow, lse2_s, mask=imask)
     tl.store(DQI + srow[:, None] * DI + e[None, :], acc * dq_mult, mask=imask[:, None] & (e < DI)[None, :])
 
