@@ -21,8 +21,13 @@
    with a measured device-to-device copy bandwidth (read + write bytes / time).
 4. Per-kernel breakdown (CUDA events around each launch of an eager run) next to the graph-replay
    total, the GPU timeline of a graph replay (torch.profiler: each kernel's start and duration, so the
-   gaps between the chain's launches show) at batch 1 and one token, and at the longest context (B=1, t=1, contiguous) small sweeps of index-kernel geometries
-   and of the fused chain's attention splits (1 split = 2 launches, no merge kernel).
+   gaps between the chain's launches show) at batch 1 and one token, and at the longest context
+   (B=1, t=1, contiguous) small sweeps of index-kernel geometries and of the fused chain's attention
+   splits (1 split = 2 launches, no merge kernel).
+5. Every timing above is ONE layer per captured graph, so it includes the graph's fixed launch cost
+   (``graph_floor_us``: a graph of one tiny kernel). A model's decode step captures all its layers in
+   one graph; the per-layer time of 8 chained layers in one graph (MSA and the dense baseline alike,
+   each call the full chain / SDPA call, in order) is reported next to it (``*_per_layer_8``).
 JSON + PNG under --out; a short table is printed last. Sizes that do not fit are recorded as OOM.
 """
 
@@ -343,7 +348,7 @@ def dense_bytes(B, L):
 def time_dense(cache, L, q):
     """Fastest SDPA dense decode. Returns (ms, backend name, all timings)."""
     qp, k, v = sdpa_inputs(cache, L, q)
-    res = {}
+    res, fns = {}, {}
     for name, be in sdpa_variants():
         for tag, fn in ((f"{name}", lambda be=be: run_sdpa(be, qp, k, v, D ** -0.5)),
                         (f"{name}+enable_gqa", lambda be=be: run_sdpa_gqa(be, q, cache, L, D ** -0.5))):
@@ -352,6 +357,7 @@ def time_dense(cache, L, q):
                 torch.cuda.synchronize()
                 rep = graph_of(fn) or fn
                 res[tag] = bench(rep)
+                fns[tag] = fn
             except Exception as exc:
                 res[tag] = f"unavailable: {type(exc).__name__}"
     nums = {k_: v_ for k_, v_ in res.items() if isinstance(v_, float)}
@@ -364,9 +370,27 @@ def time_dense(cache, L, q):
     except Exception as exc:
         res["triton_splitk_dense"] = f"unavailable: {type(exc).__name__}"
     if not nums:
-        return None, None, res
+        return None, None, res, None
     best = min(nums, key=nums.get)
-    return nums[best], best, res
+    return nums[best], best, res, fns[best]
+
+
+LAYERS_PER_GRAPH = 8
+
+
+def per_layer_ms(fn, n=LAYERS_PER_GRAPH):
+    """ms per call of fn when n calls are captured in ONE CUDA graph (as a whole model's decode step
+    is): the graph's fixed launch cost (see graph_floor_us) is shared by the n layers. Every call runs
+    the full chain in order (no overlap between calls beyond what the stream allows)."""
+    rep = graph_of(lambda: [fn() for _ in range(n)])
+    return bench(rep) / n if rep is not None else None
+
+
+def graph_floor_us():
+    """do_bench time (us) of a captured graph holding one 1-element kernel: the fixed cost every
+    single-graph timing above includes."""
+    x = torch.zeros(1, device="cuda")
+    return bench(graph_of(lambda: x.add_(1.0))) * 1000
 
 
 def breakdown(plan, q, qi, iters=20):
@@ -419,7 +443,10 @@ def graph_timeline(rep, reps=5):
 
 INDEX_SWEEP = [dict(), dict(index_programs_per_sm=1, index_num_stages=4), dict(index_programs_per_sm=2, index_num_stages=4),
                dict(index_programs_per_sm=4, index_num_stages=3), dict(index_programs_per_sm=8, index_num_stages=2),
-               dict(index_tile_blocks=1), dict(index_tile_blocks=2), dict(index_tile_blocks=4, index_num_stages=2)]
+               dict(index_tile_blocks=1), dict(index_tile_blocks=2), dict(index_tile_blocks=4, index_num_stages=2),
+               # legacy chain: blocks per top-k program (1 program per row at 8192 = no top-k merge launch)
+               dict(fused=False), dict(fused=False, topk_chunk=1024), dict(fused=False, topk_chunk=2048),
+               dict(fused=False, topk_chunk=8192)]
 
 
 ATTN_SPLIT_SWEEP = [dict(attention_splits=n) for n in (1, 2, 4, 8, 16)] + [
@@ -466,6 +493,8 @@ def main():
     print(f"GATE {'PASS' if ok else 'FAIL'} ({time.time() - t0:.0f}s)", flush=True)
     bw = copy_bandwidth(dev)
     print(f"device-to-device copy bandwidth: {bw:.0f} GB/s", flush=True)
+    floor = graph_floor_us()
+    print(f"graph floor (one tiny kernel, do_bench): {floor:.1f} us", flush=True)
 
     if args.quick:
         contexts, batches, toks, idxs, layouts = [131072, 1048576], [1], [1], ["bf16", "fp8blk"], [False, True]
@@ -493,7 +522,7 @@ def main():
                 print(f"B={B} L={L}: skipped (memory)", flush=True)
                 continue
             for t in toks:
-                dense_ms = dense_be = own_dense = None
+                dense_ms = dense_be = own_dense = dense_pl = None
                 for paged in layouts:
                     for idx in idxs:
                         row = dict(B=B, L=L, t=t, paged=paged, index=idx)
@@ -502,7 +531,8 @@ def main():
                             cache = build_cache(B, L, paged, idx, dev)
                             q, qi = make_queries(B, t, dev)
                             if dense_ms is None and not paged:
-                                dense_ms, dense_be, dres = time_dense(cache, L, q)
+                                dense_ms, dense_be, dres, dense_fn = time_dense(cache, L, q)
+                                dense_pl = per_layer_ms(dense_fn) if dense_fn is not None else None
                                 row["dense_all"] = dres
                                 own_dense = dres.get("triton_splitk_dense")
                             mb = msa_bytes(B, L, t, idx)
@@ -551,6 +581,13 @@ def main():
                                     print(f"  {name} (graph ms, fused chain): " + " ".join(
                                         f"[{k_}] {v_:.4f}" if isinstance(v_, float) else f"[{k_}] {v_}"
                                         for k_, v_ in sw.items()), flush=True)
+                            # a model step captures every layer in one graph: per-layer time of 8 chained steps
+                            plan = DecodePlan(cache, num_heads=HQ, block_size=BS, topk=TOPK, num_tokens=t)
+                            msa_pl = per_layer_ms(lambda: plan.run(q, qi, 0))
+                            del plan
+                            row.update(msa_ms_per_layer_8=msa_pl, dense_ms_per_layer_8=dense_pl)
+                            if msa_pl and dense_pl:
+                                row["speedup_per_layer_8"] = dense_pl / msa_pl
                             row.update(msa_ms=ms, graph=chains["fused"]["graph"], msa_bytes=mb,
                                        msa_GBps=mb / (ms * 1e-3) / 1e9,
                                        dense_ms=dense_ms, dense_backend=dense_be, dense_bytes=dense_bytes(B, L))
@@ -573,10 +610,14 @@ def main():
                                   f"({row['msa_GBps']:.0f} GB/s) legacy {row['legacy_ms']:.4f} ms | dense "
                                   f"{dense_ms or float('nan'):.3f} ms [{dense_be}] speedup "
                                   f"{row.get('speedup', float('nan')):.2f}x (fused {row['fused_ms']:.4f} ms) legacy "
-                                  f"{row.get('legacy_speedup', float('nan')):.2f}x", flush=True)
+                                  f"{row.get('legacy_speedup', float('nan')):.2f}x | {LAYERS_PER_GRAPH} layers per graph: "
+                                  f"{(row['msa_ms_per_layer_8'] or float('nan')) * 1e3:.1f} vs "
+                                  f"{(row['dense_ms_per_layer_8'] or float('nan')) * 1e3:.1f} us per layer "
+                                  f"({row.get('speedup_per_layer_8', float('nan')):.2f}x)", flush=True)
                         else:
                             print(f"B={B} L={L} t={t} paged={paged} {idx}: {row['status']}", flush=True)
-    out = dict(meta=meta, gate=dict(passed=ok, checks=checks), copy_GBps=bw, results=results,
+    out = dict(meta=meta, gate=dict(passed=ok, checks=checks), copy_GBps=bw, graph_floor_us=floor,
+               layers_per_graph=LAYERS_PER_GRAPH, results=results,
                targets="1M tokens, batch 1: >= 7.6x (bf16 index keys), >= 12x (fp8 index keys) vs dense",
                wall_s=time.time() - t0)
     with open(os.path.join(args.out, "bench_decode.json"), "w") as f:
@@ -588,14 +629,15 @@ def main():
     print(f"\nGPU {meta['gpu']}  torch {meta['torch']}  triton {meta['triton']}  copy {bw:.0f} GB/s  "
           f"gate {'PASS' if ok else 'FAIL'}")
     print(f"{'B':>3} {'L':>8} {'t':>2} {'layout':>6} {'index':>6} {'msa ms':>9} {'GB/s':>6} {'legacy ms':>9} "
-          f"{'dense ms':>9} {'GB/s':>6} {'speedup':>8} {'legacy x':>8} {'vs triton dense':>15}")
+          f"{'dense ms':>9} {'GB/s':>6} {'speedup':>8} {'legacy x':>8} {'vs triton dense':>15} {'x, 8 layers/graph':>17}")
     for r in results:
         if r.get("status") != "ok":
             continue
         print(f"{r['B']:>3} {r['L']:>8} {r['t']:>2} {'paged' if r['paged'] else 'contig':>6} {r['index']:>6} "
               f"{r['msa_ms']:>9.4f} {r['msa_GBps']:>6.0f} {r['legacy_ms']:>9.4f} {r['dense_ms'] or float('nan'):>9.3f} "
               f"{r.get('dense_GBps', float('nan')):>6.0f} {r.get('speedup', float('nan')):>7.2f}x "
-              f"{r.get('legacy_speedup', float('nan')):>7.2f}x {r.get('speedup_vs_triton_dense', float('nan')):>14.2f}x")
+              f"{r.get('legacy_speedup', float('nan')):>7.2f}x {r.get('speedup_vs_triton_dense', float('nan')):>14.2f}x "
+              f"{r.get('speedup_per_layer_8', float('nan')):>16.2f}x")
 
 
 def plot(results, path, gpu):

@@ -70,14 +70,22 @@ def decode(folder):
     d = _load(folder, "decode_h200.json")
     if d is None:
         return [], []
-    out = [f"Device copy bandwidth measured in the same run: {d.get('copy_GBps', 0):.0f} GB/s.", "",
-           "| batch | context | tokens/step | index keys | MSA ms | MSA GB/s | dense ms (backend) | speedup |",
-           "|---|---|---|---|---|---|---|---|"]
+    n = d.get("layers_per_graph", 8)
+    out = [f"Device copy bandwidth measured in the same run: {d.get('copy_GBps', 0):.0f} GB/s; a captured graph "
+           f"of one tiny kernel takes {d.get('graph_floor_us', float('nan')):.1f} us. Columns 5-8: one layer per "
+           f"graph; last two: {n} layers chained in one graph (as a model's decode step), time per layer.", "",
+           f"| batch | context | tokens/step | index keys | MSA ms | MSA GB/s | dense ms (backend) | speedup | "
+           f"MSA / dense us per layer, {n} per graph | speedup, {n} per graph |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in d["results"]:
         if r.get("status") != "ok":
             continue
+        pl = r.get("msa_ms_per_layer_8"), r.get("dense_ms_per_layer_8")
+        pl_txt = f"{pl[0] * 1e3:.1f} / {pl[1] * 1e3:.1f}" if all(pl) else "-"
+        sp = r.get("speedup_per_layer_8")
         out.append(f"| {r['B']} | {r['L'] // 1024}K | {r['t']} | {r['index']} | {r['msa_ms']:.4f} | "
-                   f"{r['msa_GBps']:.0f} | {r['dense_ms']:.3f} ({r['dense_backend']}) | **{r['speedup']:.2f}x** |")
+                   f"{r['msa_GBps']:.0f} | {r['dense_ms']:.3f} ({r['dense_backend']}) | **{r['speedup']:.2f}x** | "
+                   f"{pl_txt} | {'-' if sp is None else f'{sp:.2f}x'} |")
     return out, [_meta(d)]
 
 
@@ -87,14 +95,21 @@ def train(folder):
         return [], []
     out = ["| T | sparse step ms (select + attn fwd/bwd + KL) | dense fwd+bwd ms (best SDPA) | speedup | "
            "warmup step ms | warmup / dense | sparse step peak GB |", "|---|---|---|---|---|---|---|"]
+    def x(v, bold=False):
+        return "-" if not isinstance(v, (int, float)) else (f"**{v:.2f}x**" if bold else f"{v:.2f}x")
     for r in d["results"]:
         out.append(f"| {r['T'] // 1024}K | {_ms(r.get('sparse_step_ms'), 1)} | {_ms(r.get('dense_best_ms'), 1)} | "
-                   f"**{r.get('sparse_speedup_vs_dense', float('nan')):.2f}x** | {_ms(r.get('warmup_step_best_ms'), 1)} | "
-                   f"{r.get('warmup_over_dense', float('nan')):.2f}x | {_ms(r.get('sparse_step_peak_gb'), 1)} |")
-    st = d["results"][-1].get("sparse_stages_ms")
-    if st:
-        out += ["", f"Stages at {d['results'][-1]['T'] // 1024}K (ms): "
-                + ", ".join(f"{k} {v:.1f}" for k, v in st.items())]
+                   f"{x(r.get('sparse_speedup_vs_dense'), True)} | {_ms(r.get('warmup_step_best_ms'), 1)} | "
+                   f"{x(r.get('warmup_over_dense'))} | {_ms(r.get('sparse_step_peak_gb'), 1)} |")
+    out.append("")
+    for r in d["results"]:
+        if r["T"] < 131072:
+            continue
+        for key, name in (("sparse_stages_ms", "sparse step"), ("warmup_cudnn_stages_ms", "warmup step (cuDNN)")):
+            st = r.get(key)
+            if st:
+                out.append(f"Stages of the {name} at {r['T'] // 1024}K (ms): "
+                           + ", ".join(f"{k} {v:.1f}" for k, v in st.items()) + "  ")
     return out, [_meta(d)]
 
 

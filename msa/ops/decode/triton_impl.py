@@ -174,7 +174,7 @@ class DecodePlan:
                           f"topk_chunk must be a power of two >= {self.k_pad}, got {topk_chunk}")
                     self.chunk = topk_chunk
                 self.nc = math.ceil(self.nb_cap / self.chunk)
-                self.topk_warps = 1 if self.chunk <= 256 else (2 if self.chunk <= 1024 else 4)
+                self.topk_warps = min(16, max(1, self.chunk // 256))   # ~256 candidates per warp
                 self.merge_pad = _pow2(self.nc * self.k_pad)
                 self.merge_warps = 1 if self.merge_pad <= 512 else (2 if self.merge_pad <= 2048 else 4)
                 self.scores = torch.empty(B, T, H, self.nb_cap, dtype=torch.float32, device=dev)
