@@ -444,9 +444,8 @@ def graph_timeline(rep, reps=5):
 INDEX_SWEEP = [dict(), dict(index_programs_per_sm=1, index_num_stages=4), dict(index_programs_per_sm=2, index_num_stages=4),
                dict(index_programs_per_sm=4, index_num_stages=3), dict(index_programs_per_sm=8, index_num_stages=2),
                dict(index_tile_blocks=1), dict(index_tile_blocks=2), dict(index_tile_blocks=4, index_num_stages=2),
-               # legacy chain: blocks per top-k program (1 program per row at 8192 = no top-k merge launch)
-               dict(fused=False), dict(fused=False, topk_chunk=1024), dict(fused=False, topk_chunk=2048),
-               dict(fused=False, topk_chunk=8192)]
+               # legacy chain: blocks per top-k program
+               dict(fused=False), dict(fused=False, topk_chunk=1024), dict(fused=False, topk_chunk=2048)]
 
 
 ATTN_SPLIT_SWEEP = [dict(attention_splits=n) for n in (1, 2, 4, 8, 16)] + [

@@ -47,16 +47,18 @@ class DemoConfig:
     kl_weight: float = 1.0
     corpus_bytes: int = 4_000_000
     seed: int = 0
+    autocast: str = ""   # "bfloat16": forward under torch.autocast (GPU); "" keeps fp32
 
     @staticmethod
     def for_device(device: torch.device) -> "DemoConfig":
         if device.type == "cuda":  # bigger: longer context, more blocks to choose from
-            # H200: a 6-layer, 8 x 4096-token step took 0.8 s dense and 2.4 s sparse (T = 4K is far
-            # below where sparse attention pays off); this size keeps the demo to about 5 minutes
+            # H200 (benchmarks/results/demo_h200.json): 62 s in all with the forward under bf16 autocast
+            # (MSA 36 s including the Triton compiles, dense 7 s); in fp32 the kernels take their exact
+            # fp32 path and the same run took 364 s. T = 4K is far below where sparse attention pays off.
             return DemoConfig(seq_len=4096, batch_size=4, steps=200, warmup_steps=60, eval_every=20,
                               hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=64,
                               index_dim=64, block_size=128, topk_blocks=8, lr=1e-3, index_lr=1e-3,
-                              corpus_bytes=40_000_000)
+                              corpus_bytes=40_000_000, autocast="bfloat16")
         return DemoConfig()
 
 
@@ -126,15 +128,19 @@ def lr_factor(step: int, total: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: MSAForCausalLM, ids: torch.Tensor, sparse_eval: bool) -> Dict[str, float]:
+def evaluate(model: MSAForCausalLM, ids: torch.Tensor, sparse_eval: bool,
+             autocast_dtype: Optional[torch.dtype] = None) -> Dict[str, float]:
     """Validation LM loss (in the model's current mode) and, for MSA layers, the recall of the
-    indexer's top-k against the main branch's own attention (what the sparse phase would select)."""
+    indexer's top-k against the main branch's own attention (what the sparse phase would select).
+    autocast_dtype: the model's forward runs under torch.autocast (the recall is computed in fp32)."""
     model.eval()
+    amp = dict(device_type=ids.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None)
     captured = []
     hooks = [lyr.attn.register_forward_pre_hook(lambda m, args, kw: captured.append((m, args[0])), with_kwargs=True)
              for lyr in model.layers if lyr.attn.config.use_index]
     try:
-        losses = model.loss(ids)
+        with torch.autocast(**amp):
+            losses = model.loss(ids)
     finally:
         for h in hooks:
             h.remove()
@@ -144,10 +150,11 @@ def evaluate(model: MSAForCausalLM, ids: torch.Tensor, sparse_eval: bool) -> Dic
         pos = torch.arange(ids.shape[1], device=ids.device).view(1, -1).expand(ids.shape[0], -1)
         for attn, x in captured:
             c = attn.config
-            q, k, _, q_idx, k_idx = attn.project(x, pos)
             from .ops.select_blocks import select_blocks
-            sel = select_blocks(q_idx, k_idx, block_size=c.block_size, topk=c.topk_blocks, init_blocks=c.init_blocks,
-                                local_blocks=c.local_blocks)
+            with torch.autocast(**amp):
+                q, k, _, q_idx, k_idx = attn.project(x, pos)
+                sel = select_blocks(q_idx, k_idx, block_size=c.block_size, topk=c.topk_blocks,
+                                    init_blocks=c.init_blocks, local_blocks=c.local_blocks)
             r = indexer_recall(q, k, sel, block_size=c.block_size)
             brs.append(r["block_recall"])
             srs.append(r["score_recall"])
@@ -164,6 +171,7 @@ def train(model: MSAForCausalLM, cfg: DemoConfig, batches: Batches, *, msa: bool
     from tqdm.auto import tqdm
 
     opt = make_optimizer(model, cfg)
+    amp = getattr(torch, cfg.autocast) if cfg.autocast else None
     base = [g["lr"] for g in opt.param_groups]
     val = batches.val_batch()
     history = []
@@ -175,11 +183,11 @@ def train(model: MSAForCausalLM, cfg: DemoConfig, batches: Batches, *, msa: bool
         for g, lr in zip(opt.param_groups, base):
             g["lr"] = lr * lr_factor(step, cfg.steps)
         t0 = time.perf_counter()
-        losses = model.training_step(batches.next(), opt)
+        losses = model.training_step(batches.next(), opt, autocast_dtype=amp)
         rec = {"step": step + 1, "phase": "sparse" if (msa and step >= cfg.warmup_steps) else "dense",
                "lm_loss": losses["lm_loss"], "kl": losses["kl_loss"], "step_s": time.perf_counter() - t0}
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            rec.update(evaluate(model, val, sparse_eval=True))
+            rec.update(evaluate(model, val, sparse_eval=True, autocast_dtype=amp))
             bar.set_postfix(lm=f"{rec['lm_loss']:.3f}", kl=f"{rec['kl']:.3f}",
                             recall=f"{rec.get('block_recall', float('nan')):.2f}/"
                                    f"{rec.get('score_recall', float('nan')):.2f}")

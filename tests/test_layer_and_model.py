@@ -156,6 +156,39 @@ def test_training_reduces_loss():
     assert last["lm_loss"] < first["lm_loss"] - 0.5
 
 
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_training_step_under_bf16_autocast(mode):
+    """autocast_dtype=torch.bfloat16 (what the GPU demo uses): the attention ops receive bf16 inputs,
+    the losses stay close to the fp32 step's (bf16 rounding only), the parameters and their updates
+    stay fp32, and both the backbone and the index branch move."""
+    seen = []
+    orig = msa.layers.attention.dense_causal_attention if mode == "dense" else msa.layers.attention.sparse_attention
+
+    def spy(q, *a, **kw):
+        seen.append(q.dtype)
+        return orig(q, *a, **kw)
+    model = tiny_model(seed=7).float()
+    model.set_mode(mode)
+    ids = torch.randint(0, 64, (2, 40))
+    ref = {k: float(v) for k, v in model.loss(ids).items()}
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    name = "dense_causal_attention" if mode == "dense" else "sparse_attention"
+    setattr(msa.layers.attention, name, spy)
+    try:
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+        got = model.training_step(ids, opt, autocast_dtype=torch.bfloat16)
+    finally:
+        setattr(msa.layers.attention, name, orig)
+    assert seen and all(d == torch.bfloat16 for d in seen)
+    assert abs(got["lm_loss"] - ref["lm_loss"]) < 0.03 * abs(ref["lm_loss"])
+    assert abs(got["kl_loss"] - ref["kl_loss"]) < 0.05 * abs(ref["kl_loss"]) + 1e-3
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    moved = lambda ps: [not torch.equal(p, before[id(p)]) for p in ps]  # noqa: E731
+    assert all(moved(model.backbone_parameters()))
+    idx = moved(model.index_parameters())
+    assert idx and all(idx)
+
+
 @pytest.mark.parametrize("kw,arg", [
     (dict(num_heads=5), "num_heads"),
     (dict(num_index_heads=3), "num_index_heads"),

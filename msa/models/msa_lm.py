@@ -133,10 +133,16 @@ class MSAForCausalLM(nn.Module):
         return {"loss": lm + self.config.kl_weight * kl, "lm_loss": lm, "kl_loss": kl}
 
     def training_step(self, input_ids: torch.Tensor, optimizer: torch.optim.Optimizer, *,
-                      cu_seqlens: Optional[torch.Tensor] = None, grad_clip: float = 1.0) -> Dict[str, float]:
-        """One optimizer step on L = L_LM + lambda * sum_l L_KL. Returns the float losses."""
+                      cu_seqlens: Optional[torch.Tensor] = None, grad_clip: float = 1.0,
+                      autocast_dtype: Optional[torch.dtype] = None) -> Dict[str, float]:
+        """One optimizer step on L = L_LM + lambda * sum_l L_KL. Returns the float losses.
+        autocast_dtype (e.g. torch.bfloat16 on a GPU): the forward runs under torch.autocast, so the
+        attention kernels get 16-bit inputs (fp32 inputs take their exact, much slower fp32 path);
+        the parameters and the optimizer stay fp32."""
         self.train()
-        losses = self.loss(input_ids, cu_seqlens=cu_seqlens)
+        with torch.autocast(input_ids.device.type, dtype=autocast_dtype or torch.bfloat16,
+                            enabled=autocast_dtype is not None):
+            losses = self.loss(input_ids, cu_seqlens=cu_seqlens)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         if grad_clip:
