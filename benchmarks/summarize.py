@@ -66,8 +66,8 @@ def topk(folder):
     return out, [_meta(d)]
 
 
-def decode(folder):
-    d = _load(folder, "decode_h200.json")
+def decode(folder, gpu="h200"):
+    d = _load(folder, f"decode_{gpu}.json")
     if d is None:
         return [], []
     n = d.get("layers_per_graph", 8)
@@ -89,8 +89,8 @@ def decode(folder):
     return out, [_meta(d)]
 
 
-def train(folder):
-    d = _load(folder, "train_h200.json")
+def train(folder, gpu="h200"):
+    d = _load(folder, f"train_{gpu}.json")
     if d is None:
         return [], []
     out = ["| T | sparse step ms (select + attn fwd/bwd + KL) | dense fwd+bwd ms (best SDPA) | speedup | "
@@ -163,7 +163,8 @@ def main():
     args = ap.parse_args()
     if args.plot:
         plot_prefill(args.results, args.plot)
-    for title, fn in (("Prefill", prefill), ("Top-k and indexer", topk), ("Decode", decode), ("Training", train)):
+    for title, fn in (("Prefill", prefill), ("Top-k and indexer", topk), ("Decode", decode), ("Training", train),
+                      ("Decode, H100", lambda f: decode(f, "h100")), ("Training, H100", lambda f: train(f, "h100"))):
         lines, metas = fn(args.results)
         if not lines:
             continue
