@@ -28,8 +28,9 @@ Token row addressing (same for K, V and index keys): contiguous ``b * S_ROWS + j
 ``page_table[b, j // BS] * BS + j % BS`` (page size == block size).
 
 In the interpreter (F32=True) every load is upcast to fp32 and dots use ieee precision; on the GPU
-bf16 / fp16 operands feed the tensor cores with fp32 accumulation and fp8 index keys are upcast to
-the query dtype right after the load. EVEN_D (the head dim is a power of two >= 16) drops the mask
+bf16 / fp16 operands feed the tensor cores with fp32 accumulation and fp8 index keys are upcast right
+after the load: to fp16 for bf16 queries (FP8_F16: the queries rescaled per row by a power of two),
+else to the query dtype. EVEN_D (the head dim is a power of two >= 16) drops the mask
 along the head dim so loads stay 16-byte vectors.
 """
 
