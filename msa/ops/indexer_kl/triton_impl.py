@@ -25,9 +25,9 @@ from typing import Optional
 import torch
 import triton
 
-from ..common import env_config
+from ..common import env_config, interpreting
 from ..sparse_attention.reverse_index import block_layout, block_starts_host, blocks_before, build_reverse_index
-from ..sparse_attention.triton_bwd import (_compute_dtype, _dot_precision, _interpreting, _pow2,
+from ..sparse_attention.triton_bwd import (_compute_dtype, _dot_precision, _pow2,
                                            token_seq_start)
 from .triton_kernels import (indexer_kl_bwd_dense_flash_dk_kernel, indexer_kl_bwd_sparse_reduce_kernel,
                              indexer_kl_fwd_dense_flash_kernel, indexer_kl_fwd_kv_heads_kernel,
@@ -46,7 +46,7 @@ def kv_config(d: int, di: int):
     default; the sm_90 AOT report shows ~600 B of spills, yet it was fastest), BLOCK_E=32 w4 s2 39.0 ms,
     BLOCK_E=64 w8 s2 46.7 ms; the earlier kernel with entries x heads as rows and a 0/1 averaging MMA
     took 68.8 ms."""
-    if _interpreting():
+    if interpreting():
         cfg = dict(BLOCK_E=16, num_warps=4, num_stages=1)
     else:
         cfg = dict(BLOCK_E=64 if max(d, di) > 128 else 128, num_warps=8, num_stages=1)
@@ -106,7 +106,7 @@ def sparse_kl_kv(q_idx, k_idx, q, k, block_indices, lse_t, *, block_size, index_
         plse[:n_ent].fill_(float("-inf"))
         indexer_kl_fwd_slse_kv_kernel[(n_items,)](
             q_idx, k_idx, plse, ri.entries, ri.work_row, ri.work_start, ri.work_end, layout.block_start,
-            layout.block_len, t0, float(index_scale), hkv, nsel, nbr, DI=di, BLOCK_E=16 if _interpreting() else 64,
+            layout.block_len, t0, float(index_scale), hkv, nsel, nbr, DI=di, BLOCK_E=16 if interpreting() else 64,
             BLOCK_N=bn, BLOCK_DI=bdi, CDT=cdt, DOT_PREC=prec, num_warps=4)
         torch.logsumexp(plse[:n_ent].view(nt, nsel, hkv), dim=1, out=lse_s[t0:t1])
         # 2. teacher + KL + gradients; slots of -1 entries are never written, hence the zero fill
@@ -143,7 +143,7 @@ def sparse_kl_kv(q_idx, k_idx, q, k, block_indices, lse_t, *, block_size, index_
 
 def _dense_tiles(d: int, di: int):
     """(BLOCK_Q, BLOCK_N, num_warps) of the warmup teacher-lse kernel."""
-    if _interpreting():
+    if interpreting():
         return 16, 16, 4
     big = max(d, di) > 64
     return 64, 64 if big else 128, 8 if big else 4
@@ -203,7 +203,7 @@ def dense_flash_config(g: int, d: int, di: int, atomic_dk: bool = False):
     pass 2), num_warps, num_stages, DK_WARPS, DK_STAGES). The Q tile of each head is re-read (from L2)
     once per (query tile, key tile), so the key tile sets the MMA flops per byte loaded: 128 keys ~ 128
     flop/B."""
-    if _interpreting():
+    if interpreting():
         cfg = dict(BLOCK_M=16, BLOCK_N=16, DK_BLOCK_M=16, DK_BLOCK_N=16, num_warps=4, num_stages=1, DK_WARPS=4,
                    DK_STAGES=1)
     else:
@@ -253,7 +253,7 @@ def dense_kl_flash(q_idx, k_idx, q, k, lse_t, *, scale, index_scale, cu_seqlens,
         q_idx, k_idx, q, k, token_seq_start(bsz, t, cu_seqlens, dev), lse_t, kl, lse_s, dq, dk_acc, qk2, is2,
         math.log2(g), float(index_scale * inv_n), ntok, hq, hkv, G=g, D=d, DI=di, BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_pow2(d), BLOCK_DI=_pow2(di), CDT=cdt, DOT_PREC=prec, DK_ATOMIC=atomic_dk,
-        FAST=not _interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        FAST=not interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     loss = kl.sum() * inv_n  # fixed-order torch reduction: deterministic
     if not with_grad:
         return loss, None, None

@@ -41,11 +41,7 @@ import triton
 import triton.language as tl
 
 from .reverse_index import ReverseIndex, block_starts_host, blocks_before, build_reverse_index
-from ..common import env_config
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+from ..common import env_config, interpreting
 
 
 def _pow2(x: int, lo: int = 16) -> int:
@@ -54,7 +50,7 @@ def _pow2(x: int, lo: int = 16) -> int:
 
 def _compute_dtype(dtype: torch.dtype):
     """Element type fed to tl.dot. The CPU interpreter's bf16/fp16 math is wrong, so it computes in fp32."""
-    if _interpreting() or dtype == torch.float32:
+    if interpreting() or dtype == torch.float32:
         return tl.float32
     return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
 
@@ -332,7 +328,7 @@ def bwd_config(g: int, d: int, block_size: int):
     stages, key tile); DQR_BLOCK_H: heads per program of its slot reduction; DQ_*: the query-outer dQ
     kernel (mode ``query``)."""
     bs_pad = _pow2(block_size)
-    if _interpreting():
+    if interpreting():
         cfg = dict(DKDV_BLOCK_M=16, DKDV_BLOCK_N=bs_pad, DKDV_WARPS=4, DKDV_STAGES=1, DQ_BLOCK_N=bs_pad,
                    DQ_WARPS=4, DQ_STAGES=1, DQKV_BLOCK_M=16, DQKV_BLOCK_N=bs_pad, DQKV_WARPS=4, DQKV_STAGES=1)
     else:

@@ -36,7 +36,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import triton
 
-from ..common import env_config
+from ..common import env_config, interpreting
 from .reference import sparse_attention_reference
 from .reverse_index import block_layout, block_starts_host, blocks_before, build_reverse_index
 from .triton_fwd import (sparse_attention_combine_fwd_kernel, sparse_attention_fwd_kernel,
@@ -47,10 +47,6 @@ QO_MAX_TOKENS = 4096          # below this many tokens (B * T) auto picks query-
 KV_MIN_ROWS = 64              # KV-outer needs about this many MMA rows per (group, block) row
 MAX_DEFAULT_PARTIAL_BYTES = 16 << 30
 MIN_DEFAULT_PARTIAL_BYTES = 256 << 20
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _buffer(*shape, dtype, device) -> torch.Tensor:
@@ -213,7 +209,7 @@ def sparse_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     chunk = max(1, min(ntok, _partial_budget(partial_budget_bytes, dev) // per_token))
     blocks_per_seq = math.ceil(t / block_size) if cu_seqlens is None else nb
     which = choose_kernel(ntok, g, topk, blocks_per_seq, nb, chunk, kernel)
-    upcast = _interpreting()
+    upcast = interpreting()
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
     block_d = _pow2(d, 16)
     qk_scale = float(scale) * LOG2E
