@@ -4,7 +4,7 @@
         flash-atomic (loss + dq_idx + dk_idx through atomics) vs pass 1 alone (no gradients, so no dk
         atomics); set MSA_KL_DENSE_FLASH_CONFIG=BLOCK_N=128,num_stages=3 so both use the same tile
     PYTHONPATH=. python benchmarks/probe_warmup_kl.py sweep 131072 "cfg1;cfg2;..."
-        median of 3 CUDA-event timings per MSA_KL_DENSE_FLASH_CONFIG value, with the loss and the
+        median time (bench_train.median_ms) per MSA_KL_DENSE_FLASH_CONFIG value, with the loss and the
         gradients' relative difference to the first config (a correctness check of each variant)
     ncu ... python benchmarks/probe_warmup_kl.py ncu 16384
         one call, for Nsight Compute (round 13 in benchmarks/results/dev/round13_log.txt)
@@ -13,8 +13,10 @@ The teacher lse comes from cuDNN's dense attention, as in the training benchmark
 import os
 import sys
 import torch
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from msa.ops.indexer_kl.triton_impl import indexer_kl_triton
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(HERE, ".."), HERE]
+from bench_train import median_ms  # noqa: E402
+from msa.ops.indexer_kl.triton_impl import indexer_kl_triton  # noqa: E402
 
 HQ, HKV, D, DI = 64, 4, 128, 128
 
@@ -45,13 +47,7 @@ def sweep(T, cfgs):
             if ref is None:
                 ref = (loss.item(), g)
             err = max(float((a.float() - b.float()).norm() / b.float().norm()) for a, b in zip(g, ref[1]))
-            torch.cuda.synchronize()
-            ts = []
-            for _ in range(3):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record(); fn(); b.record(); torch.cuda.synchronize()
-                ts.append(a.elapsed_time(b))
-            print(f"T={T} [{cfg}] {sorted(ts)[1]:.2f} ms  loss {loss.item():.6f} (vs first {ref[0]:.6f}) grad rel {err:.1e}",
+            print(f"T={T} [{cfg}] {median_ms(fn):.2f} ms  loss {loss.item():.6f} (vs first {ref[0]:.6f}) grad rel {err:.1e}",
                   flush=True)
         except Exception as exc:
             print(f"T={T} [{cfg}] error {type(exc).__name__}: {str(exc)[:200]}", flush=True)
@@ -75,14 +71,7 @@ def main():
             torch.cuda.synchronize()
             continue
         for name, fn in (("flash-atomic (loss+dq+dk atomics)", grad), ("pass 1 only (loss+dq, no atomics)", nograd)):
-            fn()
-            torch.cuda.synchronize()
-            ts = []
-            for _ in range(3):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record(); fn(); b.record(); torch.cuda.synchronize()
-                ts.append(a.elapsed_time(b))
-            print(f"T={T} {name}: {sorted(ts)[1]:.2f} ms", flush=True)
+            print(f"T={T} {name}: {median_ms(fn):.2f} ms", flush=True)
 
 
 if __name__ == "__main__":

@@ -183,6 +183,8 @@ def test_training_step_under_bf16_autocast(mode):
     assert abs(got["lm_loss"] - ref["lm_loss"]) < 0.03 * abs(ref["lm_loss"])
     assert abs(got["kl_loss"] - ref["kl_loss"]) < 0.05 * abs(ref["kl_loss"]) + 1e-3
     assert all(p.dtype == torch.float32 for p in model.parameters())
+    with pytest.raises(ValueError, match="autocast_dtype"):
+        model.training_step(ids, opt, autocast_dtype=torch.float64)
     moved = lambda ps: [not torch.equal(p, before[id(p)]) for p in ps]  # noqa: E731
     assert all(moved(model.backbone_parameters()))
     idx = moved(model.index_parameters())

@@ -139,6 +139,8 @@ class MSAForCausalLM(nn.Module):
         autocast_dtype (e.g. torch.bfloat16 on a GPU): the forward runs under torch.autocast, so the
         attention kernels get 16-bit inputs (fp32 inputs take their exact, much slower fp32 path);
         the parameters and the optimizer stay fp32."""
+        check(autocast_dtype in (None, torch.bfloat16, torch.float16),
+              f"autocast_dtype must be None, torch.bfloat16 or torch.float16, got {autocast_dtype!r}")
         self.train()
         with torch.autocast(input_ids.device.type, dtype=autocast_dtype or torch.bfloat16,
                             enabled=autocast_dtype is not None):
