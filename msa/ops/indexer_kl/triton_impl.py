@@ -12,7 +12,8 @@ Warmup phase, flash-style (no T x T buffer), two modes (``dense_mode``): 'flash-
 one query-outer pass (student lse prologue, then loss + dq_idx in registers + dk_idx by fp32 atomics,
 g = p_idx - p); 'flash' (under torch.use_deterministic_algorithms) adds a key-outer dk_idx pass that
 recomputes the teacher instead of the atomics. MMA rows are 128 positions of ONE head and the G heads
-of the group are summed in fp32 per tile. Kernels and math: ``triton_kernels.py``. Gradients flow to
+of the group are summed in fp32 per tile; each head's Q tile comes through a TMA descriptor (16-bit
+data, power-of-two head dim). Kernels and math: ``triton_kernels.py``. Gradients flow to
 q_idx and k_idx only (spec section 2).
 """
 
@@ -200,12 +201,13 @@ def dense_mode() -> str:
 def dense_flash_config(g: int, d: int, di: int, atomic_dk: bool = False):
     """Launch configuration of the 'flash' / 'flash-atomic' warmup kernels (env ``MSA_KL_DENSE_FLASH_CONFIG``:
     BLOCK_M / BLOCK_N (queries / keys per tile of pass 1), DK_BLOCK_M / DK_BLOCK_N (queries / keys of
-    pass 2), num_warps, num_stages, DK_WARPS, DK_STAGES). The Q tile of each head is re-read (from L2)
+    pass 2), num_warps, num_stages, DK_WARPS, DK_STAGES, TMA (1: pass 1 loads the Q tiles through a TMA
+    descriptor, where ``_tma_ok``). The Q tile of each head is re-read (from L2)
     once per (query tile, key tile), so the key tile sets the MMA flops per byte loaded: 128 keys ~ 128
     flop/B."""
     if interpreting():
         cfg = dict(BLOCK_M=16, BLOCK_N=16, DK_BLOCK_M=16, DK_BLOCK_N=16, num_warps=4, num_stages=1, DK_WARPS=4,
-                   DK_STAGES=1)
+                   DK_STAGES=1, TMA=1)
     else:
         # sm_90 AOT (paper shape, 8 warps, 2 stages): pass 1 128 queries x 64 keys 131072 B, 104 B spills
         # (128 x 128: 520 B, 64 x 128: 520 B; 64 x 64: none but half-width MMAs); pass 2 128 keys x 32
@@ -217,13 +219,46 @@ def dense_flash_config(g: int, d: int, di: int, atomic_dk: bool = False):
         # s4 638, 128 x 64 s3 739, 64 x 64 w4 755; 16 warps (128 registers, spills in the head loop) 1211;
         # dq_idx through atomics too (no accumulator in registers) 657; the teacher lse as (H_q, T) log2
         # rows 632, the Q tiles with L2 evict_last 633, 64 x 128 (8 warps) 710 (ncu at 16K: tensor pipe
-        # 30 %, DRAM 54 %, L2 68 %, 0.25 eligible warps per scheduler).
+        # 30 %, DRAM 54 %, L2 68 %, 0.25 eligible warps per scheduler). Round 14: the Q tiles through TMA
+        # descriptors (TMA=1; one thread issues each load, no per-thread address registers or cp.async
+        # bookkeeping; spills 1348 -> 496 B): 128K 562 ms vs 620 (same run); K / k_idx tiles through TMA
+        # too (TMA=3) 596, only K / k_idx (TMA=2) 616; exponentials of some heads on the FMA pipe
+        # (FA4's polynomial exp2) +4.7 ms per head moved; key range split over programs so the Q
+        # re-reads hit L2 (SPLIT 4..32) no gain (622 vs 628).
         cfg = dict(BLOCK_M=128, BLOCK_N=128 if atomic_dk else 64, DK_BLOCK_M=32, DK_BLOCK_N=128, num_warps=8,
-                   num_stages=3 if atomic_dk else 2, DK_WARPS=8, DK_STAGES=2)
+                   num_stages=3 if atomic_dk else 2, DK_WARPS=8, DK_STAGES=2, TMA=1)
         if max(d, di) > 128:
             cfg.update(BLOCK_M=64, BLOCK_N=64, DK_BLOCK_N=64)
     cfg.update(env_config("MSA_KL_DENSE_FLASH_CONFIG"))
     return cfg
+
+
+def _tma_alloc(size: int, alignment: int, stream):
+    """Global scratch for the kernels' device-side TMA descriptors (``triton.set_allocator``)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _tma_ok(q: torch.Tensor) -> bool:
+    """Whether pass 1 may load the Q tiles through a TMA descriptor of q viewed as (T_all, H_q * D):
+    16-bit (or interpreted) data, a head dim that fills the tile (a TMA box cannot mask columns), a
+    16-byte aligned base and row stride. Makes sure an allocator for the descriptors exists when it is."""
+    es = q.element_size()
+    ok = ((interpreting() or es == 2) and _pow2(q.shape[-1]) == q.shape[-1] and q.data_ptr() % 16 == 0
+          and (q.shape[-2] * q.shape[-1] * es) % 16 == 0)
+    if ok and not interpreting():
+        _ensure_allocator()
+    return ok
+
+
+def _ensure_allocator() -> None:
+    """Set ``_tma_alloc`` as Triton's allocator (a context variable) unless the caller set one."""
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+        if not isinstance(_allocator.get(), NullAllocator):
+            return
+    except ImportError:  # private module moved: set ours
+        pass
+    triton.set_allocator(_tma_alloc)
 
 
 def dense_kl_flash(q_idx, k_idx, q, k, lse_t, *, scale, index_scale, cu_seqlens, with_grad=True,
@@ -249,11 +284,12 @@ def dense_kl_flash(q_idx, k_idx, q, k, lse_t, *, scale, index_scale, cu_seqlens,
     lse_s = torch.empty(ntok * hkv, dtype=torch.float32, device=dev)
     dq = torch.empty((ntok, hkv, di), dtype=torch.float32, device=dev)
     dk_acc = torch.zeros((ntok, di), dtype=torch.float32, device=dev) if atomic_dk else kl  # dummy when unused
+    tma = bool(cfg["TMA"]) and _tma_ok(q)
     indexer_kl_fwd_dense_flash_kernel[(triton.cdiv(ntok, cfg["BLOCK_M"]), hkv)](
         q_idx, k_idx, q, k, token_seq_start(bsz, t, cu_seqlens, dev), lse_t, kl, lse_s, dq, dk_acc, qk2, is2,
         math.log2(g), float(index_scale * inv_n), ntok, hq, hkv, G=g, D=d, DI=di, BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_pow2(d), BLOCK_DI=_pow2(di), CDT=cdt, DOT_PREC=prec, DK_ATOMIC=atomic_dk,
-        FAST=not interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        FAST=not interpreting(), TMA=tma, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     loss = kl.sum() * inv_n  # fixed-order torch reduction: deterministic
     if not with_grad:
         return loss, None, None
