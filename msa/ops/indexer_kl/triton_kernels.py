@@ -355,7 +355,9 @@ def indexer_kl_fwd_dense_flash_kernel(QI, KI, Q, K, SEQ_START, LSE_T, KL, LSE_S,
     is2 = index_scale * log2(e), lg2g = log2(G). Prologue: the student lse over the causal keys (1/G of
     the work). DK_ATOMIC (one-pass mode): also adds the unscaled dk_idx contributions
     (p_idx - p)^T @ q_idx of every tile into DKI fp32 (T_all, DI) (zero-filled) with atomics, so pass 2
-    is not needed (not bitwise repeatable). FAST: MUFU log2 (GPU only).
+    is not needed (not bitwise repeatable). FAST: MUFU log2 (GPU only). TMA: the Q tiles through a
+    device-side TMA descriptor of Q viewed as (T_all, H_q * D) (D == BLOCK_D; the launcher provides
+    ``triton.set_allocator``'s scratch).
     """
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # long (late) query tiles first: better tail
     r = tl.program_id(1)
