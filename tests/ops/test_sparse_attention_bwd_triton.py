@@ -131,19 +131,15 @@ def test_bwd_16bit_inputs_use_16bit_dq_partials(dtype):
         assert rel(got, ref) < 2e-2, f"{name} rel err {rel(got, ref):.3e}"
 
 
-def test_bwd_config_rejects_non_integer_knob(monkeypatch):
-    monkeypatch.setenv("MSA_SPARSE_BWD_CONFIG", "DKDV_WARPS=four")
+@pytest.mark.parametrize("env,val,match", [
+    ("MSA_SPARSE_BWD_CONFIG", "DKDV_WARPS=four", "MSA_SPARSE_BWD_CONFIG: DKDV_WARPS='four' is not an integer"),
+    ("MSA_SPARSE_BWD_DQ", "fast", "MSA_SPARSE_BWD_DQ"),
+])
+def test_bwd_rejects_bad_env_knob(monkeypatch, env, val, match):
+    monkeypatch.setenv(env, val)
     q, k, v, bi, cu = make_case(1, 63, 2, 3, 16, 16, 3)
     o, lse, do, _ = reference_grads(q, k, v, bi, 16, 0.25, cu)
-    with pytest.raises(ValueError, match="MSA_SPARSE_BWD_CONFIG: DKDV_WARPS='four' is not an integer"):
-        sparse_attention_bwd_triton(do, q, k, v, o, lse, bi, block_size=16, scale=0.25, cu_seqlens=cu)
-
-
-def test_bwd_dq_mode_rejects_unknown(monkeypatch):
-    monkeypatch.setenv("MSA_SPARSE_BWD_DQ", "fast")
-    q, k, v, bi, cu = make_case(1, 63, 2, 3, 16, 16, 3)
-    o, lse, do, _ = reference_grads(q, k, v, bi, 16, 0.25, cu)
-    with pytest.raises(ValueError, match="MSA_SPARSE_BWD_DQ"):
+    with pytest.raises(ValueError, match=match):
         sparse_attention_bwd_triton(do, q, k, v, o, lse, bi, block_size=16, scale=0.25, cu_seqlens=cu)
 
 

@@ -222,7 +222,7 @@ def dense_flash_config(g: int, d: int, di: int, atomic_dk: bool = False):
         # 30 %, DRAM 54 %, L2 68 %, 0.25 eligible warps per scheduler). Round 14: the Q tiles through TMA
         # descriptors (TMA=1; one thread issues each load, no per-thread address registers or cp.async
         # bookkeeping; spills 1348 -> 496 B): 128K 562 ms vs 620 (same run); K / k_idx tiles through TMA
-        # too (TMA=3) 596, only K / k_idx (TMA=2) 616; exponentials of some heads on the FMA pipe
+        # too 596, K / k_idx only 616 (those variants were removed); exponentials of some heads on the FMA pipe
         # (FA4's polynomial exp2) +4.7 ms per head moved; key range split over programs so the Q
         # re-reads hit L2 (SPLIT 4..32) no gain (622 vs 628).
         cfg = dict(BLOCK_M=128, BLOCK_N=128 if atomic_dk else 64, DK_BLOCK_M=32, DK_BLOCK_N=128, num_warps=8,
