@@ -187,16 +187,16 @@ def _decode_launches():
     out.append(("decode_topk_fwd_kernel (1M, 256-block chunks)", dk.decode_topk_fwd_kernel,
                 dict(score_ptr=f32, lens_ptr=i32, cand_ptr=i64, out_ptr=i32, T=1, H=HKV, NB_CAP=nb_cap, NC=32, INIT=0,
                      LOCALB=1),
-                dict(BS=BLOCK, TOPK=TOPK, K_PAD=TOPK, CHUNK=256, FINAL=False, PDL=True), 1, 3))
+                dict(BS=BLOCK, TOPK=TOPK, K_PAD=TOPK, CHUNK=256, FINAL=False, PDL=True, BITONIC=True), 1, 3))
     out.append(("decode_topk_merge_fwd_kernel", dk.decode_topk_merge_fwd_kernel,
                 dict(cand_ptr=i64, lens_ptr=i32, out_ptr=i32, T=1, H=HKV, NC=32),
-                dict(BS=BLOCK, TOPK=TOPK, K_PAD=TOPK, NCK_PAD=512, PDL=True), 1, 3))
+                dict(BS=BLOCK, TOPK=TOPK, K_PAD=TOPK, NCK_PAD=512, PDL=True, BITONIC=True), 1, 3))
     out.append(("decode_attention_fwd_kernel (16 splits)", dk.decode_attention_fwd_kernel,
                 dict(q_ptr=bf, k_ptr=bf, v_ptr=bf, idx_ptr=i32, cand_ptr=i64, pt_ptr=i32, lens_ptr=i32, o_ptr=f32,
                      lse_ptr=f32, T=1, H=HKV, G=HQ // HKV, D=D, S_ROWS=1 << 20, PT_STRIDE=0, NSPLIT=16, BPS=1, NCAND=1,
                      scale_log2=0.1),
                 dict(BS=BLOCK, G_PAD=HQ // HKV, D_PAD=D, PAGED=False, DENSE=False, F32=False, EVEN_D=True,
-                     FUSED_SEL=False, DIRECT=False, K_PAD=1, NCAND_PAD=1, TOPK=TOPK, PDL=True), 4, 2))
+                     FUSED_SEL=False, DIRECT=False, K_PAD=1, NCAND_PAD=1, TOPK=TOPK, PDL=True, BITONIC=True), 4, 2))
     out.append(("decode_merge_fwd_kernel", dk.decode_merge_fwd_kernel,
                 dict(o_part_ptr=f32, lse_part_ptr=f32, o_ptr=bf, lse_ptr=f32, D=D, NSPLIT=16),
                 dict(S_PAD=16, D_PAD=D, PDL=True), 4, 3))

@@ -191,6 +191,31 @@ def test_topk_merge_path_and_forcing():
         assert (s[1] == -1).any()  # sequence of 20 tokens: 2 blocks < topk
 
 
+def test_bitonic_and_reduction_selection_agree(monkeypatch):
+    """The top-k / top-k merge kernels and the fused candidate merge select with tl.topk's bitonic
+    network (default) or with k max-reduction rounds (MSA_DECODE_BITONIC=0; also what candidate sets
+    above 1024 use): same selection, ties included (lowest id), and the same output."""
+    lens, t, H, G, D, DI, bs, topk = [600, 20, 257], 2, 2, 2, 16, 16, 16, 6
+    cache = make_cache(lens, t, H, D, DI, bs=bs, seed=31)
+    g = torch.Generator().manual_seed(32)
+    q, qi = torch.randn(3, t, H * G, D, generator=g).to(DEV), torch.randn(3, t, H, DI, generator=g).to(DEV)
+    qi[0, 0] = 0.0  # all-equal scores: ties everywhere
+    o_ref, s_ref = decode_attention(q, qi, cache, 0, block_size=bs, topk=topk, backend="reference",
+                                    init_blocks=1, local_blocks=2)
+    for kw in (dict(fused=False, topk_chunk=8), dict(fused=True, index_blocks_per_program=8)):
+        got = []
+        for env in ("0", "1"):
+            monkeypatch.setenv("MSA_DECODE_BITONIC", env)
+            plan_kw = dict(kw, init_blocks=1, local_blocks=2)
+            plan = DecodePlan(cache, num_heads=H * G, block_size=bs, topk=topk, num_tokens=t,
+                              **{k: v for k, v in plan_kw.items()})
+            assert plan.bitonic == (env == "1")
+            got.append(run_plan(cache, q, qi, bs, topk, **plan_kw))
+        assert torch.equal(got[0][1], got[1][1]), kw
+        assert torch.allclose(got[0][0], got[1][0], atol=1e-6, rtol=0)
+        check_selection(got[1][1], s_ref, qi, cache, bs, t, DI ** -0.5)
+
+
 @pytest.mark.parametrize("G", [1, 5, 64])
 def test_gqa_ratios_and_paged_equals_contiguous(G):
     lens, t, H, D, DI, bs, topk = [150, 77], 3, 1, 16, 16, 16, 4

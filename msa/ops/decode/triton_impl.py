@@ -207,6 +207,9 @@ class DecodePlan:
         # fp8 index keys with bf16 queries: score in fp16 (exact key convert, rescaled queries; see
         # decode_index_fwd_kernel); env MSA_DECODE_FP8_F16=0 keeps the bf16 path (comparison)
         self.fp8_f16 = os.environ.get("MSA_DECODE_FP8_F16", "1") != "0"
+        # top-k of the candidates by tl.topk's bitonic network (log-depth) instead of topk dependent max
+        # reductions; env MSA_DECODE_BITONIC=0 keeps the reductions (comparison)
+        self.bitonic = os.environ.get("MSA_DECODE_BITONIC", "1") != "0"
         self._dummy_i = torch.zeros(1, dtype=torch.int32, device=dev)
         self._dummy_l = torch.zeros(1, dtype=torch.int64, device=dev)
         self._dummy_f = torch.ones(1, dtype=torch.float32, device=dev)
@@ -272,14 +275,14 @@ class DecodePlan:
                     self.scores, lens, self.cand, self.block_indices,
                     T, H, self.nb_cap, self.nc, self.init_blocks, self.local_blocks,
                     BS=BS, TOPK=self.topk, K_PAD=self.k_pad, CHUNK=self.chunk, FINAL=final, PDL=self.pdl,
-                    num_warps=self.topk_warps, **self._pdl_launch)
+                    BITONIC=self.bitonic, num_warps=self.topk_warps, **self._pdl_launch)
                 if not final:
                     if timer is not None:
                         timer("topk_merge")
                     tk.decode_topk_merge_fwd_kernel[(nrows,)](
                         self.cand, lens, self.block_indices, T, H, self.nc,
                         BS=BS, TOPK=self.topk, K_PAD=self.k_pad, NCK_PAD=self.merge_pad, PDL=self.pdl,
-                        num_warps=self.merge_warps, **self._pdl_launch)
+                        BITONIC=self.bitonic, num_warps=self.merge_warps, **self._pdl_launch)
             sel = self.block_indices
         G = self.G
         fused_sel = self.fused and not self.dense and block_indices is None
@@ -300,7 +303,7 @@ class DecodePlan:
             BS=BS, G_PAD=max(16, _pow2(G)), D_PAD=d_pad, PAGED=c.paged, DENSE=self.dense,
             F32=self.f32, EVEN_D=d_pad == self.D, FUSED_SEL=fused_sel, DIRECT=self.att_direct,
             K_PAD=self.k_pad if fused_sel else 1, NCAND_PAD=self.ncand_pad if fused_sel else 1, TOPK=self.topk,
-            PDL=self.pdl and sel_from_chain, num_warps=warps, num_stages=2 if not interpreting() else 1,
+            PDL=self.pdl and sel_from_chain, BITONIC=self.bitonic, num_warps=warps, num_stages=2 if not interpreting() else 1,
             **(self._pdl_launch if sel_from_chain else {}))
         if not self.att_direct:
             if timer is not None:
