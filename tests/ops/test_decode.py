@@ -207,8 +207,7 @@ def test_bitonic_and_reduction_selection_agree(monkeypatch):
         for env in ("0", "1"):
             monkeypatch.setenv("MSA_DECODE_BITONIC", env)
             plan_kw = dict(kw, init_blocks=1, local_blocks=2)
-            plan = DecodePlan(cache, num_heads=H * G, block_size=bs, topk=topk, num_tokens=t,
-                              **{k: v for k, v in plan_kw.items()})
+            plan = DecodePlan(cache, num_heads=H * G, block_size=bs, topk=topk, num_tokens=t, **plan_kw)
             assert plan.bitonic == (env == "1")
             got.append(run_plan(cache, q, qi, bs, topk, **plan_kw))
         assert torch.equal(got[0][1], got[1][1]), kw

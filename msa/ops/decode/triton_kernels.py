@@ -21,8 +21,9 @@ Legacy chain (``fused=False``, kept for comparison; 4-5 launches): index kernel 
 maximum (fp32, B*T*H*NB floats) -> ``decode_topk_fwd_kernel`` per (row, chunk of blocks) ->
 ``decode_topk_merge_fwd_kernel`` (several chunks) -> attention reading the selection -> merge.
 
-Exp-free top-k: score and block id are packed in one int64 so each of the k steps is ONE max
-reduction (ties: the lower block id wins, in every chain).
+Exp-free top-k: score and block id are packed in one int64, so the selection compares plain integers
+(ties: the lower block id wins, in every chain): ``tl.topk``'s bitonic network for up to 1024
+candidates, above that k max reductions (env MSA_DECODE_BITONIC=0: reductions everywhere).
 
 Token row addressing (same for K, V and index keys): contiguous ``b * S_ROWS + j``; paged
 ``page_table[b, j // BS] * BS + j % BS`` (page size == block size).
