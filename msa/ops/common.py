@@ -132,6 +132,17 @@ def load_triton_impl(package: str, module: str, name: str, backend: str):
         raise ValueError(f"backend='triton' is not available for this op: {exc}") from exc
 
 
+def env_flag(env: str, default: bool = True) -> bool:
+    """An on/off switch from the environment: "1" on, "0" off, unset the default; anything else is
+    rejected with the variable's name (a typo must not silently pick a path)."""
+    val = os.environ.get(env, "").strip()
+    if val == "":
+        return default
+    if val not in ("0", "1"):
+        raise ValueError(f"{env} must be 0 or 1, got {val!r}")
+    return val == "1"
+
+
 def env_config(env: str) -> dict:
     """Launch-config overrides from an env var such as MSA_SPARSE_FWD_CONFIG="BLOCK_M=64,num_warps=4"
     (integer values; anything else is rejected with the variable's name)."""

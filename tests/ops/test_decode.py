@@ -215,6 +215,18 @@ def test_bitonic_and_reduction_selection_agree(monkeypatch):
         check_selection(got[1][1], s_ref, qi, cache, bs, t, DI ** -0.5)
 
 
+@pytest.mark.parametrize("env", ["MSA_DECODE_BITONIC", "MSA_DECODE_PDL", "MSA_DECODE_FP8_F16"])
+def test_plan_rejects_bad_env_switch(monkeypatch, env):
+    """The decode on/off switches accept 0 or 1 only; a typo is an error naming the variable (raised
+    when the plan is built, before any launch), never a silently chosen path."""
+    cache = make_cache([40], 1, 1, 16, 16, bs=16)
+    monkeypatch.setenv(env, "off")
+    with pytest.raises(ValueError, match=f"{env} must be 0 or 1, got 'off'"):
+        DecodePlan(cache, num_heads=2, block_size=16, topk=2)
+    monkeypatch.setenv(env, "0")
+    DecodePlan(cache, num_heads=2, block_size=16, topk=2)   # 0 and 1 are accepted
+
+
 @pytest.mark.parametrize("G", [1, 5, 64])
 def test_gqa_ratios_and_paged_equals_contiguous(G):
     lens, t, H, D, DI, bs, topk = [150, 77], 3, 1, 16, 16, 16, 4

@@ -32,12 +32,11 @@ Example (one layer; the same plan serves every layer of the same shape)::
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Tuple
 
 import torch
 
-from ..common import check, interpreting
+from ..common import check, env_flag, interpreting
 from . import triton_kernels as tk
 
 FUSED_MAX_BLOCKS = 128   # blocks per index program whose maxima the fused chain keeps in registers
@@ -201,15 +200,15 @@ class DecodePlan:
         # programmatic dependent launch (sm_90+, env MSA_DECODE_PDL=0 turns it off): each kernel after the
         # first may be scheduled while its predecessor finishes, and waits (griddepcontrol.wait) before
         # reading the predecessor's output; hides part of the per-launch latency inside a CUDA graph
-        self.pdl = (dev.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(dev)[0] >= 9
-                    and os.environ.get("MSA_DECODE_PDL", "1") != "0")
+        self.pdl = (env_flag("MSA_DECODE_PDL") and dev.type == "cuda" and not interpreting()
+                    and torch.cuda.get_device_capability(dev)[0] >= 9)
         self._pdl_launch = {"launch_pdl": True} if self.pdl else {}
         # fp8 index keys with bf16 queries: score in fp16 (exact key convert, rescaled queries; see
         # decode_index_fwd_kernel); env MSA_DECODE_FP8_F16=0 keeps the bf16 path (comparison)
-        self.fp8_f16 = os.environ.get("MSA_DECODE_FP8_F16", "1") != "0"
+        self.fp8_f16 = env_flag("MSA_DECODE_FP8_F16")
         # top-k of the candidates by tl.topk's bitonic network (log-depth) instead of topk dependent max
         # reductions; env MSA_DECODE_BITONIC=0 keeps the reductions (comparison)
-        self.bitonic = os.environ.get("MSA_DECODE_BITONIC", "1") != "0"
+        self.bitonic = env_flag("MSA_DECODE_BITONIC")
         self._dummy_i = torch.zeros(1, dtype=torch.int32, device=dev)
         self._dummy_l = torch.zeros(1, dtype=torch.int64, device=dev)
         self._dummy_f = torch.ones(1, dtype=torch.float32, device=dev)
