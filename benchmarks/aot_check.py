@@ -157,7 +157,8 @@ def _launches():
                     dict(QI=bf, KI=bf, Q=bf, K=bf, SEQ_START=i32, LSE_T=f32, KL=f32, LSE_S=f32, DQI=f32, DKI=f32,
                          qk2=0.1, is2=0.1, lg2g=4.0, dq_mult=0.1, NTOK=T, HQ=HQ, HKV=HKV),
                     dict(G=g, D=D, DI=DI, BLOCK_M=fc2["BLOCK_M"], BLOCK_N=fc2["BLOCK_N"], BLOCK_D=bd, BLOCK_DI=bdi,
-                         CDT=cdt, DOT_PREC=prec, DK_ATOMIC=atomic, FAST=True, TMA=bool(fc2["TMA"])),
+                         CDT=cdt, DOT_PREC=prec, DK_ATOMIC=atomic, FAST=True, TMA=bool(fc2["TMA"]),
+                         PF=bool(fc2["PF"]), PF_LINES=D // 64, PF_LINE=64),
                     fc2["num_warps"], fc2["num_stages"]))
     out.append(("indexer_kl_bwd_dense_flash_dk_kernel (warmup flash, pass 2)",
                 kk.indexer_kl_bwd_dense_flash_dk_kernel,

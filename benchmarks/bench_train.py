@@ -562,9 +562,35 @@ def bench_size(t, notes):
     return row
 
 
+def plot(result, path):
+    """Step time per T of a results dict (this script's JSON) as a log-log PNG at path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = result["results"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, label in (("sparse_step_ms", "sparse step (select+attn+KL, fwd+bwd)"),
+                       ("dense_best_ms", "dense SDPA fwd+bwd (best)"),
+                       ("warmup_step_best_ms", "warmup step (dense+lse + dense KL)")):
+        pts = [(r["T"], r[key]) for r in rows if isinstance(r.get(key), float)]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("T (tokens)")
+    ax.set_ylabel("ms per layer step")
+    ax.set_title(f"MSA training step, {result['gpu']}, H_q 64 / H_kv 4 / D 128, bf16")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--plot-only", metavar="JSON", default=None,
+                    help="no GPU work: redraw OUT/bench_train.png from a results JSON (e.g. one merged from runs)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sizes", type=str, default=None, help="comma-separated T values (overrides defaults)")
     ap.add_argument("--sweep", action="store_true", help="also sweep kernel launch configs at --sweep-size")
@@ -582,11 +608,16 @@ def main():
     if bad:
         ap.error(f"--sweep-groups: unknown {bad}; choose from kl_kv, bwd, dense")
     os.makedirs(args.out, exist_ok=True)
+    if args.plot_only:
+        with open(args.plot_only) as f:
+            plot(json.load(f), os.path.join(args.out, "bench_train.png"))
+        return
     assert torch.cuda.is_available(), "bench_train.py needs a CUDA GPU"
     import triton
     notes = []
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "python": platform.python_version(), "command": " ".join([sys.executable] + sys.argv),
+              "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MSA_")},
               "shape": dict(H_q=HQ, H_kv=HKV, D=D, D_idx=DI, block_size=BLOCK, topk=TOPK, dtype="bf16", B=1),
               "notes": notes}
     t0 = time.time()
@@ -621,24 +652,7 @@ def main():
     with open(os.path.join(args.out, "bench_train.json"), "w") as f:
         json.dump(result, f, indent=1)
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for key, label in (("sparse_step_ms", "sparse step (select+attn+KL, fwd+bwd)"),
-                           ("dense_best_ms", "dense SDPA fwd+bwd (best)"),
-                           ("warmup_step_best_ms", "warmup step (dense+lse + dense KL)")):
-            pts = [(r["T"], r[key]) for r in rows if isinstance(r.get(key), float)]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("T (tokens)")
-        ax.set_ylabel("ms per layer step")
-        ax.set_title(f"MSA training step, {result['gpu']}, H_q 64 / H_kv 4 / D 128, bf16")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(args.out, "bench_train.png"), dpi=120)
+        plot(result, os.path.join(args.out, "bench_train.png"))
     except Exception as exc:
         notes.append(f"plot failed: {exc!r}")
     cols = ["T", "select_ms", "sparse_attn_fwd_bwd_ms", "sparse_kl_fwd_bwd_ms", "sparse_step_ms", "sdpa_cudnn_ms",

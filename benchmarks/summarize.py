@@ -95,13 +95,19 @@ def train(folder, gpu="h200"):
         return [], []
     out = ["| T | sparse step ms (select + attn fwd/bwd + KL) | dense fwd+bwd ms (best SDPA) | speedup | "
            "warmup step ms | warmup / dense | sparse step peak GB |", "|---|---|---|---|---|---|---|"]
-    def x(v, bold=False):
-        return "-" if not isinstance(v, (int, float)) else (f"**{v:.2f}x**" if bold else f"{v:.2f}x")
+    def x(v, bold=False, digits=2):
+        return "-" if not isinstance(v, (int, float)) else (f"**{v:.{digits}f}x**" if bold else f"{v:.{digits}f}x")
+    earlier = set()
     for r in d["results"]:
-        out.append(f"| {r['T'] // 1024}K | {_ms(r.get('sparse_step_ms'), 1)} | {_ms(r.get('dense_best_ms'), 1)} | "
+        mark = " (a)" if r.get("from_earlier_run") else ""
+        if mark:
+            earlier.add(r["from_earlier_run"])
+        out.append(f"| {r['T'] // 1024}K{mark} | {_ms(r.get('sparse_step_ms'), 1)} | {_ms(r.get('dense_best_ms'), 1)} | "
                    f"{x(r.get('sparse_speedup_vs_dense'), True)} | {_ms(r.get('warmup_step_best_ms'), 1)} | "
-                   f"{x(r.get('warmup_over_dense'))} | {_ms(r.get('sparse_step_peak_gb'), 1)} |")
+                   f"{x(r.get('warmup_over_dense'), digits=3)} | {_ms(r.get('sparse_step_peak_gb'), 1)} |")
     out.append("")
+    for e in sorted(earlier):  # rows kept from an earlier run of the benchmark (the JSON's notes say why)
+        out += [f"(a) from an earlier run: `{e}`", ""]
     for r in d["results"]:
         if r["T"] < 131072:
             continue

@@ -202,12 +202,13 @@ def dense_flash_config(g: int, d: int, di: int, atomic_dk: bool = False):
     """Launch configuration of the 'flash' / 'flash-atomic' warmup kernels (env ``MSA_KL_DENSE_FLASH_CONFIG``:
     BLOCK_M / BLOCK_N (queries / keys per tile of pass 1), DK_BLOCK_M / DK_BLOCK_N (queries / keys of
     pass 2), num_warps, num_stages, DK_WARPS, DK_STAGES, TMA (1: pass 1 loads the Q tiles through a TMA
-    descriptor, where ``_tma_ok``). The Q tile of each head is re-read (from L2)
+    descriptor, where ``_tma_ok``), PF (1: pass 1 prefetches the next head loop's first Q tiles into L2;
+    GPU only). The Q tile of each head is re-read (from L2)
     once per (query tile, key tile), so the key tile sets the MMA flops per byte loaded: 128 keys ~ 128
     flop/B."""
     if interpreting():
         cfg = dict(BLOCK_M=16, BLOCK_N=16, DK_BLOCK_M=16, DK_BLOCK_N=16, num_warps=4, num_stages=1, DK_WARPS=4,
-                   DK_STAGES=1, TMA=1)
+                   DK_STAGES=1, TMA=1, PF=0)
     else:
         # sm_90 AOT (paper shape, 8 warps, 2 stages): pass 1 128 queries x 64 keys 131072 B, 104 B spills
         # (128 x 128: 520 B, 64 x 128: 520 B; 64 x 64: none but half-width MMAs); pass 2 128 keys x 32
@@ -224,9 +225,13 @@ def dense_flash_config(g: int, d: int, di: int, atomic_dk: bool = False):
         # bookkeeping; spills 1348 -> 496 B): 128K 562 ms vs 620 (same run); K / k_idx tiles through TMA
         # too 596, K / k_idx only 616 (those variants were removed); exponentials of some heads on the FMA pipe
         # (FA4's polynomial exp2) +4.7 ms per head moved; key range split over programs so the Q
-        # re-reads hit L2 (SPLIT 4..32) no gain (622 vs 628).
+        # re-reads hit L2 (SPLIT 4..32) no gain (622 vs 628). Round 16 (round16_log.txt): PF=1, the
+        # first two heads' Q tiles prefetched into L2 after each head loop: 128K 546-550 ms vs 554-559
+        # (flash-atomic), 32K deterministic pass 1 121.7 vs 124.1-125.6; 64-query tiles on one warpgroup
+        # with q_idx / k_idx / dq_idx / dk_idx in two halves (two programs per SM, 748 B spills):
+        # 604 ms (s2) vs 551-559 (the same with one program per SM, s3: 821); that variant was removed.
         cfg = dict(BLOCK_M=128, BLOCK_N=128 if atomic_dk else 64, DK_BLOCK_M=32, DK_BLOCK_N=128, num_warps=8,
-                   num_stages=3 if atomic_dk else 2, DK_WARPS=8, DK_STAGES=2, TMA=1)
+                   num_stages=3 if atomic_dk else 2, DK_WARPS=8, DK_STAGES=2, TMA=1, PF=1)
         if max(d, di) > 128:
             cfg.update(BLOCK_M=64, BLOCK_N=64, DK_BLOCK_N=64)
     cfg.update(env_config("MSA_KL_DENSE_FLASH_CONFIG"))
@@ -285,11 +290,16 @@ def dense_kl_flash(q_idx, k_idx, q, k, lse_t, *, scale, index_scale, cu_seqlens,
     dq = torch.empty((ntok, hkv, di), dtype=torch.float32, device=dev)
     dk_acc = torch.zeros((ntok, di), dtype=torch.float32, device=dev) if atomic_dk else kl  # dummy when unused
     tma = bool(cfg["TMA"]) and _tma_ok(q)
+    # L2 prefetch of Q rows (GPU only; no inline asm in the interpreter): whole 128-byte lines, in bounds
+    line = 128 // q.element_size()
+    pf_lines = d // line
+    pf = bool(cfg["PF"]) and pf_lines > 0 and not interpreting()
     indexer_kl_fwd_dense_flash_kernel[(triton.cdiv(ntok, cfg["BLOCK_M"]), hkv)](
         q_idx, k_idx, q, k, token_seq_start(bsz, t, cu_seqlens, dev), lse_t, kl, lse_s, dq, dk_acc, qk2, is2,
         math.log2(g), float(index_scale * inv_n), ntok, hq, hkv, G=g, D=d, DI=di, BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_pow2(d), BLOCK_DI=_pow2(di), CDT=cdt, DOT_PREC=prec, DK_ATOMIC=atomic_dk,
-        FAST=not interpreting(), TMA=tma, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        FAST=not interpreting(), TMA=tma, PF=pf, PF_LINES=max(pf_lines, 1), PF_LINE=line,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     loss = kl.sum() * inv_n  # fixed-order torch reduction: deterministic
     if not with_grad:
         return loss, None, None

@@ -257,6 +257,24 @@ def _log2_fast(x, FAST: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_l2(ptrs, FAST: tl.constexpr):
+    """Pull the 128-byte lines holding ptrs into L2: a hint (no value, no wait), GPU only."""
+    if FAST:
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs.to(tl.int64)],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_rows_l2(base, row0, nrows, row_stride, ROWS: tl.constexpr, LINES: tl.constexpr,
+                      LINE: tl.constexpr, FAST: tl.constexpr):
+    """L2 prefetch of ROWS rows (row0 + n, clamped to nrows - 1) of LINES lines of LINE elements each,
+    rows row_stride elements apart from base."""
+    n = tl.minimum(row0 + tl.arange(0, ROWS), nrows - 1).to(tl.int64)
+    c = tl.arange(0, LINES) * LINE
+    _prefetch_l2(base + (n * row_stride)[:, None] + c[None, :], FAST)
+
+
+@triton.jit
 def _teacher_tile(Q, QDESC, LSE_T, kk, i0, imask, r, qk2, lg2g, HQ, G: tl.constexpr, D: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CDT: tl.constexpr,
                   DOT_PREC: tl.constexpr, TMA: tl.constexpr):
@@ -286,9 +304,12 @@ def _flash_q_tile(acc, Q, K, KI, QDESC, LSE_T, DKI, qi, i0, i, imask, istart, ls
                   is2, lg2g, NTOK, HQ, HKV, G: tl.constexpr, D: tl.constexpr, DI: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DI: tl.constexpr,
                   CDT: tl.constexpr, DOT_PREC: tl.constexpr, MASKED: tl.constexpr, DK_ATOMIC: tl.constexpr,
-                  FAST: tl.constexpr, TMA: tl.constexpr):
+                  FAST: tl.constexpr, TMA: tl.constexpr, PF: tl.constexpr = False, PF_LINES: tl.constexpr = 2,
+                  PF_LINE: tl.constexpr = 64):
     """One key tile of pass 1: returns (acc + g @ k_idx, sum_j p (log2 p - log2 p_idx)) for the query rows
-    (the accumulator goes through the MMA: a separate product tile would need 64 more registers)."""
+    (the accumulator goes through the MMA: a separate product tile would need 64 more registers).
+    PF (GPU only): once the head loop is done, prefetch the first two heads' Q tiles into L2 (PF_LINES
+    lines of PF_LINE elements per row), so the next key tile's head loop fills its pipeline from L2."""
     # int64 scalar bases + int32 tile offsets: per-element int64 addresses cost registers (spills)
     d = tl.arange(0, BLOCK_D)
     e = tl.arange(0, BLOCK_DI)
@@ -303,6 +324,14 @@ def _flash_q_tile(acc, Q, K, KI, QDESC, LSE_T, DKI, qi, i0, i, imask, istart, ls
                  mask=jmask[:, None] & (e < DI)[None, :], other=0.0).to(CDT)
     pe = _teacher_tile(Q, QDESC, LSE_T, kk, i0, imask, r, qk2, lg2g, HQ, G, D, BLOCK_M, BLOCK_N, BLOCK_D, CDT,
                        DOT_PREC, TMA)
+    if PF:
+        # each head's Q tile is re-read per key tile, and 132 programs x 16 heads x 32 KB exceed the L2:
+        # without this the next tile's first TMA loads wait on DRAM (H200 128K: 546 vs 555 ms). Measured
+        # and dropped: prefetching the next tile's K / k_idx too (577 ms; those rows are L2-hot, shared
+        # by the programs walking the same key tiles), every head's Q tile 3-6 heads ahead inside the
+        # head loop (558-575), four heads instead of two (553-555).
+        for hh in tl.static_range(2):
+            _prefetch_rows_l2(Q + (r * G + hh) * D, i0, NTOK, HQ * D, BLOCK_M, PF_LINES, PF_LINE, FAST)
     # u = log2 p_idx; the loss term p (log2 p - u) already holds the student lse, so one row sum suffices
     u = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC) * is2 - lse2_s[:, None]
     if MASKED:  # masked-out entries may hold inf (exp2 of a score above the lse): select, never multiply
@@ -345,7 +374,8 @@ def indexer_kl_fwd_dense_flash_kernel(QI, KI, Q, K, SEQ_START, LSE_T, KL, LSE_S,
                                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                                       BLOCK_DI: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr,
                                       DK_ATOMIC: tl.constexpr = False, FAST: tl.constexpr = False,
-                                      TMA: tl.constexpr = False):
+                                      TMA: tl.constexpr = False, PF: tl.constexpr = False,
+                                      PF_LINES: tl.constexpr = 2, PF_LINE: tl.constexpr = 64):
     """Warmup pass 1 (query-outer), one program per (BLOCK_M query positions, group r).
 
     QI (T_all, H_kv, DI), KI (T_all, DI), Q (T_all, H_q, D), K (T_all, H_kv, D); SEQ_START int32 (T_all,);
@@ -357,7 +387,8 @@ def indexer_kl_fwd_dense_flash_kernel(QI, KI, Q, K, SEQ_START, LSE_T, KL, LSE_S,
     (p_idx - p)^T @ q_idx of every tile into DKI fp32 (T_all, DI) (zero-filled) with atomics, so pass 2
     is not needed (not bitwise repeatable). FAST: MUFU log2 (GPU only). TMA: the Q tiles through a
     device-side TMA descriptor of Q viewed as (T_all, H_q * D) (D == BLOCK_D; the launcher provides
-    ``triton.set_allocator``'s scratch).
+    ``triton.set_allocator``'s scratch). PF (GPU only): after each key tile's head loop, prefetch the
+    first two heads' Q rows into L2 (PF_LINES 128-byte lines of PF_LINE elements per row).
     """
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # long (late) query tiles first: better tail
     r = tl.program_id(1)
@@ -393,12 +424,12 @@ def indexer_kl_fwd_dense_flash_kernel(QI, KI, Q, K, SEQ_START, LSE_T, KL, LSE_S,
     for j0 in range(lo, full_end, BLOCK_N):
         acc, b = _flash_q_tile(acc, Q, K, KI, qdesc, LSE_T, DKI, qi, i0, i, imask, istart, lse2_s, j0,
                                r, qk2, is2, lg2g, NTOK, HQ, HKV, G, D, DI, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DI, CDT,
-                               DOT_PREC, False, DK_ATOMIC, FAST, TMA)
+                               DOT_PREC, False, DK_ATOMIC, FAST, TMA, PF, PF_LINES, PF_LINE)
         kl2 += b
     for j0 in range(full_end, hi, BLOCK_N):
         acc, b = _flash_q_tile(acc, Q, K, KI, qdesc, LSE_T, DKI, qi, i0, i, imask, istart, lse2_s, j0,
                                r, qk2, is2, lg2g, NTOK, HQ, HKV, G, D, DI, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DI, CDT,
-                               DOT_PREC, True, DK_ATOMIC, FAST, TMA)
+                               DOT_PREC, True, DK_ATOMIC, FAST, TMA, PF, PF_LINES, PF_LINE)
         kl2 += b
     # KL = sum_j p (ln p - ln p_idx), accumulated in log2 units and converted once
     tl.store(KL + srow, kl2 * LN2C, mask=imask)
