@@ -319,7 +319,7 @@ def test_chunked_prefill_then_decode_equals_one_shot_model():
 
 def test_triton_layer_decode_equals_reference():
     """decode_attention(backend='triton') after a chunked prefill equals backend='reference' (fp32)."""
-    lens, t, H, G, D, DI, bs, topk = [70, 70], 4, 2, 2, 16, 16, 16, 3
+    t, H, G, D, DI, bs, topk = 4, 2, 2, 16, 16, 16, 3  # two sequences of 70 tokens (30 + 36 + 4)
     cache = MSACache(1, 2, 80, H, D, DI, page_size=bs, device=DEV)
     g = torch.Generator().manual_seed(9)
     for n in (30, 36, 4):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import msa
-from tests.oracle import oracle_attention, oracle_block_scores, oracle_kl, oracle_select, selection_sets, spans
+from tests.oracle import oracle_attention, oracle_kl, oracle_select, selection_sets, spans
 
 
 def packed_cu(lengths):

@@ -6,7 +6,6 @@ after the valid prefix; fresh outputs are poisoned with -7 to expose unwritten e
 """
 
 import os
-import sys
 
 
 import pytest  # noqa: E402

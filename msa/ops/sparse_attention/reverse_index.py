@@ -106,7 +106,6 @@ class ReverseIndex(NamedTuple):
 def block_layout(batch: int, seqlen: int, block_size: int, cu_seqlens: Optional[torch.Tensor],
                  device) -> BlockLayout:
     if cu_seqlens is None:
-        nb_seq = math.ceil(seqlen / block_size)
         starts = [(b * seqlen, seqlen) for b in range(batch)]
     else:
         cu = [int(x) for x in cu_seqlens.detach().cpu().tolist()]
