@@ -290,15 +290,16 @@ def dense_kl_flash(q_idx, k_idx, q, k, lse_t, *, scale, index_scale, cu_seqlens,
     dq = torch.empty((ntok, hkv, di), dtype=torch.float32, device=dev)
     dk_acc = torch.zeros((ntok, di), dtype=torch.float32, device=dev) if atomic_dk else kl  # dummy when unused
     tma = bool(cfg["TMA"]) and _tma_ok(q)
-    # L2 prefetch of Q rows (GPU only; no inline asm in the interpreter): whole 128-byte lines, in bounds
+    # L2 prefetch of Q rows (GPU only; no inline asm in the interpreter): whole 128-byte lines, in bounds;
+    # a power of two of them per row (tl.arange), the row's first lines when it holds e.g. 3
     line = 128 // q.element_size()
-    pf_lines = d // line
-    pf = bool(cfg["PF"]) and pf_lines > 0 and not interpreting()
+    pf_lines = 1 << max((d // line).bit_length() - 1, 0)
+    pf = bool(cfg["PF"]) and d >= line and not interpreting()
     indexer_kl_fwd_dense_flash_kernel[(triton.cdiv(ntok, cfg["BLOCK_M"]), hkv)](
         q_idx, k_idx, q, k, token_seq_start(bsz, t, cu_seqlens, dev), lse_t, kl, lse_s, dq, dk_acc, qk2, is2,
         math.log2(g), float(index_scale * inv_n), ntok, hq, hkv, G=g, D=d, DI=di, BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_pow2(d), BLOCK_DI=_pow2(di), CDT=cdt, DOT_PREC=prec, DK_ATOMIC=atomic_dk,
-        FAST=not interpreting(), TMA=tma, PF=pf, PF_LINES=max(pf_lines, 1), PF_LINE=line,
+        FAST=not interpreting(), TMA=tma, PF=pf, PF_LINES=pf_lines, PF_LINE=line,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     loss = kl.sum() * inv_n  # fixed-order torch reduction: deterministic
     if not with_grad:
