@@ -1,6 +1,6 @@
 """msa: MiniMax Sparse Attention in PyTorch + Triton (reference, kernels, layer, model, training)."""
 
-from . import flops
+from . import flops, tuning
 from .cache import MSACache
 from .layers import MSAAttention, MSAConfig
 from .ops import block_topk, decode_attention, indexer_kl_loss, select_blocks, sparse_attention
@@ -8,4 +8,4 @@ from .ops import block_topk, decode_attention, indexer_kl_loss, select_blocks, s
 __version__ = "0.1.0"
 
 __all__ = ["select_blocks", "sparse_attention", "indexer_kl_loss", "decode_attention", "block_topk", "MSAConfig", "MSAAttention", "MSACache",
-           "flops", "__version__"]
+           "flops", "tuning", "__version__"]

@@ -10,12 +10,13 @@ import torch
 from torch import nn
 
 from ..cache import MSACache
-from ..ops.common import check, check_block_args, check_cu_seqlens, positions_in_sequence
+from ..ops.common import check, check_block_args, check_cu_seqlens, positions_in_sequence, resolve_backend
 from ..ops.decode import decode_attention
 from ..ops.dense import dense_causal_attention
 from ..ops.indexer_kl import indexer_kl_loss
 from ..ops.select_blocks import select_blocks
 from ..ops.sparse_attention import sparse_attention
+from ..ops.sparse_attention.triton_impl import selection_plan
 from .norm import RMSNorm
 from .rope import apply_rotary, rotary_cos_sin
 
@@ -35,6 +36,8 @@ class MSAConfig:
     plain dense GQA layer without an index branch (MiniMax-M3 keeps its first layers dense).
     mode: "dense" (warmup: full causal attention, full-support KL) or "sparse".
     backend: "auto" | "reference" | "triton" for the MSA ops.
+    debug: checked mode: every op also validates the values of its index tensors (block ids in range,
+    no repeats, cu_seqlens), which synchronises with the host several times per layer.
     """
 
     hidden_size: int = 256
@@ -53,6 +56,7 @@ class MSAConfig:
     use_index: bool = True
     mode: str = "sparse"
     backend: str = "auto"
+    debug: bool = False
 
     def __post_init__(self):
         for name in ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "index_dim"):
@@ -140,6 +144,33 @@ class MSAAttention(nn.Module):
             q_idx, k_idx = self._index_branch(x, cos, sin)
         return q, k, v, q_idx, k_idx
 
+    def _attend(self, q, k, v, q_idx, k_idx, cu_seqlens, sparse: bool, need_lse: bool):
+        """Main branch of a prefill / training step: (o, lse or None, block_indices or None, plan or None).
+
+        Sparse: one selection, and (Triton, eager) one ``SelectionPlan`` whose reverse indices the
+        forward, the backward and the KL share. Dense: SDPA, through cuDNN / flash with the lse when
+        the KL needs it. The ops skip their value checks (``validate=c.debug``): the layer made the
+        selection itself, and cu_seqlens' values are checked where they are copied to the host."""
+        c = self.config
+        scale = c.head_dim ** -0.5
+        if not sparse:
+            if need_lse:
+                o, lse = dense_causal_attention(q, k, v, scale=scale, cu_seqlens=cu_seqlens, return_lse=True)
+                return o, lse, None, None
+            return dense_causal_attention(q, k, v, scale=scale, cu_seqlens=cu_seqlens), None, None, None
+        block_indices = select_blocks(q_idx, k_idx, block_size=c.block_size, topk=c.topk_blocks,
+                                      init_blocks=c.init_blocks, local_blocks=c.local_blocks,
+                                      cu_seqlens=cu_seqlens, backend=c.backend, validate=c.debug)
+        plan = None
+        if (resolve_backend(c.backend, [q]) == "triton" and q.dtype != torch.float64
+                and not torch.compiler.is_compiling()):
+            plan = selection_plan(block_indices, block_size=c.block_size, cu_seqlens=cu_seqlens,
+                                  num_heads=c.num_heads, head_dim=c.head_dim, dtype=q.dtype, index_dim=c.index_dim)
+        o, lse = sparse_attention(q, k, v, block_indices, block_size=c.block_size, scale=scale,
+                                  cu_seqlens=cu_seqlens, return_lse=True, backend=c.backend, validate=c.debug,
+                                  plan=plan)
+        return o, lse, block_indices, plan
+
     def forward(self, x: torch.Tensor, *, cu_seqlens: Optional[torch.Tensor] = None,
                 cache: Optional[MSACache] = None, layer_idx: int = 0,
                 compute_kl: Optional[bool] = None) -> MSAOutput:
@@ -147,7 +178,8 @@ class MSAAttention(nn.Module):
         check(x.dim() == 3 and x.shape[-1] == c.hidden_size,
               f"x must have shape (B, T, hidden_size={c.hidden_size}), got {tuple(x.shape)}")
         b, t, _ = x.shape
-        check_cu_seqlens(cu_seqlens, b, t)
+        # cu_seqlens' values are checked where a launcher copies them to the host (no extra sync)
+        check_cu_seqlens(cu_seqlens, b, t, values=c.debug)
         incremental = cache is not None and bool((cache.seq_lens(layer_idx) > 0).any())
         check(not (incremental and cu_seqlens is not None),
               "cu_seqlens is only supported for prefill into an empty cache; decode steps take (B, t) input")
@@ -168,19 +200,17 @@ class MSAAttention(nn.Module):
         else:
             if cache is not None:
                 cache.append(layer_idx, k, v, k_idx, cu_seqlens=cu_seqlens)
-            if sparse:
-                block_indices = select_blocks(q_idx, k_idx, block_size=c.block_size, topk=c.topk_blocks,
-                                              init_blocks=c.init_blocks, local_blocks=c.local_blocks,
-                                              cu_seqlens=cu_seqlens, backend=c.backend)
-                o = sparse_attention(q, k, v, block_indices, block_size=c.block_size, scale=scale,
-                                     cu_seqlens=cu_seqlens, backend=c.backend)
-            else:
-                o = dense_causal_attention(q, k, v, scale=scale, cu_seqlens=cu_seqlens)
             if compute_kl is None:
                 compute_kl = self.training and torch.is_grad_enabled()
-            if compute_kl and c.use_index:
-                # stop-gradient 2: the teacher is built from detached q and k
+            compute_kl = compute_kl and c.use_index
+            # only the Triton KL takes the teacher's lse (the reference recomputes it exactly)
+            need_lse = compute_kl and resolve_backend(c.backend, [q]) == "triton"
+            o, lse, block_indices, plan = self._attend(q, k, v, q_idx, k_idx, cu_seqlens, sparse, need_lse)
+            if compute_kl:
+                # stop-gradient 2: the teacher is built from detached q and k; its lse comes from the
+                # attention above (same support), so the KL does not recompute it
                 kl = indexer_kl_loss(q_idx, k_idx, q.detach(), k.detach(), block_indices, block_size=c.block_size,
-                                     scale=scale, cu_seqlens=cu_seqlens, backend=c.backend)
+                                     scale=scale, cu_seqlens=cu_seqlens, backend=c.backend, teacher_lse=lse,
+                                     validate=c.debug, plan=plan)
         out = self.o_proj(o.reshape(b, t, c.num_heads * c.head_dim))
         return MSAOutput(out, kl, block_indices)

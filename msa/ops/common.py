@@ -47,18 +47,28 @@ def check_backend(backend: str) -> None:
     check(backend in BACKENDS, f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def check_cu_seqlens(cu_seqlens: Optional[torch.Tensor], batch: int, seqlen: int) -> None:
-    """cu_seqlens: int32 (S+1,), starts at 0, strictly increasing, ends at T; requires B == 1."""
+def check_cu_seqlens(cu_seqlens: Optional[torch.Tensor], batch: int, seqlen: int, values: bool = True) -> None:
+    """cu_seqlens: int32 (S+1,), B == 1; with ``values`` (one host copy) also: starts at 0, strictly
+    increasing, ends at T."""
     if cu_seqlens is None:
         return
     check_tensor("cu_seqlens", cu_seqlens, 1, "(num_seqs + 1,)")
     check(cu_seqlens.dtype in (torch.int32, torch.int64), f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
     check(cu_seqlens.numel() >= 2, f"cu_seqlens must hold at least 2 entries (0 and T), got {cu_seqlens.numel()}")
     check(batch == 1, f"with cu_seqlens the batch dimension must be 1 (sequences are packed along T), got B={batch}")
-    cu = cu_seqlens.detach().cpu()
-    check(int(cu[0]) == 0, f"cu_seqlens must start at 0, got {int(cu[0])}")
-    check(bool((cu[1:] > cu[:-1]).all()), "cu_seqlens must be strictly increasing (every sequence non-empty)")
-    check(int(cu[-1]) == seqlen, f"cu_seqlens must end at T={seqlen}, got {int(cu[-1])}")
+    if values:
+        cu_seqlens_host(cu_seqlens, seqlen)
+
+
+def cu_seqlens_host(cu_seqlens: torch.Tensor, seqlen: int) -> List[int]:
+    """cu_seqlens as a host list, its values checked (starts at 0, strictly increasing, ends at T).
+    Every launcher that needs the packed layout on the host copies it through here, so the values are
+    checked exactly where the copy (the one host sync of a packed batch) happens anyway."""
+    cu = [int(x) for x in cu_seqlens.detach().cpu().tolist()]
+    check(cu[0] == 0, f"cu_seqlens must start at 0, got {cu[0]}")
+    check(all(b > a for a, b in zip(cu[:-1], cu[1:])), "cu_seqlens must be strictly increasing (every sequence non-empty)")
+    check(cu[-1] == seqlen, f"cu_seqlens must end at T={seqlen}, got {cu[-1]}")
+    return cu
 
 
 def default_scale(scale: Optional[float], dim: int) -> float:
@@ -69,7 +79,7 @@ def sequence_spans(batch: int, seqlen: int, cu_seqlens: Optional[torch.Tensor]) 
     """(batch index, start, end) of every sequence: the rows of B or the packed pieces of cu_seqlens."""
     if cu_seqlens is None:
         return [(b, 0, seqlen) for b in range(batch)]
-    cu = [int(x) for x in cu_seqlens.detach().cpu().tolist()]
+    cu = cu_seqlens_host(cu_seqlens, seqlen)
     return [(0, s, e) for s, e in zip(cu[:-1], cu[1:])]
 
 
@@ -91,8 +101,7 @@ def triton_available() -> bool:
     return True
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .utils.triton_helpers import interpreting  # noqa: E402  (re-exported: resolve_backend uses it)
 
 
 def resolve_backend(backend: str, tensors: Sequence[torch.Tensor]) -> str:
@@ -122,7 +131,11 @@ def query_chunk(num_rows_per_query: int, num_keys: int, budget_bytes: int = 1 <<
 
 
 def load_triton_impl(package: str, module: str, name: str, backend: str):
-    """The Triton implementation ``package.module.name``; None when backend='auto' and it is missing."""
+    """The Triton implementation ``package.module.name``; None when backend='auto' and it is missing.
+    Under torch.compile the check is skipped (the modules were imported by the eager warm-up or the
+    custom ops import them when they run)."""
+    if torch.compiler.is_compiling():
+        return True
     import importlib
     try:
         return getattr(importlib.import_module(f"{package}.{module}"), name)

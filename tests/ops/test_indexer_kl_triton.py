@@ -18,6 +18,8 @@ if os.environ.get("TRITON_INTERPRET") is None:
 import pytest
 import torch
 
+import msa.tuning
+
 from msa.ops.indexer_kl.reference import indexer_kl_reference
 from msa.ops.indexer_kl.triton_impl import indexer_kl_triton
 from msa.ops.select_blocks.reference import select_blocks_reference
@@ -108,8 +110,8 @@ DENSE = [
 
 @pytest.mark.parametrize("mode", ["flash-atomic", "flash"])
 @pytest.mark.parametrize("bsz,t,hkv,g,d,di,block_size,cu", DENSE)
-def test_warmup_kl_matches_reference(monkeypatch, bsz, t, hkv, g, d, di, block_size, cu, mode):
-    monkeypatch.setenv("MSA_KL_DENSE_MODE", mode)
+def test_warmup_kl_matches_reference(tuned, bsz, t, hkv, g, d, di, block_size, cu, mode):
+    tuned(kl_dense_mode=mode)
     qi, ki, q, k, bi, cu = make_case(bsz, t, hkv, g, d, di, block_size, 1, cu, sparse=False)
     check(*run_both(qi, ki, q, k, bi, cu, block_size))
 
@@ -148,16 +150,16 @@ def test_interface_dispatch():
 
 
 @pytest.mark.parametrize("sparse,mode", [(True, "auto"), (False, "flash"), (False, "flash-atomic")])
-def test_tile_and_chunking_configs(monkeypatch, sparse, mode):
+def test_tile_and_chunking_configs(tuned, sparse, mode):
     """Other tiles (32 entries per head tile in the sparse kernel; 32 x 16 / 16 x 32 warmup tiles) and, for
     the sparse phase, query chunking (tiny partial budget: many chunks, each with its own reverse
     index, dk_idx added chunk by chunk) give the reference result."""
-    monkeypatch.setenv("MSA_KL_KV_CONFIG", "BLOCK_E=32")
+    tuned(kl_kv_config={"BLOCK_E": 32})
     # flash: query/key tiles of different sizes (32 queries x 16 keys, pass 2 16 queries x 32 keys), Q
     # through plain loads instead of the TMA descriptor
-    monkeypatch.setenv("MSA_KL_DENSE_FLASH_CONFIG", "BLOCK_M=32,BLOCK_N=16,DK_BLOCK_M=16,DK_BLOCK_N=32,TMA=0")
-    monkeypatch.setenv("MSA_KL_PARTIAL_BYTES", "4000")
-    monkeypatch.setenv("MSA_KL_DENSE_MODE", mode)
+    tuned(kl_dense_flash_config={'BLOCK_M': 32, 'BLOCK_N': 16, 'DK_BLOCK_M': 16, 'DK_BLOCK_N': 32, 'TMA': 0})
+    tuned(kl_partial_bytes=4000)
+    tuned(kl_dense_mode=mode)
     qi, ki, q, k, bi, cu = make_case(1, 150, 2, 3, 16, 16, 16, 3, torch.tensor([0, 70, 150], dtype=torch.int32),
                                      sparse=sparse, pad_rows=sparse)
     check(*run_both(qi, ki, q, k, bi, cu, 16, 9))
@@ -179,7 +181,7 @@ def test_interface_passes_teacher_lse():
         msa.indexer_kl_loss(qi, ki, q, k, bi, block_size=16, backend="triton", teacher_lse=lse[:, :-1])
 
 
-def test_warmup_deterministic_mode_is_repeatable(monkeypatch):
+def test_warmup_deterministic_mode_is_repeatable(tuned):
     """Under torch.use_deterministic_algorithms the warmup path avoids atomics ('flash' instead of the
     default 'flash-atomic', also when 'flash-atomic' is asked for): bitwise repeatable."""
     qi, ki, q, k, bi, cu = make_case(1, 90, 2, 3, 16, 16, 16, 1, sparse=False)
@@ -188,9 +190,8 @@ def test_warmup_deterministic_mode_is_repeatable(monkeypatch):
     try:
         from msa.ops.indexer_kl.triton_impl import dense_mode
         assert dense_mode() == "flash"
-        monkeypatch.setenv("MSA_KL_DENSE_MODE", "flash-atomic")
-        assert dense_mode() == "flash"
-        monkeypatch.delenv("MSA_KL_DENSE_MODE")
+        with msa.tuning.override(kl_dense_mode="flash-atomic"):
+            assert dense_mode() == "flash"
         outs = []
         for _ in range(2):
             a, b = qi.clone().requires_grad_(True), ki.clone().requires_grad_(True)
@@ -203,20 +204,18 @@ def test_warmup_deterministic_mode_is_repeatable(monkeypatch):
         assert torch.equal(x, y)
 
 
-def test_dense_mode_rejects_unknown(monkeypatch):
-    from msa.ops.indexer_kl.triton_impl import dense_mode
-    monkeypatch.setenv("MSA_KL_DENSE_MODE", "onepass")  # removed mode (slower than flash-atomic)
-    with pytest.raises(ValueError, match="MSA_KL_DENSE_MODE"):
-        dense_mode()
+def test_dense_mode_rejects_unknown(tuned):
+    with pytest.raises(ValueError, match="kl_dense_mode must be one of"):
+        tuned(kl_dense_mode="onepass")
 
 
 @pytest.mark.parametrize("mode", ["flash-atomic", "flash"])
-def test_warmup_kl_bf16_inputs(monkeypatch, mode):
+def test_warmup_kl_bf16_inputs(tuned, mode):
     """bf16 inputs (the training dtype; on the GPU this is the path whose Q tiles come through the TMA
     descriptor and whose dots run in bf16) on packed sequences with odd lengths and G = 16, against the
     fp32 reference on the same bf16-rounded values: loss within 1e-3, gradients within 2e-2 (the
     kernel rounds p_idx - p to bf16 before its gradient MMAs)."""
-    monkeypatch.setenv("MSA_KL_DENSE_MODE", mode)
+    tuned(kl_dense_mode=mode)
     cu = torch.tensor([0, 37, 100, 150], dtype=torch.int32)
     qi, ki, q, k, _, cu = make_case(1, 150, 1, 16, 32, 32, 16, 1, cu, sparse=False, seed=3)
     qi, ki, q, k = (x.to(torch.bfloat16) for x in (qi, ki, q, k))

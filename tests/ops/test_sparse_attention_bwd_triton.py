@@ -7,7 +7,7 @@ fp32 matmuls are forced off TF32); there the tolerance is 5e-4 because GPU exp/o
 Covers T in {1, 63, 129, 200}, block sizes 16/32, G in {1, 3, 8, 16}, B = 2, packed sequences whose
 partial blocks sit next to each other, hot rows split over several work items (small
 max_queries_per_item), -1 padded rows (and one all -1 row), other launch configurations (env
-MSA_SPARSE_BWD_CONFIG), both dQ modes (KV-outer default, chunked; query-outer),
+msa.tuning sparse_bwd_config), both dQ modes (KV-outer default, chunked; query-outer),
 bitwise repeatability (default mode), and the custom-op autograd path. Fresh float buffers are NaN-filled so unwritten outputs show.
 """
 
@@ -95,16 +95,16 @@ def test_bwd_matches_reference(bsz, t, hkv, g, d, block_size, topk, cu, c, pad_r
 
 
 @pytest.mark.parametrize("mode,budget,config", [
-    ("query", None, ""),
+    ("query", None, {}),
     # KV-outer dQ over 4 query chunks (each with its own reverse index), 2 key tiles per block,
     # 16 packed rows and 2 heads per reduce program
-    ("kv", 48 * 3 * 6 * 16 * 4, "DQKV_BLOCK_N=16,DQKV_BLOCK_M=16,DQR_BLOCK_H=2"),
+    ("kv", 48 * 3 * 6 * 16 * 4, {"DQKV_BLOCK_N": 16, "DQKV_BLOCK_M": 16, "DQR_BLOCK_H": 2}),
 ])
 @pytest.mark.parametrize("cu", [None, torch.tensor([0, 37, 100, 163, 200], dtype=torch.int32)])
-def test_bwd_dq_modes(monkeypatch, mode, budget, config, cu):
+def test_bwd_dq_modes(tuned, mode, budget, config, cu):
     """Both deterministic dQ modes (query-outer; KV-outer with slot partials, chunked) match the reference."""
-    monkeypatch.setenv("MSA_SPARSE_BWD_DQ", mode)
-    monkeypatch.setenv("MSA_SPARSE_BWD_CONFIG", config)
+    tuned(sparse_bwd_dq=mode)
+    tuned(sparse_bwd_config=config)
     q, k, v, bi, cu = make_case(1, 200, 2, 3, 16, 32, 3, cu, pad_rows=True)
     o, lse, do, (gq, gk, gv) = reference_grads(q, k, v, bi, 32, 0.25, cu)
     dq, dk, dv = sparse_attention_bwd_triton(do, q, k, v, o, lse, bi, block_size=32, scale=0.25, cu_seqlens=cu,
@@ -131,22 +131,23 @@ def test_bwd_16bit_inputs_use_16bit_dq_partials(dtype):
         assert rel(got, ref) < 2e-2, f"{name} rel err {rel(got, ref):.3e}"
 
 
-@pytest.mark.parametrize("env,val,match", [
-    ("MSA_SPARSE_BWD_CONFIG", "DKDV_WARPS=four", "MSA_SPARSE_BWD_CONFIG: DKDV_WARPS='four' is not an integer"),
-    ("MSA_SPARSE_BWD_DQ", "fast", "MSA_SPARSE_BWD_DQ"),
+@pytest.mark.parametrize("overrides,match", [
+    (dict(sparse_bwd_config={"DKDV_WARPS": "four"}), "sparse_bwd_config must be a dict of"),
+    (dict(sparse_bwd_config={"DKDV_WRAPS": 4}), r"sparse_bwd_config: unknown key\(s\) \['DKDV_WRAPS'\]"),
+    (dict(sparse_bwd_dq="fast"), "sparse_bwd_dq must be one of"),
 ])
-def test_bwd_rejects_bad_env_knob(monkeypatch, env, val, match):
-    monkeypatch.setenv(env, val)
+def test_bwd_rejects_bad_tuning(tuned, overrides, match):
     q, k, v, bi, cu = make_case(1, 63, 2, 3, 16, 16, 3)
     o, lse, do, _ = reference_grads(q, k, v, bi, 16, 0.25, cu)
     with pytest.raises(ValueError, match=match):
+        tuned(**overrides)
         sparse_attention_bwd_triton(do, q, k, v, o, lse, bi, block_size=16, scale=0.25, cu_seqlens=cu)
 
 
-def test_bwd_other_launch_configs(monkeypatch):
+def test_bwd_other_launch_configs(tuned):
     """Key sub-tiles in the dQ kernel (DQ_BLOCK_N < block), several key programs per block and 32 packed
-    query x head rows in the dK/dV kernel (MSA_SPARSE_BWD_CONFIG knobs) give the reference gradients."""
-    monkeypatch.setenv("MSA_SPARSE_BWD_CONFIG", "DQ_BLOCK_N=16,DKDV_BLOCK_N=16,DKDV_BLOCK_M=32")
+    query x head rows in the dK/dV kernel (sparse_bwd_config overrides) give the reference gradients."""
+    tuned(sparse_bwd_config={'DQ_BLOCK_N': 16, 'DKDV_BLOCK_N': 16, 'DKDV_BLOCK_M': 32})
     q, k, v, bi, cu = make_case(1, 129, 2, 3, 16, 32, 2, torch.tensor([0, 1, 60, 129], dtype=torch.int32))
     o, lse, do, (gq, gk, gv) = reference_grads(q, k, v, bi, 32, 0.25, cu)
     dq, dk, dv = sparse_attention_bwd_triton(do, q, k, v, o, lse, bi, block_size=32, scale=0.25, cu_seqlens=cu,

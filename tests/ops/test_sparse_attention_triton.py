@@ -9,7 +9,7 @@ hardware approximations). Both kernels compute the same softmax in a different o
 errors are ~1e-6. The bf16 test (bf16 partial outputs of the KV-outer path) uses 2e-2, the size of
 a bf16 rounding of O(1) values. Indices come from select_blocks_reference and are fed to both sides,
 so near-ties in the selection cannot make a test fail. Every buffer the kernels write (o, lse,
-partials) is pre-filled with NaN (MSA_DEBUG_POISON=1, set by an autouse fixture), so an unwritten
+partials) is pre-filled with NaN (msa.tuning debug_poison, set by an autouse fixture), so an unwritten
 value fails the comparison.
 """
 
@@ -21,7 +21,7 @@ import torch
 import msa
 from msa.ops.select_blocks.reference import select_blocks_reference
 from msa.ops.sparse_attention.reference import sparse_attention_reference
-from msa.ops.sparse_attention.reverse_index import build_reverse_index
+from msa.ops.utils.reverse_index import build_reverse_index
 from msa.ops.sparse_attention.triton_impl import choose_kernel, sparse_attention_fwd_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -30,12 +30,8 @@ if DEVICE == "cpu":
 
 
 @pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setenv("MSA_DEBUG_POISON", "1")
-    for var in ("MSA_SPARSE_FWD_KERNEL", "MSA_SPARSE_FWD_CONFIG", "MSA_SPARSE_FWD_QO_CONFIG",
-                "MSA_SPARSE_FWD_PARTIAL_BYTES", "MSA_SPARSE_FWD_PARTIAL_DTYPE",
-                "MSA_SPARSE_FWD_COMBINE_CONFIG"):
-        monkeypatch.delenv(var, raising=False)
+def _poison(tuned):
+    tuned(debug_poison=True)
 
 
 ATOL = 1e-4 if DEVICE == "cpu" else 5e-4
@@ -162,26 +158,26 @@ def test_chunks_across_packed_sequences():
 
 
 @pytest.mark.parametrize("kernel", ["kv", "qo"])
-def test_multi_tile_blocks_and_odd_block_size(kernel, monkeypatch):
+def test_multi_tile_blocks_and_odd_block_size(kernel, tuned):
     # 16-key tiles inside 40-key blocks: the multi-tile online softmax (used for B_k > 128 on GPU)
-    monkeypatch.setenv("MSA_SPARSE_FWD_CONFIG", "BLOCK_N=16")
-    monkeypatch.setenv("MSA_SPARSE_FWD_QO_CONFIG", "BLOCK_N=16")
+    tuned(sparse_fwd_kv_config={"BLOCK_N": 16})
+    tuned(sparse_fwd_qo_config={"BLOCK_N": 16})
     q, k, v, bi, cu = make_inputs(130, 1, 4, 16, 40, 2, seed=7)
     check_against_reference(q, k, v, bi, cu, 40, kernel=kernel)
 
 
-def test_no_preload_and_large_group(monkeypatch):
+def test_no_preload_and_large_group(tuned):
     # G = 16 with 16-row tiles (one query per tile) and the K/V block re-read per query tile
-    monkeypatch.setenv("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=16,PRELOAD=0")
+    tuned(sparse_fwd_kv_config={"BLOCK_M": 16, "PRELOAD": 0})
     q, k, v, bi, cu = make_inputs(70, 1, 16, 16, 16, 3, seed=8)
     check_against_reference(q, k, v, bi, cu, 16, kernel="kv")
 
 
-def test_combine_head_blocks_and_tokens_per_program(monkeypatch):
+def test_combine_head_blocks_and_tokens_per_program(tuned):
     # combine with 2 heads per program (G = 3: a program's heads straddle two groups), 2 tokens per
     # program over an odd token count (the last program's second token is out of range), and
     # -1 slots (short rows) whose stale partials must not leak in
-    monkeypatch.setenv("MSA_SPARSE_FWD_COMBINE_CONFIG", "BLOCK_H=2,TOK_PER_PROG=2,num_warps=2")
+    tuned(sparse_fwd_combine_config={"BLOCK_H": 2, "TOK_PER_PROG": 2, "num_warps": 2})
     q, k, v, bi, cu = make_inputs(67, 2, 3, 16, 16, 4, seed=14)
     bi = bi.clone()
     bi[:, ::5, :, :2] = -1
@@ -206,13 +202,13 @@ def test_public_interface_and_backward():
     assert all(torch.isfinite(x.grad).all() for x in (qr, kr, vr))
 
 
-def test_heuristic_and_override(monkeypatch):
+def test_heuristic_and_override(tuned):
     assert choose_kernel(100, 16, 16, 8, 8, 100) == "qo"                  # tiny: query-outer
     assert choose_kernel(8192, 16, 16, 64, 64, 8192) == "kv"              # 8K: KV-outer (H200: 5.6 vs 7.0 ms)
     assert choose_kernel(32768, 16, 16, 256, 256, 32768) == "kv"          # 32K: KV-outer
     assert choose_kernel(1 << 20, 16, 16, 8192, 8192, 8192) == "kv"        # 1M, G = 16
     assert choose_kernel(1 << 20, 16, 16, 8192, 8192, 8192, "qo") == "qo"  # argument wins
-    monkeypatch.setenv("MSA_SPARSE_FWD_KERNEL", "qo")
+    tuned(sparse_fwd_kernel="qo")
     assert choose_kernel(1 << 20, 16, 16, 8192, 8192, 8192) == "qo"
     with pytest.raises(ValueError):
         choose_kernel(10, 1, 1, 1, 1, 1, "bogus")
@@ -220,7 +216,7 @@ def test_heuristic_and_override(monkeypatch):
 
 def test_reverse_index_token_range_matches_full():
     # the chunked build (token_range + block_limit) lists exactly the full build's pairs of its tokens
-    from msa.ops.sparse_attention.reverse_index import block_layout, block_starts_host, blocks_before
+    from msa.ops.utils.reverse_index import block_layout, block_starts_host, blocks_before
     q, k, v, bi, cu = make_inputs([40, 9, 60], 2, 1, 16, 16, 3, packed=True, seed=11)
     full = build_reverse_index(bi, 16, cu, 4)
     nb = full.layout.num_blocks
@@ -248,7 +244,7 @@ def test_reverse_index_token_range_matches_full():
 
 def test_reverse_index_kernels_match_torch_build():
     # the fused-kernel build and the torch-only fallback give identical tensors (chunked + full)
-    from msa.ops.sparse_attention.reverse_index import _build_reverse_index_torch, block_layout
+    from msa.ops.utils.reverse_index import _build_reverse_index_torch, block_layout
     q, k, v, bi, cu = make_inputs([40, 9, 60], 2, 1, 16, 16, 3, packed=True, seed=15)
     layout = block_layout(1, 109, 16, cu, DEVICE)
     for (t0, t1), nbr, c in (((0, 109), layout.num_blocks, 4), ((23, 50), 5, 3), ((50, 109), 9, 100)):
@@ -259,10 +255,10 @@ def test_reverse_index_kernels_match_torch_build():
 
 
 @pytest.mark.parametrize("pdtype", ["auto", "fp32"])
-def test_bf16_inputs_partials(pdtype, monkeypatch):
+def test_bf16_inputs_partials(pdtype, tuned):
     # bf16 inputs: the KV-outer partial outputs are stored in bf16 (auto) or fp32 (forced), the
     # combine accumulates in fp32; several chunks so the partial buffer is reused
-    monkeypatch.setenv("MSA_SPARSE_FWD_PARTIAL_DTYPE", pdtype)
+    tuned(sparse_fwd_partial_dtype=pdtype)
     q, k, v, bi, cu = make_inputs(140, 2, 3, 16, 16, 4, seed=12)
     q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
     from msa.ops.sparse_attention.triton_impl import partial_bytes_per_token

@@ -93,7 +93,7 @@ class DecodePlan:
                  index_programs_per_sm: Optional[int] = None, fused: Optional[bool] = None):
         c = cache
         if fused is None:
-            # H200 (benchmarks/results/dev/round8_decode.json): the fused chain wins at 128K (31 vs 35 us),
+            # H200: the fused chain wins at 128K (31 vs 35 us),
             # the legacy chain at 1M (94 vs 100 us, bf16 keys), where the index kernel dominates
             fused = (max_seq_len or c.max_seq_len) <= (1 << 18)
         check(num_heads % c.num_kv_heads == 0,

@@ -6,17 +6,52 @@ from typing import Optional
 
 import torch
 
+from . import custom_ops  # noqa: F401  (registers torch.ops.msa.indexer_kl_fwd)
 from ..common import (check, check_backend, check_cu_seqlens, check_float, check_positive_int, check_tensor,
                       default_scale, load_triton_impl, resolve_backend)
 from ..sparse_attention.interface import check_block_indices
 from .reference import indexer_kl_reference
 
 
+class IndexerKLTriton(torch.autograd.Function):
+    """Both phases compute the loss, dq_idx and dk_idx in the forward (the teacher is built there
+    anyway); the backward only scales them by grad_out. Without a plan (e.g. under torch.compile) the
+    forward goes through the ``msa::indexer_kl_fwd`` custom op."""
+
+    @staticmethod
+    def forward(ctx, q_idx, k_idx, q, k, block_indices, teacher_lse, block_size, scale, index_scale, cu_seqlens,
+                max_queries_per_item, plan):
+        with_grad = bool(ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        ctx.qi_dtype, ctx.ki_dtype = q_idx.dtype, k_idx.dtype
+        if plan is None and max_queries_per_item is None:
+            loss, dq_idx, dk_idx = torch.ops.msa.indexer_kl_fwd(
+                q_idx.detach(), k_idx.detach(), q.detach(), k.detach(), block_indices,
+                None if teacher_lse is None else teacher_lse.detach(), block_size, scale, index_scale, cu_seqlens,
+                with_grad)
+        else:  # eager with a shared SelectionPlan (or a custom work-item size): call the launcher directly
+            from .triton_impl import indexer_kl_forward
+            loss, dq_idx, dk_idx = indexer_kl_forward(
+                q_idx, k_idx, q, k, block_indices, teacher_lse, block_size=block_size, scale=scale,
+                index_scale=index_scale, cu_seqlens=cu_seqlens, with_grad=with_grad,
+                max_queries_per_item=max_queries_per_item, plan=plan)
+        if with_grad:
+            ctx.save_for_backward(dq_idx, dk_idx)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        dq_idx, dk_idx = ctx.saved_tensors
+        dq = (dq_idx * grad_out).to(ctx.qi_dtype) if ctx.needs_input_grad[0] else None
+        dk = (dk_idx * grad_out).to(ctx.ki_dtype) if ctx.needs_input_grad[1] else None
+        return dq, dk, None, None, None, None, None, None, None, None, None, None
+
+
 def indexer_kl_loss(q_idx: torch.Tensor, k_idx: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                     block_indices: Optional[torch.Tensor] = None, *, block_size: int = 128,
                     scale: Optional[float] = None, index_scale: Optional[float] = None,
                     cu_seqlens: Optional[torch.Tensor] = None, backend: str = "auto",
-                    teacher_lse: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    teacher_lse: Optional[torch.Tensor] = None, validate: bool = True,
+                    plan=None) -> torch.Tensor:
     """Per-layer KL between the main branch's attention (teacher) and the indexer's (student).
 
     Args:
@@ -37,6 +72,10 @@ def indexer_kl_loss(q_idx: torch.Tensor, k_idx: torch.Tensor, q: torch.Tensor, k
             attention's logsumexp transposed to (B, T, H_q) (e.g. from
             ``torch.ops.aten._scaled_dot_product_cudnn_attention(..., compute_log_sumexp=True)``).
             Treated as a constant. The reference backend ignores it (it recomputes the teacher exactly).
+        validate: check block_indices' and cu_seqlens' values (one host sync); callers that made them
+            (the MSA layer) pass False. Shapes, dtypes and devices are always checked.
+        plan: optional ``SelectionPlan`` of block_indices shared with ``msa.sparse_attention`` (Triton
+            backend; its chunking and reverse indices are reused).
 
     Returns:
         fp32 scalar: mean over all tokens and groups of KL(p || p_idx). Its gradient w.r.t. the
@@ -62,9 +101,9 @@ def indexer_kl_loss(q_idx: torch.Tensor, k_idx: torch.Tensor, q: torch.Tensor, k
     check(q.shape[2] % hkv == 0, f"H_q ({q.shape[2]}) must be divisible by H_kv ({hkv})")
     check(t > 0, "q_idx must hold at least one token (T >= 1)")
     check_positive_int("block_size", block_size)
-    check_cu_seqlens(cu_seqlens, bsz, t)
+    check_cu_seqlens(cu_seqlens, bsz, t, values=validate)
     if block_indices is not None:
-        check_block_indices(block_indices, bsz, t, hkv, block_size, cu_seqlens)
+        check_block_indices(block_indices, bsz, t, hkv, block_size, cu_seqlens, values=validate)
     check_backend(backend)
     if teacher_lse is not None:
         check(teacher_lse.shape == (bsz, t, q.shape[2]),
@@ -74,7 +113,7 @@ def indexer_kl_loss(q_idx: torch.Tensor, k_idx: torch.Tensor, q: torch.Tensor, k
     index_scale = default_scale(index_scale, di)
     impl = resolve_backend(backend, [q_idx, k_idx, q, k])
     kwargs = dict(block_size=block_size, scale=scale, index_scale=index_scale, cu_seqlens=cu_seqlens)
-    fn = load_triton_impl(__package__, "triton_impl", "indexer_kl_triton", backend) if impl == "triton" else None
-    if fn is not None:
-        return fn(q_idx, k_idx, q.detach(), k.detach(), block_indices, teacher_lse=teacher_lse, **kwargs)
+    if impl == "triton" and load_triton_impl(__package__, "triton_impl", "indexer_kl_triton", backend):
+        return IndexerKLTriton.apply(q_idx, k_idx, q.detach(), k.detach(), block_indices, teacher_lse, block_size,
+                                     scale, index_scale, cu_seqlens, None, plan)
     return indexer_kl_reference(q_idx, k_idx, q, k, block_indices, **kwargs)

@@ -5,7 +5,7 @@ pass that builds the teacher once per (key block, query, head) -- MMA rows are (
 of one head, the group's heads looped -- and produces the loss, dq_idx (per-entry partials summed over
 the K slots) and dk_idx (per work-item partials summed per key block), all in the forward; backward
 only scales by grad_out. Extra memory: fp32 dq_idx partials of T * H_kv * K * D_idx * 4 bytes (32 KB
-per token at the paper's shape, i.e. O(T * k), capped by query chunking at ``MSA_KL_PARTIAL_BYTES``),
+per token at the paper's shape, i.e. O(T * k), capped by query chunking at ``tuning.kl_partial_bytes``),
 plus one (B_k x D_idx) fp32 partial per work item.
 
 Warmup phase, flash-style (no T x T buffer), two modes (``dense_mode``): 'flash-atomic' (default) is
@@ -20,16 +20,16 @@ q_idx and k_idx only (spec section 2).
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
 import triton
 
-from ..common import env_config, interpreting
-from ..sparse_attention.reverse_index import block_layout, block_starts_host, blocks_before, build_reverse_index
-from ..sparse_attention.triton_bwd import (_compute_dtype, _dot_precision, _pow2,
-                                           token_seq_start)
+from ... import tuning
+from ...tuning import merge_launch_config
+from ..sparse_attention.triton_bwd import token_seq_start
+from ..utils.reverse_index import block_layout, block_starts_host, blocks_before, build_reverse_index
+from ..utils.triton_helpers import dot_precision, interpreting, next_pow2, tl_compute_dtype
 from .triton_kernels import (indexer_kl_bwd_dense_flash_dk_kernel, indexer_kl_bwd_sparse_reduce_kernel,
                              indexer_kl_fwd_dense_flash_kernel, indexer_kl_fwd_kv_heads_kernel,
                              indexer_kl_fwd_lse_dense_kernel, indexer_kl_fwd_lse_sparse_kernel,
@@ -40,33 +40,36 @@ LOG2E = 1.4426950408889634
 
 
 def kv_config(d: int, di: int):
-    """Launch configuration of ``indexer_kl_fwd_kv_heads_kernel`` (env ``MSA_KL_KV_CONFIG``, e.g.
-    ``BLOCK_E=64,num_warps=8,num_stages=2``): MMA rows are BLOCK_E (query, slot) entries of one head,
-    one program per work item (whole key block). H200 at 128K tokens, paper shape
-    (benchmarks/results/dev/round12_log.txt), KL forward + backward: BLOCK_E=128 w8 s1 39.0 ms (the
-    default; the sm_90 AOT report shows ~600 B of spills, yet it was fastest), BLOCK_E=32 w4 s2 39.0 ms,
-    BLOCK_E=64 w8 s2 46.7 ms; the earlier kernel with entries x heads as rows and a 0/1 averaging MMA
-    took 68.8 ms."""
+    """Launch configuration of ``indexer_kl_fwd_kv_heads_kernel`` (keys BLOCK_E, num_warps, num_stages;
+    override: ``msa.tuning`` field ``kl_kv_config``): MMA rows are BLOCK_E (query, slot) entries of one
+    head, one program per work item (whole key block)."""
     if interpreting():
         cfg = dict(BLOCK_E=16, num_warps=4, num_stages=1)
     else:
         cfg = dict(BLOCK_E=64 if max(d, di) > 128 else 128, num_warps=8, num_stages=1)
-    cfg.update(env_config("MSA_KL_KV_CONFIG"))
-    cfg["BLOCK_E"] = max(16, _pow2(cfg["BLOCK_E"]))
+    cfg = merge_launch_config(cfg, "kl_kv_config")
+    cfg["BLOCK_E"] = max(16, next_pow2(cfg["BLOCK_E"], 16))
     return cfg
 
 
 DEFAULT_KL_PARTIAL_BYTES = 4 << 30
 
 
+def kl_chunk_tokens(topk: int, hkv: int, di: int, partial_budget_bytes: Optional[int] = None) -> int:
+    """Queries per chunk of the sparse KL: its per-entry fp32 partials (K * H_kv * (D_idx + 2) per token)
+    fit ``partial_budget_bytes`` (else ``tuning.kl_partial_bytes``, else 4 GiB)."""
+    budget = int(partial_budget_bytes or tuning.current().kl_partial_bytes or DEFAULT_KL_PARTIAL_BYTES)
+    return max(1, budget // (topk * hkv * (di + 2) * 4))
+
+
 def sparse_kl_kv(q_idx, k_idx, q, k, block_indices, lse_t, *, block_size, index_scale, scale, cu_seqlens,
-                 max_queries_per_item=None, with_grad=True, partial_budget_bytes=None):
+                 max_queries_per_item=None, with_grad=True, partial_budget_bytes=None, plan=None):
     """Sparse-phase loss and gradients in one KV-outer pass (see the module docstring).
 
     q_idx (B, T, H_kv, D_idx), k_idx (B, T, D_idx), q (B, T, H_q, D), k (B, T, H_kv, D), contiguous;
     block_indices int32 (B, T, H_kv, K); lse_t fp32 (B*T*H_q,) teacher lse over the selected support.
     Queries are processed in chunks whose per-entry partials (K * H_kv * (D_idx + 2) fp32 per token)
-    fit ``partial_budget_bytes`` (env ``MSA_KL_PARTIAL_BYTES``, default 4 GiB: ~128K tokens at the paper's
+    fit ``partial_budget_bytes`` (``tuning.kl_partial_bytes``, default 4 GiB: ~128K tokens at the paper's
     shape), each chunk with its own reverse index; chunk results are added in chunk order.
     Returns (loss fp32 scalar, dq_idx fp32 (B, T, H_kv, D_idx) or None, dk_idx fp32 (B, T, D_idx) or None),
     gradients for a unit upstream gradient.
@@ -78,16 +81,17 @@ def sparse_kl_kv(q_idx, k_idx, q, k, block_indices, lse_t, *, block_size, index_
     dev = q_idx.device
     nsel = block_indices.shape[3]
     inv_n = 1.0 / (ntok * hkv)
-    cdt, prec = _compute_dtype(q.dtype), _dot_precision(q.dtype)
+    cdt, prec = tl_compute_dtype(q.dtype), dot_precision(q.dtype)
     bi = block_indices.to(torch.int32).contiguous()
     c = max_queries_per_item or max(64, 2 * nsel * block_size)
-    budget = int(partial_budget_bytes if partial_budget_bytes is not None else
-                 os.environ.get("MSA_KL_PARTIAL_BYTES", DEFAULT_KL_PARTIAL_BYTES))
-    bn, bdi = _pow2(block_size), _pow2(di)
+    bn, bdi = next_pow2(block_size, 16), next_pow2(di, 16)
     cfg = kv_config(d, di)
-    chunk = max(1, min(ntok, budget // (nsel * hkv * (di + 2) * 4)))
-    layout = block_layout(bsz, t, block_size, cu_seqlens, dev)
-    starts = block_starts_host(bsz, t, block_size, cu_seqlens)
+    if plan is not None:  # shared with the main branch: same chunks, cached reverse indices
+        c, chunk, layout, starts = plan.max_queries_per_item, plan.chunk_tokens, plan.layout, plan.starts
+    else:
+        chunk = min(ntok, kl_chunk_tokens(nsel, hkv, di, partial_budget_bytes))
+        layout = block_layout(bsz, t, block_size, cu_seqlens, dev)
+        starts = block_starts_host(bsz, t, block_size, cu_seqlens)
     lse_s = torch.empty((ntok, hkv), dtype=torch.float32, device=dev)
     klp = torch.empty((chunk * nsel * hkv,), dtype=torch.float32, device=dev)
     plse = torch.empty((chunk * nsel * hkv,), dtype=torch.float32, device=dev)
@@ -99,9 +103,12 @@ def sparse_kl_kv(q_idx, k_idx, q, k, block_indices, lse_t, *, block_size, index_
         t1 = min(ntok, t0 + chunk)
         nt = t1 - t0
         n_ent = nt * nsel * hkv
-        nbr = max(1, blocks_before(starts, t1))
-        ri = build_reverse_index(bi, block_size, cu_seqlens, c, token_range=(t0, t1), layout=layout,
-                                 block_limit=nbr)
+        if plan is not None:
+            ri, nbr = plan.index(t0, t1)
+        else:
+            nbr = max(1, blocks_before(starts, t1))
+            ri = build_reverse_index(bi, block_size, cu_seqlens, c, token_range=(t0, t1), layout=layout,
+                                     block_limit=nbr)
         n_items = ri.work_row.numel()
         # 1. student lse: block-local per entry, then a logsumexp over the K slots (-1 slots stay -inf)
         plse[:n_ent].fill_(float("-inf"))
@@ -119,7 +126,7 @@ def sparse_kl_kv(q_idx, k_idx, q, k, block_indices, lse_t, *, block_size, index_
         indexer_kl_fwd_kv_heads_kernel[(n_items,)](
             q_idx, k_idx, q, k, lse_t, lse_s, klp, dqp, part, ri.entries, ri.work_row, ri.work_start, ri.work_end,
             layout.block_start, layout.block_len, t0, float(scale) * LOG2E, float(index_scale) * LOG2E, hq, hkv,
-            nsel, nbr, G=g, D=d, DI=di, BLOCK_E=cfg["BLOCK_E"], BS_PAD=bn, BLOCK_D=_pow2(d), BLOCK_DI=bdi,
+            nsel, nbr, G=g, D=d, DI=di, BLOCK_E=cfg["BLOCK_E"], BS_PAD=bn, BLOCK_D=next_pow2(d, 16), BLOCK_DI=bdi,
             CDT=cdt, DOT_PREC=prec, WITH_GRAD=with_grad, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         part_loss = klp[:n_part].sum()  # fixed-order torch reductions: deterministic
         loss = part_loss if loss is None else loss + part_loss
@@ -162,44 +169,40 @@ def teacher_lse_triton(q: torch.Tensor, k: torch.Tensor, block_indices: Optional
     q, k = q.contiguous(), k.contiguous()
     seq_start = token_seq_start(bsz, t, cu_seqlens, q.device)
     lse = torch.empty((bsz, t, hq), dtype=torch.float32, device=q.device)
-    cdt, prec = _compute_dtype(q.dtype), _dot_precision(q.dtype)
+    cdt, prec = tl_compute_dtype(q.dtype), dot_precision(q.dtype)
     if block_indices is not None:
         bi = block_indices.to(torch.int32).contiguous()
         indexer_kl_fwd_lse_sparse_kernel[(ntok, hkv)](
-            q, k, bi, seq_start, lse, float(scale), hq, hkv, bi.shape[3], block_size, G=g, D=d, BLOCK_G=_pow2(g),
-            BLOCK_N=_pow2(block_size), BLOCK_D=_pow2(d), CDT=cdt, DOT_PREC=prec, num_warps=4)
+            q, k, bi, seq_start, lse, float(scale), hq, hkv, bi.shape[3], block_size, G=g, D=d, BLOCK_G=next_pow2(g, 16),
+            BLOCK_N=next_pow2(block_size, 16), BLOCK_D=next_pow2(d, 16), CDT=cdt, DOT_PREC=prec, num_warps=4)
     else:
         bq, bn, nw = _dense_tiles(d, d)
         indexer_kl_fwd_lse_dense_kernel[(triton.cdiv(ntok, bq), hq)](
-            q, k, seq_start, lse, float(scale), ntok, hq, hkv, G=g, D=d, BLOCK_Q=bq, BLOCK_N=bn, BLOCK_D=_pow2(d),
+            q, k, seq_start, lse, float(scale), ntok, hq, hkv, G=g, D=d, BLOCK_Q=bq, BLOCK_N=bn, BLOCK_D=next_pow2(d, 16),
             CDT=cdt, DOT_PREC=prec, num_warps=nw)
     return lse
 
 
-DENSE_MODES = ("auto", "flash-atomic", "flash")
+
 
 
 def dense_mode() -> str:
-    """Warmup-phase algorithm. Env ``MSA_KL_DENSE_MODE`` = auto | flash-atomic | flash.
+    """Warmup-phase algorithm (``msa.tuning`` field ``kl_dense_mode``):
 
-    - 'flash-atomic' (what auto picks, unless ``torch.use_deterministic_algorithms(True)``): one pass of
-      ``indexer_kl_fwd_dense_flash_kernel`` (query-outer, one head x 128 rows per MMA) computing the
-      loss, dq_idx in registers and dk_idx through fp32 atomic adds: the teacher is computed once, but
-      dk_idx is not bitwise repeatable.
-    - 'flash' (auto under deterministic algorithms, which also turn 'flash-atomic' into it): the same
-      query-outer pass for loss + dq_idx, then a key-outer pass for dk_idx that recomputes the
-      teacher; no atomics, bitwise repeatable (H200, 32K: 114.6 ms vs 44.1 ms for flash-atomic).
+    - 'flash-atomic' (what auto picks, unless ``torch.use_deterministic_algorithms(True)``): one
+      query-outer pass computing the loss, dq_idx in registers and dk_idx through fp32 atomic adds:
+      the teacher is computed once, but dk_idx is not bitwise repeatable.
+    - 'flash' (forced under deterministic algorithms): the same pass for loss + dq_idx, then a
+      key-outer pass for dk_idx that recomputes the teacher; no atomics, bitwise repeatable.
     """
-    mode = os.environ.get("MSA_KL_DENSE_MODE", "auto")
-    if mode not in DENSE_MODES:
-        raise ValueError(f"MSA_KL_DENSE_MODE must be one of {', '.join(DENSE_MODES)}, got {mode!r}")
     if torch.are_deterministic_algorithms_enabled():
         return "flash"
+    mode = tuning.current().kl_dense_mode
     return "flash-atomic" if mode == "auto" else mode
 
 
 def dense_flash_config(g: int, d: int, di: int, atomic_dk: bool = False):
-    """Launch configuration of the 'flash' / 'flash-atomic' warmup kernels (env ``MSA_KL_DENSE_FLASH_CONFIG``:
+    """Launch configuration of the 'flash' / 'flash-atomic' warmup kernels (override: ``msa.tuning`` field ``kl_dense_flash_config``, keys
     BLOCK_M / BLOCK_N (queries / keys per tile of pass 1), DK_BLOCK_M / DK_BLOCK_N (queries / keys of
     pass 2), num_warps, num_stages, DK_WARPS, DK_STAGES, TMA (1: pass 1 loads the Q tiles through a TMA
     descriptor, where ``_tma_ok``), PF (1: pass 1 prefetches the next head loop's first Q tiles into L2;
@@ -210,32 +213,11 @@ def dense_flash_config(g: int, d: int, di: int, atomic_dk: bool = False):
         cfg = dict(BLOCK_M=16, BLOCK_N=16, DK_BLOCK_M=16, DK_BLOCK_N=16, num_warps=4, num_stages=1, DK_WARPS=4,
                    DK_STAGES=1, TMA=1, PF=0)
     else:
-        # sm_90 AOT (paper shape, 8 warps, 2 stages): pass 1 128 queries x 64 keys 131072 B, 104 B spills
-        # (128 x 128: 520 B, 64 x 128: 520 B; 64 x 64: none but half-width MMAs); pass 2 128 keys x 32
-        # queries 81920 B, no spills (128 x 128: 2.4 KB spills; 64 x 128 keys: 264 B).
-        # flash-atomic, H200 (benchmarks/results/dev/round12_log.txt, round13_log.txt), 32K: 128 x 64 s2 56.6 ms,
-        # s3 47.9, 128 x 128 s2 44.1, 64 x 64 w4 55.1, 128 x 32 97.9; 128K: 128 x 128 s2 689 ms, s3 672 (the
-        # default: 196608 B shared, ~1.3 KB of spills in the AOT report), s1 897, 128 x 64 s3 786, 64 x 128 w4
-        # 857. Round 13 (MUFU log2, one row sum, 1/G folded into the exponent), 128K: s3 619-628 ms, s2 677,
-        # s4 638, 128 x 64 s3 739, 64 x 64 w4 755; 16 warps (128 registers, spills in the head loop) 1211;
-        # dq_idx through atomics too (no accumulator in registers) 657; the teacher lse as (H_q, T) log2
-        # rows 632, the Q tiles with L2 evict_last 633, 64 x 128 (8 warps) 710 (ncu at 16K: tensor pipe
-        # 30 %, DRAM 54 %, L2 68 %, 0.25 eligible warps per scheduler). Round 14: the Q tiles through TMA
-        # descriptors (TMA=1; one thread issues each load, no per-thread address registers or cp.async
-        # bookkeeping; spills 1348 -> 496 B): 128K 562 ms vs 620 (same run); K / k_idx tiles through TMA
-        # too 596, K / k_idx only 616 (those variants were removed); exponentials of some heads on the FMA pipe
-        # (FA4's polynomial exp2) +4.7 ms per head moved; key range split over programs so the Q
-        # re-reads hit L2 (SPLIT 4..32) no gain (622 vs 628). Round 16 (round16_log.txt): PF=1, the
-        # first two heads' Q tiles prefetched into L2 after each head loop: 128K 546-550 ms vs 554-559
-        # (flash-atomic), 32K deterministic pass 1 121.7 vs 124.1-125.6; 64-query tiles on one warpgroup
-        # with q_idx / k_idx / dq_idx / dk_idx in two halves (two programs per SM, 748 B spills):
-        # 604 ms (s2) vs 551-559 (the same with one program per SM, s3: 821); that variant was removed.
         cfg = dict(BLOCK_M=128, BLOCK_N=128 if atomic_dk else 64, DK_BLOCK_M=32, DK_BLOCK_N=128, num_warps=8,
                    num_stages=3 if atomic_dk else 2, DK_WARPS=8, DK_STAGES=2, TMA=1, PF=1)
         if max(d, di) > 128:
             cfg.update(BLOCK_M=64, BLOCK_N=64, DK_BLOCK_N=64)
-    cfg.update(env_config("MSA_KL_DENSE_FLASH_CONFIG"))
-    return cfg
+    return merge_launch_config(cfg, "kl_dense_flash_config")
 
 
 def _tma_alloc(size: int, alignment: int, stream):
@@ -248,7 +230,7 @@ def _tma_ok(q: torch.Tensor) -> bool:
     16-bit (or interpreted) data, a head dim that fills the tile (a TMA box cannot mask columns), a
     16-byte aligned base and row stride. Makes sure an allocator for the descriptors exists when it is."""
     es = q.element_size()
-    ok = ((interpreting() or es == 2) and _pow2(q.shape[-1]) == q.shape[-1] and q.data_ptr() % 16 == 0
+    ok = ((interpreting() or es == 2) and next_pow2(q.shape[-1], 16) == q.shape[-1] and q.data_ptr() % 16 == 0
           and (q.shape[-2] * q.shape[-1] * es) % 16 == 0)
     if ok and not interpreting():
         _ensure_allocator()
@@ -281,7 +263,7 @@ def dense_kl_flash(q_idx, k_idx, q, k, lse_t, *, scale, index_scale, cu_seqlens,
     ntok = bsz * t
     dev = q_idx.device
     inv_n = 1.0 / (ntok * hkv)
-    cdt, prec = _compute_dtype(q.dtype), _dot_precision(q.dtype)
+    cdt, prec = tl_compute_dtype(q.dtype), dot_precision(q.dtype)
     qk2, is2 = float(scale) * LOG2E, float(index_scale) * LOG2E
     atomic_dk = atomic_dk and with_grad
     cfg = dense_flash_config(g, d, di, atomic_dk)
@@ -298,7 +280,7 @@ def dense_kl_flash(q_idx, k_idx, q, k, lse_t, *, scale, index_scale, cu_seqlens,
     indexer_kl_fwd_dense_flash_kernel[(triton.cdiv(ntok, cfg["BLOCK_M"]), hkv)](
         q_idx, k_idx, q, k, token_seq_start(bsz, t, cu_seqlens, dev), lse_t, kl, lse_s, dq, dk_acc, qk2, is2,
         math.log2(g), float(index_scale * inv_n), ntok, hq, hkv, G=g, D=d, DI=di, BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_pow2(d), BLOCK_DI=_pow2(di), CDT=cdt, DOT_PREC=prec, DK_ATOMIC=atomic_dk,
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_D=next_pow2(d, 16), BLOCK_DI=next_pow2(di, 16), CDT=cdt, DOT_PREC=prec, DK_ATOMIC=atomic_dk,
         FAST=not interpreting(), TMA=tma, PF=pf, PF_LINES=pf_lines, PF_LINE=line,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     loss = kl.sum() * inv_n  # fixed-order torch reduction: deterministic
@@ -310,7 +292,7 @@ def dense_kl_flash(q_idx, k_idx, q, k, lse_t, *, scale, index_scale, cu_seqlens,
     part = torch.empty((hkv, ntok, di), dtype=torch.float32, device=dev)
     indexer_kl_bwd_dense_flash_dk_kernel[(triton.cdiv(ntok, bn), hkv)](
         q_idx, k_idx, q, k, _seq_end(bsz, t, cu_seqlens, dev), lse_t, lse_s, part, qk2, is2, ntok, hq, hkv, G=g,
-        D=d, DI=di, BLOCK_M=cfg["DK_BLOCK_M"], BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DI=_pow2(di), CDT=cdt,
+        D=d, DI=di, BLOCK_M=cfg["DK_BLOCK_M"], BLOCK_N=bn, BLOCK_D=next_pow2(d, 16), BLOCK_DI=next_pow2(di, 16), CDT=cdt,
         DOT_PREC=prec, num_warps=cfg["DK_WARPS"], num_stages=cfg["DK_STAGES"])
     dk = part[0].clone()
     for r in range(1, hkv):  # fixed order over groups
@@ -327,47 +309,26 @@ def _seq_end(bsz: int, t: int, cu_seqlens: Optional[torch.Tensor], dev) -> torch
     return cu[torch.searchsorted(cu[1:], torch.arange(ntok, device=dev), right=True) + 1].to(torch.int32)
 
 
-class IndexerKLTriton(torch.autograd.Function):
-    """Both phases compute the loss, dq_idx and dk_idx in the forward (the teacher is built there
-    anyway); the backward only scales them by grad_out."""
-
-    @staticmethod
-    def forward(ctx, q_idx, k_idx, q, k, block_indices, teacher_lse, block_size, scale, index_scale, cu_seqlens,
-                max_queries_per_item):
-        q_idx, k_idx, q, k = (x.detach().contiguous() for x in (q_idx, k_idx, q, k))
-        with_grad = bool(ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
-        if teacher_lse is None:
-            teacher_lse = teacher_lse_triton(q, k, block_indices, block_size=block_size, scale=scale,
-                                             cu_seqlens=cu_seqlens)
-        lse_t = teacher_lse.detach().float().contiguous()
-        ctx.qi_dtype, ctx.ki_dtype = q_idx.dtype, k_idx.dtype
-        if block_indices is not None:
-            loss, dq_idx, dk_idx = sparse_kl_kv(q_idx, k_idx, q, k, block_indices, lse_t, block_size=block_size,
-                                                index_scale=index_scale, scale=scale, cu_seqlens=cu_seqlens,
-                                                max_queries_per_item=max_queries_per_item, with_grad=with_grad)
-            if with_grad:
-                ctx.save_for_backward(dq_idx, dk_idx)
-            return loss
-        mode = dense_mode()
-        loss, dq_idx, dk_idx = dense_kl_flash(q_idx, k_idx, q, k, lse_t, scale=scale, index_scale=index_scale,
-                                              cu_seqlens=cu_seqlens, with_grad=with_grad,
-                                              atomic_dk=mode == "flash-atomic")
-        if with_grad:
-            ctx.save_for_backward(dq_idx, dk_idx)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        dq_idx, dk_idx = ctx.saved_tensors
-        dq = (dq_idx * grad_out).to(ctx.qi_dtype) if ctx.needs_input_grad[0] else None
-        dk = (dk_idx * grad_out).to(ctx.ki_dtype) if ctx.needs_input_grad[1] else None
-        return dq, dk, None, None, None, None, None, None, None, None, None
+def indexer_kl_forward(q_idx, k_idx, q, k, block_indices, teacher_lse, *, block_size, scale, index_scale,
+                       cu_seqlens, with_grad, max_queries_per_item=None, plan=None):
+    """(loss, dq_idx, dk_idx) for a unit upstream gradient (None gradients unless with_grad); q, k detached."""
+    q_idx, k_idx, q, k = (x.detach().contiguous() for x in (q_idx, k_idx, q, k))
+    if teacher_lse is None:
+        teacher_lse = teacher_lse_triton(q, k, block_indices, block_size=block_size, scale=scale,
+                                         cu_seqlens=cu_seqlens)
+    lse_t = teacher_lse.detach().float().contiguous()
+    if block_indices is not None:
+        return sparse_kl_kv(q_idx, k_idx, q, k, block_indices, lse_t, block_size=block_size,
+                            index_scale=index_scale, scale=scale, cu_seqlens=cu_seqlens,
+                            max_queries_per_item=max_queries_per_item, with_grad=with_grad, plan=plan)
+    return dense_kl_flash(q_idx, k_idx, q, k, lse_t, scale=scale, index_scale=index_scale, cu_seqlens=cu_seqlens,
+                          with_grad=with_grad, atomic_dk=dense_mode() == "flash-atomic")
 
 
 def indexer_kl_triton(q_idx: torch.Tensor, k_idx: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                       block_indices: Optional[torch.Tensor], *, block_size: int, scale: float, index_scale: float,
                       cu_seqlens: Optional[torch.Tensor], teacher_lse: Optional[torch.Tensor] = None,
-                      max_queries_per_item: Optional[int] = None) -> torch.Tensor:
+                      max_queries_per_item: Optional[int] = None, plan=None) -> torch.Tensor:
     """Mean over (token, group) of KL(teacher || student), differentiable w.r.t. q_idx and k_idx only.
 
     Args:
@@ -383,9 +344,12 @@ def indexer_kl_triton(q_idx: torch.Tensor, k_idx: torch.Tensor, q: torch.Tensor,
             compute_log_sumexp=True)[1]`` (fastest on H100/H200) or the flash op's ``[1]``; both are
             (B, H_q, T[, 1]): reshape/transpose to (B, T, H_q)). When None it is computed here.
         max_queries_per_item: hot-row split of the reverse index used by the sparse KV-outer pass.
+        plan: optional ``SelectionPlan`` of block_indices shared with the main branch (its chunking and
+            cached reverse indices are reused).
 
     Returns:
         fp32 scalar loss; gradient w.r.t. the student logits is (p_idx - p) / (B * T * H_kv).
     """
+    from .interface import IndexerKLTriton
     return IndexerKLTriton.apply(q_idx, k_idx, q.detach(), k.detach(), block_indices, teacher_lse, block_size, scale,
-                                 index_scale, cu_seqlens, max_queries_per_item)
+                                 index_scale, cu_seqlens, max_queries_per_item, plan)

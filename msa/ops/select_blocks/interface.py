@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from . import custom_ops  # noqa: F401  (registers the torch.ops.msa.* custom ops)
 from ..common import (check, check_backend, check_block_args, check_cu_seqlens, check_float, check_tensor,
                       default_scale, load_triton_impl, resolve_backend)
 from .reference import select_blocks_reference
@@ -13,7 +14,8 @@ from .reference import select_blocks_reference
 
 def select_blocks(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size: int = 128, topk: int = 16,
                   init_blocks: int = 0, local_blocks: int = 1, scale: Optional[float] = None,
-                  cu_seqlens: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
+                  cu_seqlens: Optional[torch.Tensor] = None, backend: str = "auto",
+                  validate: bool = True) -> torch.Tensor:
     """Pick, for every query token and KV group, the ``topk`` key blocks with the largest index score.
 
     Args:
@@ -26,6 +28,8 @@ def select_blocks(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size: int =
         scale: index score scale, default D_idx ** -0.5.
         cu_seqlens: optional int32 (S+1,) offsets of packed sequences (then B must be 1).
         backend: "auto" (Triton on CUDA, else reference), "reference" or "triton".
+        validate: check cu_seqlens' values (one host sync); the MSA layer, which checked them once per
+            batch, passes False. Shapes, dtypes and devices are always checked.
 
     Returns:
         int32 (B, T, H_kv, topk): block ids within each sequence, unordered, the local block in the
@@ -50,13 +54,12 @@ def select_blocks(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size: int =
     check(q_idx.device == k_idx.device, f"q_idx and k_idx must be on one device, got {q_idx.device} and {k_idx.device}")
     check(t > 0, "q_idx must hold at least one token (T >= 1)")
     check_block_args(block_size, topk, init_blocks, local_blocks)
-    check_cu_seqlens(cu_seqlens, bsz, t)
+    check_cu_seqlens(cu_seqlens, bsz, t, values=validate)
     check_backend(backend)
     scale = default_scale(scale, d)
     impl = resolve_backend(backend, [q_idx, k_idx])
-    kwargs = dict(block_size=block_size, topk=topk, init_blocks=init_blocks, local_blocks=local_blocks,
-                  scale=scale, cu_seqlens=cu_seqlens)
-    fn = load_triton_impl(__package__, "triton_impl", "select_blocks_triton", backend) if impl == "triton" else None
-    if fn is not None:
-        return fn(q_idx, k_idx, **kwargs)
-    return select_blocks_reference(q_idx, k_idx, **kwargs)
+    if impl == "triton" and load_triton_impl(__package__, "triton_impl", "select_blocks_triton", backend):
+        return torch.ops.msa.select_blocks(q_idx.detach(), k_idx.detach(), block_size, topk, init_blocks, local_blocks, scale,
+                                           cu_seqlens)
+    return select_blocks_reference(q_idx, k_idx, block_size=block_size, topk=topk, init_blocks=init_blocks,
+                                   local_blocks=local_blocks, scale=scale, cu_seqlens=cu_seqlens)

@@ -13,20 +13,20 @@ processes 16K-token chunks.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 
+from ..utils.triton_helpers import interpreting, next_pow2, num_sms
+
+from ..common import cu_seqlens_host
 from ..topk.triton_kernel import launch_block_topk
 from .triton_kernels import index_scores_fwd_kernel
 
 DEFAULT_BUDGET_BYTES = 2 << 30
 
 
-def _pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -100,7 +100,7 @@ def select_blocks_triton(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size
         starts = torch.arange(bsz, dtype=torch.int64) * t
         lens = torch.full((bsz,), t, dtype=torch.int64)
     else:
-        cu = cu_seqlens.detach().to("cpu", torch.int64)
+        cu = torch.tensor(cu_seqlens_host(cu_seqlens, total), dtype=torch.int64)  # values checked here
         starts, lens = cu[:-1], cu[1:] - cu[:-1]
     if cu_seqlens is None:
         # built on the device: no pageable host->device copy (it would stall the host on the stream)
@@ -139,14 +139,12 @@ def select_blocks_triton(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size
 
 # Score-kernel defaults for 16-bit inputs on the GPU (ROWS = 128, BLOCK_N = 128, 8 warps, 3 stages:
 # Q 32 KB + 3 x 32 KB of K stages in shared memory). Pin the winner of `bench_topk.py --parts sweep` here.
-# H200 sweep (benchmarks/results/dev/round6_topk.json): 256 rows x 128 keys, 8 warps, 3 stages, maxima of
+# H200 sweep: 256 rows x 128 keys, 8 warps, 3 stages, maxima of
 # 8 blocks stored together: 15.7 ms at 128K (559 TFLOP/s) vs 19.8 ms for 128 rows, 1 block per store
 SCORE_DEFAULTS = {"rows": 256, "block_n": 128, "num_warps": 8, "num_stages": 3, "nbuf": 8, "persist": 0}
 SMEM_LIMIT = 232448  # bytes of shared memory one CTA may use on H100/H200 (227 KB)
 
 
-def _interp() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def score_smem_bytes(rows: int, block_n: int, block_d: int, elt: int, stages: int) -> int:
@@ -170,16 +168,16 @@ def score_config(q: torch.Tensor, heads: int, dim: int, block_size: int, *, rows
     Defaults that would exceed SMEM_LIMIT shrink num_stages then block_n; explicit values are kept (an
     impossible explicit config fails to compile, which the sweep records).
     """
-    interp = _interp()
+    interp = interpreting()
     wide = q.element_size() == 4 and not interp
     elt = q.element_size()
-    block_d = max(16, _pow2(dim))
+    block_d = max(16, next_pow2(dim))
     d = SCORE_DEFAULTS
     explicit = dict(block_n=block_n, num_stages=num_stages)
     if rows is None:  # fp32 on the GPU: twice the bytes per tile, halve the rows
         rows = 64 if wide else d["rows"]
-    rows = max(_pow2(rows), _pow2(heads))
-    bn_cap = max(16, min(128, _pow2(block_size)))
+    rows = max(next_pow2(rows), next_pow2(heads))
+    bn_cap = max(16, min(128, next_pow2(block_size)))
     block_n = min(block_n or (64 if wide else d["block_n"]), bn_cap)
     num_stages = num_stages or (2 if wide else d["num_stages"])
     if explicit["num_stages"] is None:
@@ -189,7 +187,7 @@ def score_config(q: torch.Tensor, heads: int, dim: int, block_size: int, *, rows
         while block_n > 16 and score_smem_bytes(rows, block_n, block_d, elt, num_stages) > SMEM_LIMIT:
             block_n //= 2
     num_warps = num_warps or (d["num_warps"] if rows >= 128 else 4)
-    nbuf = _pow2(nbuf if nbuf is not None else d["nbuf"])
+    nbuf = next_pow2(nbuf if nbuf is not None else d["nbuf"])
     persist = d["persist"] if persist is None else int(persist)
     if interp:
         num_warps, num_stages = 1, 1
@@ -200,9 +198,9 @@ def score_config(q: torch.Tensor, heads: int, dim: int, block_size: int, *, rows
 def _launch_scores(q, k, scores, tiles_dev, tok_a, block_size, scale, cfg) -> None:
     """index_scores_fwd_kernel over the tiles of one chunk into scores (chunk rows, width) fp32."""
     heads, dim = q.shape[1], q.shape[2]
-    upcast = _interp() or q.dtype == torch.float32
+    upcast = interpreting() or q.dtype == torch.float32
     ieee = q.dtype == torch.float32
-    n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    n_sm = num_sms(q.device)
     n_tiles = tiles_dev.shape[0]
     # enough programs to fill the GPU (~4 per SM) even when a chunk holds few long tiles
     ns = cfg["nsplit"] or max(1, min(scores.shape[1], triton.cdiv(4 * n_sm, n_tiles)))

@@ -6,6 +6,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from . import custom_ops  # noqa: F401  (registers the torch.ops.msa.* custom ops)
 from ..common import (check, check_backend, check_cu_seqlens, check_float, check_positive_int, check_tensor,
                       default_scale, load_triton_impl, positions_in_sequence,
                       resolve_backend)
@@ -13,14 +14,17 @@ from .reference import sparse_attention_reference
 
 
 def check_block_indices(block_indices: torch.Tensor, batch: int, seqlen: int, num_kv_heads: int,
-                        block_size: int, cu_seqlens: Optional[torch.Tensor]) -> None:
-    """Shape (B, T, H_kv, K), int32, every id in [-1, own block], no id twice in one row."""
+                        block_size: int, cu_seqlens: Optional[torch.Tensor], values: bool = True) -> None:
+    """Shape (B, T, H_kv, K), int32; with ``values`` (one host sync) also every id in [-1, own block]
+    and no id twice in one row."""
     check_tensor("block_indices", block_indices, 4, "(B, T, H_kv, topk)")
     check(block_indices.dtype == torch.int32, f"block_indices must be int32, got {block_indices.dtype}")
     check(block_indices.shape[:3] == (batch, seqlen, num_kv_heads),
           f"block_indices must have shape (B, T, H_kv, topk) with (B, T, H_kv) = {(batch, seqlen, num_kv_heads)}, "
           f"got {tuple(block_indices.shape)}")
     check(block_indices.shape[3] >= 1, "block_indices must hold at least one block per row (topk >= 1)")
+    if not values:
+        return
     local = (positions_in_sequence(seqlen, cu_seqlens, block_indices.device) // block_size).view(1, -1, 1, 1)
     bad_range = ((block_indices < -1) | (block_indices > local)).any()
     srt, _ = block_indices.sort(dim=-1)
@@ -36,27 +40,36 @@ class SparseAttentionTriton(torch.autograd.Function):
     (custom_ops.py), so torch.compile sees opaque nodes with fake shapes instead of Triton launchers."""
 
     @staticmethod
-    def forward(ctx, q, k, v, block_indices, block_size, scale, cu_seqlens):
-        from . import custom_ops  # noqa: F401  (registers torch.ops.msa.*)
-        o, lse = torch.ops.msa.sparse_attention_fwd(q, k, v, block_indices, block_size, scale, cu_seqlens)
+    def forward(ctx, q, k, v, block_indices, block_size, scale, cu_seqlens, plan):
+        if plan is None:
+            o, lse = torch.ops.msa.sparse_attention_fwd(q, k, v, block_indices, block_size, scale, cu_seqlens)
+        else:  # eager with a shared SelectionPlan: call the launcher directly so the plan's indices are reused
+            from .triton_impl import sparse_attention_fwd_triton
+            o, lse = sparse_attention_fwd_triton(q, k, v, block_indices, block_size=block_size, scale=scale,
+                                                 cu_seqlens=cu_seqlens, plan=plan)
         ctx.save_for_backward(q, k, v, block_indices, o, lse)
-        ctx.block_size, ctx.scale, ctx.cu_seqlens = block_size, scale, cu_seqlens
+        ctx.block_size, ctx.scale, ctx.cu_seqlens, ctx.plan = block_size, scale, cu_seqlens, plan
         ctx.mark_non_differentiable(lse)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
-        from . import custom_ops  # noqa: F401
         q, k, v, block_indices, o, lse = ctx.saved_tensors
-        dq, dk, dv = torch.ops.msa.sparse_attention_bwd(do.contiguous(), q, k, v, o, lse, block_indices,
-                                                        ctx.block_size, ctx.scale, ctx.cu_seqlens)
-        return dq, dk, dv, None, None, None, None
+        if ctx.plan is None:
+            dq, dk, dv = torch.ops.msa.sparse_attention_bwd(do.contiguous(), q, k, v, o, lse, block_indices,
+                                                            ctx.block_size, ctx.scale, ctx.cu_seqlens)
+        else:
+            from .triton_bwd import sparse_attention_bwd_triton
+            dq, dk, dv = sparse_attention_bwd_triton(do, q, k, v, o, lse, block_indices, block_size=ctx.block_size,
+                                                     scale=ctx.scale, cu_seqlens=ctx.cu_seqlens, plan=ctx.plan)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor, *,
                      block_size: int = 128, scale: Optional[float] = None,
                      cu_seqlens: Optional[torch.Tensor] = None, return_lse: bool = False,
-                     backend: str = "auto") -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+                     backend: str = "auto", validate: bool = True,
+                     plan=None) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Exact causal softmax attention of every query over the key blocks its GQA group selected.
 
     Args:
@@ -69,6 +82,11 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_in
         cu_seqlens: optional int32 (S+1,) offsets of packed sequences (then B must be 1).
         return_lse: also return the natural-log log-sum-exp of every (token, head).
         backend: "auto" (Triton on CUDA, else reference), "reference" or "triton".
+        validate: check block_indices' values (range, no repeats) and cu_seqlens' values; this
+            synchronises with the host. Callers that made them (``msa.select_blocks``, the MSA layer)
+            pass False; shapes, dtypes and devices are always checked.
+        plan: optional ``SelectionPlan`` of block_indices (``msa.ops.sparse_attention.selection_plan``)
+            shared with the backward and ``indexer_kl_loss`` (Triton backend; ignored by the reference).
 
     Returns:
         o: (B, T, H_q, D) in q.dtype, differentiable w.r.t. q, k, v; and, when return_lse,
@@ -94,14 +112,14 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_in
     check(hkv >= 1 and hq % hkv == 0, f"H_q ({hq}) must be divisible by H_kv ({hkv})")
     check(t > 0, "q must hold at least one token (T >= 1)")
     check_positive_int("block_size", block_size)
-    check_cu_seqlens(cu_seqlens, bsz, t)
-    check_block_indices(block_indices, bsz, t, hkv, block_size, cu_seqlens)
+    check_cu_seqlens(cu_seqlens, bsz, t, values=validate)
+    check_block_indices(block_indices, bsz, t, hkv, block_size, cu_seqlens, values=validate)
     check(block_indices.device == q.device, f"block_indices must be on {q.device}, got {block_indices.device}")
     check_backend(backend)
     scale = default_scale(scale, d)
     impl = resolve_backend(backend, [q, k, v])
     if impl == "triton" and load_triton_impl(__package__, "triton_impl", "sparse_attention_fwd_triton", backend):
-        o, lse = SparseAttentionTriton.apply(q, k, v, block_indices, block_size, scale, cu_seqlens)
+        o, lse = SparseAttentionTriton.apply(q, k, v, block_indices, block_size, scale, cu_seqlens, plan)
     else:
         o, lse = sparse_attention_reference(q, k, v, block_indices, block_size=block_size, scale=scale,
                                             cu_seqlens=cu_seqlens)

@@ -3,7 +3,7 @@
 Launches:
 
 1. ``sparse_attention_bwd_preprocess_kernel``: delta[token, head] = rowsum(dO * O) in fp32.
-2. dQ, by ``dq_mode()`` (env ``MSA_SPARSE_BWD_DQ``):
+2. dQ, by ``dq_mode()`` (``msa.tuning`` field ``sparse_bwd_dq``):
    - ``kv`` (default): ``sparse_attention_bwd_dq_kv_kernel`` runs over the reverse index like the
      forward's KV-outer kernel: it loads a key/value block once, gathers the queries that selected it
      (``BLOCK_M // G`` query positions x G heads per MMA) and writes each (query, slot)'s dS @ K into
@@ -24,7 +24,7 @@ Launches:
    ``sparse_attention_bwd_reduce_kernel`` sums the partials in item order. There are no atomics
    anywhere, so two runs give bitwise identical gradients.
 
-Launch configurations: ``bwd_config`` (env ``MSA_SPARSE_BWD_CONFIG``).
+Launch configurations: ``bwd_config`` (overrides: ``msa.tuning`` field ``sparse_bwd_config``).
 
 Causal masking uses flattened token indices: a key at flattened position j is visible to the query
 at flattened position t iff it lies in one of the query's selected blocks and j <= t (blocks are
@@ -33,31 +33,23 @@ numbered from the query's own sequence start, so no key of another sequence is e
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .reverse_index import ReverseIndex, block_starts_host, blocks_before, build_reverse_index
-from ..common import env_config, interpreting
+from ..utils.triton_helpers import dot_precision, interpreting, next_pow2, tl_compute_dtype
+
+from ..utils.reverse_index import ReverseIndex, SelectionPlan, block_starts_host, blocks_before, build_reverse_index
+from ... import tuning
+from ...tuning import merge_launch_config
 
 
-def _pow2(x: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(int(x)))
 
 
-def _compute_dtype(dtype: torch.dtype):
-    """Element type fed to tl.dot. The CPU interpreter's bf16/fp16 math is wrong, so it computes in fp32."""
-    if interpreting() or dtype == torch.float32:
-        return tl.float32
-    return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs must not silently drop to tf32 (the fp32 path is the accuracy reference).
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def token_seq_start(batch: int, seqlen: int, cu_seqlens: Optional[torch.Tensor], device) -> torch.Tensor:
@@ -320,53 +312,39 @@ def sparse_attention_bwd_dq_reduce_kernel(PDQ, BI, DQ, tok0, H_Q: tl.constexpr, 
 
 
 def bwd_config(g: int, d: int, block_size: int):
-    """Launch configuration of the backward (env ``MSA_SPARSE_BWD_CONFIG``, e.g.
-    ``DKDV_BLOCK_M=32,DKDV_BLOCK_N=128,DKDV_WARPS=8,DKDV_STAGES=2,DQKV_BLOCK_M=64,DQKV_WARPS=4``;
-    ``benchmarks/bench_train.py --sweep`` times a few). DKDV_BLOCK_M: packed query x head rows per MMA
+    """Launch configuration of the backward (override: ``msa.tuning`` field ``sparse_bwd_config``).
+    DKDV_BLOCK_M: packed query x head rows per MMA
     (raised to >= G); DKDV_BLOCK_N: keys per program (the block is split over programs, each keeping
     its dK/dV accumulators in registers); DQKV_*: the KV-outer dQ kernel (mode ``kv``: rows, warps,
     stages, key tile); DQR_BLOCK_H: heads per program of its slot reduction; DQ_*: the query-outer dQ
     kernel (mode ``query``)."""
-    bs_pad = _pow2(block_size)
+    bs_pad = next_pow2(block_size, 16)
     if interpreting():
         cfg = dict(DKDV_BLOCK_M=16, DKDV_BLOCK_N=bs_pad, DKDV_WARPS=4, DKDV_STAGES=1, DQ_BLOCK_N=bs_pad,
                    DQ_WARPS=4, DQ_STAGES=1, DQKV_BLOCK_M=16, DQKV_BLOCK_N=bs_pad, DQKV_WARPS=4, DQKV_STAGES=1)
     else:
-        # H200 sweep at 128K tokens, paper shape (benchmarks/results/dev/round12_log.txt), whole backward:
-        # dK/dV 128 rows x 64 keys w8 s2 + dQ-kv 64 rows w4 s2: 121.2 ms; dK/dV 64 x 64 w4 s2: 116.2 ms;
-        # + dQ-kv s1: 106.6 ms (the default); dQ-kv 128 rows w8 s2: 109.0 ms; query-outer dQ: 181.9 ms.
-        # sm_90 AOT (benchmarks/aot_check.py): dK/dV 64 x 64 w4 s2: 107264 B shared, ~180 B of spills (128 x 64
-        # w8 s2 has none, yet is slower); dQ-kv 64 rows w4 s1: 98304 B, 218 regs, no spills.
         cfg = dict(DKDV_BLOCK_M=64, DKDV_BLOCK_N=min(bs_pad, 64), DKDV_WARPS=4, DKDV_STAGES=2, DQ_BLOCK_N=bs_pad,
                    DQ_WARPS=4, DQ_STAGES=2, DQKV_BLOCK_M=64, DQKV_BLOCK_N=min(bs_pad, 128), DQKV_WARPS=4,
                    DQKV_STAGES=1)
     cfg["DQR_BLOCK_H"] = 0  # 0: chosen from the shape (about 16K partial values per program)
-    cfg.update(env_config("MSA_SPARSE_BWD_CONFIG"))
-    cfg["DKDV_BLOCK_M"] = max(cfg["DKDV_BLOCK_M"], _pow2(g))
-    cfg["DKDV_BLOCK_N"] = max(16, min(bs_pad, _pow2(cfg["DKDV_BLOCK_N"])))
-    cfg["DQ_BLOCK_N"] = max(16, min(bs_pad, _pow2(cfg["DQ_BLOCK_N"])))
-    cfg["DQKV_BLOCK_M"] = max(cfg["DQKV_BLOCK_M"], _pow2(g))
-    cfg["DQKV_BLOCK_N"] = max(16, min(bs_pad, _pow2(cfg["DQKV_BLOCK_N"])))
+    cfg = merge_launch_config(cfg, "sparse_bwd_config")
+    cfg["DKDV_BLOCK_M"] = max(cfg["DKDV_BLOCK_M"], next_pow2(g, 16))
+    cfg["DKDV_BLOCK_N"] = max(16, min(bs_pad, next_pow2(cfg["DKDV_BLOCK_N"], 16)))
+    cfg["DQ_BLOCK_N"] = max(16, min(bs_pad, next_pow2(cfg["DQ_BLOCK_N"], 16)))
+    cfg["DQKV_BLOCK_M"] = max(cfg["DQKV_BLOCK_M"], next_pow2(g, 16))
+    cfg["DQKV_BLOCK_N"] = max(16, min(bs_pad, next_pow2(cfg["DQKV_BLOCK_N"], 16)))
     return cfg
 
 
-DQ_MODES = ("kv", "query")
+
 
 
 def dq_mode() -> str:
-    """How dQ is computed (env ``MSA_SPARSE_BWD_DQ``):
-
-    - ``kv`` (default): KV-outer over the reverse index like the forward; each (query, slot) gets its
-      block's dQ contribution in a pre-assigned partial slot, summed per query in a fixed slot order.
-      K/V leave memory once per (block, query tile); deterministic.
-    - ``query``: the spec's query-outer kernel, one program per (token, group) re-reading K/V of its
-      K blocks; deterministic, no partial buffer (H200, 128K: 119.5 ms vs 48.2 ms for ``kv``).
-    An fp32-atomic dQ inside the dK/dV kernel was also tried: 3x slower than ``kv`` (366 vs 122 ms).
-    """
-    mode = os.environ.get("MSA_SPARSE_BWD_DQ", "kv")
-    if mode not in DQ_MODES:
-        raise ValueError(f"MSA_SPARSE_BWD_DQ must be one of {DQ_MODES}, got {mode!r}")
-    return mode
+    """How dQ is computed (``msa.tuning`` field ``sparse_bwd_dq``): ``kv`` (default), KV-outer over the
+    reverse index like the forward, each (query, slot) contribution in a pre-assigned partial slot
+    summed per query in a fixed slot order; ``query``, the spec's query-outer kernel, one program per
+    (token, group) re-reading K/V of its K blocks, no partial buffer. Both are deterministic."""
+    return tuning.current().sparse_bwd_dq
 
 
 def default_max_queries_per_item(block_size: int, topk: int) -> int:
@@ -376,11 +354,12 @@ def default_max_queries_per_item(block_size: int, topk: int) -> int:
 
 
 def _dq_kv_outer(q, k, v, do, lse, delta, bi, *, block_size: int, scale: float, cu_seqlens, mq: int, cfg,
-                 full_index: ReverseIndex, partial_budget_bytes: Optional[int], timer) -> torch.Tensor:
+                 full_index: ReverseIndex, partial_budget_bytes: Optional[int], timer,
+                 plan: Optional[SelectionPlan] = None) -> torch.Tensor:
     """dQ of mode ``kv``: KV-outer kernel + fixed-order slot reduction, over query chunks whose partials
     (K * H_q * D per token, input dtype for 16-bit inputs) fit the forward's partial budget. One chunk
     reuses the dK/dV reverse index; several build a chunk-local index each (device-side, no sync)."""
-    from .triton_impl import LOG2E, _partial_budget, partial_dtype  # the forward's budget rule and dtype
+    from .triton_impl import LOG2E, _partial_budget, partial_bytes_per_token, partial_dtype
 
     bsz, t, hq, d = q.shape
     hkv, nsel = k.shape[2], bi.shape[3]
@@ -388,21 +367,25 @@ def _dq_kv_outer(q, k, v, do, lse, delta, bi, *, block_size: int, scale: float, 
     ntok = bsz * t
     dev = q.device
     pdtype = partial_dtype(q.dtype)
-    per_token = nsel * hq * d * pdtype.itemsize
-    chunk = max(1, min(ntok, _partial_budget(partial_budget_bytes, dev) // per_token))
+    # the forward's chunking (same budget rule and per-token bytes), so a plan's chunk indices serve both
+    per_token = partial_bytes_per_token(nsel, hq, d, q.dtype)
+    chunk = plan.chunk_tokens if plan is not None else max(
+        1, min(ntok, _partial_budget(partial_budget_bytes, dev) // per_token))
     pdq = torch.empty((chunk * nsel, hq, d), dtype=pdtype, device=dev)
     dq = torch.empty_like(q)
     layout = full_index.layout
-    starts = block_starts_host(bsz, t, block_size, cu_seqlens)
-    block_d = _pow2(d)
+    starts = plan.starts if plan is not None else block_starts_host(bsz, t, block_size, cu_seqlens)
+    block_d = next_pow2(d, 16)
     block_n = cfg["DQKV_BLOCK_N"]
-    block_k = _pow2(nsel, 1)
-    block_h = cfg["DQR_BLOCK_H"] or min(_pow2(hq, 1), max(1, 16384 // (block_k * block_d)))
-    cdt, prec = _compute_dtype(q.dtype), _dot_precision(q.dtype)
+    block_k = next_pow2(nsel, 1)
+    block_h = cfg["DQR_BLOCK_H"] or min(next_pow2(hq, 1), max(1, 16384 // (block_k * block_d)))
+    cdt, prec = tl_compute_dtype(q.dtype), dot_precision(q.dtype)
     for t0 in range(0, ntok, chunk):
         t1 = min(ntok, t0 + chunk)
         if t0 == 0 and t1 == ntok:
             ri, nbr = full_index, layout.num_blocks
+        elif plan is not None:
+            ri, nbr = plan.index(t0, t1)
         else:
             timer.start("dq_reverse_index")
             nbr = max(1, blocks_before(starts, t1))
@@ -430,7 +413,8 @@ def sparse_attention_bwd_triton(do: torch.Tensor, q: torch.Tensor, k: torch.Tens
                                 cu_seqlens: Optional[torch.Tensor], max_queries_per_item: Optional[int] = None,
                                 reverse_index: Optional[ReverseIndex] = None,
                                 partial_budget_bytes: Optional[int] = None,
-                                stage_times: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                stage_times: Optional[dict] = None,
+                                plan: Optional[SelectionPlan] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``msa.sparse_attention`` w.r.t. q, k, v (deterministic, no atomics).
 
     Args:
@@ -444,10 +428,12 @@ def sparse_attention_bwd_triton(do: torch.Tensor, q: torch.Tensor, k: torch.Tens
         reverse_index: optional prebuilt ``build_reverse_index(block_indices, block_size, cu_seqlens,
             max_queries_per_item)`` (e.g. shared with a KV-outer forward); built here when None.
         partial_budget_bytes: bytes of dQ partials per query chunk (dQ mode ``kv``); default as the
-            forward (env ``MSA_SPARSE_FWD_PARTIAL_BYTES``, else min(16 GiB, 25% of free memory)).
+            forward (``tuning.sparse_fwd_partial_bytes``, else min(16 GiB, 25% of free memory)).
         stage_times: optional dict (CUDA only) that receives CUDA-event times in ms of the stages
             (preprocess, dq_kernel, dq_reduce, dq_reverse_index, reverse_index, dkdv_kernel, dkdv_reduce);
             the call then synchronises, so use it only outside timed loops.
+        plan: optional ``SelectionPlan`` of block_indices shared with the forward (its cached reverse
+            indices and chunking are reused; it overrides max_queries_per_item and reverse_index).
 
     Returns:
         dq (B, T, H_q, D), dk, dv (B, T, H_kv, D), each in its input's dtype.
@@ -463,10 +449,10 @@ def sparse_attention_bwd_triton(do: torch.Tensor, q: torch.Tensor, k: torch.Tens
     o = o.contiguous()
     lse = lse.float().contiguous()
     bi = block_indices.to(torch.int32).contiguous()
-    cdt = _compute_dtype(q.dtype)
-    prec = _dot_precision(q.dtype)
-    block_d = _pow2(d)
-    bs_pad = _pow2(block_size)
+    cdt = tl_compute_dtype(q.dtype)
+    prec = dot_precision(q.dtype)
+    block_d = next_pow2(d, 16)
+    bs_pad = next_pow2(block_size, 16)
 
     from .triton_impl import _StageTimer
     timer = _StageTimer(stage_times, dev)
@@ -485,11 +471,14 @@ def sparse_attention_bwd_triton(do: torch.Tensor, q: torch.Tensor, k: torch.Tens
         timer.start("dq_kernel")
         sparse_attention_bwd_dq_kernel[(ntok, hkv)](
             q, k, v, do, lse, delta, dq, bi, seq_start, float(scale), hq, hkv, nsel, block_size,
-            G=g, D=d, BLOCK_G=_pow2(g), BLOCK_N=cfg["DQ_BLOCK_N"], KV_TILES=bs_pad // cfg["DQ_BLOCK_N"],
+            G=g, D=d, BLOCK_G=next_pow2(g, 16), BLOCK_N=cfg["DQ_BLOCK_N"], KV_TILES=bs_pad // cfg["DQ_BLOCK_N"],
             BLOCK_D=block_d, CDT=cdt, DOT_PREC=prec, num_warps=cfg["DQ_WARPS"], num_stages=cfg["DQ_STAGES"])
         timer.stop()
 
     c = max_queries_per_item or default_max_queries_per_item(block_size, nsel)
+    if plan is not None:
+        c = plan.max_queries_per_item
+        reverse_index = plan.full_index()
     if reverse_index is None:
         timer.start("reverse_index")
         reverse_index = build_reverse_index(bi, block_size, cu_seqlens, c)
@@ -497,7 +486,8 @@ def sparse_attention_bwd_triton(do: torch.Tensor, q: torch.Tensor, k: torch.Tens
     ri = reverse_index
     if mode == "kv":
         dq = _dq_kv_outer(q, k, v, do, lse, delta, bi, block_size=block_size, scale=scale, cu_seqlens=cu_seqlens,
-                          mq=c, cfg=cfg, full_index=ri, partial_budget_bytes=partial_budget_bytes, timer=timer)
+                          mq=c, cfg=cfg, full_index=ri, partial_budget_bytes=partial_budget_bytes, timer=timer,
+                          plan=plan)
     nb = ri.layout.num_blocks
     rows = hkv * nb
     n_items = ri.work_row.numel()

@@ -1,44 +1,36 @@
 """Triton forward of ``msa.sparse_attention`` (spec section 4): KV-outer + combine, or query-outer.
 
-Kernel choice (``kernel=`` argument, else env ``MSA_SPARSE_FWD_KERNEL`` = ``kv`` | ``qo`` | ``auto``):
-``auto`` takes the query-outer kernel when the work is too small for the reverse index and the
-partial round trip to pay off (fewer than ``QO_MAX_TOKENS`` tokens; on an H200 at the paper shape
-KV-outer won from 8K tokens on once its partials were bf16: 5.6 vs 7.0 ms at 8K, 12.5 vs 28.0 ms at
-32K, benchmarks/results/prefill_h200.json) or when the KV-outer kernel would fill its MMA
-rows poorly (expected queries x G per (group, block) row of a chunk below ``KV_MIN_ROWS``);
+Kernel choice (``kernel=`` argument, else ``msa.tuning`` field ``sparse_fwd_kernel``): ``auto`` takes
+the query-outer kernel below ``QO_MAX_TOKENS`` tokens, where the reverse index and the partial round
+trip do not pay off, or when KV-outer work items would fill fewer than ``KV_MIN_ROWS`` MMA rows;
 otherwise KV-outer.
 
-Memory: the KV-outer path needs K * H_q * (D * s + 4) bytes of partials per token (s = 2 for
-bf16/fp16 inputs, whose partial outputs are stored in the input dtype; s = 4 for fp32; env
-``MSA_SPARSE_FWD_PARTIAL_DTYPE=fp32`` forces fp32), i.e. 0.27 MB per token at 64 heads, K = 16,
-D = 128, bf16. The queries are processed in chunks whose partials fit the partial budget
-(``partial_budget_bytes`` argument, else env ``MSA_SPARSE_FWD_PARTIAL_BYTES``, else
-min(16 GiB, 25% of the free device memory incl. the allocator's cache), at least 256 MiB); the
-reverse index is built per chunk on the device (no host sync: every size comes from shapes and the
-host-side block layout). Fewer chunks = fewer launches and better-filled work items.
+Memory: the KV-outer path stores K * H_q * (D * s + 4) bytes of partials per token (s = 2 for
+bf16/fp16 inputs, whose partial outputs keep the input dtype; s = 4 for fp32 or under
+``tuning.sparse_fwd_partial_dtype="fp32"``). Queries are processed in chunks whose partials fit the
+partial budget (``tuning.sparse_fwd_partial_bytes``, default min(16 GiB, 25% of free device memory),
+at least 256 MiB). The reverse index of each chunk comes from a ``SelectionPlan`` shared with the
+backward and the KL when the caller passes one (``msa.layers`` does), else it is built here.
 
-Tuning knobs (env ``MSA_SPARSE_FWD_CONFIG``, e.g. ``BLOCK_M=64,num_warps=4,PRELOAD=0``) override the
-per-head-dim launch configuration of the KV-outer kernel; ``MSA_SPARSE_FWD_QO_CONFIG`` does the
-same for the query-outer kernel (``BLOCK_N``, ``num_warps``, ``num_stages``) and
-``MSA_SPARSE_FWD_COMBINE_CONFIG`` for the combine kernel (``BLOCK_H``, ``num_warps``, ``TOK_PER_PROG``).
-
-Profiling: pass ``stage_times={}`` to get CUDA-event times (ms, summed over chunks) of the stages
-``reverse_index``, ``kv_kernel``, ``combine`` (KV-outer) or ``qo_kernel``; it synchronises, so
-use it only outside timed loops.
+Launch configurations: ``kv_outer_config``, ``qo_config``, ``combine_config``; overrides through
+``msa.tuning`` (``sparse_fwd_kv_config``, ``sparse_fwd_qo_config``, ``sparse_fwd_combine_config``).
+Measured choices and their history: docs/perf-notes.md.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from typing import Dict, Optional, Tuple
 
 import torch
 import triton
 
-from ..common import env_config, interpreting
+from ..utils.triton_helpers import interpreting, next_pow2
+
+from ... import tuning
+from ...tuning import merge_launch_config
 from .reference import sparse_attention_reference
-from .reverse_index import block_layout, block_starts_host, blocks_before, build_reverse_index
+from ..utils.reverse_index import SelectionPlan, block_layout, block_starts_host, blocks_before, build_reverse_index
 from .triton_fwd import (sparse_attention_combine_fwd_kernel, sparse_attention_fwd_kernel,
                          sparse_attention_qo_fwd_kernel)
 
@@ -50,62 +42,51 @@ MIN_DEFAULT_PARTIAL_BYTES = 256 << 20
 
 
 def _buffer(*shape, dtype, device) -> torch.Tensor:
-    """Uninitialised buffer; NaN-filled when MSA_DEBUG_POISON=1 so that unwritten values show in tests."""
-    if os.environ.get("MSA_DEBUG_POISON", "0") == "1":
+    """Uninitialised buffer; NaN-filled under ``tuning.debug_poison`` so that unwritten values show in tests."""
+    if tuning.current().debug_poison:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 
 
-def _pow2(x: int, lo: int = 1) -> int:
-    return max(lo, triton.next_power_of_2(int(x)))
 
 
 def kv_outer_config(head_dim: int, group: int, block_size: int) -> Dict[str, int]:
-    """Launch configuration of the KV-outer kernel.
-
-    BLOCK_M MMA rows (raised to >= G so one query's heads fit one tile), BLOCK_N keys per tile (the
-    whole block when B_k <= 128, so it is loaded once per work item). Override with the env var
-    MSA_SPARSE_FWD_CONFIG (e.g. "BLOCK_M=128,num_warps=8").
-    """
-    block_d = _pow2(head_dim, 16)
-    # H200 sweep at 32K with bf16 partials (benchmarks/results/dev/round3_prefill.json): BLOCK_M=64,
-    # 4 warps, 3 stages 14.7 ms; 128 rows / 8 warps 16.2 ms; software prefetch of the next Q tile 15.7 ms
-    cfg = dict(BLOCK_M=64, BLOCK_N=max(16, min(128, _pow2(block_size))),
+    """Launch configuration of the KV-outer kernel (keys BLOCK_M, BLOCK_N, num_warps, num_stages,
+    PRELOAD, PREFETCH): BLOCK_M MMA rows (raised to >= G so one query's heads fit one tile), BLOCK_N
+    keys per tile (the whole block when B_k <= 128, so it is loaded once per work item)."""
+    block_d = next_pow2(head_dim, 16)
+    cfg = dict(BLOCK_M=64, BLOCK_N=max(16, min(128, next_pow2(block_size))),
                num_warps=4, num_stages=3 if block_d >= 128 else 2, PRELOAD=1, PREFETCH=0)
-    cfg.update(env_config("MSA_SPARSE_FWD_CONFIG"))
-    cfg["BLOCK_M"] = max(cfg["BLOCK_M"], _pow2(group, 16))
+    cfg = merge_launch_config(cfg, "sparse_fwd_kv_config")
+    cfg["BLOCK_M"] = max(cfg["BLOCK_M"], next_pow2(group, 16))
     return cfg
 
 
 def combine_config(head_dim: int, topk: int, hq: int) -> Dict[str, int]:
-    """Launch configuration of the combine kernel: BLOCK_H heads per program so that one program's
-    partial tile (pow2(K) slots x BLOCK_H x BLOCK_D) is ~16K values; at 4 warps that is 32 KB of
-    bf16 = sixteen 16-byte loads in flight per thread, issued back to back (sm_90 SASS checked),
-    96 registers, 512 B of shared memory -> 5 programs per SM. TOK_PER_PROG tokens per program.
-    Override with the env var MSA_SPARSE_FWD_COMBINE_CONFIG (e.g. "BLOCK_H=16,num_warps=8")."""
-    elems = _pow2(topk) * _pow2(head_dim, 16)
-    cfg = dict(BLOCK_H=min(_pow2(hq), max(1, 16384 // elems)), num_warps=4, TOK_PER_PROG=1)
-    cfg.update(env_config("MSA_SPARSE_FWD_COMBINE_CONFIG"))
-    return cfg
+    """Launch configuration of the combine kernel (keys BLOCK_H, num_warps, TOK_PER_PROG): BLOCK_H
+    heads per program so that one program's partial tile (pow2(K) slots x BLOCK_H x BLOCK_D) holds
+    ~16K values, enough loads in flight to stream the partials at bandwidth."""
+    elems = next_pow2(topk) * next_pow2(head_dim, 16)
+    cfg = dict(BLOCK_H=min(next_pow2(hq), max(1, 16384 // elems)), num_warps=4, TOK_PER_PROG=1)
+    return merge_launch_config(cfg, "sparse_fwd_combine_config")
 
 
 def qo_config(head_dim: int, group: int, block_size: int) -> Dict[str, int]:
-    """Launch configuration of the query-outer kernel: G heads padded to >= 16 rows (MMA minimum);
-    64-key tiles at D = 128 keep the K/V tiles (2 x 16 KB) small enough for 2-stage pipelining."""
-    block_d = _pow2(head_dim, 16)
-    cfg = dict(BLOCK_N=max(16, min(64 if block_d >= 128 else 128, _pow2(block_size))),
+    """Launch configuration of the query-outer kernel (keys BLOCK_N, num_warps, num_stages): G heads
+    padded to >= 16 rows (MMA minimum); 64-key tiles at D = 128 keep the K/V tiles (2 x 16 KB) small
+    enough for 2-stage pipelining."""
+    block_d = next_pow2(head_dim, 16)
+    cfg = dict(BLOCK_N=max(16, min(64 if block_d >= 128 else 128, next_pow2(block_size))),
                num_warps=4, num_stages=2)
-    cfg.update(env_config("MSA_SPARSE_FWD_QO_CONFIG"))
-    return cfg
+    return merge_launch_config(cfg, "sparse_fwd_qo_config")
 
 
 def _partial_budget(partial_budget_bytes: Optional[int], device=None) -> int:
     if partial_budget_bytes is not None:
         return int(partial_budget_bytes)
-    env = os.environ.get("MSA_SPARSE_FWD_PARTIAL_BYTES")
-    if env:
-        return int(env)
+    if tuning.current().sparse_fwd_partial_bytes is not None:
+        return tuning.current().sparse_fwd_partial_bytes
     if device is None or torch.device(device).type != "cuda":
         return MAX_DEFAULT_PARTIAL_BYTES
     free, _ = torch.cuda.mem_get_info(device)  # no stream sync
@@ -115,7 +96,7 @@ def _partial_budget(partial_budget_bytes: Optional[int], device=None) -> int:
 
 def partial_dtype(dtype: torch.dtype) -> torch.dtype:
     """dtype of the KV-outer partial outputs: the input dtype for 16-bit inputs, else fp32."""
-    if os.environ.get("MSA_SPARSE_FWD_PARTIAL_DTYPE", "auto") == "fp32":
+    if tuning.current().sparse_fwd_partial_dtype == "fp32":
         return torch.float32
     return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
@@ -156,7 +137,7 @@ class _StageTimer:
 def choose_kernel(ntok: int, group: int, topk: int, blocks_per_seq: int, num_blocks: int, chunk_tokens: int,
                   kernel: Optional[str] = None) -> str:
     """'kv' or 'qo' (see the module docstring for the heuristic)."""
-    kernel = kernel or os.environ.get("MSA_SPARSE_FWD_KERNEL", "auto")
+    kernel = kernel or tuning.current().sparse_fwd_kernel
     if kernel not in ("auto", "kv", "qo"):
         raise ValueError(f"kernel must be 'auto', 'kv' or 'qo', got {kernel!r}")
     if kernel != "auto":
@@ -172,7 +153,8 @@ def sparse_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
                                 block_size: int, scale: float, cu_seqlens: Optional[torch.Tensor],
                                 kernel: Optional[str] = None, partial_budget_bytes: Optional[int] = None,
                                 max_queries_per_item: Optional[int] = None,
-                                stage_times: Optional[Dict[str, float]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                                stage_times: Optional[Dict[str, float]] = None,
+                                plan: Optional[SelectionPlan] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward of the MSA Main Branch with Triton kernels (arguments already validated).
 
     Args:
@@ -184,7 +166,9 @@ def sparse_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         partial_budget_bytes: bytes of partials (outputs + lse) per query chunk of the KV-outer path.
         max_queries_per_item: hot-row split of the reverse index (default 2 * K * B_k queries).
         stage_times: optional dict; when given (CUDA only) it receives CUDA-event times in ms of
-            the stages (see the module docstring) and the call synchronises.
+            the stages (reverse_index, kv_kernel, combine or qo_kernel) and the call synchronises.
+        plan: optional ``SelectionPlan`` of block_indices (``selection_plan``): its layout, chunking
+            and reverse indices are used (and cached for the backward and the KL) instead of built here.
 
     Returns:
         o: (B, T, H_q, D) in q.dtype; lse: fp32 (B, T, H_q), natural log (-inf for a row with no block).
@@ -200,18 +184,21 @@ def sparse_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     bi = block_indices.contiguous()
     dev = q.device
-    layout = block_layout(bsz, t, block_size, cu_seqlens, dev)
+    layout = plan.layout if plan is not None else block_layout(bsz, t, block_size, cu_seqlens, dev)
     nb = layout.num_blocks
     o = _buffer(bsz, t, hq, d, dtype=q.dtype, device=dev)
     lse = _buffer(bsz, t, hq, dtype=torch.float32, device=dev)
     pdtype = partial_dtype(q.dtype)
     per_token = partial_bytes_per_token(topk, hq, d, q.dtype)
-    chunk = max(1, min(ntok, _partial_budget(partial_budget_bytes, dev) // per_token))
+    if plan is not None:
+        chunk = plan.chunk_tokens
+    else:
+        chunk = max(1, min(ntok, _partial_budget(partial_budget_bytes, dev) // per_token))
     blocks_per_seq = math.ceil(t / block_size) if cu_seqlens is None else nb
     which = choose_kernel(ntok, g, topk, blocks_per_seq, nb, chunk, kernel)
     upcast = interpreting()
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    block_d = _pow2(d, 16)
+    block_d = next_pow2(d, 16)
     qk_scale = float(scale) * LOG2E
     timer = _StageTimer(stage_times, dev)
 
@@ -221,7 +208,7 @@ def sparse_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         timer.start("qo_kernel")
         sparse_attention_qo_fwd_kernel[(ntok, hkv)](
             q, k, v, o, lse, bi, layout.seq_block_offset, layout.block_start, layout.block_len, qk_scale,
-            H_Q=hq, H_KV=hkv, G=g, TOPK=topk, D=d, BLOCK_D=block_d, BLOCK_G=_pow2(g, 16),
+            H_Q=hq, H_KV=hkv, G=g, TOPK=topk, D=d, BLOCK_D=block_d, BLOCK_G=next_pow2(g, 16),
             BLOCK_N=cfg["BLOCK_N"], KV_TILES=kv_tiles, UPCAST=upcast, DOT_PREC=dot_prec,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         timer.stop()
@@ -232,18 +219,21 @@ def sparse_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     kv_tiles = math.ceil(block_size / cfg["BLOCK_N"])
     preload = bool(cfg["PRELOAD"]) and kv_tiles == 1
     mq = max_queries_per_item or max(1, 2 * topk * block_size)
-    starts = block_starts_host(bsz, t, block_size, cu_seqlens)
+    starts = plan.starts if plan is not None else block_starts_host(bsz, t, block_size, cu_seqlens)
     # partial buffers sized for one chunk and reused: launches on one stream run in order
     po = _buffer(chunk * topk, hq, d, dtype=pdtype, device=dev)
     plse = _buffer(chunk * topk, hq, dtype=torch.float32, device=dev)
-    block_k = _pow2(topk)
+    block_k = next_pow2(topk)
     ccfg = combine_config(d, topk, hq)
     for t0 in range(0, ntok, chunk):
         t1 = min(ntok, t0 + chunk)
-        nbr = max(1, blocks_before(starts, t1))
         timer.start("reverse_index")
-        ri = build_reverse_index(bi, block_size, cu_seqlens, mq, token_range=(t0, t1), layout=layout,
-                                 block_limit=nbr)
+        if plan is not None:
+            ri, nbr = plan.index(t0, t1)
+        else:
+            nbr = max(1, blocks_before(starts, t1))
+            ri = build_reverse_index(bi, block_size, cu_seqlens, mq, token_range=(t0, t1), layout=layout,
+                                     block_limit=nbr)
         timer.stop()
         timer.start("kv_kernel")
         sparse_attention_fwd_kernel[(ri.work_row.numel(),)](
@@ -261,3 +251,18 @@ def sparse_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         timer.stop()
     timer.finish()
     return o, lse
+
+
+def selection_plan(block_indices: torch.Tensor, *, block_size: int, cu_seqlens: Optional[torch.Tensor],
+                   num_heads: int, head_dim: int, dtype: torch.dtype, index_dim: int) -> SelectionPlan:
+    """The ``SelectionPlan`` of a validated selection for the main branch (``num_heads`` H_q, ``head_dim``
+    D, ``dtype`` of q) and the KL (``index_dim``): one query chunking that fits the forward's and the
+    dQ's partial budget and the KL's, so all three reuse the same reverse indices."""
+    from ..indexer_kl.triton_impl import kl_chunk_tokens
+    from .triton_bwd import default_max_queries_per_item
+    topk = block_indices.shape[3]
+    hkv = block_indices.shape[2]
+    per_token = partial_bytes_per_token(topk, num_heads, head_dim, dtype)
+    chunk = min(_partial_budget(None, block_indices.device) // per_token, kl_chunk_tokens(topk, hkv, index_dim))
+    return SelectionPlan(block_indices, block_size, cu_seqlens, chunk,
+                         default_max_queries_per_item(block_size, topk))

@@ -29,12 +29,13 @@ candidate positions are ordered like columns among equal keys (tiles ascend, ran
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from ..utils.triton_helpers import interpreting, next_pow2
 
 SENTINEL = -2147483648  # INT32_MIN: smaller than key(-inf) = -2139095041 and key(-NaN)
 BIG_COL = 2147483647    # "no column" for min-column reductions
@@ -161,24 +162,22 @@ def block_topk_fwd_kernel(
         tl.store(optr, ids, mask=kmask)
 
 
-def _pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
 
 
 def topk_config(n_cols: int, topk: int, rows: Optional[int] = None, seg: Optional[int] = None,
                 num_warps: Optional[int] = None, max_tile: int = MAX_TILE):
     """(tile_cols, ROWS, NSEG, SEG, KP, num_warps) for one launch over n_cols columns.
 
-    Defaults follow the H200 sweep at 128K rows x 1024 columns, k 16 (benchmarks/results/dev/round6_topk.json):
+    Defaults follow the H200 sweep at 128K rows x 1024 columns, k 16:
     SEG 8, 8 rows per program, 4 warps: 0.44 ms (4 rows: 0.51 ms, 2 rows: 0.92 ms; torch.topk 3.97 ms),
     i.e. about 8192 elements per program.
     """
     rows_given = rows
-    kp = _pow2(topk)
-    tile = min(_pow2(n_cols), max_tile)
+    kp = next_pow2(topk)
+    tile = min(next_pow2(n_cols), max_tile)
     if seg is None:
         # SEG ~ sqrt(N / k) balances the segment pass (k * N / SEG) and the element pass (k * k * SEG).
-        seg = _pow2(int(round((tile / max(1, topk)) ** 0.5)))
+        seg = next_pow2(int(round((tile / max(1, topk)) ** 0.5)))
         seg = max(1, min(seg, 64, tile))
     nseg = max(1, tile // seg)
     if rows is None:
@@ -187,11 +186,11 @@ def topk_config(n_cols: int, topk: int, rows: Optional[int] = None, seg: Optiona
     if num_warps is None:
         work = rows * max(nseg * seg, kp * seg)
         num_warps = 1 if work <= 256 else 2 if work <= 1024 else 4 if work <= 8192 else 8
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreting():
         # The interpreter pays per op, not per element: few wide programs are much faster.
         num_warps = 1
         if rows_given is None:
-            rows = max(rows, min(256, _pow2(max(1, 65536 // max(nseg * seg, kp * seg)))))
+            rows = max(rows, min(256, next_pow2(max(1, 65536 // max(nseg * seg, kp * seg)))))
     return nseg * seg, rows, nseg, seg, kp, num_warps
 
 
@@ -211,7 +210,7 @@ def launch_block_topk(x: torch.Tensor, out: torch.Tensor, topk: int, *, n_cols: 
     n_rows = x.shape[0]
     n_cols = x.shape[1] if n_cols is None else n_cols
     # each tile must shrink the row (tile -> k candidates), or the two-stage recursion never ends
-    max_tile = max(max_tile, 4 * _pow2(topk))
+    max_tile = max(max_tile, 4 * next_pow2(topk))
     if n_rows == 0:
         return
     packed = cand_cols is not None

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import bisect
 import math
-import os
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from ..common import cu_seqlens_host, interpreting
 
 _BLOCK = 1024  # elements per program of the element-wise kernels below
 
@@ -108,7 +109,7 @@ def block_layout(batch: int, seqlen: int, block_size: int, cu_seqlens: Optional[
     if cu_seqlens is None:
         starts = [(b * seqlen, seqlen) for b in range(batch)]
     else:
-        cu = [int(x) for x in cu_seqlens.detach().cpu().tolist()]
+        cu = cu_seqlens_host(cu_seqlens, batch * seqlen)
         starts = [(s, e - s) for s, e in zip(cu[:-1], cu[1:])]
     bstart, blen, offs, tok_off = [], [], [], []
     total = 0
@@ -131,7 +132,7 @@ def block_starts_host(batch: int, seqlen: int, block_size: int, cu_seqlens: Opti
     if cu_seqlens is None:
         spans = [(b * seqlen, seqlen) for b in range(batch)]
     else:
-        cu = [int(x) for x in cu_seqlens.detach().cpu().tolist()]
+        cu = cu_seqlens_host(cu_seqlens, batch * seqlen)
         spans = [(s, e - s) for s, e in zip(cu[:-1], cu[1:])]
     return [s + i * block_size for s, n in spans for i in range(math.ceil(n / block_size))]
 
@@ -165,7 +166,7 @@ def build_reverse_index(block_indices: torch.Tensor, block_size: int, cu_seqlens
     t0, t1 = (0, bsz * t) if token_range is None else token_range
     ntok = t1 - t0
     n = ntok * hkv * k
-    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    interp = interpreting()
     if n == 0 or n >= 2 ** 31 or not (dev.type == "cuda" or interp):
         return _build_reverse_index_torch(block_indices, layout, nb, t0, t1, max_queries_per_item)
     # a few fused kernels instead of ~40 small torch ops: the build was dominated by per-op launch
@@ -233,3 +234,48 @@ def _build_reverse_index_torch(block_indices, layout, nb, t0, t1, max_queries_pe
     end = torch.where(valid, end, torch.zeros_like(end))
     return ReverseIndex(layout, row_ptr.to(torch.int32), entries, wrow_c.to(torch.int32), start.to(torch.int32),
                         end.to(torch.int32))
+
+
+class SelectionPlan:
+    """The metadata of ONE block selection, built once and shared by every kernel that walks it: the
+    main-branch forward, its backward (dK/dV and dQ) and the sparse KL. It holds the block layout
+    (one host pass over cu_seqlens), the query-chunk size all of them use, and the reverse index of
+    each chunk (built on first use, then reused; device-side, no host sync).
+
+    block_indices: int32 (B, T, H_kv, K), already validated. chunk_tokens: queries per chunk (the
+    smallest chunk the consumers' memory budgets allow; see ``plan_chunk_tokens``).
+    """
+
+    def __init__(self, block_indices: torch.Tensor, block_size: int, cu_seqlens: Optional[torch.Tensor],
+                 chunk_tokens: int, max_queries_per_item: int):
+        bsz, t, hkv, k = block_indices.shape
+        self.block_indices = block_indices.contiguous()
+        self.block_size = block_size
+        self.cu_seqlens = cu_seqlens
+        self.num_tokens = bsz * t
+        self.layout = block_layout(bsz, t, block_size, cu_seqlens, block_indices.device)
+        self.starts = block_starts_host(bsz, t, block_size, cu_seqlens)
+        self.chunk_tokens = max(1, min(self.num_tokens, int(chunk_tokens)))
+        self.max_queries_per_item = int(max_queries_per_item)
+        self._indices = {}
+
+    def chunks(self) -> List[Tuple[int, int]]:
+        c = self.chunk_tokens
+        return [(t0, min(self.num_tokens, t0 + c)) for t0 in range(0, self.num_tokens, c)]
+
+    def blocks_before(self, token_end: int) -> int:
+        return max(1, blocks_before(self.starts, token_end))
+
+    def index(self, t0: int, t1: int) -> Tuple[ReverseIndex, int]:
+        """(reverse index of tokens [t0, t1), its block limit NB'); cached per range."""
+        key = (t0, t1)
+        hit = self._indices.get(key)
+        if hit is None:
+            nbr = self.blocks_before(t1) if (t0, t1) != (0, self.num_tokens) else self.layout.num_blocks
+            ri = build_reverse_index(self.block_indices, self.block_size, self.cu_seqlens, self.max_queries_per_item,
+                                     token_range=(t0, t1), layout=self.layout, block_limit=nbr)
+            hit = self._indices[key] = (ri, nbr)
+        return hit
+
+    def full_index(self) -> ReverseIndex:
+        return self.index(0, self.num_tokens)[0]
