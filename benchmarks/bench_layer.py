@@ -72,9 +72,8 @@ def layer_bench(t: int):
     row = {"T": t}
 
     def layer_step(mode):
-        layer.set_mode(mode)
-
         def fn():
+            layer.set_mode(mode)
             out = layer(x)
             torch.autograd.backward([out.hidden, out.kl_loss], [g, torch.ones((), device=dev)])
         return fn
@@ -163,7 +162,7 @@ def model_bench(t: int, steps: int):
                 torch.cuda.synchronize()
             res["compile_fullgraph_ok"] = True
             res["compile_first_call_s"] = time.perf_counter() - t0
-            res["compile_loss_abs_diff"] = float((comp - eager).abs())
+            res["compile_loss_abs_diff"] = float((comp - eager).detach().abs())
 
             def cstep():
                 with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -295,8 +295,9 @@ def test_exact_ties_go_to_the_lower_block_id(backend):
     """Repeated tokens give identical index keys: equal block scores must resolve the same way on
     every backend (toward the lower block id), or backends would attend to different blocks."""
     t, bs = 16 * 8, 16
-    k_idx = torch.ones(1, t, 4)
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    k_idx = torch.ones(1, t, 4, device=dev)
     k_idx[0, 40] = 3.0  # block 2 wins; blocks 0, 1, 3..6 tie
-    q_idx = torch.ones(1, t, 1, 4)
+    q_idx = torch.ones(1, t, 1, 4, device=dev)
     out = msa.select_blocks(q_idx, k_idx, block_size=bs, topk=4, backend=backend)
     assert selection_sets(out)[0][t - 1][0] == [0, 1, 2, 7]
