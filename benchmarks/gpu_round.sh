@@ -19,6 +19,6 @@ LOG=$OUT/log.txt
   for b in $BENCHES; do
     echo "=== bench $b"
     mkdir -p $OUT/$b
-    timeout ${BENCH_TIMEOUT:-150} python3 benchmarks/bench_$b.py --out $OUT/$b "$@" 2>&1 | tail -60
+    timeout ${BENCH_TIMEOUT:-150} python3 -m msa.bench.$b --out $OUT/$b "$@" 2>&1 | tail -60
   done
 } 2>&1 | tee $LOG

@@ -18,9 +18,8 @@ The teacher lse comes from cuDNN's dense attention, as in the training benchmark
 import os
 import sys
 import torch
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.join(HERE, ".."), HERE]
-from bench_train import median_ms  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from msa.bench.train import median_ms  # noqa: E402
 from msa.ops.indexer_kl.triton_impl import indexer_kl_triton  # noqa: E402
 
 HQ, HKV, D, DI = 64, 4, 128, 128

@@ -1,7 +1,7 @@
 """Ahead-of-time resource check of the Triton kernels at the paper's shape, no GPU needed.
 
     pip install --no-deps --target /tmp/t36 triton-3.6.0-cp311-*.whl     # the GPU's Triton (has ptxas)
-    PYTHONPATH=/tmp/t36:. python benchmarks/aot_check.py [--arch 90] [--json OUT.json] [--only SUBSTR]
+    PYTHONPATH=/tmp/t36:. python -m msa.bench.aot_check [--arch 90] [--json OUT.json] [--only SUBSTR]
 
 (do NOT set TRITON_INTERPRET). For each kernel launch that a training step makes at H_q 64, H_kv 4,
 D 128, d_idx 128, block 128, k 16, bf16 (the launchers' own config functions are called, so the
@@ -36,7 +36,6 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 HQ, HKV, D, DI, BLOCK, TOPK = 64, 4, 128, 128, 128, 16
 T = 32768

@@ -1,7 +1,7 @@
 """Prefill benchmark of MSA at the paper's shape vs dense causal GQA (spec sections 3-4).
 
-    PYTHONPATH=. python benchmarks/bench_prefill.py --out DIR [--quick] [--sizes 8192,32768] [--no-flex]
-    PYTHONPATH=. python benchmarks/bench_prefill.py --out DIR --sizes 524288,1048576   # large T, < 4 min
+    msa bench prefill --out DIR [--quick] [--sizes 8192,32768] [--no-flex]
+    msa bench prefill --out DIR --sizes 524288,1048576   # large T, < 4 min
 
 Shape: batch 1, H_q 64, H_kv 4, D 128, d_idx 128, B_k 128, k 16, bf16. Sizes T = 8K, 32K, 128K,
 512K, 1M (--quick: 8K, 32K, 128K; about 1-2 minutes on an H100, most of it FlexAttention compiles).
@@ -46,8 +46,6 @@ import traceback
 
 import torch
 import triton
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import msa  # noqa: E402
 from msa.ops.select_blocks.reference import select_blocks_reference  # noqa: E402

@@ -1,13 +1,13 @@
 """Training-step benchmark of one MSA layer's attention: sparse phase and warmup phase vs dense SDPA.
 
-    PYTHONPATH=. python benchmarks/bench_train.py --out DIR [--quick] [--sweep] [--sizes 8192,32768]
+    msa bench train --out DIR [--quick] [--sweep] [--sizes 8192,32768]
 
 1. Parity gate (bf16, T = 4096, paper heads): Triton backward dq/dk/dv vs autograd of the reference
    (given the reference's o/lse), the sparse and the warmup KL value and dq_idx/dk_idx vs the
    reference. Relative error = ||x - ref|| / ||ref||; PASS when every gradient < 2e-2 and every KL value
    within 1e-2 relative. Printed and stored as PASS/FAIL. Each step (attention backward, forward,
    sparse KL, warmup KL) runs on its own: a failing step is reported by name, and then
-   ``benchmarks/aot_check.py`` (compile-only) names the kernels over the shared-memory limit.
+   ``msa/bench/aot_check.py`` (compile-only) names the kernels over the shared-memory limit.
    Every timed variant is measured in its own try/except: an error (OOM, OutOfResources, ...) fills
    only its own cell.
 2. Timings (``triton.testing.do_bench`` medians; calls over ~150 ms use 1 warm-up + 3 CUDA-event runs),
@@ -347,9 +347,8 @@ def _gate_step(res, label, fn):
 
 def aot_overflows():
     """Names of the Triton training kernels whose static shared memory exceeds the limit or that fail to
-    compile for this GPU's architecture (benchmarks/aot_check.py; compiles only, launches nothing)."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import aot_check
+    compile for this GPU's architecture (msa/bench/aot_check.py; compiles only, launches nothing)."""
+    from msa.bench import aot_check
     major, minor = torch.cuda.get_device_capability()
     rows = aot_check.check(arch=major * 10 + minor, verbose=False)
     return [dict(kernel=r["kernel"], shared=r.get("shared"), error=r.get("error")) for r in rows if not r["ok"]]
