@@ -148,6 +148,9 @@ class MSAAttention(nn.Module):
               f"x must have shape (B, T, hidden_size={c.hidden_size}), got {tuple(x.shape)}")
         b, t, _ = x.shape
         check_cu_seqlens(cu_seqlens, b, t)
+        check(cache is None or (isinstance(layer_idx, int) and 0 <= layer_idx < cache.num_layers),
+              f"layer_idx must be in [0, {cache.num_layers if cache is not None else 0}) (the cache's layers), "
+              f"got {layer_idx!r}")
         incremental = cache is not None and bool((cache.seq_lens(layer_idx) > 0).any())
         check(not (incremental and cu_seqlens is not None),
               "cu_seqlens is only supported for prefill into an empty cache; decode steps take (B, t) input")
