@@ -12,6 +12,7 @@ research on the training recipe.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -184,7 +185,9 @@ class MSAForCausalLM(nn.Module):
     def __init__(self, config: MSALMConfig):
         super().__init__()
         check(isinstance(config, MSALMConfig), f"config must be an MSALMConfig, got {type(config).__name__}")
-        self.config = config
+        # A private copy: set_mode writes the mode into it, which must not reach another model built
+        # from the same config object.
+        self.config = copy.deepcopy(config)
         h = config.attention.hidden_size
         self.embed = nn.Embedding(config.vocab_size, h)
         self.layers = nn.ModuleList(DecoderLayer(config, dense=i < config.num_dense_layers)

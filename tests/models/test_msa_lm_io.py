@@ -51,6 +51,8 @@ def test_set_mode_is_recorded_in_the_config_so_a_rebuilt_model_stays_sparse():
     rebuilt.load_state_dict(model.state_dict())
     assert [lyr.attn.mode for lyr in rebuilt.layers] == ["dense", "sparse"]  # layer 0 is a dense layer
     torch.testing.assert_close(rebuilt(x).logits, sparse, rtol=0, atol=0)
+    rebuilt.set_mode("dense")  # each model owns its config
+    assert model.mode == "sparse" and rebuilt.config.mode == "dense"
 
 
 @pytest.mark.parametrize("safe", [True, False])
