@@ -186,6 +186,8 @@ class MSACache:
 
     def seq_lens(self, layer_idx: int) -> torch.Tensor:
         """int64 (B,): tokens stored for each sequence in this layer (host tensor)."""
+        check(isinstance(layer_idx, int) and not isinstance(layer_idx, bool) and 0 <= layer_idx < self.num_layers,
+              f"layer_idx must be in [0, {self.num_layers}) (the cache's layers), got {layer_idx!r}")
         return self.lengths[layer_idx]
 
     def set_seq_lens(self, layer_idx: int, lens) -> None:

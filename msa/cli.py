@@ -1,14 +1,13 @@
-"""The ``msa`` command: ``msa demo``, ``msa flops``, ``msa bench {prefill,decode,train,topk}``."""
+"""The ``msa`` command: ``msa demo``, ``msa flops``, ``msa bench {prefill,decode,train,topk,layer}``."""
 
 from __future__ import annotations
 
 import argparse
-import runpy
+import importlib
 import sys
-from pathlib import Path
 from typing import List, Optional
 
-BENCHES = ("prefill", "decode", "train", "topk")
+from . import __version__
 
 
 def _fmt_bytes(x: float) -> str:
@@ -39,6 +38,26 @@ def cmd_flops(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        val = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if val < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {val}")
+    return val
+
+
+def _cuda_missing() -> Optional[str]:
+    """Why CUDA cannot be used here, or None when it can."""
+    import torch
+
+    if not torch.cuda.is_available():
+        build = "a CPU-only torch build" if torch.version.cuda is None else "no CUDA device visible"
+        return f"CUDA is not available on this machine (torch {torch.__version__}: {build})"
+    return None
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -46,40 +65,91 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def cmd_bench(args, extra: List[str]) -> int:
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / f"bench_{args.which}.py"
-    if not script.exists():
-        print(f"benchmark script {script} not found: run `msa bench` from a source checkout", file=sys.stderr)
+def _bench_help() -> str:
+    from .bench import BENCHES
+
+    lines = ["usage: msa bench {" + ",".join(BENCHES) + "} [--out DIR] [--quick] [args ...]", "",
+             "GPU benchmarks (need CUDA and triton); each starts with a correctness gate and writes JSON",
+             "and plots under --out. `msa bench NAME --help` lists NAME's own arguments.", ""]
+    lines += [f"  {name:<8} {desc}" for name, desc in BENCHES.items()]
+    return "\n".join(lines)
+
+
+def cmd_bench(which: Optional[str], extra: List[str]) -> int:
+    """Run msa.bench.<which>.main() with ``extra`` as its arguments. Without CUDA (or triton) it prints
+    one line and returns 2 instead of starting; ``--help`` works everywhere."""
+    from .bench import BENCHES
+
+    wants_help = any(a in ("-h", "--help") for a in extra)
+    if which is None:
+        print(_bench_help(), file=sys.stdout if wants_help else sys.stderr)
+        return 0 if wants_help else 2
+    if which not in BENCHES:
+        print(f"msa bench: error: unknown benchmark {which!r}; choose from {', '.join(BENCHES)}", file=sys.stderr)
         return 2
-    sys.argv = [str(script)] + extra
-    runpy.run_path(str(script), run_name="__main__")
-    return 0
+    if not wants_help:
+        why = _cuda_missing()
+        if why is not None:
+            print(f"msa bench {which}: needs a CUDA GPU: {why}", file=sys.stderr)
+            return 2
+    try:
+        mod = importlib.import_module(f"msa.bench.{which}")
+    except ImportError as exc:
+        missing = exc.name or str(exc)
+        print(f"msa bench {which}: cannot import {missing!s} (install it, e.g. pip install triton)", file=sys.stderr)
+        return 2
+    saved = sys.argv
+    sys.argv = [f"msa bench {which}"] + list(extra)
+    try:
+        rc = mod.main()
+    except SystemExit as exc:  # argparse --help / errors and the gates' exit codes
+        rc = exc.code
+    finally:
+        sys.argv = saved
+    if rc is None:
+        return 0
+    if isinstance(rc, int):
+        return rc
+    print(rc, file=sys.stderr)  # sys.exit("message")
+    return 1
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="msa", description="MiniMax Sparse Attention: demo, cost model, benchmarks")
+    p.add_argument("--version", action="version", version=f"msa {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="train a small MSA LM on the stdlib's source (dense warmup, then sparse)")
     d.add_argument("--out", default="out/demo", help="folder for demo.png and demo.json")
-    d.add_argument("--steps", type=int, default=None, help="training steps (default: by device)")
-    d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    d.add_argument("--steps", type=_positive_int, default=None, help="training steps, >= 1 (default: by device)")
+    d.add_argument("--device", default=None, choices=("cpu", "cuda"), help="cpu or cuda (default: cuda when available)")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     f = sub.add_parser("flops", help="attention FLOPs and decode bytes per token, dense vs MSA")
-    f.add_argument("--num-heads", type=int, default=64)
-    f.add_argument("--num-kv-heads", type=int, default=4)
-    f.add_argument("--head-dim", type=int, default=128)
-    f.add_argument("--index-dim", type=int, default=128)
-    f.add_argument("--block-size", type=int, default=128)
-    f.add_argument("--topk", type=int, default=16)
+    f.add_argument("--num-heads", type=_positive_int, default=64)
+    f.add_argument("--num-kv-heads", type=_positive_int, default=4)
+    f.add_argument("--head-dim", type=_positive_int, default=128)
+    f.add_argument("--index-dim", type=_positive_int, default=128)
+    f.add_argument("--block-size", type=_positive_int, default=128)
+    f.add_argument("--topk", type=_positive_int, default=16)
     f.add_argument("--seqlens", default=None, help="comma-separated token counts (default 8K .. 2M)")
-    b = sub.add_parser("bench", add_help=False,  # --help goes to the benchmark script
-                       help="GPU benchmarks (arguments after the name go to the script)")
-    b.add_argument("which", choices=BENCHES)
-    args, extra = p.parse_known_args(argv)
-    if args.cmd == "bench":
-        return cmd_bench(args, extra)
-    if extra:
-        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    sub.add_parser("bench", add_help=False,  # --help goes to the benchmark (or lists them)
+                   help="GPU benchmarks: msa bench {prefill,decode,train,topk,layer} [args] (--help lists them)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "bench":  # everything after the name belongs to the benchmark
+        rest = argv[1:]
+        which = rest[0] if rest and not rest[0].startswith("-") else None
+        return cmd_bench(which, rest[1:] if which is not None else rest)
+    args = p.parse_args(argv)
+    if args.cmd == "demo" and args.device == "cuda":
+        why = _cuda_missing()
+        if why is not None:
+            d.error(f"argument --device: cuda requested but {why}")
+    if args.cmd == "flops" and args.seqlens:
+        try:
+            seqs = [int(s) for s in args.seqlens.split(",")]
+        except ValueError:
+            seqs = []
+        if not seqs or min(seqs) < 1:
+            f.error(f"argument --seqlens: must be comma-separated positive integers, got {args.seqlens!r}")
     return {"demo": cmd_demo, "flops": cmd_flops}[args.cmd](args)
 
 

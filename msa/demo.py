@@ -24,6 +24,7 @@ import torch
 from .layers import MSAConfig
 from .metrics import indexer_recall
 from .models import MSAForCausalLM, MSALMConfig
+from .ops.common import check
 
 
 @dataclass
@@ -263,7 +264,11 @@ def plot(path: Path, hist_msa, hist_dense, picture, mass, layer_idx: int, cfg: D
 
 def run_demo(out_dir: str = "out/demo", *, steps: Optional[int] = None, device: Optional[str] = None,
              progress: bool = True, **overrides) -> Dict:
+    check(steps is None or (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1),
+          f"steps must be a positive int (or None for the device's default), got {steps!r}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check(dev.type != "cuda" or torch.cuda.is_available(),
+          f"device={device!r} requested but CUDA is not available on this machine")
     cfg = DemoConfig.for_device(dev)
     if steps is not None:
         cfg.warmup_steps = max(1, round(cfg.warmup_steps * steps / cfg.steps))

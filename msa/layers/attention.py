@@ -180,6 +180,9 @@ class MSAAttention(nn.Module):
         b, t, _ = x.shape
         # cu_seqlens' values are checked where a launcher copies them to the host (no extra sync)
         check_cu_seqlens(cu_seqlens, b, t, values=c.debug)
+        check(cache is None or (isinstance(layer_idx, int) and 0 <= layer_idx < cache.num_layers),
+              f"layer_idx must be in [0, {cache.num_layers if cache is not None else 0}) (the cache's layers), "
+              f"got {layer_idx!r}")
         incremental = cache is not None and bool((cache.seq_lens(layer_idx) > 0).any())
         check(not (incremental and cu_seqlens is not None),
               "cu_seqlens is only supported for prefill into an empty cache; decode steps take (B, t) input")

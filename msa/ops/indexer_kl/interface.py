@@ -9,7 +9,7 @@ import torch
 from . import custom_ops  # noqa: F401  (registers torch.ops.msa.indexer_kl_fwd)
 from ..common import (check, check_backend, check_cu_seqlens, check_float, check_positive_int, check_tensor,
                       default_scale, load_triton_impl, resolve_backend)
-from ..sparse_attention.interface import check_block_indices
+from ..sparse_attention.interface import check_block_indices, check_own_block
 from .reference import indexer_kl_reference
 
 
@@ -104,6 +104,8 @@ def indexer_kl_loss(q_idx: torch.Tensor, k_idx: torch.Tensor, q: torch.Tensor, k
     check_cu_seqlens(cu_seqlens, bsz, t, values=validate)
     if block_indices is not None:
         check_block_indices(block_indices, bsz, t, hkv, block_size, cu_seqlens, values=validate)
+        if validate:
+            check_own_block(block_indices, block_size, t, cu_seqlens)
     check_backend(backend)
     if teacher_lse is not None:
         check(teacher_lse.shape == (bsz, t, q.shape[2]),

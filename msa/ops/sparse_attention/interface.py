@@ -35,6 +35,28 @@ def check_block_indices(block_indices: torch.Tensor, batch: int, seqlen: int, nu
     check(not dup, "block_indices must not repeat a block id within one (token, group) row")
 
 
+# --- block_size consistency ----------------------------------------------------------------------
+# Indices made with a smaller block_size than the one passed hold ids beyond some query's own block,
+# which check_block_indices rejects. Indices made with a larger one stay in range; what gives them
+# away is the local block: select_blocks always selects the query's own block position // block_size
+# (spec section 1), so a row that selects blocks but not its own one was made with another block_size
+# (or by hand against the convention). All -1 rows are left alone: they select nothing.
+def check_own_block(block_indices: torch.Tensor, block_size: int, seqlen: int,
+                    cu_seqlens: Optional[torch.Tensor]) -> None:
+    """block_indices int32 (B, T, H_kv, topk), already checked by check_block_indices: every row with a
+    valid id must hold its own block position // block_size."""
+    own = (positions_in_sequence(seqlen, cu_seqlens, block_indices.device) // block_size).view(1, -1, 1)
+    has_own = (block_indices == own.unsqueeze(-1)).any(-1)
+    selects = (block_indices >= 0).any(-1)
+    bad = (selects & ~has_own).nonzero()
+    if bad.numel():  # one host sync
+        b, i, r = (int(x) for x in bad[0])
+        raise ValueError(
+            f"block_indices[{b}, {i}, {r}] does not select the query's own block {int(own[0, i, 0])} = position // "
+            f"block_size (block_size={block_size}), which select_blocks always selects: were the indices made "
+            f"with a different (larger) block_size than the block_size={block_size} passed here?")
+
+
 class SparseAttentionTriton(torch.autograd.Function):
     """Triton forward and backward through the ``msa::sparse_attention_fwd/bwd`` custom ops
     (custom_ops.py), so torch.compile sees opaque nodes with fake shapes instead of Triton launchers."""
@@ -114,6 +136,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_in
     check_positive_int("block_size", block_size)
     check_cu_seqlens(cu_seqlens, bsz, t, values=validate)
     check_block_indices(block_indices, bsz, t, hkv, block_size, cu_seqlens, values=validate)
+    if validate:
+        check_own_block(block_indices, block_size, t, cu_seqlens)
     check(block_indices.device == q.device, f"block_indices must be on {q.device}, got {block_indices.device}")
     check_backend(backend)
     scale = default_scale(scale, d)

@@ -1,6 +1,6 @@
 """Product benchmark: what a user calls, timed beside the ops it is built from and beside dense twins.
 
-    PYTHONPATH=. python benchmarks/bench_layer.py --out DIR [--sizes 32768,131072] [--quick]
+    msa bench layer --out DIR [--sizes 32768,131072] [--quick]
 
 1. One ``MSAAttention`` layer at the paper's attention shape (hidden 4096, 64 query heads, 4 KV heads,
    d 128, d_idx 128, B_k 128, k 16, bf16 parameters and inputs, B = 1), forward + backward in train
@@ -31,11 +31,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import msa  # noqa: E402
-from msa.layers import MSAAttention, MSAConfig  # noqa: E402
-from msa.models import MSAForCausalLM, MSALMConfig  # noqa: E402
+import msa
+from msa.layers import MSAAttention, MSAConfig
+from msa.models import MSAForCausalLM, MSALMConfig
 
 PAPER = dict(hidden_size=4096, num_heads=64, num_kv_heads=4, head_dim=128, index_dim=128, block_size=128,
              topk_blocks=16)

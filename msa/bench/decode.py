@@ -1,6 +1,6 @@
 """MSA decode benchmark: Triton decode kernels vs dense SDPA decode over the same cache.
 
-    PYTHONPATH=. python benchmarks/bench_decode.py --out DIR [--quick]
+    msa bench decode --out DIR [--quick]
 
 1. Correctness gate on the GPU: indexer + top-k + sparse attention, dense mode and the SDPA baseline
    against the reference at a size the reference affords. fp8 index keys are checked for exactness

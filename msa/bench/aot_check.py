@@ -1,12 +1,11 @@
 """Ahead-of-time resource check of the Triton kernels at the paper's shape, no GPU needed.
 
     pip install --no-deps --target /tmp/t36 triton-3.6.0-cp311-*.whl     # the GPU's Triton (has ptxas)
-    PYTHONPATH=/tmp/t36:. python benchmarks/aot_check.py [--arch 90] [--json OUT.json] [--only SUBSTR]
+    PYTHONPATH=/tmp/t36:. python -m msa.bench.aot_check [--arch 90] [--json OUT.json] [--only SUBSTR]
 
 (do NOT set TRITON_INTERPRET). For each kernel launch that a training step makes at H_q 64, H_kv 4,
 D 128, d_idx 128, block 128, k 16, bf16 (the launchers' own config functions are called, so the
-env knobs MSA_SPARSE_BWD_CONFIG, MSA_KL_KV_CONFIG, MSA_KL_DENSE_FLASH_CONFIG, MSA_SPARSE_FWD_CONFIG
-apply), and for the decode chain at 1M tokens, batch 1 (bf16 and fp8 index keys), it compiles for
+``msa.tuning`` launch overrides (e.g. MSA_TUNING="sparse_bwd_config=...") apply), and for the decode chain at 1M tokens, batch 1 (bf16 and fp8 index keys), it compiles for
 sm_<arch> with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` and prints the
 static shared memory (``metadata.shared``, what the launcher checks against the device's
 232448-byte opt-in limit on H100/H200), registers / spill stores / spill loads from ``ptxas -v`` on
@@ -36,7 +35,6 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 HQ, HKV, D, DI, BLOCK, TOPK = 64, 4, 128, 128, 128, 16
 T = 32768

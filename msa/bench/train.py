@@ -1,13 +1,13 @@
 """Training-step benchmark of one MSA layer's attention: sparse phase and warmup phase vs dense SDPA.
 
-    PYTHONPATH=. python benchmarks/bench_train.py --out DIR [--quick] [--sweep] [--sizes 8192,32768]
+    msa bench train --out DIR [--quick] [--sweep] [--sizes 8192,32768]
 
 1. Parity gate (bf16, T = 4096, paper heads): Triton backward dq/dk/dv vs autograd of the reference
    (given the reference's o/lse), the sparse and the warmup KL value and dq_idx/dk_idx vs the
    reference. Relative error = ||x - ref|| / ||ref||; PASS when every gradient < 2e-2 and every KL value
    within 1e-2 relative. Printed and stored as PASS/FAIL. Each step (attention backward, forward,
    sparse KL, warmup KL) runs on its own: a failing step is reported by name, and then
-   ``benchmarks/aot_check.py`` (compile-only) names the kernels over the shared-memory limit.
+   ``msa/bench/aot_check.py`` (compile-only) names the kernels over the shared-memory limit.
    Every timed variant is measured in its own try/except: an error (OOM, OutOfResources, ...) fills
    only its own cell.
 2. Timings (``triton.testing.do_bench`` medians; calls over ~150 ms use 1 warm-up + 3 CUDA-event runs),
@@ -27,12 +27,12 @@
    attn_fwd, attn_bwd, kl_fwd, kl_bwd; warmup (cuDNN) = attn_fwd (with lse), attn_bwd, kl_fwd, kl_bwd.
    Note: both KL phases compute loss, dq_idx and dk_idx in their forward, so kl_bwd is only the
    grad_out scaling. The warmup KL runs in its default 'flash-atomic' mode (one query-outer pass, dk_idx
-   by fp32 atomics) unless MSA_KL_DENSE_MODE=flash (deterministic second pass) is set.
+   by fp32 atomics) unless ``msa.tuning`` kl_dense_mode="flash" (deterministic second pass) is set.
    Also per size: the attention backward's own kernels (CUDA events, dQ modes kv and query).
    --profile: per-kernel GPU times of one sparse step (torch.profiler). --no-dense: skip the dense
    and warmup variants (development rounds). --sweep: at T = --sweep-size (default 32768) also times
-   the KL / backward kernels under a few launch configurations (env knobs MSA_KL_KV_CONFIG,
-   MSA_KL_DENSE_FLASH_CONFIG, MSA_KL_DENSE_MODE, MSA_SPARSE_BWD_CONFIG, MSA_SPARSE_BWD_DQ; groups
+   the KL / backward kernels under a few launch configurations (``msa.tuning`` fields kl_kv_config,
+   kl_dense_flash_config, kl_dense_mode, sparse_bwd_config, sparse_bwd_dq; groups
    chosen with --sweep-groups kl_kv,bwd,dense) to tune the defaults.
    FLOPs (causal, paper Eq. 12 style): dense fwd 2*H_q*D*T^2, fwd+bwd x3.5.
 3. JSON (GPU, versions, command, results) and a PNG plot under --out; a table is printed last.
@@ -52,6 +52,8 @@ import time
 import traceback
 
 import torch
+
+import msa.tuning
 import torch.nn.functional as F
 
 HQ, HKV, D, DI, BLOCK, TOPK = 64, 4, 128, 128, 128, 16
@@ -149,17 +151,10 @@ def warmup_stages(q, k, v, qi, ki, do, kl_kw, impl, scale):
     return [("attn_fwd", afwd), ("attn_bwd", abwd), ("kl_fwd", kfwd), ("kl_bwd", kbwd)]
 
 
-def _in_env(env, val, fn):
-    """fn() with os.environ[env] = val, restored afterwards."""
-    old = os.environ.get(env)
-    os.environ[env] = val
-    try:
+def _tuned(field, val, fn):
+    """fn() under ``msa.tuning.override(field=val)`` (val in MSA_TUNING syntax, e.g. "BLOCK_E=64,num_warps=8")."""
+    with msa.tuning.override(**msa.tuning.parse(f"{field}={val}")):
         return fn()
-    finally:
-        if old is None:
-            os.environ.pop(env, None)
-        else:
-            os.environ[env] = old
 
 
 def config_sweep(q, k, v, qi, ki, do, kl_kw, notes):
@@ -173,18 +168,18 @@ def config_sweep(q, k, v, qi, ki, do, kl_kw, notes):
         o, lse = msa.sparse_attention(q, k, v, bi, block_size=BLOCK, return_lse=True, backend="triton")
     from msa.ops.sparse_attention.triton_bwd import sparse_attention_bwd_triton
     sweeps = [
-        ("MSA_KL_KV_CONFIG", ["BLOCK_E=128,num_warps=8,num_stages=1", "BLOCK_E=128,num_warps=8,num_stages=2",
+        ("kl_kv_config", ["BLOCK_E=128,num_warps=8,num_stages=1", "BLOCK_E=128,num_warps=8,num_stages=2",
                               "BLOCK_E=64,num_warps=8,num_stages=2", "BLOCK_E=32,num_warps=4,num_stages=2"],
          lambda: torch.autograd.grad(indexer_kl_triton(qi, ki, q.detach(), k.detach(), bi, **kl_kw,
                                                        teacher_lse=lse), (qi, ki))),
-        ("MSA_SPARSE_BWD_CONFIG", ["DKDV_BLOCK_M=64,DKDV_BLOCK_N=64,DKDV_WARPS=4,DKDV_STAGES=2",
+        ("sparse_bwd_config", ["DKDV_BLOCK_M=64,DKDV_BLOCK_N=64,DKDV_WARPS=4,DKDV_STAGES=2",
                                    "DKDV_BLOCK_M=128,DKDV_BLOCK_N=64,DKDV_WARPS=8,DKDV_STAGES=2",
                                    "DQKV_BLOCK_M=64,DQKV_WARPS=4,DQKV_STAGES=2",
                                    "DQKV_BLOCK_M=128,DQKV_WARPS=8,DQKV_STAGES=2"],
          lambda: sparse_attention_bwd_triton(do, q.detach(), k.detach(), v.detach(), o, lse, bi, block_size=BLOCK,
                                              scale=D ** -0.5, cu_seqlens=None)),
     ]
-    sweeps.append(("MSA_SPARSE_BWD_DQ", ["kv", "query"], sweeps[-1][2]))
+    sweeps.append(("sparse_bwd_dq", ["kv", "query"], sweeps[-1][2]))
     if q.shape[1] <= DENSE_MAX_T:
         with torch.no_grad():
             _, dlse = DenseAttentionWithLse.apply(q.detach(), k.detach(), v.detach(), D ** -0.5, "cudnn")
@@ -192,32 +187,26 @@ def config_sweep(q, k, v, qi, ki, do, kl_kw, notes):
             return torch.autograd.grad(indexer_kl_triton(qi, ki, q.detach(), k.detach(), None, **kl_kw,
                                                          teacher_lse=dlse), (qi, ki))
 
-        sweeps.append(("MSA_KL_DENSE_MODE", ["flash-atomic", "flash"], dense_kl))
+        sweeps.append(("kl_dense_mode", ["flash-atomic", "flash"], dense_kl))
         # flash-atomic (the default): one query-outer pass, BLOCK_M queries x BLOCK_N keys per tile
-        sweeps.append(("MSA_KL_DENSE_FLASH_CONFIG", ["BLOCK_M=128,BLOCK_N=128,num_stages=2",
+        sweeps.append(("kl_dense_flash_config", ["BLOCK_M=128,BLOCK_N=128,num_stages=2",
                                                      "BLOCK_M=128,BLOCK_N=128,num_stages=3",
                                                      "BLOCK_M=128,BLOCK_N=128,num_stages=4",
                                                      "BLOCK_M=128,BLOCK_N=64,num_stages=3",
                                                      "BLOCK_M=64,BLOCK_N=64,num_warps=4,num_stages=3"],
-                       lambda: _in_env("MSA_KL_DENSE_MODE", "flash-atomic", dense_kl)))
-    groups = {"kl_kv": ("MSA_KL_KV",), "bwd": ("MSA_SPARSE_BWD",), "dense": ("MSA_KL_DENSE",)}
+                       lambda: _tuned("kl_dense_mode", "flash-atomic", dense_kl)))
+    groups = {"kl_kv": ("kl_kv",), "bwd": ("sparse_bwd",), "dense": ("kl_dense",)}
     keep = tuple(p for gname in SWEEP_GROUPS for p in groups[gname])
     for env, cfgs, fn in sweeps:
         if not env.startswith(keep):
             continue
-        old = os.environ.get(env)
         for cfg in cfgs:
-            os.environ[env] = cfg
             try:
-                out[f"{env}={cfg}"] = median_ms(fn)
+                out[f"{env}={cfg}"] = _tuned(env, cfg, lambda: median_ms(fn))
             except Exception as exc:
                 out[f"{env}={cfg}"] = f"error: {type(exc).__name__}: {str(exc)[:160]}"
                 torch.cuda.empty_cache()
             print(f"  sweep {env}={cfg}: {out[f'{env}={cfg}']}", flush=True)
-        if old is None:
-            os.environ.pop(env, None)
-        else:
-            os.environ[env] = old
     return out
 
 
@@ -347,9 +336,8 @@ def _gate_step(res, label, fn):
 
 def aot_overflows():
     """Names of the Triton training kernels whose static shared memory exceeds the limit or that fail to
-    compile for this GPU's architecture (benchmarks/aot_check.py; compiles only, launches nothing)."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import aot_check
+    compile for this GPU's architecture (msa/bench/aot_check.py; compiles only, launches nothing)."""
+    from msa.bench import aot_check
     major, minor = torch.cuda.get_device_capability()
     rows = aot_check.check(arch=major * 10 + minor, verbose=False)
     return [dict(kernel=r["kernel"], shared=r.get("shared"), error=r.get("error")) for r in rows if not r["ok"]]
@@ -395,7 +383,7 @@ def parity_gate(t, notes):
     steps = [("sparse_attention_bwd_triton (dq/dkdv kernels)", attn_bwd),
              ("sparse_attention_fwd_triton", attn_fwd),
              ("indexer_kl sparse (slse_kv + fwd_kv kernels)", lambda: kl("sparse", bi, lse)),
-             ("indexer_kl warmup (" + os.environ.get("MSA_KL_DENSE_MODE", "auto") + " mode)",
+             ("indexer_kl warmup (" + msa.tuning.current().kl_dense_mode + " mode)",
               lambda: kl("warmup", None, None))]
     for label, fn in steps:
         _gate_step(res, label, fn)
@@ -532,7 +520,7 @@ def bench_size(t, notes):
         o_s, lse_s = msa.sparse_attention(q, k, v, bi, block_size=BLOCK, return_lse=True, backend="triton")
     for mode in ("kv", "query"):  # the backward's own kernels, CUDA events (one warm call first)
         try:
-            call = lambda st=None: _in_env("MSA_SPARSE_BWD_DQ", mode, lambda: sparse_attention_bwd_triton(
+            call = lambda st=None: _tuned("sparse_bwd_dq", mode, lambda: sparse_attention_bwd_triton(
                 do, q.detach(), k.detach(), v.detach(), o_s, lse_s, bi, block_size=BLOCK, scale=scale,
                 cu_seqlens=None, stage_times=st))
             call()
@@ -616,7 +604,7 @@ def main():
     notes = []
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "python": platform.python_version(), "command": " ".join([sys.executable] + sys.argv),
-              "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MSA_")},
+              "tuning": {k: str(v) for k, v in vars(msa.tuning.current()).items()},
               "shape": dict(H_q=HQ, H_kv=HKV, D=D, D_idx=DI, block_size=BLOCK, topk=TOPK, dtype="bf16", B=1),
               "notes": notes}
     t0 = time.time()

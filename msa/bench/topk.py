@@ -1,6 +1,6 @@
 """Benchmark of the Triton Index Branch: exp-free top-k alone and the full indexer (select_blocks).
 
-Usage (GPU): PYTHONPATH=. python benchmarks/bench_topk.py --out DIR [--quick]
+Usage (GPU): msa bench topk --out DIR [--quick]
 
 1. Parity gate on the GPU (printed PASS/FAIL): bf16 select_blocks triton vs reference at T=4096,
    H_kv=4, d_idx=128, block 128, k=16 (plain and packed cu_seqlens); block_topk vs torch.topk.
@@ -17,7 +17,7 @@ Usage (GPU): PYTHONPATH=. python benchmarks/bench_topk.py --out DIR [--quick]
 3. JSON under --out with the GPU name, versions, command and all results; a short table printed last.
 
 Parts can be chosen: --parts parity,topk,sweep,indexer,stages (default: all).
-Sweep only, e.g.: PYTHONPATH=. python benchmarks/bench_topk.py --out DIR --parts parity,sweep,indexer
+Sweep only, e.g.: msa bench topk --out DIR --parts parity,sweep,indexer
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ import time
 import torch
 import triton
 from triton.testing import do_bench
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from msa.ops.select_blocks.reference import block_scores_reference, select_blocks_reference  # noqa: E402
 from msa.ops.select_blocks.triton_impl import block_scores_triton, select_blocks_triton  # noqa: E402

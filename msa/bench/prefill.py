@@ -1,7 +1,7 @@
 """Prefill benchmark of MSA at the paper's shape vs dense causal GQA (spec sections 3-4).
 
-    PYTHONPATH=. python benchmarks/bench_prefill.py --out DIR [--quick] [--sizes 8192,32768] [--no-flex]
-    PYTHONPATH=. python benchmarks/bench_prefill.py --out DIR --sizes 524288,1048576   # large T, < 4 min
+    msa bench prefill --out DIR [--quick] [--sizes 8192,32768] [--no-flex]
+    msa bench prefill --out DIR --sizes 524288,1048576   # large T, < 4 min
 
 Shape: batch 1, H_q 64, H_kv 4, D 128, d_idx 128, B_k 128, k 16, bf16. Sizes T = 8K, 32K, 128K,
 512K, 1M (--quick: 8K, 32K, 128K; about 1-2 minutes on an H100, most of it FlexAttention compiles).
@@ -45,9 +45,9 @@ import time
 import traceback
 
 import torch
-import triton
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import msa.tuning
+import triton
 
 import msa  # noqa: E402
 from msa.ops.select_blocks.reference import select_blocks_reference  # noqa: E402
@@ -336,30 +336,30 @@ def run_size(t, args, device, indexer_fn, flex_fn, dense_hist):
 
 
 SWEEP = [  # (env var, value, kernel)
-    ("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=128,num_warps=8,PRELOAD=1", "kv"),
-    ("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=128,num_warps=8,PRELOAD=1,PREFETCH=1", "kv"),
-    ("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=128,num_warps=8,PRELOAD=0,num_stages=1,PREFETCH=1", "kv"),
-    ("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=64,num_warps=4,PRELOAD=1,PREFETCH=1", "kv"),
-    ("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=128,num_warps=8,num_stages=2", "kv"),
-    ("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=128,num_warps=8,num_stages=1", "kv"),
-    ("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=128,num_warps=8,PRELOAD=0,num_stages=1", "kv"),
-    ("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=128,num_warps=8,PRELOAD=0,num_stages=2", "kv"),
-    ("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=64,num_warps=4,num_stages=3", "kv"),
-    ("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=128,num_warps=4,num_stages=2", "kv"),
-    ("MSA_SPARSE_FWD_PARTIAL_DTYPE", "fp32", "kv"),
-    ("MSA_SPARSE_FWD_PARTIAL_BYTES", str(4 << 30), "kv"),
-    ("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=64,num_warps=4,PRELOAD=1", "kv"),
-    ("MSA_SPARSE_FWD_PARTIAL_BYTES", str(1 << 30), "kv"),
-    ("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=64,num_warps=4,num_stages=2", "kv"),
-    ("MSA_SPARSE_FWD_CONFIG", "BLOCK_M=64,num_warps=4,num_stages=4", "kv"),
+    ("sparse_fwd_kv_config", "BLOCK_M=128,num_warps=8,PRELOAD=1", "kv"),
+    ("sparse_fwd_kv_config", "BLOCK_M=128,num_warps=8,PRELOAD=1,PREFETCH=1", "kv"),
+    ("sparse_fwd_kv_config", "BLOCK_M=128,num_warps=8,PRELOAD=0,num_stages=1,PREFETCH=1", "kv"),
+    ("sparse_fwd_kv_config", "BLOCK_M=64,num_warps=4,PRELOAD=1,PREFETCH=1", "kv"),
+    ("sparse_fwd_kv_config", "BLOCK_M=128,num_warps=8,num_stages=2", "kv"),
+    ("sparse_fwd_kv_config", "BLOCK_M=128,num_warps=8,num_stages=1", "kv"),
+    ("sparse_fwd_kv_config", "BLOCK_M=128,num_warps=8,PRELOAD=0,num_stages=1", "kv"),
+    ("sparse_fwd_kv_config", "BLOCK_M=128,num_warps=8,PRELOAD=0,num_stages=2", "kv"),
+    ("sparse_fwd_kv_config", "BLOCK_M=64,num_warps=4,num_stages=3", "kv"),
+    ("sparse_fwd_kv_config", "BLOCK_M=128,num_warps=4,num_stages=2", "kv"),
+    ("sparse_fwd_partial_dtype", "fp32", "kv"),
+    ("sparse_fwd_partial_bytes", str(4 << 30), "kv"),
+    ("sparse_fwd_kv_config", "BLOCK_M=64,num_warps=4,PRELOAD=1", "kv"),
+    ("sparse_fwd_partial_bytes", str(1 << 30), "kv"),
+    ("sparse_fwd_kv_config", "BLOCK_M=64,num_warps=4,num_stages=2", "kv"),
+    ("sparse_fwd_kv_config", "BLOCK_M=64,num_warps=4,num_stages=4", "kv"),
     # combine kernel (default BLOCK_H=8 at D 128 / K 16, 4 warps, 1 token per program)
-    ("MSA_SPARSE_FWD_COMBINE_CONFIG", "BLOCK_H=16,num_warps=8", "kv"),
-    ("MSA_SPARSE_FWD_COMBINE_CONFIG", "BLOCK_H=4,num_warps=2", "kv"),
-    ("MSA_SPARSE_FWD_COMBINE_CONFIG", "BLOCK_H=8,num_warps=8", "kv"),
-    ("MSA_SPARSE_FWD_COMBINE_CONFIG", "TOK_PER_PROG=2", "kv"),
-    ("MSA_SPARSE_FWD_QO_CONFIG", "BLOCK_N=64,num_warps=4", "qo"),
-    ("MSA_SPARSE_FWD_QO_CONFIG", "BLOCK_N=128,num_warps=4", "qo"),
-    ("MSA_SPARSE_FWD_QO_CONFIG", "BLOCK_N=64,num_warps=4,num_stages=3", "qo"),
+    ("sparse_fwd_combine_config", "BLOCK_H=16,num_warps=8", "kv"),
+    ("sparse_fwd_combine_config", "BLOCK_H=4,num_warps=2", "kv"),
+    ("sparse_fwd_combine_config", "BLOCK_H=8,num_warps=8", "kv"),
+    ("sparse_fwd_combine_config", "TOK_PER_PROG=2", "kv"),
+    ("sparse_fwd_qo_config", "BLOCK_N=64,num_warps=4", "qo"),
+    ("sparse_fwd_qo_config", "BLOCK_N=128,num_warps=4", "qo"),
+    ("sparse_fwd_qo_config", "BLOCK_N=64,num_warps=4,num_stages=3", "qo"),
 ]
 
 
@@ -372,16 +372,9 @@ def sweep(t, device, heavy_reps):
     bi = synthetic_indices(t, device)
     rows = []
     for var, val, kern in SWEEP:
-        old = os.environ.get(var)
-        os.environ[var] = val
-        try:
+        with msa.tuning.override(**msa.tuning.parse(f"{var}={val}")):
             r = measure(val, lambda: sparse_attention_fwd_triton(q, k, v, bi, block_size=BK, scale=D ** -0.5,
                                                                  cu_seqlens=None, kernel=kern), heavy_reps)
-        finally:
-            if old is None:
-                del os.environ[var]
-            else:
-                os.environ[var] = old
         if "ms" in r:
             r["tflops"] = tflops(r["ms"], flops(t)["sparse"])
         rows.append(dict(T=t, kernel=kern, var=var, value=val, **r))
@@ -419,7 +412,7 @@ def main():
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 command="PYTHONPATH=. python " + " ".join(sys.argv),
                 shape=dict(H_q=HQ, H_kv=HKV, D=D, d_idx=DIDX, block=BK, topk=TOPK, dtype="bf16", batch=1),
-                env={k: v for k, v in os.environ.items() if k.startswith("MSA_")})
+                tuning={k: str(v) for k, v in vars(msa.tuning.current()).items()})
     print(f"GPU {meta['gpu']}  torch {meta['torch']}  triton {meta['triton']}", flush=True)
 
     if args.skip_gate:

@@ -1,0 +1,17 @@
+"""GPU benchmarks shipped with the package, run as ``msa bench NAME [args]`` or
+``python -m msa.bench.NAME [args]`` (each writes JSON and plots under ``--out DIR``).
+
+Every benchmark needs a CUDA GPU and Triton; each starts with a correctness gate against the
+PyTorch reference. Committed results live in the source repository's ``benchmarks/results/``.
+"""
+
+#: name -> one-line description, for ``msa bench --help``.
+BENCHES = {
+    "prefill": "forward of select_blocks + sparse_attention vs dense SDPA / FlexAttention",
+    "decode": "decode kernels over a KV + index-key cache vs dense SDPA decode",
+    "train": "one layer's training step (sparse and warmup phases) vs dense SDPA",
+    "topk": "exp-free top-k and the full indexer vs torch.topk",
+    "layer": "the MSAAttention layer and a 4-layer model's training step (what users call) vs ops and dense",
+}
+
+__all__ = ["BENCHES"]
