@@ -21,7 +21,6 @@ from typing import Any, List, Optional, Tuple
 import torch
 
 from ..ops.common import check
-from ..ops.decode import decode_attention
 from ..ops.dense import dense_causal_attention
 from ..ops.indexer_kl import indexer_kl_loss
 from ..ops.select_blocks import select_blocks
@@ -229,9 +228,9 @@ def msa_attention_forward(self, hidden_states: torch.Tensor, position_embeddings
     if cache is not None and not cache.is_empty(st.layer_idx):
         # decode / continuation: t new tokens per sequence after everything stored
         st.shared.check_appended(attention_mask, t)
-        store = cache.append(st.layer_idx, k, v, k_idx, batch=bsz, slots=t)
-        o, _ = decode_attention(q, q_idx if sparse else None, store, st.layer_idx, scale=scale, index_scale=iscale,
-                                dense=not sparse, **sel)
+        cache.append(st.layer_idx, k, v, k_idx, batch=bsz, slots=t)
+        o = cache.decode(st.layer_idx, q, q_idx if sparse else None, scale=scale, index_scale=iscale,
+                         dense=not sparse, **sel)
         return self.o_proj(o.reshape(bsz, t, -1)), None
 
     layout = st.shared.get(attention_mask, kwargs.get("position_ids"), bsz, t, hidden_states.device)

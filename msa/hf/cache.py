@@ -8,13 +8,14 @@ the real per-sequence lengths the decode kernels use.
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..cache import MSACache
-from ..ops.common import check
+from ..ops.common import check, triton_available
+from ..ops.decode import decode_attention
 
 
 class MSACacheLayer(CacheLayerMixin):
@@ -76,6 +77,7 @@ class MSAHFCache(Cache):
         self.num_kv_heads, self.head_dim, self.index_dim = num_kv_heads, head_dim, index_dim
         self.max_cache_len, self.index_dtype = max_cache_len, index_dtype
         self.store: Optional[MSACache] = None
+        self._plans: Dict[Tuple, object] = {}
 
     @classmethod
     def for_model(cls, model, *, max_cache_len: Optional[int] = None,
@@ -95,6 +97,7 @@ class MSAHFCache(Cache):
     def reset(self) -> None:
         super().reset()
         self.store = None
+        self._plans = {}
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("MSAHFCache cannot be cropped (assisted / speculative generation is not supported)")
@@ -130,6 +133,7 @@ class MSAHFCache(Cache):
                     if k.shape[0]:
                         new.append_row(li, row, k, v, kidx)
         self.store = new
+        self._plans = {}  # plans hold the old storage
         return new
 
     def append(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, k_idx: Optional[torch.Tensor], *,
@@ -152,6 +156,30 @@ class MSAHFCache(Cache):
         layer.slots += slots
         layer.is_initialized = True
         return st
+
+    def decode(self, layer_idx: int, q: torch.Tensor, q_idx: Optional[torch.Tensor], *, block_size: int, topk: int,
+               init_blocks: int, local_blocks: int, scale: float, index_scale: float, dense: bool) -> torch.Tensor:
+        """Attention of the t newest tokens of layer ``layer_idx`` (already appended) over the stored ones.
+
+        q: (B, t, H_q, D); q_idx: (B, t, H_kv, D_idx) or None when dense. Returns o (B, t, H_q, D) in q.dtype.
+        On CUDA one ``DecodePlan`` (buffers and launch geometry, built once per storage and step shape) serves
+        every layer and step; elsewhere ``msa.decode_attention`` (the PyTorch reference on CPU)."""
+        st = self.store
+        sel = dict(block_size=block_size, topk=topk, init_blocks=init_blocks, local_blocks=local_blocks,
+                   scale=scale, index_scale=index_scale)
+        if (q.is_cuda and triton_available() and q.dtype == st.dtype and block_size >= 16
+                and block_size & (block_size - 1) == 0):
+            key = (dense, q.shape[2], q.shape[1], block_size, topk, init_blocks, local_blocks, scale, index_scale)
+            plan = self._plans.get(key)
+            if plan is None:
+                from ..ops.decode.triton_impl import DecodePlan
+                plan = DecodePlan(st, num_heads=q.shape[2], num_tokens=q.shape[1], dense=dense, out_dtype=q.dtype,
+                                  **sel)
+                self._plans[key] = plan
+            o, _ = plan.run(q, None if dense else q_idx.to(st.dtype), layer_idx)
+            return o
+        o, _ = decode_attention(q, None if dense else q_idx, st, layer_idx, dense=dense, **sel)
+        return o
 
     def seq_lens(self, layer_idx: int) -> List[int]:
         """Tokens stored per sequence in layer ``layer_idx`` (pads excluded)."""
