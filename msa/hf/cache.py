@@ -63,13 +63,17 @@ class MSAHFCache(Cache):
         max_cache_len: tokens per sequence to allocate at the first prefill (None: the prefill's length plus
             256; the storage grows, by copying, when a sequence outgrows it).
         index_dtype: None (the model's dtype) or torch.float8_e4m3fn (fp8 index keys, per-token scales).
+        cuda_graphs: in ``generate()`` on CUDA, capture one decode step of the whole model in a CUDA graph (at the
+            third step; the second runs eagerly to build the kernels and buffers) and replay it for the later
+            steps; falls back to eager steps when the capture fails or the storage must grow.
 
     The storage (``self.store``, an ``msa.MSACache``) is created at the first prefill, with that batch's size,
     dtype and device. Beam search, cropping and batch re-ordering are not supported.
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, index_dim: Optional[int], *,
-                 max_cache_len: Optional[int] = None, index_dtype: Optional[torch.dtype] = None):
+                 max_cache_len: Optional[int] = None, index_dtype: Optional[torch.dtype] = None,
+                 cuda_graphs: bool = True):
         check(isinstance(num_layers, int) and num_layers > 0, f"num_layers must be a positive int, got {num_layers!r}")
         check(max_cache_len is None or (isinstance(max_cache_len, int) and max_cache_len > 0),
               f"max_cache_len must be a positive int or None, got {max_cache_len!r}")
@@ -78,6 +82,11 @@ class MSAHFCache(Cache):
         self.max_cache_len, self.index_dtype = max_cache_len, index_dtype
         self.store: Optional[MSACache] = None
         self._plans: Dict[Tuple, object] = {}
+        self.cuda_graphs = bool(cuda_graphs)
+        self._graph: Optional[dict] = None
+        self._graph_failed = False
+        self._capturing = False
+        self._eager_decode_steps = 0
 
     @classmethod
     def for_model(cls, model, *, max_cache_len: Optional[int] = None,
@@ -98,6 +107,8 @@ class MSAHFCache(Cache):
         super().reset()
         self.store = None
         self._plans = {}
+        self._graph = None
+        self._eager_decode_steps = 0
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("MSAHFCache cannot be cropped (assisted / speculative generation is not supported)")
@@ -133,7 +144,8 @@ class MSAHFCache(Cache):
                     if k.shape[0]:
                         new.append_row(li, row, k, v, kidx)
         self.store = new
-        self._plans = {}  # plans hold the old storage
+        self._plans = {}  # plans and graphs hold the old storage
+        self._graph = None
         return new
 
     def append(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, k_idx: Optional[torch.Tensor], *,
@@ -142,6 +154,11 @@ class MSAHFCache(Cache):
 
         k, v: (B, t, H_kv, D) or packed (1, N, H_kv, D) with cu_seqlens int32 (batch + 1,); k_idx: (B, t, D_idx),
         (1, N, D_idx) or None. Returns the storage (``msa.MSACache``)."""
+        layer = self.layers[layer_idx]
+        if self._capturing:  # inside a CUDA-graph capture: device-side lengths only, no host work
+            self.store.append_device(layer_idx, k, v, k_idx)
+            layer.slots += slots
+            return self.store
         if cu_seqlens is None:
             new_len = k.shape[1]
             lens = self.store.seq_lens(layer_idx) if self.store is not None else torch.zeros(batch, dtype=torch.int64)
@@ -152,7 +169,6 @@ class MSAHFCache(Cache):
             need = int((lens + seg).max())
         st = self._ensure(batch, need, k.dtype, k.device)
         st.append(layer_idx, k, v, k_idx, cu_seqlens=cu_seqlens)
-        layer = self.layers[layer_idx]
         layer.slots += slots
         layer.is_initialized = True
         return st
@@ -184,3 +200,63 @@ class MSAHFCache(Cache):
     def seq_lens(self, layer_idx: int) -> List[int]:
         """Tokens stored per sequence in layer ``layer_idx`` (pads excluded)."""
         return [] if self.store is None else self.store.seq_lens(layer_idx).tolist()
+
+    # CUDA graphs ---------------------------------------------------------------------------------------
+    _GRAPH_KWARGS = {"input_ids", "position_ids", "cache", "use_cache", "return_dict", "logits_to_keep",
+                     "attention_mask"}
+
+    def _graph_eligible(self, model, kw) -> bool:
+        ids, pos, st = kw.get("input_ids"), kw.get("position_ids"), self.store
+        return (self.cuda_graphs and not self._graph_failed and st is not None and st.device.type == "cuda"
+                and isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] == 1
+                and isinstance(pos, torch.Tensor) and pos.shape == ids.shape and set(kw) <= self._GRAPH_KWARGS
+                and not model.training and not torch.is_grad_enabled()
+                and not (st.fp8_index and st.index_scale_mode == "block")
+                and all(lay.slots > 0 for lay in self.layers)
+                and int(max(int(x.max()) for x in st.lengths)) + 1 <= st.max_seq_len)
+
+    def graph_step(self, model, kw):
+        """One decode step of ``model`` (a forward with one new token per sequence) through a CUDA graph when
+        possible, else eagerly. The graph's inputs are the token ids and positions; the attention mask is not
+        read (every appended token is a real token)."""
+        if not self._graph_eligible(model, kw):
+            return model(**kw)
+        ids, pos = kw["input_ids"], kw["position_ids"]
+        g = self._graph
+        if g is None or g["ids"].shape != ids.shape:
+            if self._eager_decode_steps < 1:  # builds the decode plans and compiles the kernels
+                self._eager_decode_steps += 1
+                return model(**kw)
+            g = self._capture(model, ids, pos)
+            if g is None:
+                return model(**kw)
+        g["ids"].copy_(ids)
+        g["pos"].copy_(pos)
+        g["graph"].replay()
+        for lay in self.layers:
+            lay.slots += 1
+        for lens in self.store.lengths:  # host copies of the device lengths the graph advanced
+            lens.add_(1)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+        return CausalLMOutputWithPast(logits=g["logits"].clone(), cache=self)
+
+    def _capture(self, model, ids, pos) -> Optional[dict]:
+        slots = [lay.slots for lay in self.layers]
+        static_ids, static_pos = ids.clone(), pos.clone()
+        graph = torch.cuda.CUDAGraph()
+        self._capturing = True
+        try:
+            with torch.cuda.graph(graph):
+                out = model(input_ids=static_ids, position_ids=static_pos, cache=self, use_cache=True,
+                            return_dict=True, logits_to_keep=1)
+        except Exception as exc:  # pragma: no cover - depends on the model's code and the GPU
+            import warnings
+            warnings.warn(f"msa.hf: capturing the decode step in a CUDA graph failed ({exc!r}); decoding eagerly")
+            self._graph_failed = True
+            return None
+        finally:
+            self._capturing = False
+            for lay, n in zip(self.layers, slots):
+                lay.slots = n
+        self._graph = {"graph": graph, "ids": static_ids, "pos": static_pos, "logits": out.logits}
+        return self._graph

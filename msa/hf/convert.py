@@ -137,6 +137,8 @@ def to_msa(model: nn.Module, *, block_size: Optional[int] = None, topk_blocks: O
     for stack in _decoder_stacks(model, attn):
         stack.register_forward_pre_hook(_make_stack_hook(settings), with_kwargs=True)
     model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)
+    model._valid_auto_compile_criteria = types.MethodType(_valid_auto_compile_criteria, model)
+    model.get_compiled_call = types.MethodType(_get_compiled_call, model)
     return model
 
 
@@ -208,6 +210,23 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, generat
           "(they use msa.hf.MSAHFCache)")
     check((generation_config.num_beams or 1) == 1, "MSA models do not support beam search (num_beams > 1)")
     model_kwargs["cache"] = MSAHFCache.from_settings(msa_settings(self), max_cache_len=int(max_cache_length) + 1)
+
+
+def _valid_auto_compile_criteria(self, model_kwargs, generation_config) -> bool:
+    """generate(): decode steps go through MSAHFCache.graph_step (CUDA graphs) instead of torch.compile."""
+    cache = model_kwargs.get("cache")
+    return isinstance(cache, MSAHFCache) and cache.cuda_graphs and not generation_config.disable_compile
+
+
+def _get_compiled_call(self, compile_config=None):
+    model = self
+
+    def call(**kw):
+        cache = kw.get("cache")
+        if isinstance(cache, MSAHFCache):
+            return cache.graph_step(model, kw)
+        return model(**kw)
+    return call
 
 
 def set_mode(model: nn.Module, mode: str) -> None:
