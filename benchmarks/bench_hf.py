@@ -12,8 +12,10 @@ intermediate 8192, vocabulary 32000), bf16 on one GPU. The MSA copy has the same
    around every attention module (its projections, index branch and cache write included: "attention") and
    the rest of the model; then ``model.generate(prompt, max_new_tokens=N, min_new_tokens=N, do_sample=False)``,
    timed by a stopping criterion that synchronises and stamps the clock after every step: prefill (prompt to
-   first token) and the median time per decoded token. sdpa uses transformers' DynamicCache; MSA its
-   MSAHFCache (K, V, index keys) with the Triton decode kernels.
+   first token) and the median time per decoded token. sdpa uses transformers' DynamicCache and eager steps
+   (transformers' default); MSA its MSAHFCache (K, V, index keys) with the Triton decode kernels and each
+   decode step replayed from a CUDA graph (MSAHFCache's default); MSA's decode is timed without CUDA graphs
+   as well (``msa_eager_decode_ms_per_token``).
 
 JSON (GPU, versions, command, per-context timings) under --out; a table is printed last.
 """
@@ -77,7 +79,7 @@ def prefill_split(model, prompt):
     return start.elapsed_time(end), sum(a.elapsed_time(b) for a, b in events)
 
 
-def timed_generate(model, prompt, new_tokens: int):
+def timed_generate(model, prompt, new_tokens: int, **kw):
     """generate(): ms from the call to the first token (prefill) and median ms per later token."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -93,7 +95,7 @@ def timed_generate(model, prompt, new_tokens: int):
     t0 = time.perf_counter()
     with torch.no_grad():
         out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             stopping_criteria=StoppingCriteriaList([Clock()]))
+                             stopping_criteria=StoppingCriteriaList([Clock()]), **kw)
     steps = [1e3 * (b - a) for a, b in zip(stamps[:-1], stamps[1:])]
     return {"prefill_ms": 1e3 * (stamps[0] - t0), "decode_ms_per_token": statistics.median(steps),
             "decode_ms_min": min(steps), "tokens": out[0, prompt.shape[1]:].tolist()}
@@ -164,6 +166,12 @@ def main():
             torch.cuda.reset_peak_memory_stats()
             print(f"{ctx:>7} {name:>4}: prefill {total:8.1f} ms (attention {attn:7.1f}), generate prefill "
                   f"{gen['prefill_ms']:8.1f} ms, decode {gen['decode_ms_per_token']:6.2f} ms/token", flush=True)
+        # MSA without CUDA graphs: every decode step eager, like the sdpa model's
+        eager_cache = msa.hf.MSAHFCache.for_model(msa_model, max_cache_len=ctx + args.new_tokens + 1, cuda_graphs=False)
+        gen = timed_generate(msa_model, prompt, args.new_tokens, cache=eager_cache)
+        del eager_cache
+        row["msa_eager_decode_ms_per_token"] = gen["decode_ms_per_token"]
+        print(f"{ctx:>7}  msa without CUDA graphs: decode {gen['decode_ms_per_token']:6.2f} ms/token", flush=True)
         s, ms = row["sdpa"], row["msa"]
         row["prefill_speedup"] = s["prefill_forward_ms"] / ms["prefill_forward_ms"]
         row["decode_speedup"] = s["decode_ms_per_token"] / ms["decode_ms_per_token"]
@@ -183,13 +191,14 @@ def main():
         json.dump(out, f, indent=1)
     print(f"\n{out['gpu']}, transformers {transformers.__version__}; wrote {path} ({out['wall_s']:.0f} s)")
     print("| context | prefill sdpa ms (attention) | prefill MSA ms (attention) | speedup | decode sdpa ms/token "
-          "| decode MSA ms/token | speedup |")
-    print("|---|---|---|---|---|---|---|")
+          "| decode MSA ms/token | speedup | decode MSA, no CUDA graphs |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         s, m = r["sdpa"], r["msa"]
         print(f"| {r['context'] // 1024}K | {s['prefill_forward_ms']:.1f} ({s['prefill_attention_ms']:.1f}) | "
               f"{m['prefill_forward_ms']:.1f} ({m['prefill_attention_ms']:.1f}) | {r['prefill_speedup']:.2f}x | "
-              f"{s['decode_ms_per_token']:.2f} | {m['decode_ms_per_token']:.2f} | {r['decode_speedup']:.2f}x |")
+              f"{s['decode_ms_per_token']:.2f} | {m['decode_ms_per_token']:.2f} | {r['decode_speedup']:.2f}x | "
+              f"{r['msa_eager_decode_ms_per_token']:.2f} |")
     return 0 if gate_res["pass"] else 1
 
 

@@ -209,11 +209,12 @@ class MSAHFCache(Cache):
         ids, pos, st = kw.get("input_ids"), kw.get("position_ids"), self.store
         return (self.cuda_graphs and not self._graph_failed and st is not None and st.device.type == "cuda"
                 and isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] == 1
-                and isinstance(pos, torch.Tensor) and pos.shape == ids.shape and set(kw) <= self._GRAPH_KWARGS
+                and isinstance(pos, torch.Tensor) and pos.shape == ids.shape
+                and all(k in self._GRAPH_KWARGS or v is None or v is False for k, v in kw.items())
                 and not model.training and not torch.is_grad_enabled()
                 and not (st.fp8_index and st.index_scale_mode == "block")
                 and all(lay.slots > 0 for lay in self.layers)
-                and int(max(int(x.max()) for x in st.lengths)) + 1 <= st.max_seq_len)
+                and max(int(st.seq_lens(li).max()) for li in range(st.num_layers)) + 1 <= st.max_seq_len)
 
     def graph_step(self, model, kw):
         """One decode step of ``model`` (a forward with one new token per sequence) through a CUDA graph when
@@ -235,8 +236,12 @@ class MSAHFCache(Cache):
         g["graph"].replay()
         for lay in self.layers:
             lay.slots += 1
-        for lens in self.store.lengths:  # host copies of the device lengths the graph advanced
-            lens.add_(1)
+        host = getattr(self.store, "lengths", None)
+        if isinstance(host, list):  # host copies of the device lengths the graph advanced, without a sync
+            for lens in host:
+                lens.add_(1)
+        else:
+            self.store.sync_lengths()
         from transformers.modeling_outputs import CausalLMOutputWithPast
         return CausalLMOutputWithPast(logits=g["logits"].clone(), cache=self)
 
