@@ -89,6 +89,9 @@ class _Shared:
         self.key, self.refs = key, (mask, position_ids)
         return self.layout
 
+    def clear(self) -> None:
+        self.key, self.refs, self.layout, self.checked = (), (), None, None
+
     def check_appended(self, mask, t: int) -> None:
         """Tokens appended to a cache must be real tokens (checked once per forward: one host sync)."""
         if mask is None or self.checked is mask:

@@ -135,7 +135,7 @@ def to_msa(model: nn.Module, *, block_size: Optional[int] = None, topk_blocks: O
         c._attn_implementation = "msa"
         _write_config(c, settings)
     for stack in _decoder_stacks(model, attn):
-        stack.register_forward_pre_hook(_make_stack_hook(settings), with_kwargs=True)
+        stack.register_forward_pre_hook(_make_stack_hook(settings, shared), with_kwargs=True)
     model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)
     model._valid_auto_compile_criteria = types.MethodType(_valid_auto_compile_criteria, model)
     model.get_compiled_call = types.MethodType(_get_compiled_call, model)
@@ -180,9 +180,11 @@ def _decoder_stacks(model: nn.Module, attn: List[nn.Module]) -> List[nn.Module]:
     return out
 
 
-def _make_stack_hook(settings: MSASettings):
+def _make_stack_hook(settings: MSASettings, shared: _Shared):
     def hook(module, args, kwargs):
-        """Give the decoder an MSAHFCache where transformers would make a DynamicCache."""
+        """Start of a decoder forward: forget the previous forward's layout (its mask / position tensors may be
+        refilled in place), and give the decoder an MSAHFCache where transformers would make a DynamicCache."""
+        shared.clear()
         if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
             return args, kwargs
         use_cache = kwargs.get("use_cache")
