@@ -144,8 +144,9 @@ class MSAHFCache(Cache):
                     if k.shape[0]:
                         new.append_row(li, row, k, v, kidx)
         self.store = new
-        self._plans = {}  # plans and graphs hold the old storage
+        self._plans = {}  # plans and graphs hold the old storage; the next decode step runs eagerly first
         self._graph = None
+        self._eager_decode_steps = 0
         return new
 
     def append(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, k_idx: Optional[torch.Tensor], *,
