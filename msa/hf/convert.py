@@ -118,6 +118,9 @@ def to_msa(model: nn.Module, *, block_size: Optional[int] = None, topk_blocks: O
             warnings.warn(f"the model uses sliding-window attention (window {sliding}); its MSA layers attend to "
                           "the whole causal history (dense mode) or MSA's selected blocks (sparse mode), so dense-mode "
                           "logits equal the original model's only for sequences up to the window", stacklevel=2)
+        if float(getattr(cfg, "attention_dropout", 0.0) or 0.0) > 0:
+            warnings.warn("msa attention has no attention dropout; the model's attention_dropout is ignored",
+                          stacklevel=2)
         settings = MSASettings(kind="converted", block_size=block_size, topk_blocks=topk_blocks, index_dim=index_dim,
                                num_index_heads=num_kv_heads, init_blocks=init_blocks, local_blocks=local_blocks,
                                index_norm_rope=bool(index_norm_rope), index_scale=None,

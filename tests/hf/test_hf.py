@@ -286,3 +286,33 @@ def test_generate_on_gpu_equals_stepwise_argmax(arch):
     gen = out[:, ids.shape[1]:]
     for i, s in enumerate(seqs):
         assert torch.equal(gen[i], stepwise_greedy(m, s, 6)), f"sequence {i}"
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_cache_continuation_in_chunks_equals_full_forward(mode):
+    """Prefill 12 tokens into the cache, then feed 5 and 1 more tokens per sequence (decode with t > 1)."""
+    m = converted(make_model("qwen3", layers=3), block_size=4, topk_blocks=2, index_dim=16, num_dense_layers=1,
+                  index_norm_rope=True, mode=mode)
+    ids = torch.randint(1, V, (2, 18))
+    full = logits(m, ids)
+    with torch.no_grad():
+        out = m(ids[:, :12], use_cache=True)
+        cache = out.cache
+        assert isinstance(cache, msa.hf.MSAHFCache) and cache.seq_lens(2) == [12, 12]
+        pos = torch.arange(12, 17).expand(2, 5)
+        mid = m(ids[:, 12:17], cache=cache, position_ids=pos).logits
+        last = m(ids[:, 17:], cache=cache, position_ids=torch.full((2, 1), 17)).logits
+    torch.testing.assert_close(out.logits, full[:, :12], atol=1e-5, rtol=0)
+    torch.testing.assert_close(mid, full[:, 12:17], atol=1e-5, rtol=0)
+    torch.testing.assert_close(last, full[:, 17:], atol=1e-5, rtol=0)
+
+
+def test_minimax_m3_save_load_round_trip(tmp_path):
+    m = converted(make_m3())
+    msa.hf.set_mode(m, "dense")
+    m.save_pretrained(tmp_path)
+    r = msa.hf.from_pretrained(str(tmp_path)).eval()
+    s = msa.hf.msa_settings(r)
+    assert (s.kind, s.mode, s.sparse_layers) == ("minimax_m3", "dense", [1, 2])
+    ids = torch.randint(0, V, (1, 21))
+    assert torch.equal(logits(r, ids), logits(m, ids))
