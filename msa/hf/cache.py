@@ -184,8 +184,8 @@ class MSAHFCache(Cache):
         st = self.store
         sel = dict(block_size=block_size, topk=topk, init_blocks=init_blocks, local_blocks=local_blocks,
                    scale=scale, index_scale=index_scale)
-        if (q.is_cuda and triton_available() and q.dtype == st.dtype and block_size >= 16
-                and block_size & (block_size - 1) == 0):
+        kernel_ok = block_size >= 16 and block_size & (block_size - 1) == 0  # the Triton decode kernels' blocks
+        if q.is_cuda and triton_available() and q.dtype == st.dtype and kernel_ok:
             key = (dense, q.shape[2], q.shape[1], block_size, topk, init_blocks, local_blocks, scale, index_scale)
             plan = self._plans.get(key)
             if plan is None:
@@ -193,9 +193,12 @@ class MSAHFCache(Cache):
                 plan = DecodePlan(st, num_heads=q.shape[2], num_tokens=q.shape[1], dense=dense, out_dtype=q.dtype,
                                   **sel)
                 self._plans[key] = plan
-            o, _ = plan.run(q, None if dense else q_idx.to(st.dtype), layer_idx)
+            qi = None if dense else q_idx.to(st.dtype)
+            plan.check_inputs(q, qi, layer_idx)
+            o, _ = plan.run(q, qi, layer_idx)
             return o
-        o, _ = decode_attention(q, None if dense else q_idx, st, layer_idx, dense=dense, **sel)
+        o, _ = decode_attention(q, None if dense else q_idx, st, layer_idx, dense=dense,
+                                backend="auto" if kernel_ok else "reference", **sel)
         return o
 
     def seq_lens(self, layer_idx: int) -> List[int]:
