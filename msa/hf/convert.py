@@ -193,6 +193,10 @@ def _make_stack_hook(settings: MSASettings, shared: _Shared):
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = bool(getattr(module.config, "use_cache", False)) and not module.training
+            pos = kwargs.get("position_ids")
+            if (use_cache and isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.shape[-1] > 1
+                    and kwargs.get("attention_mask") is None and bool((pos[:, 1:] != pos[:, :-1] + 1).any())):
+                use_cache = False  # packed documents: a cache holds one sequence per row, so make none
             kwargs["use_cache"] = use_cache
         if use_cache:
             kwargs["cache"] = MSAHFCache.from_settings(settings)

@@ -143,6 +143,12 @@ def test_packed_documents_reach_varlen_path(monkeypatch):
     assert seen and seen[0] is not None and seen[0].tolist() == [0, 9, 23, 28]
     want = torch.cat([logits(m, d[None]) for d in docs], dim=1)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    with torch.no_grad():  # eval forward with the config's use_cache: no cache for packed documents
+        out = m(packed, position_ids=pos)
+    assert out.cache is None
+    torch.testing.assert_close(out.logits, want, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="packed documents"):
+        m(packed, position_ids=pos, use_cache=True)
 
 
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
