@@ -2,10 +2,11 @@
 Attention, train them (``kl_loss``), generate with them, save and reload them, and run MiniMax-M3's sparse
 layers (transformers' ``minimax_m3_vl`` text model) through msa's kernels.
 
-Needs ``transformers >= 5.24`` (``pip install "msa[hf]"``); ``import msa`` alone never imports transformers.
+Needs ``transformers >= 5.24`` (the package's ``[hf]`` extra); ``import msa`` alone never imports transformers.
 
 Example::
 
+    import torch
     import msa.hf
     from transformers import AutoModelForCausalLM
 
@@ -26,7 +27,7 @@ def _check_transformers() -> None:
     try:
         import transformers
     except ImportError as exc:  # pragma: no cover - depends on the install
-        raise ImportError('msa.hf needs transformers >= 5.24: pip install "msa[hf]" '
+        raise ImportError('msa.hf needs transformers >= 5.24: install the package\'s [hf] extra '
                           '(or pip install "transformers>=5.24")') from exc
     parts = []
     for piece in transformers.__version__.split(".")[:2]:
