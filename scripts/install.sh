@@ -13,5 +13,5 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     "$PY" -m pip install -q torch==2.13.0
   fi
 fi
-"$PY" -m pip install -q -e ".[test]"
+"$PY" -m pip install -q -e ".[test,hf]"
 "$PY" -c "import torch, triton, msa; print(f'msa {msa.__version__} ready: torch {torch.__version__}, triton {triton.__version__}')"
