@@ -20,11 +20,8 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 
+from ..layers.attention import msa_prefill_attention
 from ..ops.common import check
-from ..ops.dense import dense_causal_attention
-from ..ops.indexer_kl import indexer_kl_loss
-from ..ops.select_blocks import select_blocks
-from ..ops.sparse_attention import sparse_attention
 from .cache import MSAHFCache
 
 MODES = ("dense", "sparse")
@@ -244,16 +241,12 @@ def msa_attention_forward(self, hidden_states: torch.Tensor, position_embeddings
         qp, kp, vp, qip, kip = (pack(x) for x in (q, k, v, q_idx, k_idx))
     else:
         qp, kp, vp, qip, kip = q, k, v, q_idx, k_idx
-    block_indices = None
-    if sparse:
-        block_indices = select_blocks(qip, kip, scale=iscale, cu_seqlens=cu, **sel)
-        o = sparse_attention(qp, kp, vp, block_indices, block_size=s.block_size, scale=scale, cu_seqlens=cu)
-    else:
-        o = dense_causal_attention(qp, kp, vp, scale=scale, cu_seqlens=cu)
-    if st.sparse and self.training and torch.is_grad_enabled():
-        # stop-gradient 2: the teacher is built from detached q and k
-        st.kl = indexer_kl_loss(qip, kip, qp.detach(), kp.detach(), block_indices, block_size=s.block_size,
-                                scale=scale, index_scale=iscale, cu_seqlens=cu)
+    # the same step as msa's own layer: one selection and plan shared by attention, backward and KL
+    o, st.kl, _ = msa_prefill_attention(qp, kp, vp, qip, kip, sparse=sparse,
+                                        compute_kl=st.sparse and self.training and torch.is_grad_enabled(),
+                                        scale=scale, index_scale=iscale, cu_seqlens=cu, topk_blocks=s.topk_blocks,
+                                        block_size=s.block_size, init_blocks=s.init_blocks,
+                                        local_blocks=s.local_blocks)
     if cache is not None:
         if layout.index is None:
             cache.append(st.layer_idx, k, v, k_idx, batch=bsz, slots=t)

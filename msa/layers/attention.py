@@ -76,6 +76,52 @@ class MSAConfig:
         check(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
 
 
+def msa_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: Optional[torch.Tensor],
+                          k_idx: Optional[torch.Tensor], *, sparse: bool, compute_kl: bool, block_size: int,
+                          topk_blocks: int, init_blocks: int = 0, local_blocks: int = 1, scale: float,
+                          index_scale: float, cu_seqlens: Optional[torch.Tensor] = None, backend: str = "auto",
+                          debug: bool = False):
+    """The attention of an MSA layer over a whole (packed) batch, as training and prefill run it:
+    (o, kl or None, block_indices or None). Shared by ``MSAAttention`` and ``msa.hf``.
+
+    Args:
+        q (B, T, H_q, D), k / v (B, T, H_kv, D) after RoPE; q_idx (B, T, H_kv, D_idx) and k_idx
+        (B, T, D_idx) the index branch (None when neither sparse nor compute_kl); one float dtype.
+        sparse: MSA selection (else dense causal attention, the warmup). compute_kl: also the layer's
+        KL (teacher from detached q, k; gradients reach q_idx, k_idx only). scale / index_scale: main and
+        index softmax scales. debug: the ops also validate index values (host syncs).
+
+    Sparse: ONE selection and, on the Triton backend outside torch.compile, one ``SelectionPlan`` whose
+    reverse indices the attention forward, its backward and the KL share; the attention's lse is the
+    KL's teacher normaliser. Dense: SDPA, or cuDNN / flash attention returning the lse when the
+    Triton KL needs it. Value checks are skipped (``validate=debug``): the selection is made here,
+    and cu_seqlens' values are checked where a launcher copies them to the host.
+    """
+    need_lse = compute_kl and resolve_backend(backend, [q]) == "triton"  # the reference KL recomputes it
+    block_indices = plan = lse = None
+    if not sparse:
+        if need_lse:
+            o, lse = dense_causal_attention(q, k, v, scale=scale, cu_seqlens=cu_seqlens, return_lse=True)
+        else:
+            o = dense_causal_attention(q, k, v, scale=scale, cu_seqlens=cu_seqlens)
+    else:
+        block_indices = select_blocks(q_idx, k_idx, block_size=block_size, topk=topk_blocks, init_blocks=init_blocks,
+                                      local_blocks=local_blocks, scale=index_scale, cu_seqlens=cu_seqlens,
+                                      backend=backend, validate=debug)
+        if (resolve_backend(backend, [q]) == "triton" and q.dtype != torch.float64
+                and not torch.compiler.is_compiling()):
+            plan = selection_plan(block_indices, block_size=block_size, cu_seqlens=cu_seqlens, num_heads=q.shape[2],
+                                  head_dim=q.shape[3], dtype=q.dtype, index_dim=q_idx.shape[3])
+        o, lse = sparse_attention(q, k, v, block_indices, block_size=block_size, scale=scale, cu_seqlens=cu_seqlens,
+                                  return_lse=True, backend=backend, validate=debug, plan=plan)
+    kl = None
+    if compute_kl:
+        kl = indexer_kl_loss(q_idx, k_idx, q.detach(), k.detach(), block_indices, block_size=block_size, scale=scale,
+                             index_scale=index_scale, cu_seqlens=cu_seqlens, backend=backend,
+                             teacher_lse=lse if need_lse else None, validate=debug, plan=plan)
+    return o, kl, block_indices
+
+
 class MSAOutput(NamedTuple):
     """hidden: (B, T, hidden_size); kl_loss: fp32 scalar or None; block_indices: int32
     (B, T, H_kv, topk) of the sparse mode or None."""
@@ -144,33 +190,6 @@ class MSAAttention(nn.Module):
             q_idx, k_idx = self._index_branch(x, cos, sin)
         return q, k, v, q_idx, k_idx
 
-    def _attend(self, q, k, v, q_idx, k_idx, cu_seqlens, sparse: bool, need_lse: bool):
-        """Main branch of a prefill / training step: (o, lse or None, block_indices or None, plan or None).
-
-        Sparse: one selection, and (Triton, eager) one ``SelectionPlan`` whose reverse indices the
-        forward, the backward and the KL share. Dense: SDPA, through cuDNN / flash with the lse when
-        the KL needs it. The ops skip their value checks (``validate=c.debug``): the layer made the
-        selection itself, and cu_seqlens' values are checked where they are copied to the host."""
-        c = self.config
-        scale = c.head_dim ** -0.5
-        if not sparse:
-            if need_lse:
-                o, lse = dense_causal_attention(q, k, v, scale=scale, cu_seqlens=cu_seqlens, return_lse=True)
-                return o, lse, None, None
-            return dense_causal_attention(q, k, v, scale=scale, cu_seqlens=cu_seqlens), None, None, None
-        block_indices = select_blocks(q_idx, k_idx, block_size=c.block_size, topk=c.topk_blocks,
-                                      init_blocks=c.init_blocks, local_blocks=c.local_blocks,
-                                      cu_seqlens=cu_seqlens, backend=c.backend, validate=c.debug)
-        plan = None
-        if (resolve_backend(c.backend, [q]) == "triton" and q.dtype != torch.float64
-                and not torch.compiler.is_compiling()):
-            plan = selection_plan(block_indices, block_size=c.block_size, cu_seqlens=cu_seqlens,
-                                  num_heads=c.num_heads, head_dim=c.head_dim, dtype=q.dtype, index_dim=c.index_dim)
-        o, lse = sparse_attention(q, k, v, block_indices, block_size=c.block_size, scale=scale,
-                                  cu_seqlens=cu_seqlens, return_lse=True, backend=c.backend, validate=c.debug,
-                                  plan=plan)
-        return o, lse, block_indices, plan
-
     def forward(self, x: torch.Tensor, *, cu_seqlens: Optional[torch.Tensor] = None,
                 cache: Optional[MSACache] = None, layer_idx: int = 0,
                 compute_kl: Optional[bool] = None) -> MSAOutput:
@@ -205,15 +224,9 @@ class MSAAttention(nn.Module):
                 cache.append(layer_idx, k, v, k_idx, cu_seqlens=cu_seqlens)
             if compute_kl is None:
                 compute_kl = self.training and torch.is_grad_enabled()
-            compute_kl = compute_kl and c.use_index
-            # only the Triton KL takes the teacher's lse (the reference recomputes it exactly)
-            need_lse = compute_kl and resolve_backend(c.backend, [q]) == "triton"
-            o, lse, block_indices, plan = self._attend(q, k, v, q_idx, k_idx, cu_seqlens, sparse, need_lse)
-            if compute_kl:
-                # stop-gradient 2: the teacher is built from detached q and k; its lse comes from the
-                # attention above (same support), so the KL does not recompute it
-                kl = indexer_kl_loss(q_idx, k_idx, q.detach(), k.detach(), block_indices, block_size=c.block_size,
-                                     scale=scale, cu_seqlens=cu_seqlens, backend=c.backend, teacher_lse=lse,
-                                     validate=c.debug, plan=plan)
+            o, kl, block_indices = msa_prefill_attention(
+                q, k, v, q_idx, k_idx, sparse=sparse, compute_kl=compute_kl and c.use_index, block_size=c.block_size,
+                topk_blocks=c.topk_blocks, init_blocks=c.init_blocks, local_blocks=c.local_blocks, scale=scale,
+                index_scale=c.index_dim ** -0.5, cu_seqlens=cu_seqlens, backend=c.backend, debug=c.debug)
         out = self.o_proj(o.reshape(b, t, c.num_heads * c.head_dim))
         return MSAOutput(out, kl, block_indices)

@@ -12,7 +12,6 @@ import torch
 
 transformers = pytest.importorskip("transformers", minversion="5.24")
 import msa.hf  # noqa: E402
-from msa.hf import attention as hf_attention  # noqa: E402
 
 V = 97
 ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
@@ -132,13 +131,14 @@ def test_packed_documents_reach_varlen_path(monkeypatch):
     packed = torch.cat(docs)[None]
     pos = torch.cat([torch.arange(len(d)) for d in docs])[None]
     seen = []
-    real = hf_attention.select_blocks
+    import msa.layers.attention as layer_attention
+    real = layer_attention.select_blocks
 
     def spy(*a, **kw):
         seen.append(kw.get("cu_seqlens"))
         return real(*a, **kw)
 
-    monkeypatch.setattr(hf_attention, "select_blocks", spy)
+    monkeypatch.setattr(layer_attention, "select_blocks", spy)
     got = logits(m, packed, position_ids=pos)
     assert seen and seen[0] is not None and seen[0].tolist() == [0, 9, 23, 28]
     want = torch.cat([logits(m, d[None]) for d in docs], dim=1)
@@ -227,8 +227,9 @@ def test_minimax_m3_equals_transformers_eager(monkeypatch):
     hooks = [lay.self_attn.indexer.register_forward_hook(lambda mod, a, out: theirs.append(out))
              for lay in ref.model.layers if lay.self_attn.indexer is not None]
     ours = []
-    real = hf_attention.select_blocks
-    monkeypatch.setattr(hf_attention, "select_blocks", lambda *a, **kw: ours.append(real(*a, **kw)) or ours[-1])
+    import msa.layers.attention as layer_attention
+    real = layer_attention.select_blocks
+    monkeypatch.setattr(layer_attention, "select_blocks", lambda *a, **kw: ours.append(real(*a, **kw)) or ours[-1])
     want = logits(ref, ids)
     got = logits(m, ids)
     for h in hooks:
