@@ -370,7 +370,10 @@ class Trainer:
         # the KL is measured (unscaled) whenever the run trains the index
         res = eval_loss(self.wrapped, d.corpus.splits["val"].tokens, d.val_windows, d.val_ids,
                         kl_weight=1.0 if self.cfg.phase.kl_weight > 0 else 0.0, **kw)
-        if self.cfg.eval.recall and self.cfg.data.seq_len <= self.cfg.eval.recall_max_tokens:
+        # recall of an index that is never trained (dense or local runs without KL) means nothing,
+        # except for the local window, whose forced selection it measures
+        trains_index = self.cfg.phase.kl_weight > 0 or self.cfg.phase.kind == "local"
+        if self.cfg.eval.recall and trains_index and self.cfg.data.seq_len <= self.cfg.eval.recall_max_tokens:
             res.update(recall_eval(self.model, d.corpus.splits["val"].tokens, d.val_windows, d.val_ids, **kw))
         return res
 

@@ -1,0 +1,186 @@
+"""The quality experiments of the issue "Does the learned index work?": every ``exp-*`` preset of
+msa/train/presets.py trained on the same data, tokens and seed, then summarized.
+
+    python benchmarks/run_quality.py --out DIR --prepare          # build the tokenizer + token cache once
+    python benchmarks/run_quality.py --out DIR --probe            # time a few steps per variant, suggest --steps
+    python benchmarks/run_quality.py --out DIR [--gpus 8] [--runs a,b] [--steps N] [--budget-minutes 9.5]
+    python benchmarks/run_quality.py --out DIR --summarize        # quality.md / quality.json / compare.png
+
+Each run is ``msa train --preset NAME --out DIR/NAME`` in a subprocess pinned to one GPU
+(CUDA_VISIBLE_DEVICES); with --gpus N, N runs go in parallel. Runs that are complete are skipped,
+interrupted ones resume from their last checkpoint, so a chain of capped commands finishes the
+set. exp-msa-cpt and exp-dense-cont start after exp-dense has finished (from its checkpoint).
+--budget-minutes caps this command: runs get max_minutes so they stop (with a checkpoint) in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from msa.train.presets import EXP_STEPS, INIT_FROM, get_preset  # noqa: E402
+from msa.train.report import ORDER, summarize  # noqa: E402
+
+PROBE_RUNS = ["exp-dense", "exp-msa-pt", "exp-msa-nowarmup", "exp-local", "exp-msa-nodetach"]
+
+
+def scaled_overrides(name: str, steps: int | None) -> list:
+    """--steps N rescales the schedule of a run (steps, warmup, eval and checkpoint periods) by
+    N / EXP_STEPS, so every run keeps its fractions (CPT stays 20% of the pretraining)."""
+    if not steps:
+        return []
+    cfg = get_preset(name)
+    f = steps / EXP_STEPS
+    sc = lambda x: max(1, round(x * f)) if x else 0  # noqa: E731
+    return [f"steps={sc(cfg.steps)}", f"phase.warmup_steps={sc(cfg.phase.warmup_steps)}",
+            f"eval.every={sc(cfg.eval.every)}", f"checkpoint_every={sc(cfg.checkpoint_every)}",
+            f"optim.warmup_steps={sc(cfg.optim.warmup_steps)}"]
+
+
+def status(out: Path, name: str) -> str:
+    p = out / name / "summary.json"
+    if not p.exists():
+        return "new" if not (out / name / "checkpoints").exists() else "partial"
+    return json.loads(p.read_text()).get("status", "partial")
+
+
+def command(out: Path, name: str, args, extra: list) -> list:
+    cmd = [sys.executable, "-m", "msa.cli", "train", "--preset", name, "--out", str(out / name), "--no-progress"]
+    sets = scaled_overrides(name, args.steps) + list(args.set or []) + extra
+    if name in INIT_FROM:
+        sets.append(f"phase.init_from={out / INIT_FROM[name]}")
+    if args.cache_dir:
+        sets.append(f"data.cache_dir={args.cache_dir}")
+    for s in sets:
+        cmd += ["--set", s]
+    return cmd
+
+
+def launch(out: Path, name: str, gpu: int, args, extra: list):
+    (out / name).mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if args.gpus:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    cmd = command(out, name, args, extra)
+    log = open(out / name / "stdout.log", "a")
+    log.write(f"\n$ {' '.join(cmd)}\n")
+    log.flush()
+    print(f"[{time.strftime('%H:%M:%S')}] start {name} on gpu {gpu}", flush=True)
+    return subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=log, stderr=subprocess.STDOUT), log
+
+
+def run_all(args) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_end = time.time() + args.budget_minutes * 60 if args.budget_minutes else None
+    names = args.runs.split(",") if args.runs else ORDER
+    pending = [n for n in names if status(out, n) != "complete"]
+    slots = list(range(max(1, args.gpus)))
+    running = {}
+    while pending or running:
+        for gpu, (name, proc, log) in list(running.items()):
+            if proc.poll() is not None:
+                log.close()
+                print(f"[{time.strftime('%H:%M:%S')}] {name} exited {proc.returncode}: {status(out, name)}", flush=True)
+                del running[gpu]
+        free = [g for g in slots if g not in running]
+        for name in list(pending):
+            if not free:
+                break
+            dep = INIT_FROM.get(name)
+            if dep and status(out, dep) != "complete":
+                if dep not in pending and dep not in [r[0] for r in running.values()]:
+                    print(f"skip {name}: needs {dep} complete", flush=True)
+                    pending.remove(name)
+                continue
+            extra = []
+            if t_end is not None:
+                left = (t_end - time.time()) / 60 - args.final_eval_minutes
+                if left < 1:
+                    print(f"budget spent; not starting {name}", flush=True)
+                    pending.remove(name)
+                    continue
+                extra.append(f"max_minutes={left:.2f}")
+            pending.remove(name)
+            g = free.pop(0)
+            running[g] = (name, *launch(out, name, g, args, extra))
+        time.sleep(2)
+    print(summarize(str(out), "python benchmarks/run_quality.py " + " ".join(sys.argv[1:])))
+    return 0
+
+
+def probe(args) -> int:
+    """A few steps of each distinct variant (evaluation and checkpoints off) in its steady phase;
+    prints seconds per step and the --steps that fits --target-minutes of training."""
+    out = Path(args.out) / "probe"
+    res = {}
+    for name in PROBE_RUNS:
+        d = out / name
+        extra = ["steps=12", "eval.every=0", "eval.final=false", "checkpoint_every=0", "log_every=1"]
+        if name in ("exp-msa-pt", "exp-msa-nodetach"):  # their warmup phase: dense attention + full-support KL
+            extra.append("phase.warmup_steps=100")
+        cmd = [c for c in command(out, name, argparse.Namespace(steps=None, set=args.set, cache_dir=args.cache_dir),
+                                  extra) if not c.startswith("phase.init_from")]
+        cmd += ["--fresh"]
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        t0 = time.time()
+        p = subprocess.run(cmd, cwd=str(ROOT), env=env, capture_output=True, text=True)
+        if p.returncode != 0:
+            print(f"{name}: failed\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+            res[name] = {"error": p.stderr[-2000:]}
+            continue
+        hist = [json.loads(x) for x in (d / "log.jsonl").read_text().splitlines()]
+        st = statistics.median(r["step_s"] for r in hist[4:]) if len(hist) > 5 else hist[-1]["step_s"]
+        res[name] = {"step_s": st, "tok_per_s": hist[-1]["tokens"] / st, "wall_s": time.time() - t0,
+                     "mode": hist[-1]["mode"]}
+        print(f"{name:18s} {res[name]['mode']:6s} {st * 1000:8.1f} ms/step {res[name]['tok_per_s']:12,.0f} tok/s", flush=True)
+    pt = get_preset("exp-msa-pt")
+    if "exp-msa-pt" in res and "exp-msa-nowarmup" in res and "step_s" in res["exp-msa-pt"] and \
+            "step_s" in res["exp-msa-nowarmup"]:
+        w = pt.phase.warmup_steps / pt.steps
+        mix = w * res["exp-msa-pt"]["step_s"] + (1 - w) * res["exp-msa-nowarmup"]["step_s"]
+        steps = int(args.target_minutes * 60 / mix)
+        res["suggested_steps"] = steps
+        print(f"MSA-PT mean step {mix * 1000:.1f} ms -> --steps {steps} for {args.target_minutes} min of training "
+              f"(evaluation and compile time not included)")
+    (out / "probe.json").write_text(json.dumps(res, indent=1))
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="results folder (one subfolder per run)")
+    p.add_argument("--runs", default=None, help=f"comma-separated subset (default, in order: {','.join(ORDER)})")
+    p.add_argument("--gpus", type=int, default=0, help="run this many runs in parallel, one GPU each (0: one at a time)")
+    p.add_argument("--steps", type=int, default=None, help=f"pretraining steps (default {EXP_STEPS}); every run scales")
+    p.add_argument("--set", action="append", help="extra override for every run (KEY=VALUE, repeatable)")
+    p.add_argument("--cache-dir", default=None, help="data cache folder (default ~/.cache/msa/data)")
+    p.add_argument("--budget-minutes", type=float, default=0.0, help="wall-clock cap of this command (0: none)")
+    p.add_argument("--final-eval-minutes", type=float, default=1.0, help="time kept for the final evaluation")
+    p.add_argument("--prepare", action="store_true", help="only build the data cache")
+    p.add_argument("--probe", action="store_true", help="time a few steps of each variant")
+    p.add_argument("--target-minutes", type=float, default=7.0, help="training minutes per run for --probe's advice")
+    p.add_argument("--summarize", action="store_true", help="only write quality.md / quality.json / compare.png")
+    args = p.parse_args()
+    if args.summarize:
+        print(summarize(args.out, "python benchmarks/run_quality.py " + " ".join(sys.argv[1:])))
+        return 0
+    if args.prepare:
+        cmd = command(Path(args.out), "exp-msa-pt", args, []) + ["--prepare-data"]
+        return subprocess.call(cmd, cwd=str(ROOT))
+    if args.probe:
+        return probe(args)
+    return run_all(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
