@@ -22,7 +22,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 
-from .corpus import SPLITS, budget_bytes, check_split, corpus_fingerprint, find_packages, iter_documents
+from .corpus import SPLITS, budget_bytes, corpus_fingerprint, find_packages, iter_documents
 from .tokenizer import BPETokenizer, ByteTokenizer, encode_documents, tokenizers_available, train_bpe
 
 

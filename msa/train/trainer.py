@@ -252,6 +252,10 @@ class Trainer:
         else:
             torch.manual_seed(cfg.seed + 1)
             self._write_config()
+            if rank == 0:  # a fresh start leaves nothing of an earlier run in out_dir
+                for stale in ("final_eval.json", "summary.json", "curves.png"):
+                    (self.out / stale).unlink(missing_ok=True)
+            self._rewrite_log()
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def _write_config(self) -> None:

@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msa.data import make_windows
 from msa.data.tokenizer import ByteTokenizer
 from msa.evals.indexer import recall_eval
 from msa.evals.lm import bucket_edges, eval_loss, position_bucket_loss
