@@ -21,7 +21,8 @@ TOKENIZERS = ("bpe", "bytes")
 @dataclass
 class ModelConfig:
     """The LM (msa.models.MSALMConfig) and its attention layers (msa.layers.MSAConfig).
-    vocab_size is taken from the tokenizer. backend: "auto" (Triton on CUDA, reference on CPU)."""
+    vocab_size is taken from the tokenizer. backend: "auto" (Triton on CUDA, reference on CPU).
+    index_init_std: std of the index projections' normal init (0 keeps the model's default, 0.02)."""
 
     hidden_size: int = 512
     num_layers: int = 8
@@ -36,6 +37,7 @@ class ModelConfig:
     init_blocks: int = 0
     local_blocks: int = 1
     index_norm_rope: bool = False
+    index_init_std: float = 0.0
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
     backend: str = "auto"
@@ -92,13 +94,16 @@ class PhaseConfig:
     "dense" (full attention throughout), "local" (sparse attention over only the last topk_blocks
     blocks: the same key budget as MSA without the indexer). kl_weight: lambda (0 skips the KL).
     kl_detach_teacher: False is the ablation whose KL also trains the backbone through the teacher
-    (a differentiable PyTorch KL, slower). init_from: a checkpoint whose model weights start this run
+    (a differentiable PyTorch KL, O(T^2) memory traffic per layer; teacher_grad_rows R > 0 keeps the
+    fast KL and adds an unbiased estimate of the teacher's gradient from R sampled query positions
+    per micro-batch, which is what makes the ablation affordable at 16K). init_from: a checkpoint whose model weights start this run
     (MSA-CPT: a dense run's checkpoint); reinit_index: draw fresh index projections after loading."""
 
     kind: str = "msa"
     warmup_steps: int = 300
     kl_weight: float = 1.0
     kl_detach_teacher: bool = True
+    teacher_grad_rows: int = 0
     init_from: str = ""
     reinit_index: bool = False
 
@@ -153,6 +158,7 @@ class TrainConfig:
         check(self.phase.kind in PHASE_KINDS, f"phase.kind must be one of {PHASE_KINDS}, got {self.phase.kind!r}")
         check(self.phase.warmup_steps >= 0, f"phase.warmup_steps must be >= 0, got {self.phase.warmup_steps}")
         check(self.phase.kl_weight >= 0, f"phase.kl_weight must be >= 0, got {self.phase.kl_weight}")
+        check(self.phase.teacher_grad_rows >= 0, f"phase.teacher_grad_rows must be >= 0, got {self.phase.teacher_grad_rows}")
         check(self.data.tokenizer in TOKENIZERS, f"data.tokenizer must be one of {TOKENIZERS}, got {self.data.tokenizer!r}")
         check(self.data.seq_len >= 2, f"data.seq_len must be >= 2, got {self.data.seq_len}")
         check(self.data.batch_size >= 1, f"data.batch_size must be >= 1, got {self.data.batch_size}")

@@ -74,26 +74,59 @@ def kl_teacher_not_detached(q_idx: torch.Tensor, k_idx: torch.Tensor, q: torch.T
     return total / (bsz * t * hkv)
 
 
+def kl_sampled_rows(q_idx: torch.Tensor, k_idx: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                    block_indices: Optional[torch.Tensor], rows: torch.Tensor, *, block_size: int, scale: float,
+                    index_scale: float, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The KL of kl_teacher_not_detached averaged over only the query positions ``rows`` (int64
+    (R,), flat indices into B * T), an unbiased estimate of the full mean when the rows are drawn
+    uniformly. Same shapes as kl_teacher_not_detached; differentiable in all four inputs."""
+    bsz, t, hkv, _ = q_idx.shape
+    hq, d = q.shape[2], q.shape[3]
+    total = q_idx.new_zeros((), dtype=torch.float32)
+    rows = rows.to(q.device)
+    for b, s0, e0 in sequence_spans(bsz, t, cu_seqlens):
+        flat0 = b * t + s0
+        mine = rows[(rows >= flat0) & (rows < b * t + e0)] - flat0
+        if mine.numel() == 0:
+            continue
+        n = int(mine.max()) + 1
+        bi = None if block_indices is None else block_indices[b, s0 + mine]
+        allowed = allowed_keys(bi, mine, n, block_size)
+        args = (q_idx[b, s0 + mine], k_idx[b, s0:s0 + n], q[b, s0 + mine].reshape(-1, hkv, hq // hkv, d),
+                k[b, s0:s0 + n], allowed)
+        total = total + checkpoint(_kl_chunk_with_teacher_grad, *args, scale, index_scale, use_reentrant=False)
+    return total / (rows.numel() * hkv)
+
+
 def forward_loss(model: torch.nn.Module, input_ids: torch.Tensor, cu_seqlens: Optional[torch.Tensor], *,
-                 kl_weight: float, detach_teacher: bool = True) -> Dict[str, object]:
+                 kl_weight: float, detach_teacher: bool = True, teacher_grad_rows: int = 0) -> Dict[str, object]:
     """One forward of ``model`` (an MSAForCausalLM, possibly wrapped for data parallelism) on a packed
     batch input_ids int64 (1, N) with cu_seqlens int32 (S+1,) (or (B, T) without).
 
     Returns {"loss": L_LM + kl_weight * sum_l KL_l (scalar tensor with graph), "lm_loss", "kl_loss"
     (detached scalars), "layer_kl": {layer index: detached fp32 scalar}}. kl_weight 0 skips the KL.
-    detach_teacher False computes the layers' KL here with a teacher that keeps its gradient."""
+    detach_teacher False (the ablation) lets the KL's gradient reach the teacher's q and k: exactly,
+    with a PyTorch KL over every query (teacher_grad_rows 0; memory and time O(T^2) per layer), or,
+    with teacher_grad_rows R > 0, the model's own fast KL (value and index gradients unchanged) plus
+    a term whose value is 0 and whose gradient is an unbiased estimate of the teacher's share from
+    R query positions drawn uniformly (torch's global RNG, which checkpoints save)."""
     want_kl = kl_weight > 0
+    exact_nd = want_kl and not detach_teacher and teacher_grad_rows <= 0
     with capture_msa_layers(model, keep_input=want_kl and not detach_teacher) as recs:
-        out = model(input_ids, cu_seqlens=cu_seqlens, compute_kl=want_kl and detach_teacher)
+        out = model(input_ids, cu_seqlens=cu_seqlens, compute_kl=want_kl and not exact_nd)
     lm = lm_loss(out.logits, input_ids, cu_seqlens)
     layer_kl: Dict[int, torch.Tensor] = {}
-    if want_kl and detach_teacher:
-        for r in recs:
-            if r.kl is not None:
-                layer_kl[r.layer] = r.kl
-    elif want_kl:
+    if exact_nd:
         for r in recs:
             layer_kl[r.layer] = _recompute_kl(r)
+    elif want_kl:
+        rows = None
+        if not detach_teacher:
+            n = input_ids.numel()
+            rows = torch.randperm(n)[:min(teacher_grad_rows, n)].sort().values
+        for r in recs:
+            if r.kl is not None:
+                layer_kl[r.layer] = r.kl if rows is None else r.kl + _teacher_term(r, rows)
     kl = torch.stack(list(layer_kl.values())).sum() if layer_kl else lm.new_zeros(())
     loss = lm + kl_weight * kl if want_kl else lm
     return {"loss": loss, "lm_loss": lm.detach(), "kl_loss": kl.detach(),
@@ -109,6 +142,17 @@ def _recompute_kl(r) -> torch.Tensor:
     return kl_teacher_not_detached(q_idx, k_idx, q, k, r.block_indices, block_size=c.block_size,
                                    scale=c.head_dim ** -0.5, index_scale=c.index_dim ** -0.5,
                                    cu_seqlens=r.cu_seqlens)
+
+
+def _teacher_term(r, rows: torch.Tensor) -> torch.Tensor:
+    """0 in value; its gradient is the sampled estimate of d KL / d (q, k) through the teacher."""
+    attn, c = r.attn, r.attn.config
+    b, t, _ = r.x.shape
+    pos = positions_in_sequence(t, r.cu_seqlens, r.x.device).view(1, t).expand(b, t)
+    q, k, _, q_idx, k_idx = attn.project(r.x, pos)
+    est = kl_sampled_rows(q_idx.detach(), k_idx.detach(), q, k, r.block_indices, rows, block_size=c.block_size,
+                          scale=c.head_dim ** -0.5, index_scale=c.index_dim ** -0.5, cu_seqlens=r.cu_seqlens)
+    return est - est.detach()
 
 
 def layer_kl_floats(layer_kl: Dict[int, torch.Tensor]) -> List[float]:

@@ -68,8 +68,12 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device) -> MSAF
     (local_blocks = topk_blocks - init_blocks), so no block is chosen by the index."""
     torch.manual_seed(cfg.seed)
     model = MSAForCausalLM(model_config(cfg, vocab_size))
+    std = cfg.model.index_init_std or 0.02
     if cfg.phase.init_from:
-        load_init_weights(model, cfg.phase.init_from, reinit_index=cfg.phase.reinit_index, seed=cfg.seed)
+        load_init_weights(model, cfg.phase.init_from, reinit_index=cfg.phase.reinit_index, seed=cfg.seed,
+                          index_std=std)
+    elif cfg.model.index_init_std:
+        reinit_index_projections(model, seed=cfg.seed, std=std)
     return model.to(device)
 
 
@@ -190,7 +194,20 @@ def latest_checkpoint(out_dir: Path) -> Optional[Path]:
     return cks[-1] if cks else None
 
 
-def load_init_weights(model: MSAForCausalLM, path: str, *, reinit_index: bool, seed: int) -> None:
+def reinit_index_projections(model: MSAForCausalLM, *, seed: int, std: float = 0.02) -> None:
+    """Fresh index projections (normal with ``std``, from ``seed``) and identity index norms."""
+    g = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("q_idx_proj", "k_idx_proj"):
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * std)
+            elif leaf in ("q_idx_norm", "k_idx_norm"):
+                mod.weight.zero_()
+
+
+def load_init_weights(model: MSAForCausalLM, path: str, *, reinit_index: bool, seed: int,
+                      index_std: float = 0.02) -> None:
     """Model weights from a checkpoint file or a run directory (its last checkpoint). Only index
     parameters may be missing or extra (e.g. a dense model gaining index norms); reinit_index draws
     the index projections afresh (normal, std 0.02; index norms to identity)."""
@@ -205,14 +222,7 @@ def load_init_weights(model: MSAForCausalLM, path: str, *, reinit_index: bool, s
     bad = [k for k in list(res.missing_keys) + list(res.unexpected_keys) if "_idx_" not in k]
     check(not bad, f"phase.init_from={path!r}: the checkpoint does not match the model (keys: {bad[:6]})")
     if reinit_index:
-        g = torch.Generator().manual_seed(seed + 7)
-        with torch.no_grad():
-            for name, mod in model.named_modules():
-                leaf = name.rsplit(".", 1)[-1]
-                if leaf in ("q_idx_proj", "k_idx_proj"):
-                    mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * 0.02)
-                elif leaf in ("q_idx_norm", "k_idx_norm"):
-                    mod.weight.zero_()
+        reinit_index_projections(model, seed=seed, std=index_std)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -342,7 +352,8 @@ class Trainer:
             ntok += b.input_ids.numel()
             with torch.autocast(self.device.type, dtype=self.amp or torch.bfloat16, enabled=self.amp is not None):
                 out = forward_loss(self.wrapped, b.input_ids, b.cu_seqlens, kl_weight=cfg.phase.kl_weight,
-                                   detach_teacher=cfg.phase.kl_detach_teacher)
+                                   detach_teacher=cfg.phase.kl_detach_teacher,
+                                   teacher_grad_rows=cfg.phase.teacher_grad_rows)
             (out["loss"] / cfg.grad_accum).backward()
             lm += float(out["lm_loss"]) / cfg.grad_accum
             kl += float(out["kl_loss"]) / cfg.grad_accum

@@ -184,3 +184,34 @@ def test_cpt_starts_from_a_dense_checkpoint(tmp_path):
             assert torch.equal(p, d_state[n]), n
     with pytest.raises(ValueError, match="init_from"):
         Trainer(tiny_config(f"phase.init_from={tmp_path / 'nothing'}"), str(tmp_path / "x"), progress=False)
+
+
+def test_sampled_teacher_gradient_equals_exact_with_all_rows_and_keeps_the_value():
+    cfg = tiny_config("phase.kl_detach_teacher=false")
+    tr = Trainer(cfg, "/tmp/unused-kl2", progress=False, resume=False)
+    b = tr.data.train.next()
+    m = tr.model
+    res = {}
+    for rows in (0, 10 ** 6, 50):
+        m.zero_grad(set_to_none=True)
+        out = forward_loss(m, b.input_ids, b.cu_seqlens, kl_weight=1.0, detach_teacher=False, teacher_grad_rows=rows)
+        out["loss"].backward()
+        res[rows] = (float(out["kl_loss"]), m.layers[1].attn.q_proj.weight.grad.clone(),
+                     m.layers[1].attn.k_idx_proj.weight.grad.clone())
+    assert res[10 ** 6][0] == pytest.approx(res[0][0], rel=1e-5)
+    assert res[50][0] == pytest.approx(res[0][0], rel=1e-5)        # the estimate adds 0 to the value
+    for j in (1, 2):
+        assert torch.allclose(res[10 ** 6][j], res[0][j], rtol=1e-4, atol=1e-7)
+    assert torch.equal(res[50][2], res[10 ** 6][2])                 # index gradients do not depend on rows
+    assert not torch.allclose(res[50][1], res[0][1], rtol=1e-6, atol=0)
+
+
+def test_index_init_std_changes_only_the_index():
+    base = Trainer(tiny_config(), "/tmp/unused-init", progress=False, resume=False).model.state_dict()
+    big = Trainer(tiny_config("model.index_init_std=0.5"), "/tmp/unused-init", progress=False,
+                  resume=False).model.state_dict()
+    for n, p in base.items():
+        if "_idx_proj" in n:
+            assert big[n].std() > 10 * p.std(), n
+        else:
+            assert torch.equal(p, big[n]), n
