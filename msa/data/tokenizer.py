@@ -75,21 +75,32 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str) -> BPETokenizer:
     return BPETokenizer(path)
 
 
-def encode_documents(tokenizer, texts: Sequence[str], chunk_chars: int = 1 << 20) -> List[np.ndarray]:
-    """Each text as an int32 token array. Long texts are encoded in pieces of about chunk_chars
-    characters cut after a newline, so memory stays bounded and the batch encoder runs in parallel
-    (tokens at a cut may differ slightly from encoding the whole text; the cut points are fixed)."""
-    out = []
-    for text in texts:
-        pieces, start = [], 0
+def encode_documents(tokenizer, texts: Sequence[str], chunk_chars: int = 1 << 20,
+                     batch_chars: int = 64 << 20) -> List[np.ndarray]:
+    """Each text as an int32 token array. Texts are cut into pieces of about chunk_chars characters
+    after a newline and the pieces of many texts go to the batch encoder together (it runs them in
+    parallel), about batch_chars characters at a time; tokens at a cut may differ slightly from
+    encoding the whole text, but the cut points are fixed, so the result is deterministic."""
+    pieces: List[str] = []
+    owner: List[int] = []
+    for d, text in enumerate(texts):
+        start = 0
         while start < len(text):
             end = min(len(text), start + chunk_chars)
             if end < len(text):
                 nl = text.rfind("\n", start, end)
                 end = nl + 1 if nl > start else end
             pieces.append(text[start:end])
+            owner.append(d)
             start = end
-        ids = tokenizer.encode_batch(pieces) if pieces else []
-        arrs = [np.asarray(p, dtype=np.int32) for p in ids]
-        out.append(np.concatenate(arrs) if arrs else np.zeros(0, dtype=np.int32))
-    return out
+    per_doc: List[List[np.ndarray]] = [[] for _ in texts]
+    i = 0
+    while i < len(pieces):
+        j, size = i, 0
+        while j < len(pieces) and (j == i or size + len(pieces[j]) <= batch_chars):
+            size += len(pieces[j])
+            j += 1
+        for k, ids in zip(range(i, j), tokenizer.encode_batch(pieces[i:j])):
+            per_doc[owner[k]].append(np.asarray(ids, dtype=np.int32))
+        i = j
+    return [np.concatenate(a) if a else np.zeros(0, dtype=np.int32) for a in per_doc]
