@@ -5,6 +5,7 @@ msa/train/presets.py trained on the same data, tokens and seed, then summarized.
     python benchmarks/run_quality.py --out DIR --probe            # time a few steps per variant, suggest --steps
     python benchmarks/run_quality.py --out DIR [--gpus 8] [--runs a,b] [--steps N] [--budget-minutes 9.5]
     python benchmarks/run_quality.py --out DIR --summarize        # quality.md / quality.json / compare.png
+    ... --export $OUT/quality                                     # copy results (no checkpoints) elsewhere
 
 Each run is ``msa train --preset NAME --out DIR/NAME`` in a subprocess pinned to one GPU
 (CUDA_VISIBLE_DEVICES); with --gpus N, N runs go in parallel. Runs that are complete are skipped,
@@ -118,6 +119,18 @@ def run_all(args) -> int:
     return 0
 
 
+def export(out: Path, dest: Path) -> None:
+    """Copy everything under out except checkpoints (and the probe's runs) to dest."""
+    import shutil
+    for f in out.rglob("*"):
+        rel = f.relative_to(out)
+        if f.is_dir() or "checkpoints" in rel.parts:
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, dest / rel)
+    print(f"exported {out} (without checkpoints) to {dest}")
+
+
 def probe(args) -> int:
     """A few steps of each distinct variant (evaluation and checkpoints off) in its steady phase;
     prints seconds per step and the --steps that fits --target-minutes of training."""
@@ -170,16 +183,22 @@ def main() -> int:
     p.add_argument("--probe", action="store_true", help="time a few steps of each variant")
     p.add_argument("--target-minutes", type=float, default=7.0, help="training minutes per run for --probe's advice")
     p.add_argument("--summarize", action="store_true", help="only write quality.md / quality.json / compare.png")
+    p.add_argument("--export", default=None, help="afterwards, copy the results (no checkpoints) to this folder")
     args = p.parse_args()
     if args.summarize:
         print(summarize(args.out, "python benchmarks/run_quality.py " + " ".join(sys.argv[1:])))
-        return 0
-    if args.prepare:
+        rc = 0
+    elif args.prepare:
         cmd = command(Path(args.out), "exp-msa-pt", args, []) + ["--prepare-data"]
-        return subprocess.call(cmd, cwd=str(ROOT))
-    if args.probe:
-        return probe(args)
-    return run_all(args)
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        rc = subprocess.call(cmd, cwd=str(ROOT), env=env)
+    elif args.probe:
+        rc = probe(args)
+    else:
+        rc = run_all(args)
+    if args.export:
+        export(Path(args.out), Path(args.export))
+    return rc
 
 
 if __name__ == "__main__":

@@ -57,7 +57,11 @@ def cmd_train(args) -> int:
     if not args.preset and not args.config:
         print("msa train: give --preset NAME or --config FILE (msa train --list-presets)", file=sys.stderr)
         return 2
-    cfg = resolve_config(args.preset, args.config, args.set or [])
+    try:
+        cfg = resolve_config(args.preset, args.config, args.set or [])
+    except ValueError as exc:  # a bad key or value: say which, without a traceback
+        print(f"msa train: {exc}", file=sys.stderr)
+        return 2
     if args.print_config:
         import dataclasses
         import json

@@ -31,6 +31,8 @@ def plot_run(history: List[Dict], final: Optional[Dict], path: Path, *, title: s
         a.plot([r["step"] for r in history if k in r.get("layer_kl", {})],
                [r["layer_kl"][k] for r in history if k in r.get("layer_kl", {})], lw=0.9, label=f"layer {k}")
     a.set(title="indexer KL per layer (train; support of the current mode)", xlabel="step", ylabel="KL (nats)")
+    if layers and all(v > 0 for r in history for v in r.get("layer_kl", {}).values()):
+        a.set_yscale("log")  # the warmup (full support) and sparse KLs differ by orders of magnitude
     if layers:
         a.legend(fontsize=7)
     ax2 = a.twinx()
@@ -64,8 +66,8 @@ def plot_run(history: List[Dict], final: Optional[Dict], path: Path, *, title: s
 
 
 def plot_compare(runs: Dict[str, Dict], path: Path, *, names: Optional[Sequence[str]] = None) -> None:
-    """runs: name -> {"history": [...], "final": {...} or None}. Validation loss, KL, recall and
-    loss-by-position of several runs."""
+    """runs: name -> {"history": [...], "final": {...} or None, "token_offset": tokens before the
+    run's first step (continued runs)}. Validation loss, KL, recall and loss-by-position of several runs."""
     plt = _plt()
     names = list(names or runs)
     fig, ax = plt.subplots(2, 2, figsize=(14, 10))
@@ -73,7 +75,9 @@ def plot_compare(runs: Dict[str, Dict], path: Path, *, names: Optional[Sequence[
         h = runs[n].get("history") or []
         ev = [r for r in h if "val_lm_loss" in r]
         if ev:
-            ax[0, 0].plot([r["tokens_seen"] / 1e6 for r in ev], [r["val_lm_loss"] for r in ev], "o-", ms=2, label=n)
+            off = runs[n].get("token_offset", 0.0)
+            ax[0, 0].plot([(off + r["tokens_seen"]) / 1e6 for r in ev], [r["val_lm_loss"] for r in ev], "o-", ms=2,
+                          label=n)
         kl = [r for r in h if r.get("kl")]
         if kl:
             ax[0, 1].plot([r["step"] for r in kl], [r["kl"] for r in kl], lw=0.8, label=n)

@@ -142,6 +142,15 @@ def markdown(rs: List[Dict], command: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _token_offset(runs: Dict[str, Dict], name: str) -> float:
+    """Tokens the run's starting checkpoint had seen (a continued run is drawn after its source)."""
+    src = ((runs[name].get("config") or {}).get("config") or {}).get("phase", {}).get("init_from") or ""
+    src_name = Path(src).name if src else ""
+    if src_name in runs:
+        return float(runs[src_name]["summary"].get("tokens_seen", 0))
+    return 0.0
+
+
 def summarize(root: str, command: str = "") -> str:
     """Write quality.json, quality.md and compare.png under root; return the markdown."""
     from .plots import plot_compare
@@ -153,6 +162,6 @@ def summarize(root: str, command: str = "") -> str:
                                                       "runs": {n: {"summary": v["summary"], "final": v["final"]}
                                                                for n, v in runs.items()}}, indent=1))
     if runs:
-        plot_compare({n: {"history": v["history"], "final": v["final"]} for n, v in runs.items()},
-                     Path(root, "compare.png"), names=[x["run"] for x in rs])
+        plot_compare({n: {"history": v["history"], "final": v["final"], "token_offset": _token_offset(runs, n)}
+                      for n, v in runs.items()}, Path(root, "compare.png"), names=[x["run"] for x in rs])
     return md
