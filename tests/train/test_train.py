@@ -215,3 +215,28 @@ def test_index_init_std_changes_only_the_index():
             assert big[n].std() > 10 * p.std(), n
         else:
             assert torch.equal(p, big[n]), n
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step()`")
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    # two micro-batches of one window vs one batch of the same two windows: the same gradient (the
+    # token mean is per micro-batch; equal here, both windows hold the same number of targets)
+    one = Trainer(tiny_config("data.batch_size=2", "grad_accum=1", "optim.grad_clip=0"), str(tmp_path / "a"),
+                  progress=False, resume=False)
+    two = Trainer(tiny_config("data.batch_size=1", "grad_accum=2", "optim.grad_clip=0"), str(tmp_path / "b"),
+                  progress=False, resume=False)
+    w_one = one.data.train._permutation()[:2].tolist()
+    assert two.data.train._permutation()[:2].tolist() == w_one      # the same windows in the same order
+    assert all(one.data.train.windows.single[w] for w in w_one)
+    for t in (one, two):
+        t.opt.step = lambda: None                                   # keep the gradients, skip the update
+        t.train_step()
+    assert two.tokens_seen == one.tokens_seen
+    n_checked = 0
+    for (n, p), (_, q) in zip(one.model.named_parameters(), two.model.named_parameters()):
+        if p.grad is None:
+            assert q.grad is None, n
+            continue
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7), n
+        n_checked += 1
+    assert n_checked > 10
