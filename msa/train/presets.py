@@ -62,8 +62,9 @@ def exp_base() -> TrainConfig:
                         eval_corpus_mb=40),
         optim=OptimConfig(lr=1e-3, index_lr=1e-3, warmup_steps=100, min_lr_ratio=0.1),
         phase=PhaseConfig(kind="msa", warmup_steps=EXP_STEPS // 5, kl_weight=1.0),
-        eval=EvalConfig(every=200, batches=4, bucket_windows=16, retrieval_lengths=[4096, 8192, 16384],
-                        retrieval_depths=[0.1, 0.5, 0.9], retrieval_samples=4))
+        # retrieval at 32K is twice the training context: how each attention extrapolates
+        eval=EvalConfig(every=200, batches=4, bucket_windows=16, retrieval_lengths=[4096, 8192, 16384, 32768],
+                        retrieval_depths=[0.1, 0.5, 0.9], retrieval_samples=4, retrieval_max_factor=2.0))
 
 
 def _variant(name: str, **changes) -> Callable[[], TrainConfig]:

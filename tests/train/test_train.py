@@ -240,3 +240,16 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
         assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7), n
         n_checked += 1
     assert n_checked > 10
+
+
+def test_wall_clock_cap_stops_with_a_checkpoint_and_the_run_resumes(tmp_path):
+    cfg = tiny_config("steps=6", "eval.every=0", "eval.final=false", "checkpoint_every=0")
+    a = Trainer(cfg, str(tmp_path / "a"), progress=False)
+    a.fit()
+    capped = apply_overrides(cfg, ["max_minutes=1e-9"])
+    s = Trainer(capped, str(tmp_path / "b"), progress=False).fit()
+    assert s["status"] == "interrupted" and s["step"] == 1
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["status"] == "interrupted"
+    c = Trainer(cfg, str(tmp_path / "b"), progress=False)   # max_minutes may change between the commands
+    assert c.fit()["status"] == "complete"
+    assert _losses(c.history) == _losses(a.history)
