@@ -355,10 +355,13 @@ class Trainer:
                                    detach_teacher=cfg.phase.kl_detach_teacher,
                                    teacher_grad_rows=cfg.phase.teacher_grad_rows)
             (out["loss"] / cfg.grad_accum).backward()
-            lm += float(out["lm_loss"]) / cfg.grad_accum
-            kl += float(out["kl_loss"]) / cfg.grad_accum
-            for i, v in out["layer_kl"].items():
-                layer_kl[i] = layer_kl.get(i, 0.0) + float(v) / cfg.grad_accum
+            keys = sorted(out["layer_kl"])
+            vals = torch.stack([out["lm_loss"].float(), out["kl_loss"].float()]
+                               + [out["layer_kl"][i].float() for i in keys]).tolist()  # one device sync
+            lm += vals[0] / cfg.grad_accum
+            kl += vals[1] / cfg.grad_accum
+            for i, v in zip(keys, vals[2:]):
+                layer_kl[i] = layer_kl.get(i, 0.0) + v / cfg.grad_accum
         norms = {}
         if cfg.optim.grad_clip:
             bb = [p for p in self.model.backbone_parameters() if p.grad is not None]
