@@ -2,7 +2,7 @@
 msa/train/presets.py trained on the same data, tokens and seed, then summarized.
 
     python benchmarks/run_quality.py --out DIR --prepare          # build the tokenizer + token cache once
-    python benchmarks/run_quality.py --out DIR --probe            # time a few steps per variant, suggest --steps
+    python benchmarks/run_quality.py --out DIR --probe [--gpus 6] # time 12 steps per variant/phase, suggest --steps
     python benchmarks/run_quality.py --out DIR [--gpus 8] [--runs a,b] [--steps N] [--budget-minutes 9.5]
     python benchmarks/run_quality.py --out DIR --summarize        # quality.md / quality.json / compare.png
     ... --export $OUT/quality                                     # copy results (no checkpoints) elsewhere
@@ -31,7 +31,11 @@ sys.path.insert(0, str(ROOT))
 from msa.train.presets import EXP_STEPS, INIT_FROM, get_preset  # noqa: E402
 from msa.train.report import ORDER, summarize  # noqa: E402
 
-PROBE_RUNS = ["exp-dense", "exp-msa-pt", "exp-msa-nowarmup", "exp-local", "exp-msa-nodetach"]
+# (label, preset, phase timed): an MSA run's mean step mixes its warmup and sparse steps
+PROBE_JOBS = [("exp-dense", "exp-dense", "-"), ("exp-local", "exp-local", "-"),
+              ("exp-msa-pt.warmup", "exp-msa-pt", "warmup"), ("exp-msa-pt.sparse", "exp-msa-pt", "sparse"),
+              ("exp-msa-nodetach.warmup", "exp-msa-nodetach", "warmup"),
+              ("exp-msa-nodetach.sparse", "exp-msa-nodetach", "sparse")]
 
 
 def scaled_overrides(name: str, steps: int | None) -> list:
@@ -138,13 +142,13 @@ def probe(args) -> int:
     out = Path(args.out) / "probe"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     jobs = []
-    for name in PROBE_RUNS:
-        extra = ["steps=12", "eval.every=0", "eval.final=false", "checkpoint_every=0", "log_every=1"]
-        if name in ("exp-msa-pt", "exp-msa-nodetach"):  # their warmup phase: dense attention + full-support KL
-            extra.append("phase.warmup_steps=100")
+    for label, preset, phase in PROBE_JOBS:
+        extra = ["steps=12", "eval.every=0", "eval.final=false", "checkpoint_every=0", "log_every=1",
+                 f"phase.warmup_steps={100 if phase == 'warmup' else 0}", f"name={label}"]
         ns = argparse.Namespace(steps=None, set=args.set, cache_dir=args.cache_dir)
-        cmd = [c for c in command(out, name, ns, extra) if not c.startswith("phase.init_from")] + ["--fresh"]
-        jobs.append((name, cmd))
+        cmd = [c for c in command(out, preset, ns, extra) if not c.startswith("phase.init_from")] + ["--fresh"]
+        cmd[cmd.index("--out") + 1] = str(out / label)
+        jobs.append((label, cmd))
     res, width = {}, max(1, args.gpus)
     for i in range(0, len(jobs), width):
         procs = []
@@ -159,19 +163,21 @@ def probe(args) -> int:
                 res[name] = {"error": text[-2000:]}
                 continue
             hist = [json.loads(x) for x in (out / name / "log.jsonl").read_text().splitlines()]
+            hist = [r for r in hist if "step_s" in r]
             st = statistics.median(r["step_s"] for r in hist[4:]) if len(hist) > 5 else hist[-1]["step_s"]
             res[name] = {"step_s": st, "tok_per_s": hist[-1]["tokens"] / st, "mode": hist[-1]["mode"],
                          "first_step_s": hist[0]["step_s"]}
-            print(f"{name:18s} {res[name]['mode']:6s} {st * 1000:8.1f} ms/step {res[name]['tok_per_s']:12,.0f} tok/s "
+            print(f"{name:24s} {res[name]['mode']:6s} {st * 1000:8.1f} ms/step {res[name]['tok_per_s']:12,.0f} tok/s "
                   f"(first step, compiles included: {hist[0]['step_s']:.1f} s)", flush=True)
     pt = get_preset("exp-msa-pt")
     w = pt.phase.warmup_steps / pt.steps
     per_step = {}
-    for name, warm, sparse in (("exp-dense", "exp-dense", "exp-dense"), ("exp-local", "exp-local", "exp-local"),
-                               ("exp-msa-pt", "exp-msa-pt", "exp-msa-nowarmup"),
-                               ("exp-msa-nodetach", "exp-msa-nodetach", "exp-msa-nowarmup")):
-        if "step_s" in res.get(warm, {}) and "step_s" in res.get(sparse, {}):
-            per_step[name] = w * res[warm]["step_s"] + (1 - w) * res[sparse]["step_s"]
+    for name in ("exp-dense", "exp-local", "exp-msa-pt", "exp-msa-nodetach"):
+        warm, sparse = res.get(f"{name}.warmup", {}), res.get(f"{name}.sparse", {})
+        if "step_s" in warm and "step_s" in sparse:
+            per_step[name] = w * warm["step_s"] + (1 - w) * sparse["step_s"]
+        elif "step_s" in res.get(name, {}):
+            per_step[name] = res[name]["step_s"]
     if per_step:
         slowest = max(per_step, key=per_step.get)
         steps = int(args.target_minutes * 60 / per_step[slowest])
@@ -179,8 +185,7 @@ def probe(args) -> int:
         for n, v in per_step.items():
             print(f"{n:18s} mean step {v * 1000:8.1f} ms -> {args.target_minutes * 60 / v:7.0f} steps in "
                   f"{args.target_minutes} min")
-        print(f"suggested --steps {steps} (set by {slowest}; the sampled non-detached teacher gradient of "
-              f"exp-msa-nodetach in its sparse phase is not probed: it is costed like exp-msa-nowarmup)")
+        print(f"suggested --steps {steps} (set by {slowest})")
     (out / "probe.json").write_text(json.dumps(res, indent=1))
     return 0
 
