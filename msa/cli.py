@@ -1,10 +1,11 @@
-"""The ``msa`` command: ``msa demo``, ``msa flops``, ``msa bench {prefill,decode,train,topk,layer}``."""
+"""The ``msa`` command: ``msa demo``, ``msa train``, ``msa flops``, ``msa bench {prefill,decode,train,topk,layer}``."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 from . import __version__
@@ -65,6 +66,44 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .train import preset_names, resolve_config
+    from .train.trainer import Trainer, build_data, resolve_device
+
+    if args.list_presets:
+        for n in preset_names():
+            print(n)
+        return 0
+    if not args.preset and not args.config:
+        print("msa train: give --preset NAME or --config FILE (msa train --list-presets)", file=sys.stderr)
+        return 2
+    try:
+        cfg = resolve_config(args.preset, args.config, args.set or [])
+    except ValueError as exc:  # a bad key or value: say which, without a traceback
+        print(f"msa train: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import dataclasses
+        import json
+        print(json.dumps(dataclasses.asdict(cfg), indent=1))
+        return 0
+    if args.prepare_data:
+        build_data(cfg, resolve_device(cfg))
+        return 0
+    out = args.out or f"out/train/{cfg.name}"
+    if args.fresh:
+        import shutil
+        shutil.rmtree(Path(out) / "checkpoints", ignore_errors=True)
+    s = Trainer(cfg, out, progress=not args.no_progress, resume=not args.fresh).fit()
+    msg = f"msa train: {s['status']} at step {s['step']}/{s['steps']}"
+    if "val_lm_loss" in s:
+        msg += f"; validation loss {s['val_lm_loss']:.4f}"
+    if "score_recall" in s:
+        msg += f", block recall {s['block_recall']:.3f}, score recall {s['score_recall']:.3f}"
+    print(f"{msg}; results in {out}")
+    return 0 if s["status"] in ("complete", "interrupted") else 1
+
+
 def _bench_help() -> str:
     from .bench import BENCHES
 
@@ -115,7 +154,7 @@ def cmd_bench(which: Optional[str], extra: List[str]) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="msa", description="MiniMax Sparse Attention: demo, cost model, benchmarks")
+    p = argparse.ArgumentParser(prog="msa", description="MiniMax Sparse Attention: demo, training, cost model, benchmarks")
     p.add_argument("--version", action="version", version=f"msa {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="train a small MSA LM on the stdlib's source (dense warmup, then sparse)")
@@ -123,6 +162,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     d.add_argument("--steps", type=_positive_int, default=None, help="training steps, >= 1 (default: by device)")
     d.add_argument("--device", default=None, choices=("cpu", "cuda"), help="cpu or cuda (default: cuda when available)")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t = sub.add_parser("train", help="train an MSA language model from a preset or config file (msa/train)")
+    t.add_argument("--preset", default=None, help="a named configuration (--list-presets)")
+    t.add_argument("--config", default=None, help="a JSON or TOML config file (applied over the preset)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set optim.lr=3e-4 --set model.topk_blocks=8 (repeatable)")
+    t.add_argument("--out", default=None, help="run directory (default out/train/<name>); an existing run resumes")
+    t.add_argument("--fresh", action="store_true", help="ignore (delete) checkpoints in --out and start over")
+    t.add_argument("--prepare-data", action="store_true", help="only build the tokenizer and token cache")
+    t.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    t.add_argument("--list-presets", action="store_true", help="list the presets and exit")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
     f = sub.add_parser("flops", help="attention FLOPs and decode bytes per token, dense vs MSA")
     f.add_argument("--num-heads", type=_positive_int, default=64)
     f.add_argument("--num-kv-heads", type=_positive_int, default=4)
@@ -150,7 +200,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             seqs = []
         if not seqs or min(seqs) < 1:
             f.error(f"argument --seqlens: must be comma-separated positive integers, got {args.seqlens!r}")
-    return {"demo": cmd_demo, "flops": cmd_flops}[args.cmd](args)
+    return {"demo": cmd_demo, "flops": cmd_flops, "train": cmd_train}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,11 @@
+"""Offline training data: the installed Python packages' source code, a BPE tokenizer trained on it,
+windows of the context length with packing (cu_seqlens), and a resumable, shardable loader."""
+
+from .corpus import Package, find_packages, iter_documents, package_text, split_of
+from .dataset import (Batch, CorpusData, CorpusSpec, TokenizedSplit, WindowLoader, Windows, eval_window_ids,
+                      make_windows, pack_windows, prepare_corpus)
+from .tokenizer import BPETokenizer, ByteTokenizer, train_bpe
+
+__all__ = ["Package", "find_packages", "iter_documents", "package_text", "split_of", "Batch", "CorpusData",
+           "CorpusSpec", "TokenizedSplit", "WindowLoader", "Windows", "eval_window_ids", "make_windows",
+           "pack_windows", "prepare_corpus", "BPETokenizer", "ByteTokenizer", "train_bpe"]

@@ -1,0 +1,199 @@
+"""Synthetic retrieval inside real code: facts planted as Python lines in held-out source code and
+asked for at the end, scored by teacher-forced exact match of the answer's tokens (the same as
+greedy decoding of the answer).
+
+Tasks (every fact is a 5-digit integer bound to a fresh identifier):
+- ``needle``: one constant defined at depth d, asked late (``assert NAME == ``).
+- ``multi_needle``: four constants spread through the context; the one at depth d is asked.
+- ``mqar``: multi-query associative recall: eight constants defined together at depth d, all eight
+  asked at the end in a shuffled order (accuracy per query).
+- ``var_track``: variable tracking: ``a = 52817`` at depth d, then a chain ``b = a``, ``c = b``,
+  ... spread between d and the end; the last name is asked.
+Depth d is the fraction of the context before the fact. Filler lines come from test-split
+packages, decoded from their tokens and cut at line boundaries.
+"""
+
+from __future__ import annotations
+
+import string
+import zlib
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .capture import unwrap
+from .lm import autocast_ctx
+
+TASKS = ("needle", "multi_needle", "mqar", "var_track")
+
+
+@dataclass
+class Sample:
+    """length: the requested context length (len(ids) is at most that, short by less than a line);
+    ids: the whole prompt's tokens; answers: (start, end) token ranges whose tokens must be predicted
+    (each from the token before it)."""
+
+    task: str
+    length: int
+    depth: float
+    ids: List[int]
+    answers: List[Tuple[int, int]]
+
+
+class _Builder:
+    def __init__(self, tokenizer, filler_tokens: np.ndarray, seed: int):
+        self.tok, self.filler, self.seed = tokenizer, filler_tokens, seed
+
+    def _rng(self, *key) -> np.random.Generator:
+        words = [zlib.crc32(k.encode()) if isinstance(k, str) else int(k) for k in key]
+        return np.random.Generator(np.random.PCG64([self.seed, *words]))
+
+    def _name(self, rng) -> str:
+        letters = string.ascii_lowercase
+        return "_".join("".join(rng.choice(list(letters), size=int(rng.integers(4, 7)))) for _ in range(2))
+
+    def _value(self, rng) -> str:
+        return str(int(rng.integers(10000, 100000)))
+
+    def _filler_lines(self, rng, n_tokens: int) -> List[List[int]]:
+        """Lines of real code (each line's tokens, encoded line by line) totalling >= n_tokens."""
+        span = int(n_tokens * 1.5) + 256
+        if len(self.filler) <= span:
+            raise ValueError(f"the test split holds {len(self.filler)} tokens, too few for a {n_tokens}-token "
+                             f"retrieval context; lower eval.retrieval_lengths or raise data.eval_corpus_mb")
+        start = int(rng.integers(0, len(self.filler) - span))
+        text = self.tok.decode(self.filler[start:start + span].tolist())
+        lines = text.split("\n")[1:-1]  # drop the partial first and last lines
+        enc = self.tok.encode_batch([ln + "\n" for ln in lines])
+        out, total = [], 0
+        for e in enc:
+            if total >= n_tokens:
+                break
+            out.append(e)
+            total += len(e)
+        return out
+
+    def _qa(self, prompt: str, answer: str) -> Tuple[List[int], int]:
+        """Tokens of prompt + answer and where the answer starts (encoded together when the prompt's
+        tokens are a prefix, else separately)."""
+        p = self.tok.encode(prompt)
+        full = self.tok.encode(prompt + answer)
+        if full[:len(p)] == p and len(full) > len(p):
+            return full, len(p)
+        return p + self.tok.encode(answer), len(p)
+
+    def build(self, task: str, length: int, depth: float, index: int) -> Sample:
+        rng = self._rng(task, length, int(depth * 1000), index)
+        facts: List[Tuple[float, List[int]]] = []  # (depth, tokens of a line)
+        queries: List[Tuple[str, str]] = []
+        if task == "needle":
+            n, v = self._name(rng).upper(), self._value(rng)
+            facts.append((depth, self.tok.encode(f"{n} = {v}\n")))
+            queries.append((f"assert {n} ==", f" {v}"))
+        elif task == "multi_needle":
+            depths = sorted({depth, *[float(x) for x in rng.uniform(0.05, 0.95, size=3)]})
+            for d in depths:
+                n, v = self._name(rng).upper(), self._value(rng)
+                facts.append((d, self.tok.encode(f"{n} = {v}\n")))
+                if d == depth:
+                    queries.append((f"assert {n} ==", f" {v}"))
+        elif task == "mqar":
+            pairs = [(self._name(rng).upper(), self._value(rng)) for _ in range(8)]
+            for j, (n, v) in enumerate(pairs):
+                facts.append((depth + j * 1e-6, self.tok.encode(f"{n} = {v}\n")))
+            for j in rng.permutation(len(pairs)):
+                n, v = pairs[int(j)]
+                queries.append((f"assert {n} ==", f" {v}"))
+        elif task == "var_track":
+            names = [self._name(rng) for _ in range(4)]
+            v = self._value(rng)
+            ds = [depth] + sorted(float(x) for x in rng.uniform(depth, 0.95, size=len(names) - 1))
+            facts.append((ds[0], self.tok.encode(f"{names[0]} = {v}\n")))
+            for a, b_, d in zip(names[:-1], names[1:], ds[1:]):
+                facts.append((d, self.tok.encode(f"{b_} = {a}\n")))
+            queries.append((f"assert {names[-1]} ==", f" {v}"))
+        else:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        qa = [self._qa(q, a) for q, a in queries]
+        tail = sum(len(ids) + 1 for ids, _ in qa)
+        budget = length - tail - sum(len(f) for _, f in facts)
+        if budget < 16:
+            raise ValueError(f"length {length} is too short for task {task!r}")
+        lines = self._filler_lines(rng, budget)
+        ids: List[int] = []
+        facts.sort(key=lambda f: f[0])
+        fi = filled = 0
+        for ln in lines:
+            while fi < len(facts) and filled >= facts[fi][0] * budget:
+                ids += facts[fi][1]
+                fi += 1
+            if filled + len(ln) > budget:
+                break
+            ids += ln
+            filled += len(ln)
+        for _, f in facts[fi:]:
+            ids += f
+        nl = self.tok.encode("\n")
+        answers = []
+        for q_ids, split in qa:
+            start = len(ids)
+            ids += q_ids
+            answers.append((start + split, start + len(q_ids)))
+            ids += nl
+        return Sample(task, length, depth, ids, answers)
+
+
+def build_samples(tokenizer, filler_tokens: np.ndarray, *, lengths: Sequence[int], depths: Sequence[float],
+                  samples: int, tasks: Sequence[str] = TASKS, seed: int = 0) -> List[Sample]:
+    """Every (task, length, depth, index) sample, deterministic in seed. filler_tokens: int32 (N,)
+    tokens of held-out code (the test split)."""
+    b = _Builder(tokenizer, np.asarray(filler_tokens), seed)
+    return [b.build(t, L, d, i) for t in tasks for L in lengths for d in depths for i in range(samples)]
+
+
+@torch.no_grad()
+def score_samples(model: torch.nn.Module, samples: Sequence[Sample], *, device,
+                  autocast_dtype: Optional[torch.dtype] = None) -> List[float]:
+    """Per sample: the fraction of its answers whose every token is the model's argmax."""
+    m = unwrap(model)
+    m.eval()
+    scores = []
+    for s in samples:
+        ids = torch.tensor(s.ids, dtype=torch.int64, device=device).view(1, -1)
+        with autocast_ctx(torch.device(device), autocast_dtype):
+            logits = m(ids, compute_kl=False).logits[0]
+        pred = logits.argmax(-1)
+        ok = []
+        for a, e in s.answers:
+            ok.append(bool((pred[a - 1:e - 1] == ids[0, a:e]).all()))
+        scores.append(sum(ok) / len(ok))
+    m.train()
+    return scores
+
+
+def retrieval_eval(model: torch.nn.Module, tokenizer, filler_tokens: np.ndarray, *, lengths: Sequence[int],
+                   depths: Sequence[float], samples: int, device, autocast_dtype: Optional[torch.dtype] = None,
+                   tasks: Sequence[str] = TASKS, seed: int = 0) -> Dict[str, object]:
+    """Accuracy by task, length and depth. Returns {"tasks": {task: {"by_length": {L: acc},
+    "by_depth": {d: acc}, "grid": {"L@d": acc}, "mean": acc}}, "mean": acc over tasks}."""
+    ss = build_samples(tokenizer, filler_tokens, lengths=lengths, depths=depths, samples=samples, tasks=tasks,
+                       seed=seed)
+    sc = score_samples(model, ss, device=device, autocast_dtype=autocast_dtype)
+    res: Dict[str, object] = {"tasks": {}, "lengths": list(lengths), "depths": list(depths), "samples": samples}
+    for t in tasks:
+        rows = [(s, v) for s, v in zip(ss, sc) if s.task == t]
+
+        def mean(xs):
+            xs = list(xs)
+            return sum(xs) / len(xs) if xs else None
+        res["tasks"][t] = {
+            "by_length": {str(L): mean(v for s, v in rows if s.length == L) for L in lengths},
+            "by_depth": {str(d): mean(v for s, v in rows if s.depth == d) for d in depths},
+            "grid": {f"{L}@{d}": mean(v for s, v in rows if s.length == L and s.depth == d)
+                     for L in lengths for d in depths},
+            "mean": mean(v for _, v in rows)}
+    means = [v["mean"] for v in res["tasks"].values() if v["mean"] is not None]
+    res["mean"] = sum(means) / len(means) if means else None
+    return res

@@ -1,0 +1,116 @@
+"""Named configurations of ``msa train``.
+
+``tiny``: seconds on a CPU (CI). ``small``: a few minutes on a CPU. ``exp-*``: the quality
+experiments on one H200 (benchmarks/run_quality.py), all on the same data, tokens and seed:
+a 12-layer, ~46M-parameter model (1 dense + 11 MSA layers), context 16K, blocks of 128, top-16.
+
+- exp-dense: full attention throughout (no KL: also the dense checkpoint MSA-CPT starts from)
+- exp-msa-pt: dense warmup with the full-support KL for 20% of the steps, then sparse
+- exp-local: sparse attention over only the last 16 blocks (the same key budget, no indexer)
+- exp-msa-nowarmup / exp-msa-nodetach / exp-msa-indexrope / exp-msa-k8: ablations of exp-msa-pt
+  (sparse from step 0; KL teacher not detached, its gradient estimated from 1024 sampled query rows
+  per micro-batch; index RMSNorm + RoPE; top-8)
+- exp-msa-cpt: from exp-dense's final checkpoint (phase.init_from), fresh index projections, KL
+  warmup for 20% of its steps, then sparse; its steps are 20% of the pretraining's
+- exp-dense-cont: exp-dense continued densely for the same steps (the comparison for exp-msa-cpt)
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Dict, List
+
+from ..ops.common import check
+from .config import DataConfig, EvalConfig, ModelConfig, OptimConfig, PhaseConfig, TrainConfig
+
+
+def tiny() -> TrainConfig:
+    return TrainConfig(
+        name="tiny", steps=12, checkpoint_every=4, log_every=1, device="cpu",
+        model=ModelConfig(hidden_size=32, num_layers=2, num_dense_layers=1, intermediate_size=64, num_heads=2,
+                          num_kv_heads=1, head_dim=16, index_dim=16, block_size=16, topk_blocks=3),
+        data=DataConfig(seq_len=128, batch_size=2, vocab_size=384, tokenizer_train_mb=0.3, max_corpus_mb=0.6,
+                        eval_corpus_mb=0.25, include_site_packages=False),
+        optim=OptimConfig(lr=1e-2, index_lr=1e-2, warmup_steps=2),
+        phase=PhaseConfig(kind="msa", warmup_steps=4),
+        eval=EvalConfig(every=6, batches=2, bucket_windows=2, retrieval_lengths=[512], retrieval_depths=[0.2, 0.8],
+                        retrieval_samples=1, retrieval_max_factor=4.0))
+
+
+def small() -> TrainConfig:
+    return TrainConfig(
+        name="small", steps=300, checkpoint_every=100, log_every=5,
+        model=ModelConfig(hidden_size=128, num_layers=3, num_dense_layers=1, intermediate_size=384, num_heads=4,
+                          num_kv_heads=2, head_dim=32, index_dim=32, block_size=32, topk_blocks=4),
+        data=DataConfig(seq_len=512, batch_size=4, vocab_size=2048, tokenizer_train_mb=4, max_corpus_mb=20,
+                        eval_corpus_mb=4, include_site_packages=False),
+        optim=OptimConfig(lr=3e-3, index_lr=3e-3, warmup_steps=20),
+        phase=PhaseConfig(kind="msa", warmup_steps=90),
+        eval=EvalConfig(every=50, batches=4, bucket_windows=8, retrieval_lengths=[512], retrieval_samples=2))
+
+
+EXP_STEPS = 1600
+
+
+def exp_base() -> TrainConfig:
+    """The shared recipe of the GPU experiments (edit here, not per variant)."""
+    return TrainConfig(
+        name="exp", steps=EXP_STEPS, checkpoint_every=200, log_every=10, max_minutes=0.0,
+        model=ModelConfig(hidden_size=512, num_layers=12, num_dense_layers=1, intermediate_size=1536, num_heads=8,
+                          num_kv_heads=2, head_dim=64, index_dim=64, block_size=128, topk_blocks=16),
+        data=DataConfig(seq_len=16384, batch_size=2, vocab_size=16384, tokenizer_train_mb=32, max_corpus_mb=400,
+                        eval_corpus_mb=40),
+        optim=OptimConfig(lr=1e-3, index_lr=1e-3, warmup_steps=100, min_lr_ratio=0.1),
+        phase=PhaseConfig(kind="msa", warmup_steps=EXP_STEPS // 5, kl_weight=1.0),
+        # retrieval at 32K is twice the training context: how each attention extrapolates
+        eval=EvalConfig(every=200, batches=4, bucket_windows=16, retrieval_lengths=[4096, 8192, 16384, 32768],
+                        retrieval_depths=[0.1, 0.5, 0.9], retrieval_samples=4, retrieval_max_factor=2.0))
+
+
+def _variant(name: str, **changes) -> Callable[[], TrainConfig]:
+    """exp_base with changes keyed section__field, e.g. _variant("exp-local", phase__kind="local")."""
+    def make() -> TrainConfig:
+        cfg = exp_base()
+        cfg.name = name
+        for key, val in changes.items():
+            obj = cfg
+            parts = key.split("__")
+            for p in parts[:-1]:
+                obj = getattr(obj, p)
+            check(hasattr(obj, parts[-1]), f"preset {name}: unknown key {key}")
+            setattr(obj, parts[-1], copy.deepcopy(val))
+        return cfg.validate()
+    return make
+
+
+CPT_STEPS = EXP_STEPS // 5
+
+PRESETS: Dict[str, Callable[[], TrainConfig]] = {
+    "tiny": tiny,
+    "small": small,
+    "exp-dense": _variant("exp-dense", phase__kind="dense", phase__kl_weight=0.0, phase__warmup_steps=0),
+    "exp-msa-pt": _variant("exp-msa-pt"),
+    "exp-local": _variant("exp-local", phase__kind="local", phase__kl_weight=0.0, phase__warmup_steps=0),
+    "exp-msa-nowarmup": _variant("exp-msa-nowarmup", phase__warmup_steps=0),
+    "exp-msa-nodetach": _variant("exp-msa-nodetach", phase__kl_detach_teacher=False, phase__teacher_grad_rows=1024),
+    "exp-msa-indexrope": _variant("exp-msa-indexrope", model__index_norm_rope=True),
+    "exp-msa-k8": _variant("exp-msa-k8", model__topk_blocks=8),
+    "exp-msa-cpt": _variant("exp-msa-cpt", steps=CPT_STEPS, phase__warmup_steps=CPT_STEPS // 5,
+                            phase__reinit_index=True, optim__lr=3e-4, optim__warmup_steps=20,
+                            optim__index_lr=1e-3, checkpoint_every=100, eval__every=80),
+    "exp-dense-cont": _variant("exp-dense-cont", steps=CPT_STEPS, phase__kind="dense", phase__kl_weight=0.0,
+                               phase__warmup_steps=0, optim__lr=3e-4, optim__warmup_steps=20,
+                               checkpoint_every=100, eval__every=80),
+}
+
+# runs that start from another run's final checkpoint
+INIT_FROM = {"exp-msa-cpt": "exp-dense", "exp-dense-cont": "exp-dense"}
+
+
+def preset_names() -> List[str]:
+    return list(PRESETS)
+
+
+def get_preset(name: str) -> TrainConfig:
+    check(name in PRESETS, f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[name]()

@@ -1,0 +1,167 @@
+"""Summaries of a directory of ``msa train`` runs (the quality experiments): a results JSON, a
+comparison plot and a markdown table with the issue's targets checked, for the README."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional
+
+ORDER = ["exp-dense", "exp-msa-pt", "exp-local", "exp-msa-nowarmup", "exp-msa-nodetach", "exp-msa-indexrope",
+         "exp-msa-k8", "exp-dense-cont", "exp-msa-cpt"]
+
+
+def load_runs(root: str) -> Dict[str, Dict]:
+    """name -> {"summary", "history", "final", "config"} for every run directory under root."""
+    runs = {}
+    for d in sorted(Path(root).iterdir()):
+        if not (d / "summary.json").exists():
+            continue
+        hist = [json.loads(x) for x in (d / "log.jsonl").read_text().splitlines()] if (d / "log.jsonl").exists() else []
+        final = json.loads((d / "final_eval.json").read_text()) if (d / "final_eval.json").exists() else None
+        cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").exists() else {}
+        runs[d.name] = {"summary": json.loads((d / "summary.json").read_text()), "history": hist, "final": final,
+                        "config": cfg}
+    return runs
+
+
+def loss_beyond(final: Optional[Dict], start: int) -> Optional[float]:
+    """Token-weighted test loss over the position buckets that start at or after ``start``."""
+    if not final or not final.get("buckets"):
+        return None
+    bs = [b for b in final["buckets"]["buckets"] if b["start"] >= start and b["loss"] is not None]
+    n = sum(b["tokens"] for b in bs)
+    return sum(b["loss"] * b["tokens"] for b in bs) / n if n else None
+
+
+def retrieval_at(final: Optional[Dict], lengths: List[int]) -> Optional[float]:
+    """Mean retrieval accuracy over tasks at the given lengths (those that were measured)."""
+    if not final or not final.get("retrieval"):
+        return None
+    vals = []
+    for t in final["retrieval"]["tasks"].values():
+        for L in lengths:
+            v = t["by_length"].get(str(L))
+            if v is not None:
+                vals.append(v)
+    return sum(vals) / len(vals) if vals else None
+
+
+def _f(x, fmt="{:.4f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def rows(runs: Dict[str, Dict]) -> List[Dict]:
+    names = [n for n in ORDER if n in runs] + [n for n in runs if n not in ORDER]
+    out = []
+    for n in names:
+        s, fin = runs[n]["summary"], runs[n]["final"]
+        out.append({
+            "run": n, "status": s.get("status"), "kind": s.get("kind"), "steps": s.get("step"),
+            "tokens_M": s.get("tokens_seen", 0) / 1e6, "params_M": s.get("parameters", {}).get("total", 0) / 1e6,
+            "val_loss": s.get("val_lm_loss"), "test_loss_lt4k": _weighted(fin, 0, 4096),
+            "test_loss_ge4k": loss_beyond(fin, 4096),
+            "retrieval_8k_16k": retrieval_at(fin, [8192, 16384]), "retrieval_all": (fin or {}).get("retrieval", {}).get("mean"),
+            "block_recall": s.get("block_recall"), "score_recall": s.get("score_recall"),
+            "kl_sparse_first": s.get("sparse_kl_first_quarter"), "kl_sparse_last": s.get("sparse_kl_last_quarter"),
+            "train_min": s.get("train_seconds", 0) / 60})
+    return out
+
+
+def _weighted(final, lo, hi) -> Optional[float]:
+    if not final or not final.get("buckets"):
+        return None
+    bs = [b for b in final["buckets"]["buckets"] if lo <= b["start"] and b["end"] <= hi and b["loss"] is not None]
+    n = sum(b["tokens"] for b in bs)
+    return sum(b["loss"] * b["tokens"] for b in bs) / n if n else None
+
+
+def targets(rs: List[Dict]) -> List[str]:
+    """The issue's targets, each with the measured numbers (only where the runs exist)."""
+    r = {x["run"]: x for x in rs}
+    lines = []
+
+    def rel(a, b):
+        return None if a is None or b is None else (a - b) / b
+
+    if "exp-msa-pt" in r and "exp-dense" in r:
+        d = rel(r["exp-msa-pt"]["val_loss"], r["exp-dense"]["val_loss"])
+        if d is not None:
+            lines.append(f"MSA-PT validation loss vs dense: {d:+.2%} (target within +1%): {'met' if d <= 0.01 else 'MISSED'}")
+        a, b = r["exp-dense"]["retrieval_8k_16k"], r["exp-msa-pt"]["retrieval_8k_16k"]
+        if a and b is not None:
+            lines.append(f"retrieval 8K-16K: MSA-PT {b:.3f} vs dense {a:.3f} = {b / a:.1%} of dense (target >= 95%): "
+                         f"{'met' if b >= 0.95 * a else 'MISSED'}")
+    if "exp-msa-pt" in r and "exp-local" in r:
+        a, b = r["exp-msa-pt"]["test_loss_ge4k"], r["exp-local"]["test_loss_ge4k"]
+        if a is not None and b is not None:
+            lines.append(f"test loss beyond 4K: MSA-PT {a:.4f} vs local window {b:.4f} (target below): "
+                         f"{'met' if a < b else 'MISSED'}")
+        a, b = r["exp-msa-pt"]["retrieval_8k_16k"], r["exp-local"]["retrieval_8k_16k"]
+        if a is not None and b is not None:
+            lines.append(f"retrieval 8K-16K: MSA-PT {a:.3f} vs local window {b:.3f}")
+    if "exp-msa-pt" in r:
+        x = r["exp-msa-pt"]
+        if x["score_recall"] is not None:
+            lines.append(f"MSA-PT recall at the end: score {x['score_recall']:.3f} (target >= 0.90: "
+                         f"{'met' if x['score_recall'] >= 0.9 else 'MISSED'}), block {x['block_recall']:.3f} "
+                         f"(target >= 0.70: {'met' if x['block_recall'] >= 0.7 else 'MISSED'})")
+        if x["kl_sparse_first"] is not None:
+            lines.append(f"MSA-PT KL in the sparse phase: first quarter {x['kl_sparse_first']:.4g} -> last quarter "
+                         f"{x['kl_sparse_last']:.4g} (target falling): "
+                         f"{'met' if x['kl_sparse_last'] < x['kl_sparse_first'] else 'MISSED'}")
+        for ab in ("exp-msa-nowarmup", "exp-msa-nodetach"):
+            if ab in r and r[ab]["val_loss"] is not None and x["val_loss"] is not None:
+                d = rel(r[ab]["val_loss"], x["val_loss"])
+                lines.append(f"{ab} validation loss vs MSA-PT: {d:+.2%} (target worse): {'met' if d > 0 else 'MISSED'}")
+    if "exp-msa-cpt" in r and "exp-dense-cont" in r:
+        d = rel(r["exp-msa-cpt"]["val_loss"], r["exp-dense-cont"]["val_loss"])
+        if d is not None:
+            lines.append(f"MSA-CPT validation loss vs equally continued dense: {d:+.2%} (target within +1%): "
+                         f"{'met' if d <= 0.01 else 'MISSED'}")
+    return lines
+
+
+def markdown(rs: List[Dict], command: str = "") -> str:
+    head = ("| run | kind | steps | tokens (M) | params (M) | val loss | test loss < 4K | test loss >= 4K | "
+            "retrieval 8K-16K | retrieval all | block recall | score recall | sparse KL first -> last | train min |")
+    sep = "|" + "---|" * 14
+    lines = [head, sep]
+    for x in rs:
+        kl = "-" if x["kl_sparse_first"] is None else f"{x['kl_sparse_first']:.3g} -> {x['kl_sparse_last']:.3g}"
+        lines.append(f"| {x['run']}{'' if x['status'] == 'complete' else ' (' + str(x['status']) + ')'} | {x['kind']} | "
+                     f"{x['steps']} | {x['tokens_M']:.1f} | {x['params_M']:.1f} | {_f(x['val_loss'])} | "
+                     f"{_f(x['test_loss_lt4k'])} | {_f(x['test_loss_ge4k'])} | {_f(x['retrieval_8k_16k'], '{:.3f}')} | "
+                     f"{_f(x['retrieval_all'], '{:.3f}')} | {_f(x['block_recall'], '{:.3f}')} | "
+                     f"{_f(x['score_recall'], '{:.3f}')} | {kl} | {x['train_min']:.1f} |")
+    t = targets(rs)
+    if t:
+        lines += ["", "Targets:", ""] + [f"- {x}" for x in t]
+    if command:
+        lines += ["", f"*`{command}`*"]
+    return "\n".join(lines) + "\n"
+
+
+def _token_offset(runs: Dict[str, Dict], name: str) -> float:
+    """Tokens the run's starting checkpoint had seen (a continued run is drawn after its source)."""
+    src = ((runs[name].get("config") or {}).get("config") or {}).get("phase", {}).get("init_from") or ""
+    src_name = Path(src).name if src else ""
+    if src_name in runs:
+        return float(runs[src_name]["summary"].get("tokens_seen", 0))
+    return 0.0
+
+
+def summarize(root: str, command: str = "") -> str:
+    """Write quality.json, quality.md and compare.png under root; return the markdown."""
+    from .plots import plot_compare
+    runs = load_runs(root)
+    rs = rows(runs)
+    md = markdown(rs, command)
+    Path(root, "quality.md").write_text(md)
+    Path(root, "quality.json").write_text(json.dumps({"rows": rs, "targets": targets(rs), "command": command,
+                                                      "runs": {n: {"summary": v["summary"], "final": v["final"]}
+                                                               for n, v in runs.items()}}, indent=1))
+    if runs:
+        plot_compare({n: {"history": v["history"], "final": v["final"], "token_offset": _token_offset(runs, n)}
+                      for n, v in runs.items()}, Path(root, "compare.png"), names=[x["run"] for x in rs])
+    return md

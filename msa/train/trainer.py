@@ -1,0 +1,517 @@
+"""``msa train``: the training loop of the MSA language model.
+
+The pieces a data-parallel launcher replaces are separate functions: ``build_model`` (the
+MSAForCausalLM on its device), ``wrap_model`` (identity here; DDP / FSDP2 wrap here), and
+``build_data`` (a loader for one rank of world_size). Exact resume: a checkpoint holds the model,
+optimizer, scheduler, the loader position and every RNG state, and the step's mode and learning
+rate are functions of the step, so an interrupted and resumed run repeats the uninterrupted one's
+losses bit for bit on a deterministic device.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.dataset import CorpusData, CorpusSpec, WindowLoader, Windows, eval_window_ids, make_windows, prepare_corpus
+from ..layers import MSAConfig
+from ..models import MSAForCausalLM, MSALMConfig
+from ..ops.common import check
+from .config import TrainConfig, from_dict, to_dict
+from .loss import forward_loss
+
+CKPT_DIR = "checkpoints"
+
+
+# ------------------------------------------------------------------------------------------------
+# building blocks (the plug points for data / model parallelism)
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
+    """bf16 autocast on CUDA for "auto"; None (fp32) on the CPU."""
+    p = cfg.precision
+    if p == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[p]
+
+
+def model_config(cfg: TrainConfig, vocab_size: int) -> MSALMConfig:
+    m = cfg.model
+    local = m.topk_blocks - m.init_blocks if cfg.phase.kind == "local" else m.local_blocks
+    att = MSAConfig(hidden_size=m.hidden_size, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
+                    head_dim=m.head_dim, index_dim=m.index_dim, block_size=m.block_size, topk_blocks=m.topk_blocks,
+                    init_blocks=m.init_blocks, local_blocks=local, rope_theta=m.rope_theta,
+                    index_norm_rope=m.index_norm_rope, mode="dense", backend=m.backend)
+    return MSALMConfig(vocab_size=vocab_size, num_layers=m.num_layers, intermediate_size=m.intermediate_size,
+                       attention=att, num_dense_layers=m.num_dense_layers, kl_weight=cfg.phase.kl_weight,
+                       tie_embeddings=m.tie_embeddings)
+
+
+def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device) -> MSAForCausalLM:
+    """The model, initialised from cfg.seed (then from phase.init_from when set). The local-window
+    baseline is an MSA model whose selection is forced to the last topk_blocks blocks
+    (local_blocks = topk_blocks - init_blocks), so no block is chosen by the index."""
+    torch.manual_seed(cfg.seed)
+    model = MSAForCausalLM(model_config(cfg, vocab_size))
+    std = cfg.model.index_init_std or 0.02
+    if cfg.phase.init_from:
+        load_init_weights(model, cfg.phase.init_from, reinit_index=cfg.phase.reinit_index, seed=cfg.seed,
+                          index_std=std)
+    elif cfg.model.index_init_std:
+        reinit_index_projections(model, seed=cfg.seed, std=std)
+    return model.to(device)
+
+
+def wrap_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """Identity on one device. A distributed launcher returns DDP(model) / fully_shard(model) here;
+    the trainer calls the wrapper for forward and the unwrapped model for everything else."""
+    return model
+
+
+def param_groups(model: MSAForCausalLM, cfg: TrainConfig) -> List[Dict]:
+    """AdamW groups: backbone matrices (decayed), backbone vectors and norms (not decayed), and the
+    index projections with their own learning rate and decay."""
+    o = cfg.optim
+    index_ids = {id(p) for p in model.index_parameters()}
+    mats, vecs = [], []
+    for p in model.parameters():
+        if id(p) in index_ids:
+            continue
+        (mats if p.dim() >= 2 else vecs).append(p)
+    groups = [{"name": "backbone", "params": mats, "lr": o.lr, "weight_decay": o.weight_decay},
+              {"name": "backbone_no_decay", "params": vecs, "lr": o.lr, "weight_decay": 0.0},
+              {"name": "index", "params": model.index_parameters(), "lr": o.index_lr,
+               "weight_decay": o.index_weight_decay}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: MSAForCausalLM, cfg: TrainConfig) -> torch.optim.Optimizer:
+    o = cfg.optim
+    return torch.optim.AdamW(param_groups(model, cfg), betas=(o.beta1, o.beta2), eps=o.eps)
+
+
+def lr_multiplier(step: int, cfg: TrainConfig, group: str = "backbone") -> float:
+    """Linear warmup over optim.warmup_steps, then cosine from 1 to min_lr_ratio at the last step
+    (the index group stays at 1 after its warmup with index_schedule="constant")."""
+    o = cfg.optim
+    if o.warmup_steps and step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if group == "index" and o.index_schedule == "constant":
+        return 1.0
+    span = max(1, cfg.steps - o.warmup_steps)
+    frac = min(1.0, (step - o.warmup_steps) / span)
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    fns = [(lambda s, _g=g.get("name", "backbone"): lr_multiplier(s, cfg, _g)) for g in opt.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(opt, fns)
+
+
+def mode_at(step: int, cfg: TrainConfig) -> str:
+    """The attention mode of step ``step`` (0-based)."""
+    kind = cfg.phase.kind
+    if kind == "dense":
+        return "dense"
+    if kind == "local":
+        return "sparse"
+    return "dense" if step < cfg.phase.warmup_steps else "sparse"
+
+
+def corpus_spec(cfg: TrainConfig) -> CorpusSpec:
+    d = cfg.data
+    return CorpusSpec(tokenizer=d.tokenizer, vocab_size=d.vocab_size, tokenizer_train_mb=d.tokenizer_train_mb,
+                      max_corpus_mb=d.max_corpus_mb, eval_corpus_mb=d.eval_corpus_mb, max_file_kb=d.max_file_kb,
+                      val_fraction=d.val_fraction, test_fraction=d.test_fraction, include_stdlib=d.include_stdlib,
+                      include_site_packages=d.include_site_packages, seed=d.seed)
+
+
+@dataclass
+class DataBundle:
+    corpus: CorpusData
+    train: WindowLoader
+    val_windows: Windows
+    test_windows: Windows
+    val_ids: List[int]
+    test_ids: List[int]
+
+
+def build_data(cfg: TrainConfig, device: torch.device, *, rank: int = 0, world_size: int = 1,
+               log=print) -> DataBundle:
+    """The tokenized corpus (cached), the training loader for ``rank`` of ``world_size`` and the fixed
+    validation / test windows."""
+    corpus = prepare_corpus(corpus_spec(cfg), cfg.data.cache_dir or None, log=log)
+    t = cfg.data.seq_len
+    tw = make_windows(corpus.splits["train"], t)
+    loader = WindowLoader(corpus.splits["train"].tokens, tw, cfg.data.batch_size, seed=cfg.seed, rank=rank,
+                          world_size=world_size, device=device)
+    vw = make_windows(corpus.splits["val"], t)
+    sw = make_windows(corpus.splits["test"], t)
+    check(len(vw) > 0 and len(sw) > 0, f"the validation/test splits hold fewer than {t} tokens; raise "
+                                       f"data.eval_corpus_mb or lower data.seq_len")
+    return DataBundle(corpus, loader, vw, sw, eval_window_ids(vw, cfg.eval.batches, cfg.seed),
+                      eval_window_ids(sw, cfg.eval.bucket_windows, cfg.seed))
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints
+
+def rng_state() -> Dict:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: Dict) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def latest_checkpoint(out_dir: Path) -> Optional[Path]:
+    d = Path(out_dir) / CKPT_DIR
+    if not d.is_dir():
+        return None
+    cks = sorted(d.glob("step_*.pt"))
+    return cks[-1] if cks else None
+
+
+def reinit_index_projections(model: MSAForCausalLM, *, seed: int, std: float = 0.02) -> None:
+    """Fresh index projections (normal with ``std``, from ``seed``) and identity index norms."""
+    g = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("q_idx_proj", "k_idx_proj"):
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * std)
+            elif leaf in ("q_idx_norm", "k_idx_norm"):
+                mod.weight.zero_()
+
+
+def load_init_weights(model: MSAForCausalLM, path: str, *, reinit_index: bool, seed: int,
+                      index_std: float = 0.02) -> None:
+    """Model weights from a checkpoint file or a run directory (its last checkpoint). Only index
+    parameters may be missing or extra (e.g. a dense model gaining index norms); reinit_index draws
+    the index projections afresh (normal, std 0.02; index norms to identity)."""
+    p = Path(path)
+    if p.is_dir():
+        found = latest_checkpoint(p)
+        check(found is not None, f"phase.init_from={path!r}: no checkpoint under {p / CKPT_DIR}")
+        p = found
+    check(p.exists(), f"phase.init_from={path!r} does not exist")
+    state = torch.load(p, map_location="cpu", weights_only=False)["model"]
+    res = model.load_state_dict(state, strict=False)
+    bad = [k for k in list(res.missing_keys) + list(res.unexpected_keys) if "_idx_" not in k]
+    check(not bad, f"phase.init_from={path!r}: the checkpoint does not match the model (keys: {bad[:6]})")
+    if reinit_index:
+        reinit_index_projections(model, seed=seed, std=index_std)
+
+
+# ------------------------------------------------------------------------------------------------
+# the trainer
+
+RESUME_FREE_KEYS = ("max_minutes", "eval", "log_every", "device", "keep_checkpoints")
+
+
+class Trainer:
+    """Runs one TrainConfig into out_dir: config.json, log.jsonl (one record per logged step and per
+    evaluation), checkpoints/step_*.pt, summary.json, final_eval.json and plots (PNG).
+    A run directory that already holds checkpoints is resumed (the configuration must match except
+    for max_minutes, eval settings, log_every, device, keep_checkpoints)."""
+
+    def __init__(self, cfg: TrainConfig, out_dir: str, *, rank: int = 0, world_size: int = 1,
+                 progress: bool = True, resume: bool = True, log=print):
+        self.cfg = cfg.validate()
+        self.out = Path(out_dir)
+        self.rank, self.world_size, self.progress, self.log = rank, world_size, progress, log
+        self.device = resolve_device(cfg)
+        self.amp = autocast_dtype(cfg, self.device)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.data = build_data(cfg, self.device, rank=rank, world_size=world_size, log=log)
+        self.tokenizer = self.data.corpus.tokenizer
+        self.model = build_model(cfg, self.tokenizer.vocab_size, self.device)
+        self.wrapped = wrap_model(self.model, cfg)
+        self.opt = build_optimizer(self.model, cfg)
+        self.sched = build_scheduler(self.opt, cfg)
+        self.step = 0
+        self.history: List[Dict] = []
+        self.elapsed = 0.0
+        self.tokens_seen = 0
+        self._last_val: Optional[float] = None
+        ck = latest_checkpoint(self.out) if resume else None
+        if ck is not None:
+            self._resume(ck)
+        else:
+            torch.manual_seed(cfg.seed + 1)
+            self._write_config()
+            if rank == 0:  # a fresh start leaves nothing of an earlier run in out_dir
+                for stale in ("final_eval.json", "summary.json", "curves.png"):
+                    (self.out / stale).unlink(missing_ok=True)
+            self._rewrite_log()
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def _write_config(self) -> None:
+        if self.rank == 0:
+            info = {"config": to_dict(self.cfg), "parameters": self.param_counts(),
+                    "vocab_size": self.tokenizer.vocab_size, "tokenizer": self.tokenizer.kind,
+                    "data_cache": str(self.data.corpus.cache_dir), "device": str(self.device),
+                    "torch": torch.__version__}
+            if self.device.type == "cuda":
+                info["gpu"] = torch.cuda.get_device_name(self.device)
+            (self.out / "config.json").write_text(json.dumps(info, indent=1))
+
+    def param_counts(self) -> Dict[str, int]:
+        total = sum(p.numel() for p in self.model.parameters())
+        index = sum(p.numel() for p in self.model.index_parameters())
+        emb = self.model.embed.weight.numel()
+        return {"total": total, "index": index, "embedding": emb, "non_embedding": total - emb}
+
+    def _ckpt_path(self, step: int) -> Path:
+        return self.out / CKPT_DIR / f"step_{step:08d}.pt"
+
+    def save_checkpoint(self) -> Path:
+        path = self._ckpt_path(self.step)
+        if self.rank != 0:
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"step": self.step, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                 "scheduler": self.sched.state_dict(), "loader": self.data.train.state_dict(), "rng": rng_state(),
+                 "history": self.history, "elapsed": self.elapsed, "tokens_seen": self.tokens_seen,
+                 "config": to_dict(self.cfg)}
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        old = sorted((self.out / CKPT_DIR).glob("step_*.pt"))[:-max(1, self.cfg.keep_checkpoints)]
+        for p in old:
+            p.unlink()
+        return path
+
+    def _resume(self, path: Path) -> None:
+        st = torch.load(path, map_location="cpu", weights_only=False)
+        saved, now = dict(st["config"]), to_dict(self.cfg)
+        for k in RESUME_FREE_KEYS:
+            saved.pop(k, None)
+            now.pop(k, None)
+        if saved != now:
+            diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+            raise ValueError(f"{self.out} holds a checkpoint of a different configuration (differs in: {diff}); "
+                             f"use another --out or --fresh")
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.sched.load_state_dict(st["scheduler"])
+        self.data.train.load_state_dict(st["loader"])
+        set_rng_state(st["rng"])
+        self.step, self.history = st["step"], st["history"]
+        self.elapsed, self.tokens_seen = st["elapsed"], st["tokens_seen"]
+        self._rewrite_log()
+        self.log(f"msa train: resumed {self.out} at step {self.step} from {path.name}")
+
+    def _rewrite_log(self) -> None:
+        if self.rank == 0:
+            with open(self.out / "log.jsonl", "w") as fh:
+                for r in self.history:
+                    fh.write(json.dumps(r) + "\n")
+
+    def _record(self, rec: Dict) -> None:
+        self.history.append(rec)
+        if self.rank == 0:
+            with open(self.out / "log.jsonl", "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+
+    # -- one step ------------------------------------------------------------------------------
+    def train_step(self) -> Dict[str, float]:
+        """One optimizer step over grad_accum micro-batches; returns the step's mean losses."""
+        cfg = self.cfg
+        mode = mode_at(self.step, cfg)
+        self.model.set_mode(mode)
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        lm = kl = 0.0
+        layer_kl: Dict[int, float] = {}
+        ntok = 0
+        for _ in range(cfg.grad_accum):
+            b = self.data.train.next()
+            ntok += b.input_ids.numel()
+            with torch.autocast(self.device.type, dtype=self.amp or torch.bfloat16, enabled=self.amp is not None):
+                out = forward_loss(self.wrapped, b.input_ids, b.cu_seqlens, kl_weight=cfg.phase.kl_weight,
+                                   detach_teacher=cfg.phase.kl_detach_teacher,
+                                   teacher_grad_rows=cfg.phase.teacher_grad_rows)
+            (out["loss"] / cfg.grad_accum).backward()
+            keys = sorted(out["layer_kl"])
+            vals = torch.stack([out["lm_loss"].float(), out["kl_loss"].float()]
+                               + [out["layer_kl"][i].float() for i in keys]).tolist()  # one device sync
+            lm += vals[0] / cfg.grad_accum
+            kl += vals[1] / cfg.grad_accum
+            for i, v in zip(keys, vals[2:]):
+                layer_kl[i] = layer_kl.get(i, 0.0) + v / cfg.grad_accum
+        norms = {}
+        if cfg.optim.grad_clip:
+            bb = [p for p in self.model.backbone_parameters() if p.grad is not None]
+            ix = [p for p in self.model.index_parameters() if p.grad is not None]
+            if bb:
+                norms["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(bb, cfg.optim.grad_clip))
+            if ix:
+                norms["index_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(ix, cfg.optim.grad_clip))
+        lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.opt.param_groups)}
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+        self.tokens_seen += ntok * self.world_size
+        return {"lm_loss": lm, "kl": kl, "layer_kl": {str(i): v for i, v in sorted(layer_kl.items())},
+                "mode": mode, "lr": lrs.get("backbone", next(iter(lrs.values()))), "index_lr": lrs.get("index"),
+                "tokens": ntok * self.world_size, **norms}
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def evaluate(self) -> Dict[str, object]:
+        from ..evals.indexer import recall_eval
+        from ..evals.lm import eval_loss
+        d = self.data
+        kw = dict(device=self.device, autocast_dtype=self.amp)
+        # the KL is measured (unscaled) whenever the run trains the index
+        res = eval_loss(self.wrapped, d.corpus.splits["val"].tokens, d.val_windows, d.val_ids,
+                        kl_weight=1.0 if self.cfg.phase.kl_weight > 0 else 0.0, **kw)
+        # recall of an index that is never trained (dense or local runs without KL) means nothing,
+        # except for the local window, whose forced selection it measures
+        trains_index = self.cfg.phase.kl_weight > 0 or self.cfg.phase.kind == "local"
+        if self.cfg.eval.recall and trains_index and self.cfg.data.seq_len <= self.cfg.eval.recall_max_tokens:
+            res.update(recall_eval(self.model, d.corpus.splits["val"].tokens, d.val_windows, d.val_ids, **kw))
+        return res
+
+    def final_evaluation(self) -> Dict[str, object]:
+        """Position-bucket loss and retrieval on test windows, plus recall, in the final mode."""
+        from ..evals.lm import position_bucket_loss
+        from ..evals.retrieval import retrieval_eval
+        e, d = self.cfg.eval, self.data
+        kw = dict(device=self.device, autocast_dtype=self.amp)
+        test_tokens = d.corpus.splits["test"].tokens
+        res: Dict[str, object] = {"step": self.step, "mode": self.model.layers[-1].attn.mode}
+        res["buckets"] = position_bucket_loss(self.model, test_tokens, d.test_windows, d.test_ids, **kw)
+        lengths = [L for L in e.retrieval_lengths if 0 < L <= self.cfg.data.seq_len * e.retrieval_max_factor]
+        if lengths and e.retrieval_samples > 0:
+            res["retrieval"] = retrieval_eval(self.model, self.tokenizer, test_tokens, lengths=lengths,
+                                              depths=e.retrieval_depths, samples=e.retrieval_samples,
+                                              seed=self.cfg.seed, **kw)
+        return res
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self, stop_at_step: Optional[int] = None) -> Dict[str, object]:
+        """Train to cfg.steps (or stop_at_step, e.g. to simulate an interruption), evaluating and
+        checkpointing on schedule. Returns the summary (also written to summary.json)."""
+        from tqdm.auto import tqdm
+        cfg = self.cfg
+        end = cfg.steps if stop_at_step is None else min(cfg.steps, stop_at_step)
+        start_wall = time.time()
+        cap = cfg.max_minutes * 60 if cfg.max_minutes else None
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=cfg.name, disable=not self.progress or self.rank != 0,
+                   dynamic_ncols=True)
+        tok_rate = None
+        status = "complete"
+        while self.step < end:
+            t0 = time.perf_counter()
+            rec = self.train_step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            dt = time.perf_counter() - t0
+            self.elapsed += dt
+            rate = rec["tokens"] / max(dt, 1e-9)
+            tok_rate = rate if tok_rate is None else 0.9 * tok_rate + 0.1 * rate
+            rec.update(step=self.step, step_s=dt, tokens_seen=self.tokens_seen, tok_per_s=rate)
+            last = self.step == cfg.steps
+            if cfg.eval.every and (self.step % cfg.eval.every == 0 or last):
+                te = time.perf_counter()
+                rec.update(self.evaluate())
+                rec["eval_s"] = time.perf_counter() - te
+            if self.step % cfg.log_every == 0 or "val_lm_loss" in rec or last or self.step == 1:
+                self._record(rec)
+            bar.update(1)
+            post = {"lm": f"{rec['lm_loss']:.3f}", "kl": f"{rec['kl']:.3f}", "mode": rec["mode"],
+                    "tok/s": f"{tok_rate:,.0f}"}
+            if "val_lm_loss" in rec:
+                self._last_val = rec["val_lm_loss"]
+            if self._last_val is not None:
+                post["val"] = f"{self._last_val:.3f}"
+            bar.set_postfix(post)
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not last:
+                self.save_checkpoint()
+            if cap is not None and time.time() - start_wall > cap and self.step < end:
+                status = "interrupted"
+                self.log(f"\nmsa train: wall-clock cap of {cfg.max_minutes} min reached at step {self.step}; "
+                         f"checkpoint saved, run the same command to resume")
+                break
+        bar.close()
+        if self.step < cfg.steps:
+            if status == "complete":
+                status = "stopped"
+            self.save_checkpoint()
+            return self._summary(status, None)
+        final = None
+        last_ck = latest_checkpoint(self.out)
+        if last_ck is None or last_ck != self._ckpt_path(self.step):
+            self.save_checkpoint()
+        if cfg.eval.final:
+            fpath = self.out / "final_eval.json"
+            if fpath.exists() and json.loads(fpath.read_text()).get("step") == self.step:
+                final = json.loads(fpath.read_text())
+            else:
+                final = self.final_evaluation()
+                if self.rank == 0:
+                    fpath.write_text(json.dumps(final, indent=1))
+        summary = self._summary(status, final)
+        if self.rank == 0:
+            from .plots import plot_run
+            plot_run(self.history, final, self.out / "curves.png", title=cfg.name,
+                     warmup=cfg.phase.warmup_steps if cfg.phase.kind == "msa" else None)
+        return summary
+
+    def _summary(self, status: str, final: Optional[Dict]) -> Dict[str, object]:
+        evals = [r for r in self.history if "val_lm_loss" in r]
+        last = evals[-1] if evals else {}
+        s = {"name": self.cfg.name, "status": status, "step": self.step, "steps": self.cfg.steps,
+             "tokens_seen": self.tokens_seen, "train_seconds": self.elapsed, "parameters": self.param_counts(),
+             "kind": self.cfg.phase.kind, "warmup_steps": self.cfg.phase.warmup_steps,
+             "seq_len": self.cfg.data.seq_len, "block_size": self.cfg.model.block_size,
+             "topk_blocks": self.cfg.model.topk_blocks, "device": str(self.device)}
+        for k in ("val_lm_loss", "val_kl", "block_recall", "score_recall", "val_layer_kl",
+                  "layer_block_recall", "layer_score_recall"):
+            if k in last:
+                s[k] = last[k]
+        sparse_kl = [r["kl"] for r in self.history if r.get("mode") == "sparse" and "kl" in r]
+        if len(sparse_kl) >= 4:
+            q = max(1, len(sparse_kl) // 4)
+            s["sparse_kl_first_quarter"] = sum(sparse_kl[:q]) / q
+            s["sparse_kl_last_quarter"] = sum(sparse_kl[-q:]) / q
+        if final is not None:
+            s["final"] = final
+        if self.rank == 0:
+            (self.out / "summary.json").write_text(json.dumps(s, indent=1))
+        return s
+
+
+def train(cfg: TrainConfig, out_dir: str, *, progress: bool = True, resume: bool = True,
+          stop_at_step: Optional[int] = None) -> Dict[str, object]:
+    """Build a Trainer for cfg in out_dir (resuming when it holds checkpoints) and run it."""
+    return Trainer(cfg, out_dir, progress=progress, resume=resume).fit(stop_at_step=stop_at_step)
+
+
+def config_from_run(out_dir: str) -> TrainConfig:
+    """The TrainConfig stored in a run directory's config.json."""
+    info = json.loads((Path(out_dir) / "config.json").read_text())
+    return from_dict(TrainConfig, info["config"]).validate()

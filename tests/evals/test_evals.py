@@ -1,0 +1,137 @@
+"""msa.evals: loss by position bucket, synthetic retrieval scoring, indexer recall and per-layer KL."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from msa.data.tokenizer import ByteTokenizer
+from msa.evals.indexer import recall_eval
+from msa.evals.lm import bucket_edges, eval_loss, position_bucket_loss
+from msa.evals.retrieval import TASKS, build_samples, score_samples
+from msa.metrics import indexer_recall
+from msa.ops.select_blocks import select_blocks
+from msa.train.trainer import Trainer
+
+from ..train.common import one_thread, tiny_config
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def trained():
+    with one_thread():
+        tr = Trainer(tiny_config("eval.final=false", "eval.every=0"), "/tmp/unused-evals", progress=False,
+                     resume=False)
+        for _ in range(6):
+            tr.train_step()
+        tr.model.set_mode("sparse")
+    return tr
+
+
+def test_bucket_edges():
+    assert bucket_edges(16384) == [0, 1024, 2048, 4096, 8192, 16384]
+    assert bucket_edges(12000) == [0, 1024, 2048, 4096, 8192, 12000]
+    assert bucket_edges(512) == [0, 512]
+    assert bucket_edges(100, first=16) == [0, 16, 32, 64, 100]
+
+
+def test_position_bucket_loss_matches_direct_computation(trained):
+    d = trained.data
+    toks = d.corpus.splits["test"].tokens
+    ids = [w for w in d.test_ids if d.test_windows.single[w]][:2]
+    edges = [0, 16, 48, 128]
+    res = position_bucket_loss(trained.model, toks, d.test_windows, ids, device="cpu", edges=edges)
+    nll = []
+    for w in ids:
+        s, _ = d.test_windows.pieces(w)
+        x = torch.from_numpy(toks[s[0]:s[0] + 128].astype(np.int64)).view(1, -1)
+        with torch.no_grad():
+            lg = trained.model(x, compute_kl=False).logits[0, :-1]
+        nll.append(F.cross_entropy(lg, x[0, 1:], reduction="none"))
+    nll = torch.stack(nll)
+    for b, (lo, hi) in zip(res["buckets"], zip(edges[:-1], edges[1:])):
+        sel = nll[:, lo:min(hi, 127)]
+        assert b["tokens"] == sel.numel()
+        assert b["loss"] == pytest.approx(float(sel.mean()), rel=1e-5)
+    assert res["windows"] == len(ids)
+
+
+def test_eval_loss_reports_each_msa_layer(trained):
+    d = trained.data
+    r = eval_loss(trained.model, d.corpus.splits["val"].tokens, d.val_windows, d.val_ids[:1], device="cpu")
+    assert set(r["val_layer_kl"]) == {"1"} and r["val_kl"] == pytest.approx(r["val_layer_kl"]["1"])
+    assert r["val_kl"] > 0 and 0 < r["val_lm_loss"] < 10
+
+
+def test_recall_eval_matches_the_metric(trained):
+    d = trained.data
+    toks = d.corpus.splits["val"].tokens
+    w = d.val_ids[0]
+    r = recall_eval(trained.model, toks, d.val_windows, [w], device="cpu")
+    from msa.data import pack_windows
+    b = pack_windows(toks, d.val_windows, [w])
+    attn = trained.model.layers[1].attn
+    cap = []
+    h = attn.register_forward_pre_hook(lambda m, a, kw: cap.append(a[0]), with_kwargs=True)
+    with torch.no_grad():
+        trained.model(b.input_ids, cu_seqlens=b.cu_seqlens, compute_kl=False)
+    h.remove()
+    from msa.ops.common import positions_in_sequence
+    pos = positions_in_sequence(b.input_ids.shape[1], b.cu_seqlens, "cpu").view(1, -1)
+    with torch.no_grad():
+        q, k, _, qi, ki = attn.project(cap[0], pos)
+    c = attn.config
+    sel = select_blocks(qi, ki, block_size=c.block_size, topk=c.topk_blocks, cu_seqlens=b.cu_seqlens)
+    want = indexer_recall(q, k, sel, block_size=c.block_size, cu_seqlens=b.cu_seqlens)
+    assert r["layer_block_recall"]["1"] == pytest.approx(want["block_recall"])
+    assert r["layer_score_recall"]["1"] == pytest.approx(want["score_recall"])
+
+
+class _Oracle(nn.Module):
+    """Logits that put all mass on the true next token of a fixed sequence (or on token 0)."""
+
+    def __init__(self, vocab, right=True):
+        super().__init__()
+        self.vocab, self.right = vocab, right
+
+    def forward(self, ids, compute_kl=False, **kw):
+        lg = torch.zeros(1, ids.shape[1], self.vocab)
+        if self.right:
+            lg[0, torch.arange(ids.shape[1] - 1), ids[0, 1:]] = 10.0
+        return type("Out", (), {"logits": lg})()
+
+
+def test_retrieval_samples_and_scoring():
+    tok = ByteTokenizer()
+    code = "".join(f"def fn_{i}(x):\n    return x * {i}\n" for i in range(2000)).encode()
+    filler = np.frombuffer(code, dtype=np.uint8).astype(np.int32)
+    ss = build_samples(tok, filler, lengths=[1500, 3000], depths=[0.2, 0.8], samples=2, seed=3)
+    assert len(ss) == len(TASKS) * 2 * 2 * 2
+    again = build_samples(tok, filler, lengths=[1500, 3000], depths=[0.2, 0.8], samples=2, seed=3)
+    assert [s.ids for s in ss] == [s.ids for s in again]      # deterministic
+    for s in ss:
+        assert s.length - 64 <= len(s.ids) <= s.length
+        text = tok.decode(s.ids)
+        for a, e in s.answers:
+            ans = tok.decode(s.ids[a:e]).strip()
+            assert ans.isdigit() and len(ans) == 5
+            prompt = tok.decode(s.ids[:a])
+            name = prompt.rsplit("assert ", 1)[1].split(" ==")[0]
+            if s.task == "var_track":
+                assert f"{name} = " in text[:a]
+            else:
+                line = f"{name} = {ans}\n"
+                pos = text.index(line)
+                assert pos < len(prompt) - 20
+                if s.task == "needle":
+                    assert abs(pos / len(text) - s.depth) < 0.1
+        if s.task == "mqar":
+            assert len(s.answers) == 8
+    assert score_samples(_Oracle(256), ss, device="cpu") == [1.0] * len(ss)
+    assert score_samples(_Oracle(256, right=False), ss, device="cpu") == [0.0] * len(ss)

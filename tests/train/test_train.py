@@ -1,0 +1,255 @@
+"""msa train: configuration, exact resume, the tiny preset end to end, phases and loss options."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from msa.cli import main
+from msa.train import TrainConfig, apply_overrides, resolve_config
+from msa.train.config import from_dict
+from msa.train.loss import forward_loss, kl_teacher_not_detached
+from msa.train.trainer import Trainer, lr_multiplier, mode_at
+
+from .common import CACHE, one_thread, tiny_config
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    with one_thread():
+        yield
+
+
+def test_config_rejects_unknown_and_mistyped_keys(tmp_path):
+    with pytest.raises(ValueError, match="optim.lrr"):
+        apply_overrides(TrainConfig(), ["optim.lrr=1"])
+    with pytest.raises(ValueError, match="model.topk_blocks must be an int"):
+        apply_overrides(TrainConfig(), ["model.topk_blocks=1.5"])
+    with pytest.raises(ValueError, match="phase.kind"):
+        apply_overrides(TrainConfig(), ["phase.kind=sparse"])
+    with pytest.raises(ValueError, match="unknown config key.*data.seqlen"):
+        from_dict(TrainConfig, {"data": {"seqlen": 3}})
+    cfg = apply_overrides(TrainConfig(), ["optim.lr=3e-4", "model.topk_blocks=8", "eval.retrieval_lengths=[512]",
+                                          "name=abc", "phase.kl_detach_teacher=false"])
+    assert (cfg.optim.lr, cfg.model.topk_blocks, cfg.eval.retrieval_lengths, cfg.name) == (3e-4, 8, [512], "abc")
+    assert cfg.phase.kl_detach_teacher is False
+    (tmp_path / "c.toml").write_text('name = "t"\nsteps = 7\n[model]\ntopk_blocks = 4\n[optim]\nlr = 0.5\n')
+    c2 = resolve_config("tiny", str(tmp_path / "c.toml"), ["optim.index_lr=0.25"])
+    assert (c2.name, c2.steps, c2.model.topk_blocks, c2.optim.lr, c2.optim.index_lr) == ("t", 7, 4, 0.5, 0.25)
+    assert c2.model.hidden_size == 32  # from the preset
+    (tmp_path / "bad.json").write_text(json.dumps({"model": {"hidden": 3}}))
+    with pytest.raises(ValueError, match="model.hidden"):
+        resolve_config("tiny", str(tmp_path / "bad.json"))
+
+
+def test_schedule_and_phases():
+    cfg = apply_overrides(TrainConfig(), ["steps=100", "optim.warmup_steps=10", "optim.min_lr_ratio=0.1",
+                                          "phase.warmup_steps=30", "optim.index_schedule=constant"])
+    assert lr_multiplier(0, cfg) == pytest.approx(0.1)
+    assert lr_multiplier(9, cfg) == pytest.approx(1.0)
+    assert lr_multiplier(10, cfg) == pytest.approx(1.0)
+    assert lr_multiplier(55, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_multiplier(100, cfg) == pytest.approx(0.1)
+    assert lr_multiplier(99, cfg, "index") == 1.0
+    assert [mode_at(s, cfg) for s in (0, 29, 30, 99)] == ["dense", "dense", "sparse", "sparse"]
+    local = apply_overrides(cfg, ["phase.kind=local"])
+    dense = apply_overrides(cfg, ["phase.kind=dense"])
+    assert mode_at(0, local) == "sparse" and mode_at(99, dense) == "dense"
+
+
+def _losses(hist):
+    return [(r["step"], r["lm_loss"], r["kl"]) for r in hist]
+
+
+def test_interrupted_run_resumes_bitwise(tmp_path):
+    cfg = tiny_config("steps=8", "checkpoint_every=3", "eval.every=4", "eval.final=false", "log_every=1",
+                      "phase.warmup_steps=3")
+    a = Trainer(cfg, str(tmp_path / "a"), progress=False)
+    a.fit()
+    b = Trainer(cfg, str(tmp_path / "b"), progress=False)
+    s = b.fit(stop_at_step=5)   # an interruption after step 5 (the checkpoint is written then)
+    assert s["status"] == "stopped" and s["step"] == 5
+    del b
+    c = Trainer(cfg, str(tmp_path / "b"), progress=False)   # a new process would do the same
+    assert c.step == 5
+    c.fit()
+    assert len(a.history) == 8
+    assert _losses(c.history) == _losses(a.history)       # bitwise equal floats
+    assert [r.get("val_lm_loss") for r in c.history] == [r.get("val_lm_loss") for r in a.history]
+    for (n, p), (_, q) in zip(a.model.state_dict().items(), c.model.state_dict().items()):
+        assert torch.equal(p, q), n
+    lines = (tmp_path / "b" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == list(range(1, 9))
+    # a different configuration refuses to resume in the same directory
+    with pytest.raises(ValueError, match="different configuration"):
+        Trainer(apply_overrides(cfg, ["optim.lr=0.5"]), str(tmp_path / "b"), progress=False)
+
+
+def test_tiny_preset_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--out", str(out), "--no-progress", "--set", f"data.cache_dir={CACHE}",
+                 "--set", "steps=16"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    hist = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert summary["status"] == "complete" and summary["step"] == 16
+    assert [r["mode"] for r in hist if r["step"] <= 4] == ["dense"] * 4 and hist[-1]["mode"] == "sparse"
+    assert hist[-1]["lm_loss"] < hist[0]["lm_loss"] - 0.3          # it learns
+    assert 0 <= summary["block_recall"] <= 1 and 0 <= summary["score_recall"] <= 1
+    assert set(summary["val_layer_kl"]) == {"1"}                  # layer 0 is dense (no index)
+    fin = json.loads((out / "final_eval.json").read_text())
+    assert fin["buckets"]["buckets"][0]["tokens"] > 0
+    assert set(fin["retrieval"]["tasks"]) == {"needle", "multi_needle", "mqar", "var_track"}
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "complete at step 16/16" in capsys.readouterr().out
+    # running the finished run again resumes at the end and changes nothing
+    assert main(["train", "--preset", "tiny", "--out", str(out), "--no-progress", "--set", f"data.cache_dir={CACHE}",
+                 "--set", "steps=16"]) == 0
+    assert json.loads((out / "summary.json").read_text())["val_lm_loss"] == summary["val_lm_loss"]
+
+
+def test_local_window_selects_only_the_last_blocks():
+    cfg = tiny_config("phase.kind=local", "phase.kl_weight=0")
+    tr = Trainer(cfg, "/tmp/unused-local", progress=False, resume=False)
+    tr.model.set_mode("sparse")
+    b = tr.data.train.next()
+    out = tr.model(b.input_ids, cu_seqlens=b.cu_seqlens, compute_kl=False)
+    sel = out.block_indices[1][0, :, 0]        # (T, topk) of the MSA layer, group 0
+    k, bs = cfg.model.topk_blocks, cfg.model.block_size
+    cu = b.cu_seqlens.tolist()
+    for s, e in zip(cu[:-1], cu[1:]):
+        for i in range(s, e):
+            own = (i - s) // bs
+            want = set(range(max(0, own - k + 1), own + 1))
+            got = set(x for x in sel[i].tolist() if x >= 0)
+            assert got == want, (i, got, want)
+
+
+def test_kl_with_teacher_gradient_matches_the_op_and_reaches_the_backbone():
+    import msa
+    torch.manual_seed(0)
+    t, hq, hkv, d, di, bs = 70, 4, 2, 8, 8, 16
+    q = torch.randn(1, t, hq, d, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, t, hkv, d, dtype=torch.float64, requires_grad=True)
+    qi = torch.randn(1, t, hkv, di, dtype=torch.float64, requires_grad=True)
+    ki = torch.randn(1, t, di, dtype=torch.float64, requires_grad=True)
+    cu = torch.tensor([0, 30, 70], dtype=torch.int32)
+    idx = msa.select_blocks(qi, ki, block_size=bs, topk=2, cu_seqlens=cu)
+    for bi in (None, idx):
+        ref = msa.indexer_kl_loss(qi, ki, q, k, bi, block_size=bs, cu_seqlens=cu, backend="reference")
+        ours = kl_teacher_not_detached(qi, ki, q, k, bi, block_size=bs, scale=d ** -0.5, index_scale=di ** -0.5,
+                                       cu_seqlens=cu)
+        assert float(ours.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
+        g_ref = torch.autograd.grad(ref, [qi, ki])
+        gq, gk, gqi, gki = torch.autograd.grad(ours, [q, k, qi, ki])
+        assert torch.allclose(gqi, g_ref[0].to(gqi.dtype), atol=1e-6) and torch.allclose(gki, g_ref[1].to(gki.dtype), atol=1e-6)
+        assert gq.abs().max() > 1e-4 and gk.abs().max() > 1e-4     # the teacher moves now
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_kl_reaches_backbone_only_without_detach(detach):
+    cfg = tiny_config(f"phase.kl_detach_teacher={str(detach).lower()}")
+    tr = Trainer(cfg, "/tmp/unused-kl", progress=False, resume=False)
+    b = tr.data.train.next()
+    m = tr.model
+    grads = {}
+    for w in (0.0, 1.0):
+        m.zero_grad(set_to_none=True)
+        out = forward_loss(m, b.input_ids, b.cu_seqlens, kl_weight=w, detach_teacher=detach)
+        out["loss"].backward()
+        ig = m.layers[1].attn.k_idx_proj.weight.grad
+        grads[w] = (m.layers[1].attn.q_proj.weight.grad.clone(), None if ig is None else ig.clone())
+        if w:
+            assert float(out["kl_loss"]) == pytest.approx(float(sum(out["layer_kl"].values())), rel=1e-6)
+            assert float(out["loss"].detach()) == pytest.approx(float(out["lm_loss"] + out["kl_loss"]), rel=1e-6)
+    assert grads[0.0][1] is None                      # the LM loss never reaches the index
+    assert grads[1.0][1].abs().max() > 0              # the KL trains the index
+    kl_part = grads[1.0][0] - grads[0.0][0]          # the KL's share of the backbone gradient
+    if detach:
+        assert torch.equal(grads[1.0][0], grads[0.0][0])
+    else:
+        assert kl_part.abs().max() > 1e-3 * grads[0.0][0].abs().max()
+
+
+def test_cpt_starts_from_a_dense_checkpoint(tmp_path):
+    dense = tiny_config("phase.kind=dense", "phase.kl_weight=0", "steps=3", "eval.final=false", "eval.every=0")
+    Trainer(dense, str(tmp_path / "dense"), progress=False).fit()
+    cpt = tiny_config(f"phase.init_from={tmp_path / 'dense'}", "phase.reinit_index=true", "steps=2")
+    t = Trainer(cpt, str(tmp_path / "cpt"), progress=False)
+    d_state = torch.load(sorted((tmp_path / "dense" / "checkpoints").glob("*.pt"))[-1], weights_only=False)["model"]
+    for n, p in t.model.state_dict().items():
+        if "_idx_" in n:
+            assert not torch.equal(p, d_state[n]), n      # fresh index projections
+        else:
+            assert torch.equal(p, d_state[n]), n
+    with pytest.raises(ValueError, match="init_from"):
+        Trainer(tiny_config(f"phase.init_from={tmp_path / 'nothing'}"), str(tmp_path / "x"), progress=False)
+
+
+def test_sampled_teacher_gradient_equals_exact_with_all_rows_and_keeps_the_value():
+    cfg = tiny_config("phase.kl_detach_teacher=false")
+    tr = Trainer(cfg, "/tmp/unused-kl2", progress=False, resume=False)
+    b = tr.data.train.next()
+    m = tr.model
+    res = {}
+    for rows in (0, 10 ** 6, 50):
+        m.zero_grad(set_to_none=True)
+        out = forward_loss(m, b.input_ids, b.cu_seqlens, kl_weight=1.0, detach_teacher=False, teacher_grad_rows=rows)
+        out["loss"].backward()
+        res[rows] = (float(out["kl_loss"]), m.layers[1].attn.q_proj.weight.grad.clone(),
+                     m.layers[1].attn.k_idx_proj.weight.grad.clone())
+    assert res[10 ** 6][0] == pytest.approx(res[0][0], rel=1e-5)
+    assert res[50][0] == pytest.approx(res[0][0], rel=1e-5)        # the estimate adds 0 to the value
+    for j in (1, 2):
+        assert torch.allclose(res[10 ** 6][j], res[0][j], rtol=1e-4, atol=1e-7)
+    assert torch.equal(res[50][2], res[10 ** 6][2])                 # index gradients do not depend on rows
+    assert not torch.allclose(res[50][1], res[0][1], rtol=1e-6, atol=0)
+
+
+def test_index_init_std_changes_only_the_index():
+    base = Trainer(tiny_config(), "/tmp/unused-init", progress=False, resume=False).model.state_dict()
+    big = Trainer(tiny_config("model.index_init_std=0.5"), "/tmp/unused-init", progress=False,
+                  resume=False).model.state_dict()
+    for n, p in base.items():
+        if "_idx_proj" in n:
+            assert big[n].std() > 10 * p.std(), n
+        else:
+            assert torch.equal(p, big[n]), n
+
+
+@pytest.mark.filterwarnings("ignore:Seems like:UserWarning")
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    # two micro-batches of one window vs one batch of the same two windows: the same gradient (the
+    # token mean is per micro-batch; equal here, both windows hold the same number of targets)
+    one = Trainer(tiny_config("data.batch_size=2", "grad_accum=1", "optim.grad_clip=0"), str(tmp_path / "a"),
+                  progress=False, resume=False)
+    two = Trainer(tiny_config("data.batch_size=1", "grad_accum=2", "optim.grad_clip=0"), str(tmp_path / "b"),
+                  progress=False, resume=False)
+    w_one = one.data.train._permutation()[:2].tolist()
+    assert two.data.train._permutation()[:2].tolist() == w_one      # the same windows in the same order
+    assert all(one.data.train.windows.single[w] for w in w_one)
+    for t in (one, two):
+        t.opt.step = lambda: None                                   # keep the gradients, skip the update
+        t.train_step()
+    assert two.tokens_seen == one.tokens_seen
+    n_checked = 0
+    for (n, p), (_, q) in zip(one.model.named_parameters(), two.model.named_parameters()):
+        if p.grad is None:
+            assert q.grad is None, n
+            continue
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7), n
+        n_checked += 1
+    assert n_checked > 10
+
+
+def test_wall_clock_cap_stops_with_a_checkpoint_and_the_run_resumes(tmp_path):
+    cfg = tiny_config("steps=6", "eval.every=0", "eval.final=false", "checkpoint_every=0")
+    a = Trainer(cfg, str(tmp_path / "a"), progress=False)
+    a.fit()
+    capped = apply_overrides(cfg, ["max_minutes=1e-9"])
+    s = Trainer(capped, str(tmp_path / "b"), progress=False).fit()
+    assert s["status"] == "interrupted" and s["step"] == 1
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["status"] == "interrupted"
+    c = Trainer(cfg, str(tmp_path / "b"), progress=False)   # max_minutes may change between the commands
+    assert c.fit()["status"] == "complete"
+    assert _losses(c.history) == _losses(a.history)
