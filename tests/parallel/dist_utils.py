@@ -25,4 +25,7 @@ def run_ranks(world: int, fn, *args) -> None:
     """Run fn(rank, world, *args) on `world` gloo ranks; an exception on any rank fails the caller.
     fn must be a module-level function (it is pickled into the spawned processes)."""
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_entry, args=(world, os.path.join(tmp, "init"), fn, args), nprocs=world, join=True)
+        # fork: the children inherit the imported modules (spawn would re-import torch and msa per rank,
+        # seconds each on a small CI machine); the tests never initialise CUDA before forking
+        mp.start_processes(_entry, args=(world, os.path.join(tmp, "init"), fn, args), nprocs=world, join=True,
+                           start_method="fork")
