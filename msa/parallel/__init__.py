@@ -3,13 +3,15 @@ for training (wrapping, optimizer groups, DTensor-aware clipping, resharding che
 sharding). Everything runs on any torch.distributed backend (gloo on the CPU, NCCL on GPUs)."""
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .context import (CPAttentionOutput, ZigzagLayout, context_parallel_msa_attention, gather_sequence,
+from .context import (CPAttentionOutput, ZigzagLayout, context_parallel_layer_forward,
+                      context_parallel_msa_attention, gather_sequence,
                       zigzag_positions, zigzag_shard)
 from .data import ShardedSampler, num_windows, token_windows
 from .training import (autocast_context, build_optimizer, clip_grad_norm_, clip_grad_norms, lm_loss,
                        mean_over_ranks, split_parameters, training_step, unwrap, wrap_model)
 
-__all__ = ["CPAttentionOutput", "ZigzagLayout", "context_parallel_msa_attention", "gather_sequence",
+__all__ = ["CPAttentionOutput", "ZigzagLayout", "context_parallel_msa_attention", "context_parallel_layer_forward",
+           "gather_sequence",
            "zigzag_positions", "zigzag_shard", "save_checkpoint", "load_checkpoint", "ShardedSampler",
            "token_windows", "num_windows", "wrap_model", "unwrap", "autocast_context", "build_optimizer",
            "split_parameters", "clip_grad_norm_", "clip_grad_norms", "lm_loss", "training_step",

@@ -43,7 +43,7 @@ def save_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim
         state = {"model": msd, "optim": osd}
     else:
         state = {"model": get_state_dict(model, [])[0]}
-    dcp.save(state, checkpoint_id=path)
+    dcp.save(state, checkpoint_id=path, no_dist=not _dist())
     if not _dist() or dist.get_rank() == 0:
         with open(os.path.join(path, TRAIN_STATE), "w") as f:
             json.dump(train_state or {}, f)
@@ -60,7 +60,7 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim
         state = {"model": msd, "optim": osd}
     else:
         state = {"model": get_state_dict(model, [])[0]}
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, checkpoint_id=path, no_dist=not _dist())
     if optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:

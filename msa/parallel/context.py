@@ -383,3 +383,43 @@ def context_parallel_msa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
         kl = _SumOverGroup.apply(kl_s * (length / seqlen), group)
     bi = None if bi_s is None else bi_s.index_select(1, rows)
     return CPAttentionOutput(o, kl, bi)
+
+
+def context_parallel_layer_forward(layer, x: torch.Tensor, group=None, *, cu_seqlens: Optional[torch.Tensor] = None,
+                                   seqlen: Optional[int] = None, compute_kl: Optional[bool] = None):
+    """Run an ``msa.MSAAttention`` layer on this rank's zigzag shard of the hidden states.
+
+    Args:
+        layer: an ``MSAAttention`` with an index branch (``config.use_index``), in "dense" or "sparse" mode.
+        x: (B, n, hidden_size) this rank's zigzag shard (``zigzag_shard``) of the global hidden states.
+        group, cu_seqlens, seqlen: as in ``context_parallel_msa_attention`` (cu_seqlens of the global stream).
+        compute_kl: default ``layer.training and torch.is_grad_enabled()``.
+
+    Returns:
+        ``msa.layers.attention.MSAOutput``: hidden (B, n, hidden_size), kl (global, fp32) or None,
+        block_indices int32 (B, n, H_kv, topk) or None. RoPE uses every token's position in its global
+        sequence. Parameter gradients are this rank's share: their sum over the group is the gradient
+        of the single-process layer.
+    """
+    from ..layers.attention import MSAOutput
+    c = layer.config
+    check(c.use_index, "context_parallel_layer_forward needs an MSA layer with an index branch (config.use_index)")
+    check(x.dim() == 3 and x.shape[-1] == c.hidden_size,
+          f"x must have shape (B, n, hidden_size={c.hidden_size}), got {tuple(x.shape)}")
+    bsz, n, _ = x.shape
+    rank, world = _group_info(group)
+    if cu_seqlens is not None:
+        seqlen = int(cu_seqlens[-1])
+    elif seqlen is None:
+        seqlen = _global_seqlen(n, x.device, group)
+    pos = zigzag_positions(seqlen, rank, world, cu_seqlens, x.device)
+    check(pos.numel() == n, f"x must hold this rank's zigzag shard of {seqlen} tokens ({pos.numel()} rows), got n = {n}")
+    q, k, v, q_idx, k_idx = layer.project(x, pos.view(1, n).expand(bsz, n))
+    if compute_kl is None:
+        compute_kl = layer.training and torch.is_grad_enabled()
+    out = context_parallel_msa_attention(
+        q, k, v, q_idx, k_idx, group, block_size=c.block_size, topk=c.topk_blocks, init_blocks=c.init_blocks,
+        local_blocks=c.local_blocks, scale=c.head_dim ** -0.5, index_scale=c.index_dim ** -0.5,
+        cu_seqlens=cu_seqlens, seqlen=seqlen, mode=layer.mode, compute_kl=compute_kl, backend=c.backend)
+    hidden = layer.o_proj(out.o.reshape(bsz, n, c.num_heads * c.head_dim))
+    return MSAOutput(hidden, out.kl, out.block_indices)

@@ -72,7 +72,40 @@ def _worker(rank, world):
         # gather_sequence round-trips the layout
         torch.testing.assert_close(gather_sequence(out.o.detach(), t), o_ref, **tol)
     if world == 2:
+        _check_layer(rank, world)
         _check_errors(rank, world)
+
+
+def _check_layer(rank, world):
+    """context_parallel_layer_forward: hidden, KL and (summed) parameter gradients of an MSAAttention
+    layer with RoPE and the index norm + RoPE equal the single-process layer on a packed batch."""
+    import copy
+    from msa.layers import MSAAttention, MSAConfig
+    from msa.parallel import context_parallel_layer_forward
+    torch.manual_seed(0)
+    cfg = MSAConfig(hidden_size=16, num_heads=4, num_kv_heads=2, head_dim=8, index_dim=8, block_size=4,
+                    topk_blocks=2, index_norm_rope=True, mode="sparse", backend="reference")
+    ref = MSAAttention(cfg).double()
+    cp = copy.deepcopy(ref)
+    t, cu = 43, torch.tensor([0, 17, 43], dtype=torch.int32)
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(1, t, 16, generator=g, dtype=torch.float64), torch.randn(1, t, 16, generator=g, dtype=torch.float64)
+    x_ref = x.clone().requires_grad_(True)
+    out = ref(x_ref, cu_seqlens=cu, compute_kl=True)
+    ((out.hidden * w).sum() + out.kl_loss).backward()
+    x_loc = zigzag_shard(x, rank, world).requires_grad_(True)
+    got = context_parallel_layer_forward(cp, x_loc, cu_seqlens=cu, compute_kl=True)
+    ((got.hidden * zigzag_shard(w, rank, world)).sum() + got.kl_loss).backward()
+    rows = ZigzagLayout(t, world).indices(rank)
+    tol = dict(rtol=1e-6, atol=1e-9)  # RMSNorm computes in fp32 even for fp64 inputs
+    torch.testing.assert_close(got.hidden, out.hidden[:, rows], **tol)
+    torch.testing.assert_close(got.kl_loss, out.kl_loss, **tol)
+    torch.testing.assert_close(x_loc.grad, x_ref.grad[:, rows], **tol)
+    for (name, p_ref), p_cp in zip(ref.named_parameters(), cp.parameters()):
+        gsum = p_cp.grad.clone()
+        dist.all_reduce(gsum)
+        assert p_ref.grad.abs().max() > 0, name
+        torch.testing.assert_close(gsum, p_ref.grad, **tol, msg=lambda m: f"layer grad {name}: {m}")
 
 
 def _check_errors(rank, world):
