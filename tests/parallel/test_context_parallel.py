@@ -136,3 +136,34 @@ def test_zigzag_layout():
     assert allidx.tolist() == list(range(23))
     with pytest.raises(ValueError, match="seqlen must be"):
         ZigzagLayout(3, 2)
+
+
+def _triton_worker(rank, world):
+    """The Triton kernels (interpreter on the CPU) inside CP: padded rows, the sub-problem's packed
+    cu_seqlens and the teacher lse handed from the sparse attention to the KL."""
+    g = torch.Generator().manual_seed(5)
+    t, cu = 40, torch.tensor([0, 18, 40], dtype=torch.int32)
+    q, k, v = (torch.randn(1, t, h, 16, generator=g) for h in (2, 1, 1))
+    q_idx, k_idx, w = torch.randn(1, t, 1, 16, generator=g), torch.randn(1, t, 16, generator=g), torch.randn(1, t, 2, 16, generator=g)
+    sel = dict(block_size=16, topk=2, init_blocks=0, local_blocks=1)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v, q_idx, k_idx)]
+    # single-process reference ops (the Triton ones equal them, tests/ops); halves the interpreter's work
+    bi = msa.select_blocks(leaves[3], leaves[4], cu_seqlens=cu, backend="reference", **sel)
+    o = msa.sparse_attention(*leaves[:3], bi, block_size=16, cu_seqlens=cu, backend="reference")
+    kl = msa.indexer_kl_loss(leaves[3], leaves[4], leaves[0].detach(), leaves[1].detach(), bi, block_size=16,
+                             cu_seqlens=cu, backend="reference")
+    ((o * w).sum() + kl).backward()
+    loc = [zigzag_shard(x, rank, world).requires_grad_(True) for x in (q, k, v, q_idx, k_idx)]
+    out = context_parallel_msa_attention(*loc, cu_seqlens=cu, backend="triton", **sel)
+    ((out.o * zigzag_shard(w, rank, world)).sum() + out.kl).backward()
+    rows = ZigzagLayout(t, world).indices(rank)
+    assert torch.equal(out.block_indices, bi[:, rows])
+    torch.testing.assert_close(out.o, o.detach()[:, rows], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.kl, kl.detach(), rtol=1e-4, atol=1e-6)
+    for name, x, ref in zip(("q", "k", "v", "q_idx", "k_idx"), loc, leaves):
+        torch.testing.assert_close(x.grad, ref.grad[:, rows], rtol=1e-4, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
+
+
+def test_context_parallel_triton_kernels():
+    pytest.importorskip("triton")
+    run_ranks(2, _triton_worker)
