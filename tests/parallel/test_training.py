@@ -4,7 +4,6 @@ parameters form their own optimizer group; FSDP2 bf16 computes in bf16 and stays
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
