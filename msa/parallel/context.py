@@ -274,7 +274,8 @@ def context_parallel_msa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
         q: (B, n, H_q, D) queries of the local tokens (after RoPE at their global positions).
         k, v: (B, n, H_kv, D) keys and values of the local tokens, same dtype as q.
         q_idx: (B, n, H_kv, D_idx) index queries of the local tokens.
-        k_idx: (B, n, D_idx) index keys of the local tokens.
+        k_idx: (B, n, D_idx) index keys of the local tokens. Both may be None for a dense layer without
+            index branch (mode="dense", compute_kl=False).
         group: the context-parallel process group (None: the default group).
         block_size, topk, init_blocks, local_blocks: selection, as in ``msa.select_blocks``.
         scale: main attention scale (default D ** -0.5). index_scale: index score scale (default D_idx ** -0.5).
@@ -295,6 +296,12 @@ def context_parallel_msa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     check_tensor("q", q, 4, "(B, n, H_q, D)")
     check_tensor("k", k, 4, "(B, n, H_kv, D)")
     check_tensor("v", v, 4, "(B, n, H_kv, D)")
+    no_index = q_idx is None and k_idx is None
+    check(not no_index or (mode == "dense" and not compute_kl),
+          "q_idx and k_idx may be None only for mode='dense' with compute_kl=False (a layer without index branch)")
+    if no_index:  # dense GQA layer: zero-width index tensors keep the code below uniform
+        q_idx = q.new_zeros(q.shape[0], q.shape[1], k.shape[2], 1)
+        k_idx = q.new_zeros(q.shape[0], q.shape[1], 1)
     check_tensor("q_idx", q_idx, 4, "(B, n, H_kv, D_idx)")
     check_tensor("k_idx", k_idx, 3, "(B, n, D_idx)")
     for name, x in (("q", q), ("k", k), ("v", v), ("q_idx", q_idx), ("k_idx", k_idx)):
@@ -337,7 +344,7 @@ def context_parallel_msa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     # (1) the global K, V and index keys on every rank; backward returns their grads to the owners
     k_g = _GatherSequence.apply(k, layout, group)
     v_g = _GatherSequence.apply(v, layout, group)
-    k_idx_g = _GatherSequence.apply(k_idx, layout, group)
+    k_idx_g = k_idx if no_index else _GatherSequence.apply(k_idx, layout, group)
 
     # (2) one sub-problem [s0, g1): from the start of the first local token's sequence to the last token
     chunks = layout.rank_chunks(rank)
@@ -347,9 +354,11 @@ def context_parallel_msa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     cu_sub = _sub_cu_seqlens(cu_list, s0, g1)
     cu_sub_dev = None if cu_sub is None else cu_sub.to(dev)
     rows = layout.indices(rank, dev) - s0                          # local token -> sub-problem row
-    k_s, v_s, k_idx_s = k_g[:, s0:g1], v_g[:, s0:g1], k_idx_g[:, s0:g1]
+    k_s, v_s = k_g[:, s0:g1], v_g[:, s0:g1]
     q_s = q.new_zeros(bsz, length, hq, d).index_copy(1, rows, q)
-    q_idx_s = q_idx.new_zeros(bsz, length, hkv, di).index_copy(1, rows, q_idx)
+    if not no_index:
+        k_idx_s = k_idx_g[:, s0:g1]
+        q_idx_s = q_idx.new_zeros(bsz, length, hkv, di).index_copy(1, rows, q_idx)
 
     bi_s = lse_s = None
     if mode == "sparse":
@@ -390,7 +399,7 @@ def context_parallel_layer_forward(layer, x: torch.Tensor, group=None, *, cu_seq
     """Run an ``msa.MSAAttention`` layer on this rank's zigzag shard of the hidden states.
 
     Args:
-        layer: an ``MSAAttention`` with an index branch (``config.use_index``), in "dense" or "sparse" mode.
+        layer: an ``MSAAttention`` in "dense" or "sparse" mode (a layer without index branch runs dense).
         x: (B, n, hidden_size) this rank's zigzag shard (``zigzag_shard``) of the global hidden states.
         group, cu_seqlens, seqlen: as in ``context_parallel_msa_attention`` (cu_seqlens of the global stream).
         compute_kl: default ``layer.training and torch.is_grad_enabled()``.
@@ -403,7 +412,6 @@ def context_parallel_layer_forward(layer, x: torch.Tensor, group=None, *, cu_seq
     """
     from ..layers.attention import MSAOutput
     c = layer.config
-    check(c.use_index, "context_parallel_layer_forward needs an MSA layer with an index branch (config.use_index)")
     check(x.dim() == 3 and x.shape[-1] == c.hidden_size,
           f"x must have shape (B, n, hidden_size={c.hidden_size}), got {tuple(x.shape)}")
     bsz, n, _ = x.shape
@@ -417,6 +425,7 @@ def context_parallel_layer_forward(layer, x: torch.Tensor, group=None, *, cu_seq
     q, k, v, q_idx, k_idx = layer.project(x, pos.view(1, n).expand(bsz, n))
     if compute_kl is None:
         compute_kl = layer.training and torch.is_grad_enabled()
+    compute_kl = bool(compute_kl) and c.use_index
     out = context_parallel_msa_attention(
         q, k, v, q_idx, k_idx, group, block_size=c.block_size, topk=c.topk_blocks, init_blocks=c.init_blocks,
         local_blocks=c.local_blocks, scale=c.head_dim ** -0.5, index_scale=c.index_dim ** -0.5,
