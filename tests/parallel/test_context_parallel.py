@@ -173,7 +173,8 @@ def _model_worker(rank, world):
     """A whole MSAForCausalLM (a dense layer + an MSA layer, packed sequences) trained with context
     parallelism takes the same two optimizer steps as one process on the whole batch."""
     from msa.models import MSAForCausalLM
-    from msa.parallel import build_optimizer, cp_split_batch, cp_training_step, enable_context_parallel, training_step
+    from msa.parallel import (build_optimizer, cp_split_batch, cp_training_step, disable_context_parallel,
+                              enable_context_parallel, training_step)
     from tests.parallel.test_training import tiny_model
     t, cu = 45, torch.tensor([0, 19, 45], dtype=torch.int32)
     ids = torch.randint(0, 32, (1, t), generator=torch.Generator().manual_seed(3))
@@ -189,6 +190,8 @@ def _model_worker(rank, world):
             assert abs(a[key] - b[key]) <= 1e-6 * abs(a[key]) + 1e-9, (step, key, a[key], b[key])
     for (name, p_ref), p_cp in zip(ref.named_parameters(), cp.parameters()):
         torch.testing.assert_close(p_cp, p_ref, rtol=1e-6, atol=1e-9, msg=lambda m: f"{name}: {m}")
+    disable_context_parallel(cp)  # back to one process: the full sequence gives the same logits
+    torch.testing.assert_close(cp(ids, cu_seqlens=cu).logits, ref(ids, cu_seqlens=cu).logits, rtol=1e-6, atol=1e-9)
 
 
 def test_context_parallel_model_training():

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from msa.layers import MSAConfig
 from msa.models import MSAForCausalLM, MSALMConfig
-from msa.parallel import (ShardedSampler, build_optimizer, clip_grad_norms, lm_loss, split_parameters,
+from msa.parallel import (ShardedSampler, autocast_context, build_optimizer, clip_grad_norms, lm_loss, split_parameters,
                           training_step, wrap_model)
 from tests.parallel.dist_utils import run_ranks
 
@@ -89,6 +89,15 @@ def _worker(rank, world):
     h.remove()
     fp = float(lm_loss(tiny_model(), ids)["loss"])
     assert seen == [torch.bfloat16], seen
+    assert abs(bf - fp) < 3e-2 and bf != fp, (bf, fp)
+    # DDP bf16: fp32 parameters, the forward under autocast
+    seen.clear()
+    model = wrap_model(tiny_model(), "ddp", mixed_precision="bf16")
+    h = model.module.layers[1].attn.q_proj.register_forward_hook(lambda m, a, o: seen.append(o.dtype))
+    with autocast_context(model, "cpu"):
+        bf = float(lm_loss(model, ids)["loss"])
+    h.remove()
+    assert seen == [torch.bfloat16] and model.module.layers[1].attn.q_proj.weight.dtype == torch.float32, seen
     assert abs(bf - fp) < 3e-2 and bf != fp, (bf, fp)
 
 
