@@ -7,32 +7,39 @@ and a late one expensive, so every rank gets one of each (the usual zigzag load 
 
 Algorithm of ``context_parallel_msa_attention`` (one call per layer):
 
-1. All-gather k, v and the index keys k_idx over the group (autograd: the backward reduce-scatters
-   dK, dV, dk_idx back to the rank that owns each token).
-2. Every rank builds ONE sub-problem that spans from the start of the sequence holding its first token
-   up to its last token. Its own queries sit at their global rows; the other rows are zero padding.
-   The public ops (``msa.select_blocks``, ``msa.sparse_attention``, ``msa.indexer_kl_loss``) take
-   queries and keys of one length, so this is how a query is given its global position: selection,
-   causal masks, block ids and forced (init / local) blocks are then exactly those of the
-   single-process run. Padded rows get only their local block (a 1/topk share of a real row's
-   attention cost), and zero padded queries contribute zero to dK, dV and dk_idx.
+1. Every rank builds ONE sub-problem: for each of its two chunks, the token range from the start of the
+   sequence holding the chunk's first token to the chunk's end (the only keys its queries can see);
+   overlapping ranges merge; the ranges are concatenated as packed sequences. Its own queries sit at
+   their rows; all other rows are zero padding. The public ops (``msa.select_blocks``,
+   ``msa.sparse_attention``, ``msa.indexer_kl_loss``) take queries and keys of one length, so this is
+   how a query gets its global position: selection, causal masks, block ids and forced (init / local)
+   blocks are exactly those of the single-process run. Padded rows get only their local block (a
+   1/topk share of a real row's attention cost); zero padded queries add zero to dK, dV and dk_idx.
+2. K, V and the index keys k_idx of the sub-problem are fetched from their owners
+   (``kv_exchange="fetch"``: one all-to-all whose sizes every rank derives from the layout, no extra
+   sync) or all-gathered (``"allgather"``). Both are autograd functions: the backward sends dK, dV,
+   dk_idx back to the rank that owns each token, summed over all ranks' queries.
 3. The main branch output of the own rows is returned; the KL is computed on the sub-problem with the
    teacher lse of the same sparse attention call, rescaled to this rank's share of the global mean
    and all-reduced (its backward is the identity, so each rank's inputs receive exactly the gradient
    of the global KL).
 
-Trade-offs (documented, not measured on GPUs yet):
+Trade-offs (reasoned, not yet measured on GPUs):
 
-* K/V all-gather vs selective fetch. Each rank receives 2 T H_kv d elements of K/V. Fetching only
-  the selected blocks would receive at most the union of the blocks its queries selected, but with
-  the zigzag layout every rank holds a late chunk whose queries may select any earlier block, so for
-  long sequences the union approaches all blocks and selective fetch saves little while adding an
-  all-to-all with data-dependent sizes (one host sync). All-gather is what this module implements.
-* Padding. Rows before a rank's first token (back to its sequence start) are computed and dropped:
-  ``msa.select_blocks`` scores them against all keys (the indexer costs O(L^2) on a sub-problem of
-  length L <= T instead of O(T_local T)), and the warmup ("dense") mode's main branch and KL attend
-  them densely. A query-position offset in the ops (queries at positions q_start.. over keys 0..)
-  would remove this; the sparse main branch and sparse KL already pay only the local block for them.
+* Fetch vs all-gather. All-gather moves 2 T H_kv d elements of K/V (plus T d_idx of index keys) to
+  every rank. Fetch moves only the sub-problem's keys: for one long sequence rank r needs the prefix up
+  to its late chunk, (2R - r) / 2R of T (on average ~3/4 of the all-gather volume, and nothing of its
+  own rows); for packed short sequences only the sequences its tokens belong to. Fetching at block
+  granularity (only blocks some local query selected) would save little more: with the zigzag layout
+  every rank holds a late chunk whose queries may select any earlier block, so for long sequences the
+  union of selected blocks approaches all blocks, while the sizes become data dependent (a host sync
+  between selection and the exchange). Sequence-prefix fetch is the default.
+* Padding. Rows of the sub-problem that are not this rank's (the sequence prefix before a chunk) are
+  computed and dropped: ``msa.select_blocks`` scores them against their keys (the indexer costs
+  O(L^2) on a sub-problem of length L <= T instead of O(T_local L)), and the warmup ("dense") mode's
+  main branch and KL attend them densely. A query-position offset in the ops (queries at positions
+  q_start.. over keys 0..) would remove this; the sparse main branch and sparse KL already pay only
+  the local block for them.
 
 Gradients of parameters: every rank's parameter gradients hold the contribution of its own tokens
 (plus the KL term's share); sum them over the context-parallel group (e.g. DDP over the CP group with
@@ -41,6 +48,7 @@ the loss multiplied by the group size, since DDP averages) to get the full-seque
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Tuple
 
@@ -54,6 +62,7 @@ from ..ops.select_blocks import select_blocks
 from ..ops.sparse_attention import sparse_attention
 
 MODES = ("dense", "sparse")
+KV_EXCHANGES = ("fetch", "allgather")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -250,11 +259,93 @@ def _global_seqlen(n_local: int, device, group) -> int:
     return int(t.item())
 
 
-def _sub_cu_seqlens(cu: Optional[List[int]], s0: int, g1: int) -> Optional[torch.Tensor]:
-    if cu is None:
-        return None
-    inner = [c - s0 for c in cu if s0 < c < g1]
-    return torch.tensor([0] + inner + [g1 - s0], dtype=torch.int32)
+def _segments(layout: ZigzagLayout, rank: int, cu: Optional[List[int]]) -> List[Tuple[int, int]]:
+    """Global token ranges rank's queries can see: for each local chunk, from the start of the sequence
+    holding its first token to its end; overlapping ranges merged. Each range starts at a sequence start."""
+    segs: List[List[int]] = []
+    for a, b in layout.rank_chunks(rank):
+        s0 = 0 if cu is None else max(c for c in cu[:-1] if c <= a)
+        if segs and s0 <= segs[-1][1]:
+            segs[-1][1] = max(segs[-1][1], b)
+        else:
+            segs.append([s0, b])
+    return [(a, b) for a, b in segs]
+
+
+@functools.lru_cache(maxsize=16)
+def _plan(seqlen: int, world: int, cu: Optional[Tuple[int, ...]]):
+    """Per rank: the global token ids of its sub-problem (the concatenated segments) and the sub-problem's
+    cu_seqlens (None for one unpacked segment). CPU tensors; cached per (T, R, cu_seqlens)."""
+    layout = ZigzagLayout(seqlen, world)
+    cu_l = None if cu is None else list(cu)
+    out = []
+    for r in range(world):
+        segs = _segments(layout, r, cu_l)
+        ids = torch.cat([torch.arange(a, b) for a, b in segs])
+        if cu_l is None:
+            cu_sub = None
+        else:
+            bounds, off = {0, int(ids.numel())}, 0
+            for a, b in segs:
+                bounds.add(off)
+                bounds.update(c - a + off for c in cu_l if a < c < b)
+                off += b - a
+            cu_sub = torch.tensor(sorted(bounds), dtype=torch.int32)
+        out.append((ids, cu_sub))
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _fetch_meta(seqlen: int, world: int, cu: Optional[Tuple[int, ...]], rank: int):
+    """The all-to-all of ``_FetchRows`` for one rank: which local rows it sends to each rank (in the
+    receiver's sub-problem order), where the rows it receives go, and the split sizes. CPU, cached."""
+    layout, plan = ZigzagLayout(seqlen, world), _plan(seqlen, world, cu)
+    owner = torch.empty(seqlen, dtype=torch.int64)
+    local_pos = torch.empty(seqlen, dtype=torch.int64)
+    for r in range(world):
+        idx = layout.indices(r)
+        owner[idx] = r
+        local_pos[idx] = torch.arange(idx.numel())
+    mine = plan[rank][0]
+    send_idx, in_splits, recv_pos, out_splits = [], [], [], []
+    for j in range(world):
+        want = plan[j][0]
+        sel = want[owner[want] == rank]
+        send_idx.append(local_pos[sel])
+        in_splits.append(int(sel.numel()))
+        pos = torch.nonzero(owner[mine] == j).flatten()
+        recv_pos.append(pos)
+        out_splits.append(int(pos.numel()))
+    return torch.cat(send_idx), in_splits, torch.cat(recv_pos), out_splits, int(mine.numel())
+
+
+class _FetchRows(torch.autograd.Function):
+    """Forward: every rank receives the rows of its sub-problem (``_plan``) from their owners, one
+    all_to_all_single whose sizes every rank knows from the layout (no extra sync). Backward: the
+    reverse all-to-all; each owner sums the gradients its rows received from all ranks."""
+
+    @staticmethod
+    def forward(ctx, x, meta, group):
+        send_idx, in_splits, recv_pos, out_splits, length = meta
+        send_idx, recv_pos = send_idx.to(x.device), recv_pos.to(x.device)
+        send = x.movedim(1, 0).index_select(0, send_idx).contiguous()
+        recv = send.new_empty((sum(out_splits),) + tuple(send.shape[1:]))
+        dist.all_to_all_single(recv, send, out_splits, in_splits, group=group)
+        full = recv.new_empty((length,) + tuple(recv.shape[1:]))
+        full[recv_pos] = recv
+        ctx.save_for_backward(send_idx, recv_pos)
+        ctx.in_splits, ctx.out_splits, ctx.n, ctx.group = in_splits, out_splits, x.shape[1], group
+        return full.movedim(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        send_idx, recv_pos = ctx.saved_tensors
+        g = grad.movedim(1, 0).index_select(0, recv_pos).contiguous()
+        back = g.new_empty((sum(ctx.in_splits),) + tuple(g.shape[1:]))
+        dist.all_to_all_single(back, g, ctx.in_splits, ctx.out_splits, group=ctx.group)
+        out = g.new_zeros((ctx.n,) + tuple(g.shape[1:]))
+        out.index_add_(0, send_idx, back)
+        return out.movedim(0, 1), None, None
 
 
 def context_parallel_msa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: torch.Tensor,
@@ -262,7 +353,7 @@ def context_parallel_msa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
                                    init_blocks: int = 0, local_blocks: int = 1, scale: Optional[float] = None,
                                    index_scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None,
                                    seqlen: Optional[int] = None, mode: str = "sparse", compute_kl: bool = True,
-                                   backend: str = "auto") -> CPAttentionOutput:
+                                   kv_exchange: str = "fetch", backend: str = "auto") -> CPAttentionOutput:
     """MSA (index branch, main branch, indexer KL) of one sequence split over a process group.
 
     Every argument tensor is this rank's zigzag shard (``zigzag_shard``) of the global tensor; call it
@@ -284,6 +375,8 @@ def context_parallel_msa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
             (one all-reduce). n must equal ``ZigzagLayout(T, R).local_len(rank)``.
         mode: "sparse" (selected blocks) or "dense" (warmup: full causal attention, full-support KL).
         compute_kl: compute the indexer KL (gradients reach q_idx and k_idx only).
+        kv_exchange: "fetch" (default: each rank receives only the keys of the sequence prefixes its
+            queries can see, one all-to-all) or "allgather" (every rank receives all keys).
         backend: "auto", "reference" or "triton" for the MSA ops.
 
     Returns:
@@ -319,6 +412,7 @@ def context_parallel_msa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     check(k.dtype == q.dtype and v.dtype == q.dtype, f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     check(len({x.device for x in (q, k, v, q_idx, k_idx)}) == 1, "q, k, v, q_idx, k_idx must be on one device")
     check(mode in MODES, f"mode must be one of {MODES}, got {mode!r}")
+    check(kv_exchange in KV_EXCHANGES, f"kv_exchange must be one of {KV_EXCHANGES}, got {kv_exchange!r}")
     check_block_args(block_size, topk, init_blocks, local_blocks)
     rank, world = _group_info(group)
     cu_list = None
@@ -341,23 +435,28 @@ def context_parallel_msa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     index_scale = default_scale(index_scale, di)
     dev = q.device
 
-    # (1) the global K, V and index keys on every rank; backward returns their grads to the owners
-    k_g = _GatherSequence.apply(k, layout, group)
-    v_g = _GatherSequence.apply(v, layout, group)
-    k_idx_g = k_idx if no_index else _GatherSequence.apply(k_idx, layout, group)
-
-    # (2) one sub-problem [s0, g1): from the start of the first local token's sequence to the last token
-    chunks = layout.rank_chunks(rank)
-    first, g1 = chunks[0][0], chunks[1][1]
-    s0 = 0 if cu_list is None else max(c for c in cu_list[:-1] if c <= first)
-    length = g1 - s0
-    cu_sub = _sub_cu_seqlens(cu_list, s0, g1)
+    # (1) the sub-problem: the rank's segments (sequence prefixes its queries can see) concatenated as
+    # a packed problem; its own queries sit at their rows, every other row is zero padding
+    cu_key = None if cu_list is None else tuple(cu_list)
+    plan = _plan(seqlen, world, cu_key)
+    sub_ids, cu_sub = plan[rank]
+    length = int(sub_ids.numel())
     cu_sub_dev = None if cu_sub is None else cu_sub.to(dev)
-    rows = layout.indices(rank, dev) - s0                          # local token -> sub-problem row
-    k_s, v_s = k_g[:, s0:g1], v_g[:, s0:g1]
+    where = torch.full((seqlen,), -1, dtype=torch.int64)
+    where[sub_ids] = torch.arange(length)
+    rows = where[layout.indices(rank)].to(dev)                  # local token -> sub-problem row
+
+    # (2) keys, values and index keys of the sub-problem; the backward returns their grads to the owners
+    if kv_exchange == "fetch":
+        meta = _fetch_meta(seqlen, world, cu_key, rank)
+        fetch = lambda x: _FetchRows.apply(x, meta, group)  # noqa: E731
+    else:
+        sub_dev = sub_ids.to(dev)
+        fetch = lambda x: _GatherSequence.apply(x, layout, group).index_select(1, sub_dev)  # noqa: E731
+    k_s, v_s = fetch(k), fetch(v)
     q_s = q.new_zeros(bsz, length, hq, d).index_copy(1, rows, q)
     if not no_index:
-        k_idx_s = k_idx_g[:, s0:g1]
+        k_idx_s = fetch(k_idx)
         q_idx_s = q_idx.new_zeros(bsz, length, hkv, di).index_copy(1, rows, q_idx)
 
     bi_s = lse_s = None

@@ -53,22 +53,24 @@ def _worker(rank, world):
         cu = None if case["cu"] is None else torch.tensor(case["cu"], dtype=torch.int32)
         glob = _inputs(bsz, t, seed=100 + i)
         o_ref, kl_ref, bi_ref, grads_ref = _single(*glob, cu, mode, sel)
-        loc = [zigzag_shard(x, rank, world).requires_grad_(j < 5) for j, x in enumerate(glob)]
-        q, k, v, q_idx, k_idx, w = loc
-        out = context_parallel_msa_attention(q, k, v, q_idx, k_idx, None, cu_seqlens=cu, mode=mode,
-                                             backend="reference", **sel)
-        ((out.o * w).sum() + out.kl).backward()
         rows = ZigzagLayout(t, world).indices(rank)
         tol = dict(rtol=1e-9, atol=1e-11)
-        torch.testing.assert_close(out.o, o_ref[:, rows], **tol)
-        torch.testing.assert_close(out.kl, kl_ref, **tol)
-        if mode == "sparse":
-            assert torch.equal(out.block_indices, bi_ref[:, rows]), f"case {i}: selection differs"
-        else:
-            assert out.block_indices is None
-        for name, x, gref in zip(("q", "k", "v", "q_idx", "k_idx"), loc, grads_ref):
-            assert gref.abs().max() > 0, f"case {i}: {name} reference grad is zero (test would be vacuous)"
-            torch.testing.assert_close(x.grad, gref[:, rows], **tol, msg=lambda m: f"case {i} grad {name}: {m}")
+        for kv_exchange in ("fetch", "allgather"):
+            tag = f"case {i} {kv_exchange}"
+            loc = [zigzag_shard(x, rank, world).requires_grad_(j < 5) for j, x in enumerate(glob)]
+            q, k, v, q_idx, k_idx, w = loc
+            out = context_parallel_msa_attention(q, k, v, q_idx, k_idx, None, cu_seqlens=cu, mode=mode,
+                                                 kv_exchange=kv_exchange, backend="reference", **sel)
+            ((out.o * w).sum() + out.kl).backward()
+            torch.testing.assert_close(out.o, o_ref[:, rows], **tol, msg=lambda m: f"{tag} o: {m}")
+            torch.testing.assert_close(out.kl, kl_ref, **tol, msg=lambda m: f"{tag} kl: {m}")
+            if mode == "sparse":
+                assert torch.equal(out.block_indices, bi_ref[:, rows]), f"{tag}: selection differs"
+            else:
+                assert out.block_indices is None
+            for name, x, gref in zip(("q", "k", "v", "q_idx", "k_idx"), loc, grads_ref):
+                assert gref.abs().max() > 0, f"{tag}: {name} reference grad is zero (test would be vacuous)"
+                torch.testing.assert_close(x.grad, gref[:, rows], **tol, msg=lambda m: f"{tag} grad {name}: {m}")
         # gather_sequence round-trips the layout
         torch.testing.assert_close(gather_sequence(out.o.detach(), t), o_ref, **tol)
     if world == 2:
@@ -196,3 +198,15 @@ def _model_worker(rank, world):
 
 def test_context_parallel_model_training():
     run_ranks(2, _model_worker)
+
+
+def test_sub_problem_plan():
+    """A rank's sub-problem holds only the sequence prefixes its queries can see, as packed sequences."""
+    from msa.parallel.context import _plan
+    (ids0, cu0), (ids1, cu1) = _plan(45, 2, (0, 11, 14, 45))
+    # rank 0 owns [0, 12) and [34, 45): sequence 0 + one token of sequence 1, then sequence 2 (from 14)
+    assert ids0.tolist() == list(range(0, 12)) + list(range(14, 45)) and cu0.tolist() == [0, 11, 12, 43]
+    # rank 1 owns [12, 23) and [23, 34): one merged segment from the start of sequence 1
+    assert ids1.tolist() == list(range(11, 34)) and cu1.tolist() == [0, 3, 23]
+    (ids, cu), _ = _plan(40, 2, None)
+    assert ids.tolist() == list(range(40)) and cu is None
