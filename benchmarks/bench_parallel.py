@@ -16,7 +16,7 @@ memory per GPU. Writes DIR/dp_w{N}.json; when DIR/dp_w1.json exists, prints the 
 Part cp: paper shape (H_q 64, H_kv 4, D 128, d_idx 128, block 128, top-16, bf16). First a parity gate
 at --gate-len tokens: the CP output, KL and gradients vs the single-GPU ops on rank 0 (relative L2
 error; PASS < 2e-2). Then at --cp-len: MSA CP step (``context_parallel_msa_attention`` forward +
-backward incl. the KL) and dense causal attention with torch's ring attention
+backward incl. the KL; K/V fetched by sequence prefix and, for comparison, all-gathered) and dense causal attention with torch's ring attention
 (``torch.distributed.tensor.experimental.context_parallel``, SDPA, K/V repeated to H_q heads), forward
 + backward, time and peak memory per GPU. Writes DIR/cp_w{N}.json. Target: MSA >= 10x faster.
 
@@ -167,29 +167,32 @@ def part_cp(args, out):
         res["gate"] = {"error": f"{type(exc).__name__}: {exc}"}
         log(traceback.format_exc())
     t = args.cp_len
-    # MSA context parallel step
-    try:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        glob = cp_inputs(t)
-        loc = [zigzag_shard(x, rank, world) for x in glob]
-        del glob
-        leaves = [x.requires_grad_(True) for x in loc[:5]]
-        do = loc[5]
+    # MSA context parallel step, both K/V exchanges
+    for exchange in args.kv_exchange.split(","):
+        key = f"msa_cp_{exchange}"
+        try:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            glob = cp_inputs(t)
+            loc = [zigzag_shard(x, rank, world) for x in glob]
+            glob = None
+            leaves = [x.requires_grad_(True) for x in loc[:5]]
+            do = loc[5]
 
-        def msa_step():
-            for x in leaves:
-                x.grad = None
-            r = context_parallel_msa_attention(*leaves, block_size=BLOCK, topk=TOPK)
-            ((r.o * do).float().sum() + r.kl).backward()
+            def msa_step():
+                for x in leaves:
+                    x.grad = None
+                r = context_parallel_msa_attention(*leaves, block_size=BLOCK, topk=TOPK, kv_exchange=exchange)
+                ((r.o * do).float().sum() + r.kl).backward()
 
-        sec = timed(msa_step, args.cp_steps, 1)
-        res["msa_cp"] = {"step_s": sec, "peak_gb": peak_gb()}
-        log(f"msa cp {t} tokens on {world} GPUs: {sec * 1e3:.1f} ms/step, peak {res['msa_cp']['peak_gb']:.1f} GB")
-        leaves = loc = do = None
-    except Exception as exc:
-        res["msa_cp"] = {"error": f"{type(exc).__name__}: {exc}"}
-        log(traceback.format_exc())
+            sec = timed(msa_step, args.cp_steps, 1)
+            res[key] = {"step_s": sec, "peak_gb": peak_gb()}
+            log(f"msa cp ({exchange}) {t} tokens on {world} GPUs: {sec * 1e3:.1f} ms/step, "
+                f"peak {res[key]['peak_gb']:.1f} GB")
+            leaves = loc = do = None
+        except Exception as exc:
+            res[key] = {"error": f"{type(exc).__name__}: {exc}"}
+            log(traceback.format_exc())
     # dense ring attention (torch's context parallel SDPA)
     try:
         from torch.distributed.device_mesh import init_device_mesh
@@ -203,7 +206,9 @@ def part_cp(args, out):
         v = torch.randn(1, HKV, t, D, device="cuda", dtype=torch.bfloat16, generator=g)
         k, v = k.repeat_interleave(HQ // HKV, 1), v.repeat_interleave(HQ // HKV, 1)  # ring attention: no GQA
         do = torch.randn_like(q)
-        with context_parallel(mesh, buffers=[q, k, v, do], buffer_seq_dims=[2, 2, 2, 2]):
+        # no_restore_buffers: do not keep full copies to restore on exit (4 x 16 GB at 1M tokens)
+        with context_parallel(mesh, buffers=[q, k, v, do], buffer_seq_dims=[2, 2, 2, 2],
+                              no_restore_buffers={q, k, v, do}):
             qq, kk, vv = (x.detach().requires_grad_(True) for x in (q, k, v))
 
             def ring_step():
@@ -218,9 +223,10 @@ def part_cp(args, out):
     except Exception as exc:
         res["ring_dense"] = {"error": f"{type(exc).__name__}: {exc}"}
         log(traceback.format_exc())
-    if "step_s" in res.get("msa_cp", {}) and "step_s" in res.get("ring_dense", {}):
-        res["speedup"] = res["ring_dense"]["step_s"] / res["msa_cp"]["step_s"]
-        log(f"MSA CP vs ring dense: {res['speedup']:.2f}x (target >= 10x)")
+    best = [res[k]["step_s"] for k in res if k.startswith("msa_cp_") and "step_s" in res[k]]
+    if best and "step_s" in res.get("ring_dense", {}):
+        res["speedup"] = res["ring_dense"]["step_s"] / min(best)
+        log(f"MSA CP (best exchange) vs ring dense: {res['speedup']:.2f}x (target >= 10x)")
     return f"cp_w{world}.json", res
 
 
@@ -236,6 +242,7 @@ def main():
     ap.add_argument("--gate-len", type=int, default=16384)
     ap.add_argument("--cp-steps", type=int, default=3)
     ap.add_argument("--ring-steps", type=int, default=1)
+    ap.add_argument("--kv-exchange", default="fetch,allgather", help="MSA CP K/V exchanges to time")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_parallel.py needs CUDA GPUs (launch with torchrun, one process per GPU)")
