@@ -42,6 +42,19 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 HQ, HKV, D, DI, BLOCK, TOPK = 64, 4, 128, 128, 128, 16
+DEV = "cuda"  # --cpu-smoke: "cpu" (gloo, tiny shapes, reference ops): checks the script's plumbing only
+GPU = True
+
+
+def sync():
+    if GPU:
+        torch.cuda.synchronize()
+
+
+def reset_peak():
+    if GPU:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def log(*a):
@@ -53,21 +66,29 @@ def timed(fn, steps, warmup):
     """Per-step seconds (max over ranks) of fn(), after warmup calls."""
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    sync()
     dist.barrier()
     t0 = time.perf_counter()
     for _ in range(steps):
         fn()
-    torch.cuda.synchronize()
-    t = torch.tensor([(time.perf_counter() - t0) / steps], device="cuda")
+    sync()
+    t = torch.tensor([(time.perf_counter() - t0) / steps], device=DEV)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)
 
 
 def peak_gb():
-    t = torch.tensor([torch.cuda.max_memory_allocated() / 2 ** 30], device="cuda")
+    t = torch.tensor([torch.cuda.max_memory_allocated() / 2 ** 30 if GPU else 0.0], device=DEV)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)
+
+
+def model_tiny():
+    from msa.layers import MSAConfig
+    from msa.models import MSALMConfig
+    att = MSAConfig(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, index_dim=16, block_size=BLOCK,
+                    topk_blocks=TOPK, mode="sparse", backend="auto")
+    return MSALMConfig(vocab_size=64, num_layers=2, intermediate_size=96, attention=att, num_dense_layers=1)
 
 
 def model_1b():
@@ -80,20 +101,21 @@ def model_1b():
 
 def part_dp(args, out):
     from msa.models import MSAForCausalLM
-    from msa.parallel import build_optimizer, training_step, wrap_model
+    from msa.parallel import build_optimizer, training_step, unwrap, wrap_model
     world, rank = dist.get_world_size(), dist.get_rank()
     res = {"seq_len": args.seq_len, "world_size": world, "strategies": {}}
     for strategy in args.strategies.split(","):
         row = res["strategies"].setdefault(strategy, {})
         try:
             torch.manual_seed(0)
-            torch.cuda.reset_peak_memory_stats()
-            model = MSAForCausalLM(model_1b()).cuda()
+            reset_peak()
+            model = MSAForCausalLM(model_1b() if GPU else model_tiny()).to(DEV)
             row["params"] = sum(p.numel() for p in model.parameters())
             model = wrap_model(model, strategy, mixed_precision="bf16")
             opt = build_optimizer(model, lr=1e-4)
-            g = torch.Generator(device="cuda").manual_seed(rank)
-            ids = torch.randint(0, 32000, (1, args.seq_len), device="cuda", generator=g)
+            g = torch.Generator(device=DEV).manual_seed(rank)
+            vocab = unwrap(model).config.vocab_size
+            ids = torch.randint(0, vocab, (1, args.seq_len), device=DEV, generator=g)
             stats = {}
 
             def step():
@@ -108,7 +130,7 @@ def part_dp(args, out):
         except Exception as exc:  # one failing strategy must not hide the other
             row["error"] = f"{type(exc).__name__}: {exc}"
             log(traceback.format_exc())
-        torch.cuda.empty_cache()
+        reset_peak()
     base = os.path.join(out, "dp_w1.json")
     if os.path.exists(base) and world > 1:
         ref = json.load(open(base))["strategies"]
@@ -120,13 +142,13 @@ def part_dp(args, out):
 
 
 def cp_inputs(t, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    mk = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, device=DEV, dtype=torch.bfloat16, generator=g)  # noqa: E731
     return mk(1, t, HQ, D), mk(1, t, HKV, D), mk(1, t, HKV, D), mk(1, t, HKV, DI), mk(1, t, DI), mk(1, t, HQ, D)
 
 
 def rel(a, b):
-    a, b = a.float(), b.float()
+    a, b = a.detach().float(), b.detach().float()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
@@ -145,12 +167,12 @@ def cp_gate(t):
     loc = [zigzag_shard(x, rank, world).requires_grad_(True) for x in glob[:5]]
     out = context_parallel_msa_attention(*loc, block_size=BLOCK, topk=TOPK)
     ((out.o.float() * zigzag_shard(glob[5], rank, world).float()).sum() + out.kl).backward()
-    rows = ZigzagLayout(t, world).indices(rank, "cuda")
+    rows = ZigzagLayout(t, world).indices(rank, DEV)
     errs = {"o": rel(out.o, o[:, rows]), "kl": abs(float(out.kl) - float(kl)) / abs(float(kl)),
             "selection_mismatch": float((out.block_indices != bi[:, rows]).float().mean())}
     for name, x, ref in zip(("q", "k", "v", "q_idx", "k_idx"), loc, leaves):
         errs["d" + name] = rel(x.grad, ref.grad[:, rows])
-    worst = torch.tensor([max(v for k, v in errs.items() if k != "selection_mismatch")], device="cuda")
+    worst = torch.tensor([max(v for k, v in errs.items() if k != "selection_mismatch")], device=DEV)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     errs["pass"] = bool(float(worst) < 2e-2)
     return errs
@@ -171,8 +193,7 @@ def part_cp(args, out):
     for exchange in args.kv_exchange.split(","):
         key = f"msa_cp_{exchange}"
         try:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+            reset_peak()
             glob = cp_inputs(t)
             loc = [zigzag_shard(x, rank, world) for x in glob]
             glob = None
@@ -197,13 +218,12 @@ def part_cp(args, out):
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor.experimental import context_parallel
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        mesh = init_device_mesh("cuda", (world,))
-        g = torch.Generator(device="cuda").manual_seed(0)
-        q = torch.randn(1, HQ, t, D, device="cuda", dtype=torch.bfloat16, generator=g)
-        k = torch.randn(1, HKV, t, D, device="cuda", dtype=torch.bfloat16, generator=g)
-        v = torch.randn(1, HKV, t, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        reset_peak()
+        mesh = init_device_mesh(DEV, (world,))
+        g = torch.Generator(device=DEV).manual_seed(0)
+        q = torch.randn(1, HQ, t, D, device=DEV, dtype=torch.bfloat16, generator=g)
+        k = torch.randn(1, HKV, t, D, device=DEV, dtype=torch.bfloat16, generator=g)
+        v = torch.randn(1, HKV, t, D, device=DEV, dtype=torch.bfloat16, generator=g)
         k, v = k.repeat_interleave(HQ // HKV, 1), v.repeat_interleave(HQ // HKV, 1)  # ring attention: no GQA
         do = torch.randn_like(q)
         # no_restore_buffers: do not keep full copies to restore on exit (4 x 16 GB at 1M tokens)
@@ -243,16 +263,25 @@ def main():
     ap.add_argument("--cp-steps", type=int, default=3)
     ap.add_argument("--ring-steps", type=int, default=1)
     ap.add_argument("--kv-exchange", default="fetch,allgather", help="MSA CP K/V exchanges to time")
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="run on the CPU with gloo and tiny shapes (checks the plumbing, no timings worth reading)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_parallel.py needs CUDA GPUs (launch with torchrun, one process per GPU)")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    torch.cuda.set_device(local)
-    dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+    global DEV, GPU, HQ, HKV, D, DI, BLOCK, TOPK
+    if args.cpu_smoke:
+        DEV, GPU = "cpu", False
+        HQ, HKV, D, DI, BLOCK, TOPK = 4, 2, 16, 16, 16, 2
+        args.seq_len, args.cp_len, args.gate_len, args.steps, args.warmup = 128, 256, 128, 1, 1
+        dist.init_process_group("gloo")
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("bench_parallel.py needs CUDA GPUs (launch with torchrun, one process per GPU; --cpu-smoke on a CPU)")
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
     os.makedirs(args.out, exist_ok=True)
     try:
         name, res = part_dp(args, args.out) if args.part == "dp" else part_cp(args, args.out)
-        res.update(gpu=torch.cuda.get_device_name(), torch=torch.__version__, python=platform.python_version(),
+        res.update(gpu=torch.cuda.get_device_name() if GPU else "cpu-smoke", torch=torch.__version__, python=platform.python_version(),
                    command=" ".join(sys.argv), env={k: os.environ.get(k) for k in
                                                      ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST")})
         if dist.get_rank() == 0:
