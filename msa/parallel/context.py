@@ -296,6 +296,15 @@ def _plan(seqlen: int, world: int, cu: Optional[Tuple[int, ...]]):
 
 
 @functools.lru_cache(maxsize=16)
+def _local_rows(seqlen: int, world: int, cu: Optional[Tuple[int, ...]], rank: int) -> torch.Tensor:
+    """int64 (local_len,): the sub-problem row of every local token of ``rank`` (CPU, cached)."""
+    sub_ids = _plan(seqlen, world, cu)[rank][0]
+    where = torch.full((seqlen,), -1, dtype=torch.int64)
+    where[sub_ids] = torch.arange(sub_ids.numel())
+    return where[ZigzagLayout(seqlen, world).indices(rank)]
+
+
+@functools.lru_cache(maxsize=16)
 def _fetch_meta(seqlen: int, world: int, cu: Optional[Tuple[int, ...]], rank: int):
     """The all-to-all of ``_FetchRows`` for one rank: which local rows it sends to each rank (in the
     receiver's sub-problem order), where the rows it receives go, and the split sizes. CPU, cached."""
@@ -415,6 +424,7 @@ def context_parallel_msa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     check(kv_exchange in KV_EXCHANGES, f"kv_exchange must be one of {KV_EXCHANGES}, got {kv_exchange!r}")
     check_block_args(block_size, topk, init_blocks, local_blocks)
     rank, world = _group_info(group)
+    check(rank >= 0, "this process is not a member of group")
     cu_list = None
     if cu_seqlens is not None:
         check_tensor("cu_seqlens", cu_seqlens, 1, "(num_seqs + 1,)")
@@ -442,9 +452,7 @@ def context_parallel_msa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     sub_ids, cu_sub = plan[rank]
     length = int(sub_ids.numel())
     cu_sub_dev = None if cu_sub is None else cu_sub.to(dev)
-    where = torch.full((seqlen,), -1, dtype=torch.int64)
-    where[sub_ids] = torch.arange(length)
-    rows = where[layout.indices(rank)].to(dev)                  # local token -> sub-problem row
+    rows = _local_rows(seqlen, world, cu_key, rank).to(dev)    # local token -> sub-problem row
 
     # (2) keys, values and index keys of the sub-problem; the backward returns their grads to the owners
     if kv_exchange == "fetch":

@@ -210,3 +210,22 @@ def test_sub_problem_plan():
     assert ids1.tolist() == list(range(11, 34)) and cu1.tolist() == [0, 3, 23]
     (ids, cu), _ = _plan(40, 2, None)
     assert ids.tolist() == list(range(40)) and cu is None
+
+
+def test_cp_split_batch_and_errors():
+    from msa.parallel import cp_split_batch, enable_context_parallel
+    from tests.parallel.test_training import tiny_model
+    ids = torch.arange(10).view(1, 10)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    inp, lab = cp_split_batch(ids, 1, 2, cu)
+    # T=10 over 2 ranks: chunks [0,3) [3,6) [6,8) [8,10); rank 1 owns [3,6) and [6,8)
+    assert inp.tolist() == [[3, 4, 5, 6, 7]]
+    assert lab.tolist() == [[-100, 5, 6, 7, 8]]   # token 3 ends sequence 0
+    inp0, lab0 = cp_split_batch(ids, 0, 2, cu)
+    assert inp0.tolist() == [[0, 1, 2, 8, 9]] and lab0.tolist() == [[1, 2, 3, 9, -100]]
+    with pytest.raises(ValueError, match="input_ids must have shape"):
+        cp_split_batch(ids[0], 0, 2)
+    with pytest.raises(ValueError, match="initialized process group"):
+        enable_context_parallel(tiny_model())
+    with pytest.raises(ValueError, match="initialized torch.distributed"):
+        context_parallel_msa_attention(*_inputs(1, 8, 0)[:5])
