@@ -189,6 +189,12 @@ def part_cp(args, out):
         res["gate"] = {"error": f"{type(exc).__name__}: {exc}"}
         log(traceback.format_exc())
     t = args.cp_len
+    # rows of K/V each rank receives (one long sequence): fetch = its sequence prefix, allgather = all
+    from msa.parallel.context import ZigzagLayout, _plan
+    lay, plan = ZigzagLayout(t, world), _plan(t, world, None)
+    res["rows_received"] = {"fetch": [int(plan[r][0].numel()) - lay.local_len(r) for r in range(world)],
+                            "allgather": [t - lay.local_len(r) for r in range(world)],
+                            "sub_problem_len": [int(plan[r][0].numel()) for r in range(world)]}
     # MSA context parallel step, both K/V exchanges
     for exchange in args.kv_exchange.split(","):
         key = f"msa_cp_{exchange}"
