@@ -1,6 +1,6 @@
 """transformers model converted to MSA (msa.hf.to_msa) vs the same model with attn_implementation="sdpa".
 
-    PYTHONPATH=. python benchmarks/bench_hf.py --out DIR [--contexts 32768,131072] [--new-tokens 32]
+    msa bench hf --out DIR [--contexts 32768,131072] [--new-tokens 32]
 
 Model: a random Llama-shaped ~1.1B model (16 layers, hidden 2048, 16 query heads, 4 KV heads, head dim 128,
 intermediate 8192, vocabulary 32000), bf16 on one GPU. The MSA copy has the same weights plus the index branch
