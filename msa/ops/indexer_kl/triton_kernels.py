@@ -325,11 +325,8 @@ def _flash_q_tile(acc, Q, K, KI, QDESC, LSE_T, DKI, qi, i0, i, imask, istart, ls
     pe = _teacher_tile(Q, QDESC, LSE_T, kk, i0, imask, r, qk2, lg2g, HQ, G, D, BLOCK_M, BLOCK_N, BLOCK_D, CDT,
                        DOT_PREC, TMA)
     if PF:
-        # each head's Q tile is re-read per key tile, and 132 programs x 16 heads x 32 KB exceed the L2:
-        # without this the next tile's first TMA loads wait on DRAM (H200 128K: 546 vs 555 ms). Measured
-        # and dropped: prefetching the next tile's K / k_idx too (577 ms; those rows are L2-hot, shared
-        # by the programs walking the same key tiles), every head's Q tile 3-6 heads ahead inside the
-        # head loop (558-575), four heads instead of two (553-555).
+        # each head's Q tile is re-read per key tile, and all programs' heads together exceed the L2:
+        # prefetch the next head loop's first Q tiles so its first TMA loads do not wait on DRAM
         for hh in tl.static_range(2):
             _prefetch_rows_l2(Q + (r * G + hh) * D, i0, NTOK, HQ * D, BLOCK_M, PF_LINES, PF_LINE, FAST)
     # u = log2 p_idx; the loss term p (log2 p - u) already holds the student lse, so one row sum suffices

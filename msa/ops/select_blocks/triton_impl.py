@@ -137,10 +137,8 @@ def select_blocks_triton(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size
     return out.view(bsz, t, heads, topk)
 
 
-# Score-kernel defaults for 16-bit inputs on the GPU (ROWS = 128, BLOCK_N = 128, 8 warps, 3 stages:
-# Q 32 KB + 3 x 32 KB of K stages in shared memory). Pin the winner of `bench_topk.py --parts sweep` here.
-# H200 sweep: 256 rows x 128 keys, 8 warps, 3 stages, maxima of
-# 8 blocks stored together: 15.7 ms at 128K (559 TFLOP/s) vs 19.8 ms for 128 rows, 1 block per store
+# Score-kernel defaults for 16-bit inputs on the GPU: 256 query rows x 128 keys per tile, 8 warps,
+# 3 stages, the maxima of 8 blocks stored together (measured choice: docs/perf-notes.md).
 SCORE_DEFAULTS = {"rows": 256, "block_n": 128, "num_warps": 8, "num_stages": 3, "nbuf": 8, "persist": 0}
 SMEM_LIMIT = 232448  # bytes of shared memory one CTA may use on H100/H200 (227 KB)
 

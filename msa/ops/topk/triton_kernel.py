@@ -168,9 +168,8 @@ def topk_config(n_cols: int, topk: int, rows: Optional[int] = None, seg: Optiona
                 num_warps: Optional[int] = None, max_tile: int = MAX_TILE):
     """(tile_cols, ROWS, NSEG, SEG, KP, num_warps) for one launch over n_cols columns.
 
-    Defaults follow the H200 sweep at 128K rows x 1024 columns, k 16:
-    SEG 8, 8 rows per program, 4 warps: 0.44 ms (4 rows: 0.51 ms, 2 rows: 0.92 ms; torch.topk 3.97 ms),
-    i.e. about 8192 elements per program.
+    Defaults: about 8192 elements per program (SEG 8, 8 rows per program, 4 warps at 1024 columns,
+    k 16; measured choice in docs/perf-notes.md).
     """
     rows_given = rows
     kp = next_pow2(topk)
