@@ -315,13 +315,36 @@ class DecodePlan:
         return self.out, sel
 
 
+PLAN_MEMO_SIZE = 8  # plans kept per cache (distinct step shapes, e.g. chunk sizes of a chunked prefill)
+
+
+def get_decode_plan(cache, *, num_heads: int, num_tokens: int, block_size: int, topk: int, init_blocks: int,
+                    local_blocks: int, scale: float, index_scale: float, dense: bool,
+                    out_dtype: Optional[torch.dtype] = None) -> DecodePlan:
+    """The DecodePlan of these arguments for ``cache``, built on first use and memoised in ``cache.plans``
+    (the oldest of more than PLAN_MEMO_SIZE is dropped), so a generation builds each plan once. A memoised
+    plan's outputs are overwritten by its next run. Arguments as in DecodePlan (not re-validated here)."""
+    out_dtype = cache.dtype if out_dtype is None else out_dtype
+    key = ("triton", num_heads, num_tokens, block_size, topk, init_blocks, local_blocks, float(scale),
+           float(index_scale), bool(dense), out_dtype)
+    plan = cache.plans.get(key)
+    if plan is None:
+        plan = DecodePlan(cache, num_heads=num_heads, block_size=block_size, topk=topk, init_blocks=init_blocks,
+                          local_blocks=local_blocks, num_tokens=num_tokens, scale=scale, index_scale=index_scale,
+                          dense=dense, out_dtype=out_dtype)
+        while len(cache.plans) >= PLAN_MEMO_SIZE:
+            cache.plans.pop(next(iter(cache.plans)))
+        cache.plans[key] = plan
+    return plan
+
+
 def decode_attention_triton(q: torch.Tensor, q_idx: Optional[torch.Tensor], cache, layer_idx: int, *,
                             block_size: int, topk: int, init_blocks: int, local_blocks: int, scale: float,
                             index_scale: float, dense: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """One-shot decode (builds a DecodePlan and runs it; arguments already validated).
-    Returns o (B, t, H_q, D) in q.dtype and the selection int32 (B, t, H_kv, topk) (None when dense)."""
-    plan = DecodePlan(cache, num_heads=q.shape[2], block_size=block_size, topk=topk, init_blocks=init_blocks,
-                      local_blocks=local_blocks, num_tokens=q.shape[1], scale=scale, index_scale=index_scale,
-                      dense=dense, out_dtype=q.dtype)
-    o, sel = plan.run(q, q_idx, layer_idx)
-    return o, (None if sel is None else sel)
+    """Decode through the cache's memoised plan (arguments already validated; q in the cache dtype).
+    Returns o (B, t, H_q, D) and the selection int32 (B, t, H_kv, topk) (None when dense): the plan's
+    buffers, valid until the plan's next run."""
+    plan = get_decode_plan(cache, num_heads=q.shape[2], block_size=block_size, topk=topk, init_blocks=init_blocks,
+                           local_blocks=local_blocks, num_tokens=q.shape[1], scale=scale, index_scale=index_scale,
+                           dense=dense, out_dtype=q.dtype)
+    return plan.run(q, None if dense else q_idx, layer_idx)
