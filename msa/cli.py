@@ -1,4 +1,4 @@
-"""The ``msa`` command: ``msa demo``, ``msa flops``, ``msa bench {prefill,decode,train,topk}``."""
+"""The ``msa`` command: ``msa demo``, ``msa flops``, ``msa bench {prefill,decode,train,topk,generate}``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-BENCHES = ("prefill", "decode", "train", "topk")
+BENCHES = ("prefill", "decode", "train", "topk", "generate")
 
 
 def _fmt_bytes(x: float) -> str:
