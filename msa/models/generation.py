@@ -18,7 +18,11 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
+import torch.nn.functional as F
+
+from ..layers.rope import rotary_cos_sin
 from ..ops.common import check, resolve_backend
+from ..ops.decode import decode_attention_step
 
 WARMUP_STEPS = 2  # eager steps (rolled back) before a capture: Triton compiles, cuBLAS / allocator set-up
 
@@ -39,6 +43,77 @@ def pick_tokens(logits: torch.Tensor, temperature: float, top_k: Optional[int],
     probs = torch.softmax(logits, -1)
     race = torch.empty_like(probs).exponential_(generator=generator)
     return (probs / race.clamp_min(torch.finfo(race.dtype).tiny)).argmax(-1)
+
+
+def fused_step_supported(model, cache) -> bool:
+    """The fused step needs the Triton decode (every layer's backend resolves to Triton: CUDA, or the
+    interpreter with backend="triton"), no index RMSNorm / RoPE (MiniMax-M3 option) and no per-block
+    fp8 index scales."""
+    if cache.fp8_index and cache.index_scale_mode == "block":
+        return False
+    w = model.embed.weight
+    for layer in model.layers:
+        c = layer.attn.config
+        if c.index_norm_rope or resolve_backend(c.backend, [w]) != "triton":
+            return False
+    return True
+
+
+class FusedDecodeStep:
+    """The per-token step of ``MSAForCausalLM.decode_step`` with few launches (built once per generation).
+
+    Per layer: one GEMM for the concatenated q / k / v / q_idx / k_idx projections, one kernel for RoPE +
+    the cache append + the length update (``rope_append``), the decode attention (2-3 kernels), o_proj,
+    one kernel for the residual add + the MLP's RMSNorm, the MLP (3-4 kernels), one kernel for the
+    residual add + the next RMSNorm. RoPE reads cos / sin from per-position tables computed once (the
+    same float64-derived values as ``rotary_cos_sin``). Same math as the module path; roundings may
+    differ in the last bit (fused multiply-adds, reduction order).
+
+    __call__(input_ids int64 (B, t)) -> fp32 logits (B, vocab) of each sequence's last new token.
+    """
+
+    def __init__(self, model, cache):
+        from ..ops.decode.step import add_rmsnorm, rope_append
+        self._add_rmsnorm, self._rope_append = add_rmsnorm, rope_append
+        self.model, self.cache = model, cache
+        dev = model.embed.weight.device
+        self.weights, self.tables = [], {}
+        for layer in model.layers:
+            a, c = layer.attn, layer.attn.config
+            ws = [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]
+            if c.use_index:
+                ws += [a.q_idx_proj.weight, a.k_idx_proj.weight]
+            self.weights.append(torch.cat([w.detach() for w in ws]).contiguous())
+            key = (c.rotary_dim, c.rope_theta)
+            if key not in self.tables:
+                pos = torch.arange(cache.max_seq_len, device=dev)
+                cos, sin = rotary_cos_sin(pos, c.rotary_dim, c.rope_theta, model.embed.weight.dtype)
+                self.tables[key] = (cos.contiguous(), sin.contiguous())
+
+    def _norm(self, x, h, norm):
+        return self._add_rmsnorm(x, h, norm.weight, norm.eps, norm.unit_offset)
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        m, cache = self.model, self.cache
+        x = m.embed(input_ids)
+        bsz, t, _ = x.shape
+        x, y = self._norm(x, None, m.layers[0].attn_norm)
+        for i, layer in enumerate(m.layers):
+            a, c = layer.attn, layer.attn.config
+            proj = F.linear(y, self.weights[i])
+            q = torch.empty(bsz, t, c.num_heads, c.head_dim, dtype=x.dtype, device=x.device)
+            qi = torch.empty(bsz, t, c.num_kv_heads, c.index_dim, dtype=x.dtype, device=x.device) if c.use_index else None
+            cos, sin = self.tables[(c.rotary_dim, c.rope_theta)]
+            self._rope_append(proj, cache, i, q, qi, cos, sin, num_heads=c.num_heads, head_dim=c.head_dim,
+                              index_dim=c.index_dim if c.use_index else None)
+            o, _ = decode_attention_step(q, qi, cache, i, block_size=c.block_size, topk=c.topk_blocks,
+                                         init_blocks=c.init_blocks, local_blocks=c.local_blocks,
+                                         scale=c.head_dim ** -0.5, index_scale=c.index_dim ** -0.5,
+                                         dense=a.mode != "sparse", backend=c.backend)
+            x, y = self._norm(x, a.o_proj(o.reshape(bsz, t, c.num_heads * c.head_dim)), layer.mlp_norm)
+            nxt = m.layers[i + 1].attn_norm if i + 1 < len(m.layers) else m.norm
+            x, y = self._norm(x, layer.mlp(y), nxt)
+        return m.lm_head(y[:, -1]).float()
 
 
 def _as_prompt_list(prompts) -> List[torch.Tensor]:
@@ -64,6 +139,8 @@ class GenerationSession:
         top_k: None or an int in [1, vocab_size] (sampling only).
         generator: optional torch.Generator on the model's device for sampling.
         cuda_graph: capture the per-token step in a CUDA graph when the model is on CUDA (ignored on CPU).
+        fused_step: None (default) = the fused step (``FusedDecodeStep``) wherever it is supported
+            (``fused_step_supported``), else ``model.decode_step``; False = always ``model.decode_step``.
 
     Use: ``prefill()`` then ``step()`` max_new_tokens - 1 times, then ``tokens()``; or ``run()``.
     ``out`` int64 (B, max_new_tokens) holds the tokens generated so far; ``logits`` fp32 (B, vocab) the
@@ -72,7 +149,8 @@ class GenerationSession:
 
     def __init__(self, model, prompts: Union[torch.Tensor, Sequence[torch.Tensor]], max_new_tokens: int, *,
                  temperature: float = 0.0, top_k: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, cuda_graph: bool = True):
+                 generator: Optional[torch.Generator] = None, cuda_graph: bool = True,
+                 fused_step: Optional[bool] = None):
         prompts = _as_prompt_list(prompts)
         vocab = model.config.vocab_size
         for i, p in enumerate(prompts):
@@ -88,6 +166,7 @@ class GenerationSession:
         check(top_k is None or (isinstance(top_k, int) and 1 <= top_k <= vocab),
               f"top_k must be None or an int in [1, vocab_size={vocab}], got {top_k!r}")
         check(isinstance(cuda_graph, bool), f"cuda_graph must be a bool, got {cuda_graph!r}")
+        check(fused_step in (None, False, True), f"fused_step must be None or a bool, got {fused_step!r}")
         dev = model.embed.weight.device
         dtype = model.embed.weight.dtype
         check(generator is None or (isinstance(generator, torch.Generator) and generator.device.type == dev.type),
@@ -115,6 +194,11 @@ class GenerationSession:
         self.out = torch.zeros(self.batch_size, max_new_tokens, dtype=torch.int64, device=dev)
         self.tok = torch.zeros(self.batch_size, 1, dtype=torch.int64, device=dev)  # the next step's input
         self.col = torch.zeros(1, dtype=torch.int64, device=dev)  # the column of ``out`` the next step writes
+        supported = fused_step_supported(model, self.cache)
+        check(fused_step is not True or supported,
+              "fused_step=True needs the Triton decode on every layer, index_norm_rope=False and per-token "
+              "(or no) fp8 index scales")
+        self.fused = FusedDecodeStep(model, self.cache) if (fused_step is not False and supported) else None
         self.logits: Optional[torch.Tensor] = None
         self.graph = None
         self.steps = 0  # steps run (host counter)
@@ -142,7 +226,7 @@ class GenerationSession:
         self._pick(self.logits)
 
     def _step_eager(self) -> None:
-        self.logits = self.model.decode_step(self.tok, self.cache)
+        self.logits = self.fused(self.tok) if self.fused is not None else self.model.decode_step(self.tok, self.cache)
         self._pick(self.logits)
 
     def _capture(self) -> None:

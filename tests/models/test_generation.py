@@ -178,3 +178,30 @@ def test_cuda_graph_greedy_equals_uncaptured(monkeypatch, num_dense_layers):
     s2 = model.generate(prompts, 8, temperature=1.0, generator=torch.Generator("cuda").manual_seed(3))
     for a, b in zip(s1, s2):
         assert torch.equal(a, b) and int(a.min()) >= 0 and int(a.max()) < 512
+
+
+@pytest.mark.parametrize("num_dense_layers,mode", [(1, "sparse"), (0, "dense")])
+def test_fused_step_equals_module_step(num_dense_layers, mode):
+    """FusedDecodeStep (concatenated projections, RoPE + append kernel, add + RMSNorm kernels; the
+    interpreter on CPU) gives the module step's logits at every step (fp32, 1e-4), ragged batch,
+    partial rotary dim, with dense and sparse layers; the lengths advance the same way."""
+    if not CUDA:
+        pytest.importorskip("triton")
+    dev = "cuda" if CUDA else "cpu"
+    kw = dict(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=16, index_dim=16, block_size=16, topk_blocks=2,
+              rotary_dim=8, backend="triton")
+    model = model_of(seed=13, dtype=torch.float32, device=dev, num_layers=2, num_dense_layers=num_dense_layers, **kw)
+    model.set_mode(mode)
+    prompts = ragged_prompts([40, 21], 64, seed=14, device=dev)
+    sessions = [GenerationSession(model, prompts, 4, cuda_graph=False, fused_step=f) for f in (True, False)]
+    assert sessions[0].fused is not None and sessions[1].fused is None
+    with torch.no_grad():
+        for s in sessions:
+            s.prefill()
+        for _ in range(3):
+            for s in sessions:
+                s.step()
+            torch.testing.assert_close(sessions[0].logits, sessions[1].logits, rtol=0, atol=1e-4)
+            assert torch.equal(sessions[0].out, sessions[1].out)
+            for li in range(2):
+                assert torch.equal(sessions[0].cache.lengths_dev[li], sessions[1].cache.lengths_dev[li])
