@@ -20,6 +20,8 @@ Batch 1 (--batch), random prompt tokens, contexts 32K and 128K (--contexts).
      stream is held by a sleep kernel (so the host's launch time does not show);
    - ``host_overhead``: 1 - gpu_ms_per_step / generate_ms_per_token (the share of a step the GPU idles);
    - ``eager_ms_per_token``: the same loop with cuda_graph=False;
+   - ``graph_unfused_ms_per_token``: captured, but the module step (``fused_step=False``: every
+     small op of the layers its own kernel) instead of the fused step generate() uses;
    - ``prefill_s``: the packed prefill of the prompt (wall).
    Speedups are dense / msa of generate_ms_per_token at each context.
 JSON (GPU, versions, command, configuration, figures) under --out; a short table is printed last.
@@ -83,9 +85,9 @@ def gate(models, args, dev):
     return out
 
 
-def time_loop(model, ps, n_tokens, cuda_graph, dev):
+def time_loop(model, ps, n_tokens, cuda_graph, dev, fused_step=None):
     """(ms per token of the step loop, prefill seconds, session) with the first step (capture) excluded."""
-    sess = GenerationSession(model, ps, n_tokens + 2 + 64, cuda_graph=cuda_graph)
+    sess = GenerationSession(model, ps, n_tokens + 2 + 64, cuda_graph=cuda_graph, fused_step=fused_step)
     sync(dev)
     t0 = time.perf_counter()
     sess.prefill()
@@ -176,10 +178,15 @@ def main():
                     gpu = gpu_ms_per_step(sess, 32, dev)
                     row["gpu_ms_per_step"] = gpu
                     row["host_overhead"] = None if gpu is None else max(0.0, 1.0 - gpu / ms)
+                    row["fused_step"] = sess.fused is not None
                     del sess
                     eager_n = max(4, n_tok // 4)
                     row["eager_ms_per_token"], _, sess = time_loop(model, ps, eager_n, False, dev)
                     del sess
+                    if dev.type == "cuda":
+                        row["graph_unfused_ms_per_token"], _, sess = time_loop(model, ps, eager_n, True, dev,
+                                                                               fused_step=False)
+                        del sess
                     t1 = generate_wall(model, ps, 1, dev)
                     t2 = generate_wall(model, ps, 1 + n_tok, dev)
                     row["generate_diff_ms_per_token"] = (t2 - t1) * 1e3 / n_tok
@@ -202,7 +209,7 @@ def main():
     print(f"\n{res['gpu']}, torch {res['torch']}, triton {res['triton']}; gate {res['gate']}; "
           f"batch {args.batch}, {n_tok} timed tokens; total {res['wall_s']:.0f} s")
     print(f"{'context':>8} {'model':>6} {'ms/token':>9} {'diff ms/tok':>11} {'GPU ms/step':>11} {'host %':>7} "
-          f"{'eager ms/tok':>12} {'prefill s':>9} {'dense/msa':>9}")
+          f"{'eager ms/tok':>12} {'unfused ms':>10} {'prefill s':>9} {'dense/msa':>9}")
     for r in res["rows"]:
         if "error" in r:
             print(f"{r['context']:>8} {r['kind']:>6} {r['error']}")
@@ -211,7 +218,8 @@ def main():
         gpu = "-" if r["gpu_ms_per_step"] is None else f"{r['gpu_ms_per_step']:.3f}"
         host = "-" if r["host_overhead"] is None else f"{100 * r['host_overhead']:.1f}"
         print(f"{r['context']:>8} {r['kind']:>6} {r['generate_ms_per_token']:9.3f} {r['generate_diff_ms_per_token']:11.3f} "
-              f"{gpu:>11} {host:>7} {r['eager_ms_per_token']:12.3f} {r['prefill_s']:9.3f} "
+              f"{gpu:>11} {host:>7} {r['eager_ms_per_token']:12.3f} {r.get('graph_unfused_ms_per_token', float('nan')):10.3f} "
+              f"{r['prefill_s']:9.3f} "
               f"{'' if sp is None else f'{sp:.2f}x':>9}")
     print(f"wrote {path}")
 
