@@ -64,8 +64,8 @@ class FusedDecodeStep:
 
     Per layer: one GEMM for the concatenated q / k / v / q_idx / k_idx projections, one kernel for RoPE +
     the cache append + the length update (``rope_append``), the decode attention (2-3 kernels), o_proj,
-    one kernel for the residual add + the MLP's RMSNorm, the MLP (3-4 kernels), one kernel for the
-    residual add + the next RMSNorm. RoPE reads cos / sin from per-position tables computed once (the
+    one kernel for the residual add + the MLP's RMSNorm, the MLP (two GEMMs around one silu * up kernel),
+    one kernel for the residual add + the next RMSNorm. RoPE reads cos / sin from per-position tables computed once (the
     same float64-derived values as ``rotary_cos_sin``). Same math as the module path; roundings may
     differ in the last bit (fused multiply-adds, reduction order).
 
@@ -73,8 +73,8 @@ class FusedDecodeStep:
     """
 
     def __init__(self, model, cache):
-        from ..ops.decode.step import add_rmsnorm, rope_append
-        self._add_rmsnorm, self._rope_append = add_rmsnorm, rope_append
+        from ..ops.decode.step import add_rmsnorm, rope_append, silu_mul
+        self._add_rmsnorm, self._rope_append, self._silu_mul = add_rmsnorm, rope_append, silu_mul
         self.model, self.cache = model, cache
         dev = model.embed.weight.device
         self.weights, self.tables = [], {}
@@ -112,7 +112,8 @@ class FusedDecodeStep:
                                          dense=a.mode != "sparse", backend=c.backend)
             x, y = self._norm(x, a.o_proj(o.reshape(bsz, t, c.num_heads * c.head_dim)), layer.mlp_norm)
             nxt = m.layers[i + 1].attn_norm if i + 1 < len(m.layers) else m.norm
-            x, y = self._norm(x, layer.mlp(y), nxt)
+            h = layer.mlp.down(self._silu_mul(layer.mlp.gate_up(y)))
+            x, y = self._norm(x, h, nxt)
         return m.lm_head(y[:, -1]).float()
 
 

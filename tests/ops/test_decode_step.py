@@ -66,3 +66,11 @@ def test_rope_append_equals_rotary_and_append_device(paged, fp8):
     for b in range(B):
         for x, y in zip(caches[0].view(0, b), caches[1].view(0, b)):
             torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+
+
+def test_silu_mul_equals_swiglu_activation():
+    g = torch.Generator().manual_seed(2)
+    gu = (torch.randn(3, 2 * 1100, generator=g) * 4).to(DEV)  # two column blocks, masked tail
+    from msa.ops.decode.step import silu_mul
+    gate, up = gu.chunk(2, -1)
+    torch.testing.assert_close(silu_mul(gu), torch.nn.functional.silu(gate) * up, rtol=1e-6, atol=1e-6)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import triton
 
 from . import step_kernels as sk
 
@@ -26,6 +27,15 @@ def add_rmsnorm(x: torch.Tensor, h: Optional[torch.Tensor], weight: torch.Tensor
                                              HAS_H=h is not None, UNIT_OFFSET=bool(unit_offset),
                                              BLOCK=max(16, _pow2(n)), num_warps=4 if n <= 4096 else 8)
     return xo, y
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up (..., 2 I) contiguous -> silu(gate_up[..., :I]) * gate_up[..., I:] (..., I) in its dtype."""
+    n = gate_up.shape[-1] // 2
+    out = torch.empty(*gate_up.shape[:-1], n, dtype=gate_up.dtype, device=gate_up.device)
+    block = min(1024, max(16, _pow2(n)))
+    sk.silu_mul_kernel[(gate_up.numel() // (2 * n), triton.cdiv(n, block))](gate_up, out, n, BLOCK=block, num_warps=4)
+    return out
 
 
 def rope_append(proj: torch.Tensor, cache, layer_idx: int, q_out: torch.Tensor, qi_out: Optional[torch.Tensor],

@@ -3,6 +3,8 @@ around the GEMMs and the decode attention, fused so a captured step launches few
 
 - ``add_rmsnorm_kernel``: x_out = x + h (rounded to x's dtype, like the eager residual add), then
   y = RMSNorm(x_out) (fp32 statistics, gain w or 1 + w), one program per token row.
+- ``silu_mul_kernel``: SwiGLU's silu(gate) * up from the fused gate_up row (each product rounded like
+  the eager ops: silu to the input dtype, then the product).
 - ``rope_append_kernel``: from the fused projection row [q | k | v | q_idx | k_idx] of each new token,
   RoPE on q and k (rotate-half on the first 2 * HALF dims, cos / sin read from a per-position table),
   q and q_idx to the decode inputs, k, v, k_idx to the cache rows at the sequence's device length
@@ -33,6 +35,17 @@ def add_rmsnorm_kernel(x_ptr, h_ptr, w_ptr, xo_ptr, y_ptr, N, eps,
     if UNIT_OFFSET:
         w = 1.0 + w
     tl.store(y_ptr + row * N + offs, ((xf * r) * w).to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def silu_mul_kernel(gu_ptr, out_ptr, N, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    g = tl.load(gu_ptr + row * 2 * N + offs, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * 2 * N + N + offs, mask=m, other=0.0).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + row * N + offs, (act * u).to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
