@@ -32,6 +32,7 @@ its timings mean nothing).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -179,19 +180,23 @@ def main():
                     row["gpu_ms_per_step"] = gpu
                     row["host_overhead"] = None if gpu is None else max(0.0, 1.0 - gpu / ms)
                     row["fused_step"] = sess.fused is not None
+                    sess.close()
                     del sess
                     eager_n = max(4, n_tok // 4)
                     row["eager_ms_per_token"], _, sess = time_loop(model, ps, eager_n, False, dev)
+                    sess.close()
                     del sess
                     if dev.type == "cuda":
                         row["graph_unfused_ms_per_token"], _, sess = time_loop(model, ps, eager_n, True, dev,
                                                                                fused_step=False)
+                        sess.close()
                         del sess
                     t1 = generate_wall(model, ps, 17, dev)
                     t2 = generate_wall(model, ps, 17 + n_tok, dev)
                     row["generate_diff_ms_per_token"] = (t2 - t1) * 1e3 / n_tok
                 except torch.cuda.OutOfMemoryError as exc:
                     row["error"] = f"OOM: {str(exc)[:200]}"
+                gc.collect()
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
                 res["rows"].append(row)

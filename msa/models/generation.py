@@ -276,7 +276,18 @@ class GenerationSession:
         return list(self.out[:, : self.steps + 1])
 
     def run(self) -> List[torch.Tensor]:
+        """prefill, max_new_tokens - 1 steps, the tokens; then drops the graph and the cache's plans
+        (a plan refers to its cache: without this the cache's memory waits for Python's cycle collector)."""
         self.prefill()
         for _ in range(self.max_new_tokens - 1):
             self.step()
-        return self.tokens()
+        out = self.tokens()
+        self.close()
+        return out
+
+    def close(self) -> None:
+        """Release the graph and the decode plans (the session cannot step afterwards)."""
+        self.graph = None
+        self.fused = None
+        self.cache.plans.clear()
+        self.logits = None
