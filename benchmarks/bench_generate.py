@@ -22,7 +22,11 @@ Batch 1 (--batch), random prompt tokens, contexts 32K and 128K (--contexts).
    - ``eager_ms_per_token``: the same loop with cuda_graph=False;
    - ``graph_unfused_ms_per_token``: captured, but the module step (``fused_step=False``: every
      small op of the layers its own kernel) instead of the fused step generate() uses;
-   - ``prefill_s``: the packed prefill of the prompt (wall).
+   - ``prefill_s``: the packed prefill of the prompt (wall);
+   - ``attention_per_layer``: one layer's decode attention alone (us) over the same cache: the plan the
+     step runs (8 chained runs in one graph), and for the dense twin torch SDPA flash / cuDNN (eager;
+     a growing K/V length cannot be captured, which is why the dense twin's step uses the Triton dense
+     decode kernel: these figures say what that choice costs or gains).
    Speedups are dense / msa of generate_ms_per_token at each context.
 JSON (GPU, versions, command, configuration, figures) under --out; a short table is printed last.
 --quick: a tiny model and short contexts (runs on a CPU through the reference ops: checks the script,
@@ -117,6 +121,54 @@ def gpu_ms_per_step(sess, reps, dev):
     return start.elapsed_time(end) / reps
 
 
+def attention_us(sess, model, dev, reps=20):
+    """Per-layer decode attention alone over the session's cache (layer 0, its current lengths): the
+    plan the step uses, 8 chained runs captured in one graph (as inside the model's step), and for
+    dense layers torch SDPA (flash / cuDNN, queries packed per KV head) over the same K/V, eager."""
+    from msa.ops.decode.triton_impl import get_decode_plan
+    c, a = sess.cache, model.layers[0].attn.config
+    dense = not a.use_index or a.mode != "sparse"
+    B, H, G, D = c.batch_size, a.num_kv_heads, a.num_heads // a.num_kv_heads, a.head_dim
+    q = torch.randn(B, 1, a.num_heads, D, device=dev, dtype=c.dtype)
+    qi = torch.randn(B, 1, H, a.index_dim, device=dev, dtype=c.dtype)
+    plan = get_decode_plan(c, num_heads=a.num_heads, num_tokens=1, block_size=a.block_size, topk=a.topk_blocks,
+                           init_blocks=a.init_blocks, local_blocks=a.local_blocks, scale=D ** -0.5,
+                           index_scale=a.index_dim ** -0.5, dense=dense)
+    plan.run(q, qi, 0)
+    sync(dev)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(8):
+            plan.run(q, qi, 0)
+    out = {"plan_us": _time_us(g.replay, reps) / 8}
+    if dense:
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        n = int(c.lengths_dev[0].min())
+        qp = q.view(B, 1, H, G, D).permute(0, 2, 1, 3, 4).reshape(B, H, G, D).contiguous()
+        k, v = c.k[0][:, :n].transpose(1, 2), c.v[0][:, :n].transpose(1, 2)
+        for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION"):
+            try:
+                with sdpa_kernel([getattr(SDPBackend, name)]):
+                    out[f"sdpa_{name.split('_')[0].lower()}_us"] = _time_us(
+                        lambda: F.scaled_dot_product_attention(qp, k, v, scale=D ** -0.5), reps)
+            except Exception as exc:  # a backend may not take these shapes on this build
+                out[f"sdpa_{name.split('_')[0].lower()}_us"] = f"unavailable: {type(exc).__name__}"
+    return out
+
+
+def _time_us(fn, reps):
+    fn()
+    sync(torch.device("cuda"))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / reps
+
+
 def generate_wall(model, ps, n, dev):
     sync(dev)
     t0 = time.perf_counter()
@@ -180,6 +232,11 @@ def main():
                     row["gpu_ms_per_step"] = gpu
                     row["host_overhead"] = None if gpu is None else max(0.0, 1.0 - gpu / ms)
                     row["fused_step"] = sess.fused is not None
+                    if dev.type == "cuda":
+                        try:
+                            row["attention_per_layer"] = attention_us(sess, model, dev)
+                        except Exception as exc:  # informative only: never lose the row
+                            row["attention_per_layer"] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
                     sess.close()
                     del sess
                     eager_n = max(4, n_tok // 4)
@@ -226,6 +283,9 @@ def main():
               f"{gpu:>11} {host:>7} {r['eager_ms_per_token']:12.3f} {r.get('graph_unfused_ms_per_token', float('nan')):10.3f} "
               f"{r['prefill_s']:9.3f} "
               f"{'' if sp is None else f'{sp:.2f}x':>9}")
+    for r in res["rows"]:
+        if "attention_per_layer" in r:
+            print(f"attention alone, one layer, {r['kind']} @ {r['context']}: {r['attention_per_layer']}")
     print(f"wrote {path}")
 
 
