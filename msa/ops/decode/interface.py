@@ -96,7 +96,7 @@ def decode_attention_step(q: torch.Tensor, q_idx: Optional[torch.Tensor], cache,
     on the host (a sync on a GPU: the reference is not for speed)."""
     kw = dict(block_size=block_size, topk=topk, init_blocks=init_blocks, local_blocks=local_blocks, scale=scale,
               index_scale=index_scale, dense=dense)
-    if backend == "triton" or (backend == "auto" and q.is_cuda):
+    if resolve_backend(backend, [q]) == "triton":
         from .triton_impl import decode_attention_triton
         return decode_attention_triton(q, None if dense else q_idx.to(cache.dtype), cache, layer_idx, **kw)
     return decode_attention_reference(q, q_idx, cache, layer_idx, **kw)
