@@ -1,4 +1,4 @@
-"""The ``msa`` command: ``msa demo``, ``msa train``, ``msa flops``, ``msa bench {prefill,decode,train,topk,layer,hf}``."""
+"""The ``msa`` command: ``msa demo``, ``msa train``, ``msa flops``, ``msa bench {prefill,decode,train,topk,layer,hf,generate}``."""
 
 from __future__ import annotations
 
@@ -182,7 +182,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     f.add_argument("--topk", type=_positive_int, default=16)
     f.add_argument("--seqlens", default=None, help="comma-separated token counts (default 8K .. 2M)")
     sub.add_parser("bench", add_help=False,  # --help goes to the benchmark (or lists them)
-                   help="GPU benchmarks: msa bench {prefill,decode,train,topk,layer,hf} [args] (--help lists them)")
+                   help="GPU benchmarks: msa bench {prefill,decode,train,topk,layer,hf,generate} [args] (--help lists them)")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "bench":  # everything after the name belongs to the benchmark
         rest = argv[1:]

@@ -11,6 +11,7 @@ BENCHES = {
     "decode": "decode kernels over a KV + index-key cache vs dense SDPA decode",
     "train": "one layer's training step (sparse and warmup phases) vs dense SDPA",
     "topk": "exp-free top-k and the full indexer vs torch.topk",
+    "generate": "generate() ms per token after 32K / 128K prompts (CUDA graph), MSA vs an all-dense twin",
     "hf": "a converted ~1B Llama-shaped transformers model: prefill and generate() with MSA vs sdpa",
     "layer": "the MSAAttention layer and a 4-layer model's training step (what users call) vs ops and dense",
 }

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..cache import MSACache
 from ..ops.common import check, check_block_args, check_cu_seqlens, positions_in_sequence, resolve_backend
-from ..ops.decode import decode_attention
+from ..ops.decode import decode_attention, decode_attention_step
 from ..ops.dense import dense_causal_attention
 from ..ops.indexer_kl import indexer_kl_loss
 from ..ops.select_blocks import select_blocks
@@ -189,6 +189,27 @@ class MSAAttention(nn.Module):
         if c.use_index:
             q_idx, k_idx = self._index_branch(x, cos, sin)
         return q, k, v, q_idx, k_idx
+
+    def decode_step(self, x: torch.Tensor, cache: MSACache, layer_idx: int) -> torch.Tensor:
+        """Device-side decode of t new tokens per sequence: the generation hot path.
+
+        x: (B, t, hidden) in the cache dtype (B = cache.batch_size). Positions come from the device
+        lengths (``cache.lengths_dev``), K/V/index keys are appended with ``cache.append_device`` and
+        the attention runs the cache's memoised decode plan: no host sync, no validation of values,
+        capturable in a CUDA graph. The caller validates once (``MSAForCausalLM.generate``); host
+        lengths (``cache.seq_lens``) are stale until ``cache.sync_lengths()``.
+        Returns the attention output (B, t, hidden) after o_proj.
+        """
+        c = self.config
+        b, t, _ = x.shape
+        pos = cache.lengths_dev[layer_idx].view(b, 1).to(torch.int64) + torch.arange(t, device=x.device).view(1, t)
+        q, k, v, q_idx, k_idx = self.project(x, pos)
+        cache.append_device(layer_idx, k, v, k_idx)
+        o, _ = decode_attention_step(q, q_idx, cache, layer_idx, block_size=c.block_size, topk=c.topk_blocks,
+                                     init_blocks=c.init_blocks, local_blocks=c.local_blocks,
+                                     scale=c.head_dim ** -0.5, index_scale=c.index_dim ** -0.5,
+                                     dense=self.mode != "sparse", backend=c.backend)
+        return self.o_proj(o.reshape(b, t, c.num_heads * c.head_dim))
 
     def forward(self, x: torch.Tensor, *, cu_seqlens: Optional[torch.Tensor] = None,
                 cache: Optional[MSACache] = None, layer_idx: int = 0,

@@ -28,6 +28,7 @@ from ..cache import MSACache
 from ..layers.attention import MODES, MSAAttention, MSAConfig
 from ..layers.norm import RMSNorm
 from ..ops.common import check
+from .generation import GenerationSession
 
 
 CONFIG_NAME = "config.json"
@@ -156,6 +157,11 @@ class DecoderLayer(nn.Module):
         out = self.attn(self.attn_norm(x), **kw)
         x = x + out.hidden
         return x + self.mlp(self.mlp_norm(x)), out
+
+    def decode_step(self, x: torch.Tensor, cache: MSACache, layer_idx: int) -> torch.Tensor:
+        """Device-side decode (generation hot path, see ``MSAAttention.decode_step``): x (B, t, hidden)."""
+        x = x + self.attn.decode_step(self.attn_norm(x), cache, layer_idx)
+        return x + self.mlp(self.mlp_norm(x))
 
 
 class LMOutput(NamedTuple):
@@ -377,36 +383,33 @@ class MSAForCausalLM(nn.Module):
                         index_dtype=index_dtype, index_scale_mode=index_scale_mode,
                         index_block_size=a.block_size)
 
+    def decode_step(self, input_ids: torch.Tensor, cache: MSACache) -> torch.Tensor:
+        """One device-side decode step (the body ``generate`` replays): input_ids int64 (B, t) of t new
+        tokens per sequence, appended to ``cache`` after each sequence's device length. No validation and
+        no host sync (capturable in a CUDA graph); the caller checked the inputs once.
+        Returns the fp32 logits (B, vocab) of each sequence's last new token."""
+        x = self.embed(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer.decode_step(x, cache, i)
+        return self.lm_head(self.norm(x[:, -1])).float()
+
     @torch.no_grad()
     def generate(self, prompts: Union[torch.Tensor, Sequence[torch.Tensor]], max_new_tokens: int, *,
                  temperature: float = 0.0, top_k: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None) -> List[torch.Tensor]:
-        """Generate from one or more prompts of any lengths (a (B, T) tensor or a list of 1-D int64
-        tensors). Prompts are prefilled as one packed batch into the cache, then decoded together.
-        temperature 0 is greedy. Returns the list of generated token tensors (max_new_tokens each)."""
+                 generator: Optional[torch.Generator] = None, cuda_graph: bool = True) -> List[torch.Tensor]:
+        """Generate from one or more prompts of any lengths (a (B, T) int tensor or a list of 1-D int
+        tensors, token ids in [0, vocab_size)). Prompts are prefilled as one packed batch into a fresh
+        cache, then decoded together on the device (``msa.models.generation``): inputs are validated
+        once here, each decode plan is built once, and no step syncs the host.
+        temperature 0 is greedy; otherwise softmax(logits / temperature) sampling, optionally over the
+        top_k largest logits, with ``generator`` (on the model's device) if given.
+        cuda_graph: on CUDA, capture the per-token step (every layer, the lm head and the pick) in a
+        CUDA graph and replay it; False runs the same step eagerly (same greedy tokens).
+        Returns B int64 tensors of max_new_tokens tokens each, on the model's device."""
         self._check_generate_args(prompts, max_new_tokens, temperature, top_k)
         self.eval()
-        if isinstance(prompts, torch.Tensor):
-            check(prompts.dim() == 2, f"prompts must be (B, T) or a list of 1-D tensors, got {tuple(prompts.shape)}")
-            prompts = list(prompts)
-        check(len(prompts) > 0 and all(p.dim() == 1 and p.numel() > 0 for p in prompts),
-              "prompts must be non-empty 1-D token tensors")
-        check(isinstance(max_new_tokens, int) and max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        dev = self.embed.weight.device
-        lens = torch.tensor([p.numel() for p in prompts])
-        cu = torch.zeros(len(prompts) + 1, dtype=torch.int32)
-        cu[1:] = torch.cumsum(lens, 0)
-        cache = self.new_cache(len(prompts), int(lens.max()) + max_new_tokens)
-        logits = self.forward(torch.cat(list(prompts)).to(dev).view(1, -1), cu_seqlens=cu.to(dev), cache=cache,
-                              compute_kl=False).logits[0, (cu[1:] - 1).to(dev)]
-        outs = []
-        for step in range(max_new_tokens):
-            nxt = self._sample(logits, temperature, top_k, generator)
-            outs.append(nxt)
-            if step + 1 < max_new_tokens:
-                logits = self.forward(nxt.view(-1, 1), cache=cache, compute_kl=False).logits[:, -1]
-        gen = torch.stack(outs, dim=1)
-        return list(gen)
+        return GenerationSession(self, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
+                                 generator=generator, cuda_graph=cuda_graph).run()
 
     # argument checks ---------------------------------------------------------------------------
     def _check_token_values(self, name: str, ids: torch.Tensor) -> None:
@@ -454,15 +457,6 @@ class MSAForCausalLM(nn.Module):
                                 and 1 <= top_k <= self.config.vocab_size),
               f"top_k must be None or an int in [1, vocab_size={self.config.vocab_size}], got {top_k!r}")
 
-    @staticmethod
-    def _sample(logits, temperature, top_k, generator):
-        if temperature <= 0:
-            return logits.argmax(-1)
-        logits = logits / temperature
-        if top_k is not None:
-            kth = logits.topk(top_k, dim=-1).values[..., -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
 
 
 def _safetensors_available() -> bool:

@@ -6,7 +6,6 @@ Every public op validates its arguments here *before* any kernel launch, so bad 
 
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -143,28 +142,3 @@ def load_triton_impl(package: str, module: str, name: str, backend: str):
         if backend == "auto":
             return None
         raise ValueError(f"backend='triton' is not available for this op: {exc}") from exc
-
-
-def env_flag(env: str, default: bool = True) -> bool:
-    """An on/off switch from the environment: "1" on, "0" off, unset the default; anything else is
-    rejected with the variable's name (a typo must not silently pick a path)."""
-    val = os.environ.get(env, "").strip()
-    if val == "":
-        return default
-    if val not in ("0", "1"):
-        raise ValueError(f"{env} must be 0 or 1, got {val!r}")
-    return val == "1"
-
-
-def env_config(env: str) -> dict:
-    """Launch-config overrides from an env var such as MSA_SPARSE_FWD_CONFIG="BLOCK_M=64,num_warps=4"
-    (integer values; anything else is rejected with the variable's name)."""
-    out = {}
-    for item in os.environ.get(env, "").split(","):
-        if "=" in item:
-            key, val = item.split("=", 1)
-            try:
-                out[key.strip()] = int(val)
-            except ValueError:
-                raise ValueError(f"{env}: {key.strip()}={val.strip()!r} is not an integer") from None
-    return out

@@ -15,6 +15,8 @@ import math
 import pytest
 import torch
 
+import msa.tuning
+
 from msa.cache import MSACache
 from msa.ops.decode import decode_attention
 from msa.ops.decode.reference import decode_attention_reference
@@ -191,9 +193,9 @@ def test_topk_merge_path_and_forcing():
         assert (s[1] == -1).any()  # sequence of 20 tokens: 2 blocks < topk
 
 
-def test_bitonic_and_reduction_selection_agree(monkeypatch):
+def test_bitonic_and_reduction_selection_agree():
     """The top-k / top-k merge kernels and the fused candidate merge select with tl.topk's bitonic
-    network (default) or with k max-reduction rounds (MSA_DECODE_BITONIC=0; also what candidate sets
+    network (default) or with k max-reduction rounds (tuning decode_bitonic=False; also what candidate sets
     above 1024 use): same selection, ties included (lowest id), and the same output."""
     lens, t, H, G, D, DI, bs, topk = [600, 20, 257], 2, 2, 2, 16, 16, 16, 6
     cache = make_cache(lens, t, H, D, DI, bs=bs, seed=31)
@@ -204,27 +206,29 @@ def test_bitonic_and_reduction_selection_agree(monkeypatch):
                                     init_blocks=1, local_blocks=2)
     for kw in (dict(fused=False, topk_chunk=8), dict(fused=True, index_blocks_per_program=8)):
         got = []
-        for env in ("0", "1"):
-            monkeypatch.setenv("MSA_DECODE_BITONIC", env)
-            plan_kw = dict(kw, init_blocks=1, local_blocks=2)
-            plan = DecodePlan(cache, num_heads=H * G, block_size=bs, topk=topk, num_tokens=t, **plan_kw)
-            assert plan.bitonic == (env == "1")
-            got.append(run_plan(cache, q, qi, bs, topk, **plan_kw))
+        for bitonic in (False, True):
+            with msa.tuning.override(decode_bitonic=bitonic):
+                plan_kw = dict(kw, init_blocks=1, local_blocks=2)
+                plan = DecodePlan(cache, num_heads=H * G, block_size=bs, topk=topk, num_tokens=t, **plan_kw)
+                assert plan.bitonic == bitonic
+                got.append(run_plan(cache, q, qi, bs, topk, **plan_kw))
         assert torch.equal(got[0][1], got[1][1]), kw
         assert torch.allclose(got[0][0], got[1][0], atol=1e-6, rtol=0)
         check_selection(got[1][1], s_ref, qi, cache, bs, t, DI ** -0.5)
 
 
-@pytest.mark.parametrize("env", ["MSA_DECODE_BITONIC", "MSA_DECODE_PDL", "MSA_DECODE_FP8_F16"])
-def test_plan_rejects_bad_env_switch(monkeypatch, env):
-    """The decode on/off switches accept 0 or 1 only; a typo is an error naming the variable (raised
-    when the plan is built, before any launch), never a silently chosen path."""
+@pytest.mark.parametrize("field", ["decode_bitonic", "decode_pdl", "decode_fp8_f16"])
+def test_decode_switches_are_typed(field):
+    """The decode on/off switches are bools of msa.tuning: a string is an error naming the field (raised
+    before any plan or launch), never a silently chosen path; False is honoured by the plan."""
+    with pytest.raises(ValueError, match=f"tuning.{field} must be a bool"):
+        with msa.tuning.override(**{field: "off"}):
+            pass
     cache = make_cache([40], 1, 1, 16, 16, bs=16)
-    monkeypatch.setenv(env, "off")
-    with pytest.raises(ValueError, match=f"{env} must be 0 or 1, got 'off'"):
-        DecodePlan(cache, num_heads=2, block_size=16, topk=2)
-    monkeypatch.setenv(env, "0")
-    DecodePlan(cache, num_heads=2, block_size=16, topk=2)   # 0 and 1 are accepted
+    with msa.tuning.override(**{field: False}):
+        plan = DecodePlan(cache, num_heads=2, block_size=16, topk=2)
+    attr = {"decode_bitonic": "bitonic", "decode_pdl": "pdl", "decode_fp8_f16": "fp8_f16"}[field]
+    assert getattr(plan, attr) is False
 
 
 @pytest.mark.parametrize("G", [1, 5, 64])

@@ -25,8 +25,10 @@ def decode_attention(q: torch.Tensor, q_idx: Optional[torch.Tensor], cache, laye
         dense: full causal attention over the cache (warmup-mode or dense layers).
         backend: "auto" (Triton on CUDA, reference on CPU), "reference" or "triton".
 
-    For CUDA graphs use ``msa.ops.decode.triton_impl.DecodePlan`` (allocate once, ``run()`` launches
-    kernels only); this function builds a plan per call.
+    The Triton path runs the cache's memoised ``DecodePlan`` (built on the first call with these
+    arguments, see ``get_decode_plan``) and returns copies of its outputs. The validation here reads
+    host metadata and the host lengths only (no device sync). Per-token loops that append with
+    ``cache.append_device`` (CUDA graphs) call ``decode_attention_step`` instead.
 
     Returns:
         o (B, t, H_q, D) in q.dtype and the selection int32 (B, t, H_kv, topk) (None when dense).
@@ -74,5 +76,27 @@ def decode_attention(q: torch.Tensor, q_idx: Optional[torch.Tensor], cache, laye
     if fn is not None:
         check(q.dtype == cache.dtype, f"q must have the cache dtype {cache.dtype} for the Triton backend, got {q.dtype}")
         qi = None if dense else q_idx.to(cache.dtype)
-        return fn(q, qi, cache, layer_idx, **kw)
+        o, sel = fn(q, qi, cache, layer_idx, **kw)
+        # the plan's buffers are overwritten by its next run (the next layer of the same shape)
+        return o.clone(), (None if sel is None else sel.clone())
+    return decode_attention_reference(q, q_idx, cache, layer_idx, **kw)
+
+
+def decode_attention_step(q: torch.Tensor, q_idx: Optional[torch.Tensor], cache, layer_idx: int, *, block_size: int,
+                          topk: int, init_blocks: int, local_blocks: int, scale: float, index_scale: float,
+                          dense: bool, backend: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The per-token hot path of ``decode_attention``: no validation (the caller validated once, e.g.
+    ``MSAForCausalLM.generate`` at entry), no host sync on the Triton path, capturable in a CUDA graph.
+
+    Same arguments as ``decode_attention`` (scale and index_scale resolved; q (B, t, H_q, D) in the
+    cache dtype on the Triton path; the t new tokens already appended, e.g. by ``cache.append_device``).
+    The lengths come from ``cache.lengths_dev``. Triton: returns the memoised plan's buffers o
+    (B, t, H_q, D) and selection int32 (B, t, H_kv, topk) (None when dense), overwritten by the plan's
+    next run: consume them before the next layer. The reference path (CPU) reads the device lengths
+    on the host (a sync on a GPU: the reference is not for speed)."""
+    kw = dict(block_size=block_size, topk=topk, init_blocks=init_blocks, local_blocks=local_blocks, scale=scale,
+              index_scale=index_scale, dense=dense)
+    if resolve_backend(backend, [q]) == "triton":
+        from .triton_impl import decode_attention_triton
+        return decode_attention_triton(q, None if dense else q_idx.to(cache.dtype), cache, layer_idx, **kw)
     return decode_attention_reference(q, q_idx, cache, layer_idx, **kw)

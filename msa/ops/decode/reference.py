@@ -16,11 +16,13 @@ def decode_attention_reference(q: torch.Tensor, q_idx: Optional[torch.Tensor], c
                                index_scale: float, dense: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """q: (B, t, H_q, D), the queries of the last t tokens stored for each sequence of ``cache``;
     q_idx: (B, t, H_kv, D_idx) or None when dense. Returns o (B, t, H_q, D) in q.dtype and the
-    selection int32 (B, t, H_kv, topk) (None when dense)."""
+    selection int32 (B, t, H_kv, topk) (None when dense). Sequence lengths come from the device
+    lengths (``cache.lengths_dev``), so it also serves caches filled by ``append_device``."""
     bsz, t = q.shape[:2]
+    lens = cache.lengths_dev[layer_idx].tolist()
     outs, sels = [], []
     for b in range(bsz):
-        k, v, k_idx = cache.view(layer_idx, b)
+        k, v, k_idx = cache.view(layer_idx, b, lens[b])
         q_start = k.shape[0] - t
         idx = None
         if not dense:

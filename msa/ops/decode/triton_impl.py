@@ -36,7 +36,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..common import check, env_flag, interpreting
+from ... import tuning
+from ..common import check, interpreting
 from . import triton_kernels as tk
 
 FUSED_MAX_BLOCKS = 128   # blocks per index program whose maxima the fused chain keeps in registers
@@ -197,18 +198,20 @@ class DecodePlan:
         self.lse_part = torch.empty(B * T, HQ, ns, dtype=torch.float32, device=dev)
         self.out = torch.empty(B, T, HQ, D, dtype=self.out_dtype, device=dev)
         self.lse = torch.empty(B, T, HQ, dtype=torch.float32, device=dev)
-        # programmatic dependent launch (sm_90+, env MSA_DECODE_PDL=0 turns it off): each kernel after the
+        # the msa.tuning switches are read once, when the plan is built (a plan serves a whole generation)
+        tune = tuning.current()
+        # programmatic dependent launch (sm_90+, tuning.decode_pdl=False turns it off): each kernel after the
         # first may be scheduled while its predecessor finishes, and waits (griddepcontrol.wait) before
         # reading the predecessor's output; hides part of the per-launch latency inside a CUDA graph
-        self.pdl = (env_flag("MSA_DECODE_PDL") and dev.type == "cuda" and not interpreting()
+        self.pdl = (tune.decode_pdl and dev.type == "cuda" and not interpreting()
                     and torch.cuda.get_device_capability(dev)[0] >= 9)
         self._pdl_launch = {"launch_pdl": True} if self.pdl else {}
         # fp8 index keys with bf16 queries: score in fp16 (exact key convert, rescaled queries; see
-        # decode_index_fwd_kernel); env MSA_DECODE_FP8_F16=0 keeps the bf16 path (comparison)
-        self.fp8_f16 = env_flag("MSA_DECODE_FP8_F16")
+        # decode_index_fwd_kernel); tuning.decode_fp8_f16=False keeps the bf16 path
+        self.fp8_f16 = tune.decode_fp8_f16
         # top-k of the candidates by tl.topk's bitonic network (log-depth) instead of topk dependent max
-        # reductions; env MSA_DECODE_BITONIC=0 keeps the reductions (comparison)
-        self.bitonic = env_flag("MSA_DECODE_BITONIC")
+        # reductions; tuning.decode_bitonic=False keeps the reductions
+        self.bitonic = tune.decode_bitonic
         self._dummy_i = torch.zeros(1, dtype=torch.int32, device=dev)
         self._dummy_l = torch.zeros(1, dtype=torch.int64, device=dev)
         self._dummy_f = torch.ones(1, dtype=torch.float32, device=dev)
@@ -315,13 +318,36 @@ class DecodePlan:
         return self.out, sel
 
 
+PLAN_MEMO_SIZE = 8  # plans kept per cache (distinct step shapes, e.g. chunk sizes of a chunked prefill)
+
+
+def get_decode_plan(cache, *, num_heads: int, num_tokens: int, block_size: int, topk: int, init_blocks: int,
+                    local_blocks: int, scale: float, index_scale: float, dense: bool,
+                    out_dtype: Optional[torch.dtype] = None) -> DecodePlan:
+    """The DecodePlan of these arguments for ``cache``, built on first use and memoised in ``cache.plans``
+    (the oldest of more than PLAN_MEMO_SIZE is dropped), so a generation builds each plan once. A memoised
+    plan's outputs are overwritten by its next run. Arguments as in DecodePlan (not re-validated here)."""
+    out_dtype = cache.dtype if out_dtype is None else out_dtype
+    key = ("triton", num_heads, num_tokens, block_size, topk, init_blocks, local_blocks, float(scale),
+           float(index_scale), bool(dense), out_dtype)
+    plan = cache.plans.get(key)
+    if plan is None:
+        plan = DecodePlan(cache, num_heads=num_heads, block_size=block_size, topk=topk, init_blocks=init_blocks,
+                          local_blocks=local_blocks, num_tokens=num_tokens, scale=scale, index_scale=index_scale,
+                          dense=dense, out_dtype=out_dtype)
+        while len(cache.plans) >= PLAN_MEMO_SIZE:
+            cache.plans.pop(next(iter(cache.plans)))
+        cache.plans[key] = plan
+    return plan
+
+
 def decode_attention_triton(q: torch.Tensor, q_idx: Optional[torch.Tensor], cache, layer_idx: int, *,
                             block_size: int, topk: int, init_blocks: int, local_blocks: int, scale: float,
                             index_scale: float, dense: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """One-shot decode (builds a DecodePlan and runs it; arguments already validated).
-    Returns o (B, t, H_q, D) in q.dtype and the selection int32 (B, t, H_kv, topk) (None when dense)."""
-    plan = DecodePlan(cache, num_heads=q.shape[2], block_size=block_size, topk=topk, init_blocks=init_blocks,
-                      local_blocks=local_blocks, num_tokens=q.shape[1], scale=scale, index_scale=index_scale,
-                      dense=dense, out_dtype=q.dtype)
-    o, sel = plan.run(q, q_idx, layer_idx)
-    return o, (None if sel is None else sel)
+    """Decode through the cache's memoised plan (arguments already validated; q in the cache dtype).
+    Returns o (B, t, H_q, D) and the selection int32 (B, t, H_kv, topk) (None when dense): the plan's
+    buffers, valid until the plan's next run."""
+    plan = get_decode_plan(cache, num_heads=q.shape[2], block_size=block_size, topk=topk, init_blocks=init_blocks,
+                           local_blocks=local_blocks, num_tokens=q.shape[1], scale=scale, index_scale=index_scale,
+                           dense=dense, out_dtype=q.dtype)
+    return plan.run(q, None if dense else q_idx, layer_idx)

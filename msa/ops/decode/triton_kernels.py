@@ -23,7 +23,7 @@ maximum (fp32, B*T*H*NB floats) -> ``decode_topk_fwd_kernel`` per (row, chunk of
 
 Exp-free top-k: score and block id are packed in one int64, so the selection compares plain integers
 (ties: the lower block id wins, in every chain): ``tl.topk``'s bitonic network for up to 1024
-candidates, above that k max reductions (env MSA_DECODE_BITONIC=0: reductions everywhere).
+candidates, above that k max reductions (``msa.tuning`` decode_bitonic=False: reductions everywhere).
 
 Token row addressing (same for K, V and index keys): contiguous ``b * S_ROWS + j``; paged
 ``page_table[b, j // BS] * BS + j % BS`` (page size == block size).

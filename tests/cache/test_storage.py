@@ -107,3 +107,34 @@ def test_bad_inputs():
     small = MSACache(1, 2, 64, H, D, DI, page_size=16, num_pages=3)
     with pytest.raises(ValueError, match="num_pages"):
         small.append(0, torch.randn(2, 20, H, D), torch.randn(2, 20, H, D), torch.randn(2, 20, DI))
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_append_device_ragged_and_reset(paged):
+    """append_device after a packed prefill of different lengths writes each sequence at its own end;
+    reset empties a row and gives its pages back."""
+    kw = dict(page_size=16) if paged else {}
+    a = MSACache(1, 2, 64, H, D, DI, index_dtype=torch.float8_e4m3fn, **kw)
+    b = MSACache(1, 2, 64, H, D, DI, index_dtype=torch.float8_e4m3fn, **kw)
+    cu = torch.tensor([0, 3, 20], dtype=torch.int32)
+    k, v, ki = torch.randn(1, 20, H, D), torch.randn(1, 20, H, D), torch.randn(1, 20, DI)
+    a.append(0, k, v, ki, cu_seqlens=cu)
+    b.append(0, k, v, ki, cu_seqlens=cu)
+    b.reserve(64)
+    for step in range(2):
+        k, v, ki = torch.randn(2, 1, H, D), torch.randn(2, 1, H, D), torch.randn(2, 1, DI)
+        a.append(0, k, v, ki)
+        b.append_device(0, k, v, ki)
+    assert b.seq_lens(0).tolist() == [3, 17]  # host lengths are stale until sync_lengths
+    b.sync_lengths()
+    assert a.seq_lens(0).tolist() == b.seq_lens(0).tolist() == [5, 19]
+    for r in range(2):
+        for x, y in zip(a.view(0, r), b.view(0, r)):
+            assert torch.equal(x, y)
+    if paged:
+        free = a.pages.free_pages
+        a.reset(1)
+        assert a.pages.free_pages == free + 2 and a.page_table[1].tolist() == [-1] * 4
+    else:
+        a.reset(1)
+    assert a.seq_lens(0).tolist() == [5, 0] and a.lengths_dev[0].tolist() == [5, 0]

@@ -1,4 +1,4 @@
-"""KV and index-key cache for incremental MSA decoding: contiguous or paged, optional fp8 index keys.
+"""KV and index-key storage for incremental MSA decoding: contiguous or paged, optional fp8 index keys.
 
 Per layer it holds K, V and the shared index keys of every sequence, with its own fill length per
 sequence, so sequences of one batch may have different lengths (e.g. prompts of different lengths
@@ -9,46 +9,33 @@ Layouts (``row`` = the storage row of one token; kernels address K/V/index keys 
 
 - contiguous: K, V (B, S, H_kv, D), index keys (B, S, D_idx); token j of sequence b is row b * S + j.
 - paged (``page_size`` given): K, V (P, page_size, H_kv, D), index keys (P, page_size, D_idx) and a page
-  table int32 (B, ceil(max_seq_len / page_size)) shared by all layers; token j of sequence b is row
-  page_table[b, j // page_size] * page_size + j % page_size. With page_size = block_size a selected
-  logical block id maps to one physical page.
+  table int32 (B, ceil(max_seq_len / page_size)) shared by all layers (``msa.cache.pages``); token j of
+  sequence b is row page_table[b, j // page_size] * page_size + j % page_size. With page_size =
+  block_size a selected logical block id maps to one physical page.
 
-fp8 index keys (``index_dtype=torch.float8_e4m3fn``): keys are stored as ``round(x / s)`` with an fp32
-scale s = amax|x| / 448 per token (``index_scale_mode="token"``, scales (B, S) or (P, page_size)) or per
-block of ``index_block_size`` tokens (``"block"``, scales (B, S / block) or (P,)). Per-block scales
-are recomputed from the exact (unquantised) tokens of the block each time the block grows (a small
-staging buffer keeps the open block of each sequence), so a prompt appended in pieces gives
-bit-identical cache content to one append. K and V keep ``dtype``.
+fp8 index keys (``index_dtype=torch.float8_e4m3fn``, codec in ``msa.cache.fp8``): one fp32 scale per
+token (``index_scale_mode="token"``, scales (B, S) or (P, page_size)) or per block of
+``index_block_size`` tokens (``"block"``, scales (B, S / block) or (P,)). Per-block scales are
+recomputed from the exact (unquantised) tokens of the block each time the block grows (a small staging
+buffer keeps the open block of each sequence), so a prompt appended in pieces gives bit-identical
+cache content to one append. K and V keep ``dtype``.
 
-Device-side lengths (``lengths_dev``, int32 (B,) per layer) are what the kernels read; the host copy
-``lengths`` is what ``seq_lens`` returns. ``append`` updates both. ``append_device`` (CUDA-graph
-capturable) updates only the device copy; call ``sync_lengths()`` after graph replays.
+Lengths: ``lengths_dev`` (int32 (B,) per layer, on the device) is what the kernels read and the source
+of truth; ``lengths`` (int64 (B,) per layer, host) mirrors it for host code (``seq_lens``). ``append``
+validates on the host and updates both; ``append_device`` (CUDA-graph capturable, no host sync)
+updates only the device copy: call ``sync_lengths()`` before host code reads ``seq_lens`` again.
 """
 
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .ops.common import check, check_cu_seqlens
-
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-INDEX_SCALE_MODES = ("token", "block")
-
-
-def quantize_fp8(x: torch.Tensor, dim_block: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """x (..., D_idx) float -> (fp8 values (..., D_idx), fp32 scales (...)) with one scale per token.
-    With dim_block, x is (..., n, D_idx) and one scale covers the n tokens (per-block mode)."""
-    xf = x.float()
-    if dim_block is None:
-        amax = xf.abs().amax(dim=-1)
-        s = (amax / FP8_MAX).clamp_min(1e-12)
-        return (xf / s.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), s
-    amax = xf.abs().amax(dim=(-1, -2))
-    s = (amax / FP8_MAX).clamp_min(1e-12)
-    return (xf / s[..., None, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), s
+from ..ops.common import check, check_cu_seqlens
+from .fp8 import INDEX_SCALE_MODES, dequantize_fp8, quantize_fp8
+from .pages import PageAllocator
 
 
 class MSACache:
@@ -70,6 +57,9 @@ class MSACache:
         index_scale_mode: "token" or "block" (fp8 only).
         index_block_size: tokens per scale block in "block" mode (default page_size; required when contiguous).
 
+    ``plans``: decode plans built for this cache (``msa.ops.decode.get_decode_plan`` memoises them
+    here, so a generation builds each plan once).
+
     Example::
 
         cache = MSACache(n_layers, 2, 4096, 4, 128, 128, dtype=torch.bfloat16, device="cuda",
@@ -89,7 +79,8 @@ class MSACache:
                   f"{name} must be a positive int, got {val!r}")
         check(index_dim is None or (isinstance(index_dim, int) and index_dim > 0),
               f"index_dim must be a positive int or None, got {index_dim!r}")
-        check(dtype.is_floating_point and dtype not in (torch.float8_e4m3fn, torch.float8_e5m2),
+        check(isinstance(dtype, torch.dtype) and dtype.is_floating_point
+              and dtype not in (torch.float8_e4m3fn, torch.float8_e5m2),
               f"dtype must be a float dtype for K/V (bf16, fp16, fp32, fp64), got {dtype}")
         check(index_dtype in (None, torch.float8_e4m3fn) or index_dtype == dtype,
               f"index_dtype must be None, the cache dtype or torch.float8_e4m3fn, got {index_dtype}")
@@ -116,7 +107,7 @@ class MSACache:
             check(not self.paged or index_block_size == page_size,
                   f"index_block_size ({index_block_size}) must equal page_size ({page_size}) when paged")
         self.index_block_size = index_block_size if self.index_scale_mode == "block" else None
-        dev = self.device
+        self.plans: Dict[tuple, object] = {}
 
         if self.paged:
             self.max_pages = math.ceil(max_seq_len / page_size)
@@ -124,35 +115,14 @@ class MSACache:
                 num_pages = batch_size * self.max_pages
             check(isinstance(num_pages, int) and num_pages > 0, f"num_pages must be a positive int, got {num_pages!r}")
             self.num_pages = num_pages
-            if page_table is not None:
-                check(isinstance(page_table, torch.Tensor) and page_table.dim() == 2,
-                      "page_table must be an int32 tensor of shape (batch_size, ceil(max_seq_len / page_size))")
-                check(page_table.dtype in (torch.int32, torch.int64),
-                      f"page_table must be int32, got {page_table.dtype}")
-                check(page_table.shape[0] == batch_size,
-                      f"page_table must have batch_size={batch_size} rows, got {page_table.shape[0]}")
-                check(page_table.shape[1] >= self.max_pages,
-                      f"page_table is too short: {page_table.shape[1]} pages per sequence, max_seq_len={max_seq_len} "
-                      f"needs {self.max_pages} pages of {page_size}")
-                pt = page_table.detach().to("cpu", torch.int32)
-                check(bool(((pt >= 0) & (pt < num_pages)).all()),
-                      f"page_table entries must be in [0, num_pages={num_pages})")
-                self._pt_host = pt.clone()
-                self._fixed_pages = True
-                self._free: List[int] = []
-                self._num_alloc = [pt.shape[1]] * batch_size
-            else:
-                self._pt_host = torch.full((batch_size, self.max_pages), -1, dtype=torch.int32)
-                self._fixed_pages = False
-                self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out page 0 first
-                self._num_alloc = [0] * batch_size
-            self.page_table = self._pt_host.to(dev)
+            self.pages: Optional[PageAllocator] = PageAllocator(batch_size, self.max_pages, num_pages, dev,
+                                                                page_table=page_table)
             kv_shape = (num_pages, page_size, num_kv_heads, head_dim)
             idx_shape = (num_pages, page_size, index_dim)
             self.rows_per_seq = 0
             tok_scale_shape, blk_scale_shape = (num_pages, page_size), (num_pages,)
         else:
-            self.page_table = None
+            self.pages = None
             s_alloc = max_seq_len
             if self.index_block_size:
                 s_alloc = math.ceil(max_seq_len / self.index_block_size) * self.index_block_size
@@ -184,6 +154,11 @@ class MSACache:
     def num_layers(self) -> int:
         return len(self.k)
 
+    @property
+    def page_table(self) -> Optional[torch.Tensor]:
+        """int32 (B, ceil(max_seq_len / page_size)) device page table (None when contiguous)."""
+        return self.pages.table if self.paged else None
+
     def seq_lens(self, layer_idx: int) -> torch.Tensor:
         """int64 (B,): tokens stored for each sequence in this layer (host tensor)."""
         check(isinstance(layer_idx, int) and not isinstance(layer_idx, bool) and 0 <= layer_idx < self.num_layers,
@@ -196,57 +171,43 @@ class MSACache:
         check(lens.numel() == self.batch_size, f"lens must hold batch_size={self.batch_size} entries")
         check(bool(((lens >= 0) & (lens <= self.max_seq_len)).all()),
               f"lens must be in [0, max_seq_len={self.max_seq_len}]")
-        for row in range(self.batch_size):
-            self._ensure_pages(row, int(lens[row]))
+        self._ensure_tokens(lens.tolist())
         self.lengths[layer_idx].copy_(lens)
         self.lengths_dev[layer_idx].copy_(lens.to(torch.int32))
 
     def sync_lengths(self) -> None:
-        """Copy the device lengths to the host ones (after CUDA-graph replays of append_device)."""
+        """Copy the device lengths to the host ones (after ``append_device`` / CUDA-graph replays).
+        Synchronises the host with the device once."""
+        host = torch.stack(self.lengths_dev).cpu().to(torch.int64)
         for li in range(self.num_layers):
-            self.lengths[li].copy_(self.lengths_dev[li].cpu().to(torch.int64))
+            self.lengths[li].copy_(host[li])
 
     def reset(self, row: Optional[int] = None) -> None:
         """Empty one sequence (or all) in every layer; pages taken from the free list go back to it."""
-        rows = range(self.batch_size) if row is None else [row]
-        for r in rows:
-            for li in range(self.num_layers):
-                self.lengths[li][r] = 0
-                self.lengths_dev[li][r] = 0
-            if self.paged and not self._fixed_pages:
-                pages = self._pt_host[r, : self._num_alloc[r]].tolist()
-                self._free.extend(reversed(pages))
-                self._pt_host[r] = -1
-                self._num_alloc[r] = 0
-                self.page_table[r].fill_(-1)
+        rows = list(range(self.batch_size)) if row is None else [row]
+        for li in range(self.num_layers):
+            self.lengths[li][rows] = 0
+            self.lengths_dev[li][rows] = 0
+        if self.paged:
+            self.pages.release(rows)
 
-    def _ensure_pages(self, row: int, n_tokens: int) -> None:
-        if not self.paged:
-            return
-        need = math.ceil(n_tokens / self.page_size)
-        have = self._num_alloc[row]
-        if need <= have:
-            return
-        check(need - have <= len(self._free),
-              f"the paged cache ran out of pages (num_pages={self.num_pages}): sequence {row} needs {need} pages")
-        new = [self._free.pop() for _ in range(need - have)]
-        self._pt_host[row, have:need] = torch.tensor(new, dtype=torch.int32)
-        self.page_table[row, have:need] = self._pt_host[row, have:need].to(self.device)
-        self._num_alloc[row] = need
+    def _ensure_tokens(self, tokens: Sequence[int]) -> None:
+        """Pages for tokens[r] tokens of every row r (paged layout; no-op when contiguous)."""
+        if self.paged:
+            self.pages.ensure([math.ceil(n / self.page_size) for n in tokens])
 
     def reserve(self, num_tokens: int) -> None:
         """Make sure every sequence has pages for num_tokens tokens (needed before capturing
         append_device in a CUDA graph: graph replays cannot allocate pages)."""
         check(0 <= num_tokens <= self.max_seq_len, f"num_tokens must be in [0, max_seq_len={self.max_seq_len}]")
-        for row in range(self.batch_size):
-            self._ensure_pages(row, num_tokens)
+        self._ensure_tokens([num_tokens] * self.batch_size)
 
     def rows(self, row: int, start: int, end: int) -> torch.Tensor:
         """int64 (end - start,) storage rows of positions start..end-1 of sequence ``row`` (host)."""
         pos = torch.arange(start, end)
         if not self.paged:
             return row * self.rows_per_seq + pos
-        pages = self._pt_host[row, pos // self.page_size].to(torch.int64)
+        pages = self.pages.table_host[row, pos // self.page_size].to(torch.int64)
         return pages * self.page_size + pos % self.page_size
 
     def _flat(self, t: torch.Tensor) -> torch.Tensor:
@@ -256,44 +217,71 @@ class MSACache:
     # writing ------------------------------------------------------------------------------------
     def append(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, k_idx: Optional[torch.Tensor],
                cu_seqlens: Optional[torch.Tensor] = None, rows: Optional[List[int]] = None) -> None:
-        """Store new tokens after each sequence's current end.
+        """Store new tokens after each sequence's current end (validated on the host before any write).
 
         k, v: (B, t, H_kv, D); k_idx: (B, t, D_idx) or None. With cu_seqlens (int32 (B+1,)) the input is
         packed, (1, T, ...), and sequence b's tokens cu_seqlens[b]:cu_seqlens[b+1] go to row b.
         rows: optional list of the B cache rows the input rows go to (default all rows in order).
+        All pieces are written with one indexed copy per tensor (per-block fp8 scales: per sequence).
         """
         check(isinstance(layer_idx, int) and 0 <= layer_idx < self.num_layers,
               f"layer_idx must be in [0, {self.num_layers}), got {layer_idx}")
         check(isinstance(k, torch.Tensor) and k.dim() == 4 and k.shape[2:] == (self.num_kv_heads, self.head_dim),
-              f"k must have shape (B, t, H_kv={self.num_kv_heads}, D={self.head_dim}), got {tuple(k.shape)}")
+              f"k must have shape (B, t, H_kv={self.num_kv_heads}, D={self.head_dim}), got "
+              f"{tuple(k.shape) if isinstance(k, torch.Tensor) else type(k).__name__}")
         check(isinstance(v, torch.Tensor) and v.shape == k.shape, f"v must have k's shape {tuple(k.shape)}")
         check(k.is_floating_point() and v.is_floating_point(), f"k and v must be float tensors, got {k.dtype}")
+        check(k.device == self.device and v.device == self.device,
+              f"k and v must be on the cache device {self.device}, got {k.device}")
         if self.index_dim is not None and k_idx is not None:
-            check(k_idx.dim() == 3 and k_idx.shape[:2] == k.shape[:2] and k_idx.shape[2] == self.index_dim,
+            check(isinstance(k_idx, torch.Tensor) and k_idx.dim() == 3 and k_idx.shape[:2] == k.shape[:2]
+                  and k_idx.shape[2] == self.index_dim,
                   f"k_idx must have shape (B, t, D_idx={self.index_dim}), got {tuple(k_idx.shape)}")
             check(k_idx.is_floating_point(), f"k_idx must be a float tensor, got {k_idx.dtype}")
+            check(k_idx.device == self.device, f"k_idx must be on the cache device {self.device}, got {k_idx.device}")
         lens = self.lengths[layer_idx]
         if rows is not None:
             check(cu_seqlens is None and len(rows) == k.shape[0] and len(set(rows)) == len(rows)
-                  and all(0 <= r < self.batch_size for r in rows),
+                  and all(isinstance(r, int) and 0 <= r < self.batch_size for r in rows),
                   f"rows must list {k.shape[0]} distinct cache rows in [0, {self.batch_size}) (no cu_seqlens)")
-            pieces = [(r, i, 0, k.shape[1]) for i, r in enumerate(rows)]
+            pieces = [(r, i * k.shape[1], k.shape[1]) for i, r in enumerate(rows)]
         elif cu_seqlens is None:
             check(k.shape[0] == self.batch_size, f"k must have batch size {self.batch_size}, got {k.shape[0]}")
-            pieces = [(b, b, 0, k.shape[1]) for b in range(self.batch_size)]
+            pieces = [(b, b * k.shape[1], k.shape[1]) for b in range(self.batch_size)]
         else:
             check_cu_seqlens(cu_seqlens, k.shape[0], k.shape[1])
             check(cu_seqlens.numel() == self.batch_size + 1,
                   f"cu_seqlens must hold batch_size + 1 = {self.batch_size + 1} entries, got {cu_seqlens.numel()}")
             cu = cu_seqlens.tolist()
-            pieces = [(b, 0, cu[b], cu[b + 1]) for b in range(self.batch_size)]
-        for row, src, s, e in pieces:  # validate every row before writing any
-            n1 = int(lens[row]) + (e - s)
-            check(n1 <= self.max_seq_len,
-                  f"sequence {row} would hold {n1} tokens, longer than the cache's max_seq_len={self.max_seq_len}")
-        for row, src, s, e in pieces:
-            self._append_row(layer_idx, row, k[src, s:e], v[src, s:e], None if k_idx is None else k_idx[src, s:e])
-        self.lengths_dev[layer_idx].copy_(lens.to(torch.int32))
+            pieces = [(b, cu[b], cu[b + 1] - cu[b]) for b in range(self.batch_size)]
+        new_len = lens.clone()
+        for row, _, n in pieces:  # validate every row before writing any
+            new_len[row] += n
+            check(int(new_len[row]) <= self.max_seq_len, f"sequence {row} would hold {int(new_len[row])} tokens, "
+                  f"longer than the cache's max_seq_len={self.max_seq_len}")
+        self._ensure_tokens(new_len.tolist())
+        kf, vf = k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:])
+        xf = None if k_idx is None or self.k_idx[layer_idx] is None else k_idx.reshape(-1, k_idx.shape[-1])
+        pieces = [p for p in pieces if p[2] > 0]
+        if pieces:
+            dst = torch.cat([self.rows(r, int(lens[r]), int(lens[r]) + n) for r, _, n in pieces]).to(self.device)
+            src = None
+            if not (len(pieces) * pieces[0][2] == kf.shape[0] and all(s == i * pieces[0][2] for i, (_, s, _) in
+                                                                     enumerate(pieces))):
+                src = torch.cat([torch.arange(s, s + n) for _, s, n in pieces]).to(self.device)
+
+            def pick(x):
+                return x if src is None else x.index_select(0, src)
+            self._flat(self.k[layer_idx]).index_copy_(0, dst, pick(kf).to(self.dtype))
+            self._flat(self.v[layer_idx]).index_copy_(0, dst, pick(vf).to(self.dtype))
+            if xf is not None:
+                if self.index_scale_mode == "block":
+                    for r, s, n in pieces:
+                        self._write_index_blocks(layer_idx, r, int(lens[r]), int(lens[r]) + n, xf[s:s + n])
+                else:
+                    self._write_index_rows(layer_idx, dst, pick(xf))
+        lens.copy_(new_len)
+        self.lengths_dev[layer_idx].copy_(new_len.to(torch.int32))
 
     def append_row(self, layer_idx: int, row: int, k: torch.Tensor, v: torch.Tensor,
                    k_idx: Optional[torch.Tensor]) -> None:
@@ -303,30 +291,21 @@ class MSACache:
         check(k.dim() == 3, f"k must have shape (n, H_kv, D), got {tuple(k.shape)}")
         self.append(layer_idx, k[None], v[None], None if k_idx is None else k_idx[None], rows=[row])
 
-    def _append_row(self, layer_idx: int, row: int, k, v, k_idx) -> None:
-        lens = self.lengths[layer_idx]
-        n0, n1 = int(lens[row]), int(lens[row]) + k.shape[0]
-        if n1 == n0:
-            return
-        self._ensure_pages(row, n1)
-        rows = self.rows(row, n0, n1).to(self.device)
-        self._flat(self.k[layer_idx])[rows] = k.to(self.dtype)
-        self._flat(self.v[layer_idx])[rows] = v.to(self.dtype)
-        if self.k_idx[layer_idx] is not None and k_idx is not None:
-            self._write_index(layer_idx, row, n0, n1, k_idx, rows)
-        lens[row] = n1
-
-    def _write_index(self, li: int, row: int, n0: int, n1: int, x: torch.Tensor, rows: torch.Tensor) -> None:
+    def _write_index_rows(self, li: int, dst: torch.Tensor, x: torch.Tensor) -> None:
+        """Index keys x (n, D_idx) to storage rows dst (n,) (bf16/fp32 keys or per-token fp8 scales)."""
         kif = self._flat(self.k_idx[li])
         if not self.fp8_index:
-            kif[rows] = x.to(self.index_dtype)
+            kif.index_copy_(0, dst, x.to(self.index_dtype))
             return
-        if self.index_scale_mode == "token":
-            qv, sc = quantize_fp8(x)
-            kif[rows] = qv
-            self.k_idx_scale[li].view(-1)[rows] = sc
-            return
-        # per-block scales: requantise every touched block from its exact tokens
+        qv, sc = quantize_fp8(x)
+        # fp8 has no index_copy_ kernel on every device: copy the raw bytes
+        kif.view(torch.uint8).index_copy_(0, dst, qv.view(torch.uint8))
+        self.k_idx_scale[li].view(-1).index_copy_(0, dst, sc)
+
+    def _write_index_blocks(self, li: int, row: int, n0: int, n1: int, x: torch.Tensor) -> None:
+        """Per-block fp8 scales: requantise every block touched by positions n0..n1-1 of ``row`` from
+        its exact tokens (the open block's earlier tokens come from the staging buffer)."""
+        kif = self._flat(self.k_idx[li])
         bs = self.index_block_size
         stage = self._stage[li][row]
         b0 = n0 // bs
@@ -339,7 +318,7 @@ class MSACache:
         xb = torch.cat([full, full.new_zeros(pad, full.shape[1])]) if pad else full
         qv, sc = quantize_fp8(xb.view(nblk, bs, -1), dim_block=True)
         all_rows = self.rows(row, start, n1).to(self.device)
-        kif[all_rows] = qv.view(nblk * bs, -1)[:n]
+        kif.view(torch.uint8).index_copy_(0, all_rows, qv.view(nblk * bs, -1)[:n].view(torch.uint8))
         blk_ids = (all_rows[::bs] // bs) if self.paged else (row * (self.rows_per_seq // bs) + b0 +
                                                              torch.arange(nblk, device=self.device))
         self.k_idx_scale[li].view(-1)[blk_ids] = sc
@@ -350,10 +329,11 @@ class MSACache:
     def append_device(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, k_idx: Optional[torch.Tensor]) -> None:
         """CUDA-graph capturable append of t tokens to EVERY sequence at its device-side length.
 
-        k, v: (B, t, H_kv, D); k_idx: (B, t, D_idx) or None. No host sync and no page allocation:
-        a paged cache must have its pages (``reserve``) and a sequence must not overflow max_seq_len
-        (not checked on the device). Updates ``lengths_dev`` only; call ``sync_lengths()`` before host
-        code reads ``seq_lens``. Per-block fp8 scales are not supported here (use ``append``).
+        k, v: (B, t, H_kv, D); k_idx: (B, t, D_idx) or None. No host sync, no validation of values and no
+        page allocation: a paged cache must have its pages (``reserve``) and a sequence must not
+        overflow max_seq_len (the caller checks once, e.g. ``generate`` at entry). Updates
+        ``lengths_dev`` only; call ``sync_lengths()`` before host code reads ``seq_lens``. Per-block fp8
+        scales are not supported here (use ``append``).
         """
         check(not (self.fp8_index and self.index_scale_mode == "block"),
               "append_device does not support index_scale_mode='block'; use append() or per-token scales")
@@ -371,14 +351,7 @@ class MSACache:
         self._flat(self.k[layer_idx]).index_copy_(0, rows, k.reshape(-1, *k.shape[2:]).to(self.dtype))
         self._flat(self.v[layer_idx]).index_copy_(0, rows, v.reshape(-1, *v.shape[2:]).to(self.dtype))
         if self.k_idx[layer_idx] is not None and k_idx is not None:
-            x = k_idx.reshape(-1, k_idx.shape[-1])
-            if self.fp8_index:
-                qv, sc = quantize_fp8(x)
-                # fp8 has no index_copy_ kernel on every device: copy the raw bytes
-                self._flat(self.k_idx[layer_idx]).view(torch.uint8).index_copy_(0, rows, qv.view(torch.uint8))
-                self.k_idx_scale[layer_idx].view(-1).index_copy_(0, rows, sc)
-            else:
-                self._flat(self.k_idx[layer_idx]).index_copy_(0, rows, x.to(self.index_dtype))
+            self._write_index_rows(layer_idx, rows, k_idx.reshape(-1, k_idx.shape[-1]))
         self.lengths_dev[layer_idx].add_(t)
 
     # reading ------------------------------------------------------------------------------------
@@ -396,12 +369,15 @@ class MSACache:
             return x.to(dtype)
         sc = self.k_idx_scale[layer_idx].view(-1)
         s = sc[rows] if self.index_scale_mode == "token" else sc[rows // self.index_block_size]
-        return (x.float() * s.unsqueeze(-1)).to(dtype)
+        return dequantize_fp8(x, s, dtype)
 
-    def view(self, layer_idx: int, row: int) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """The stored (K, V, index keys) of one sequence: (n, H_kv, D), (n, H_kv, D), (n, D_idx) or None.
-        Paged storage is gathered into new tensors; fp8 index keys are dequantised to ``dtype``."""
-        n = int(self.lengths[layer_idx][row])
+    def view(self, layer_idx: int, row: int, n: Optional[int] = None
+             ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """The stored (K, V, index keys) of positions 0..n-1 of one sequence (n defaults to the host length):
+        (n, H_kv, D), (n, H_kv, D), (n, D_idx) or None. Paged storage is gathered into new tensors;
+        fp8 index keys are dequantised to ``dtype``."""
+        if n is None:
+            n = int(self.lengths[layer_idx][row])
         if not self.paged:
             k, v = self.k[layer_idx][row, :n], self.v[layer_idx][row, :n]
         else:
