@@ -157,16 +157,18 @@ def test_ddp_and_fsdp2_equal_one_process_and_ranks_read_disjoint_windows(tmp_pat
 
 
 def test_checkpoints_move_between_one_and_two_ranks(tmp_path, reference):
-    # 1 -> 2: the one-process run's step-2 checkpoint (a .pt file) continued by DDP on 2 ranks
-    one = tmp_path / "one_to_two"
-    (one / "checkpoints").mkdir(parents=True)
-    shutil.copy(reference["dir"] / "checkpoints" / "step_00000002.pt", one / "checkpoints")
-    jobs = [("one_to_two", (*TWO, "parallel.strategy=ddp"), None),
+    # 1 -> 2: the one-process run's step-2 checkpoint (a .pt file) continued by DDP and by FSDP2 on 2 ranks
+    for name in ("one_to_ddp", "one_to_fsdp2"):
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+        shutil.copy(reference["dir"] / "checkpoints" / "step_00000002.pt", tmp_path / name / "checkpoints")
+    jobs = [("one_to_ddp", (*TWO, "parallel.strategy=ddp"), None),
+            ("one_to_fsdp2", (*TWO, "parallel.strategy=fsdp2"), None),
             ("two", (*TWO, "parallel.strategy=fsdp2"), 2)]   # 2 -> 1: FSDP2 on 2 ranks, interrupted at 2
     run_ranks(2, _worker, str(tmp_path), jobs)
-    hist = json.loads((tmp_path / "one_to_two.history.json").read_text())
-    _assert_same_run(hist, reference["history"], first_step=3)
-    _assert_same_weights(torch.load(tmp_path / "one_to_two.weights.pt"), reference["weights"])
+    for name in ("one_to_ddp", "one_to_fsdp2"):
+        hist = json.loads((tmp_path / f"{name}.history.json").read_text())
+        _assert_same_run(hist, reference["history"], first_step=3)
+        _assert_same_weights(torch.load(tmp_path / f"{name}.weights.pt"), reference["weights"])
 
     ck = latest_checkpoint(tmp_path / "two")
     assert ck.is_dir() and ck.name == "step_00000002"
@@ -212,3 +214,24 @@ def test_cli_under_torchrun_environment(tmp_path, reference, monkeypatch, capsys
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "x")]) == 2
     assert "parallel.strategy=ddp" in capsys.readouterr().err
+
+
+def test_bf16_mixed_precision_ddp_and_fsdp2(tmp_path, reference):
+    """precision=bf16: DDP autocasts like one process; FSDP2 computes with bf16 parameters and
+    reduces in fp32. Both stay within bf16 tolerance of the one-process bf16 run, and really compute
+    in 16 bits (they move away from the fp32 run by more than fp32 rounding)."""
+    bf16 = ("precision=bf16",)
+    with one_thread():
+        ref = Trainer(tiny_config(*_common(), *ONE, *bf16), str(tmp_path / "ref"), progress=False)
+        ref.fit(stop_at_step=2)
+    jobs = [("ddp", (*TWO, *bf16, "parallel.strategy=ddp"), 2), ("fsdp2", (*TWO, *bf16, "parallel.strategy=fsdp2"), 2)]
+    run_ranks(2, _worker, str(tmp_path), jobs)
+    fp32 = {r["step"]: r["lm_loss"] for r in reference["history"]}
+    for name, _, _ in jobs:
+        hist = json.loads((tmp_path / f"{name}.history.json").read_text())
+        assert [r["step"] for r in hist] == [1, 2]
+        for r, e in zip(hist, ref.history):
+            assert r["lm_loss"] == pytest.approx(e["lm_loss"], rel=2e-3)
+            assert r["grad_norm"] == pytest.approx(e["grad_norm"], rel=5e-2)
+            assert r["index_grad_norm"] == pytest.approx(e["index_grad_norm"], rel=5e-2)
+            assert abs(r["lm_loss"] - fp32[r["step"]]) > 1e-5
