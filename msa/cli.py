@@ -91,17 +91,64 @@ def cmd_train(args) -> int:
         build_data(cfg, resolve_device(cfg))
         return 0
     out = args.out or f"out/train/{cfg.name}"
-    if args.fresh:
-        import shutil
-        shutil.rmtree(Path(out) / "checkpoints", ignore_errors=True)
-    s = Trainer(cfg, out, progress=not args.no_progress, resume=not args.fresh).fit()
+    try:
+        started = _init_process_group(cfg, resolve_device(cfg))
+    except ValueError as exc:
+        print(f"msa train: {exc}", file=sys.stderr)
+        return 2
+    import torch.distributed as dist
+    rank = dist.get_rank() if started or dist.is_initialized() else 0
+    try:
+        if args.fresh:
+            import shutil
+            if rank == 0:
+                shutil.rmtree(Path(out) / "checkpoints", ignore_errors=True)
+            if dist.is_initialized():
+                dist.barrier()
+        s = Trainer(cfg, out, progress=not args.no_progress, resume=not args.fresh).fit()
+    finally:
+        if started:
+            dist.destroy_process_group()
     msg = f"msa train: {s['status']} at step {s['step']}/{s['steps']}"
     if "val_lm_loss" in s:
         msg += f"; validation loss {s['val_lm_loss']:.4f}"
     if "score_recall" in s:
         msg += f", block recall {s['block_recall']:.3f}, score recall {s['score_recall']:.3f}"
-    print(f"{msg}; results in {out}")
+    if rank == 0:
+        print(f"{msg}; results in {out}")
     return 0 if s["status"] in ("complete", "interrupted") else 1
+
+
+def _init_process_group(cfg, device) -> bool:
+    """The process group of a data-parallel ``msa train`` (parallel.strategy "ddp" / "fsdp2"):
+    from torchrun's environment (WORLD_SIZE, RANK, MASTER_ADDR, ...) when it is set, else a group of
+    one process. NCCL on CUDA (NVLink multicast left off), gloo on the CPU. Returns whether a group
+    was started here; a ValueError when torchrun started several ranks for strategy "none"."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    strategy = cfg.parallel.strategy
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if strategy == "none":
+        if world > 1:
+            raise ValueError(f"launched on {world} ranks (WORLD_SIZE) but parallel.strategy is 'none': "
+                             f"add --set parallel.strategy=ddp (or fsdp2)")
+        return False
+    if dist.is_initialized():
+        return False
+    backend = "gloo"
+    if device.type == "cuda":
+        backend = "nccl"
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+        torch.cuda.set_device(device if device.index is not None else int(os.environ.get("LOCAL_RANK", "0")))
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return True
 
 
 def _bench_help() -> str:

@@ -53,7 +53,8 @@ def split_parameters(model: nn.Module) -> Tuple[List[nn.Parameter], List[nn.Para
 
 def wrap_model(model: nn.Module, strategy: str = "ddp", mixed_precision: Optional[str] = "bf16", *,
                mesh=None, process_group=None, reshard_after_forward: bool = True,
-               shard_modules: Optional[Iterable[nn.Module]] = None) -> nn.Module:
+               shard_modules: Optional[Iterable[nn.Module]] = None,
+               find_unused_parameters: bool = False) -> nn.Module:
     """Wrap a model for data-parallel training with torch's own engines.
 
     Args:
@@ -69,6 +70,8 @@ def wrap_model(model: nn.Module, strategy: str = "ddp", mixed_precision: Optiona
         reshard_after_forward: FSDP2: free the unsharded parameters after the forward (ZeRO-3) or keep
             them until the backward (ZeRO-2, more memory, fewer all-gathers).
         shard_modules: FSDP2 units; default every element of ``model.layers`` when the model has one.
+        find_unused_parameters: DDP: let some parameters receive no gradient in a step (e.g. the index
+            projections of a run without the KL loss); costs a graph traversal per step.
 
     Returns:
         The wrapped module. Call it like the model; pass it to ``build_optimizer``, ``training_step``,
@@ -85,7 +88,8 @@ def wrap_model(model: nn.Module, strategy: str = "ddp", mixed_precision: Optiona
               f"strategy={strategy!r} needs an initialized process group (torchrun + init_process_group)")
     if strategy == "ddp":
         ids = [device.index] if device.type == "cuda" else None
-        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids, process_group=process_group)
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids, process_group=process_group,
+                                                      find_unused_parameters=find_unused_parameters)
         setattr(wrapped, _AUTOCAST_ATTR, dtype)
         return wrapped
     if strategy == "none":

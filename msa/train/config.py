@@ -16,6 +16,7 @@ from ..ops.common import check
 PHASE_KINDS = ("msa", "dense", "local")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 TOKENIZERS = ("bpe", "bytes")
+STRATEGIES = ("none", "ddp", "fsdp2")
 
 
 @dataclass
@@ -129,6 +130,19 @@ class EvalConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Data parallelism under ``torchrun`` (msa.parallel). strategy: "none" (one process), "ddp"
+    (DistributedDataParallel; bf16 / fp16 through autocast, fp32 gradients and all-reduce) or
+    "fsdp2" (``fully_shard`` per decoder layer, then the root; MixedPrecisionPolicy with 16-bit
+    parameters in compute and fp32 gradient reduction). data.batch_size is per rank: the global
+    micro-batch is data.batch_size * world size. reshard_after_forward: FSDP2 frees the gathered
+    parameters after the forward (ZeRO-3) or keeps them for the backward (ZeRO-2)."""
+
+    strategy: str = "none"
+    reshard_after_forward: bool = True
+
+
+@dataclass
 class TrainConfig:
     """Everything one run needs. steps: optimizer steps; grad_accum: micro-batches per step.
     checkpoint_every: steps between checkpoints (0 = only at the end). max_minutes: wall-clock cap
@@ -150,6 +164,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     phase: PhaseConfig = field(default_factory=PhaseConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> "TrainConfig":
         check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
@@ -171,6 +186,11 @@ class TrainConfig:
         check(self.eval.every >= 0 and self.checkpoint_every >= 0, "eval.every and checkpoint_every must be >= 0")
         check(self.model.backend in ("auto", "reference", "triton"),
               f"model.backend must be auto, reference or triton, got {self.model.backend!r}")
+        check(self.parallel.strategy in STRATEGIES,
+              f"parallel.strategy must be one of {STRATEGIES}, got {self.parallel.strategy!r}")
+        check(not (self.parallel.strategy == "fsdp2" and not self.phase.kl_detach_teacher),
+              "phase.kl_detach_teacher=false re-projects q and k outside the model's forward, which FSDP2's "
+              "sharded parameters do not allow: use parallel.strategy=ddp for this ablation")
         m = self.model
         check(m.topk_blocks >= m.init_blocks + m.local_blocks,
               f"model.topk_blocks ({m.topk_blocks}) must be >= init_blocks + local_blocks")

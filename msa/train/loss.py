@@ -99,7 +99,8 @@ def kl_sampled_rows(q_idx: torch.Tensor, k_idx: torch.Tensor, q: torch.Tensor, k
 
 
 def forward_loss(model: torch.nn.Module, input_ids: torch.Tensor, cu_seqlens: Optional[torch.Tensor], *,
-                 kl_weight: float, detach_teacher: bool = True, teacher_grad_rows: int = 0) -> Dict[str, object]:
+                 kl_weight: float, detach_teacher: bool = True, teacher_grad_rows: int = 0,
+                 lm_scale: float = 1.0) -> Dict[str, object]:
     """One forward of ``model`` (an MSAForCausalLM, possibly wrapped for data parallelism) on a packed
     batch input_ids int64 (1, N) with cu_seqlens int32 (S+1,) (or (B, T) without).
 
@@ -109,12 +110,15 @@ def forward_loss(model: torch.nn.Module, input_ids: torch.Tensor, cu_seqlens: Op
     with a PyTorch KL over every query (teacher_grad_rows 0; memory and time O(T^2) per layer), or,
     with teacher_grad_rows R > 0, the model's own fast KL (value and index gradients unchanged) plus
     a term whose value is 0 and whose gradient is an unbiased estimate of the teacher's share from
-    R query positions drawn uniformly (torch's global RNG, which checkpoints save)."""
+    R query positions drawn uniformly (torch's global RNG, which checkpoints save).
+    lm_scale multiplies the LM term of "loss" (not the reported lm_loss): data parallelism weights
+    each rank's token mean by its share of the global micro-batch's targets."""
     want_kl = kl_weight > 0
     exact_nd = want_kl and not detach_teacher and teacher_grad_rows <= 0
     with capture_msa_layers(model, keep_input=want_kl and not detach_teacher) as recs:
         out = model(input_ids, cu_seqlens=cu_seqlens, compute_kl=want_kl and not exact_nd)
     lm = lm_loss(out.logits, input_ids, cu_seqlens)
+    lm_term = lm if lm_scale == 1.0 else lm * lm_scale
     layer_kl: Dict[int, torch.Tensor] = {}
     if exact_nd:
         for r in recs:
@@ -128,7 +132,7 @@ def forward_loss(model: torch.nn.Module, input_ids: torch.Tensor, cu_seqlens: Op
             if r.kl is not None:
                 layer_kl[r.layer] = r.kl if rows is None else r.kl + _teacher_term(r, rows)
     kl = torch.stack(list(layer_kl.values())).sum() if layer_kl else lm.new_zeros(())
-    loss = lm + kl_weight * kl if want_kl else lm
+    loss = lm_term + kl_weight * kl if want_kl else lm_term
     return {"loss": loss, "lm_loss": lm.detach(), "kl_loss": kl.detach(),
             "layer_kl": {i: v.detach() for i, v in layer_kl.items()}}
 

@@ -6,14 +6,26 @@ MSAForCausalLM on its device), ``wrap_model`` (identity here; DDP / FSDP2 wrap h
 optimizer, scheduler, the loader position and every RNG state, and the step's mode and learning
 rate are functions of the step, so an interrupted and resumed run repeats the uninterrupted one's
 losses bit for bit on a deterministic device.
+
+Data parallelism (``parallel.strategy`` "ddp" or "fsdp2", under ``torchrun``; the process group is
+initialised by the caller, e.g. ``msa train``): the model is wrapped by ``msa.parallel.wrap_model``,
+each rank reads its own slice of every global micro-batch, every rank's LM token mean is weighted by
+its share of the global micro-batch's targets (so the averaged gradient is the gradient of the global
+token mean: the same step as one process on the whole global batch), gradients are clipped per group
+with DTensor-aware norms, the logged values are global, and checkpoints are
+torch.distributed.checkpoint directories that resume on any number of ranks (or in one process).
+Only rank 0 writes files or prints.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +33,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..data.dataset import CorpusData, CorpusSpec, WindowLoader, Windows, eval_window_ids, make_windows, prepare_corpus
@@ -31,6 +44,8 @@ from .config import TrainConfig, from_dict, to_dict
 from .loss import forward_loss
 
 CKPT_DIR = "checkpoints"
+# rank 0's loop state inside a distributed (DCP) checkpoint directory (msa.parallel.save_checkpoint's train_state)
+TRAINER_STATE = "train_state.json"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -78,9 +93,21 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device) -> MSAF
 
 
 def wrap_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
-    """Identity on one device. A distributed launcher returns DDP(model) / fully_shard(model) here;
-    the trainer calls the wrapper for forward and the unwrapped model for everything else."""
-    return model
+    """Identity for parallel.strategy "none". "ddp": DistributedDataParallel(model); "fsdp2":
+    ``fully_shard`` per decoder layer and on the root, in place (``msa.parallel.wrap_model``), with
+    the run's precision (bf16 / fp16: FSDP2 computes with 16-bit parameters and reduces gradients in
+    fp32; DDP keeps fp32 parameters and the trainer's autocast). The trainer calls the wrapper for
+    the training forward and the unwrapped model (the same object under FSDP2) for everything else.
+    Needs an initialised process group."""
+    strategy = cfg.parallel.strategy
+    if strategy == "none":
+        return model
+    from ..parallel import wrap_model as parallel_wrap
+    dtype = autocast_dtype(cfg, next(model.parameters()).device)
+    mp = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    # without the KL nothing trains the index projections, and DDP must be told that they get no gradient
+    return parallel_wrap(model, strategy, mp, reshard_after_forward=cfg.parallel.reshard_after_forward,
+                         find_unused_parameters=cfg.phase.kl_weight == 0)
 
 
 def param_groups(model: MSAForCausalLM, cfg: TrainConfig) -> List[Dict]:
@@ -186,12 +213,39 @@ def set_rng_state(st: Dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def latest_checkpoint(out_dir: Path) -> Optional[Path]:
+def list_checkpoints(out_dir: Path) -> List[Path]:
+    """The run's checkpoints, oldest first: ``step_N.pt`` files (one process) and ``step_N``
+    directories (torch.distributed.checkpoint, written by a data-parallel run)."""
     d = Path(out_dir) / CKPT_DIR
     if not d.is_dir():
-        return None
-    cks = sorted(d.glob("step_*.pt"))
+        return []
+    found = []
+    for p in d.glob("step_*"):
+        tail = p.name[len("step_"):]
+        if p.is_file() and p.suffix == ".pt" and p.stem[len("step_"):].isdigit():
+            found.append((int(p.stem[len("step_"):]), 0, p))
+        elif p.is_dir() and tail.isdigit() and (p / TRAINER_STATE).exists():
+            found.append((int(tail), 1, p))
+    return [p for _, _, p in sorted(found)]
+
+
+def latest_checkpoint(out_dir: Path) -> Optional[Path]:
+    cks = list_checkpoints(out_dir)
     return cks[-1] if cks else None
+
+
+def load_full_model_state(path: Path) -> Dict[str, torch.Tensor]:
+    """The model weights of a checkpoint, a ``step_N.pt`` file or a distributed ``step_N`` directory
+    (every rank reads all of it, unsharded, on the CPU)."""
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=False)["model"]
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
+             if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    return {k[len("model."):]: v for k, v in state.items()}
 
 
 def reinit_index_projections(model: MSAForCausalLM, *, seed: int, std: float = 0.02) -> None:
@@ -212,12 +266,12 @@ def load_init_weights(model: MSAForCausalLM, path: str, *, reinit_index: bool, s
     parameters may be missing or extra (e.g. a dense model gaining index norms); reinit_index draws
     the index projections afresh (normal, std 0.02; index norms to identity)."""
     p = Path(path)
-    if p.is_dir():
+    if p.is_dir() and not (p / TRAINER_STATE).exists():  # a run directory, not one distributed checkpoint
         found = latest_checkpoint(p)
         check(found is not None, f"phase.init_from={path!r}: no checkpoint under {p / CKPT_DIR}")
         p = found
     check(p.exists(), f"phase.init_from={path!r} does not exist")
-    state = torch.load(p, map_location="cpu", weights_only=False)["model"]
+    state = load_full_model_state(p)
     res = model.load_state_dict(state, strict=False)
     bad = [k for k in list(res.missing_keys) + list(res.unexpected_keys) if "_idx_" not in k]
     check(not bad, f"phase.init_from={path!r}: the checkpoint does not match the model (keys: {bad[:6]})")
@@ -228,24 +282,52 @@ def load_init_weights(model: MSAForCausalLM, path: str, *, reinit_index: bool, s
 # ------------------------------------------------------------------------------------------------
 # the trainer
 
-RESUME_FREE_KEYS = ("max_minutes", "eval", "log_every", "device", "keep_checkpoints")
+RESUME_FREE_KEYS = ("max_minutes", "eval", "log_every", "device", "keep_checkpoints", "parallel")
 
 
 class Trainer:
     """Runs one TrainConfig into out_dir: config.json, log.jsonl (one record per logged step and per
     evaluation), checkpoints/step_*.pt, summary.json, final_eval.json and plots (PNG).
     A run directory that already holds checkpoints is resumed (the configuration must match except
-    for max_minutes, eval settings, log_every, device, keep_checkpoints)."""
+    for max_minutes, eval settings, log_every, device, keep_checkpoints, parallel; data.batch_size
+    may change with the number of ranks as long as the global micro-batch, data.batch_size times
+    the world size, stays the same).
+
+    With parallel.strategy "ddp" or "fsdp2" the process group must be initialised (rank and
+    world_size are taken from it) and every rank constructs a Trainer and calls fit()."""
 
     def __init__(self, cfg: TrainConfig, out_dir: str, *, rank: int = 0, world_size: int = 1,
                  progress: bool = True, resume: bool = True, log=print):
         self.cfg = cfg.validate()
         self.out = Path(out_dir)
-        self.rank, self.world_size, self.progress, self.log = rank, world_size, progress, log
+        self.strategy = cfg.parallel.strategy
+        self.distributed = self.strategy != "none"
+        if self.distributed:
+            check(dist.is_available() and dist.is_initialized(),
+                  f"parallel.strategy={self.strategy!r} needs an initialised process group: launch with torchrun "
+                  f"(msa train initialises it) or call torch.distributed.init_process_group first")
+            r, w = dist.get_rank(), dist.get_world_size()
+            check((rank, world_size) in ((0, 1), (r, w)),
+                  f"rank={rank}, world_size={world_size} differ from the process group's ({r}, {w})")
+            rank, world_size = r, w
+        self.rank, self.world_size, self.progress = rank, world_size, progress
+        self.log = log if rank == 0 else (lambda *a, **k: None)
         self.device = resolve_device(cfg)
+        if self.distributed and self.device.type == "cuda" and self.device.index is None:
+            local = int(os.environ.get("LOCAL_RANK", rank % max(1, torch.cuda.device_count())))
+            self.device = torch.device("cuda", local)
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)
         self.amp = autocast_dtype(cfg, self.device)
+        # FSDP2 computes with 16-bit parameters itself (its MixedPrecisionPolicy); DDP and one process autocast
+        self.train_amp = None if self.strategy == "fsdp2" else self.amp
+        self._replica: Optional[MSAForCausalLM] = None
         self.out.mkdir(parents=True, exist_ok=True)
-        self.data = build_data(cfg, self.device, rank=rank, world_size=world_size, log=log)
+        if self.distributed and rank != 0:
+            dist.barrier()  # rank 0 builds the tokenizer and token cache first; the others read it
+        self.data = build_data(cfg, self.device, rank=rank, world_size=world_size, log=self.log)
+        if self.distributed and rank == 0:
+            dist.barrier()
         self.tokenizer = self.data.corpus.tokenizer
         self.model = build_model(cfg, self.tokenizer.vocab_size, self.device)
         self.wrapped = wrap_model(self.model, cfg)
@@ -273,7 +355,7 @@ class Trainer:
             info = {"config": to_dict(self.cfg), "parameters": self.param_counts(),
                     "vocab_size": self.tokenizer.vocab_size, "tokenizer": self.tokenizer.kind,
                     "data_cache": str(self.data.corpus.cache_dir), "device": str(self.device),
-                    "torch": torch.__version__}
+                    "torch": torch.__version__, "world_size": self.world_size}
             if self.device.type == "cuda":
                 info["gpu"] = torch.cuda.get_device_name(self.device)
             (self.out / "config.json").write_text(json.dumps(info, indent=1))
@@ -285,9 +367,20 @@ class Trainer:
         return {"total": total, "index": index, "embedding": emb, "non_embedding": total - emb}
 
     def _ckpt_path(self, step: int) -> Path:
+        if self.distributed:
+            return self.out / CKPT_DIR / f"step_{step:08d}"
         return self.out / CKPT_DIR / f"step_{step:08d}.pt"
 
+    def _prune_checkpoints(self) -> None:
+        for p in list_checkpoints(self.out)[:-max(1, self.cfg.keep_checkpoints)]:
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
     def save_checkpoint(self) -> Path:
+        if self.distributed:
+            return self._save_distributed()
         path = self._ckpt_path(self.step)
         if self.rank != 0:
             return path
@@ -299,30 +392,148 @@ class Trainer:
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         torch.save(state, tmp)
         os.replace(tmp, path)
-        old = sorted((self.out / CKPT_DIR).glob("step_*.pt"))[:-max(1, self.cfg.keep_checkpoints)]
-        for p in old:
-            p.unlink()
+        self._prune_checkpoints()
         return path
 
-    def _resume(self, path: Path) -> None:
-        st = torch.load(path, map_location="cpu", weights_only=False)
-        saved, now = dict(st["config"]), to_dict(self.cfg)
+    def _save_distributed(self) -> Path:
+        """A torch.distributed.checkpoint directory step_N/: the (sharded) model and optimizer, each
+        rank's RNG state, and rank 0's loop state (train_state.json). Written under step_N.tmp and
+        renamed when every rank is done, so a directory step_N is always complete."""
+        from ..parallel import save_checkpoint as dcp_save
+        path = self._ckpt_path(self.step)
+        tmp = path.with_name(path.name + ".tmp")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        tmp.mkdir(parents=True, exist_ok=True)
+        torch.save(self._local_rng_state(), tmp / f"rng_rank{self.rank}.pt")
+        state = {"step": self.step, "world_size": self.world_size, "strategy": self.strategy,
+                 "config": to_dict(self.cfg), "scheduler": self.sched.state_dict(),
+                 "loader": self.data.train.state_dict(), "history": self.history, "elapsed": self.elapsed,
+                 "tokens_seen": self.tokens_seen}
+        dcp_save(str(tmp), self.wrapped, self.opt, train_state=state)  # ends with a barrier
+        if self.rank == 0:
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+            self._prune_checkpoints()
+        dist.barrier()
+        return path
+
+    def _local_rng_state(self) -> Dict:
+        st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        if self.device.type == "cuda":
+            st["cuda"] = torch.cuda.get_rng_state(self.device)
+        return st
+
+    def _set_local_rng_state(self, st: Dict) -> None:
+        torch.set_rng_state(st["torch"])
+        np.random.set_state(st["numpy"])
+        random.setstate(st["python"])
+        cuda = st.get("cuda")
+        if cuda is not None and self.device.type == "cuda":
+            if isinstance(cuda, (list, tuple)):  # a one-process checkpoint holds every device's state
+                cuda = cuda[self.device.index] if self.device.index < len(cuda) else None
+            if cuda is not None:
+                torch.cuda.set_rng_state(cuda, self.device)
+
+    def _check_resume_config(self, saved_cfg: Dict, saved_world: int) -> None:
+        saved, now = copy.deepcopy(saved_cfg), to_dict(self.cfg)
         for k in RESUME_FREE_KEYS:
             saved.pop(k, None)
             now.pop(k, None)
+        # data.batch_size is per rank: the global micro-batch is what must not change
+        sb, nb = saved["data"].pop("batch_size"), now["data"].pop("batch_size")
         if saved != now:
             diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
             raise ValueError(f"{self.out} holds a checkpoint of a different configuration (differs in: {diff}); "
                              f"use another --out or --fresh")
-        self.model.load_state_dict(st["model"])
-        self.opt.load_state_dict(st["optimizer"])
+        if sb * saved_world != nb * self.world_size:
+            need = sb * saved_world / self.world_size
+            hint = f"set data.batch_size={int(need)}" if need == int(need) else "use a world size that divides it"
+            raise ValueError(f"{self.out} holds a checkpoint with a global micro-batch of data.batch_size x world size "
+                             f"= {sb} x {saved_world}; here {nb} x {self.world_size}: {hint}")
+
+    def _resume(self, path: Path) -> None:
+        if path.is_dir():
+            return self._resume_distributed(path)
+        st = torch.load(path, map_location="cpu", weights_only=False)
+        self._check_resume_config(st["config"], 1)
+        if self.distributed:  # a one-process checkpoint continued on several ranks
+            self._load_full_states(st["model"], st["optimizer"])
+        else:
+            self.model.load_state_dict(st["model"])
+            self.opt.load_state_dict(st["optimizer"])
         self.sched.load_state_dict(st["scheduler"])
         self.data.train.load_state_dict(st["loader"])
-        set_rng_state(st["rng"])
+        if self.distributed:
+            self._set_local_rng_state(st["rng"])
+        else:
+            set_rng_state(st["rng"])
         self.step, self.history = st["step"], st["history"]
         self.elapsed, self.tokens_seen = st["elapsed"], st["tokens_seen"]
         self._rewrite_log()
         self.log(f"msa train: resumed {self.out} at step {self.step} from {path.name}")
+
+    def _resume_distributed(self, path: Path) -> None:
+        """Continue from a torch.distributed.checkpoint directory written by any number of ranks, on
+        this run's ranks (DCP reshards the model and optimizer) or in one process."""
+        from ..parallel import load_checkpoint
+        st = json.loads((path / TRAINER_STATE).read_text())
+        self._check_resume_config(st["config"], st["world_size"])
+        load_checkpoint(str(path), self.wrapped, self.opt)
+        self.sched.load_state_dict(st["scheduler"])
+        self.data.train.load_state_dict(st["loader"])
+        # every rank's RNG evolves identically (the same seed, the same draws), so any rank's state
+        # continues a run on a different number of ranks
+        rng = path / f"rng_rank{self.rank}.pt"
+        rng = rng if rng.exists() else path / "rng_rank0.pt"
+        self._set_local_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
+        self.step, self.history = st["step"], st["history"]
+        self.elapsed, self.tokens_seen = st["elapsed"], st["tokens_seen"]
+        self._rewrite_log()
+        self.log(f"msa train: resumed {self.out} at step {self.step} from {path.name} "
+                 f"(written by {st['world_size']} rank(s), now {self.world_size})")
+
+    def _load_full_states(self, model_state: Dict, optim_state: Dict) -> None:
+        """Load one process's model / optimizer state dicts into the wrapped (DDP or FSDP2) model and
+        its optimizer: through a plain copy whose optimizer state gets parameter names, then
+        torch.distributed.checkpoint.state_dict's full-state loader (which shards for FSDP2)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+        with torch.random.fork_rng(devices=[]):
+            plain = MSAForCausalLM(copy.deepcopy(self.model.config))
+        plain.load_state_dict(model_state)
+        popt = build_optimizer(plain, self.cfg)
+        popt.load_state_dict(optim_state)
+        msd, osd = get_state_dict(plain, popt)
+        set_state_dict(self.wrapped, self.opt, model_state_dict=msd, optim_state_dict=osd,
+                       options=StateDictOptions(full_state_dict=True))
+
+    def _agree(self, flag: bool) -> bool:
+        """Rank 0's decision on every rank (a decision that depends on the clock or on files)."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32,
+                         device=self.device if dist.get_backend() == "nccl" else "cpu")
+        dist.broadcast(t, src=0)
+        return bool(t.item())
+
+    def _eval_model(self) -> nn.Module:
+        """The model the evaluations call. FSDP2: an unsharded replica with the current weights (the
+        recall and retrieval evaluations call layers and projections outside the model's forward,
+        where FSDP2's parameters are sharded); every rank calls this at the same points."""
+        if self.strategy == "none":
+            return self.wrapped
+        if self.strategy == "ddp":
+            return self.model  # DDP's forward would synchronise buffers: each rank evaluates alone
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        if self._replica is None:
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                self._replica = MSAForCausalLM(copy.deepcopy(self.model.config)).to(self.device)
+        self._replica.load_state_dict(sd)
+        self._replica.set_mode(self.model.mode)
+        return self._replica
 
     def _rewrite_log(self) -> None:
         if self.rank == 0:
@@ -339,6 +550,8 @@ class Trainer:
     # -- one step ------------------------------------------------------------------------------
     def train_step(self) -> Dict[str, float]:
         """One optimizer step over grad_accum micro-batches; returns the step's mean losses."""
+        if self.distributed:
+            return self._train_step_parallel()
         cfg = self.cfg
         mode = mode_at(self.step, cfg)
         self.model.set_mode(mode)
@@ -379,20 +592,86 @@ class Trainer:
                 "mode": mode, "lr": lrs.get("backbone", next(iter(lrs.values()))), "index_lr": lrs.get("index"),
                 "tokens": ntok * self.world_size, **norms}
 
+    def _grad_sync(self, sync: bool):
+        """Gradient reduction only on the last micro-batch of a step (DDP no_sync / FSDP2's switch)."""
+        if self.strategy == "ddp":
+            return contextlib.nullcontext() if sync else self.wrapped.no_sync()
+        self.model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+
+    def _train_step_parallel(self) -> Dict[str, float]:
+        """train_step on a data-parallel group: rank r's micro-batch i is its slice of global
+        micro-batch i. Its LM token mean is scaled by world_size * n_ri / N_i (n_ri: its targets,
+        N_i: the global micro-batch's), so the gradient DDP / FSDP2 average over the ranks is the
+        gradient of the global micro-batch's token mean, as in one process on the whole batch (the
+        KL is a mean over equally many tokens on every rank and needs no weight). Logged values
+        are the global ones."""
+        from ..parallel import clip_grad_norm_
+        cfg, world = self.cfg, self.world_size
+        mode = mode_at(self.step, cfg)
+        self.model.set_mode(mode)
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        batches = [self.data.train.next() for _ in range(cfg.grad_accum)]
+        # targets per micro-batch: every token except the last of each packed sequence
+        local = torch.tensor([b.input_ids.numel() - (b.cu_seqlens.numel() - 1) for b in batches],
+                             dtype=torch.float64, device=self.device)
+        total = local.clone()
+        dist.all_reduce(total)
+        shares = (local / total).tolist()
+        acc = None
+        keys: List[int] = []
+        ntok = 0
+        for i, b in enumerate(batches):
+            ntok += b.input_ids.numel()
+            with self._grad_sync(i == len(batches) - 1):
+                with torch.autocast(self.device.type, dtype=self.train_amp or torch.bfloat16,
+                                    enabled=self.train_amp is not None):
+                    out = forward_loss(self.wrapped, b.input_ids, b.cu_seqlens, kl_weight=cfg.phase.kl_weight,
+                                       detach_teacher=cfg.phase.kl_detach_teacher,
+                                       teacher_grad_rows=cfg.phase.teacher_grad_rows, lm_scale=shares[i] * world)
+                (out["loss"] / cfg.grad_accum).backward()
+            keys = sorted(out["layer_kl"])
+            v = torch.stack([out["lm_loss"].float(), out["kl_loss"].float()]
+                            + [out["layer_kl"][k].float() for k in keys]).double()
+            scale = torch.full_like(v, 1.0 / world)
+            scale[0] = shares[i]
+            v = v * scale / cfg.grad_accum
+            acc = v if acc is None else acc + v
+        dist.all_reduce(acc)  # global token-mean LM loss, mean KL
+        vals = acc.tolist()
+        norms = {}
+        if cfg.optim.grad_clip:
+            bb = [p for p in self.model.backbone_parameters() if p.grad is not None]
+            ix = [p for p in self.model.index_parameters() if p.grad is not None]
+            if bb:
+                norms["grad_norm"] = float(clip_grad_norm_(bb, cfg.optim.grad_clip))
+            if ix:
+                norms["index_grad_norm"] = float(clip_grad_norm_(ix, cfg.optim.grad_clip))
+        lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.opt.param_groups)}
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+        self.tokens_seen += ntok * world
+        return {"lm_loss": vals[0], "kl": vals[1], "layer_kl": {str(i): v for i, v in zip(keys, vals[2:])},
+                "mode": mode, "lr": lrs.get("backbone", next(iter(lrs.values()))), "index_lr": lrs.get("index"),
+                "tokens": ntok * world, **norms}
+
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(self) -> Dict[str, object]:
         from ..evals.indexer import recall_eval
         from ..evals.lm import eval_loss
         d = self.data
         kw = dict(device=self.device, autocast_dtype=self.amp)
+        model = self._eval_model()
         # the KL is measured (unscaled) whenever the run trains the index
-        res = eval_loss(self.wrapped, d.corpus.splits["val"].tokens, d.val_windows, d.val_ids,
+        res = eval_loss(model, d.corpus.splits["val"].tokens, d.val_windows, d.val_ids,
                         kl_weight=1.0 if self.cfg.phase.kl_weight > 0 else 0.0, **kw)
         # recall of an index that is never trained (dense or local runs without KL) means nothing,
         # except for the local window, whose forced selection it measures
         trains_index = self.cfg.phase.kl_weight > 0 or self.cfg.phase.kind == "local"
         if self.cfg.eval.recall and trains_index and self.cfg.data.seq_len <= self.cfg.eval.recall_max_tokens:
-            res.update(recall_eval(self.model, d.corpus.splits["val"].tokens, d.val_windows, d.val_ids, **kw))
+            res.update(recall_eval(model, d.corpus.splits["val"].tokens, d.val_windows, d.val_ids, **kw))
         return res
 
     def final_evaluation(self) -> Dict[str, object]:
@@ -402,11 +681,12 @@ class Trainer:
         e, d = self.cfg.eval, self.data
         kw = dict(device=self.device, autocast_dtype=self.amp)
         test_tokens = d.corpus.splits["test"].tokens
-        res: Dict[str, object] = {"step": self.step, "mode": self.model.layers[-1].attn.mode}
-        res["buckets"] = position_bucket_loss(self.model, test_tokens, d.test_windows, d.test_ids, **kw)
+        model = self._eval_model()
+        res: Dict[str, object] = {"step": self.step, "mode": model.layers[-1].attn.mode}
+        res["buckets"] = position_bucket_loss(model, test_tokens, d.test_windows, d.test_ids, **kw)
         lengths = [L for L in e.retrieval_lengths if 0 < L <= self.cfg.data.seq_len * e.retrieval_max_factor]
         if lengths and e.retrieval_samples > 0:
-            res["retrieval"] = retrieval_eval(self.model, self.tokenizer, test_tokens, lengths=lengths,
+            res["retrieval"] = retrieval_eval(model, self.tokenizer, test_tokens, lengths=lengths,
                                               depths=e.retrieval_depths, samples=e.retrieval_samples,
                                               seed=self.cfg.seed, **kw)
         return res
@@ -451,7 +731,7 @@ class Trainer:
             bar.set_postfix(post)
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not last:
                 self.save_checkpoint()
-            if cap is not None and time.time() - start_wall > cap and self.step < end:
+            if cap is not None and self._agree(time.time() - start_wall > cap) and self.step < end:
                 status = "interrupted"
                 self.log(f"\nmsa train: wall-clock cap of {cfg.max_minutes} min reached at step {self.step}; "
                          f"checkpoint saved, run the same command to resume")
@@ -468,7 +748,7 @@ class Trainer:
             self.save_checkpoint()
         if cfg.eval.final:
             fpath = self.out / "final_eval.json"
-            if fpath.exists() and json.loads(fpath.read_text()).get("step") == self.step:
+            if self._agree(fpath.exists() and json.loads(fpath.read_text()).get("step") == self.step):
                 final = json.loads(fpath.read_text())
             else:
                 final = self.final_evaluation()

@@ -15,14 +15,18 @@ from .common import tiny_config
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+# also the configuration of the 2-GPU torchrun test (test_train_multigpu.py), with data.batch_size=2
+GPU_OVERRIDES = ("device=cuda", "precision=bf16", "model.hidden_size=128", "model.num_heads=4",
+                 "model.num_kv_heads=2", "model.head_dim=32", "model.index_dim=32", "model.block_size=64",
+                 "model.topk_blocks=4", "model.num_layers=3", "data.seq_len=2048",
+                 "data.max_corpus_mb=4", "data.eval_corpus_mb=1", "data.vocab_size=1024",
+                 "steps=24", "phase.warmup_steps=8", "eval.every=12", "checkpoint_every=12",
+                 "eval.retrieval_lengths=[2048]", "eval.retrieval_samples=1", "eval.bucket_windows=2",
+                 "eval.retrieval_max_factor=1.0")
+
+
 def _cfg(*extra):
-    return tiny_config("device=cuda", "precision=bf16", "model.hidden_size=128", "model.num_heads=4",
-                       "model.num_kv_heads=2", "model.head_dim=32", "model.index_dim=32", "model.block_size=64",
-                       "model.topk_blocks=4", "model.num_layers=3", "data.seq_len=2048", "data.batch_size=2",
-                       "data.max_corpus_mb=4", "data.eval_corpus_mb=1", "data.vocab_size=1024",
-                       "steps=24", "phase.warmup_steps=8", "eval.every=12", "checkpoint_every=12",
-                       "eval.retrieval_lengths=[2048]", "eval.retrieval_samples=1", "eval.bucket_windows=2",
-                       "eval.retrieval_max_factor=1.0", *extra)
+    return tiny_config(*GPU_OVERRIDES, "data.batch_size=2", *extra)
 
 
 def test_gpu_run_learns_and_evaluates(tmp_path):
