@@ -3,7 +3,7 @@ msa/train/presets.py trained on the same data, tokens and seed, then summarized.
 
     python benchmarks/run_quality.py --out DIR --prepare          # build the tokenizer + token cache once
     python benchmarks/run_quality.py --out DIR --probe [--gpus 6] # time 12 steps per variant/phase, suggest --steps
-    python benchmarks/run_quality.py --out DIR [--gpus 8] [--runs a,b] [--steps N] [--budget-minutes 9.5]
+    python benchmarks/run_quality.py --out DIR [--gpus 8] [--jobs N] [--runs a,b] [--steps N] [--budget-minutes 9.5]
     python benchmarks/run_quality.py --out DIR --summarize        # quality.md / quality.json / compare.png
     ... --export $OUT/quality                                     # copy results (no checkpoints) elsewhere
 
@@ -89,7 +89,7 @@ def run_all(args) -> int:
     t_end = time.time() + args.budget_minutes * 60 if args.budget_minutes else None
     names = args.runs.split(",") if args.runs else ORDER
     pending = [n for n in names if status(out, n) != "complete"]
-    slots = list(range(max(1, args.gpus)))
+    slots = list(range(max(1, args.jobs or args.gpus)))
     running = {}
     while pending or running:
         for gpu, (name, proc, log) in list(running.items()):
@@ -116,8 +116,8 @@ def run_all(args) -> int:
                     continue
                 extra.append(f"max_minutes={left:.2f}")
             pending.remove(name)
-            g = free.pop(0)
-            running[g] = (name, *launch(out, name, g, args, extra))
+            slot = free.pop(0)
+            running[slot] = (name, *launch(out, name, slot % max(1, args.gpus), args, extra))
         time.sleep(2)
     print(summarize(str(out), "python benchmarks/run_quality.py " + " ".join(sys.argv[1:])))
     return 0
@@ -195,6 +195,8 @@ def main() -> int:
     p.add_argument("--out", required=True, help="results folder (one subfolder per run)")
     p.add_argument("--runs", default=None, help=f"comma-separated subset (default, in order: {','.join(ORDER)})")
     p.add_argument("--gpus", type=int, default=0, help="run this many runs in parallel, one GPU each (0: one at a time)")
+    p.add_argument("--jobs", type=int, default=0,
+                   help="runs at once (default --gpus); more than --gpus shares GPUs round-robin")
     p.add_argument("--steps", type=int, default=None, help=f"pretraining steps (default {EXP_STEPS}); every run scales")
     p.add_argument("--set", action="append", help="extra override for every run (KEY=VALUE, repeatable)")
     p.add_argument("--cache-dir", default=None, help="data cache folder (default ~/.cache/msa/data)")

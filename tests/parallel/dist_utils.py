@@ -21,11 +21,16 @@ def _entry(rank: int, world: int, init_file: str, fn, args) -> None:
         dist.destroy_process_group()
 
 
+def start_method() -> str:
+    """fork: the children inherit the imported modules (spawn re-imports torch and msa per rank,
+    seconds each on a small CI machine). Once the parent has used CUDA (the GPU suite), autograd's
+    device threads exist and a forked child cannot run backward, so then spawn."""
+    return "spawn" if torch.cuda.is_initialized() else "fork"
+
+
 def run_ranks(world: int, fn, *args) -> None:
     """Run fn(rank, world, *args) on `world` gloo ranks; an exception on any rank fails the caller.
     fn must be a module-level function (it is pickled into the spawned processes)."""
     with tempfile.TemporaryDirectory() as tmp:
-        # fork: the children inherit the imported modules (spawn would re-import torch and msa per rank,
-        # seconds each on a small CI machine); the tests never initialise CUDA before forking
         mp.start_processes(_entry, args=(world, os.path.join(tmp, "init"), fn, args), nprocs=world, join=True,
-                           start_method="fork")
+                           start_method=start_method())

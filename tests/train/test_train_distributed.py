@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 
 from msa.cli import main
 from msa.train.trainer import Trainer, latest_checkpoint
-from tests.parallel.dist_utils import run_ranks
+from tests.parallel.dist_utils import run_ranks, start_method
 
 from .common import one_thread, tiny_config
 
@@ -204,7 +204,7 @@ def test_cli_under_torchrun_environment(tmp_path, reference, monkeypatch, capsys
     for s in sets:
         argv += ["--set", s]
     mp.start_processes(_cli_entry, args=(2, _free_port(), argv, str(tmp_path)), nprocs=2, join=True,
-                       start_method="fork")
+                       start_method=start_method())
     assert [(tmp_path / f"rc{r}").read_text() for r in range(2)] == ["0", "0"]
     log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     _assert_same_run(log, reference["history"])
