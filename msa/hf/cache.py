@@ -89,18 +89,19 @@ class MSAHFCache(Cache):
         self._eager_decode_steps = 0
 
     @classmethod
-    def for_model(cls, model, *, max_cache_len: Optional[int] = None,
-                  index_dtype: Optional[torch.dtype] = None) -> "MSAHFCache":
+    def for_model(cls, model, *, max_cache_len: Optional[int] = None, index_dtype: Optional[torch.dtype] = None,
+                  cuda_graphs: bool = True) -> "MSAHFCache":
         """An empty cache shaped for a model converted by ``msa.hf.to_msa``."""
         from .convert import msa_settings
-        return cls.from_settings(msa_settings(model), max_cache_len=max_cache_len, index_dtype=index_dtype)
+        return cls.from_settings(msa_settings(model), max_cache_len=max_cache_len, index_dtype=index_dtype,
+                                 cuda_graphs=cuda_graphs)
 
     @classmethod
-    def from_settings(cls, s, *, max_cache_len: Optional[int] = None,
-                      index_dtype: Optional[torch.dtype] = None) -> "MSAHFCache":
+    def from_settings(cls, s, *, max_cache_len: Optional[int] = None, index_dtype: Optional[torch.dtype] = None,
+                      cuda_graphs: bool = True) -> "MSAHFCache":
         """An empty cache for the ``msa.hf.MSASettings`` s of a converted model."""
         return cls(s.num_layers, s.num_kv_heads, s.head_dim, s.index_dim if s.sparse_layers else None,
-                   max_cache_len=max_cache_len, index_dtype=index_dtype)
+                   max_cache_len=max_cache_len, index_dtype=index_dtype, cuda_graphs=cuda_graphs)
 
     # transformers API -----------------------------------------------------------------------------------
     def reset(self) -> None:

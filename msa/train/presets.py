@@ -7,9 +7,9 @@ a 12-layer, ~46M-parameter model (1 dense + 11 MSA layers), context 16K, blocks 
 - exp-dense: full attention throughout (no KL: also the dense checkpoint MSA-CPT starts from)
 - exp-msa-pt: dense warmup with the full-support KL for 20% of the steps, then sparse
 - exp-local: sparse attention over only the last 16 blocks (the same key budget, no indexer)
-- exp-msa-nowarmup / exp-msa-nodetach / exp-msa-indexrope / exp-msa-k8: ablations of exp-msa-pt
+- exp-msa-nowarmup / exp-msa-nodetach / exp-msa-noindexrope / exp-msa-k8: ablations of exp-msa-pt
   (sparse from step 0; KL teacher not detached, its gradient estimated from 1024 sampled query rows
-  per micro-batch; index RMSNorm + RoPE; top-8)
+  per micro-batch; no RMSNorm + RoPE on the index q and k; top-8)
 - exp-msa-cpt: from exp-dense's final checkpoint (phase.init_from), fresh index projections, KL
   warmup for 20% of its steps, then sparse; its steps are 20% of the pretraining's
 - exp-dense-cont: exp-dense continued densely for the same steps (the comparison for exp-msa-cpt)
@@ -93,7 +93,7 @@ PRESETS: Dict[str, Callable[[], TrainConfig]] = {
     "exp-local": _variant("exp-local", phase__kind="local", phase__kl_weight=0.0, phase__warmup_steps=0),
     "exp-msa-nowarmup": _variant("exp-msa-nowarmup", phase__warmup_steps=0),
     "exp-msa-nodetach": _variant("exp-msa-nodetach", phase__kl_detach_teacher=False, phase__teacher_grad_rows=1024),
-    "exp-msa-indexrope": _variant("exp-msa-indexrope", model__index_norm_rope=True),
+    "exp-msa-noindexrope": _variant("exp-msa-noindexrope", model__index_norm_rope=False),
     "exp-msa-k8": _variant("exp-msa-k8", model__topk_blocks=8),
     "exp-msa-cpt": _variant("exp-msa-cpt", steps=CPT_STEPS, phase__warmup_steps=CPT_STEPS // 5,
                             phase__reinit_index=True, optim__lr=3e-4, optim__warmup_steps=20,

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional
 
-ORDER = ["exp-dense", "exp-msa-pt", "exp-local", "exp-msa-nowarmup", "exp-msa-nodetach", "exp-msa-indexrope",
+ORDER = ["exp-dense", "exp-msa-pt", "exp-local", "exp-msa-nowarmup", "exp-msa-nodetach", "exp-msa-noindexrope",
          "exp-msa-k8", "exp-dense-cont", "exp-msa-cpt"]
 
 

@@ -178,7 +178,9 @@ def test_cpt_starts_from_a_dense_checkpoint(tmp_path):
     t = Trainer(cpt, str(tmp_path / "cpt"), progress=False)
     d_state = torch.load(sorted((tmp_path / "dense" / "checkpoints").glob("*.pt"))[-1], weights_only=False)["model"]
     for n, p in t.model.state_dict().items():
-        if "_idx_" in n:
+        if "_idx_norm" in n:
+            assert torch.equal(p, torch.zeros_like(p)), n  # identity index norms ((1 + w) scaling)
+        elif "_idx_" in n:
             assert not torch.equal(p, d_state[n]), n      # fresh index projections
         else:
             assert torch.equal(p, d_state[n]), n

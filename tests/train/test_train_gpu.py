@@ -51,7 +51,7 @@ def test_gpu_run_learns_and_evaluates(tmp_path):
 
 
 @pytest.mark.parametrize("variant", [["phase.kind=local", "phase.kl_weight=0"], ["phase.kl_detach_teacher=false"],
-                                     ["model.index_norm_rope=true"], ["phase.kind=dense", "phase.kl_weight=0"]])
+                                     ["model.index_norm_rope=false"], ["phase.kind=dense", "phase.kl_weight=0"]])
 def test_gpu_variants_run(tmp_path, variant):
     tr = Trainer(_cfg("steps=10", "eval.every=0", "eval.final=false", "phase.warmup_steps=4", *variant),
                  str(tmp_path / "v"), progress=False)
