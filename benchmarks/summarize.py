@@ -119,6 +119,62 @@ def train(folder, gpu="h200"):
     return out, [_meta(d)]
 
 
+def product(folder):
+    """What a user calls: the layer, the model's training step, generate(), a converted HF model."""
+    lines, metas = [], []
+    d = _load(folder, "layer_h200.json")
+    if d:
+        lines += ["| T | layer sparse step ms | projections | sparse attention part | ops alone | part / ops | "
+                  "warmup attention part | dense SDPA fwd+bwd | warmup / dense | sparse vs dense |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in d["layer"]:
+            lines.append(f"| {r['T'] // 1024}K | {_ms(r['layer_sparse_ms'], 1)} | {_ms(r['projections_ms'], 1)} | "
+                         f"{_ms(r['layer_sparse_attn_ms'], 1)} | {_ms(r['ops_sparse_ms'], 1)} | "
+                         f"{r['sparse_attn_vs_ops']:.3f} | {_ms(r['layer_warmup_attn_ms'], 1)} | "
+                         f"{_ms(r['dense_sdpa_ms'], 1)} | {r['warmup_attn_vs_dense']:.3f}x | "
+                         f"**{r['sparse_speedup_vs_dense']:.2f}x** |")
+        m = d["model"]
+        lines += ["", f"4-layer model (hidden 2048), T = {m['T'] // 1024}K, training step: sparse "
+                  f"{_ms(m['sparse_step_ms'], 1)} ms ({m['sparse_tokens_per_s']:,.0f} tok/s), "
+                  f"`torch.compile(fullgraph=True)` {_ms(m['sparse_compiled_step_ms'], 1)} ms "
+                  f"(loss differs by {m['compile_loss_abs_diff']:.1e}), warmup {_ms(m['warmup_step_ms'], 1)} ms, "
+                  f"all layers dense {_ms(m['all_dense_step_ms'], 1)} ms.", ""]
+        metas.append(_meta(d))
+    d = _load(folder, "generate_h200.json")
+    if d:
+        c = d["config"]
+        lines += [f"`generate()`, {c['layers']}-layer model (hidden {c['hidden']}, {c['heads']}/{c['kv_heads']} heads, "
+                  f"d {c['head_dim']}), batch {c['batch']}, {c['new_tokens']} new tokens; greedy tokens of the "
+                  f"captured step equal the uncaptured ones: {d['gate']}", "",
+                  "| context | layers | ms / token | GPU ms / step | host share | eager ms / token | speedup |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in d["rows"]:
+            sp = d["speedup"].get(str(r["context"])) if r["kind"] == "msa" else None
+            lines.append(f"| {r['context'] // 1024}K | {r['kind']} | {_ms(r['generate_ms_per_token'], 3)} | "
+                         f"{_ms(r['gpu_ms_per_step'], 3)} | {100 * r['host_overhead']:.1f}% | "
+                         f"{_ms(r['eager_ms_per_token'], 3)} | {'**%.2fx**' % sp if sp else ''} |")
+        lines.append("")
+        metas.append(_meta(d))
+    d = _load(folder, "hf_h200.json")
+    if d:
+        m = d["model"]
+        lines += [f"transformers {d.get('transformers')}: a {m['params'] / 1e9:.2f}B Llama ({m['layers']} layers, hidden "
+                  f"{m['hidden']}, {m['heads']}/{m['kv_heads']} heads) converted by `msa.hf.to_msa`, bf16, batch 1, "
+                  f"{d['new_tokens']} new tokens; beside the same model with transformers' own sdpa attention and "
+                  "`generate()` (DynamicCache, eager steps: transformers' defaults).", "",
+                  "| context | prefill sdpa ms (attention) | prefill MSA ms (attention) | speedup | decode sdpa ms/token "
+                  "| decode MSA ms/token | speedup | MSA without CUDA graphs |", "|---|---|---|---|---|---|---|---|"]
+        for r in d["results"]:
+            a, b = r["sdpa"], r["msa"]
+            lines.append(f"| {r['context'] // 1024}K | {_ms(a['prefill_forward_ms'], 1)} ({_ms(a['prefill_attention_ms'], 1)}) | "
+                         f"{_ms(b['prefill_forward_ms'], 1)} ({_ms(b['prefill_attention_ms'], 1)}) | "
+                         f"**{r['prefill_speedup']:.2f}x** | {_ms(a['decode_ms_per_token'])} | "
+                         f"{_ms(b['decode_ms_per_token'])} | **{r['decode_speedup']:.1f}x** | "
+                         f"{_ms(r.get('msa_eager_decode_ms_per_token'))} |")
+        metas.append(_meta(d))
+    return lines, metas
+
+
 def plot_prefill(folder, path):
     """One picture of every prefill size in the committed JSON: time per stage and the speedup."""
     import matplotlib
@@ -169,7 +225,7 @@ def main():
     args = ap.parse_args()
     if args.plot:
         plot_prefill(args.results, args.plot)
-    for title, fn in (("Prefill", prefill), ("Top-k and indexer", topk), ("Decode", decode), ("Training", train),
+    for title, fn in (("Prefill", prefill), ("Top-k and indexer", topk), ("Decode", decode), ("Training", train), ("The product path", product),
                       ("Decode, H100", lambda f: decode(f, "h100")), ("Training, H100", lambda f: train(f, "h100"))):
         lines, metas = fn(args.results)
         if not lines:

@@ -38,7 +38,7 @@ from msa.ops.select_blocks.triton_impl import block_scores_triton, select_blocks
 # the module object (msa.ops re-exports a function named select_blocks, which shadows the package path)
 sb_impl = sys.modules["msa.ops.select_blocks.triton_impl"]
 from msa.ops.topk import block_topk  # noqa: E402
-from msa.ops.topk.triton_kernel import launch_block_topk  # noqa: E402
+from msa.ops.topk.triton_kernels import launch_block_topk  # noqa: E402
 
 H_KV, D_IDX, BS, K = 4, 128, 128, 16
 

@@ -13,7 +13,7 @@ import torch  # noqa: E402
 
 from msa.ops.select_blocks.reference import select_from_scores  # noqa: E402
 from msa.ops.topk import block_topk, block_topk_reference  # noqa: E402
-from msa.ops.topk.triton_kernel import launch_block_topk  # noqa: E402
+from msa.ops.topk.triton_kernels import launch_block_topk  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 POISON = -7

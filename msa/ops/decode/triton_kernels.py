@@ -41,6 +41,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from ..topk.triton_kernels import pack_score_id, topk_packed, topk_packed_rows, unpack_id
+
 LOG2E = 1.4426950408889634
 
 
@@ -175,17 +177,13 @@ def decode_index_fwd_kernel(
         forced = ((cols[None, :] < INIT) | (cols[None, :] > local[:, None] - LOCALB)) & vis
         x = tl.where(forced, float("inf"), acc)
         # -inf (no visible token: cannot happen for a visible block) stays out of the selection
-        p = tl.where(vis & (x > float("-inf")), _pack(x, cols[None, :]), EMPTY)
+        p = tl.where(vis & (x > float("-inf")), pack_score_id(x, cols[None, :]), EMPTY)
         cbase = ((b * T * H + rows).to(tl.int64) * NSPLIT + sp) * C_PAD
         kr = tl.arange(0, C_PAD)
         if P_PAD <= C_PAD:
             tl.store(out_ptr + cbase[:, None] + kr[None, :], p, mask=rmask[:, None])
         else:
-            sel = tl.full((ROWS, C_PAD), EMPTY, tl.int64)
-            for kk2 in tl.static_range(TOPK):
-                mx = tl.max(p, axis=1)
-                sel = tl.where(kr[None, :] == kk2, mx[:, None], sel)
-                p = tl.where(p == mx[:, None], EMPTY, p)   # packed keys are unique (ids differ)
+            sel = topk_packed_rows(p, ROWS, TOPK, C_PAD)
             tl.store(out_ptr + cbase[:, None] + kr[None, :], sel, mask=rmask[:, None])
 
 
@@ -201,45 +199,11 @@ def _order_selection(ids, valid, local, K_PAD: tl.constexpr):
 
 
 @triton.jit
-def _pack(x, ids):
-    """(score fp32, block id >= 0) -> int64 whose integer order is (score, then LOWER id) order, so
-    one max reduction is an argmax with the lowest-id tie break. Float bits are made monotone by
-    flipping the magnitude bits of negative values; -inf packs above EMPTY (int64 min)."""
-    bits = x.to(tl.int32, bitcast=True)
-    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    return (key.to(tl.int64) << 32) | (2147483647 - ids).to(tl.int64)
-
-
-@triton.jit
-def _unpack_id(p):
-    low = p - ((p >> 32) << 32)                   # the low 32 bits (arithmetic shifts)
-    return (2147483647 - low).to(tl.int32)
-
-
-@triton.jit
-def _topk_packed(x, TOPK: tl.constexpr, K_PAD: tl.constexpr, BITONIC: tl.constexpr = True):
-    """The TOPK largest of the packed keys x (1-D), as a (K_PAD,) vector (EMPTY beyond)."""
-    EMPTY: tl.constexpr = -9223372036854775808
-    kr = tl.arange(0, K_PAD)
-    if BITONIC and x.shape[0] >= K_PAD and x.shape[0] <= 1024:
-        # bitonic top-k (log-depth compare-exchange stages) instead of TOPK dependent max reductions.
-        # H200, batch 1: 128K fused chain 30.0 -> 28.8 us, 1M legacy 90.5 -> 89.4 us (bf16 keys); the
-        # fused attention's 4096 candidates at 1M were slower (96.8 -> 120.2 us): reductions above 1024
-        return tl.where(kr < TOPK, tl.topk(x, K_PAD), EMPTY)
-    sel = tl.full((K_PAD,), EMPTY, tl.int64)
-    for kk in tl.static_range(TOPK):
-        mx = tl.max(x, axis=0)
-        sel = tl.where(kr == kk, mx, sel)
-        x = tl.where(x == mx, EMPTY, x)            # packed keys are unique (ids differ)
-    return sel
-
-
-@triton.jit
 def _select_from_candidates(x, local, TOPK: tl.constexpr, K_PAD: tl.constexpr, BITONIC: tl.constexpr = True):
     """Final selection (K_PAD,) int32 in the index convention from packed candidates x (1-D)."""
     EMPTY: tl.constexpr = -9223372036854775808
-    sel = _topk_packed(x, TOPK, K_PAD, BITONIC)
-    return _order_selection(_unpack_id(sel), sel != EMPTY, local, K_PAD)
+    sel = topk_packed(x, TOPK, K_PAD, BITONIC)
+    return _order_selection(unpack_id(sel), sel != EMPTY, local, K_PAD)
 
 
 @triton.jit
@@ -270,11 +234,11 @@ def decode_topk_fwd_kernel(
     forced = ((cols < INIT) | (cols > local - LOCALB)) & vis
     x = tl.where(forced, float("inf"), x)
     # -inf scores (no visible token: cannot happen for a visible block) stay out of the selection
-    p = tl.where(vis & (x > float("-inf")), _pack(x, cols), EMPTY)
-    sel = _topk_packed(p, TOPK, K_PAD, BITONIC)
+    p = tl.where(vis & (x > float("-inf")), pack_score_id(x, cols), EMPTY)
+    sel = topk_packed(p, TOPK, K_PAD, BITONIC)
     kr = tl.arange(0, K_PAD)
     if FINAL:
-        out = _order_selection(_unpack_id(sel), sel != EMPTY, local, K_PAD)
+        out = _order_selection(unpack_id(sel), sel != EMPTY, local, K_PAD)
         tl.store(out_ptr + row.to(tl.int64) * TOPK + kr, out, mask=kr < TOPK)
     else:
         tl.store(cand_ptr + (row.to(tl.int64) * NC + c) * K_PAD + kr, sel)

@@ -4,7 +4,7 @@ Pipeline per query chunk (spec section 4, "chunk queries under a memory budget")
   1. ``index_scores_fwd_kernel`` (triton_kernels.py): fused token score -> causal block max, one GEMM
      row per (query, group), only key blocks up to each tile's last local block; writes a bounded fp32
      (chunk_tokens * H_kv, width) block-score buffer, width = 1 + the chunk's largest local block.
-  2. ``block_topk_fwd_kernel`` (msa/ops/topk/triton_kernel.py): exp-free top-k with forcing (local,
+  2. ``block_topk_fwd_kernel`` (msa/ops/topk/triton_kernels.py): exp-free top-k with forcing (local,
      local_blocks, init_blocks -> +inf), causal exclusion (b > local) and the index convention written
      directly (local block in the last valid slot, -1 padding).
 The buffer never exceeds ``budget_bytes`` (default 2 GiB): T = 1M, H_kv = 4, B_k = 128 (8192 blocks)
@@ -21,7 +21,7 @@ import triton
 from ..utils.triton_helpers import interpreting, next_pow2, num_sms
 
 from ..common import cu_seqlens_host
-from ..topk.triton_kernel import launch_block_topk
+from ..topk.triton_kernels import launch_block_topk
 from .triton_kernels import index_scores_fwd_kernel
 
 DEFAULT_BUDGET_BYTES = 2 << 30

@@ -32,7 +32,7 @@ def block_topk(scores: torch.Tensor, topk: int, *, backend: str = "auto") -> tor
     check_backend(backend)
     impl = resolve_backend(backend, [scores])
     if impl == "triton":
-        from .triton_kernel import launch_block_topk
+        from .triton_kernels import launch_block_topk
         x = scores if scores.stride(1) == 1 else scores.contiguous()
         out = torch.empty(scores.shape[0], topk, dtype=torch.int32, device=scores.device)
         launch_block_topk(x, out, topk)
