@@ -276,9 +276,8 @@ def topk_packed(x, TOPK: tl.constexpr, K_PAD: tl.constexpr, BITONIC: tl.constexp
     EMPTY: tl.constexpr = -9223372036854775808
     kr = tl.arange(0, K_PAD)
     if BITONIC and x.shape[0] >= K_PAD and x.shape[0] <= 1024:
-        # bitonic top-k (log-depth compare-exchange stages) instead of TOPK dependent max reductions.
-        # H200, batch 1: 128K fused chain 30.0 -> 28.8 us, 1M legacy 90.5 -> 89.4 us (bf16 keys); the
-        # fused attention's 4096 candidates at 1M were slower (96.8 -> 120.2 us): reductions above 1024
+        # bitonic top-k (log-depth compare-exchange stages) instead of TOPK dependent max reductions; above
+        # 1024 entries the reductions are faster (docs/perf-notes.md, decode top-k)
         return tl.where(kr < TOPK, tl.topk(x, K_PAD), EMPTY)
     sel = tl.full((K_PAD,), EMPTY, tl.int64)
     for kk in tl.static_range(TOPK):
