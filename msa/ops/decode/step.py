@@ -8,11 +8,8 @@ from typing import Optional, Tuple
 import torch
 import triton
 
+from ..utils.triton_helpers import next_pow2
 from . import step_kernels as sk
-
-
-def _pow2(x: int) -> int:
-    return 1 << max(0, (max(1, x) - 1).bit_length())
 
 
 def add_rmsnorm(x: torch.Tensor, h: Optional[torch.Tensor], weight: torch.Tensor, eps: float,
@@ -25,7 +22,7 @@ def add_rmsnorm(x: torch.Tensor, h: Optional[torch.Tensor], weight: torch.Tensor
     y = torch.empty_like(x)
     sk.add_rmsnorm_kernel[(x.numel() // n,)](x, x if h is None else h, weight, xo, y, n, float(eps),
                                              HAS_H=h is not None, UNIT_OFFSET=bool(unit_offset),
-                                             BLOCK=max(16, _pow2(n)), num_warps=4 if n <= 4096 else 8)
+                                             BLOCK=max(16, next_pow2(n)), num_warps=4 if n <= 4096 else 8)
     return xo, y
 
 
@@ -33,7 +30,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up (..., 2 I) contiguous -> silu(gate_up[..., :I]) * gate_up[..., I:] (..., I) in its dtype."""
     n = gate_up.shape[-1] // 2
     out = torch.empty(*gate_up.shape[:-1], n, dtype=gate_up.dtype, device=gate_up.device)
-    block = min(1024, max(16, _pow2(n)))
+    block = min(1024, max(16, next_pow2(n)))
     sk.silu_mul_kernel[(gate_up.numel() // (2 * n), triton.cdiv(n, block))](gate_up, out, n, BLOCK=block, num_warps=4)
     return out
 
@@ -62,5 +59,5 @@ def rope_append(proj: torch.Tensor, cache, layer_idx: int, q_out: torch.Tensor, 
         t, ntot, max(1, cache.rows_per_seq), cache.page_table.shape[1] if cache.paged else 0,
         num_heads, hkv, head_dim, index_dim or 1,
         HALF=half, PAGE=cache.page_size or 1, PAGED=cache.paged, HAS_INDEX=has_index, FP8=fp8,
-        HQ_PAD=_pow2(num_heads), HKV_PAD=_pow2(hkv), D_PAD=max(16, _pow2(head_dim)),
-        DI_PAD=max(16, _pow2(index_dim or 1)), num_warps=4)
+        HQ_PAD=next_pow2(num_heads), HKV_PAD=next_pow2(hkv), D_PAD=max(16, next_pow2(head_dim)),
+        DI_PAD=max(16, next_pow2(index_dim or 1)), num_warps=4)
