@@ -92,12 +92,12 @@ def run_all(args) -> int:
     slots = list(range(max(1, args.jobs or args.gpus)))
     running = {}
     while pending or running:
-        for gpu, (name, proc, log) in list(running.items()):
+        for slot, (name, proc, log) in list(running.items()):
             if proc.poll() is not None:
                 log.close()
                 print(f"[{time.strftime('%H:%M:%S')}] {name} exited {proc.returncode}: {status(out, name)}", flush=True)
-                del running[gpu]
-        free = [g for g in slots if g not in running]
+                del running[slot]
+        free = [s for s in slots if s not in running]
         for name in list(pending):
             if not free:
                 break
@@ -194,7 +194,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="results folder (one subfolder per run)")
     p.add_argument("--runs", default=None, help=f"comma-separated subset (default, in order: {','.join(ORDER)})")
-    p.add_argument("--gpus", type=int, default=0, help="run this many runs in parallel, one GPU each (0: one at a time)")
+    p.add_argument("--gpus", type=int, default=0, help="GPUs to use: runs are pinned to them round-robin (0: no pinning, one run at a time unless --jobs)")
     p.add_argument("--jobs", type=int, default=0,
                    help="runs at once (default --gpus); more than --gpus shares GPUs round-robin")
     p.add_argument("--steps", type=int, default=None, help=f"pretraining steps (default {EXP_STEPS}); every run scales")
@@ -208,6 +208,8 @@ def main() -> int:
     p.add_argument("--summarize", action="store_true", help="only write quality.md / quality.json / compare.png")
     p.add_argument("--export", default=None, help="afterwards, copy the results (no checkpoints) to this folder")
     args = p.parse_args()
+    if args.gpus < 0 or args.jobs < 0:
+        p.error(f"--gpus and --jobs must be >= 0, got --gpus {args.gpus} --jobs {args.jobs}")
     if args.summarize:
         print(summarize(args.out, "python benchmarks/run_quality.py " + " ".join(sys.argv[1:])))
         rc = 0

@@ -154,6 +154,21 @@ def test_one_plan_per_kind_per_generation_triton_interpreter(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(sess.tokens(), ref))
 
 
+
+def _lockstep(sessions, steps, same_tokens=False):
+    """Prefill two GenerationSessions, then step them together, yielding (a, b) after each step;
+    same_tokens: b continues from a's sampled tokens (bf16 roundings may change an argmax)."""
+    a, b = sessions
+    with torch.no_grad():
+        a.prefill()
+        b.prefill()
+        for _ in range(steps):
+            a.step()
+            b.step()
+            if same_tokens:
+                b.tok.copy_(a.tok)
+            yield a, b
+
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("num_dense_layers", [0, 1])
 def test_cuda_graph_greedy_equals_uncaptured(monkeypatch, num_dense_layers):
@@ -178,15 +193,8 @@ def test_cuda_graph_greedy_equals_uncaptured(monkeypatch, num_dense_layers):
     # the fused step on the GPU (bf16) against the module step: same logits up to bf16 roundings
     sessions = [GenerationSession(model, prompts, 6, cuda_graph=g, fused_step=f) for g, f in ((True, None), (False, False))]
     assert sessions[0].fused is not None
-    with torch.no_grad():
-        for s in sessions:
-            s.prefill()
-        for _ in range(4):
-            for s in sessions:
-                s.step()
-                s.tok.copy_(sessions[0].tok)  # both continue from the same tokens
-            a, b = sessions[0].logits, sessions[1].logits
-            assert (a - b).abs().max() <= 0.03 * b.abs().max(), float((a - b).abs().max())
+    for a, b in _lockstep(sessions, 4, same_tokens=True):
+        assert (a.logits - b.logits).abs().max() <= 0.03 * b.logits.abs().max(), float((a.logits - b.logits).abs().max())
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
@@ -219,13 +227,8 @@ def test_fused_step_equals_module_step(num_dense_layers, mode):
     prompts = ragged_prompts([40, 21], 64, seed=14, device=dev)
     sessions = [GenerationSession(model, prompts, 4, cuda_graph=False, fused_step=f) for f in (True, False)]
     assert sessions[0].fused is not None and sessions[1].fused is None
-    with torch.no_grad():
-        for s in sessions:
-            s.prefill()
-        for _ in range(3):
-            for s in sessions:
-                s.step()
-            torch.testing.assert_close(sessions[0].logits, sessions[1].logits, rtol=0, atol=1e-4)
-            assert torch.equal(sessions[0].out, sessions[1].out)
-            for li in range(2):
-                assert torch.equal(sessions[0].cache.lengths_dev[li], sessions[1].cache.lengths_dev[li])
+    for a, b in _lockstep(sessions, 3):
+        torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-4)
+        assert torch.equal(a.out, b.out)
+        for li in range(2):
+            assert torch.equal(a.cache.lengths_dev[li], b.cache.lengths_dev[li])
