@@ -21,13 +21,17 @@ def indexer_recall(q: torch.Tensor, k: torch.Tensor, block_indices: torch.Tensor
                    scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None) -> Dict[str, float]:
     """q (B, T, H_q, D), k (B, T, H_kv, D), block_indices int32 (B, T, H_kv, topk).
 
-    Returns {"block_recall", "score_recall", "queries"} averaged over (query, group) pairs that see
-    more than topk blocks ("queries" counts those pairs; 0 means nothing to measure and recalls of 1)."""
+    Returns {"block_recall", "score_recall", "selected_mass", "teacher_entropy", "queries"} averaged
+    over (query, group) pairs that see more than topk blocks ("queries" counts those pairs; 0 means
+    nothing to measure and recalls of 1). selected_mass: the share of the group-averaged causal
+    attention that falls in the selected blocks (what the sparse main branch keeps; score_recall divides
+    it by the best top-k's share). teacher_entropy: the entropy in nats of that attention over the keys,
+    which falls as the main branch sharpens (the sparse-phase KL can rise for that reason alone)."""
     bsz, t, hq, d = q.shape
     hkv, topk = k.shape[2], block_indices.shape[-1]
     g = hq // hkv
     scale = default_scale(scale, d)
-    br_sum = sr_sum = 0.0
+    br_sum = sr_sum = sm_sum = ent_sum = 0.0
     count = 0
     for b, s, e in sequence_spans(bsz, t, cu_seqlens):
         n = e - s
@@ -54,9 +58,14 @@ def indexer_recall(q: torch.Tensor, k: torch.Tensor, block_indices: torch.Tensor
             both = star & sel
             br = both.sum(-1).float() / star.sum(-1).float()
             sr = (mass * both).sum(-1) / (mass * star).sum(-1)
+            sm = (mass * sel).sum(-1)
+            ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
             br_sum += float(br[keep].sum())
             sr_sum += float(sr[keep].sum())
+            sm_sum += float(sm[keep].sum())
+            ent_sum += float(ent[keep].sum())
             count += int(keep.sum()) * hkv
     if count == 0:
-        return {"block_recall": 1.0, "score_recall": 1.0, "queries": 0}
-    return {"block_recall": br_sum / count, "score_recall": sr_sum / count, "queries": count}
+        return {"block_recall": 1.0, "score_recall": 1.0, "selected_mass": 1.0, "teacher_entropy": 0.0, "queries": 0}
+    return {"block_recall": br_sum / count, "score_recall": sr_sum / count, "selected_mass": sm_sum / count,
+            "teacher_entropy": ent_sum / count, "queries": count}

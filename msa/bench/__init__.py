@@ -13,6 +13,7 @@ BENCHES = {
     "topk": "exp-free top-k and the full indexer vs torch.topk",
     "generate": "generate() ms per token after 32K / 128K prompts (CUDA graph), MSA vs an all-dense twin",
     "hf": "a converted ~1B Llama-shaped transformers model: prefill and generate() with MSA vs sdpa",
+    "selections": "record a trained model's block selections (replayed by prefill/train --indices realistic)",
     "layer": "the MSAAttention layer and a 4-layer model's training step (what users call) vs ops and dense",
 }
 

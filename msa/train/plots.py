@@ -40,6 +40,10 @@ def plot_run(history: List[Dict], final: Optional[Dict], path: Path, *, title: s
     if rec:
         ax2.plot([r["step"] for r in rec], [r["block_recall"] for r in rec], "g--o", ms=3, label="block recall")
         ax2.plot([r["step"] for r in rec], [r["score_recall"] for r in rec], "m--o", ms=3, label="score recall")
+        sm = [r for r in rec if "selected_mass" in r]
+        if sm:
+            ax2.plot([r["step"] for r in sm], [r["selected_mass"] for r in sm], "c--o", ms=3,
+                     label="attention mass selected")
         ax2.set_ylim(0, 1.02)
         ax2.legend(loc="lower right", fontsize=7)
     a = ax[1, 0]

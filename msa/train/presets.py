@@ -10,6 +10,8 @@ a 12-layer, ~46M-parameter model (1 dense + 11 MSA layers), context 16K, blocks 
 - exp-msa-nowarmup / exp-msa-nodetach / exp-msa-noindexrope / exp-msa-k8: ablations of exp-msa-pt
   (sparse from step 0; KL teacher not detached, its gradient estimated from 1024 sampled query rows
   per micro-batch; no RMSNorm + RoPE on the index q and k; top-8)
+- exp-msa-indexlr / exp-msa-sink / exp-msa-idx128: recipe levers for the index (index learning rate
+  5e-3 instead of 1e-3; the first block always selected, init_blocks=1; index_dim 128 instead of 64)
 - exp-msa-cpt: from exp-dense's final checkpoint (phase.init_from), fresh index projections, KL
   warmup for 20% of its steps, then sparse; its steps are 20% of the pretraining's
 - exp-dense-cont: exp-dense continued densely for the same steps (the comparison for exp-msa-cpt)
@@ -95,6 +97,9 @@ PRESETS: Dict[str, Callable[[], TrainConfig]] = {
     "exp-msa-nodetach": _variant("exp-msa-nodetach", phase__kl_detach_teacher=False, phase__teacher_grad_rows=1024),
     "exp-msa-noindexrope": _variant("exp-msa-noindexrope", model__index_norm_rope=False),
     "exp-msa-k8": _variant("exp-msa-k8", model__topk_blocks=8),
+    "exp-msa-indexlr": _variant("exp-msa-indexlr", optim__index_lr=5e-3),
+    "exp-msa-sink": _variant("exp-msa-sink", model__init_blocks=1),
+    "exp-msa-idx128": _variant("exp-msa-idx128", model__index_dim=128),
     "exp-msa-cpt": _variant("exp-msa-cpt", steps=CPT_STEPS, phase__warmup_steps=CPT_STEPS // 5,
                             phase__reinit_index=True, optim__lr=3e-4, optim__warmup_steps=20,
                             optim__index_lr=1e-3, checkpoint_every=100, eval__every=80),

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 ORDER = ["exp-dense", "exp-msa-pt", "exp-local", "exp-msa-nowarmup", "exp-msa-nodetach", "exp-msa-noindexrope",
-         "exp-msa-k8", "exp-dense-cont", "exp-msa-cpt"]
+         "exp-msa-k8", "exp-msa-indexlr", "exp-msa-sink", "exp-msa-idx128", "exp-dense-cont", "exp-msa-cpt"]
 
 
 def load_runs(root: str) -> Dict[str, Dict]:
@@ -63,6 +63,7 @@ def rows(runs: Dict[str, Dict]) -> List[Dict]:
             "test_loss_ge4k": loss_beyond(fin, 4096),
             "retrieval_8k_16k": retrieval_at(fin, [8192, 16384]), "retrieval_all": (fin or {}).get("retrieval", {}).get("mean"),
             "block_recall": s.get("block_recall"), "score_recall": s.get("score_recall"),
+            "selected_mass": s.get("selected_mass"), "teacher_entropy": s.get("teacher_entropy"),
             "kl_sparse_first": s.get("sparse_kl_first_quarter"), "kl_sparse_last": s.get("sparse_kl_last_quarter"),
             "train_min": s.get("train_seconds", 0) / 60})
     return out
@@ -124,8 +125,9 @@ def targets(rs: List[Dict]) -> List[str]:
 
 def markdown(rs: List[Dict], command: str = "") -> str:
     head = ("| run | kind | steps | tokens (M) | params (M) | val loss | test loss < 4K | test loss >= 4K | "
-            "retrieval 8K-16K | retrieval all | block recall | score recall | sparse KL first -> last | train min |")
-    sep = "|" + "---|" * 14
+            "retrieval 8K-16K | retrieval all | block recall | score recall | selected mass | teacher entropy | "
+            "sparse KL first -> last | train min |")
+    sep = "|" + "---|" * 16
     lines = [head, sep]
     for x in rs:
         kl = "-" if x["kl_sparse_first"] is None else f"{x['kl_sparse_first']:.3g} -> {x['kl_sparse_last']:.3g}"
@@ -133,7 +135,8 @@ def markdown(rs: List[Dict], command: str = "") -> str:
                      f"{x['steps']} | {x['tokens_M']:.1f} | {x['params_M']:.1f} | {_f(x['val_loss'])} | "
                      f"{_f(x['test_loss_lt4k'])} | {_f(x['test_loss_ge4k'])} | {_f(x['retrieval_8k_16k'], '{:.3f}')} | "
                      f"{_f(x['retrieval_all'], '{:.3f}')} | {_f(x['block_recall'], '{:.3f}')} | "
-                     f"{_f(x['score_recall'], '{:.3f}')} | {kl} | {x['train_min']:.1f} |")
+                     f"{_f(x['score_recall'], '{:.3f}')} | {_f(x.get('selected_mass'), '{:.3f}')} | "
+                     f"{_f(x.get('teacher_entropy'), '{:.2f}')} | {kl} | {x['train_min']:.1f} |")
     t = targets(rs)
     if t:
         lines += ["", "Targets:", ""] + [f"- {x}" for x in t]

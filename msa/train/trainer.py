@@ -769,7 +769,8 @@ class Trainer:
              "kind": self.cfg.phase.kind, "warmup_steps": self.cfg.phase.warmup_steps,
              "seq_len": self.cfg.data.seq_len, "block_size": self.cfg.model.block_size,
              "topk_blocks": self.cfg.model.topk_blocks, "device": str(self.device)}
-        for k in ("val_lm_loss", "val_kl", "block_recall", "score_recall", "val_layer_kl",
+        for k in ("val_lm_loss", "val_kl", "block_recall", "score_recall", "selected_mass", "teacher_entropy",
+                  "val_layer_kl",
                   "layer_block_recall", "layer_score_recall"):
             if k in last:
                 s[k] = last[k]

@@ -1,0 +1,122 @@
+"""Selections of a trained MSA model, recorded once and replayed by the benchmarks.
+
+Random index inputs make consecutive tokens pick unrelated blocks; a trained index does not: the
+tokens of one block mostly agree, which is what query-tiled kernels exploit. ``record`` runs a model
+trained with ``msa train`` over one validation window and stores the blocks every MSA layer selected
+(int16, compressed: ``benchmarks/data/selections_*.npz``); ``realistic_indices`` replays them at any
+length and GQA group count; ``union_blocks`` measures how much consecutive tokens share.
+
+    msa bench selections --run out/quality/exp-msa-pt --out benchmarks/data/selections_exp-msa-pt.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+DEFAULT_FILE = Path(__file__).resolve().parent / "data" / "selections_exp-msa-pt.npz"
+
+
+@torch.no_grad()
+def record(run_dir: str, out_file: str, *, device: str = "cuda", window: int = 0) -> Dict[str, object]:
+    """Selections of every MSA layer of the last checkpoint of ``run_dir`` (sparse mode) on validation
+    window ``window`` (one document piece of the full context when there is one). Writes ``out_file``
+    (npz: ``sel`` int16 (L, T, H_kv, topk), ``layers``, ``meta`` JSON) and returns the meta dict."""
+    from ..evals.capture import capture_msa_layers
+    from ..train.trainer import build_data, build_model, config_from_run, latest_checkpoint, load_full_model_state
+
+    cfg = config_from_run(run_dir)
+    dev = torch.device(device)
+    data = build_data(cfg, dev, log=lambda *a, **k: None)
+    model = build_model(cfg, data.corpus.tokenizer.vocab_size, dev)
+    ck = latest_checkpoint(Path(run_dir))
+    if ck is None:
+        raise ValueError(f"--run {run_dir!r}: no checkpoint under it")
+    model.load_state_dict(load_full_model_state(ck))
+    model.set_mode("sparse")
+    model.eval()
+    wins = data.val_windows
+    whole = [w for w in range(len(wins)) if len(wins.pieces(w)[0]) == 1]
+    if not whole:
+        raise ValueError(f"{run_dir}: no validation window is one document piece")
+    w = whole[window % len(whole)]
+    s, ln = (int(x[0]) for x in wins.pieces(w))
+    ids = torch.from_numpy(data.corpus.splits["val"].tokens[s:s + ln].astype(np.int64)).view(1, -1).to(dev)
+    with capture_msa_layers(model, keep_input=False) as recs, torch.autocast(dev.type, torch.bfloat16,
+                                                                              enabled=dev.type == "cuda"):
+        model(ids, compute_kl=False)
+    sels = [(r.layer, r.block_indices[0].to(torch.int16).cpu().numpy()) for r in recs if r.block_indices is not None]
+    meta = {"run": str(run_dir), "checkpoint": ck.name, "seq_len": int(ln), "block_size": cfg.model.block_size,
+            "topk_blocks": cfg.model.topk_blocks, "num_kv_heads": cfg.model.num_kv_heads,
+            "index_norm_rope": cfg.model.index_norm_rope, "window": int(w)}
+    Path(out_file).parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out_file, sel=np.stack([x for _, x in sels]), layers=np.array([i for i, _ in sels]),
+                        meta=np.array(json.dumps(meta)))
+    return meta
+
+
+def load(path: Optional[str] = None):
+    """(sel int16 (L, T, H_kv, topk), meta dict) of a recorded file (default: the committed one)."""
+    z = np.load(path or DEFAULT_FILE)
+    return z["sel"], json.loads(str(z["meta"]))
+
+
+def realistic_indices(t: int, num_kv_heads: int, topk: int, block_size: int, device, *,
+                      path: Optional[str] = None) -> torch.Tensor:
+    """int32 (1, t, num_kv_heads, topk) block ids replayed from a recorded file (same block_size and
+    topk). Group r of the result is (layer, group) pair r of the recording, cycled. Token i < T_rec
+    takes the recorded row of token i; a later token takes the row of a recorded token j in the last
+    half of the window with the same offset in its block (consecutive tokens map to consecutive
+    recorded tokens), as block distances from its own block: so every length keeps the recording's
+    agreement between neighbours and its reach into the past (at most T_rec tokens back)."""
+    sel, meta = load(path)
+    if meta["block_size"] != block_size or meta["topk_blocks"] != topk:
+        raise ValueError(f"the recording has block_size={meta['block_size']}, topk={meta['topk_blocks']}; "
+                         f"asked for block_size={block_size}, topk={topk}")
+    n_layers, t_rec, hkv_rec, _ = sel.shape
+    pairs = [(i, r) for i in range(n_layers) for r in range(hkv_rec)]
+    src = torch.from_numpy(np.stack([sel[pairs[g % len(pairs)][0], :, pairs[g % len(pairs)][1]]
+                                     for g in range(num_kv_heads)], 1).astype(np.int64))  # (t_rec, H, k)
+    pos = torch.arange(t)
+    half = (t_rec // 2) // block_size * block_size
+    span = max(block_size, (t_rec - half) // block_size * block_size)
+    j = torch.where(pos < t_rec, pos, half + (pos - t_rec) % span)
+    rows = src[j]  # (t, H, k)
+    shift = (pos // block_size - j // block_size).view(t, 1, 1)
+    out = torch.where(rows >= 0, rows + shift, rows)
+    return out.to(torch.int32).unsqueeze(0).to(device)
+
+
+def union_blocks(block_indices: torch.Tensor, tile_tokens: int) -> float:
+    """Mean number of distinct blocks selected by tiles of ``tile_tokens`` consecutive tokens of one group
+    (block_indices int32 (B, T, H_kv, topk)); topk when neighbours agree, up to tile_tokens * topk."""
+    b, t, h, k = block_indices.shape
+    n = t // tile_tokens * tile_tokens
+    x = block_indices[:, :n].reshape(b, n // tile_tokens, tile_tokens, h, k).permute(0, 1, 3, 2, 4)
+    x = x.reshape(-1, tile_tokens * k).sort(-1).values
+    distinct = ((x[:, 1:] != x[:, :-1]) & (x[:, 1:] >= 0)).sum(-1) + (x[:, 0] >= 0).long()
+    return float(distinct.float().mean())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="msa bench selections", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", required=True, help="an msa train run directory (its last checkpoint is used)")
+    ap.add_argument("--out", default=str(DEFAULT_FILE), help="npz file to write")
+    ap.add_argument("--window", type=int, default=0, help="which whole-document validation window")
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args()
+    meta = record(args.run, args.out, device=args.device, window=args.window)
+    sel, _ = load(args.out)
+    bi = torch.from_numpy(sel.astype(np.int32)).permute(1, 0, 2, 3).reshape(1, sel.shape[1], -1, sel.shape[3])
+    meta["union_blocks"] = {str(tt): union_blocks(bi, tt) for tt in (1, 2, 4, 8, 16)}
+    print(json.dumps(meta, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""Recorded selections (msa.bench.selections): recorded from a real trained run, replayed at any
+length as valid selections that keep the recording's neighbour agreement."""
+
+import numpy as np
+import pytest
+import torch
+
+from msa.bench.selections import load, realistic_indices, record, union_blocks
+from msa.ops.sparse_attention.interface import check_block_indices, check_own_block
+from msa.train import train
+from tests.train.common import one_thread, tiny_config
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sel")
+    with one_thread():
+        train(tiny_config("steps=8", "phase.warmup_steps=4", "eval.every=0"), str(d / "run"), progress=False)
+        meta = record(str(d / "run"), str(d / "sel.npz"), device="cpu")
+    return str(d / "sel.npz"), meta
+
+
+def test_record_holds_what_the_model_selected(recording):
+    path, meta = recording
+    sel, m = load(path)
+    assert m == meta and sel.dtype == np.int16
+    assert sel.shape[1:] == (meta["seq_len"], meta["num_kv_heads"], meta["topk_blocks"])
+    bi = torch.from_numpy(sel[0].astype(np.int32)).unsqueeze(0)
+    check_block_indices(bi, 1, meta["seq_len"], meta["num_kv_heads"], meta["block_size"], None)
+    check_own_block(bi, meta["block_size"], meta["seq_len"], None)
+
+
+@pytest.mark.parametrize("t,hkv", [(100, 1), (128, 3), (700, 2)])
+def test_replay_is_a_valid_selection_that_keeps_the_recording(recording, t, hkv):
+    path, meta = recording
+    bs, k = meta["block_size"], meta["topk_blocks"]
+    bi = realistic_indices(t, hkv, k, bs, "cpu", path=path)
+    assert bi.shape == (1, t, hkv, k) and bi.dtype == torch.int32
+    check_block_indices(bi, 1, t, hkv, bs, None)  # range (no future block) and no repeats
+    check_own_block(bi, bs, t, None)
+    sel, _ = load(path)
+    n = min(t, meta["seq_len"])
+    assert torch.equal(bi[0, :n, 0], torch.from_numpy(sel[0, :n, 0].astype(np.int32)))
+    if t > meta["seq_len"]:  # later tokens: the recorded rows' distances to their own block
+        own = torch.arange(t) // bs
+        late = bi[0, meta["seq_len"]:, 0]
+        assert ((own[meta["seq_len"]:, None] - late)[late >= 0] < meta["seq_len"] // bs + 1).all()
+
+
+def test_replay_rejects_another_block_size(recording):
+    path, meta = recording
+    with pytest.raises(ValueError, match="block_size"):
+        realistic_indices(64, 1, meta["topk_blocks"], meta["block_size"] * 2, "cpu", path=path)
+
+
+def test_union_blocks_counts_distinct_ids():
+    bi = torch.tensor([[0, 1], [0, 2], [3, -1], [3, 4]], dtype=torch.int32).view(1, 4, 1, 2)
+    assert union_blocks(bi, 1) == 1.75  # -1 is not a block
+    assert union_blocks(bi, 2) == 2.5   # {0,1,2}, {3,4}
+    assert union_blocks(bi, 4) == 5.0
