@@ -32,9 +32,9 @@ from typing import Dict, Iterator, Mapping, Optional
 ENV_VAR = "MSA_TUNING"
 
 _CHOICES = {
-    "sparse_fwd_kernel": ("auto", "kv", "qo"),
+    "sparse_fwd_kernel": ("auto", "kv", "qo", "tiled"),
     "sparse_fwd_partial_dtype": ("auto", "fp32"),
-    "sparse_bwd_dq": ("kv", "query"),
+    "sparse_bwd_dq": ("kv", "query", "tiled"),
     "kl_dense_mode": ("auto", "flash-atomic", "flash"),
 }
 
@@ -43,12 +43,14 @@ _CHOICES = {
 class Tuning:
     """Algorithm choices and launch overrides of the Triton kernels (defaults: the fastest measured).
 
-    sparse_fwd_kernel: main-branch forward, "kv" (KV-outer + combine), "qo" (query-outer) or "auto"
+    sparse_fwd_kernel: main-branch forward, "kv" (KV-outer + combine), "qo" (query-outer), "tiled"
+        (consecutive tokens x G heads per MMA tile over the union of their blocks) or "auto"
         (query-outer below a few thousand tokens or when KV-outer tiles would be poorly filled).
     sparse_fwd_partial_bytes: bytes of partial outputs per query chunk of the KV-outer forward and of
         the KV-outer dQ (None: min(16 GiB, 25% of free device memory), at least 256 MiB).
     sparse_fwd_partial_dtype: "auto" (the input dtype for bf16/fp16 inputs) or "fp32".
-    sparse_bwd_dq: dQ algorithm, "kv" (KV-outer over the reverse index) or "query" (query-outer).
+    sparse_bwd_dq: dQ algorithm, "kv" (KV-outer over the reverse index), "query" (query-outer) or
+        "tiled" (query-tiled, over the forward's tile unions).
     kl_dense_mode: warmup KL, "flash-atomic" (one pass, fp32 atomics for dk_idx), "flash" (a second
         pass instead of atomics: deterministic) or "auto" ("flash" under
         ``torch.use_deterministic_algorithms(True)``, else "flash-atomic").
@@ -71,6 +73,7 @@ class Tuning:
     debug_poison: bool = False
     sparse_fwd_kv_config: Mapping[str, int] = field(default_factory=dict)
     sparse_fwd_qo_config: Mapping[str, int] = field(default_factory=dict)
+    sparse_fwd_tiled_config: Mapping[str, int] = field(default_factory=dict)
     sparse_fwd_combine_config: Mapping[str, int] = field(default_factory=dict)
     sparse_bwd_config: Mapping[str, int] = field(default_factory=dict)
     kl_kv_config: Mapping[str, int] = field(default_factory=dict)

@@ -14,7 +14,10 @@ Shape: batch 1, H_q 64, H_kv 4, D 128, d_idx 128, B_k 128, k 16, bf16. Sizes T =
    timed calls with CUDA events, median). Variants: the indexer ``msa.select_blocks(backend="triton")``
    (if it fails, recorded, and the attention uses synthetic indices: local block + 15 random
    earlier blocks per (token, group)); the sparse attention forward with the KV-outer and the
-   query-outer kernel, and the one ``auto`` picks; the total (indexer + auto attention); dense
+   query-outer kernel, the query-tiled kernel, and the one ``auto`` picks; the total (indexer + auto
+   attention); the same kernels on selections replayed from a trained model (``msa.bench.selections``,
+   "realistic": neighbouring tokens select alike, which the query-tiled kernel exploits) with the
+   mean union of blocks per query tile for both kinds of selection; dense
    causal GQA through torch SDPA with the cuDNN and the flash backends (enable_gqa) up to
    ``--dense-max`` (default 128K); above it dense is estimated by T^2 from the largest dense time
    of this run (or from one cuDNN call at 128K); if the estimate is under 30 s, one cuDNN call at T
@@ -53,11 +56,15 @@ import msa  # noqa: E402
 from msa.ops.select_blocks.reference import select_blocks_reference  # noqa: E402
 from msa.ops.sparse_attention.reference import sparse_attention_reference  # noqa: E402
 from msa.ops.sparse_attention.triton_impl import (_partial_budget, choose_kernel,  # noqa: E402
-                                                  partial_bytes_per_token, sparse_attention_fwd_triton)
+                                                  partial_bytes_per_token, sparse_attention_fwd_triton,
+                                                  tiled_config)
+from msa.ops.utils.tile_union import tile_tokens_for  # noqa: E402
+from msa.bench.selections import realistic_indices, union_blocks  # noqa: E402
 
 DENSE_ONCE_MAX_S = 30.0  # above --dense-max, time dense once only if the T^2 estimate is below this
 
 HQ, HKV, D, DIDX, BK, TOPK = 64, 4, 128, 128, 128, 16
+KERNELS = ("kv", "qo", "tiled")
 DT = torch.bfloat16
 
 
@@ -189,11 +196,11 @@ def parity_gate(device):
         o32, l_ref = sparse_attention_reference(q.float(), k.float(), v.float(), bi, block_size=BK,
                                                 scale=d ** -0.5, cu_seqlens=cu)
         # "kv-chunks": the KV-outer path with a budget of ~1/5 of the tokens' partials (reused buffer)
-        for kern in ("kv", "qo", "kv-chunks"):
+        for kern in ("kv", "qo", "tiled", "kv-chunks"):
             try:
                 budget = None if kern != "kv-chunks" else max(1, t // 5) * partial_bytes_per_token(TOPK, hq, d, dt)
                 o, lse = sparse_attention_fwd_triton(q, k, v, bi, block_size=BK, scale=d ** -0.5, cu_seqlens=cu,
-                                                     kernel=kern[:2], partial_budget_bytes=budget)
+                                                     kernel=kern.split("-")[0], partial_budget_bytes=budget)
                 torch.cuda.synchronize()
                 err = (o.float() - o32).abs().max().item()
                 rel = ((o.float() - o32).pow(2).mean().sqrt() / o32.pow(2).mean().sqrt()).item()
@@ -250,9 +257,21 @@ def run_size(t, args, device, indexer_fn, flex_fn, dense_hist):
     del qi, ki
 
     scale = D ** -0.5
-    for kern in ("kv", "qo"):
+    for kern in KERNELS:
         res[f"sparse_{kern}"] = measure(kern, lambda: sparse_attention_fwd_triton(
             q, k, v, bi, block_size=BK, scale=scale, cu_seqlens=None, kernel=kern), hr)
+    res["union_blocks"] = union_blocks(bi, tile_tokens_for(HQ // HKV, tiled_config(D, HQ // HKV, BK)["BLOCK_M"], BK))
+    # the same kernels on selections replayed from a trained model (msa.bench.selections)
+    try:
+        real = realistic_indices(t, HKV, TOPK, BK, device)
+        res["realistic"] = dict(union_blocks=union_blocks(
+            real, tile_tokens_for(HQ // HKV, tiled_config(D, HQ // HKV, BK)["BLOCK_M"], BK)))
+        for kern in KERNELS:
+            res["realistic"][f"sparse_{kern}"] = measure(kern, lambda: sparse_attention_fwd_triton(
+                q, k, v, real, block_size=BK, scale=scale, cu_seqlens=None, kernel=kern), hr)
+        del real
+    except (OSError, ValueError) as exc:
+        res["realistic"] = dict(error=f"{type(exc).__name__}: {str(exc)[:200]}")
     # the chunk the forward would use now (same budget rule as triton_impl)
     chunk = max(1, _partial_budget(None, device) // partial_bytes_per_token(TOPK, HQ, D, DT))
     auto = choose_kernel(t, HQ // HKV, TOPK, math.ceil(t / BK), math.ceil(t / BK), chunk)
@@ -473,17 +492,31 @@ def main():
         bd = r.get("breakdown_kv", {})
         if "kv_kernel" in bd:
             bd["kv_kernel_tflops"] = tflops(bd["kv_kernel"], f["sparse"])
-        for key, fk in (("indexer", "index"), ("sparse_kv", "sparse"), ("sparse_qo", "sparse"),
+        for key, fk in (("indexer", "index"),
                         ("sdpa_cudnn", "dense"), ("sdpa_flash", "dense"), ("dense_best", "dense"),
                         ("flex", "sparse")):
             if "ms" in r.get(key, {}):
                 r[key]["tflops"] = tflops(r[key]["ms"], f[fk])
         if "total" in r:
             r["total"]["tflops"] = tflops(r["total"]["ms"], f["index"] + f["sparse"])
+        real = r.get("realistic", {})
+        for kern in KERNELS:
+            if "ms" in r.get(f"sparse_{kern}", {}):
+                r[f"sparse_{kern}"]["tflops"] = tflops(r[f"sparse_{kern}"]["ms"], f["sparse"])
+            if "ms" in real.get(f"sparse_{kern}", {}):
+                real[f"sparse_{kern}"]["tflops"] = tflops(real[f"sparse_{kern}"]["ms"], f["sparse"])
+        # best kernel per selection kind, plus the indexer: what a per-shape choice would reach
+        for where in (r, real):
+            got = {kern: where[f"sparse_{kern}"]["ms"] for kern in KERNELS if "ms" in where.get(f"sparse_{kern}", {})}
+            if got and "ms" in r.get("indexer", {}):
+                best = min(got, key=got.get)
+                where["total_best"] = dict(kernel=best, ms=r["indexer"]["ms"] + got[best])
         if "dense_best" in r:
-            for key in ("sparse_kv", "sparse_qo", "total", "flex"):
-                if "ms" in r.get(key, {}):
-                    r[key]["speedup_vs_dense"] = r["dense_best"]["ms"] / r[key]["ms"]
+            for where, key in [(r, k) for k in ("sparse_kv", "sparse_qo", "sparse_tiled", "total", "total_best",
+                                                "flex")] + [(real, k) for k in ("sparse_kv", "sparse_qo",
+                                                                                "sparse_tiled", "total_best")]:
+                if "ms" in where.get(key, {}):
+                    where[key]["speedup_vs_dense"] = r["dense_best"]["ms"] / where[key]["ms"]
     json.dump(out, open(path, "w"), indent=1)
     plot(out, os.path.join(args.out, "bench_prefill.png"))
     table(out)
@@ -538,6 +571,16 @@ def table(out):
               f"{kv.get('tflops', float('nan')):7.1f} {r.get('total', {}).get('speedup_vs_dense', float('nan')):8.2f} "
               f"{kv.get('peak_gb', float('nan')):7.1f}")
         rows.append(r)
+    print("\nper kernel and selection kind, ms (union = mean distinct blocks per query tile; best = indexer + "
+          "fastest kernel, speedup vs dense)")
+    print(f"{'T':>8s} {'sel':>9s} {'union':>6s} {'kv':>10s} {'qo':>10s} {'tiled':>10s} {'best':>10s} {'speedup':>8s}")
+    for r in rows:
+        for name, where in (("random", r), ("realistic", r.get("realistic", {}))):
+            if "union_blocks" not in where:
+                continue
+            print(f"{r['T']:8d} {name:>9s} {where['union_blocks']:6.1f} {cell(where, 'sparse_kv')} "
+                  f"{cell(where, 'sparse_qo')} {cell(where, 'sparse_tiled')} {cell(where, 'total_best')} "
+                  f"{where.get('total_best', {}).get('speedup_vs_dense', float('nan')):8.2f}")
     print("\nbreakdown, ms (indexer: do_bench median; KV-outer stages: one call with CUDA events, summed over chunks)")
     print(f"{'T':>8s} {'indexer':>10s} {'rev_index':>10s} {'kv_kernel':>10s} {'combine':>10s} {'kv_sum':>10s} "
           f"{'chunks':>6s} {'kernTF/s':>8s}")

@@ -151,6 +151,12 @@ def warmup_stages(q, k, v, qi, ki, do, kl_kw, impl, scale):
     return [("attn_fwd", afwd), ("attn_bwd", abwd), ("kl_fwd", kfwd), ("kl_bwd", kbwd)]
 
 
+def _with(overrides, fn):
+    """fn() under ``msa.tuning.override(**overrides)``."""
+    with msa.tuning.override(**overrides):
+        return fn()
+
+
 def _tuned(field, val, fn):
     """fn() under ``msa.tuning.override(field=val)`` (val in MSA_TUNING syntax, e.g. "BLOCK_E=64,num_warps=8")."""
     with msa.tuning.override(**msa.tuning.parse(f"{field}={val}")):
@@ -459,6 +465,27 @@ def bench_size(t, notes):
 
     variants = {"select": sel_fn, "sparse_attn_fwd_bwd": attn_fn, "sparse_kl_fwd_bwd": kl_sparse_fn,
                 "sparse_step": sparse_step}
+    # the query-tiled forward + dQ (msa.tuning), on the indexer's selections of random inputs and on
+    # selections replayed from a trained model (msa.bench.selections: neighbours select alike)
+    tiled = dict(sparse_fwd_kernel="tiled", sparse_bwd_dq="tiled")
+    variants["sparse_attn_fwd_bwd_tiled"] = lambda: _with(tiled, attn_fn)
+    variants["sparse_step_tiled"] = lambda: _with(tiled, sparse_step)
+    try:
+        from .selections import realistic_indices, union_blocks
+        real = realistic_indices(t, HKV, TOPK, BLOCK, q.device)
+        row["union_blocks_random"], row["union_blocks_realistic"] = union_blocks(bi, 8), union_blocks(real, 8)
+
+        def real_step():  # the selection is timed (its result replaced), then the step on the replayed one
+            with torch.no_grad():
+                msa.select_blocks(qi, ki, block_size=BLOCK, topk=TOPK, backend="triton")
+            o, lse = msa.sparse_attention(q, k, v, real, block_size=BLOCK, return_lse=True, backend="triton")
+            torch.autograd.grad(o, (q, k, v), do)
+            loss = indexer_kl_triton(qi, ki, q.detach(), k.detach(), real, **kl_kw, teacher_lse=lse)
+            torch.autograd.grad(loss, (qi, ki))
+        variants["sparse_step_realistic"] = real_step
+        variants["sparse_step_realistic_tiled"] = lambda: _with(tiled, real_step)
+    except (OSError, ValueError) as exc:
+        notes.append(f"T={t}: no realistic selections: {exc}")
     dense_ok = t <= DENSE_MAX_T and not NO_DENSE
     if not dense_ok:
         notes.append(f"T={t}: dense variants skipped (one dense step takes tens of seconds); "
@@ -501,6 +528,9 @@ def bench_size(t, notes):
     row["warmup_step_best_ms"] = min(warm) if warm else None
     if row["dense_best_ms"] and isinstance(row.get("sparse_step_ms"), float):
         row["sparse_speedup_vs_dense"] = row["dense_best_ms"] / row["sparse_step_ms"]
+    for v in ("tiled", "realistic", "realistic_tiled"):
+        if row["dense_best_ms"] and isinstance(row.get(f"sparse_step_{v}_ms"), float):
+            row[f"sparse_{v}_speedup_vs_dense"] = row["dense_best_ms"] / row[f"sparse_step_{v}_ms"]
     if row["dense_best_ms"] and row["warmup_step_best_ms"]:
         row["warmup_over_dense"] = row["warmup_step_best_ms"] / row["dense_best_ms"]
     row["dense_tflops"] = (3.5 * 2 * HQ * D * t * t / (row["dense_best_ms"] * 1e-3) / 1e12
@@ -518,7 +548,7 @@ def bench_size(t, notes):
     from msa.ops.sparse_attention.triton_bwd import sparse_attention_bwd_triton
     with torch.no_grad():
         o_s, lse_s = msa.sparse_attention(q, k, v, bi, block_size=BLOCK, return_lse=True, backend="triton")
-    for mode in ("kv", "query"):  # the backward's own kernels, CUDA events (one warm call first)
+    for mode in ("kv", "query", "tiled"):  # the backward's own kernels, CUDA events (one warm call first)
         try:
             call = lambda st=None: _tuned("sparse_bwd_dq", mode, lambda: sparse_attention_bwd_triton(
                 do, q.detach(), k.detach(), v.detach(), o_s, lse_s, bi, block_size=BLOCK, scale=scale,
@@ -645,6 +675,10 @@ def main():
     cols = ["T", "select_ms", "sparse_attn_fwd_bwd_ms", "sparse_kl_fwd_bwd_ms", "sparse_step_ms", "sdpa_cudnn_ms",
             "sdpa_flash_ms", "dense_lse_cudnn_ms", "dense_kl_fwd_bwd_ms", "warmup_step_best_ms",
             "sparse_speedup_vs_dense", "warmup_over_dense", "sparse_step_peak_gb", "sdpa_flash_peak_gb"]
+    cols2 = ["T", "union_blocks_random", "union_blocks_realistic", "sparse_attn_fwd_bwd_ms",
+             "sparse_attn_fwd_bwd_tiled_ms", "sparse_step_ms", "sparse_step_tiled_ms", "sparse_step_realistic_ms",
+             "sparse_step_realistic_tiled_ms", "sparse_speedup_vs_dense", "sparse_tiled_speedup_vs_dense",
+             "sparse_realistic_speedup_vs_dense", "sparse_realistic_tiled_speedup_vs_dense"]
     for n in notes:
         print("note:", n)
     print("parity:", "PASS" if gate.get("pass") else "FAIL", "" if gate.get("pass") else
@@ -655,13 +689,14 @@ def main():
             if isinstance(st, dict):
                 print(f"T={r['T']} {label} stages: " + ", ".join(f"{k} {v:.2f}" for k, v in st.items())
                       + f" | sum {sum(st.values()):.2f} ms")
-    print(" | ".join(c.replace("_ms", "") for c in cols))
-    for r in rows:
-        cells = []
-        for c in cols:
-            x = r.get(c, r.get("error", "-") if c != "T" else r["T"])
-            cells.append(f"{x:.2f}" if isinstance(x, float) else str(x)[:18])
-        print(" | ".join(cells))
+    for cs in (cols, cols2):
+        print(" | ".join(c.replace("_ms", "") for c in cs))
+        for r in rows:
+            cells = []
+            for c in cs:
+                x = r.get(c, r.get("error", "-") if c != "T" else r["T"])
+                cells.append(f"{x:.2f}" if isinstance(x, float) else str(x)[:18])
+            print(" | ".join(cells))
 
 
 if __name__ == "__main__":

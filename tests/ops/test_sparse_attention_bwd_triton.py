@@ -96,13 +96,16 @@ def test_bwd_matches_reference(bsz, t, hkv, g, d, block_size, topk, cu, c, pad_r
 
 @pytest.mark.parametrize("mode,budget,config", [
     ("query", None, {}),
+    ("tiled", None, {}),
+    ("tiled", None, {"DQT_BLOCK_N": 16}),  # two key tiles per block
     # KV-outer dQ over 4 query chunks (each with its own reverse index), 2 key tiles per block,
     # 16 packed rows and 2 heads per reduce program
     ("kv", 48 * 3 * 6 * 16 * 4, {"DQKV_BLOCK_N": 16, "DQKV_BLOCK_M": 16, "DQR_BLOCK_H": 2}),
 ])
 @pytest.mark.parametrize("cu", [None, torch.tensor([0, 37, 100, 163, 200], dtype=torch.int32)])
 def test_bwd_dq_modes(tuned, mode, budget, config, cu):
-    """Both deterministic dQ modes (query-outer; KV-outer with slot partials, chunked) match the reference."""
+    """Every deterministic dQ mode (query-outer; query-tiled; KV-outer with slot partials, chunked) matches
+    the reference."""
     tuned(sparse_bwd_dq=mode)
     tuned(sparse_bwd_config=config)
     q, k, v, bi, cu = make_case(1, 200, 2, 3, 16, 32, 3, cu, pad_rows=True)
@@ -112,6 +115,17 @@ def test_bwd_dq_modes(tuned, mode, budget, config, cu):
     for name, got, ref in (("dq", dq, gq), ("dk", dk, gk), ("dv", dv, gv)):
         assert torch.isfinite(got).all(), f"{name} has unwritten (NaN) entries"
         assert rel(got, ref) < TOL, f"{name} rel err {rel(got, ref):.3e}"
+
+
+@pytest.mark.parametrize("bsz,t,hkv,g,d,block_size,topk,cu,c,pad_rows", CASES)
+def test_bwd_tiled_dq_matches_reference(tuned, bsz, t, hkv, g, d, block_size, topk, cu, c, pad_rows):
+    """The query-tiled dQ on every case (G 1 to 16, batch rows, packed, padded rows)."""
+    tuned(sparse_bwd_dq="tiled")
+    q, k, v, bi, cu = make_case(bsz, t, hkv, g, d, block_size, topk, cu, pad_rows=pad_rows)
+    o, lse, do, (gq, _, _) = reference_grads(q, k, v, bi, block_size, d ** -0.5, cu)
+    dq, _, _ = sparse_attention_bwd_triton(do, q, k, v, o, lse, bi, block_size=block_size, scale=d ** -0.5,
+                                           cu_seqlens=cu)
+    assert torch.isfinite(dq).all() and rel(dq, gq) < TOL, f"dq rel err {rel(dq, gq):.3e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

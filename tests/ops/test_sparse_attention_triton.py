@@ -88,7 +88,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("kernel", ["kv", "qo"])
+@pytest.mark.parametrize("kernel", ["kv", "qo", "tiled"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}-bs{}-G{}-hkv{}-d{}-k{}".format(*c))
 def test_matches_reference(case, kernel):
     t, bs, g, hkv, d, topk = case
@@ -96,20 +96,20 @@ def test_matches_reference(case, kernel):
     check_against_reference(q, k, v, bi, cu, bs, kernel=kernel)
 
 
-@pytest.mark.parametrize("kernel", ["kv", "qo"])
+@pytest.mark.parametrize("kernel", ["kv", "qo", "tiled"])
 def test_packed_sequences_partial_blocks_adjacent(kernel):
     # 37 | 1 | 70 | 20: every sequence ends in a partial block right next to the next sequence's start
     q, k, v, bi, cu = make_inputs([37, 1, 70, 20], 2, 3, 16, 16, 3, packed=True, seed=1)
     check_against_reference(q, k, v, bi, cu, 16, kernel=kernel)
 
 
-@pytest.mark.parametrize("kernel", ["kv", "qo"])
+@pytest.mark.parametrize("kernel", ["kv", "qo", "tiled"])
 def test_batch_rows(kernel):
     q, k, v, bi, cu = make_inputs(75, 2, 4, 16, 16, 2, batch=2, seed=2)
     check_against_reference(q, k, v, bi, cu, 16, kernel=kernel)
 
 
-@pytest.mark.parametrize("kernel", ["kv", "qo"])
+@pytest.mark.parametrize("kernel", ["kv", "qo", "tiled"])
 def test_topk_covering_all_blocks_is_dense(kernel):
     t, bs = 100, 16
     q, k, v, bi, cu = make_inputs(t, 1, 4, 16, bs, 8, seed=3)  # 7 blocks <= topk: every row selects all
@@ -121,7 +121,7 @@ def test_topk_covering_all_blocks_is_dense(kernel):
     assert (lse - lse_dense).abs().max().item() <= ATOL
 
 
-@pytest.mark.parametrize("kernel", ["kv", "qo"])
+@pytest.mark.parametrize("kernel", ["kv", "qo", "tiled"])
 def test_padded_and_empty_rows(kernel):
     # drop the free choices of some rows (-1 padding after a shorter valid prefix) and empty a few
     # rows completely (the reference then gives o = 0, lse = -inf)
@@ -157,11 +157,12 @@ def test_chunks_across_packed_sequences():
                             max_queries_per_item=7)
 
 
-@pytest.mark.parametrize("kernel", ["kv", "qo"])
+@pytest.mark.parametrize("kernel", ["kv", "qo", "tiled"])
 def test_multi_tile_blocks_and_odd_block_size(kernel, tuned):
     # 16-key tiles inside 40-key blocks: the multi-tile online softmax (used for B_k > 128 on GPU)
     tuned(sparse_fwd_kv_config={"BLOCK_N": 16})
     tuned(sparse_fwd_qo_config={"BLOCK_N": 16})
+    tuned(sparse_fwd_tiled_config={"BLOCK_N": 16})
     q, k, v, bi, cu = make_inputs(130, 1, 4, 16, 40, 2, seed=7)
     check_against_reference(q, k, v, bi, cu, 40, kernel=kernel)
 
@@ -264,8 +265,17 @@ def test_bf16_inputs_partials(pdtype, tuned):
     from msa.ops.sparse_attention.triton_impl import partial_bytes_per_token
     per_token = partial_bytes_per_token(4, 6, 16, torch.bfloat16)
     assert per_token == 4 * 6 * (16 * (2 if pdtype == "auto" else 4) + 4)
-    for kernel in ("kv", "qo"):
+    for kernel in ("kv", "qo", "tiled"):
         check_against_reference(q, k, v, bi, cu, 16, atol=2e-2, kernel=kernel, partial_budget_bytes=50 * per_token)
+
+
+@pytest.mark.parametrize("block_m,g", [(16, 3), (32, 1), (128, 4), (16, 16)])
+def test_tiled_tile_sizes(block_m, g, tuned):
+    # tiles of 5, 32 (the most tokens one bit mask holds), 32 (block-sized: bs 32) and 1 token; the
+    # tiled kernel's rows are tile_tokens x G, padded to a power of two
+    tuned(sparse_fwd_tiled_config={"BLOCK_M": block_m})
+    q, k, v, bi, cu = make_inputs([70, 1, 90], 2, g, 16, 32, 3, packed=True, seed=14)
+    check_against_reference(q, k, v, bi, cu, 32, kernel="tiled")
 
 
 def test_stage_times_are_reported():

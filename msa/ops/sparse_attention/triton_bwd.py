@@ -14,6 +14,9 @@ Launches:
      paper shape that is ~0.5 TB of L2 traffic at 128K tokens, with only G = 16 MMA rows.
    - ``query``: ``sparse_attention_bwd_dq_kernel``, one program per (token, group), the G heads as MMA
      rows (padded to >= 16), looping over the group's selected blocks.
+   - ``tiled``: ``sparse_attention_bwd_dq_tiled_kernel``, the forward's query tiles (several tokens x G
+     heads per MMA) over the union of their selected blocks (``msa.ops.utils.tile_union``, shared
+     with a ``tiled`` forward through the SelectionPlan).
    Every mode recomputes P = exp(S - lse) from the forward's lse, so no softmax state is stored.
 3. ``sparse_attention_bwd_dkdv_kernel``: one program per (work item, key sub-tile) of the reverse
    index (``reverse_index.build_reverse_index``). It loads its key block once and gathers the queries
@@ -311,21 +314,77 @@ def sparse_attention_bwd_dq_reduce_kernel(PDQ, BI, DQ, tok0, H_Q: tl.constexpr, 
              mask=(h < H_Q)[:, None] & dmask)
 
 
+@triton.jit
+def sparse_attention_bwd_dq_tiled_kernel(Q, K, V, DO, LSE, DELTA, DQ, UIDS, UBITS, UCOUNT, SEQ_BLOCK_OFFSET,
+                                         BLOCK_START, BLOCK_LEN, qk_scale, scale, H_Q: tl.constexpr,
+                                         H_KV: tl.constexpr, G: tl.constexpr, UMAX: tl.constexpr,
+                                         TILE_T: tl.constexpr, SUBS: tl.constexpr, D: tl.constexpr,
+                                         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                         KV_TILES: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dQ of mode ``tiled``: the forward's query tiles (TILE_T tokens x G heads as MMA rows, row m ->
+    token m // G, head r * G + m % G) over the union of their blocks (``msa.ops.utils.tile_union``),
+    rows masked where their token did not select the block. qk_scale = scale * log2(e)."""
+    tile = tl.program_id(0)
+    r = tl.program_id(1)
+    gb = tile // SUBS
+    t0 = (tile % SUBS) * TILE_T
+    qstart = tl.load(BLOCK_START + gb)
+    qlen = tl.load(BLOCK_LEN + gb)
+    m = tl.arange(0, BLOCK_M)
+    ti = m // G
+    row_ok = (m < TILE_T * G) & (t0 + ti < qlen)
+    tok = (qstart + t0 + ti).to(tl.int64)
+    qrow = tok * H_Q + r * G + m % G
+    d = tl.arange(0, BLOCK_D)
+    qmask = row_ok[:, None] & (d < D)[None, :]
+    qoff = qrow[:, None] * D + d[None, :]
+    q = tl.load(Q + qoff, mask=qmask, other=0.0).to(CDT)
+    do = tl.load(DO + qoff, mask=qmask, other=0.0).to(CDT)
+    lse2 = tl.load(LSE + qrow, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + qrow, mask=row_ok, other=0.0)
+    sbo = tl.load(SEQ_BLOCK_OFFSET + qstart)
+    base = (tile.to(tl.int64) * H_KV + r) * UMAX
+    cnt = tl.load(UCOUNT + tile * H_KV + r)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for u in range(cnt):
+        b = tl.load(UIDS + base + u)
+        row_hit = ((tl.load(UBITS + base + u) >> ti) & 1) != 0
+        gbk = sbo + b
+        kstart = tl.load(BLOCK_START + gbk)
+        klen = tl.load(BLOCK_LEN + gbk)
+        for kt in tl.static_range(KV_TILES):
+            nn = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+            kpos = (kstart + nn).to(tl.int64)
+            kvmask = (nn < klen)[:, None] & (d < D)[None, :]
+            koff = (kpos * H_KV + r)[:, None] * D + d[None, :]
+            kk = tl.load(K + koff, mask=kvmask, other=0.0).to(CDT)
+            vv = tl.load(V + koff, mask=kvmask, other=0.0).to(CDT)
+            visible = row_hit[:, None] & (nn < klen)[None, :] & (kpos[None, :] <= tok[:, None])
+            s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * qk_scale
+            p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(vv), input_precision=DOT_PREC)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(CDT), kk, input_precision=DOT_PREC)
+    tl.store(DQ + qoff, (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
+
+
 def bwd_config(g: int, d: int, block_size: int):
     """Launch configuration of the backward (override: ``msa.tuning`` field ``sparse_bwd_config``).
     DKDV_BLOCK_M: packed query x head rows per MMA
     (raised to >= G); DKDV_BLOCK_N: keys per program (the block is split over programs, each keeping
     its dK/dV accumulators in registers); DQKV_*: the KV-outer dQ kernel (mode ``kv``: rows, warps,
     stages, key tile); DQR_BLOCK_H: heads per program of its slot reduction; DQ_*: the query-outer dQ
-    kernel (mode ``query``)."""
+    kernel (mode ``query``); DQT_*: the query-tiled dQ kernel (mode ``tiled``; its rows follow the
+    forward's ``tiled_config``)."""
     bs_pad = next_pow2(block_size, 16)
     if interpreting():
         cfg = dict(DKDV_BLOCK_M=16, DKDV_BLOCK_N=bs_pad, DKDV_WARPS=4, DKDV_STAGES=1, DQ_BLOCK_N=bs_pad,
-                   DQ_WARPS=4, DQ_STAGES=1, DQKV_BLOCK_M=16, DQKV_BLOCK_N=bs_pad, DQKV_WARPS=4, DQKV_STAGES=1)
+                   DQ_WARPS=4, DQ_STAGES=1, DQKV_BLOCK_M=16, DQKV_BLOCK_N=bs_pad, DQKV_WARPS=4, DQKV_STAGES=1,
+                   DQT_BLOCK_N=bs_pad, DQT_WARPS=4, DQT_STAGES=1)
     else:
         cfg = dict(DKDV_BLOCK_M=64, DKDV_BLOCK_N=min(bs_pad, 64), DKDV_WARPS=4, DKDV_STAGES=2, DQ_BLOCK_N=bs_pad,
                    DQ_WARPS=4, DQ_STAGES=2, DQKV_BLOCK_M=64, DQKV_BLOCK_N=min(bs_pad, 128), DQKV_WARPS=4,
-                   DQKV_STAGES=1)
+                   DQKV_STAGES=1, DQT_BLOCK_N=min(bs_pad, 64), DQT_WARPS=4, DQT_STAGES=2)
     cfg["DQR_BLOCK_H"] = 0  # 0: chosen from the shape (about 16K partial values per program)
     cfg = merge_launch_config(cfg, "sparse_bwd_config")
     cfg["DKDV_BLOCK_M"] = max(cfg["DKDV_BLOCK_M"], next_pow2(g, 16))
@@ -333,6 +392,7 @@ def bwd_config(g: int, d: int, block_size: int):
     cfg["DQ_BLOCK_N"] = max(16, min(bs_pad, next_pow2(cfg["DQ_BLOCK_N"], 16)))
     cfg["DQKV_BLOCK_M"] = max(cfg["DQKV_BLOCK_M"], next_pow2(g, 16))
     cfg["DQKV_BLOCK_N"] = max(16, min(bs_pad, next_pow2(cfg["DQKV_BLOCK_N"], 16)))
+    cfg["DQT_BLOCK_N"] = max(16, min(bs_pad, next_pow2(cfg["DQT_BLOCK_N"], 16)))
     return cfg
 
 
@@ -343,7 +403,8 @@ def dq_mode() -> str:
     """How dQ is computed (``msa.tuning`` field ``sparse_bwd_dq``): ``kv`` (default), KV-outer over the
     reverse index like the forward, each (query, slot) contribution in a pre-assigned partial slot
     summed per query in a fixed slot order; ``query``, the spec's query-outer kernel, one program per
-    (token, group) re-reading K/V of its K blocks, no partial buffer. Both are deterministic."""
+    (token, group) re-reading K/V of its K blocks, no partial buffer; ``tiled``, the forward's query
+    tiles over the union of their blocks. All are deterministic."""
     return tuning.current().sparse_bwd_dq
 
 
@@ -405,6 +466,36 @@ def _dq_kv_outer(q, k, v, do, lse, delta, bi, *, block_size: int, scale: float, 
             pdq, bi, dq, t0, H_Q=hq, H_KV=hkv, G=g, TOPK=nsel, BLOCK_K=block_k, D=d, BLOCK_D=block_d,
             BLOCK_H=block_h, num_warps=4)
         timer.stop()
+    return dq
+
+
+def _dq_tiled(q, k, v, do, lse, delta, bi, *, block_size: int, scale: float, cu_seqlens, timer,
+              plan: Optional[SelectionPlan]) -> torch.Tensor:
+    """dQ of mode ``tiled`` with the forward's tiling (``tiled_config``), so a plan's tile union is reused."""
+    from ..utils.reverse_index import block_layout
+    from ..utils.tile_union import build_tile_union, tile_tokens_for
+    from .triton_impl import LOG2E, tiled_config
+
+    bsz, t, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    fcfg = tiled_config(d, g, block_size)
+    tt = tile_tokens_for(g, fcfg["BLOCK_M"], block_size)
+    layout = plan.layout if plan is not None else block_layout(bsz, t, block_size, cu_seqlens, q.device)
+    timer.start("tile_union")
+    tu = plan.tile_union(tt) if plan is not None else build_tile_union(bi, layout, block_size, tt)
+    timer.stop()
+    cfg = bwd_config(g, d, block_size)
+    block_n = cfg["DQT_BLOCK_N"]
+    dq = torch.empty_like(q)
+    timer.start("dq_kernel")
+    sparse_attention_bwd_dq_tiled_kernel[(layout.num_blocks * tu.subs, hkv)](
+        q, k, v, do, lse, delta, dq, tu.ids, tu.bits, tu.count, layout.seq_block_offset, layout.block_start,
+        layout.block_len, float(scale) * LOG2E, float(scale), H_Q=hq, H_KV=hkv, G=g, UMAX=tu.ids.shape[2], TILE_T=tt,
+        SUBS=tu.subs, D=d, BLOCK_D=next_pow2(d, 16), BLOCK_M=next_pow2(tt * g, 16), BLOCK_N=block_n,
+        KV_TILES=triton.cdiv(block_size, block_n), CDT=tl_compute_dtype(q.dtype), DOT_PREC=dot_precision(q.dtype),
+        num_warps=cfg["DQT_WARPS"], num_stages=cfg["DQT_STAGES"])
+    timer.stop()
     return dq
 
 
@@ -474,6 +565,9 @@ def sparse_attention_bwd_triton(do: torch.Tensor, q: torch.Tensor, k: torch.Tens
             G=g, D=d, BLOCK_G=next_pow2(g, 16), BLOCK_N=cfg["DQ_BLOCK_N"], KV_TILES=bs_pad // cfg["DQ_BLOCK_N"],
             BLOCK_D=block_d, CDT=cdt, DOT_PREC=prec, num_warps=cfg["DQ_WARPS"], num_stages=cfg["DQ_STAGES"])
         timer.stop()
+    elif mode == "tiled":
+        dq = _dq_tiled(q, k, v, do, lse, delta, bi, block_size=block_size, scale=scale, cu_seqlens=cu_seqlens,
+                       timer=timer, plan=plan)
 
     c = max_queries_per_item or default_max_queries_per_item(block_size, nsel)
     if plan is not None:

@@ -273,3 +273,58 @@ def sparse_attention_qo_fwd_kernel(Q, K, V, O, LSE, BI, SEQ_BLOCK_OFFSET, BLOCK_
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
     tl.store(O + (tok * H_Q + head)[:, None] * D + offs_d[None, :], o.to(O.dtype.element_ty), mask=qmask)
     tl.store(LSE + tok * H_Q + head, lse, mask=offs_g < G)
+
+
+@triton.jit
+def sparse_attention_tiled_fwd_kernel(Q, K, V, O, LSE, UIDS, UBITS, UCOUNT, SEQ_BLOCK_OFFSET, BLOCK_START,
+                                      BLOCK_LEN, qk_scale, H_Q: tl.constexpr, H_KV: tl.constexpr, G: tl.constexpr,
+                                      UMAX: tl.constexpr, TILE_T: tl.constexpr, SUBS: tl.constexpr, D: tl.constexpr,
+                                      BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                      KV_TILES: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Query-tiled attention: one program per (query tile, group), TILE_T consecutive tokens x G heads
+    as MMA rows (row m -> token m // G, head r * G + m % G), one online softmax over the union of the
+    tile's selected blocks (``msa.ops.utils.tile_union``); a row whose token did not select a block
+    sees none of its keys. No partial outputs, no combine.
+
+    Q/O (T_all, H_Q, D), K/V (T_all, H_KV, D), UIDS/UBITS int32 (tiles, H_KV, UMAX), UCOUNT int32
+    (tiles, H_KV), SEQ_BLOCK_OFFSET int64 (T_all,), BLOCK_START/BLOCK_LEN int32 (NB,), LSE fp32.
+    """
+    tile = tl.program_id(0)
+    r = tl.program_id(1)
+    gb = tile // SUBS
+    t0 = (tile % SUBS) * TILE_T
+    qstart = tl.load(BLOCK_START + gb)
+    qlen = tl.load(BLOCK_LEN + gb)
+    m = tl.arange(0, BLOCK_M)
+    ti = m // G
+    row_ok = (m < TILE_T * G) & (t0 + ti < qlen)
+    tok = (qstart + t0 + ti).to(tl.int64)
+    head = r * G + m % G
+    offs_d = tl.arange(0, BLOCK_D)
+    qmask = row_ok[:, None] & (offs_d < D)[None, :]
+    q = tl.load(Q + (tok * H_Q + head)[:, None] * D + offs_d[None, :], mask=qmask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    sbo = tl.load(SEQ_BLOCK_OFFSET + qstart)
+    base = (tile.to(tl.int64) * H_KV + r) * UMAX
+    cnt = tl.load(UCOUNT + tile * H_KV + r)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for u in range(cnt):
+        b = tl.load(UIDS + base + u)
+        row_hit = ((tl.load(UBITS + base + u) >> ti) & 1) != 0
+        gbk = sbo + b
+        kstart = tl.load(BLOCK_START + gbk)
+        klen = tl.load(BLOCK_LEN + gbk)
+        for kt in tl.static_range(KV_TILES):
+            kk, vv = _load_kv_tile(K, V, kstart, klen, kt * BLOCK_N, r, H_KV, D, BLOCK_N, BLOCK_D, UPCAST)
+            offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+            visible = (row_hit[:, None] & (offs_n < klen)[None, :]
+                       & ((kstart + offs_n).to(tl.int64)[None, :] <= tok[:, None]))
+            m_i, l_i, acc = _online_step(q, kk, vv, m_i, l_i, acc, visible, qk_scale, DOT_PREC)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+    tl.store(O + (tok * H_Q + head)[:, None] * D + offs_d[None, :], o.to(O.dtype.element_ty), mask=qmask)
+    tl.store(LSE + tok * H_Q + head, lse, mask=row_ok)

@@ -1,9 +1,12 @@
-"""Triton forward of ``msa.sparse_attention`` (spec section 4): KV-outer + combine, or query-outer.
+"""Triton forward of ``msa.sparse_attention`` (spec section 4): KV-outer + combine, query-outer, or
+query-tiled.
 
 Kernel choice (``kernel=`` argument, else ``msa.tuning`` field ``sparse_fwd_kernel``): ``auto`` takes
 the query-outer kernel below ``QO_MAX_TOKENS`` tokens, where the reverse index and the partial round
 trip do not pay off, or when KV-outer work items would fill fewer than ``KV_MIN_ROWS`` MMA rows;
-otherwise KV-outer.
+otherwise KV-outer. ``tiled``: several consecutive tokens x G heads per MMA tile over the union of
+their selected blocks (``msa.ops.utils.tile_union``); its cost grows with that union, so it pays when
+neighbouring tokens select alike (trained indexers) and loses on unrelated (random) selections.
 
 Memory: the KV-outer path stores K * H_q * (D * s + 4) bytes of partials per token (s = 2 for
 bf16/fp16 inputs, whose partial outputs keep the input dtype; s = 4 for fp32 or under
@@ -31,8 +34,9 @@ from ... import tuning
 from ...tuning import merge_launch_config
 from .reference import sparse_attention_reference
 from ..utils.reverse_index import SelectionPlan, block_layout, block_starts_host, blocks_before, build_reverse_index
+from ..utils.tile_union import build_tile_union, tile_tokens_for
 from .triton_fwd import (sparse_attention_combine_fwd_kernel, sparse_attention_fwd_kernel,
-                         sparse_attention_qo_fwd_kernel)
+                         sparse_attention_qo_fwd_kernel, sparse_attention_tiled_fwd_kernel)
 
 LOG2E = 1.4426950408889634
 QO_MAX_TOKENS = 4096          # below this many tokens (B * T) auto picks query-outer (H200: kv won at 8K)
@@ -80,6 +84,15 @@ def qo_config(head_dim: int, group: int, block_size: int) -> Dict[str, int]:
     cfg = dict(BLOCK_N=max(16, min(64 if block_d >= 128 else 128, next_pow2(block_size))),
                num_warps=4, num_stages=2)
     return merge_launch_config(cfg, "sparse_fwd_qo_config")
+
+
+def tiled_config(head_dim: int, group: int, block_size: int) -> Dict[str, int]:
+    """Launch configuration of the query-tiled kernel (keys BLOCK_M, BLOCK_N, num_warps, num_stages):
+    BLOCK_M MMA rows = tile_tokens x G (padded to a power of two >= 16)."""
+    block_d = next_pow2(head_dim, 16)
+    cfg = dict(BLOCK_M=64, BLOCK_N=max(16, min(64 if block_d >= 128 else 128, next_pow2(block_size))),
+               num_warps=4, num_stages=2)
+    return merge_launch_config(cfg, "sparse_fwd_tiled_config")
 
 
 def _partial_budget(partial_budget_bytes: Optional[int], device=None) -> int:
@@ -138,8 +151,8 @@ def choose_kernel(ntok: int, group: int, topk: int, blocks_per_seq: int, num_blo
                   kernel: Optional[str] = None) -> str:
     """'kv' or 'qo' (see the module docstring for the heuristic)."""
     kernel = kernel or tuning.current().sparse_fwd_kernel
-    if kernel not in ("auto", "kv", "qo"):
-        raise ValueError(f"kernel must be 'auto', 'kv' or 'qo', got {kernel!r}")
+    if kernel not in ("auto", "kv", "qo", "tiled"):
+        raise ValueError(f"kernel must be 'auto', 'kv', 'qo' or 'tiled', got {kernel!r}")
     if kernel != "auto":
         return kernel
     if ntok < QO_MAX_TOKENS:
@@ -162,11 +175,13 @@ def sparse_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         k, v: (B, T, H_kv, D), q's dtype.
         block_indices: int32 (B, T, H_kv, K), spec convention (block ids within the sequence, -1 unused).
         block_size: B_k; scale: softmax scale; cu_seqlens: int32 (S+1,) packed sequences (B == 1) or None.
-        kernel: 'kv' (KV-outer + combine), 'qo' (query-outer) or None/'auto' (heuristic, env override).
+        kernel: 'kv' (KV-outer + combine), 'qo' (query-outer), 'tiled' (query-tiled) or None/'auto'
+            (heuristic; ``msa.tuning`` field ``sparse_fwd_kernel``).
         partial_budget_bytes: bytes of partials (outputs + lse) per query chunk of the KV-outer path.
         max_queries_per_item: hot-row split of the reverse index (default 2 * K * B_k queries).
         stage_times: optional dict; when given (CUDA only) it receives CUDA-event times in ms of
-            the stages (reverse_index, kv_kernel, combine or qo_kernel) and the call synchronises.
+            the stages (reverse_index, kv_kernel, combine; qo_kernel; tile_union, tiled_kernel) and the
+            call synchronises.
         plan: optional ``SelectionPlan`` of block_indices (``selection_plan``): its layout, chunking
             and reverse indices are used (and cached for the backward and the KL) instead of built here.
 
@@ -201,6 +216,22 @@ def sparse_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     block_d = next_pow2(d, 16)
     qk_scale = float(scale) * LOG2E
     timer = _StageTimer(stage_times, dev)
+
+    if which == "tiled":
+        cfg = tiled_config(d, g, block_size)
+        tt = tile_tokens_for(g, cfg["BLOCK_M"], block_size)
+        timer.start("tile_union")
+        tu = plan.tile_union(tt) if plan is not None else build_tile_union(bi, layout, block_size, tt)
+        timer.stop()
+        timer.start("tiled_kernel")
+        sparse_attention_tiled_fwd_kernel[(nb * tu.subs, hkv)](
+            q, k, v, o, lse, tu.ids, tu.bits, tu.count, layout.seq_block_offset, layout.block_start, layout.block_len,
+            qk_scale, H_Q=hq, H_KV=hkv, G=g, UMAX=tu.ids.shape[2], TILE_T=tt, SUBS=tu.subs, D=d, BLOCK_D=block_d,
+            BLOCK_M=next_pow2(tt * g, 16), BLOCK_N=cfg["BLOCK_N"], KV_TILES=math.ceil(block_size / cfg["BLOCK_N"]),
+            UPCAST=upcast, DOT_PREC=dot_prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        timer.stop()
+        timer.finish()
+        return o, lse
 
     if which == "qo":
         cfg = qo_config(d, g, block_size)

@@ -277,5 +277,14 @@ class SelectionPlan:
             hit = self._indices[key] = (ri, nbr)
         return hit
 
+    def tile_union(self, tile_tokens: int):
+        """The ``TileUnion`` of this selection for query tiles of ``tile_tokens`` tokens; cached."""
+        key = ("tiles", tile_tokens)
+        hit = self._indices.get(key)
+        if hit is None:
+            from .tile_union import build_tile_union  # (tile_union imports this module)
+            hit = self._indices[key] = build_tile_union(self.block_indices, self.layout, self.block_size, tile_tokens)
+        return hit
+
     def full_index(self) -> ReverseIndex:
         return self.index(0, self.num_tokens)[0]

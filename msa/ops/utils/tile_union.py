@@ -1,0 +1,99 @@
+"""Union of the blocks selected by tiles of consecutive tokens: the metadata of the query-tiled main
+branch kernels (``sparse_attention`` kernel ``"tiled"``).
+
+A query tile is ``tile_tokens`` consecutive tokens of one query block (so of one sequence and with one
+own block): tile ``i`` is sub-tile ``i % subs`` of global block ``i // subs`` (``subs = ceil(block_size /
+tile_tokens)``; sub-tiles past a short last block are empty). For every (tile, KV group) the kernel
+lists the distinct block ids its tokens selected, ascending, and for each id a bit mask of which of the
+tile's tokens selected it; a query-tiled kernel then walks that list once with ``tile_tokens x G`` MMA
+rows, masking the rows whose token did not select the block. Trained indexers make neighbouring tokens
+agree, so the list is close to ``topk`` long; with unrelated selections it grows toward
+``tile_tokens * topk`` (``msa.bench.selections.union_blocks`` measures it).
+
+Equivalent PyTorch (one tile, group r; ``rows`` = the tile's tokens, each a list of ids)::
+
+    ids = sorted({b for row in rows for b in row if b >= 0})
+    bits = [sum(1 << i for i, row in enumerate(rows) if b in row) for b in ids]
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .reverse_index import BlockLayout
+from .triton_helpers import next_pow2
+
+MAX_TILE_TOKENS = 32  # one int32 bit mask per (tile, block)
+
+
+class TileUnion(NamedTuple):
+    """ids: int32 (tiles, H_kv, tile_tokens * topk) distinct selected block ids (within the sequence),
+    ascending, the first count[...] valid; bits: int32, same shape, bit i set when the tile's token i
+    selected that block; count: int32 (tiles, H_kv); tile_tokens, subs: the tiling."""
+
+    ids: torch.Tensor
+    bits: torch.Tensor
+    count: torch.Tensor
+    tile_tokens: int
+    subs: int
+
+
+@triton.jit
+def tile_union_kernel(BI, BLOCK_START, BLOCK_LEN, IDS, BITS, COUNT, H_KV: tl.constexpr, TOPK: tl.constexpr,
+                      TILE_T: tl.constexpr, SUBS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program per (tile, group): BI int32 (T_all, H_KV, TOPK); IDS/BITS int32 (tiles, H_KV,
+    TILE_T * TOPK); COUNT int32 (tiles, H_KV). Each step takes the smallest id above the last one."""
+    tile = tl.program_id(0)
+    r = tl.program_id(1)
+    gb = tile // SUBS
+    t0 = (tile % SUBS) * TILE_T
+    kstart = tl.load(BLOCK_START + gb)
+    klen = tl.load(BLOCK_LEN + gb)
+    i = tl.arange(0, BLOCK_T)
+    j = tl.arange(0, BLOCK_K)
+    tok_ok = (i < TILE_T) & (t0 + i < klen)
+    tok = (kstart + t0 + i).to(tl.int64)
+    big = 2147483647
+    ids = tl.load(BI + (tok * H_KV + r)[:, None] * TOPK + j[None, :], mask=tok_ok[:, None] & (j < TOPK)[None, :],
+                  other=-1)
+    ids = tl.where(ids >= 0, ids, big)
+    base = (tile.to(tl.int64) * H_KV + r) * (TILE_T * TOPK)
+    n = 0
+    nxt = tl.min(tl.min(ids, 1), 0)
+    while nxt < big:
+        hit = tl.max(tl.where(ids == nxt, 1, 0), 1)  # (BLOCK_T,): token i selected nxt
+        bits = tl.sum(hit << i, 0)
+        tl.store(IDS + base + n, nxt)
+        tl.store(BITS + base + n, bits)
+        n += 1
+        nxt = tl.min(tl.min(tl.where(ids > nxt, ids, big), 1), 0)
+    tl.store(COUNT + tile * H_KV + r, n)
+
+
+def tile_tokens_for(group: int, block_m: int, block_size: int) -> int:
+    """Tokens per query tile: as many as fill ``block_m`` MMA rows with G heads each (at least 1, at
+    most 32 and at most block_size)."""
+    return max(1, min(MAX_TILE_TOKENS, block_size, block_m // max(1, group)))
+
+
+def build_tile_union(block_indices: torch.Tensor, layout: BlockLayout, block_size: int,
+                     tile_tokens: int) -> TileUnion:
+    """block_indices int32 (B, T, H_kv, K) (validated, spec convention); layout of the same tokens."""
+    if not 1 <= tile_tokens <= MAX_TILE_TOKENS:
+        raise ValueError(f"tile_tokens must be in [1, {MAX_TILE_TOKENS}], got {tile_tokens}")
+    hkv, topk = block_indices.shape[2], block_indices.shape[3]
+    subs = math.ceil(block_size / tile_tokens)
+    tiles = layout.num_blocks * subs
+    dev = block_indices.device
+    ids = torch.empty(tiles, hkv, tile_tokens * topk, dtype=torch.int32, device=dev)
+    bits = torch.empty_like(ids)
+    count = torch.empty(tiles, hkv, dtype=torch.int32, device=dev)
+    tile_union_kernel[(tiles, hkv)](block_indices.contiguous(), layout.block_start, layout.block_len, ids, bits,
+                                    count, H_KV=hkv, TOPK=topk, TILE_T=tile_tokens, SUBS=subs,
+                                    BLOCK_T=next_pow2(tile_tokens), BLOCK_K=next_pow2(topk), num_warps=1)
+    return TileUnion(ids, bits, count, tile_tokens, subs)
