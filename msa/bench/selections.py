@@ -23,10 +23,13 @@ DEFAULT_FILE = Path(__file__).resolve().parent / "data" / "selections_exp-msa-pt
 
 
 @torch.no_grad()
-def record(run_dir: str, out_file: str, *, device: str = "cuda", window: int = 0) -> Dict[str, object]:
-    """Selections of every MSA layer of the last checkpoint of ``run_dir`` (sparse mode) on validation
-    window ``window`` (one document piece of the full context when there is one). Writes ``out_file``
-    (npz: ``sel`` int16 (L, T, H_kv, topk), ``layers``, ``meta`` JSON) and returns the meta dict."""
+def record(run_dir: str, out_file: str, *, device: str = "cuda", window: int = 0,
+           n_layers: int = 3) -> Dict[str, object]:
+    """Selections of ``n_layers`` MSA layers (first, last and evenly between) of the last checkpoint of
+    ``run_dir`` (sparse mode) on validation window ``window`` (a whole-document window). Writes
+    ``out_file`` (npz: ``dist`` uint8/uint16 (L, T, H_kv, topk), each row's distances to its own block
+    in descending order with the dtype's max for unused slots, i.e. ids ascending; ``meta`` JSON) and
+    returns the meta dict."""
     from ..evals.capture import capture_msa_layers
     from ..train.trainer import build_data, build_model, config_from_run, latest_checkpoint, load_full_model_state
 
@@ -50,20 +53,33 @@ def record(run_dir: str, out_file: str, *, device: str = "cuda", window: int = 0
     with capture_msa_layers(model, keep_input=False) as recs, torch.autocast(dev.type, torch.bfloat16,
                                                                               enabled=dev.type == "cuda"):
         model(ids, compute_kl=False)
-    sels = [(r.layer, r.block_indices[0].to(torch.int16).cpu().numpy()) for r in recs if r.block_indices is not None]
+    sels = [(r.layer, r.block_indices[0].long().cpu().numpy()) for r in recs if r.block_indices is not None]
+    keep = sorted({round(i * (len(sels) - 1) / max(1, n_layers - 1)) for i in range(min(n_layers, len(sels)))})
+    sels = [sels[i] for i in keep]
     meta = {"run": str(run_dir), "checkpoint": ck.name, "seq_len": int(ln), "block_size": cfg.model.block_size,
             "topk_blocks": cfg.model.topk_blocks, "num_kv_heads": cfg.model.num_kv_heads,
-            "index_norm_rope": cfg.model.index_norm_rope, "window": int(w)}
+            "index_norm_rope": cfg.model.index_norm_rope, "window": int(w), "layers": [i for i, _ in sels]}
+    sel = np.stack([x for _, x in sels])
+    own = (np.arange(sel.shape[1]) // cfg.model.block_size)[None, :, None, None]
+    dt = np.uint8 if sel.shape[1] // cfg.model.block_size < 255 else np.uint16
+    unused = np.iinfo(dt).max
+    # distances to the own block, unused slots last (ids ascending, the own block in the last valid slot)
+    dist = -np.sort(-np.where(sel >= 0, own - sel, -1), -1)
+    dist = np.where(dist >= 0, dist, unused).astype(dt)
     Path(out_file).parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out_file, sel=np.stack([x for _, x in sels]), layers=np.array([i for i, _ in sels]),
-                        meta=np.array(json.dumps(meta)))
+    np.savez_compressed(out_file, dist=dist, meta=np.array(json.dumps(meta)))
     return meta
 
 
 def load(path: Optional[str] = None):
-    """(sel int16 (L, T, H_kv, topk), meta dict) of a recorded file (default: the committed one)."""
+    """(sel int64 (L, T, H_kv, topk) block ids with -1 for unused slots, meta dict) of a recorded file
+    (default: the committed one)."""
     z = np.load(path or DEFAULT_FILE)
-    return z["sel"], json.loads(str(z["meta"]))
+    meta = json.loads(str(z["meta"]))
+    dist = z["dist"]
+    own = (np.arange(dist.shape[1]) // meta["block_size"])[None, :, None, None]
+    sel = np.where(dist == np.iinfo(dist.dtype).max, -1, own - dist.astype(np.int64))
+    return sel, meta
 
 
 def realistic_indices(t: int, num_kv_heads: int, topk: int, block_size: int, device, *,

@@ -10,8 +10,9 @@ a 12-layer, ~46M-parameter model (1 dense + 11 MSA layers), context 16K, blocks 
 - exp-msa-nowarmup / exp-msa-nodetach / exp-msa-noindexrope / exp-msa-k8: ablations of exp-msa-pt
   (sparse from step 0; KL teacher not detached, its gradient estimated from 1024 sampled query rows
   per micro-batch; no RMSNorm + RoPE on the index q and k; top-8)
-- exp-msa-indexlr / exp-msa-sink / exp-msa-idx128: recipe levers for the index (index learning rate
-  5e-3 instead of 1e-3; the first block always selected, init_blocks=1; index_dim 128 instead of 64)
+- exp-msa-indexlr / exp-msa-sink / exp-msa-idx64: recipe levers for the index (index learning rate
+  5e-3 instead of 1e-3; the first block always selected, init_blocks=1; index_dim 64 instead of the
+  recipe's 128, which was the recipe until the lever runs showed 128 better)
 - exp-msa-cpt: from exp-dense's final checkpoint (phase.init_from), fresh index projections, KL
   warmup for 20% of its steps, then sparse; its steps are 20% of the pretraining's
 - exp-dense-cont: exp-dense continued densely for the same steps (the comparison for exp-msa-cpt)
@@ -59,7 +60,7 @@ def exp_base() -> TrainConfig:
     return TrainConfig(
         name="exp", steps=EXP_STEPS, checkpoint_every=200, log_every=10, max_minutes=0.0,
         model=ModelConfig(hidden_size=512, num_layers=12, num_dense_layers=1, intermediate_size=1536, num_heads=8,
-                          num_kv_heads=2, head_dim=64, index_dim=64, block_size=128, topk_blocks=16),
+                          num_kv_heads=2, head_dim=64, index_dim=128, block_size=128, topk_blocks=16),
         data=DataConfig(seq_len=16384, batch_size=2, vocab_size=16384, tokenizer_train_mb=32, max_corpus_mb=400,
                         eval_corpus_mb=40),
         optim=OptimConfig(lr=1e-3, index_lr=1e-3, warmup_steps=100, min_lr_ratio=0.1),
@@ -99,7 +100,7 @@ PRESETS: Dict[str, Callable[[], TrainConfig]] = {
     "exp-msa-k8": _variant("exp-msa-k8", model__topk_blocks=8),
     "exp-msa-indexlr": _variant("exp-msa-indexlr", optim__index_lr=5e-3),
     "exp-msa-sink": _variant("exp-msa-sink", model__init_blocks=1),
-    "exp-msa-idx128": _variant("exp-msa-idx128", model__index_dim=128),
+    "exp-msa-idx64": _variant("exp-msa-idx64", model__index_dim=64),
     "exp-msa-cpt": _variant("exp-msa-cpt", steps=CPT_STEPS, phase__warmup_steps=CPT_STEPS // 5,
                             phase__reinit_index=True, optim__lr=3e-4, optim__warmup_steps=20,
                             optim__index_lr=1e-3, checkpoint_every=100, eval__every=80),

@@ -23,7 +23,7 @@ def recording(tmp_path_factory):
 def test_record_holds_what_the_model_selected(recording):
     path, meta = recording
     sel, m = load(path)
-    assert m == meta and sel.dtype == np.int16
+    assert m == meta and sel.dtype == np.int64 and meta["layers"] == [1]  # the tiny model's one MSA layer
     assert sel.shape[1:] == (meta["seq_len"], meta["num_kv_heads"], meta["topk_blocks"])
     bi = torch.from_numpy(sel[0].astype(np.int32)).unsqueeze(0)
     check_block_indices(bi, 1, meta["seq_len"], meta["num_kv_heads"], meta["block_size"], None)
