@@ -34,7 +34,7 @@ ENV_VAR = "MSA_TUNING"
 _CHOICES = {
     "sparse_fwd_kernel": ("auto", "kv", "qo", "tiled"),
     "sparse_fwd_partial_dtype": ("auto", "fp32"),
-    "sparse_bwd_dq": ("kv", "query", "tiled"),
+    "sparse_bwd_dq": ("auto", "kv", "query", "tiled"),
     "kl_dense_mode": ("auto", "flash-atomic", "flash"),
 }
 
@@ -45,12 +45,12 @@ class Tuning:
 
     sparse_fwd_kernel: main-branch forward, "kv" (KV-outer + combine), "qo" (query-outer), "tiled"
         (consecutive tokens x G heads per MMA tile over the union of their blocks) or "auto"
-        (query-outer below a few thousand tokens or when KV-outer tiles would be poorly filled).
+        (query-tiled below 16K tokens, query-outer when KV-outer tiles would be poorly filled).
     sparse_fwd_partial_bytes: bytes of partial outputs per query chunk of the KV-outer forward and of
         the KV-outer dQ (None: min(16 GiB, 25% of free device memory), at least 256 MiB).
     sparse_fwd_partial_dtype: "auto" (the input dtype for bf16/fp16 inputs) or "fp32".
-    sparse_bwd_dq: dQ algorithm, "kv" (KV-outer over the reverse index), "query" (query-outer) or
-        "tiled" (query-tiled, over the forward's tile unions).
+    sparse_bwd_dq: dQ algorithm, "kv" (KV-outer over the reverse index), "query" (query-outer),
+        "tiled" (query-tiled over tile unions) or "auto" (tiled below 16K tokens, else kv).
     kl_dense_mode: warmup KL, "flash-atomic" (one pass, fp32 atomics for dk_idx), "flash" (a second
         pass instead of atomics: deterministic) or "auto" ("flash" under
         ``torch.use_deterministic_algorithms(True)``, else "flash-atomic").
@@ -64,7 +64,7 @@ class Tuning:
     sparse_fwd_kernel: str = "auto"
     sparse_fwd_partial_bytes: Optional[int] = None
     sparse_fwd_partial_dtype: str = "auto"
-    sparse_bwd_dq: str = "kv"
+    sparse_bwd_dq: str = "auto"
     kl_dense_mode: str = "auto"
     kl_partial_bytes: Optional[int] = None
     decode_bitonic: bool = True

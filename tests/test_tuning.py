@@ -79,4 +79,4 @@ def test_set_default():
         assert tuning.current().sparse_bwd_dq == "query"
     finally:
         tuning.reset_default()
-    assert tuning.current().sparse_bwd_dq == "kv"
+    assert tuning.current().sparse_bwd_dq == "auto"

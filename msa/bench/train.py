@@ -467,9 +467,13 @@ def bench_size(t, notes):
                 "sparse_step": sparse_step}
     # the query-tiled forward + dQ (msa.tuning), on the indexer's selections of random inputs and on
     # selections replayed from a trained model (msa.bench.selections: neighbours select alike)
+    # (sparse_step itself runs the defaults: "auto" picks tiled below 16K tokens, KV-outer above)
     tiled = dict(sparse_fwd_kernel="tiled", sparse_bwd_dq="tiled")
+    kv = dict(sparse_fwd_kernel="kv", sparse_bwd_dq="kv")
     variants["sparse_attn_fwd_bwd_tiled"] = lambda: _with(tiled, attn_fn)
+    variants["sparse_attn_fwd_bwd_kv"] = lambda: _with(kv, attn_fn)
     variants["sparse_step_tiled"] = lambda: _with(tiled, sparse_step)
+    variants["sparse_step_kv"] = lambda: _with(kv, sparse_step)
     try:
         from .selections import realistic_indices, union_blocks
         real = realistic_indices(t, HKV, TOPK, BLOCK, q.device)
@@ -484,6 +488,7 @@ def bench_size(t, notes):
             torch.autograd.grad(loss, (qi, ki))
         variants["sparse_step_realistic"] = real_step
         variants["sparse_step_realistic_tiled"] = lambda: _with(tiled, real_step)
+        variants["sparse_step_realistic_kv"] = lambda: _with(kv, real_step)
     except (OSError, ValueError) as exc:
         notes.append(f"T={t}: no realistic selections: {exc}")
     dense_ok = t <= DENSE_MAX_T and not NO_DENSE
@@ -528,7 +533,7 @@ def bench_size(t, notes):
     row["warmup_step_best_ms"] = min(warm) if warm else None
     if row["dense_best_ms"] and isinstance(row.get("sparse_step_ms"), float):
         row["sparse_speedup_vs_dense"] = row["dense_best_ms"] / row["sparse_step_ms"]
-    for v in ("tiled", "realistic", "realistic_tiled"):
+    for v in ("tiled", "kv", "realistic", "realistic_tiled", "realistic_kv"):
         if row["dense_best_ms"] and isinstance(row.get(f"sparse_step_{v}_ms"), float):
             row[f"sparse_{v}_speedup_vs_dense"] = row["dense_best_ms"] / row[f"sparse_step_{v}_ms"]
     if row["dense_best_ms"] and row["warmup_step_best_ms"]:
@@ -675,10 +680,10 @@ def main():
     cols = ["T", "select_ms", "sparse_attn_fwd_bwd_ms", "sparse_kl_fwd_bwd_ms", "sparse_step_ms", "sdpa_cudnn_ms",
             "sdpa_flash_ms", "dense_lse_cudnn_ms", "dense_kl_fwd_bwd_ms", "warmup_step_best_ms",
             "sparse_speedup_vs_dense", "warmup_over_dense", "sparse_step_peak_gb", "sdpa_flash_peak_gb"]
-    cols2 = ["T", "union_blocks_random", "union_blocks_realistic", "sparse_attn_fwd_bwd_ms",
-             "sparse_attn_fwd_bwd_tiled_ms", "sparse_step_ms", "sparse_step_tiled_ms", "sparse_step_realistic_ms",
-             "sparse_step_realistic_tiled_ms", "sparse_speedup_vs_dense", "sparse_tiled_speedup_vs_dense",
-             "sparse_realistic_speedup_vs_dense", "sparse_realistic_tiled_speedup_vs_dense"]
+    cols2 = ["T", "union_blocks_random", "union_blocks_realistic", "sparse_attn_fwd_bwd_kv_ms",
+             "sparse_attn_fwd_bwd_tiled_ms", "sparse_step_kv_ms", "sparse_step_tiled_ms", "sparse_step_ms",
+             "sparse_step_realistic_kv_ms", "sparse_step_realistic_tiled_ms", "sparse_step_realistic_ms",
+             "sparse_speedup_vs_dense", "sparse_realistic_speedup_vs_dense"]
     for n in notes:
         print("note:", n)
     print("parity:", "PASS" if gate.get("pass") else "FAIL", "" if gate.get("pass") else

@@ -204,8 +204,9 @@ def test_public_interface_and_backward():
 
 
 def test_heuristic_and_override(tuned):
-    assert choose_kernel(100, 16, 16, 8, 8, 100) == "qo"                  # tiny: query-outer
-    assert choose_kernel(8192, 16, 16, 64, 64, 8192) == "kv"              # 8K: KV-outer (H200: 5.6 vs 7.0 ms)
+    assert choose_kernel(100, 16, 16, 8, 8, 100) == "tiled"               # tiny: query-tiled
+    assert choose_kernel(8192, 16, 16, 64, 64, 8192) == "tiled"           # 8K: query-tiled (H200: 3.6 vs 5.8 ms)
+    assert choose_kernel(1 << 16, 1, 16, 8192, 8192, 64) == "qo"           # G = 1, tiny chunks: KV tiles underfilled
     assert choose_kernel(32768, 16, 16, 256, 256, 32768) == "kv"          # 32K: KV-outer
     assert choose_kernel(1 << 20, 16, 16, 8192, 8192, 8192) == "kv"        # 1M, G = 16
     assert choose_kernel(1 << 20, 16, 16, 8192, 8192, 8192, "qo") == "qo"  # argument wins

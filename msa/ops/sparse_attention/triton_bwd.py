@@ -374,17 +374,17 @@ def bwd_config(g: int, d: int, block_size: int):
     (raised to >= G); DKDV_BLOCK_N: keys per program (the block is split over programs, each keeping
     its dK/dV accumulators in registers); DQKV_*: the KV-outer dQ kernel (mode ``kv``: rows, warps,
     stages, key tile); DQR_BLOCK_H: heads per program of its slot reduction; DQ_*: the query-outer dQ
-    kernel (mode ``query``); DQT_*: the query-tiled dQ kernel (mode ``tiled``; its rows follow the
-    forward's ``tiled_config``)."""
+    kernel (mode ``query``); DQT_*: the query-tiled dQ kernel (mode ``tiled``; DQT_BLOCK_M rows =
+    tile tokens x G, at least one token per tile)."""
     bs_pad = next_pow2(block_size, 16)
     if interpreting():
         cfg = dict(DKDV_BLOCK_M=16, DKDV_BLOCK_N=bs_pad, DKDV_WARPS=4, DKDV_STAGES=1, DQ_BLOCK_N=bs_pad,
                    DQ_WARPS=4, DQ_STAGES=1, DQKV_BLOCK_M=16, DQKV_BLOCK_N=bs_pad, DQKV_WARPS=4, DQKV_STAGES=1,
-                   DQT_BLOCK_N=bs_pad, DQT_WARPS=4, DQT_STAGES=1)
+                   DQT_BLOCK_M=16, DQT_BLOCK_N=bs_pad, DQT_WARPS=4, DQT_STAGES=1)
     else:
         cfg = dict(DKDV_BLOCK_M=64, DKDV_BLOCK_N=min(bs_pad, 64), DKDV_WARPS=4, DKDV_STAGES=2, DQ_BLOCK_N=bs_pad,
                    DQ_WARPS=4, DQ_STAGES=2, DQKV_BLOCK_M=64, DQKV_BLOCK_N=min(bs_pad, 128), DQKV_WARPS=4,
-                   DQKV_STAGES=1, DQT_BLOCK_N=min(bs_pad, 64), DQT_WARPS=4, DQT_STAGES=2)
+                   DQKV_STAGES=1, DQT_BLOCK_M=32, DQT_BLOCK_N=min(bs_pad, 64), DQT_WARPS=4, DQT_STAGES=3)
     cfg["DQR_BLOCK_H"] = 0  # 0: chosen from the shape (about 16K partial values per program)
     cfg = merge_launch_config(cfg, "sparse_bwd_config")
     cfg["DKDV_BLOCK_M"] = max(cfg["DKDV_BLOCK_M"], next_pow2(g, 16))
@@ -399,13 +399,18 @@ def bwd_config(g: int, d: int, block_size: int):
 
 
 
-def dq_mode() -> str:
+def dq_mode(ntok: int = 0) -> str:
     """How dQ is computed (``msa.tuning`` field ``sparse_bwd_dq``): ``kv`` (default), KV-outer over the
     reverse index like the forward, each (query, slot) contribution in a pre-assigned partial slot
     summed per query in a fixed slot order; ``query``, the spec's query-outer kernel, one program per
     (token, group) re-reading K/V of its K blocks, no partial buffer; ``tiled``, the forward's query
-    tiles over the union of their blocks. All are deterministic."""
-    return tuning.current().sparse_bwd_dq
+    tiles over the union of their blocks; ``auto`` (default), ``tiled`` below the forward's
+    ``TILED_MAX_TOKENS`` tokens, else ``kv``. All are deterministic."""
+    mode = tuning.current().sparse_bwd_dq
+    if mode == "auto":
+        from .triton_impl import TILED_MAX_TOKENS
+        return "tiled" if ntok < TILED_MAX_TOKENS else "kv"
+    return mode
 
 
 def default_max_queries_per_item(block_size: int, topk: int) -> int:
@@ -471,21 +476,21 @@ def _dq_kv_outer(q, k, v, do, lse, delta, bi, *, block_size: int, scale: float, 
 
 def _dq_tiled(q, k, v, do, lse, delta, bi, *, block_size: int, scale: float, cu_seqlens, timer,
               plan: Optional[SelectionPlan]) -> torch.Tensor:
-    """dQ of mode ``tiled`` with the forward's tiling (``tiled_config``), so a plan's tile union is reused."""
+    """dQ of mode ``tiled``: query tiles of DQT_BLOCK_M rows (fewer than the forward's: the dQ tile keeps
+    Q, dO and the dQ accumulator in registers), their tile union cached in the plan like the forward's."""
     from ..utils.reverse_index import block_layout
     from ..utils.tile_union import build_tile_union, tile_tokens_for
-    from .triton_impl import LOG2E, tiled_config
+    from .triton_impl import LOG2E
 
     bsz, t, hq, d = q.shape
     hkv = k.shape[2]
     g = hq // hkv
-    fcfg = tiled_config(d, g, block_size)
-    tt = tile_tokens_for(g, fcfg["BLOCK_M"], block_size)
+    cfg = bwd_config(g, d, block_size)
+    tt = tile_tokens_for(g, cfg["DQT_BLOCK_M"], block_size)
     layout = plan.layout if plan is not None else block_layout(bsz, t, block_size, cu_seqlens, q.device)
     timer.start("tile_union")
     tu = plan.tile_union(tt) if plan is not None else build_tile_union(bi, layout, block_size, tt)
     timer.stop()
-    cfg = bwd_config(g, d, block_size)
     block_n = cfg["DQT_BLOCK_N"]
     dq = torch.empty_like(q)
     timer.start("dq_kernel")
@@ -555,7 +560,7 @@ def sparse_attention_bwd_triton(do: torch.Tensor, q: torch.Tensor, k: torch.Tens
     timer.stop()
 
     cfg = bwd_config(g, d, block_size)
-    mode = dq_mode()
+    mode = dq_mode(ntok)
     if mode == "query":
         seq_start = token_seq_start(bsz, t, cu_seqlens, dev)
         dq = torch.empty_like(q)

@@ -2,11 +2,13 @@
 query-tiled.
 
 Kernel choice (``kernel=`` argument, else ``msa.tuning`` field ``sparse_fwd_kernel``): ``auto`` takes
-the query-outer kernel below ``QO_MAX_TOKENS`` tokens, where the reverse index and the partial round
-trip do not pay off, or when KV-outer work items would fill fewer than ``KV_MIN_ROWS`` MMA rows;
-otherwise KV-outer. ``tiled``: several consecutive tokens x G heads per MMA tile over the union of
-their selected blocks (``msa.ops.utils.tile_union``); its cost grows with that union, so it pays when
-neighbouring tokens select alike (trained indexers) and loses on unrelated (random) selections.
+the query-tiled kernel below ``TILED_MAX_TOKENS`` tokens, where the reverse index and the partial
+round trip do not pay off, the query-outer kernel when KV-outer work items would fill fewer than
+``KV_MIN_ROWS`` MMA rows, otherwise KV-outer. ``tiled``: several consecutive tokens x G heads per MMA
+tile over the union of their selected blocks (``msa.ops.utils.tile_union``); its cost grows with that
+union (measured per 8-token tile at the paper shape: 25 blocks at 8K and 38 at 32K for selections of a
+trained model, 27 and 46 for random ones, against 16 per token), so it wins at 8K and loses at 32K
+(docs/perf-notes.md, round 21).
 
 Memory: the KV-outer path stores K * H_q * (D * s + 4) bytes of partials per token (s = 2 for
 bf16/fp16 inputs, whose partial outputs keep the input dtype; s = 4 for fp32 or under
@@ -39,7 +41,7 @@ from .triton_fwd import (sparse_attention_combine_fwd_kernel, sparse_attention_f
                          sparse_attention_qo_fwd_kernel, sparse_attention_tiled_fwd_kernel)
 
 LOG2E = 1.4426950408889634
-QO_MAX_TOKENS = 4096          # below this many tokens (B * T) auto picks query-outer (H200: kv won at 8K)
+TILED_MAX_TOKENS = 16384      # below this many tokens (B * T) auto picks query-tiled (H200: won at 8K, lost at 32K)
 KV_MIN_ROWS = 64              # KV-outer needs about this many MMA rows per (group, block) row
 MAX_DEFAULT_PARTIAL_BYTES = 16 << 30
 MIN_DEFAULT_PARTIAL_BYTES = 256 << 20
@@ -90,8 +92,8 @@ def tiled_config(head_dim: int, group: int, block_size: int) -> Dict[str, int]:
     """Launch configuration of the query-tiled kernel (keys BLOCK_M, BLOCK_N, num_warps, num_stages):
     BLOCK_M MMA rows = tile_tokens x G (padded to a power of two >= 16)."""
     block_d = next_pow2(head_dim, 16)
-    cfg = dict(BLOCK_M=64, BLOCK_N=max(16, min(64 if block_d >= 128 else 128, next_pow2(block_size))),
-               num_warps=4, num_stages=2)
+    cfg = dict(BLOCK_M=128, BLOCK_N=max(16, min(64 if block_d >= 128 else 128, next_pow2(block_size))),
+               num_warps=8, num_stages=3 if block_d <= 128 else 2)
     return merge_launch_config(cfg, "sparse_fwd_tiled_config")
 
 
@@ -155,8 +157,8 @@ def choose_kernel(ntok: int, group: int, topk: int, blocks_per_seq: int, num_blo
         raise ValueError(f"kernel must be 'auto', 'kv', 'qo' or 'tiled', got {kernel!r}")
     if kernel != "auto":
         return kernel
-    if ntok < QO_MAX_TOKENS:
-        return "qo"
+    if ntok < TILED_MAX_TOKENS:
+        return "tiled"
     # expected queries per (group, block) row of one chunk, times G heads = MMA rows per work item
     rows = group * min(chunk_tokens, ntok) * min(topk, blocks_per_seq) / max(1, num_blocks)
     return "kv" if rows >= KV_MIN_ROWS else "qo"
