@@ -533,9 +533,9 @@ def bench_size(t, notes):
     row["warmup_step_best_ms"] = min(warm) if warm else None
     if row["dense_best_ms"] and isinstance(row.get("sparse_step_ms"), float):
         row["sparse_speedup_vs_dense"] = row["dense_best_ms"] / row["sparse_step_ms"]
-    for v in ("tiled", "kv", "realistic", "realistic_tiled", "realistic_kv"):
-        if row["dense_best_ms"] and isinstance(row.get(f"sparse_step_{v}_ms"), float):
-            row[f"sparse_{v}_speedup_vs_dense"] = row["dense_best_ms"] / row[f"sparse_step_{v}_ms"]
+    for var in ("tiled", "kv", "realistic", "realistic_tiled", "realistic_kv"):
+        if row["dense_best_ms"] and isinstance(row.get(f"sparse_step_{var}_ms"), float):
+            row[f"sparse_{var}_speedup_vs_dense"] = row["dense_best_ms"] / row[f"sparse_step_{var}_ms"]
     if row["dense_best_ms"] and row["warmup_step_best_ms"]:
         row["warmup_over_dense"] = row["warmup_step_best_ms"] / row["dense_best_ms"]
     row["dense_tflops"] = (3.5 * 2 * HQ * D * t * t / (row["dense_best_ms"] * 1e-3) / 1e12
