@@ -52,6 +52,44 @@ def prefill(folder):
     return out, metas
 
 
+def selections(folder):
+    """Prefill and training step per kernel on random and on replayed trained selections."""
+    d, tr = _load(folder, "prefill_h200.json"), _load(folder, "train_short_h200.json")
+    if d is None or "union_blocks" not in d["results"][0]:
+        return [], []
+    out = ["Forward (ms) of each kernel; union = distinct blocks per 8-token tile (per token: at most 16); "
+           "total = indexer + the kernel `auto` picks.", "",
+           "| T | selections | union | KV-outer | query-outer | query-tiled | auto | total | dense | speedup |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in d["results"]:
+        for name, where in (("random", r), ("trained (replayed)", r.get("realistic", {}))):
+            if "union_blocks" not in where:
+                continue
+            auto = r.get("auto_kernel", "kv")
+            att = where.get(f"sparse_{auto}", {}).get("ms")
+            tot = None if att is None else att + r["indexer"]["ms"]
+            dense = r.get("dense_best", {}).get("ms")
+            out.append(f"| {r['T'] // 1024}K | {name} | {where['union_blocks']:.1f} | "
+                       + " | ".join(_ms(where.get(f"sparse_{k}", {}).get("ms")) for k in ("kv", "qo", "tiled"))
+                       + f" | {auto} | {_ms(tot)} | {_ms(dense)} | "
+                       + (f"**{dense / tot:.2f}x** |" if tot and dense else "- |"))
+    metas = [_meta(d)]
+    if tr is not None:
+        out += ["", "Training step (select + attention fwd/bwd + KL fwd/bwd, ms) with the forward and dQ forced to "
+                "KV-outer or query-tiled, and as `auto` picks; dense = SDPA fwd+bwd (best backend).", "",
+                "| T | selections | KV-outer | query-tiled | auto | dense | speedup (auto) |", "|---|---|---|---|---|---|---|"]
+        for r in tr["results"]:
+            for name, sfx in (("random", ""), ("trained (replayed)", "_realistic")):
+                cells = [r.get(f"sparse_step{sfx}_{k}_ms") for k in ("kv", "tiled")] + [r.get(f"sparse_step{sfx}_ms")]
+                if not all(isinstance(c, float) for c in cells):
+                    continue
+                dense = r.get("dense_best_ms")
+                out.append(f"| {r['T'] // 1024}K | {name} | " + " | ".join(_ms(c) for c in cells) + f" | {_ms(dense)} | "
+                           + (f"**{dense / cells[2]:.2f}x** |" if dense else "- |"))
+        metas.append(_meta(tr))
+    return out, metas
+
+
 def topk(folder):
     d = _load(folder, "topk_h200.json")
     if d is None:
@@ -225,7 +263,8 @@ def main():
     args = ap.parse_args()
     if args.plot:
         plot_prefill(args.results, args.plot)
-    for title, fn in (("Prefill", prefill), ("Top-k and indexer", topk), ("Decode", decode), ("Training", train), ("The product path", product),
+    for title, fn in (("Prefill", prefill), ("Kernels on random and trained selections", selections),
+                      ("Top-k and indexer", topk), ("Decode", decode), ("Training", train), ("The product path", product),
                       ("Decode, H100", lambda f: decode(f, "h100")), ("Training, H100", lambda f: train(f, "h100"))):
         lines, metas = fn(args.results)
         if not lines:
