@@ -97,6 +97,35 @@ def test_sparse_step_builds_each_reverse_index_once(monkeypatch, tuned, chunked)
         assert rel(p_tri.grad, p_ref.grad) < 1e-3, f"{name}: {rel(p_tri.grad, p_ref.grad):.2e}"
 
 
+def test_tiled_step_builds_each_tile_union_once(monkeypatch, tuned):
+    """With the query-tiled forward and dQ (auto's choice below 16K tokens), one layer step builds one
+    tile union per tiling (the forward's and the dQ's), cached in the SelectionPlan, not one per call,
+    and matches the reference layer."""
+    import importlib
+    tuned(sparse_fwd_kernel="tiled", sparse_bwd_dq="tiled")
+    tu = importlib.import_module("msa.ops.utils.tile_union")
+    calls = []
+    real = tu.build_tile_union
+    monkeypatch.setattr(tu, "build_tile_union", lambda *a, **kw: calls.append(a[3]) or real(*a, **kw))
+    for mod in ("msa.ops.sparse_attention.triton_impl",):
+        monkeypatch.setattr(importlib.import_module(mod), "build_tile_union",
+                            lambda *a, **kw: calls.append(("unplanned", a[3])) or real(*a, **kw))
+    torch.manual_seed(4)
+    ref = MSAAttention(cfg("reference")).to(DEV)
+    tri = MSAAttention(cfg("triton")).to(DEV)
+    tri.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 113, 64, device=DEV)
+    outs = []
+    for m in (ref, tri):
+        out = m(x)
+        (out.hidden.square().mean() + out.kl_loss).backward()
+        outs.append(out)
+    assert len(calls) == len(set(calls)) == 2 and all(isinstance(c, int) for c in calls), calls
+    assert rel(outs[1].hidden, outs[0].hidden) < 1e-4
+    for (name, p_ref), (_, p_tri) in zip(ref.named_parameters(), tri.named_parameters()):
+        assert rel(p_tri.grad, p_ref.grad) < 1e-3, f"{name}: {rel(p_tri.grad, p_ref.grad):.2e}"
+
+
 def test_layer_rejects_bad_cu_seqlens_values_without_debug():
     """cu_seqlens' values are checked where a launcher copies them to the host, so a bad one still
     raises a clear error in the default (non-debug) mode."""
