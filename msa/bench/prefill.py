@@ -59,7 +59,7 @@ from msa.ops.sparse_attention.triton_impl import (_partial_budget, choose_kernel
                                                   partial_bytes_per_token, sparse_attention_fwd_triton,
                                                   tiled_config)
 from msa.ops.utils.tile_union import tile_tokens_for  # noqa: E402
-from msa.bench.selections import realistic_indices, union_blocks  # noqa: E402
+from msa.bench.selections import realistic_indices, selection_recall, union_blocks  # noqa: E402
 
 DENSE_ONCE_MAX_S = 30.0  # above --dense-max, time dense once only if the T^2 estimate is below this
 
@@ -254,6 +254,15 @@ def run_size(t, args, device, indexer_fn, flex_fn, dense_hist):
     if bi is None:
         bi = synthetic_indices(t, device)
         res["indices"] = "synthetic (local + 15 random earlier blocks)"
+    elif indexer_fn is not None:  # fp8 index scores: time, and block recall against the bf16 selection
+        res["indexer_fp8"] = measure("indexer_fp8", lambda: msa.select_blocks(
+            qi, ki, block_size=BK, topk=TOPK, backend="triton", fp8_scores=True), hr)
+        try:
+            res["fp8_block_recall"] = selection_recall(bi, msa.select_blocks(
+                qi, ki, block_size=BK, topk=TOPK, backend="triton", fp8_scores=True))
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            res["fp8_block_recall"] = "OOM"
     del qi, ki
 
     scale = D ** -0.5
@@ -492,7 +501,7 @@ def main():
         bd = r.get("breakdown_kv", {})
         if "kv_kernel" in bd:
             bd["kv_kernel_tflops"] = tflops(bd["kv_kernel"], f["sparse"])
-        for key, fk in (("indexer", "index"),
+        for key, fk in (("indexer", "index"), ("indexer_fp8", "index"),
                         ("sdpa_cudnn", "dense"), ("sdpa_flash", "dense"), ("dense_best", "dense"),
                         ("flex", "sparse")):
             if "ms" in r.get(key, {}):
@@ -581,6 +590,12 @@ def table(out):
             print(f"{r['T']:8d} {name:>9s} {where['union_blocks']:6.1f} {cell(where, 'sparse_kv')} "
                   f"{cell(where, 'sparse_qo')} {cell(where, 'sparse_tiled')} {cell(where, 'total_best')} "
                   f"{where.get('total_best', {}).get('speedup_vs_dense', float('nan')):8.2f}")
+    for r in rows:
+        if "ms" in r.get("indexer_fp8", {}):
+            rec = r.get("fp8_block_recall")
+            print(f"T={r['T']}: indexer with fp8 index scores {r['indexer_fp8']['ms']:.2f} ms (bf16 {r['indexer']['ms']:.2f}); "
+                  f"block recall of its selection against the bf16 one: "
+                  + (f"{rec:.4f}" if isinstance(rec, float) else str(rec)))
     print("\nbreakdown, ms (indexer: do_bench median; KV-outer stages: one call with CUDA events, summed over chunks)")
     print(f"{'T':>8s} {'indexer':>10s} {'rev_index':>10s} {'kv_kernel':>10s} {'combine':>10s} {'kv_sum':>10s} "
           f"{'chunks':>6s} {'kernTF/s':>8s}")

@@ -119,6 +119,20 @@ def union_blocks(block_indices: torch.Tensor, tile_tokens: int) -> float:
     return float(distinct.float().mean())
 
 
+def selection_recall(ref: torch.Tensor, got: torch.Tensor, chunk: int = 1 << 16) -> float:
+    """Share of the valid block ids of ``ref`` that ``got`` selects too (both int32 (B, T, H_kv, topk),
+    -1 unused), over all rows: the block recall of one selection against another."""
+    hit = tot = 0
+    r_all, g_all = ref.reshape(-1, ref.shape[-1]), got.reshape(-1, got.shape[-1])
+    for i in range(0, r_all.shape[0], chunk):
+        r, g = r_all[i:i + chunk], g_all[i:i + chunk]
+        valid = r >= 0
+        same = (r.unsqueeze(-1) == g.unsqueeze(-2)).any(-1) & valid
+        hit += int(same.sum())
+        tot += int(valid.sum())
+    return hit / max(1, tot)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(prog="msa bench selections", description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, help="an msa train run directory (its last checkpoint is used)")

@@ -36,6 +36,8 @@ class MSAConfig:
     plain dense GQA layer without an index branch (MiniMax-M3 keeps its first layers dense).
     mode: "dense" (warmup: full causal attention, full-support KL) or "sparse".
     backend: "auto" | "reference" | "triton" for the MSA ops.
+    fp8_index_scores: prefill / training selection from float8_e4m3fn copies of q_idx and k_idx (per-token
+    scales, ``msa.select_blocks(fp8_scores=True)``); the KL and the decode path are unchanged.
     debug: checked mode: every op also validates the values of its index tensors (block ids in range,
     no repeats, cu_seqlens), which synchronises with the host several times per layer.
     """
@@ -56,6 +58,7 @@ class MSAConfig:
     use_index: bool = True
     mode: str = "sparse"
     backend: str = "auto"
+    fp8_index_scores: bool = False
     debug: bool = False
 
     def __post_init__(self):
@@ -74,13 +77,14 @@ class MSAConfig:
         check(0 <= self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0,
               f"rotary_dim must be even and in [0, head_dim={self.head_dim}], got {self.rotary_dim}")
         check(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
+        check(isinstance(self.fp8_index_scores, bool), f"fp8_index_scores must be a bool, got {self.fp8_index_scores!r}")
 
 
 def msa_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: Optional[torch.Tensor],
                           k_idx: Optional[torch.Tensor], *, sparse: bool, compute_kl: bool, block_size: int,
                           topk_blocks: int, init_blocks: int = 0, local_blocks: int = 1, scale: float,
                           index_scale: float, cu_seqlens: Optional[torch.Tensor] = None, backend: str = "auto",
-                          debug: bool = False):
+                          debug: bool = False, fp8_index_scores: bool = False):
     """The attention of an MSA layer over a whole (packed) batch, as training and prefill run it:
     (o, kl or None, block_indices or None). Shared by ``MSAAttention`` and ``msa.hf``.
 
@@ -90,6 +94,7 @@ def msa_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_i
         sparse: MSA selection (else dense causal attention, the warmup). compute_kl: also the layer's
         KL (teacher from detached q, k; gradients reach q_idx, k_idx only). scale / index_scale: main and
         index softmax scales. debug: the ops also validate index values (host syncs).
+        fp8_index_scores: select from fp8 index scores (``msa.select_blocks(fp8_scores=True)``).
 
     Sparse: ONE selection and, on the Triton backend outside torch.compile, one ``SelectionPlan`` whose
     reverse indices the attention forward, its backward and the KL share; the attention's lse is the
@@ -107,7 +112,7 @@ def msa_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_i
     else:
         block_indices = select_blocks(q_idx, k_idx, block_size=block_size, topk=topk_blocks, init_blocks=init_blocks,
                                       local_blocks=local_blocks, scale=index_scale, cu_seqlens=cu_seqlens,
-                                      backend=backend, validate=debug)
+                                      backend=backend, validate=debug, fp8_scores=fp8_index_scores)
         if (resolve_backend(backend, [q]) == "triton" and q.dtype != torch.float64
                 and not torch.compiler.is_compiling()):
             plan = selection_plan(block_indices, block_size=block_size, cu_seqlens=cu_seqlens, num_heads=q.shape[2],
@@ -248,6 +253,7 @@ class MSAAttention(nn.Module):
             o, kl, block_indices = msa_prefill_attention(
                 q, k, v, q_idx, k_idx, sparse=sparse, compute_kl=compute_kl and c.use_index, block_size=c.block_size,
                 topk_blocks=c.topk_blocks, init_blocks=c.init_blocks, local_blocks=c.local_blocks, scale=scale,
-                index_scale=c.index_dim ** -0.5, cu_seqlens=cu_seqlens, backend=c.backend, debug=c.debug)
+                index_scale=c.index_dim ** -0.5, cu_seqlens=cu_seqlens, backend=c.backend, debug=c.debug,
+                fp8_index_scores=c.fp8_index_scores)
         out = self.o_proj(o.reshape(b, t, c.num_heads * c.head_dim))
         return MSAOutput(out, kl, block_indices)

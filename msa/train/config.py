@@ -25,7 +25,8 @@ class ModelConfig:
     vocab_size is taken from the tokenizer. backend: "auto" (Triton on CUDA, reference on CPU).
     index_init_std: std of the index projections' normal init (0 keeps the model's default, 0.02).
     index_norm_rope: RMSNorm + RoPE on the index q and k; on by default here (unlike MSAConfig) because
-    without positional information the index cannot prefer recent blocks (README, Quality)."""
+    without positional information the index cannot prefer recent blocks (README, Quality).
+    fp8_index_scores: select blocks from fp8 index scores (MSAConfig.fp8_index_scores)."""
 
     hidden_size: int = 512
     num_layers: int = 8
@@ -40,6 +41,7 @@ class ModelConfig:
     init_blocks: int = 0
     local_blocks: int = 1
     index_norm_rope: bool = True
+    fp8_index_scores: bool = False
     index_init_std: float = 0.0
     rope_theta: float = 10000.0
     tie_embeddings: bool = True

@@ -71,7 +71,8 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> MSALMConfig:
     att = MSAConfig(hidden_size=m.hidden_size, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
                     head_dim=m.head_dim, index_dim=m.index_dim, block_size=m.block_size, topk_blocks=m.topk_blocks,
                     init_blocks=m.init_blocks, local_blocks=local, rope_theta=m.rope_theta,
-                    index_norm_rope=m.index_norm_rope, mode="dense", backend=m.backend)
+                    index_norm_rope=m.index_norm_rope, fp8_index_scores=m.fp8_index_scores, mode="dense",
+                    backend=m.backend)
     return MSALMConfig(vocab_size=vocab_size, num_layers=m.num_layers, intermediate_size=m.intermediate_size,
                        attention=att, num_dense_layers=m.num_dense_layers, kl_weight=cfg.phase.kl_weight,
                        tie_embeddings=m.tie_embeddings)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from msa.bench.selections import load, realistic_indices, record, union_blocks
+from msa.bench.selections import load, realistic_indices, record, selection_recall, union_blocks
 from msa.ops.sparse_attention.interface import check_block_indices, check_own_block
 from msa.train import train
 from tests.train.common import one_thread, tiny_config
@@ -58,3 +58,10 @@ def test_union_blocks_counts_distinct_ids():
     assert union_blocks(bi, 1) == 1.75  # -1 is not a block
     assert union_blocks(bi, 2) == 2.5   # {0,1,2}, {3,4}
     assert union_blocks(bi, 4) == 5.0
+
+
+def test_selection_recall():
+    a = torch.tensor([[0, 1, 2], [3, -1, -1]], dtype=torch.int32).view(1, 2, 1, 3)
+    b = torch.tensor([[2, 0, 5], [-1, 3, -1]], dtype=torch.int32).view(1, 2, 1, 3)
+    assert selection_recall(a, b) == 3 / 4 and selection_recall(a, a) == 1.0
+    assert selection_recall(a, b, chunk=1) == 3 / 4

@@ -21,11 +21,12 @@ def rel(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-6))
 
 
-@pytest.mark.parametrize("mode", ["sparse", "dense"])
-def test_layer_triton_matches_reference(mode):
+@pytest.mark.parametrize("mode,fp8", [("sparse", False), ("dense", False), ("sparse", True)])
+def test_layer_triton_matches_reference(mode, fp8):
+    """fp8=True: the selection comes from fp8 index scores on both backends (the same quantised scores)."""
     torch.manual_seed(0)
-    ref = MSAAttention(cfg("reference", mode=mode)).to(DEV)
-    tri = MSAAttention(cfg("triton", mode=mode)).to(DEV)
+    ref = MSAAttention(cfg("reference", mode=mode, fp8_index_scores=fp8)).to(DEV)
+    tri = MSAAttention(cfg("triton", mode=mode, fp8_index_scores=fp8)).to(DEV)
     tri.load_state_dict(ref.state_dict())
     x = torch.randn(1, 100, 64, device=DEV)
     cu = torch.tensor([0, 37, 100], dtype=torch.int32, device=DEV)  # packed, partial blocks adjacent

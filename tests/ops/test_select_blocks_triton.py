@@ -235,3 +235,58 @@ def test_score_config_defaults_fit_shared_memory(monkeypatch):
         cfg = IMPL.score_config(q, 4, dim, 128)
         assert IMPL.score_smem_bytes(cfg["rows"], cfg["block_n"], cfg["block_d"], 2, cfg["num_stages"]) \
             <= IMPL.SMEM_LIMIT
+
+
+# fp8 index scores: q_idx per (token, group) and k_idx per token in float8_e4m3fn (msa.cache.quantize_fp8),
+# the GEMM in fp8 with fp32 accumulation. The reference scores the dequantised copies in fp32, so the
+# Triton selection must match it exactly up to near-ties (tolerance 1e-4: fp32 sums of exact fp8
+# products in another order; on the GPU 2e-2, the wgmma fp8 accumulator keeps fewer mantissa bits).
+FP8_TOL = 1e-4 if DEV == "cpu" else 2e-2
+
+
+def _dequantised(q, k):
+    from msa.cache.fp8 import dequantize_fp8, quantize_fp8
+    return dequantize_fp8(*quantize_fp8(q)), dequantize_fp8(*quantize_fp8(k))
+
+
+@pytest.mark.parametrize("case", [CASES[3], CASES[6], CASES[7]], ids=["init-trailing", "packed", "packed2"])
+def test_fp8_scores_match_reference_on_dequantised_inputs(case):
+    bsz, t, h, d, bs, topk, ib, lb, cu = case
+    g = torch.Generator().manual_seed(t + 5)
+    q = (torch.randn(bsz, t, h, d, generator=g) * torch.rand(bsz, t, h, 1, generator=g) * 4).to(DEV)
+    k = (torch.randn(bsz, t, d, generator=g) * torch.rand(bsz, t, 1, generator=g) * 4).to(DEV)  # per-token scales differ
+    cs = torch.tensor(cu, dtype=torch.int32, device=DEV) if cu else None
+    kw = dict(block_size=bs, topk=topk, init_blocks=ib, local_blocks=lb, scale=d ** -0.5, cu_seqlens=cs)
+    got = msa.select_blocks(q, k, backend="triton", fp8_scores=True, **kw)
+    ref = msa.select_blocks(q, k, backend="reference", fp8_scores=True, **kw)
+    qd, kd = _dequantised(q, k)
+    check_selection(got, ref, qd, kd, tol=FP8_TOL, cu=cu, **{x: kw[x] for x in ("block_size", "topk", "init_blocks",
+                                                                                "local_blocks", "scale")})
+    if case is CASES[6]:  # long enough rows for the quantisation to move some selection
+        plain = select_blocks_reference(q, k, **kw)
+        assert not torch.equal(ref, plain), "fp8 scores changed no selection: the option did nothing"
+
+
+@pytest.mark.parametrize("scale", [0.25, -0.5])
+def test_fp8_block_scores_kernel(scale):
+    """The fp8 score stage alone against block_scores_reference of the dequantised inputs; and its
+    distance from the unquantised scores is the e4m3 rounding (relative 2^-4 per entry at most)."""
+    g = torch.Generator().manual_seed(11)
+    t, h, d, bs = 150, 2, 64, 16
+    q = torch.randn(t, h, d, generator=g).to(DEV)
+    k = (torch.randn(t, d, generator=g) * torch.linspace(0.1, 10, t).view(t, 1)).to(DEV)
+    got = block_scores_triton(q, k, block_size=bs, scale=scale, rows=32, nsplit=2, fp8_scores=True)
+    qd, kd = _dequantised(q, k)
+    ref = block_scores_reference(qd, kd, 0, bs, scale).float()
+    fin = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(got), fin)
+    torch.testing.assert_close(got[fin], ref[fin], rtol=FP8_TOL, atol=FP8_TOL)
+    exact = block_scores_reference(q, k, 0, bs, scale).float()
+    err = (got[fin] - exact[fin]).abs() / (q.norm(dim=-1).max() * k.norm(dim=-1).max() * abs(scale))
+    assert 0 < float(err.max()) < 2 ** -3
+
+
+def test_fp8_scores_argument_checked():
+    q, k = torch.randn(1, 8, 1, 16), torch.randn(1, 8, 16)
+    with pytest.raises(ValueError, match="fp8_scores"):
+        msa.select_blocks(q, k, block_size=4, topk=2, fp8_scores="yes")

@@ -15,7 +15,7 @@ from .reference import select_blocks_reference
 def select_blocks(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size: int = 128, topk: int = 16,
                   init_blocks: int = 0, local_blocks: int = 1, scale: Optional[float] = None,
                   cu_seqlens: Optional[torch.Tensor] = None, backend: str = "auto",
-                  validate: bool = True) -> torch.Tensor:
+                  validate: bool = True, fp8_scores: bool = False) -> torch.Tensor:
     """Pick, for every query token and KV group, the ``topk`` key blocks with the largest index score.
 
     Args:
@@ -30,6 +30,10 @@ def select_blocks(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size: int =
         backend: "auto" (Triton on CUDA, else reference), "reference" or "triton".
         validate: check cu_seqlens' values (one host sync); the MSA layer, which checked them once per
             batch, passes False. Shapes, dtypes and devices are always checked.
+        fp8_scores: score with float8_e4m3fn copies of q_idx (one scale per token and group) and k_idx
+            (one scale per token), ``msa.cache.quantize_fp8``: the index GEMM in fp8 with fp32
+            accumulation. The reference backend scores the dequantised copies in fp32, so both
+            backends select from the same quantised scores.
 
     Returns:
         int32 (B, T, H_kv, topk): block ids within each sequence, unordered, the local block in the
@@ -56,10 +60,15 @@ def select_blocks(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size: int =
     check_block_args(block_size, topk, init_blocks, local_blocks)
     check_cu_seqlens(cu_seqlens, bsz, t, values=validate)
     check_backend(backend)
+    check(isinstance(fp8_scores, bool), f"fp8_scores must be a bool, got {fp8_scores!r}")
     scale = default_scale(scale, d)
     impl = resolve_backend(backend, [q_idx, k_idx])
     if impl == "triton" and load_triton_impl(__package__, "triton_impl", "select_blocks_triton", backend):
         return torch.ops.msa.select_blocks(q_idx.detach(), k_idx.detach(), block_size, topk, init_blocks, local_blocks, scale,
-                                           cu_seqlens)
+                                           cu_seqlens, fp8_scores)
+    if fp8_scores:
+        from ...cache.fp8 import dequantize_fp8, quantize_fp8
+        q_idx = dequantize_fp8(*quantize_fp8(q_idx))
+        k_idx = dequantize_fp8(*quantize_fp8(k_idx))
     return select_blocks_reference(q_idx, k_idx, block_size=block_size, topk=topk, init_blocks=init_blocks,
                                    local_blocks=local_blocks, scale=scale, cu_seqlens=cu_seqlens)

@@ -20,6 +20,7 @@ import triton
 
 from ..utils.triton_helpers import interpreting, next_pow2, num_sms
 
+from ...cache.fp8 import quantize_fp8
 from ..common import cu_seqlens_host
 from ..topk.triton_kernels import launch_block_topk
 from .triton_kernels import index_scores_fwd_kernel
@@ -66,7 +67,7 @@ def _tiles_cached(starts: torch.Tensor, lens: torch.Tensor, tok_per_tile: int, d
 def select_blocks_triton(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size: int, topk: int,
                          init_blocks: int, local_blocks: int, scale: float,
                          cu_seqlens: Optional[torch.Tensor], budget_bytes: int = DEFAULT_BUDGET_BYTES,
-                         rows: Optional[int] = None, nsplit: Optional[int] = None,
+                         rows: Optional[int] = None, nsplit: Optional[int] = None, fp8_scores: bool = False,
                          **tune) -> torch.Tensor:
     """Index Branch block selection in Triton (arguments already validated by ``msa.select_blocks``).
 
@@ -77,6 +78,8 @@ def select_blocks_triton(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size
         cu_seqlens: optional int32 (S+1,) packed-sequence offsets (B == 1).
         budget_bytes: cap of the fp32 block-score buffer (the only intermediate).
         rows, nsplit: tuning overrides (MMA rows per program, key-block splits per tile).
+        fp8_scores: quantise q_idx per (token, group) and k_idx per token to float8_e4m3fn
+            (``msa.cache.quantize_fp8``) and score with an fp8 GEMM (fp32 accumulation).
         tune: further score-kernel overrides, see ``score_config`` (block_n, num_warps, num_stages,
             nbuf, persist).
 
@@ -95,6 +98,10 @@ def select_blocks_triton(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size
     if k.stride(1) != 1:
         k = k.contiguous()
     total = bsz * t
+    qs = ks = None
+    if fp8_scores:
+        q, qs = quantize_fp8(q)
+        k, ks = quantize_fp8(k)
 
     if cu_seqlens is None:
         starts = torch.arange(bsz, dtype=torch.int64) * t
@@ -130,7 +137,7 @@ def select_blocks_triton(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size
         tok_a, tok_b = int(tiles[i0, 0]), int(tiles[i1 - 1, 1])
         width = int(tile_width[i0:i1].max())
         scores = buf[: (tok_b - tok_a) * heads * width].view((tok_b - tok_a) * heads, width)
-        _launch_scores(q, k, scores, tiles_dev[i0:i1], tok_a, block_size, scale, cfg)
+        _launch_scores(q, k, scores, tiles_dev[i0:i1], tok_a, block_size, scale, cfg, qs, ks)
         launch_block_topk(scores, out, topk, n_cols=width, pos=pos, pos_tok_off=tok_a, heads=heads,
                           block_size=block_size, init_blocks=init_blocks, local_blocks=local_blocks,
                           out_row_off=tok_a * heads, convention=True)
@@ -193,9 +200,11 @@ def score_config(q: torch.Tensor, heads: int, dim: int, block_size: int, *, rows
             "num_stages": num_stages, "nbuf": nbuf, "persist": persist}
 
 
-def _launch_scores(q, k, scores, tiles_dev, tok_a, block_size, scale, cfg) -> None:
-    """index_scores_fwd_kernel over the tiles of one chunk into scores (chunk rows, width) fp32."""
+def _launch_scores(q, k, scores, tiles_dev, tok_a, block_size, scale, cfg, qs=None, ks=None) -> None:
+    """index_scores_fwd_kernel over the tiles of one chunk into scores (chunk rows, width) fp32; q, k
+    float8_e4m3fn with their fp32 scales qs, ks (``quantize_fp8``) or 16/32-bit with qs = ks = None."""
     heads, dim = q.shape[1], q.shape[2]
+    fp8 = qs is not None
     upcast = interpreting() or q.dtype == torch.float32
     ieee = q.dtype == torch.float32
     n_sm = num_sms(q.device)
@@ -206,32 +215,38 @@ def _launch_scores(q, k, scores, tiles_dev, tok_a, block_size, scale, cfg) -> No
     persist = cfg["persist"] > 0
     grid = (min(n_work, cfg["persist"] * n_sm) if persist else n_work,)
     index_scores_fwd_kernel[grid](
-        q, k, scores, tiles_dev,
+        q, k, scores, tiles_dev, qs if fp8 else scores, ks if fp8 else scores,
         q.stride(0), q.stride(1), k.stride(0), scores.stride(0),
         tok_a, heads, dim, block_size, float(scale), ns, n_tiles,
         ROWS=cfg["rows"], BLOCK_N=cfg["block_n"], BLOCK_D=cfg["block_d"], NBUF=cfg["nbuf"], PERSIST=persist,
-        UPCAST=upcast, IEEE=ieee, POS_SCALE=float(scale) > 0, SUB_MASK=block_size % cfg["block_n"] != 0,
+        UPCAST=upcast, IEEE=ieee, POS_SCALE=float(scale) > 0, SUB_MASK=block_size % cfg["block_n"] != 0, FP8=fp8,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 @torch.no_grad()
 def block_scores_triton(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size: int, scale: float,
-                        rows: Optional[int] = None, nsplit: Optional[int] = None, **tune) -> torch.Tensor:
+                        rows: Optional[int] = None, nsplit: Optional[int] = None, fp8_scores: bool = False,
+                        **tune) -> torch.Tensor:
     """Causal block-max scores of ONE sequence (a test/debug view of the first pipeline stage).
 
     q_idx: (T, H_kv, D_idx); k_idx: (T, D_idx). Returns fp32 (T, H_kv, NB), NB = ceil(T / block_size),
     -inf where the block lies after the query (matches ``block_scores_reference(q, k, 0, ...)``).
     rows, nsplit, tune: score-kernel overrides (``score_config``). Builds the whole (T, H_kv, NB) buffer: for small T only.
+    fp8_scores: as in ``select_blocks_triton``.
     """
     t, heads, dim = q_idx.shape
     q = q_idx if q_idx.stride(2) == 1 else q_idx.contiguous()
     k = k_idx.to(q.dtype)
     k = k if k.stride(1) == 1 else k.contiguous()
+    qs = ks = None
+    if fp8_scores:
+        q, qs = quantize_fp8(q)
+        k, ks = quantize_fp8(k)
     cfg = score_config(q, heads, dim, block_size, rows=rows, nsplit=nsplit, **tune)
     tiles = _tile_table(torch.zeros(1, dtype=torch.int64), torch.tensor([t]), cfg["rows"] // heads)
     nb = triton.cdiv(t, block_size)
     scores = _empty((t * heads, nb), torch.float32, q.device)
-    _launch_scores(q, k, scores, tiles.to(torch.int32).to(q.device), 0, block_size, scale, cfg)
+    _launch_scores(q, k, scores, tiles.to(torch.int32).to(q.device), 0, block_size, scale, cfg, qs, ks)
     local = (torch.arange(t, device=q.device) // block_size).view(t, 1, 1)
     invisible = torch.arange(nb, device=q.device).view(1, 1, nb) > local
     return scores.view(t, heads, nb).masked_fill(invisible, float("-inf"))

@@ -24,11 +24,12 @@ import triton.language as tl
 
 @triton.jit
 def _index_scores_item(
-    q_ptr, k_ptr, s_ptr, tile_ptr, tile, split,
+    q_ptr, k_ptr, s_ptr, tile_ptr, qs_ptr, ks_ptr, tile, split,
     stride_qt, stride_qh, stride_kt, stride_sr,
     chunk_tok0, heads, head_dim, block_size, scale, nsplit,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NBUF: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, POS_SCALE: tl.constexpr, SUB_MASK: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     """Block-max scores of one (tile, split) work item (see index_scores_fwd_kernel)."""
     tok0 = tl.load(tile_ptr + tile * 3)
@@ -50,6 +51,8 @@ def _index_scores_item(
                 mask=rvalid[:, None] & dmask[None, :], other=0.0)
     if UPCAST:  # the interpreter's bf16 math is wrong; fp32 inputs keep fp32 (IEEE) products
         q = q.to(tl.float32)
+    if FP8:  # per-(token, group) scale of the e4m3 queries: > 0, so applied after the block max
+        qs = tl.load(qs_ptr + tok.to(tl.int64) * heads + grp, mask=rvalid, other=1.0)
     n = tl.arange(0, BLOCK_N)
     srow = (tok - chunk_tok0).to(tl.int64) * heads + grp
     subs = tl.cdiv(block_size, BLOCK_N)
@@ -77,6 +80,8 @@ def _index_scores_item(
             s = tl.dot(q, kt, input_precision="ieee")
         else:
             s = tl.dot(q, kt)
+        if FP8:  # per-key scale of the e4m3 keys: varies along the block, so before the max
+            s = s * tl.load(ks_ptr + (seq0 + kp).to(tl.int64), mask=sub + n < block_size, other=0.0)[None, :]
         if POS_SCALE:  # max(s) * scale == max(s * scale) for scale > 0: scale the [ROWS] vector only
             if SUB_MASK:
                 s = tl.where((sub + n < block_size)[None, :], s, float("-inf"))
@@ -87,6 +92,8 @@ def _index_scores_item(
         # a [ROWS] vector, not a scalar: the interpreter rejects scalar-bool & tensor-bool masks
         is_last = (sub + BLOCK_N + tl.zeros([ROWS], tl.int32)) >= block_size
         out = m * scale if POS_SCALE else m
+        if FP8:
+            out = out * qs
         if NBUF == 1:
             tl.store(s_ptr + srow * stride_sr + b, out, mask=rvalid & is_last)
         else:
@@ -114,22 +121,28 @@ def _index_scores_item(
             s = tl.dot(q, kt, input_precision="ieee")
         else:
             s = tl.dot(q, kt)
+        if FP8:
+            s = s * tl.load(ks_ptr + (seq0 + kp).to(tl.int64), mask=kmask, other=0.0)[None, :]
         s = s * scale  # before the max: a negative scale would flip the order
         s = tl.where(kmask[None, :] & (kp[None, :] <= pos[:, None]), s, float("-inf"))
         m = tl.maximum(m, tl.max(s, axis=1))
         is_last = (sub + BLOCK_N + tl.zeros([ROWS], tl.int32)) >= block_size
-        tl.store(s_ptr + srow * stride_sr + b, m, mask=rvalid & (b <= local) & is_last)
+        out = m
+        if FP8:
+            out = m * qs
+        tl.store(s_ptr + srow * stride_sr + b, out, mask=rvalid & (b <= local) & is_last)
         m = tl.where(is_last, float("-inf"), m)
 
 
 @triton.jit
 def index_scores_fwd_kernel(
-    q_ptr, k_ptr, s_ptr, tile_ptr,
+    q_ptr, k_ptr, s_ptr, tile_ptr, qs_ptr, ks_ptr,
     stride_qt, stride_qh, stride_kt, stride_sr,
     chunk_tok0, heads, head_dim, block_size, scale, nsplit, n_tiles,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NBUF: tl.constexpr,
     PERSIST: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, POS_SCALE: tl.constexpr, SUB_MASK: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     """Block-max scores of the query tiles of one chunk.
 
@@ -137,6 +150,8 @@ def index_scores_fwd_kernel(
     (first token, end token, sequence start) of tiles that never cross a sequence boundary, sorted by token.
     s: fp32 (chunk rows, width) with row (token - chunk_tok0) * H_kv + group; column b is written for
     every b <= the row's local block (b * block_size <= position), nothing else.
+    FP8: q and k are float8_e4m3fn with fp32 scales qs (T_total * H_kv,) per (token, group) and ks
+    (T_total,) per key token: score = (q8 . k8) * qs * ks * scale, the GEMM in fp8 with fp32 accumulation.
     Work item w in [0, n_tiles * nsplit): split = w // n_tiles, tile = n_tiles - 1 - w % n_tiles.
     Grid: (n_tiles * nsplit,) one item per program, or (P,) with PERSIST (items w = pid, pid + P, ...).
     """
@@ -145,13 +160,13 @@ def index_scores_fwd_kernel(
     n_work = n_tiles * nsplit
     if PERSIST:
         for w in range(tl.program_id(0), n_work, tl.num_programs(0)):
-            _index_scores_item(q_ptr, k_ptr, s_ptr, tile_ptr, n_tiles - 1 - w % n_tiles, w // n_tiles,
+            _index_scores_item(q_ptr, k_ptr, s_ptr, tile_ptr, qs_ptr, ks_ptr, n_tiles - 1 - w % n_tiles, w // n_tiles,
                                stride_qt, stride_qh, stride_kt, stride_sr,
                                chunk_tok0, heads, head_dim, block_size, scale, nsplit,
-                               ROWS, BLOCK_N, BLOCK_D, NBUF, UPCAST, IEEE, POS_SCALE, SUB_MASK)
+                               ROWS, BLOCK_N, BLOCK_D, NBUF, UPCAST, IEEE, POS_SCALE, SUB_MASK, FP8)
     else:
         w = tl.program_id(0)
-        _index_scores_item(q_ptr, k_ptr, s_ptr, tile_ptr, n_tiles - 1 - w % n_tiles, w // n_tiles,
+        _index_scores_item(q_ptr, k_ptr, s_ptr, tile_ptr, qs_ptr, ks_ptr, n_tiles - 1 - w % n_tiles, w // n_tiles,
                            stride_qt, stride_qh, stride_kt, stride_sr,
                            chunk_tok0, heads, head_dim, block_size, scale, nsplit,
-                           ROWS, BLOCK_N, BLOCK_D, NBUF, UPCAST, IEEE, POS_SCALE, SUB_MASK)
+                           ROWS, BLOCK_N, BLOCK_D, NBUF, UPCAST, IEEE, POS_SCALE, SUB_MASK, FP8)
