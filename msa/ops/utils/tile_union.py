@@ -10,6 +10,9 @@ rows, masking the rows whose token did not select the block. Trained indexers ma
 agree, so the list is close to ``topk`` long; with unrelated selections it grows toward
 ``tile_tokens * topk`` (``msa.bench.selections.union_blocks`` measures it).
 
+Memory: two int32 per (tile, group, slot), about T x H_kv x topk x 8 bytes per tiling (512 MiB at 1M
+tokens, H_kv 4, top-16), which is why ``auto`` uses the tiled kernels only on short inputs.
+
 Equivalent PyTorch (one tile, group r; ``rows`` = the tile's tokens, each a list of ids)::
 
     ids = sorted({b for row in rows for b in row if b >= 0})
