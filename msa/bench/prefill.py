@@ -438,7 +438,8 @@ def main():
     sizes = ([int(s) for s in args.sizes.split(",")] if args.sizes else
              [8192, 32768, 131072] if args.quick else [8192, 32768, 131072, 524288, 1048576])
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                command="PYTHONPATH=. python " + " ".join(sys.argv),
+                command=(" ".join(sys.argv) if sys.argv[0].startswith("msa bench") else
+                         "PYTHONPATH=. python " + " ".join(sys.argv)),
                 shape=dict(H_q=HQ, H_kv=HKV, D=D, d_idx=DIDX, block=BK, topk=TOPK, dtype="bf16", batch=1),
                 tuning={k: str(v) for k, v in vars(msa.tuning.current()).items()})
     print(f"GPU {meta['gpu']}  torch {meta['torch']}  triton {meta['triton']}", flush=True)
