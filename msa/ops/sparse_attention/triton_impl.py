@@ -6,9 +6,8 @@ the query-tiled kernel below ``TILED_MAX_TOKENS`` tokens, where the reverse inde
 round trip do not pay off, the query-outer kernel when KV-outer work items would fill fewer than
 ``KV_MIN_ROWS`` MMA rows, otherwise KV-outer. ``tiled``: several consecutive tokens x G heads per MMA
 tile over the union of their selected blocks (``msa.ops.utils.tile_union``); its cost grows with that
-union (measured per 8-token tile at the paper shape: 25 blocks at 8K and 38 at 32K for selections of a
-trained model, 27 and 46 for random ones, against 16 per token), so it wins at 8K and loses at 32K
-(docs/perf-notes.md, round 21).
+union, which grows with the length (neighbouring tokens share only part of their blocks), so it wins
+at short lengths and loses to KV-outer at long ones (measurements: docs/perf-notes.md, round 21).
 
 Memory: the KV-outer path stores K * H_q * (D * s + 4) bytes of partials per token (s = 2 for
 bf16/fp16 inputs, whose partial outputs keep the input dtype; s = 4 for fp32 or under
@@ -151,7 +150,7 @@ class _StageTimer:
 
 def choose_kernel(ntok: int, group: int, topk: int, blocks_per_seq: int, num_blocks: int, chunk_tokens: int,
                   kernel: Optional[str] = None) -> str:
-    """'kv' or 'qo' (see the module docstring for the heuristic)."""
+    """'kv', 'qo' or 'tiled' (see the module docstring for the heuristic)."""
     kernel = kernel or tuning.current().sparse_fwd_kernel
     if kernel not in ("auto", "kv", "qo", "tiled"):
         raise ValueError(f"kernel must be 'auto', 'kv', 'qo' or 'tiled', got {kernel!r}")
