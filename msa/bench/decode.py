@@ -43,6 +43,7 @@ import time
 
 import torch
 
+from msa.bench.timing import back_to_back_ms
 from msa.cache import FP8_MAX, MSACache, quantize_fp8
 from msa.ops.decode.reference import decode_attention_reference
 from msa.ops.decode.triton_impl import DecodePlan
@@ -387,20 +388,6 @@ def per_layer_ms(fn, n=LAYERS_PER_GRAPH):
     return bench(rep) / n if rep is not None else None
 
 
-def replay_ms(rep, reps=20, warmup=3):
-    """Mean ms of ``rep`` replayed back to back between two CUDA events, with NO cache flush: the
-    inputs must be larger than the L2 themselves (model_step rotates through distinct layers)."""
-    for _ in range(warmup):
-        rep()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        rep()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / reps
-
-
 def model_step(contexts, idxs, dev, layers=LAYERS_PER_GRAPH):
     """Decode as a model runs it (batch 1, one token): ``layers`` DISTINCT layer caches (their bytes
     well over twice the L2) chained in one CUDA graph, replayed back to back without a cache flush, for
@@ -420,7 +407,7 @@ def model_step(contexts, idxs, dev, layers=LAYERS_PER_GRAPH):
                 row["l2_bytes"] = l2
                 plan = DecodePlan(cache, num_heads=HQ, block_size=BS, topk=TOPK, num_tokens=1)
                 rep = graph_of(lambda: [plan.run(q, qi, i) for i in range(layers)])
-                row["msa_us_per_layer"] = replay_ms(rep) / layers * 1e3
+                row["msa_us_per_layer"] = back_to_back_ms(rep, 20, warmup=3) / layers * 1e3
                 if dense_pl is None:  # every SDPA variant in the same 8-layer graph; the fastest is the baseline
                     qp = sdpa_inputs(cache, L, q)[0]
                     kv = [(cache.k[i][:, :L].transpose(1, 2), cache.v[i][:, :L].transpose(1, 2)) for i in range(layers)]
@@ -432,7 +419,7 @@ def model_step(contexts, idxs, dev, layers=LAYERS_PER_GRAPH):
                             try:
                                 drep = graph_of(lambda one=one: [one(k_, v_) for k_, v_ in kv])
                                 if drep is not None:
-                                    found[tag] = replay_ms(drep) / layers * 1e3
+                                    found[tag] = back_to_back_ms(drep, 20, warmup=3) / layers * 1e3
                             except Exception as exc:  # a backend that does not take this layout
                                 found[tag] = f"unavailable: {type(exc).__name__}"
                     nums = {k_: v_ for k_, v_ in found.items() if isinstance(v_, float)}

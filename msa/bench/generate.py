@@ -45,6 +45,7 @@ import time
 
 import torch
 
+from msa.bench.timing import back_to_back_ms
 from msa.layers import MSAConfig
 from msa.models import MSAForCausalLM, MSALMConfig
 from msa.models.generation import GenerationSession
@@ -140,7 +141,7 @@ def attention_us(sess, model, dev, reps=20):
     with torch.cuda.graph(g):
         for _ in range(8):
             plan.run(q, qi, 0)
-    out = {"plan_us": _time_us(g.replay, reps) / 8}
+    out = {"plan_us": back_to_back_ms(g.replay, reps) * 1e3 / 8}
     if dense:
         import torch.nn.functional as F
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -150,23 +151,11 @@ def attention_us(sess, model, dev, reps=20):
         for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION"):
             try:
                 with sdpa_kernel([getattr(SDPBackend, name)]):
-                    out[f"sdpa_{name.split('_')[0].lower()}_us"] = _time_us(
-                        lambda: F.scaled_dot_product_attention(qp, k, v, scale=D ** -0.5), reps)
+                    out[f"sdpa_{name.split('_')[0].lower()}_us"] = back_to_back_ms(
+                        lambda: F.scaled_dot_product_attention(qp, k, v, scale=D ** -0.5), reps) * 1e3
             except Exception as exc:  # a backend may not take these shapes on this build
                 out[f"sdpa_{name.split('_')[0].lower()}_us"] = f"unavailable: {type(exc).__name__}"
     return out
-
-
-def _time_us(fn, reps):
-    fn()
-    sync(torch.device("cuda"))
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / reps
 
 
 def generate_wall(model, ps, n, dev):

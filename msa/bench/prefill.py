@@ -57,8 +57,7 @@ from msa.ops.select_blocks.reference import select_blocks_reference  # noqa: E40
 from msa.ops.sparse_attention.reference import sparse_attention_reference  # noqa: E402
 from msa.ops.sparse_attention.triton_impl import (_partial_budget, choose_kernel,  # noqa: E402
                                                   partial_bytes_per_token, sparse_attention_fwd_triton,
-                                                  tiled_config)
-from msa.ops.utils.tile_union import tile_tokens_for  # noqa: E402
+                                                  tiled_tile_tokens)
 from msa.bench.selections import realistic_indices, selection_recall, union_blocks  # noqa: E402
 
 DENSE_ONCE_MAX_S = 30.0  # above --dense-max, time dense once only if the T^2 estimate is below this
@@ -269,12 +268,12 @@ def run_size(t, args, device, indexer_fn, flex_fn, dense_hist):
     for kern in KERNELS:
         res[f"sparse_{kern}"] = measure(kern, lambda: sparse_attention_fwd_triton(
             q, k, v, bi, block_size=BK, scale=scale, cu_seqlens=None, kernel=kern), hr)
-    res["union_blocks"] = union_blocks(bi, tile_tokens_for(HQ // HKV, tiled_config(D, HQ // HKV, BK)["BLOCK_M"], BK))
+    tt = tiled_tile_tokens(D, HQ // HKV, BK)
+    res["union_blocks"] = union_blocks(bi, tt)
     # the same kernels on selections replayed from a trained model (msa.bench.selections)
     try:
         real = realistic_indices(t, HKV, TOPK, BK, device)
-        res["realistic"] = dict(union_blocks=union_blocks(
-            real, tile_tokens_for(HQ // HKV, tiled_config(D, HQ // HKV, BK)["BLOCK_M"], BK)))
+        res["realistic"] = dict(union_blocks=union_blocks(real, tt))
         for kern in KERNELS:
             res["realistic"][f"sparse_{kern}"] = measure(kern, lambda: sparse_attention_fwd_triton(
                 q, k, v, real, block_size=BK, scale=scale, cu_seqlens=None, kernel=kern), hr)

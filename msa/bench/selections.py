@@ -33,6 +33,8 @@ def record(run_dir: str, out_file: str, *, device: str = "cuda", window: int = 0
     from ..evals.capture import capture_msa_layers
     from ..train.trainer import build_data, build_model, config_from_run, latest_checkpoint, load_full_model_state
 
+    if not (Path(run_dir) / "config.json").is_file():
+        raise ValueError(f"--run {run_dir!r} is not an msa train run directory (no config.json in it)")
     cfg = config_from_run(run_dir)
     dev = torch.device(device)
     data = build_data(cfg, dev, log=lambda *a, **k: None)
@@ -111,6 +113,8 @@ def realistic_indices(t: int, num_kv_heads: int, topk: int, block_size: int, dev
 def union_blocks(block_indices: torch.Tensor, tile_tokens: int) -> float:
     """Mean number of distinct blocks selected by tiles of ``tile_tokens`` consecutive tokens of one group
     (block_indices int32 (B, T, H_kv, topk)); topk when neighbours agree, up to tile_tokens * topk."""
+    if not (isinstance(tile_tokens, int) and tile_tokens >= 1):
+        raise ValueError(f"tile_tokens must be a positive int, got {tile_tokens!r}")
     b, t, h, k = block_indices.shape
     n = t // tile_tokens * tile_tokens
     x = block_indices[:, :n].reshape(b, n // tile_tokens, tile_tokens, h, k).permute(0, 1, 3, 2, 4)

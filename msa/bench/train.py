@@ -477,7 +477,9 @@ def bench_size(t, notes):
     try:
         from .selections import realistic_indices, union_blocks
         real = realistic_indices(t, HKV, TOPK, BLOCK, q.device)
-        row["union_blocks_random"], row["union_blocks_realistic"] = union_blocks(bi, 8), union_blocks(real, 8)
+        from msa.ops.sparse_attention.triton_impl import tiled_tile_tokens
+        tt = tiled_tile_tokens(D, HQ // HKV, BLOCK)
+        row["union_blocks_random"], row["union_blocks_realistic"] = union_blocks(bi, tt), union_blocks(real, tt)
 
         def real_step():  # the selection is timed (its result replaced), then the step on the replayed one
             with torch.no_grad():

@@ -53,6 +53,13 @@ def test_replay_rejects_another_block_size(recording):
         realistic_indices(64, 1, meta["topk_blocks"], meta["block_size"] * 2, "cpu", path=path)
 
 
+def test_bad_arguments_name_themselves(tmp_path):
+    with pytest.raises(ValueError, match="--run"):
+        record(str(tmp_path), str(tmp_path / "x.npz"), device="cpu")
+    with pytest.raises(ValueError, match="tile_tokens"):
+        union_blocks(torch.zeros(1, 4, 1, 2, dtype=torch.int32), 0)
+
+
 def test_union_blocks_counts_distinct_ids():
     bi = torch.tensor([[0, 1], [0, 2], [3, -1], [3, 4]], dtype=torch.int32).view(1, 4, 1, 2)
     assert union_blocks(bi, 1) == 1.75  # -1 is not a block

@@ -21,30 +21,42 @@ def rel(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-6))
 
 
-@pytest.mark.parametrize("mode,fp8", [("sparse", False), ("dense", False), ("sparse", True)])
-def test_layer_triton_matches_reference(mode, fp8):
-    """fp8=True: the selection comes from fp8 index scores on both backends (the same quantised scores)."""
-    torch.manual_seed(0)
-    ref = MSAAttention(cfg("reference", mode=mode, fp8_index_scores=fp8)).to(DEV)
-    tri = MSAAttention(cfg("triton", mode=mode, fp8_index_scores=fp8)).to(DEV)
+def layer_pair_step(seed, x, cu=None, **kw):
+    """A reference and a Triton layer with the same weights, each run through one training step
+    (forward, hidden**2 + KL, backward) on x: (ref, tri, [ref output, tri output])."""
+    torch.manual_seed(seed)
+    ref = MSAAttention(cfg("reference", **kw)).to(DEV)
+    tri = MSAAttention(cfg("triton", **kw)).to(DEV)
     tri.load_state_dict(ref.state_dict())
-    x = torch.randn(1, 100, 64, device=DEV)
-    cu = torch.tensor([0, 37, 100], dtype=torch.int32, device=DEV)  # packed, partial blocks adjacent
     outs = []
     for m in (ref, tri):
         m.train()
         out = m(x, cu_seqlens=cu)
         (out.hidden.square().mean() + out.kl_loss).backward()
         outs.append(out)
-    if mode == "sparse":
-        # the convention leaves the order of the non-local ids free: compare sorted rows
-        assert torch.equal(outs[0].block_indices.sort(-1).values, outs[1].block_indices.sort(-1).values)
-        assert torch.equal(outs[0].block_indices[..., -1], outs[1].block_indices[..., -1])
+    return ref, tri, outs
+
+
+def assert_pair_matches(ref, tri, outs):
+    """Triton output within 1e-4, KL within 1e-4 relative, every gradient within 1e-3 of the reference."""
     assert rel(outs[1].hidden, outs[0].hidden) < 1e-4
     assert abs(float(outs[1].kl_loss) - float(outs[0].kl_loss)) <= 1e-4 * max(1.0, abs(float(outs[0].kl_loss)))
     for (name, p_ref), (_, p_tri) in zip(ref.named_parameters(), tri.named_parameters()):
         assert p_tri.grad is not None, name
         assert rel(p_tri.grad, p_ref.grad) < 1e-3, f"{name}: {rel(p_tri.grad, p_ref.grad):.2e}"
+
+
+@pytest.mark.parametrize("mode,fp8", [("sparse", False), ("dense", False), ("sparse", True)])
+def test_layer_triton_matches_reference(mode, fp8):
+    """fp8=True: the selection comes from fp8 index scores on both backends (the same quantised scores)."""
+    x = torch.randn(1, 100, 64, device=DEV)
+    cu = torch.tensor([0, 37, 100], dtype=torch.int32, device=DEV)  # packed, partial blocks adjacent
+    ref, tri, outs = layer_pair_step(0, x, cu, mode=mode, fp8_index_scores=fp8)
+    if mode == "sparse":
+        # the convention leaves the order of the non-local ids free: compare sorted rows
+        assert torch.equal(outs[0].block_indices.sort(-1).values, outs[1].block_indices.sort(-1).values)
+        assert torch.equal(outs[0].block_indices[..., -1], outs[1].block_indices[..., -1])
+    assert_pair_matches(ref, tri, outs)
 
 
 def test_model_trains_with_triton_backend():
@@ -69,7 +81,7 @@ def test_sparse_step_builds_each_reverse_index_once(monkeypatch, tuned, chunked)
     once: one reverse index per query chunk plus one full index for dK/dV, shared by the forward, the
     dQ pass and the KL (which used to build their own), and the results still match the reference."""
     import importlib
-    tuned(sparse_fwd_kernel="kv")  # the KV-outer forward walks the reverse index too
+    tuned(sparse_fwd_kernel="kv", sparse_bwd_dq="kv")  # the KV-outer forward and dQ walk the reverse index too
     if chunked:  # 40-token query chunks: partial budgets of a few KB
         tuned(sparse_fwd_partial_bytes=40 * 3 * 6 * (16 * 4 + 4), kl_partial_bytes=1 << 30)
     calls = []
@@ -78,24 +90,11 @@ def test_sparse_step_builds_each_reverse_index_once(monkeypatch, tuned, chunked)
                 "msa.ops.sparse_attention.triton_bwd", "msa.ops.indexer_kl.triton_impl"):
         monkeypatch.setattr(importlib.import_module(mod), "build_reverse_index",
                             lambda *a, **kw: calls.append(kw.get("token_range")) or real(*a, **kw))
-    torch.manual_seed(3)
-    ref = MSAAttention(cfg("reference")).to(DEV)
-    tri = MSAAttention(cfg("triton")).to(DEV)
-    tri.load_state_dict(ref.state_dict())
-    x = torch.randn(2, 113, 64, device=DEV)
-    outs = []
-    for m in (ref, tri):
-        m.train()
-        out = m(x)
-        (out.hidden.square().mean() + out.kl_loss).backward()
-        outs.append(out)
+    ref, tri, outs = layer_pair_step(3, torch.randn(2, 113, 64, device=DEV))
     n_chunks = 6 if chunked else 1  # 226 tokens in chunks of 40
     assert len(calls) == n_chunks + (1 if chunked else 0), calls
     assert len(set(calls)) == len(calls), f"a reverse index was built twice: {calls}"
-    assert rel(outs[1].hidden, outs[0].hidden) < 1e-4
-    assert abs(float(outs[1].kl_loss) - float(outs[0].kl_loss)) <= 1e-4 * max(1.0, abs(float(outs[0].kl_loss)))
-    for (name, p_ref), (_, p_tri) in zip(ref.named_parameters(), tri.named_parameters()):
-        assert rel(p_tri.grad, p_ref.grad) < 1e-3, f"{name}: {rel(p_tri.grad, p_ref.grad):.2e}"
+    assert_pair_matches(ref, tri, outs)
 
 
 def test_tiled_step_builds_each_tile_union_once(monkeypatch, tuned):
@@ -108,23 +107,12 @@ def test_tiled_step_builds_each_tile_union_once(monkeypatch, tuned):
     calls = []
     real = tu.build_tile_union
     monkeypatch.setattr(tu, "build_tile_union", lambda *a, **kw: calls.append(a[3]) or real(*a, **kw))
-    for mod in ("msa.ops.sparse_attention.triton_impl",):
+    for mod in ("msa.ops.sparse_attention.triton_impl", "msa.ops.sparse_attention.triton_bwd"):
         monkeypatch.setattr(importlib.import_module(mod), "build_tile_union",
                             lambda *a, **kw: calls.append(("unplanned", a[3])) or real(*a, **kw))
-    torch.manual_seed(4)
-    ref = MSAAttention(cfg("reference")).to(DEV)
-    tri = MSAAttention(cfg("triton")).to(DEV)
-    tri.load_state_dict(ref.state_dict())
-    x = torch.randn(2, 113, 64, device=DEV)
-    outs = []
-    for m in (ref, tri):
-        out = m(x)
-        (out.hidden.square().mean() + out.kl_loss).backward()
-        outs.append(out)
+    ref, tri, outs = layer_pair_step(4, torch.randn(2, 113, 64, device=DEV))
     assert len(calls) == len(set(calls)) == 2 and all(isinstance(c, int) for c in calls), calls
-    assert rel(outs[1].hidden, outs[0].hidden) < 1e-4
-    for (name, p_ref), (_, p_tri) in zip(ref.named_parameters(), tri.named_parameters()):
-        assert rel(p_tri.grad, p_ref.grad) < 1e-3, f"{name}: {rel(p_tri.grad, p_ref.grad):.2e}"
+    assert_pair_matches(ref, tri, outs)
 
 
 def test_layer_rejects_bad_cu_seqlens_values_without_debug():

@@ -45,6 +45,7 @@ import triton.language as tl
 from ..utils.triton_helpers import dot_precision, interpreting, next_pow2, tl_compute_dtype
 
 from ..utils.reverse_index import ReverseIndex, SelectionPlan, block_starts_host, blocks_before, build_reverse_index
+from ..utils.tile_union import build_tile_union, tile_rows, tile_tokens_for, union_block
 from ... import tuning
 from ...tuning import merge_launch_config
 
@@ -326,15 +327,8 @@ def sparse_attention_bwd_dq_tiled_kernel(Q, K, V, DO, LSE, DELTA, DQ, UIDS, UBIT
     rows masked where their token did not select the block. qk_scale = scale * log2(e)."""
     tile = tl.program_id(0)
     r = tl.program_id(1)
-    gb = tile // SUBS
-    t0 = (tile % SUBS) * TILE_T
-    qstart = tl.load(BLOCK_START + gb)
-    qlen = tl.load(BLOCK_LEN + gb)
-    m = tl.arange(0, BLOCK_M)
-    ti = m // G
-    row_ok = (m < TILE_T * G) & (t0 + ti < qlen)
-    tok = (qstart + t0 + ti).to(tl.int64)
-    qrow = tok * H_Q + r * G + m % G
+    qstart, ti, row_ok, tok = tile_rows(tile, BLOCK_START, BLOCK_LEN, G, TILE_T, SUBS, BLOCK_M)
+    qrow = tok * H_Q + r * G + tl.arange(0, BLOCK_M) % G
     d = tl.arange(0, BLOCK_D)
     qmask = row_ok[:, None] & (d < D)[None, :]
     qoff = qrow[:, None] * D + d[None, :]
@@ -347,11 +341,7 @@ def sparse_attention_bwd_dq_tiled_kernel(Q, K, V, DO, LSE, DELTA, DQ, UIDS, UBIT
     cnt = tl.load(UCOUNT + tile * H_KV + r)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for u in range(cnt):
-        b = tl.load(UIDS + base + u)
-        row_hit = ((tl.load(UBITS + base + u) >> ti) & 1) != 0
-        gbk = sbo + b
-        kstart = tl.load(BLOCK_START + gbk)
-        klen = tl.load(BLOCK_LEN + gbk)
+        row_hit, kstart, klen = union_block(UIDS, UBITS, base, u, ti, sbo, BLOCK_START, BLOCK_LEN)
         for kt in tl.static_range(KV_TILES):
             nn = kt * BLOCK_N + tl.arange(0, BLOCK_N)
             kpos = (kstart + nn).to(tl.int64)
@@ -479,7 +469,6 @@ def _dq_tiled(q, k, v, do, lse, delta, bi, *, block_size: int, scale: float, cu_
     """dQ of mode ``tiled``: query tiles of DQT_BLOCK_M rows (fewer than the forward's: the dQ tile keeps
     Q, dO and the dQ accumulator in registers), their tile union cached in the plan like the forward's."""
     from ..utils.reverse_index import block_layout
-    from ..utils.tile_union import build_tile_union, tile_tokens_for
     from .triton_impl import LOG2E
 
     bsz, t, hq, d = q.shape

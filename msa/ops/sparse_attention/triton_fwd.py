@@ -30,6 +30,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..utils.tile_union import tile_rows, union_block
+
 LN2 = tl.constexpr(0.6931471805599453)
 
 
@@ -291,15 +293,8 @@ def sparse_attention_tiled_fwd_kernel(Q, K, V, O, LSE, UIDS, UBITS, UCOUNT, SEQ_
     """
     tile = tl.program_id(0)
     r = tl.program_id(1)
-    gb = tile // SUBS
-    t0 = (tile % SUBS) * TILE_T
-    qstart = tl.load(BLOCK_START + gb)
-    qlen = tl.load(BLOCK_LEN + gb)
-    m = tl.arange(0, BLOCK_M)
-    ti = m // G
-    row_ok = (m < TILE_T * G) & (t0 + ti < qlen)
-    tok = (qstart + t0 + ti).to(tl.int64)
-    head = r * G + m % G
+    qstart, ti, row_ok, tok = tile_rows(tile, BLOCK_START, BLOCK_LEN, G, TILE_T, SUBS, BLOCK_M)
+    head = r * G + tl.arange(0, BLOCK_M) % G
     offs_d = tl.arange(0, BLOCK_D)
     qmask = row_ok[:, None] & (offs_d < D)[None, :]
     q = tl.load(Q + (tok * H_Q + head)[:, None] * D + offs_d[None, :], mask=qmask, other=0.0)
@@ -312,11 +307,7 @@ def sparse_attention_tiled_fwd_kernel(Q, K, V, O, LSE, UIDS, UBITS, UCOUNT, SEQ_
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for u in range(cnt):
-        b = tl.load(UIDS + base + u)
-        row_hit = ((tl.load(UBITS + base + u) >> ti) & 1) != 0
-        gbk = sbo + b
-        kstart = tl.load(BLOCK_START + gbk)
-        klen = tl.load(BLOCK_LEN + gbk)
+        row_hit, kstart, klen = union_block(UIDS, UBITS, base, u, ti, sbo, BLOCK_START, BLOCK_LEN)
         for kt in tl.static_range(KV_TILES):
             kk, vv = _load_kv_tile(K, V, kstart, klen, kt * BLOCK_N, r, H_KV, D, BLOCK_N, BLOCK_D, UPCAST)
             offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -96,6 +96,11 @@ def tiled_config(head_dim: int, group: int, block_size: int) -> Dict[str, int]:
     return merge_launch_config(cfg, "sparse_fwd_tiled_config")
 
 
+def tiled_tile_tokens(head_dim: int, group: int, block_size: int) -> int:
+    """Tokens per query tile of the tiled forward (its rows, ``tiled_config``, divided by G)."""
+    return tile_tokens_for(group, tiled_config(head_dim, group, block_size)["BLOCK_M"], block_size)
+
+
 def _partial_budget(partial_budget_bytes: Optional[int], device=None) -> int:
     if partial_budget_bytes is not None:
         return int(partial_budget_bytes)
@@ -220,7 +225,7 @@ def sparse_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
     if which == "tiled":
         cfg = tiled_config(d, g, block_size)
-        tt = tile_tokens_for(g, cfg["BLOCK_M"], block_size)
+        tt = tiled_tile_tokens(d, g, block_size)
         timer.start("tile_union")
         tu = plan.tile_union(tt) if plan is not None else build_tile_union(bi, layout, block_size, tt)
         timer.stop()

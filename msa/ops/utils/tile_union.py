@@ -47,20 +47,40 @@ class TileUnion(NamedTuple):
 
 
 @triton.jit
+def tile_rows(tile, BLOCK_START, BLOCK_LEN, G: tl.constexpr, TILE_T: tl.constexpr, SUBS: tl.constexpr,
+              BLOCK_M: tl.constexpr):
+    """Rows m of query tile ``tile`` (G rows per token): (qstart, ti, row_ok, tok) with qstart the
+    flattened first token of the tile's query block, ti = m // G the token within the tile, row_ok
+    the real rows and tok the flattened token (int64) of each row."""
+    gb = tile // SUBS
+    t0 = (tile % SUBS) * TILE_T
+    qstart = tl.load(BLOCK_START + gb)
+    qlen = tl.load(BLOCK_LEN + gb)
+    m = tl.arange(0, BLOCK_M)
+    ti = m // G
+    row_ok = (m < TILE_T * G) & (t0 + ti < qlen)
+    tok = (qstart + t0 + ti).to(tl.int64)
+    return qstart, ti, row_ok, tok
+
+
+@triton.jit
+def union_block(UIDS, UBITS, base, u, ti, sbo, BLOCK_START, BLOCK_LEN):
+    """Entry u of a tile's union (``base`` = (tile * H_kv + r) * UMAX; sbo = global id of block 0 of
+    the sequence): (row_hit, kstart, klen): which rows' tokens selected the block, and where it lies."""
+    row_hit = ((tl.load(UBITS + base + u) >> ti) & 1) != 0
+    gbk = sbo + tl.load(UIDS + base + u)
+    return row_hit, tl.load(BLOCK_START + gbk), tl.load(BLOCK_LEN + gbk)
+
+
+@triton.jit
 def tile_union_kernel(BI, BLOCK_START, BLOCK_LEN, IDS, BITS, COUNT, H_KV: tl.constexpr, TOPK: tl.constexpr,
                       TILE_T: tl.constexpr, SUBS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
     """One program per (tile, group): BI int32 (T_all, H_KV, TOPK); IDS/BITS int32 (tiles, H_KV,
     TILE_T * TOPK); COUNT int32 (tiles, H_KV). Each step takes the smallest id above the last one."""
     tile = tl.program_id(0)
     r = tl.program_id(1)
-    gb = tile // SUBS
-    t0 = (tile % SUBS) * TILE_T
-    kstart = tl.load(BLOCK_START + gb)
-    klen = tl.load(BLOCK_LEN + gb)
-    i = tl.arange(0, BLOCK_T)
+    _, i, tok_ok, tok = tile_rows(tile, BLOCK_START, BLOCK_LEN, 1, TILE_T, SUBS, BLOCK_T)
     j = tl.arange(0, BLOCK_K)
-    tok_ok = (i < TILE_T) & (t0 + i < klen)
-    tok = (kstart + t0 + i).to(tl.int64)
     big = 2147483647
     ids = tl.load(BI + (tok * H_KV + r)[:, None] * TOPK + j[None, :], mask=tok_ok[:, None] & (j < TOPK)[None, :],
                   other=-1)
