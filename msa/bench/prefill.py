@@ -298,6 +298,8 @@ def run_size(t, args, device, indexer_fn, flex_fn, dense_hist):
     sp = res[f"sparse_{auto}"]
     if "ms" in sp and "ms" in res["indexer"]:
         res["total"] = dict(ms=res["indexer"]["ms"] + sp["ms"])
+    if "ms" in sp and "ms" in res.get("indexer_fp8", {}):
+        res["total_fp8"] = dict(ms=res["indexer_fp8"]["ms"] + sp["ms"])
     del bi
 
     # dense causal GQA baselines
@@ -506,8 +508,9 @@ def main():
                         ("flex", "sparse")):
             if "ms" in r.get(key, {}):
                 r[key]["tflops"] = tflops(r[key]["ms"], f[fk])
-        if "total" in r:
-            r["total"]["tflops"] = tflops(r["total"]["ms"], f["index"] + f["sparse"])
+        for key in ("total", "total_fp8"):
+            if key in r:
+                r[key]["tflops"] = tflops(r[key]["ms"], f["index"] + f["sparse"])
         real = r.get("realistic", {})
         for kern in KERNELS:
             if "ms" in r.get(f"sparse_{kern}", {}):
@@ -521,8 +524,8 @@ def main():
                 best = min(got, key=got.get)
                 where["total_best"] = dict(kernel=best, ms=r["indexer"]["ms"] + got[best])
         if "dense_best" in r:
-            for where, key in [(r, k) for k in ("sparse_kv", "sparse_qo", "sparse_tiled", "total", "total_best",
-                                                "flex")] + [(real, k) for k in ("sparse_kv", "sparse_qo",
+            for where, key in [(r, k) for k in ("sparse_kv", "sparse_qo", "sparse_tiled", "total", "total_fp8",
+                                                "total_best", "flex")] + [(real, k) for k in ("sparse_kv", "sparse_qo",
                                                                                 "sparse_tiled", "total_best")]:
                 if "ms" in where.get(key, {}):
                     where[key]["speedup_vs_dense"] = r["dense_best"]["ms"] / where[key]["ms"]
@@ -595,7 +598,9 @@ def table(out):
             rec = r.get("fp8_block_recall")
             print(f"T={r['T']}: indexer with fp8 index scores {r['indexer_fp8']['ms']:.2f} ms (bf16 {r['indexer']['ms']:.2f}); "
                   f"block recall of its selection against the bf16 one: "
-                  + (f"{rec:.4f}" if isinstance(rec, float) else str(rec)))
+                  + (f"{rec:.4f}" if isinstance(rec, float) else str(rec))
+                  + (f"; total {r['total_fp8']['ms']:.2f} ms, {r['total_fp8']['speedup_vs_dense']:.2f}x dense"
+                     if "speedup_vs_dense" in r.get("total_fp8", {}) else ""))
     print("\nbreakdown, ms (indexer: do_bench median; KV-outer stages: one call with CUDA events, summed over chunks)")
     print(f"{'T':>8s} {'indexer':>10s} {'rev_index':>10s} {'kv_kernel':>10s} {'combine':>10s} {'kv_sum':>10s} "
           f"{'chunks':>6s} {'kernTF/s':>8s}")

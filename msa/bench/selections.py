@@ -3,10 +3,11 @@
 Random index inputs make consecutive tokens pick unrelated blocks; a trained index does not: the
 tokens of one block mostly agree, which is what query-tiled kernels exploit. ``record`` runs a model
 trained with ``msa train`` over one validation window and stores the blocks every MSA layer selected
-(int16, compressed: ``benchmarks/data/selections_*.npz``); ``realistic_indices`` replays them at any
+(uint8/uint16 distances, compressed: ``msa/bench/data/selections_*.npz``); ``realistic_indices`` replays them at any
 length and GQA group count; ``union_blocks`` measures how much consecutive tokens share.
 
-    msa bench selections --run out/quality/exp-msa-pt --out benchmarks/data/selections_exp-msa-pt.npz
+    msa bench selections --run out/quality/exp-msa-pt --out msa/bench/data/selections_exp-msa-pt.npz
+    msa bench selections --run out/quality/exp-msa-pt --fp8-recall   # fp8 vs bf16 index scores, per layer
 """
 
 from __future__ import annotations
@@ -22,15 +23,9 @@ import torch
 DEFAULT_FILE = Path(__file__).resolve().parent / "data" / "selections_exp-msa-pt.npz"
 
 
-@torch.no_grad()
-def record(run_dir: str, out_file: str, *, device: str = "cuda", window: int = 0,
-           n_layers: int = 3) -> Dict[str, object]:
-    """Selections of ``n_layers`` MSA layers (first, last and evenly between) of the last checkpoint of
-    ``run_dir`` (sparse mode) on validation window ``window`` (a whole-document window). Writes
-    ``out_file`` (npz: ``dist`` uint8/uint16 (L, T, H_kv, topk), each row's distances to its own block
-    in descending order with the dtype's max for unused slots, i.e. ids ascending; ``meta`` JSON) and
-    returns the meta dict."""
-    from ..evals.capture import capture_msa_layers
+def _load_run(run_dir: str, device: str, window: int):
+    """(config, model in sparse eval mode, token ids (1, T) of whole-document validation window
+    ``window``) of the last checkpoint of an ``msa train`` run directory."""
     from ..train.trainer import build_data, build_model, config_from_run, latest_checkpoint, load_full_model_state
 
     if not (Path(run_dir) / "config.json").is_file():
@@ -52,15 +47,30 @@ def record(run_dir: str, out_file: str, *, device: str = "cuda", window: int = 0
     w = whole[window % len(whole)]
     s, ln = (int(x[0]) for x in wins.pieces(w))
     ids = torch.from_numpy(data.corpus.splits["val"].tokens[s:s + ln].astype(np.int64)).view(1, -1).to(dev)
+    return cfg, model, ids, {"run": str(run_dir), "checkpoint": ck.name, "window": int(w), "seq_len": int(ln)}
+
+
+@torch.no_grad()
+def record(run_dir: str, out_file: str, *, device: str = "cuda", window: int = 0,
+           n_layers: int = 3) -> Dict[str, object]:
+    """Selections of ``n_layers`` MSA layers (first, last and evenly between) of the last checkpoint of
+    ``run_dir`` (sparse mode) on validation window ``window`` (a whole-document window). Writes
+    ``out_file`` (npz: ``dist`` uint8/uint16 (L, T, H_kv, topk), each row's distances to its own block
+    in descending order with the dtype's max for unused slots, i.e. ids ascending; ``meta`` JSON) and
+    returns the meta dict."""
+    from ..evals.capture import capture_msa_layers
+
+    cfg, model, ids, info = _load_run(run_dir, device, window)
+    dev = ids.device
     with capture_msa_layers(model, keep_input=False) as recs, torch.autocast(dev.type, torch.bfloat16,
                                                                               enabled=dev.type == "cuda"):
         model(ids, compute_kl=False)
     sels = [(r.layer, r.block_indices[0].long().cpu().numpy()) for r in recs if r.block_indices is not None]
     keep = sorted({round(i * (len(sels) - 1) / max(1, n_layers - 1)) for i in range(min(n_layers, len(sels)))})
     sels = [sels[i] for i in keep]
-    meta = {"run": str(run_dir), "checkpoint": ck.name, "seq_len": int(ln), "block_size": cfg.model.block_size,
-            "topk_blocks": cfg.model.topk_blocks, "num_kv_heads": cfg.model.num_kv_heads,
-            "index_norm_rope": cfg.model.index_norm_rope, "window": int(w), "layers": [i for i, _ in sels]}
+    meta = dict(info, block_size=cfg.model.block_size, topk_blocks=cfg.model.topk_blocks,
+                num_kv_heads=cfg.model.num_kv_heads, index_norm_rope=cfg.model.index_norm_rope,
+                layers=[i for i, _ in sels])
     sel = np.stack([x for _, x in sels])
     own = (np.arange(sel.shape[1]) // cfg.model.block_size)[None, :, None, None]
     dt = np.uint8 if sel.shape[1] // cfg.model.block_size < 255 else np.uint16
@@ -71,6 +81,35 @@ def record(run_dir: str, out_file: str, *, device: str = "cuda", window: int = 0
     Path(out_file).parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out_file, dist=dist, meta=np.array(json.dumps(meta)))
     return meta
+
+
+@torch.no_grad()
+def fp8_recall(run_dir: str, *, device: str = "cuda", window: int = 0) -> Dict[str, object]:
+    """Block recall of the fp8 index scores (``select_blocks(fp8_scores=True)``) against the bf16 selection,
+    on the index projections of every MSA layer of a trained run (last checkpoint, validation window
+    ``window``): the share of the blocks bf16 scores select that fp8 scores select too. Returns the meta
+    dict with ``fp8_block_recall`` {layer: recall} and its mean and minimum."""
+    from ..evals.capture import capture_msa_layers
+    from ..ops.select_blocks import select_blocks
+
+    cfg, model, ids, info = _load_run(run_dir, device, window)
+    dev, m = ids.device, cfg.model
+    amp = torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda")
+    with capture_msa_layers(model, keep_input=True) as recs, amp:
+        model(ids, compute_kl=False)
+    pos = torch.arange(ids.shape[1], device=dev).view(1, -1)
+    kw = dict(block_size=m.block_size, topk=m.topk_blocks, init_blocks=m.init_blocks, local_blocks=m.local_blocks,
+              scale=m.index_dim ** -0.5)
+    recall = {}
+    for r in recs:
+        with amp:
+            _, _, _, q_idx, k_idx = r.attn.project(r.x, pos)
+        ref = select_blocks(q_idx, k_idx, **kw)
+        got = select_blocks(q_idx, k_idx, fp8_scores=True, **kw)
+        recall[str(r.layer)] = selection_recall(ref, got)
+    vals = list(recall.values())
+    return dict(info, index_dtype=str(q_idx.dtype).replace("torch.", ""), fp8_block_recall=recall,
+                fp8_block_recall_mean=sum(vals) / len(vals), fp8_block_recall_min=min(vals))
 
 
 def load(path: Optional[str] = None):
@@ -143,7 +182,12 @@ def main() -> int:
     ap.add_argument("--out", default=str(DEFAULT_FILE), help="npz file to write")
     ap.add_argument("--window", type=int, default=0, help="which whole-document validation window")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--fp8-recall", action="store_true",
+                    help="instead of recording, print the block recall of fp8 index scores against bf16 per layer")
     args = ap.parse_args()
+    if args.fp8_recall:
+        print(json.dumps(fp8_recall(args.run, device=args.device, window=args.window), indent=1))
+        return 0
     meta = record(args.run, args.out, device=args.device, window=args.window)
     sel, _ = load(args.out)
     bi = torch.from_numpy(sel.astype(np.int32)).permute(1, 0, 2, 3).reshape(1, sel.shape[1], -1, sel.shape[3])

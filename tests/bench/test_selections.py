@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from msa.bench.selections import load, realistic_indices, record, selection_recall, union_blocks
+from msa.bench.selections import fp8_recall, load, realistic_indices, record, selection_recall, union_blocks
 from msa.ops.sparse_attention.interface import check_block_indices, check_own_block
 from msa.train import train
 from tests.train.common import one_thread, tiny_config
@@ -18,6 +18,16 @@ def recording(tmp_path_factory):
         train(tiny_config("steps=8", "phase.warmup_steps=4", "eval.every=0"), str(d / "run"), progress=False)
         meta = record(str(d / "run"), str(d / "sel.npz"), device="cpu")
     return str(d / "sel.npz"), meta
+
+
+def test_fp8_recall_of_a_trained_index(recording):
+    """fp8 index scores keep nearly every block bf16 scores select on the trained projections (a broken
+    quantisation, e.g. a missing scale, would select unrelated blocks: recall near k / blocks)."""
+    path, meta = recording
+    with one_thread():
+        res = fp8_recall(meta["run"], device="cpu")
+    assert list(res["fp8_block_recall"]) == [str(i) for i in meta["layers"]]
+    assert 0.9 <= res["fp8_block_recall_min"] <= res["fp8_block_recall_mean"] <= 1.0
 
 
 def test_record_holds_what_the_model_selected(recording):

@@ -237,6 +237,16 @@ def test_score_config_defaults_fit_shared_memory(monkeypatch):
             <= IMPL.SMEM_LIMIT
 
 
+def test_score_config_pads_fp8_contraction_to_32(monkeypatch):
+    """An fp8 MMA needs K >= 32 on the GPU (the interpreter accepts less): D_idx 16 in e4m3 must be
+    padded (the loads mask the pad); 16-bit inputs keep 16."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for dim, dtype, want in ((16, torch.float8_e4m3fn, 32), (24, torch.float8_e4m3fn, 32),
+                             (64, torch.float8_e4m3fn, 64), (16, torch.bfloat16, 16)):
+        q = torch.empty(1, 4, dim, dtype=dtype)
+        assert IMPL.score_config(q, 4, dim, 128)["block_d"] == want, (dim, dtype)
+
+
 # fp8 index scores: q_idx per (token, group) and k_idx per token in float8_e4m3fn (msa.cache.quantize_fp8),
 # the GEMM in fp8 with fp32 accumulation. The reference scores the dequantised copies in fp32, so the
 # Triton selection must match it exactly up to near-ties (tolerance 1e-4: fp32 sums of exact fp8

@@ -176,7 +176,8 @@ def score_config(q: torch.Tensor, heads: int, dim: int, block_size: int, *, rows
     interp = interpreting()
     wide = q.element_size() == 4 and not interp
     elt = q.element_size()
-    block_d = max(16, next_pow2(dim))
+    # an fp8 MMA needs K >= 32 on the GPU (the interpreter does not check): pad D_idx, the loads mask it
+    block_d = max(32 if elt == 1 else 16, next_pow2(dim))
     d = SCORE_DEFAULTS
     explicit = dict(block_n=block_n, num_stages=num_stages)
     if rows is None:  # fp32 on the GPU: twice the bytes per tile, halve the rows
