@@ -75,24 +75,29 @@ def plot_compare(runs: Dict[str, Dict], path: Path, *, names: Optional[Sequence[
     plt = _plt()
     names = list(names or runs)
     fig, ax = plt.subplots(2, 2, figsize=(14, 10))
-    for n in names:
+    # one colour per run in every panel (recall draws two lines per run: score solid, block dashed)
+    cmap = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
+    for i, n in enumerate(names):
+        c = cmap(i % cmap.N)
         h = runs[n].get("history") or []
         ev = [r for r in h if "val_lm_loss" in r]
         if ev:
             off = runs[n].get("token_offset", 0.0)
             ax[0, 0].plot([(off + r["tokens_seen"]) / 1e6 for r in ev], [r["val_lm_loss"] for r in ev], "o-", ms=2,
-                          label=n)
+                          color=c, label=n)
         kl = [r for r in h if r.get("kl")]
         if kl:
-            ax[0, 1].plot([r["step"] for r in kl], [r["kl"] for r in kl], lw=0.8, label=n)
+            ax[0, 1].plot([r["step"] for r in kl], [r["kl"] for r in kl], lw=0.8, color=c, label=n)
         rc = [r for r in ev if "score_recall" in r]
         if rc:
-            ax[1, 0].plot([r["step"] for r in rc], [r["score_recall"] for r in rc], "o-", ms=2, label=f"{n} score")
-            ax[1, 0].plot([r["step"] for r in rc], [r["block_recall"] for r in rc], "x--", ms=3, label=f"{n} block")
+            ax[1, 0].plot([r["step"] for r in rc], [r["score_recall"] for r in rc], "o-", ms=2, color=c,
+                          label=f"{n} score")
+            ax[1, 0].plot([r["step"] for r in rc], [r["block_recall"] for r in rc], "x--", ms=3, color=c,
+                          label=f"{n} block")
         fin = runs[n].get("final") or {}
         bs = [b for b in (fin.get("buckets") or {}).get("buckets", []) if b["loss"] is not None]
         if bs:
-            ax[1, 1].plot([b["end"] for b in bs], [b["loss"] for b in bs], "o-", label=n)
+            ax[1, 1].plot([b["end"] for b in bs], [b["loss"] for b in bs], "o-", color=c, label=n)
     ax[0, 0].set(title="validation LM loss", xlabel="million tokens", ylabel="nats / token")
     ax[0, 1].set(title="KL (sum over MSA layers, train)", xlabel="step", yscale="log")
     ax[1, 0].set(title="indexer recall (validation)", xlabel="step", ylim=(0, 1.02))
