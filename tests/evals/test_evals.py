@@ -9,7 +9,7 @@ from torch import nn
 from msa.data.tokenizer import ByteTokenizer
 from msa.evals.indexer import recall_eval
 from msa.evals.lm import bucket_edges, eval_loss, position_bucket_loss
-from msa.evals.retrieval import TASKS, build_samples, score_samples
+from msa.evals.retrieval import TASKS, build_samples, retrieval_eval, score_samples
 from msa.metrics import indexer_recall
 from msa.ops.select_blocks import select_blocks
 from msa.train.trainer import Trainer
@@ -133,5 +133,75 @@ def test_retrieval_samples_and_scoring():
                     assert abs(pos / len(text) - s.depth) < 0.1
         if s.task == "mqar":
             assert len(s.answers) == 8
-    assert score_samples(_Oracle(256), ss, device="cpu") == [1.0] * len(ss)
-    assert score_samples(_Oracle(256, right=False), ss, device="cpu") == [0.0] * len(ss)
+    assert [x.exact for x in score_samples(_Oracle(256), ss, device="cpu")] == [1.0] * len(ss)
+    assert [x.exact for x in score_samples(_Oracle(256, right=False), ss, device="cpu")] == [0.0] * len(ss)
+
+
+class _Reader(nn.Module):
+    """Right about every next token (logit 10) in the prompts it was given, uniform elsewhere: a model
+    that 'reads the fact' exactly when the fact is in its input."""
+
+    def __init__(self, vocab, prompts):
+        super().__init__()
+        self.vocab, self.prompts = vocab, {tuple(p) for p in prompts}
+
+    def forward(self, ids, compute_kl=False, **kw):
+        lg = torch.zeros(1, ids.shape[1], self.vocab)
+        if tuple(ids[0].tolist()) in self.prompts:
+            lg[0, torch.arange(ids.shape[1] - 1), ids[0, 1:]] = 10.0
+        return type("Out", (), {"logits": lg})()
+
+
+def _filler(n=2000):
+    code = "".join(f"def fn_{i}(x):\n    return x * {i}\n" for i in range(n)).encode()
+    return np.frombuffer(code, dtype=np.uint8).astype(np.int32)
+
+
+def test_retrieval_control_drops_only_the_asked_values():
+    """The control prompt is the prompt without the lines holding the asked values: the same text
+    otherwise (distractor needles and the assignment chain stay), the same questions and answers."""
+    tok = ByteTokenizer()
+    ss = build_samples(tok, _filler(), lengths=[1500, 3000], depths=[0.2, 0.8], samples=2, seed=5)
+    for s in ss:
+        text, ctext = tok.decode(s.ids), tok.decode(s.control_ids)
+        answers = [tok.decode(s.ids[a:e]) for a, e in s.answers]
+        assert [tok.decode(s.control_ids[a:e]) for a, e in s.control_answers] == answers
+        asked = [tok.decode(s.ids[:a]).rsplit("assert ", 1)[1].split(" ==")[0] for a, _ in s.answers]
+        if s.task == "var_track":
+            # the value line is the only line holding the value; the chain "b = a" ... stays
+            removed = [ln for ln in text.split("\n") if ln.endswith(" =" + answers[0]) and not ln.startswith("assert")]
+        else:
+            removed = [f"{n} ={v}" for n, v in zip(asked, answers)]
+        assert len(removed) == len(s.answers) and all(r in text for r in removed)
+        assert not any(r in ctext for r in removed)
+        rebuilt = text
+        for r in removed:
+            rebuilt = rebuilt.replace(r + "\n", "", 1)
+        assert rebuilt == ctext
+        if s.task == "multi_needle":   # the three distractor needles stay in the control
+            assert sum(1 for ln in ctext.split("\n") if ln[:1].isupper() and " = " in ln) == 3
+
+
+def test_fact_gain_is_control_nll_minus_nll():
+    """A model right exactly on the real prompts: nll = CE of a logit-10 one-hot, control nll =
+    log(vocab) (uniform), gain their difference; exact 1; aggregated per task and length."""
+    tok = ByteTokenizer()
+    ss = build_samples(tok, _filler(), lengths=[1500], depths=[0.5], samples=1, seed=2)
+    sc = score_samples(_Reader(256, [s.ids for s in ss]), ss, device="cpu")
+    right = float(np.log(np.exp(10.0) + 255) - 10.0)
+    for x in sc:
+        assert x.exact == 1.0
+        assert x.nll == pytest.approx(right, abs=1e-6)
+        assert x.control_nll == pytest.approx(float(np.log(256)), rel=1e-5)
+        assert x.gain == pytest.approx(np.log(256) - right, abs=1e-5)
+    # a model that reads the control as well as the prompt gains nothing
+    both = score_samples(_Reader(256, [s.ids for s in ss] + [s.control_ids for s in ss]), ss, device="cpu")
+    assert all(abs(x.gain) < 1e-6 for x in both)
+    assert all(x.control_nll is None and x.gain is None for x in
+               score_samples(_Oracle(256), ss, device="cpu", control=False))
+    res = retrieval_eval(_Reader(256, [s.ids for s in ss]), tok, _filler(), lengths=[1500], depths=[0.5],
+                         samples=1, device="cpu", seed=2)
+    for t in TASKS:
+        assert res["tasks"][t]["mean"] == 1.0
+        assert res["tasks"][t]["gain_by_length"]["1500"] == pytest.approx(np.log(256) - right, abs=1e-5)
+    assert res["gain_mean"] == pytest.approx(np.log(256) - right, abs=1e-5)

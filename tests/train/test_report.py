@@ -5,7 +5,7 @@ import json
 from msa.train.report import summarize
 
 
-def _run(root, name, kind, val, buckets, retr, recall=None, kl=None, init_from=""):
+def _run(root, name, kind, val, buckets, retr, recall=None, kl=None, init_from="", gain=None):
     d = root / name
     d.mkdir(parents=True)
     s = {"name": name, "status": "complete", "step": 10, "steps": 10, "tokens_seen": 1e6, "train_seconds": 60,
@@ -18,6 +18,8 @@ def _run(root, name, kind, val, buckets, retr, recall=None, kl=None, init_from="
     fin = {"buckets": {"buckets": [{"start": a, "end": b, "loss": v, "tokens": n} for a, b, v, n in buckets]},
            "retrieval": {"mean": sum(retr.values()) / len(retr),
                          "tasks": {"needle": {"by_length": {str(k): v for k, v in retr.items()}}}}}
+    if gain:
+        fin["retrieval"]["tasks"]["needle"]["gain_by_length"] = {str(k): v for k, v in gain.items()}
     (d / "final_eval.json").write_text(json.dumps(fin))
     (d / "log.jsonl").write_text(json.dumps({"step": 10, "val_lm_loss": val, "tokens_seen": 1e6, "lm_loss": val,
                                              "kl": 0.1}) + "\n")
@@ -26,10 +28,12 @@ def _run(root, name, kind, val, buckets, retr, recall=None, kl=None, init_from="
 
 def test_summary_table_and_targets(tmp_path):
     b = [(0, 4096, 2.0, 100), (4096, 8192, 1.5, 100), (8192, 16384, 1.0, 300)]
-    _run(tmp_path, "exp-dense", "dense", 2.000, b, {8192: 0.8, 16384: 0.6, 4096: 0.9})
+    _run(tmp_path, "exp-dense", "dense", 2.000, b, {8192: 0.8, 16384: 0.6, 4096: 0.9},
+         gain={8192: 2.0, 16384: 1.0, 4096: 9.0})
     _run(tmp_path, "exp-msa-pt", "msa", 2.010, [(x, y, v + 0.01, n) for x, y, v, n in b],
-         {8192: 0.78, 16384: 0.58, 4096: 0.2}, recall=(0.72, 0.91), kl=(3.0, 2.0))
-    _run(tmp_path, "exp-local", "local", 2.05, [(x, y, v + 0.2, n) for x, y, v, n in b], {8192: 0.1, 16384: 0.0, 4096: 0.5})
+         {8192: 0.78, 16384: 0.58, 4096: 0.2}, recall=(0.72, 0.91), kl=(3.0, 2.0), gain={8192: 1.5, 16384: 0.9})
+    _run(tmp_path, "exp-local", "local", 2.05, [(x, y, v + 0.2, n) for x, y, v, n in b], {8192: 0.1, 16384: 0.0, 4096: 0.5},
+         gain={8192: 0.25, 16384: -0.05})
     _run(tmp_path, "exp-msa-nowarmup", "msa", 2.0, b, {8192: 0.5})
     md = summarize(str(tmp_path))
     lines = {ln.split("|")[1].strip(): ln for ln in md.splitlines() if ln.startswith("| exp")}
@@ -38,6 +42,10 @@ def test_summary_table_and_targets(tmp_path):
     assert cells[6] == "2.0100"
     assert cells[8] == f"{(1.51 * 100 + 1.01 * 300) / 400:.4f}"      # token-weighted loss beyond 4K
     assert cells[9] == "0.680"                                        # retrieval at 8K and 16K only
+    assert cells[11] == "1.200"                                       # fact gain at 8K and 16K only
+    assert [c.strip() for c in lines["exp-msa-nowarmup"].split("|")][11] == "-"   # evaluated before the gain
+    assert "fact gain 8K-16K (nats per answer token): MSA-PT 1.200 vs dense 1.500 = 80.0% of dense" in md
+    assert "fact gain 8K-16K: MSA-PT 1.200 vs local window 0.100 nats" in md
     assert "MSA-PT validation loss vs dense: +0.50% (target within +1%): met" in md
     assert "97.1% of dense (target >= 95%): met" in md
     assert "vs local window" in md and "(target below): met" in md
