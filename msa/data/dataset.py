@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -226,13 +226,18 @@ class Batch(NamedTuple):
     windows: List[int]
 
 
-def pack_windows(tokens: np.ndarray, windows: Windows, ids: Sequence[int], device=None) -> Batch:
-    """Concatenate windows ``ids`` into one packed row with the cu_seqlens of their pieces."""
+def pack_windows(tokens: np.ndarray, windows: Windows, ids: Sequence[int], device=None,
+                 transform: Optional[Callable[[int, List[np.ndarray]], List[np.ndarray]]] = None) -> Batch:
+    """Concatenate windows ``ids`` into one packed row with the cu_seqlens of their pieces.
+    transform(window, pieces) -> pieces of the same lengths (e.g. ``FactPlanter``), if given."""
     parts, lens = [], []
     for w in ids:
         ss, ll = windows.pieces(int(w))
-        for s, ln in zip(ss, ll):
-            parts.append(tokens[s:s + ln])
+        pieces = [tokens[s:s + ln] for s, ln in zip(ss, ll)]
+        if transform is not None:
+            pieces = transform(int(w), pieces)
+        for x, ln in zip(pieces, ll):
+            parts.append(x)
             lens.append(int(ln))
     ids_t = torch.from_numpy(np.concatenate(parts).astype(np.int64)).view(1, -1)
     cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
@@ -246,10 +251,12 @@ class WindowLoader:
     """Batches of batch_size windows for one rank of world_size. Each epoch draws a permutation of
     all windows from (seed, epoch); a step consumes batch_size * world_size consecutive windows of
     it, rank r taking its slice, so ranks never share a window and the global batch is the same
-    for any world size with the same product. The position (epoch, cursor) is the whole state."""
+    for any world size with the same product. The position (epoch, cursor) is the whole state.
+    planter: an optional ``msa.data.facts.FactPlanter`` (a function of epoch and window: the state
+    stays the position)."""
 
     def __init__(self, tokens: np.ndarray, windows: Windows, batch_size: int, *, seed: int, rank: int = 0,
-                 world_size: int = 1, device=None):
+                 world_size: int = 1, device=None, planter=None):
         if not (0 <= rank < world_size):
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         need = batch_size * world_size
@@ -259,6 +266,7 @@ class WindowLoader:
                              f"or raise data.max_corpus_mb")
         self.tokens, self.windows, self.batch_size = tokens, windows, batch_size
         self.seed, self.rank, self.world_size, self.device = seed, rank, world_size, device
+        self.planter = planter
         self.epoch, self.cursor = 0, 0
         self._perm = None
 
@@ -275,7 +283,9 @@ class WindowLoader:
         perm = self._permutation()
         take = perm[self.cursor + self.rank * self.batch_size: self.cursor + (self.rank + 1) * self.batch_size]
         self.cursor += need
-        return pack_windows(self.tokens, self.windows, take, self.device)
+        epoch, planter = self.epoch, self.planter
+        transform = None if planter is None else (lambda w, pieces: planter.apply(pieces, epoch, w))
+        return pack_windows(self.tokens, self.windows, take, self.device, transform)
 
     def state_dict(self) -> Dict[str, int]:
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "num_windows": len(self.windows)}

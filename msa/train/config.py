@@ -55,7 +55,10 @@ class DataConfig:
     cu_seqlens). max_corpus_mb: MB of training source read (packages in a seeded order until the
     budget); eval_corpus_mb: the same for each of validation and test;
     val_fraction / test_fraction: share of packages held out (split by package name and seed).
-    cache_dir: where the tokenizer and token arrays are cached (default ~/.cache/msa/data)."""
+    cache_dir: where the tokenizer and token arrays are cached (default ~/.cache/msa/data).
+    synthetic_facts: share of training windows in which facts_per_window constants are defined and
+    asserted later (``msa.data.facts``: the retrieval evaluation's format, so a small model can learn
+    the skill; validation and test windows are never planted)."""
 
     seq_len: int = 8192
     batch_size: int = 4
@@ -71,6 +74,8 @@ class DataConfig:
     include_site_packages: bool = True
     cache_dir: str = ""
     seed: int = 0
+    synthetic_facts: float = 0.0
+    facts_per_window: int = 16
 
 
 @dataclass
@@ -181,6 +186,9 @@ class TrainConfig:
         check(self.data.tokenizer in TOKENIZERS, f"data.tokenizer must be one of {TOKENIZERS}, got {self.data.tokenizer!r}")
         check(self.data.seq_len >= 2, f"data.seq_len must be >= 2, got {self.data.seq_len}")
         check(self.data.batch_size >= 1, f"data.batch_size must be >= 1, got {self.data.batch_size}")
+        check(0.0 <= self.data.synthetic_facts <= 1.0,
+              f"data.synthetic_facts must be in [0, 1], got {self.data.synthetic_facts}")
+        check(self.data.facts_per_window >= 1, f"data.facts_per_window must be >= 1, got {self.data.facts_per_window}")
         check(0 <= self.data.val_fraction and 0 <= self.data.test_fraction
               and self.data.val_fraction + self.data.test_fraction < 1,
               "data.val_fraction and data.test_fraction must be >= 0 and sum to < 1")

@@ -186,8 +186,13 @@ def build_data(cfg: TrainConfig, device: torch.device, *, rank: int = 0, world_s
     corpus = prepare_corpus(corpus_spec(cfg), cfg.data.cache_dir or None, log=log)
     t = cfg.data.seq_len
     tw = make_windows(corpus.splits["train"], t)
+    planter = None
+    if cfg.data.synthetic_facts > 0:
+        from ..data.facts import FactPlanter
+        planter = FactPlanter(corpus.tokenizer, fraction=cfg.data.synthetic_facts,
+                              facts_per_window=cfg.data.facts_per_window, seed=cfg.seed)
     loader = WindowLoader(corpus.splits["train"].tokens, tw, cfg.data.batch_size, seed=cfg.seed, rank=rank,
-                          world_size=world_size, device=device)
+                          world_size=world_size, device=device, planter=planter)
     vw = make_windows(corpus.splits["val"], t)
     sw = make_windows(corpus.splits["test"], t)
     check(len(vw) > 0 and len(sw) > 0, f"the validation/test splits hold fewer than {t} tokens; raise "

@@ -1,0 +1,80 @@
+"""Synthetic facts planted in training windows: constants defined in the real code of a window and
+asserted later in it, the format of the retrieval evaluation (``msa.evals.retrieval``).
+
+Why: exact retrieval of a 5-digit value needs a model that has learned to copy from far back; a
+small model trained on a few tens of millions of tokens of plain code never gets there (every
+quality run scored 0, dense included), so the evaluation cannot compare attentions. Planting the
+skill's format into a share of the training windows teaches it within the budget, the same for
+every run, while validation and test windows stay untouched (LM losses remain comparable).
+
+A planted window keeps its length: ``n_facts`` lines ``NAME = 12345`` go in at random token
+positions of its longest piece (one document: a fact and its question never straddle a document
+boundary), each followed later in the same piece by ``assert NAME == 12345``; the piece's last
+tokens make room. Which windows, names, values and positions: a function of (seed, epoch, window),
+so a resumed run sees the same data.
+"""
+
+from __future__ import annotations
+
+import string
+from typing import List
+
+import numpy as np
+
+
+class FactPlanter:
+    """fraction: share of training windows planted (0..1); facts_per_window: facts (and questions)
+    per planted window; tokenizer: the corpus tokenizer (``encode_batch``)."""
+
+    def __init__(self, tokenizer, *, fraction: float, facts_per_window: int, seed: int):
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+        if facts_per_window < 1:
+            raise ValueError(f"facts_per_window must be >= 1, got {facts_per_window}")
+        self.tok, self.fraction, self.n, self.seed = tokenizer, float(fraction), int(facts_per_window), int(seed)
+
+    def rng(self, epoch: int, window: int) -> np.random.Generator:
+        return np.random.Generator(np.random.PCG64([self.seed, 48271, int(epoch), int(window)]))
+
+    def apply(self, pieces: List[np.ndarray], epoch: int, window: int) -> List[np.ndarray]:
+        """The window's pieces (token arrays of its documents), the longest one planted when this
+        window is drawn for planting; other pieces and every length unchanged."""
+        rng = self.rng(epoch, window)
+        if self.fraction == 0.0 or rng.random() >= self.fraction:
+            return pieces
+        i = int(np.argmax([len(p) for p in pieces]))
+        out = list(pieces)
+        out[i] = self.plant(pieces[i], rng)
+        return out
+
+    def _name(self, rng) -> str:
+        name = "_".join("".join(rng.choice(list(string.ascii_lowercase), size=int(rng.integers(4, 7))))
+                        for _ in range(2))
+        return name.upper() if rng.random() < 0.5 else name
+
+    def plant(self, piece: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """piece with the facts and questions spliced in, same length and dtype. A piece too short
+        to hold them at no more than half its tokens comes back unchanged."""
+        n = len(piece)
+        names = [self._name(rng) for _ in range(self.n)]
+        values = [str(int(rng.integers(10000, 100000))) for _ in range(self.n)]
+        enc = self.tok.encode_batch([f"\n{a} = {v}\n" for a, v in zip(names, values)]
+                                    + [f"\nassert {a} == {v}\n" for a, v in zip(names, values)])
+        facts, asks = enc[:self.n], enc[self.n:]
+        extra = sum(len(x) for x in enc)
+        base = n - extra
+        if base < extra:
+            return piece
+        # fact j at token fpos[j] of the kept text, its question at a uniform later position
+        fpos = rng.integers(0, base, size=self.n)
+        apos = np.minimum(base, fpos + 1 + (rng.random(self.n) * (base - fpos)).astype(np.int64))
+        inserts = sorted([(int(p), 0, j) for j, p in enumerate(fpos)] + [(int(p), 1, j) for j, p in enumerate(apos)])
+        parts, prev = [], 0
+        for p, kind, j in inserts:
+            parts.append(piece[prev:p])
+            parts.append(np.asarray(facts[j] if kind == 0 else asks[j], dtype=piece.dtype))
+            prev = p
+        parts.append(piece[prev:base])
+        out = np.concatenate(parts)
+        assert len(out) == n
+        return out
