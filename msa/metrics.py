@@ -21,17 +21,22 @@ def indexer_recall(q: torch.Tensor, k: torch.Tensor, block_indices: torch.Tensor
                    scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None) -> Dict[str, float]:
     """q (B, T, H_q, D), k (B, T, H_kv, D), block_indices int32 (B, T, H_kv, topk).
 
-    Returns {"block_recall", "score_recall", "selected_mass", "teacher_entropy", "queries"} averaged
-    over (query, group) pairs that see more than topk blocks ("queries" counts those pairs; 0 means
-    nothing to measure and recalls of 1). selected_mass: the share of the group-averaged causal
-    attention that falls in the selected blocks (what the sparse main branch keeps; score_recall divides
-    it by the best top-k's share). teacher_entropy: the entropy in nats of that attention over the keys,
-    which falls as the main branch sharpens (the sparse-phase KL can rise for that reason alone)."""
+    Returns {"block_recall", "score_recall", "selected_mass", "teacher_entropy", "top_half_recall",
+    "oracle_mass", "queries"} averaged over (query, group) pairs that see more than topk blocks
+    ("queries" counts those pairs; 0 means nothing to measure and recalls of 1). selected_mass: the
+    share of the group-averaged causal attention that falls in the selected blocks (what the sparse
+    main branch keeps; score_recall divides the mass of the blocks both pick by the best top-k's).
+    teacher_entropy: the entropy in nats of that attention over the keys, which falls as the main
+    branch sharpens (the sparse-phase KL can rise for that reason alone). top_half_recall: the share
+    of the best ceil(topk / 2) blocks that the selection holds (are the misses of block_recall the
+    heavy blocks or the marginal ones?); oracle_mass: the share the best topk blocks hold (the most
+    any selection can keep: a diffuse teacher caps it)."""
     bsz, t, hq, d = q.shape
     hkv, topk = k.shape[2], block_indices.shape[-1]
     g = hq // hkv
     scale = default_scale(scale, d)
-    br_sum = sr_sum = sm_sum = ent_sum = 0.0
+    br_sum = sr_sum = sm_sum = ent_sum = half_sum = om_sum = 0.0
+    half = (topk + 1) // 2
     count = 0
     for b, s, e in sequence_spans(bsz, t, cu_seqlens):
         n = e - s
@@ -50,7 +55,9 @@ def indexer_recall(q: torch.Tensor, k: torch.Tensor, block_indices: torch.Tensor
             p = torch.softmax(sc, -1).mean(2)  # (C, H_kv, c1): group-averaged attention
             pad = nb * block_size - c1
             mass = torch.nn.functional.pad(p, (0, pad)).view(c1 - c0, hkv, nb, block_size).sum(-1)
-            star = torch.zeros_like(mass, dtype=torch.bool).scatter_(2, mass.topk(min(topk, nb), -1).indices, True)
+            order = mass.topk(min(topk, nb), -1).indices  # descending mass
+            star = torch.zeros_like(mass, dtype=torch.bool).scatter_(2, order, True)
+            head = torch.zeros_like(mass, dtype=torch.bool).scatter_(2, order[..., :half], True)
             idx = block_indices[b, s + c0:s + c1].long()
             sel = torch.zeros(c1 - c0, hkv, nb + 1, dtype=torch.bool, device=q.device)
             sel.scatter_(2, torch.where(idx >= 0, idx, torch.full_like(idx, nb)), True)
@@ -60,12 +67,18 @@ def indexer_recall(q: torch.Tensor, k: torch.Tensor, block_indices: torch.Tensor
             sr = (mass * both).sum(-1) / (mass * star).sum(-1)
             sm = (mass * sel).sum(-1)
             ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
+            hr = (head & sel).sum(-1).float() / head.sum(-1).float()
+            om = (mass * star).sum(-1)
             br_sum += float(br[keep].sum())
             sr_sum += float(sr[keep].sum())
             sm_sum += float(sm[keep].sum())
             ent_sum += float(ent[keep].sum())
+            half_sum += float(hr[keep].sum())
+            om_sum += float(om[keep].sum())
             count += int(keep.sum()) * hkv
     if count == 0:
-        return {"block_recall": 1.0, "score_recall": 1.0, "selected_mass": 1.0, "teacher_entropy": 0.0, "queries": 0}
+        return {"block_recall": 1.0, "score_recall": 1.0, "selected_mass": 1.0, "teacher_entropy": 0.0,
+                "top_half_recall": 1.0, "oracle_mass": 1.0, "queries": 0}
     return {"block_recall": br_sum / count, "score_recall": sr_sum / count, "selected_mass": sm_sum / count,
-            "teacher_entropy": ent_sum / count, "queries": count}
+            "teacher_entropy": ent_sum / count, "top_half_recall": half_sum / count, "oracle_mass": om_sum / count,
+            "queries": count}

@@ -10,7 +10,7 @@ def naive_recall(q, k, idx, bs):
     t, hq, d = q.shape[1:]
     hkv, topk = k.shape[2], idx.shape[-1]
     g = hq // hkv
-    brs, srs, sms, ents = [], [], [], []
+    brs, srs, sms, ents, halves, oms = [], [], [], [], [], []
     for i in range(t):
         nvis = i // bs + 1
         if nvis <= topk:
@@ -24,8 +24,11 @@ def naive_recall(q, k, idx, bs):
             srs.append(float(sum(mass[x] for x in star & sel) / sum(mass[x] for x in star)))
             sms.append(float(sum(mass[x] for x in sel)))
             ents.append(float(-(p * p.log()).sum()))
+            head = set(sorted(range(nvis), key=lambda b: -float(mass[b]))[:(topk + 1) // 2])
+            halves.append(len(head & sel) / len(head))
+            oms.append(float(sum(mass[x] for x in star)))
     n = len(brs)
-    return sum(brs) / n, sum(srs) / n, sum(sms) / n, sum(ents) / n
+    return sum(brs) / n, sum(srs) / n, sum(sms) / n, sum(ents) / n, sum(halves) / n, sum(oms) / n
 
 
 def test_recall_matches_naive_and_is_one_for_the_oracle_selection():
@@ -34,9 +37,11 @@ def test_recall_matches_naive_and_is_one_for_the_oracle_selection():
     q_idx, k_idx = torch.randn(1, 90, 2, 4, dtype=torch.float64), torch.randn(1, 90, 4, dtype=torch.float64)
     idx = msa.select_blocks(q_idx, k_idx, block_size=8, topk=3)
     got = indexer_recall(q, k, idx, block_size=8)
-    br, sr, sm, ent = naive_recall(q, k, idx, 8)
+    br, sr, sm, ent, half, om = naive_recall(q, k, idx, 8)
     assert abs(got["block_recall"] - br) < 1e-6 and abs(got["score_recall"] - sr) < 1e-6
     assert abs(got["selected_mass"] - sm) < 1e-6 and abs(got["teacher_entropy"] - ent) < 1e-6
+    assert abs(got["top_half_recall"] - half) < 1e-6 and abs(got["oracle_mass"] - om) < 1e-6
+    assert got["top_half_recall"] != got["block_recall"] and got["oracle_mass"] > got["selected_mass"]
     assert got["block_recall"] < 0.9  # random indexer: far from perfect
     # selecting exactly I* (top blocks by attention mass) must give recall 1
     t, bs, topk = 90, 8, 3
@@ -50,4 +55,5 @@ def test_recall_matches_naive_and_is_one_for_the_oracle_selection():
             star[0, i, r, :len(ids)] = ids.to(torch.int32)
     perfect = indexer_recall(q, k, star, block_size=8)
     assert abs(perfect["block_recall"] - 1) < 1e-9 and abs(perfect["score_recall"] - 1) < 1e-9
+    assert abs(perfect["top_half_recall"] - 1) < 1e-9 and abs(perfect["oracle_mass"] - perfect["selected_mass"]) < 1e-9
     assert perfect["selected_mass"] > got["selected_mass"]  # no selection holds more than the best top-k

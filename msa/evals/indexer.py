@@ -15,6 +15,9 @@ from ..ops.select_blocks import select_blocks
 from .capture import capture_msa_layers, unwrap
 from .lm import autocast_ctx
 
+# msa.metrics.indexer_recall's per-query means, averaged per layer then over layers
+METRICS = ("block_recall", "score_recall", "selected_mass", "teacher_entropy", "top_half_recall", "oracle_mass")
+
 
 @torch.no_grad()
 def recall_eval(model: torch.nn.Module, tokens, windows: Windows, window_ids: Sequence[int], *, device,
@@ -23,9 +26,9 @@ def recall_eval(model: torch.nn.Module, tokens, windows: Windows, window_ids: Se
     block_size / topk_blocks / init_blocks / local_blocks, whatever mode the model is in) scored
     against the top-k blocks of its main branch's causal attention mass.
 
-    Returns {"block_recall", "score_recall", "selected_mass", "teacher_entropy" (means over layers;
-    msa.metrics.indexer_recall), "layer_block_recall", "layer_score_recall": {layer: value}} or {}
-    when the model has no MSA layer."""
+    Returns {"block_recall", "score_recall", "selected_mass", "teacher_entropy", "top_half_recall",
+    "oracle_mass" (means over layers; msa.metrics.indexer_recall), "layer_block_recall",
+    "layer_score_recall": {layer: value}} or {} when the model has no MSA layer."""
     m = unwrap(model)
     m.eval()
     per: Dict[int, Dict[str, float]] = {}
@@ -45,18 +48,14 @@ def recall_eval(model: torch.nn.Module, tokens, windows: Windows, window_ids: Se
             res = indexer_recall(q, k, sel, block_size=c.block_size, cu_seqlens=b.cu_seqlens)
             if res["queries"] == 0:
                 continue
-            acc = per.setdefault(r.layer, {"br": 0.0, "sr": 0.0, "sm": 0.0, "ent": 0.0, "n": 0})
-            acc["br"] += res["block_recall"] * res["queries"]
-            acc["sr"] += res["score_recall"] * res["queries"]
-            acc["sm"] += res["selected_mass"] * res["queries"]
-            acc["ent"] += res["teacher_entropy"] * res["queries"]
+            acc = per.setdefault(r.layer, dict.fromkeys(METRICS + ("n",), 0.0))
+            for key in METRICS:
+                acc[key] += res[key] * res["queries"]
             acc["n"] += res["queries"]
     m.train()
     if not per:
         return {}
-    lbr = {str(i): v["br"] / v["n"] for i, v in sorted(per.items())}
-    lsr = {str(i): v["sr"] / v["n"] for i, v in sorted(per.items())}
-    mean = lambda key: sum(v[key] / v["n"] for v in per.values()) / len(per)  # noqa: E731
-    return {"block_recall": sum(lbr.values()) / len(lbr), "score_recall": sum(lsr.values()) / len(lsr),
-            "selected_mass": mean("sm"), "teacher_entropy": mean("ent"),
-            "layer_block_recall": lbr, "layer_score_recall": lsr}
+    out = {key: sum(v[key] / v["n"] for v in per.values()) / len(per) for key in METRICS}
+    out["layer_block_recall"] = {str(i): v["block_recall"] / v["n"] for i, v in sorted(per.items())}
+    out["layer_score_recall"] = {str(i): v["score_recall"] / v["n"] for i, v in sorted(per.items())}
+    return out

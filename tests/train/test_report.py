@@ -11,7 +11,9 @@ def _run(root, name, kind, val, buckets, retr, recall=None, kl=None, init_from="
     s = {"name": name, "status": "complete", "step": 10, "steps": 10, "tokens_seen": 1e6, "train_seconds": 60,
          "parameters": {"total": 4.6e7}, "kind": kind, "val_lm_loss": val}
     if recall:
-        s["block_recall"], s["score_recall"] = recall
+        s["block_recall"], s["score_recall"] = recall[:2]
+        if len(recall) > 2:
+            s["oracle_mass"], s["top_half_recall"] = recall[2:]
     if kl:
         s["sparse_kl_first_quarter"], s["sparse_kl_last_quarter"] = kl
     (d / "summary.json").write_text(json.dumps(s))
@@ -31,7 +33,7 @@ def test_summary_table_and_targets(tmp_path):
     _run(tmp_path, "exp-dense", "dense", 2.000, b, {8192: 0.8, 16384: 0.6, 4096: 0.9},
          gain={8192: 2.0, 16384: 1.0, 4096: 9.0})
     _run(tmp_path, "exp-msa-pt", "msa", 2.010, [(x, y, v + 0.01, n) for x, y, v, n in b],
-         {8192: 0.78, 16384: 0.58, 4096: 0.2}, recall=(0.72, 0.91), kl=(3.0, 2.0), gain={8192: 1.5, 16384: 0.9})
+         {8192: 0.78, 16384: 0.58, 4096: 0.2}, recall=(0.72, 0.91, 0.93, 0.85), kl=(3.0, 2.0), gain={8192: 1.5, 16384: 0.9})
     _run(tmp_path, "exp-local", "local", 2.05, [(x, y, v + 0.2, n) for x, y, v, n in b], {8192: 0.1, 16384: 0.0, 4096: 0.5},
          gain={8192: 0.25, 16384: -0.05})
     _run(tmp_path, "exp-msa-nowarmup", "msa", 2.0, b, {8192: 0.5})
@@ -43,6 +45,7 @@ def test_summary_table_and_targets(tmp_path):
     assert cells[8] == f"{(1.51 * 100 + 1.01 * 300) / 400:.4f}"      # token-weighted loss beyond 4K
     assert cells[9] == "0.680"                                        # retrieval at 8K and 16K only
     assert cells[11] == "1.200"                                       # fact gain at 8K and 16K only
+    assert cells[15:17] == ["0.930", "0.850"]                         # oracle mass, top-half recall
     assert [c.strip() for c in lines["exp-msa-nowarmup"].split("|")][11] == "-"   # evaluated before the gain
     assert "fact gain 8K-16K (nats per answer token): MSA-PT 1.200 vs dense 1.500 = 80.0% of dense" in md
     assert "fact gain 8K-16K: MSA-PT 1.200 vs local window 0.100 nats" in md
