@@ -64,11 +64,11 @@ def indexer_recall(q: torch.Tensor, k: torch.Tensor, block_indices: torch.Tensor
             sel = sel[..., :nb]
             both = star & sel
             br = both.sum(-1).float() / star.sum(-1).float()
-            sr = (mass * both).sum(-1) / (mass * star).sum(-1)
+            om = (mass * star).sum(-1)
+            sr = (mass * both).sum(-1) / om
             sm = (mass * sel).sum(-1)
             ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
             hr = (head & sel).sum(-1).float() / head.sum(-1).float()
-            om = (mass * star).sum(-1)
             br_sum += float(br[keep].sum())
             sr_sum += float(sr[keep].sum())
             sm_sum += float(sm[keep].sum())

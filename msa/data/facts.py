@@ -22,6 +22,17 @@ from typing import List
 import numpy as np
 
 
+def random_name(rng: np.random.Generator) -> str:
+    """A fresh lowercase identifier: two words of 4-6 random letters joined by "_"."""
+    return "_".join("".join(rng.choice(list(string.ascii_lowercase), size=int(rng.integers(4, 7))))
+                    for _ in range(2))
+
+
+def random_value(rng: np.random.Generator) -> str:
+    """A 5-digit integer literal."""
+    return str(int(rng.integers(10000, 100000)))
+
+
 class FactPlanter:
     """fraction: share of training windows planted (0..1); facts_per_window: facts (and questions)
     per planted window; tokenizer: the corpus tokenizer (``encode_batch``)."""
@@ -48,8 +59,7 @@ class FactPlanter:
         return out
 
     def _name(self, rng) -> str:
-        name = "_".join("".join(rng.choice(list(string.ascii_lowercase), size=int(rng.integers(4, 7))))
-                        for _ in range(2))
+        name = random_name(rng)
         return name.upper() if rng.random() < 0.5 else name
 
     def plant(self, piece: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -57,7 +67,7 @@ class FactPlanter:
         to hold them at no more than half its tokens comes back unchanged."""
         n = len(piece)
         names = [self._name(rng) for _ in range(self.n)]
-        values = [str(int(rng.integers(10000, 100000))) for _ in range(self.n)]
+        values = [random_value(rng) for _ in range(self.n)]
         enc = self.tok.encode_batch([f"\n{a} = {v}\n" for a, v in zip(names, values)]
                                     + [f"\nassert {a} == {v}\n" for a, v in zip(names, values)])
         facts, asks = enc[:self.n], enc[self.n:]

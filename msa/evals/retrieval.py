@@ -18,7 +18,6 @@ packages, decoded from their tokens and cut at line boundaries.
 
 from __future__ import annotations
 
-import string
 import zlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -26,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..data.facts import random_name, random_value
 from .capture import unwrap
 from .lm import autocast_ctx
 
@@ -71,13 +71,6 @@ class _Builder:
         words = [zlib.crc32(k.encode()) if isinstance(k, str) else int(k) for k in key]
         return np.random.Generator(np.random.PCG64([self.seed, *words]))
 
-    def _name(self, rng) -> str:
-        letters = string.ascii_lowercase
-        return "_".join("".join(rng.choice(list(letters), size=int(rng.integers(4, 7)))) for _ in range(2))
-
-    def _value(self, rng) -> str:
-        return str(int(rng.integers(10000, 100000)))
-
     def _filler_lines(self, rng, n_tokens: int) -> List[List[int]]:
         """Lines of real code (each line's tokens, encoded line by line) totalling >= n_tokens."""
         span = int(n_tokens * 1.5) + 256
@@ -110,26 +103,26 @@ class _Builder:
         facts: List[Tuple[float, List[int], bool]] = []  # (depth, tokens of a line, holds an asked value)
         queries: List[Tuple[str, str]] = []
         if task == "needle":
-            n, v = self._name(rng).upper(), self._value(rng)
+            n, v = random_name(rng).upper(), random_value(rng)
             facts.append((depth, self.tok.encode(f"{n} = {v}\n"), True))
             queries.append((f"assert {n} ==", f" {v}"))
         elif task == "multi_needle":
             depths = sorted({depth, *[float(x) for x in rng.uniform(0.05, 0.95, size=3)]})
             for d in depths:
-                n, v = self._name(rng).upper(), self._value(rng)
+                n, v = random_name(rng).upper(), random_value(rng)
                 facts.append((d, self.tok.encode(f"{n} = {v}\n"), d == depth))
                 if d == depth:
                     queries.append((f"assert {n} ==", f" {v}"))
         elif task == "mqar":
-            pairs = [(self._name(rng).upper(), self._value(rng)) for _ in range(8)]
+            pairs = [(random_name(rng).upper(), random_value(rng)) for _ in range(8)]
             for j, (n, v) in enumerate(pairs):
                 facts.append((depth + j * 1e-6, self.tok.encode(f"{n} = {v}\n"), True))
             for j in rng.permutation(len(pairs)):
                 n, v = pairs[int(j)]
                 queries.append((f"assert {n} ==", f" {v}"))
         elif task == "var_track":
-            names = [self._name(rng) for _ in range(4)]
-            v = self._value(rng)
+            names = [random_name(rng) for _ in range(4)]
+            v = random_value(rng)
             ds = [depth] + sorted(float(x) for x in rng.uniform(depth, 0.95, size=len(names) - 1))
             facts.append((ds[0], self.tok.encode(f"{names[0]} = {v}\n"), True))
             for a, b_, d in zip(names[:-1], names[1:], ds[1:]):

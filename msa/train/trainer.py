@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..data.dataset import CorpusData, CorpusSpec, WindowLoader, Windows, eval_window_ids, make_windows, prepare_corpus
+from ..data.facts import FactPlanter
 from ..layers import MSAConfig
 from ..models import MSAForCausalLM, MSALMConfig
 from ..ops.common import check
@@ -186,11 +187,9 @@ def build_data(cfg: TrainConfig, device: torch.device, *, rank: int = 0, world_s
     corpus = prepare_corpus(corpus_spec(cfg), cfg.data.cache_dir or None, log=log)
     t = cfg.data.seq_len
     tw = make_windows(corpus.splits["train"], t)
-    planter = None
-    if cfg.data.synthetic_facts > 0:
-        from ..data.facts import FactPlanter
-        planter = FactPlanter(corpus.tokenizer, fraction=cfg.data.synthetic_facts,
-                              facts_per_window=cfg.data.facts_per_window, seed=cfg.seed)
+    planter = (FactPlanter(corpus.tokenizer, fraction=cfg.data.synthetic_facts,
+                           facts_per_window=cfg.data.facts_per_window, seed=cfg.seed)
+               if cfg.data.synthetic_facts > 0 else None)
     loader = WindowLoader(corpus.splits["train"].tokens, tw, cfg.data.batch_size, seed=cfg.seed, rank=rank,
                           world_size=world_size, device=device, planter=planter)
     vw = make_windows(corpus.splits["val"], t)
