@@ -21,6 +21,7 @@ from .norm import RMSNorm
 from .rope import apply_rotary, rotary_cos_sin
 
 MODES = ("dense", "sparse")
+KL_SUPPORTS = ("selected", "full")
 
 
 @dataclass
@@ -84,7 +85,7 @@ def msa_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_i
                           k_idx: Optional[torch.Tensor], *, sparse: bool, compute_kl: bool, block_size: int,
                           topk_blocks: int, init_blocks: int = 0, local_blocks: int = 1, scale: float,
                           index_scale: float, cu_seqlens: Optional[torch.Tensor] = None, backend: str = "auto",
-                          debug: bool = False, fp8_index_scores: bool = False):
+                          debug: bool = False, fp8_index_scores: bool = False, kl_support: str = "selected"):
     """The attention of an MSA layer over a whole (packed) batch, as training and prefill run it:
     (o, kl or None, block_indices or None). Shared by ``MSAAttention`` and ``msa.hf``.
 
@@ -95,6 +96,9 @@ def msa_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_i
         KL (teacher from detached q, k; gradients reach q_idx, k_idx only). scale / index_scale: main and
         index softmax scales. debug: the ops also validate index values (host syncs).
         fp8_index_scores: select from fp8 index scores (``msa.select_blocks(fp8_scores=True)``).
+        kl_support: "selected" (the spec's sparse-phase KL: over the tokens of the selected blocks) or
+        "full" (sparse attention, but the KL over every causal token as in the warmup: the index also
+        learns about the blocks it did not select; a recipe option, ``phase.full_kl_every``).
 
     Sparse: ONE selection and, on the Triton backend outside torch.compile, one ``SelectionPlan`` whose
     reverse indices the attention forward, its backward and the KL share; the attention's lse is the
@@ -102,7 +106,10 @@ def msa_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_i
     Triton KL needs it. Value checks are skipped (``validate=debug``): the selection is made here,
     and cu_seqlens' values are checked where a launcher copies them to the host.
     """
-    need_lse = compute_kl and resolve_backend(backend, [q]) == "triton"  # the reference KL recomputes it
+    check(kl_support in KL_SUPPORTS, f"kl_support must be one of {KL_SUPPORTS}, got {kl_support!r}")
+    full_kl = compute_kl and sparse and kl_support == "full"
+    # the KL reuses the attention's lse when both cover the same support (the reference recomputes it)
+    need_lse = compute_kl and not full_kl and resolve_backend(backend, [q]) == "triton"
     block_indices = plan = lse = None
     if not sparse:
         if need_lse:
@@ -121,9 +128,10 @@ def msa_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_i
                                   return_lse=True, backend=backend, validate=debug, plan=plan)
     kl = None
     if compute_kl:
-        kl = indexer_kl_loss(q_idx, k_idx, q.detach(), k.detach(), block_indices, block_size=block_size, scale=scale,
+        kl = indexer_kl_loss(q_idx, k_idx, q.detach(), k.detach(), None if full_kl else block_indices,
+                             block_size=block_size, scale=scale,
                              index_scale=index_scale, cu_seqlens=cu_seqlens, backend=backend,
-                             teacher_lse=lse if need_lse else None, validate=debug, plan=plan)
+                             teacher_lse=lse if need_lse else None, validate=debug, plan=None if full_kl else plan)
     return o, kl, block_indices
 
 
@@ -139,7 +147,8 @@ class MSAOutput(NamedTuple):
 class MSAAttention(nn.Module):
     """MiniMax Sparse Attention layer.
 
-    forward(x (B, T, hidden), cu_seqlens=None, cache=None, layer_idx=0, compute_kl=None) -> MSAOutput.
+    forward(x (B, T, hidden), cu_seqlens=None, cache=None, layer_idx=0, compute_kl=None,
+    kl_support="selected") -> MSAOutput (kl_support: see ``msa_prefill_attention``).
     The index projections read x.detach(), so the KL trains only them; the KL's teacher uses
     detached q and k, so it never moves the backbone; top-k has no gradient, so the LM loss never
     reaches the index projections.
@@ -218,8 +227,9 @@ class MSAAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, *, cu_seqlens: Optional[torch.Tensor] = None,
                 cache: Optional[MSACache] = None, layer_idx: int = 0,
-                compute_kl: Optional[bool] = None) -> MSAOutput:
+                compute_kl: Optional[bool] = None, kl_support: str = "selected") -> MSAOutput:
         c = self.config
+        check(kl_support in KL_SUPPORTS, f"kl_support must be one of {KL_SUPPORTS}, got {kl_support!r}")
         check(x.dim() == 3 and x.shape[-1] == c.hidden_size,
               f"x must have shape (B, T, hidden_size={c.hidden_size}), got {tuple(x.shape)}")
         b, t, _ = x.shape
@@ -254,6 +264,6 @@ class MSAAttention(nn.Module):
                 q, k, v, q_idx, k_idx, sparse=sparse, compute_kl=compute_kl and c.use_index, block_size=c.block_size,
                 topk_blocks=c.topk_blocks, init_blocks=c.init_blocks, local_blocks=c.local_blocks, scale=scale,
                 index_scale=c.index_dim ** -0.5, cu_seqlens=cu_seqlens, backend=c.backend, debug=c.debug,
-                fp8_index_scores=c.fp8_index_scores)
+                fp8_index_scores=c.fp8_index_scores, kl_support=kl_support)
         out = self.o_proj(o.reshape(b, t, c.num_heads * c.head_dim))
         return MSAOutput(out, kl, block_indices)

@@ -311,20 +311,25 @@ class MSAForCausalLM(nn.Module):
 
     # forward ----------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, *, cu_seqlens: Optional[torch.Tensor] = None,
-                cache: Optional[MSACache] = None, compute_kl: Optional[bool] = None) -> LMOutput:
+                cache: Optional[MSACache] = None, compute_kl: Optional[bool] = None,
+                kl_support: str = "selected") -> LMOutput:
         """input_ids: int64 or int32 (B, T) token ids in [0, vocab_size) (packed (1, T) with int32
         cu_seqlens (S+1,)). cache: an ``MSACache`` with at least num_layers layers (prefill into an
         empty cache, then (B, t) decode steps). compute_kl: default = training with grad enabled.
+        kl_support: "selected" (the sparse-phase KL over the selected blocks) or "full" (over every
+        causal token, as in the warmup, while attention stays sparse).
         Returns LMOutput(logits fp32 (B, T, vocab_size), kl_loss fp32 scalar or None, block_indices)."""
         self._check_input_ids("input_ids", input_ids)
         check(cache is None or isinstance(cache, MSACache), f"cache must be an msa.MSACache or None, got {type(cache).__name__}")
         check(cache is None or cache.num_layers >= len(self.layers),
               f"cache holds {cache.num_layers if cache is not None else 0} layers but the model has {len(self.layers)} "
               f"(layer_idx 0..{len(self.layers) - 1}); make it with model.new_cache(...)")
+        check(kl_support in ("selected", "full"), f"kl_support must be 'selected' or 'full', got {kl_support!r}")
         x = self.embed(input_ids)
         kl, sels = None, []
         for i, layer in enumerate(self.layers):
-            x, out = layer(x, cu_seqlens=cu_seqlens, cache=cache, layer_idx=i, compute_kl=compute_kl)
+            x, out = layer(x, cu_seqlens=cu_seqlens, cache=cache, layer_idx=i, compute_kl=compute_kl,
+                           kl_support=kl_support)
             sels.append(out.block_indices)
             if out.kl_loss is not None:
                 kl = out.kl_loss if kl is None else kl + out.kl_loss

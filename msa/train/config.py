@@ -107,7 +107,11 @@ class PhaseConfig:
     (a differentiable PyTorch KL, O(T^2) memory traffic per layer; teacher_grad_rows R > 0 keeps the
     fast KL and adds an unbiased estimate of the teacher's gradient from R sampled query positions
     per micro-batch, which is what makes the ablation affordable at 16K). init_from: a checkpoint whose model weights start this run
-    (MSA-CPT: a dense run's checkpoint); reinit_index: draw fresh index projections after loading."""
+    (MSA-CPT: a dense run's checkpoint); reinit_index: draw fresh index projections after loading.
+    full_kl_every N > 0: every N-th sparse step (the first, then every N) computes the KL over every
+    causal token, as the warmup does, while attention stays sparse; the spec's sparse-phase KL sees
+    only the selected blocks, so it never tells the index about a block it failed to select (0: the
+    spec's recipe)."""
 
     kind: str = "msa"
     warmup_steps: int = 300
@@ -116,6 +120,7 @@ class PhaseConfig:
     teacher_grad_rows: int = 0
     init_from: str = ""
     reinit_index: bool = False
+    full_kl_every: int = 0
 
 
 @dataclass
@@ -183,6 +188,10 @@ class TrainConfig:
         check(self.phase.warmup_steps >= 0, f"phase.warmup_steps must be >= 0, got {self.phase.warmup_steps}")
         check(self.phase.kl_weight >= 0, f"phase.kl_weight must be >= 0, got {self.phase.kl_weight}")
         check(self.phase.teacher_grad_rows >= 0, f"phase.teacher_grad_rows must be >= 0, got {self.phase.teacher_grad_rows}")
+        check(self.phase.full_kl_every >= 0, f"phase.full_kl_every must be >= 0, got {self.phase.full_kl_every}")
+        check(self.phase.full_kl_every == 0 or self.phase.kl_detach_teacher,
+              "phase.full_kl_every > 0 needs phase.kl_detach_teacher=true (the undetached ablation's KL "
+              "is built over the selection)")
         check(self.data.tokenizer in TOKENIZERS, f"data.tokenizer must be one of {TOKENIZERS}, got {self.data.tokenizer!r}")
         check(self.data.seq_len >= 2, f"data.seq_len must be >= 2, got {self.data.seq_len}")
         check(self.data.batch_size >= 1, f"data.batch_size must be >= 1, got {self.data.batch_size}")

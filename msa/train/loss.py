@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..evals.capture import capture_msa_layers
-from ..ops.common import positions_in_sequence, query_chunk, sequence_spans
+from ..ops.common import check, positions_in_sequence, query_chunk, sequence_spans
 from ..ops.sparse_attention.reference import allowed_keys
 
 
@@ -100,7 +100,7 @@ def kl_sampled_rows(q_idx: torch.Tensor, k_idx: torch.Tensor, q: torch.Tensor, k
 
 def forward_loss(model: torch.nn.Module, input_ids: torch.Tensor, cu_seqlens: Optional[torch.Tensor], *,
                  kl_weight: float, detach_teacher: bool = True, teacher_grad_rows: int = 0,
-                 lm_scale: float = 1.0) -> Dict[str, object]:
+                 lm_scale: float = 1.0, kl_support: str = "selected") -> Dict[str, object]:
     """One forward of ``model`` (an MSAForCausalLM, possibly wrapped for data parallelism) on a packed
     batch input_ids int64 (1, N) with cu_seqlens int32 (S+1,) (or (B, T) without).
 
@@ -112,11 +112,15 @@ def forward_loss(model: torch.nn.Module, input_ids: torch.Tensor, cu_seqlens: Op
     a term whose value is 0 and whose gradient is an unbiased estimate of the teacher's share from
     R query positions drawn uniformly (torch's global RNG, which checkpoints save).
     lm_scale multiplies the LM term of "loss" (not the reported lm_loss): data parallelism weights
-    each rank's token mean by its share of the global micro-batch's targets."""
+    each rank's token mean by its share of the global micro-batch's targets. kl_support "full": the
+    sparse layers' KL over every causal token (``MSAForCausalLM.forward``); only with the detached
+    teacher (the ablation paths build their teacher over the selection)."""
     want_kl = kl_weight > 0
+    check(kl_support == "selected" or detach_teacher,
+          "kl_support='full' needs detach_teacher=True (phase.full_kl_every with phase.kl_detach_teacher)")
     exact_nd = want_kl and not detach_teacher and teacher_grad_rows <= 0
     with capture_msa_layers(model, keep_input=want_kl and not detach_teacher) as recs:
-        out = model(input_ids, cu_seqlens=cu_seqlens, compute_kl=want_kl and not exact_nd)
+        out = model(input_ids, cu_seqlens=cu_seqlens, compute_kl=want_kl and not exact_nd, kl_support=kl_support)
     lm = lm_loss(out.logits, input_ids, cu_seqlens)
     lm_term = lm if lm_scale == 1.0 else lm * lm_scale
     layer_kl: Dict[int, torch.Tensor] = {}

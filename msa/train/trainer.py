@@ -162,6 +162,15 @@ def mode_at(step: int, cfg: TrainConfig) -> str:
     return "dense" if step < cfg.phase.warmup_steps else "sparse"
 
 
+def kl_support_at(step: int, cfg: TrainConfig) -> str:
+    """The KL support of step ``step`` (0-based): "full" on every ``phase.full_kl_every``-th sparse
+    step of an MSA run (counting from the first), else "selected"."""
+    n = cfg.phase.full_kl_every
+    if n <= 0 or cfg.phase.kind != "msa" or mode_at(step, cfg) != "sparse":
+        return "selected"
+    return "full" if (step - cfg.phase.warmup_steps) % n == 0 else "selected"
+
+
 def corpus_spec(cfg: TrainConfig) -> CorpusSpec:
     d = cfg.data
     return CorpusSpec(tokenizer=d.tokenizer, vocab_size=d.vocab_size, tokenizer_train_mb=d.tokenizer_train_mb,
@@ -571,7 +580,8 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=self.amp or torch.bfloat16, enabled=self.amp is not None):
                 out = forward_loss(self.wrapped, b.input_ids, b.cu_seqlens, kl_weight=cfg.phase.kl_weight,
                                    detach_teacher=cfg.phase.kl_detach_teacher,
-                                   teacher_grad_rows=cfg.phase.teacher_grad_rows)
+                                   teacher_grad_rows=cfg.phase.teacher_grad_rows,
+                                   kl_support=kl_support_at(self.step, cfg))
             (out["loss"] / cfg.grad_accum).backward()
             keys = sorted(out["layer_kl"])
             vals = torch.stack([out["lm_loss"].float(), out["kl_loss"].float()]
@@ -593,6 +603,8 @@ class Trainer:
         self.sched.step()
         self.step += 1
         self.tokens_seen += ntok * self.world_size
+        if cfg.phase.full_kl_every:  # a "full" step's KL is over more tokens: not comparable with the others
+            norms["kl_support"] = kl_support_at(self.step - 1, cfg)
         return {"lm_loss": lm, "kl": kl, "layer_kl": {str(i): v for i, v in sorted(layer_kl.items())},
                 "mode": mode, "lr": lrs.get("backbone", next(iter(lrs.values()))), "index_lr": lrs.get("index"),
                 "tokens": ntok * self.world_size, **norms}
@@ -634,7 +646,8 @@ class Trainer:
                                     enabled=self.train_amp is not None):
                     out = forward_loss(self.wrapped, b.input_ids, b.cu_seqlens, kl_weight=cfg.phase.kl_weight,
                                        detach_teacher=cfg.phase.kl_detach_teacher,
-                                       teacher_grad_rows=cfg.phase.teacher_grad_rows, lm_scale=shares[i] * world)
+                                       teacher_grad_rows=cfg.phase.teacher_grad_rows, lm_scale=shares[i] * world,
+                                       kl_support=kl_support_at(self.step, cfg))
                 (out["loss"] / cfg.grad_accum).backward()
             keys = sorted(out["layer_kl"])
             v = torch.stack([out["lm_loss"].float(), out["kl_loss"].float()]
@@ -658,6 +671,8 @@ class Trainer:
         self.sched.step()
         self.step += 1
         self.tokens_seen += ntok * world
+        if cfg.phase.full_kl_every:
+            norms["kl_support"] = kl_support_at(self.step - 1, cfg)
         return {"lm_loss": vals[0], "kl": vals[1], "layer_kl": {str(i): v for i, v in zip(keys, vals[2:])},
                 "mode": mode, "lr": lrs.get("backbone", next(iter(lrs.values()))), "index_lr": lrs.get("index"),
                 "tokens": ntok * world, **norms}
@@ -778,7 +793,9 @@ class Trainer:
                   "top_half_recall", "oracle_mass", "val_layer_kl", "layer_block_recall", "layer_score_recall"):
             if k in last:
                 s[k] = last[k]
-        sparse_kl = [r["kl"] for r in self.history if r.get("mode") == "sparse" and "kl" in r]
+        # the spec's sparse-phase KL only (steps with phase.full_kl_every's full support are not comparable)
+        sparse_kl = [r["kl"] for r in self.history
+                     if r.get("mode") == "sparse" and "kl" in r and r.get("kl_support", "selected") == "selected"]
         if len(sparse_kl) >= 4:
             q = max(1, len(sparse_kl) // 4)
             s["sparse_kl_first_quarter"] = sum(sparse_kl[:q]) / q

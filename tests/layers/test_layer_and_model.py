@@ -61,6 +61,27 @@ def test_layer_kl_equals_functional_kl_in_both_modes():
         torch.testing.assert_close(out.kl_loss.double(), want.double(), rtol=1e-10, atol=1e-12)
 
 
+def test_sparse_layer_with_full_kl_support():
+    """kl_support="full": the attention stays sparse (same output, same selection) and the KL is the one
+    over every causal token (the warmup's), with the gradient reaching only the index projections."""
+    lyr = layer()
+    lyr.train()
+    x = torch.randn(1, 50, 48, dtype=torch.float64)
+    sel = lyr(x)
+    lyr.zero_grad()
+    full = lyr(x, kl_support="full")
+    torch.testing.assert_close(full.hidden, sel.hidden, rtol=0, atol=0)
+    assert torch.equal(full.block_indices, sel.block_indices)
+    q, k, _, q_idx, k_idx = lyr.project(x, torch.arange(50).view(1, -1))
+    want = msa.indexer_kl_loss(q_idx, k_idx, q, k, None, block_size=8, backend="reference")
+    torch.testing.assert_close(full.kl_loss.double(), want.double(), rtol=1e-10, atol=1e-12)
+    assert abs(float(full.kl_loss) - float(sel.kl_loss)) > 1e-3  # another support, another loss
+    full.kl_loss.backward()
+    assert lyr.q_idx_proj.weight.grad.abs().sum() > 0 and lyr.q_proj.weight.grad is None
+    with pytest.raises(ValueError, match="kl_support"):
+        lyr(x, kl_support="all")
+
+
 def tiny_model(seed=0, **kw):
     torch.manual_seed(seed)
     att = small_cfg(**{k: v for k, v in kw.items() if k in MSAConfig.__dataclass_fields__})

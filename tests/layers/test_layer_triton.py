@@ -59,6 +59,28 @@ def test_layer_triton_matches_reference(mode, fp8):
     assert_pair_matches(ref, tri, outs)
 
 
+def test_layer_triton_full_kl_support_matches_reference():
+    """Sparse attention with the KL over every causal token (phase.full_kl_every's steps)."""
+    x = torch.randn(1, 100, 64, device=DEV)
+    cu = torch.tensor([0, 37, 100], dtype=torch.int32, device=DEV)
+    torch.manual_seed(0)
+    ref = MSAAttention(cfg("reference", mode="sparse")).to(DEV)
+    tri = MSAAttention(cfg("triton", mode="sparse")).to(DEV)
+    tri.load_state_dict(ref.state_dict())
+    outs = []
+    for m in (ref, tri):
+        m.train()
+        out = m(x, cu_seqlens=cu, kl_support="full")
+        (out.hidden.square().mean() + out.kl_loss).backward()
+        outs.append(out)
+    dense_kl = MSAAttention(cfg("reference", mode="dense")).to(DEV)
+    dense_kl.load_state_dict(ref.state_dict())
+    dense_kl.train()
+    want = dense_kl(x, cu_seqlens=cu).kl_loss  # the warmup's KL: the same support
+    assert abs(float(outs[0].kl_loss) - float(want)) <= 1e-5 * max(1.0, abs(float(want)))
+    assert_pair_matches(ref, tri, outs)
+
+
 def test_model_trains_with_triton_backend():
     torch.manual_seed(1)
     make = lambda b: MSAForCausalLM(MSALMConfig(vocab_size=64, num_layers=2, intermediate_size=64,  # noqa: E731

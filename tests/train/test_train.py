@@ -10,7 +10,7 @@ from msa.cli import main
 from msa.train import TrainConfig, apply_overrides, resolve_config
 from msa.train.config import from_dict
 from msa.train.loss import forward_loss, kl_teacher_not_detached
-from msa.train.trainer import Trainer, lr_multiplier, mode_at
+from msa.train.trainer import Trainer, kl_support_at, lr_multiplier, mode_at
 
 from .common import CACHE, one_thread, tiny_config
 
@@ -56,6 +56,35 @@ def test_schedule_and_phases():
     local = apply_overrides(cfg, ["phase.kind=local"])
     dense = apply_overrides(cfg, ["phase.kind=dense"])
     assert mode_at(0, local) == "sparse" and mode_at(99, dense) == "dense"
+
+
+def test_full_kl_every_schedule_config_and_step():
+    cfg = apply_overrides(TrainConfig(), ["steps=100", "phase.warmup_steps=30", "phase.full_kl_every=4"])
+    assert [kl_support_at(s, cfg) for s in (0, 29, 30, 31, 33, 34, 99)] == \
+        ["selected", "selected", "full", "selected", "selected", "full", "selected"]
+    assert kl_support_at(30, apply_overrides(cfg, ["phase.full_kl_every=0"])) == "selected"
+    assert kl_support_at(30, apply_overrides(cfg, ["phase.kind=local"])) == "selected"
+    with pytest.raises(ValueError, match="phase.full_kl_every must be >= 0"):
+        apply_overrides(cfg, ["phase.full_kl_every=-1"])
+    with pytest.raises(ValueError, match="full_kl_every > 0 needs phase.kl_detach_teacher"):
+        apply_overrides(cfg, ["phase.kl_detach_teacher=false"])
+    # a "full" step's KL is the model's KL over every causal token, with attention still sparse
+    tr = Trainer(tiny_config("phase.full_kl_every=2"), "/tmp/unused-fullkl", progress=False, resume=False)
+    recs = [tr.train_step() for _ in range(4)]
+    assert [r["kl_support"] for r in recs] == ["selected"] * 4 and recs[-1]["mode"] == "dense"
+    state = tr.data.train.state_dict()
+    b = tr.data.train.next()
+    tr.data.train.load_state_dict(state)
+    tr.model.set_mode("sparse")
+    with torch.no_grad():
+        full = forward_loss(tr.model, b.input_ids, b.cu_seqlens, kl_weight=1.0, kl_support="full")
+        sel = forward_loss(tr.model, b.input_ids, b.cu_seqlens, kl_weight=1.0)
+    assert torch.equal(full["lm_loss"], sel["lm_loss"])              # the attention is the same
+    assert abs(float(full["kl_loss"]) - float(sel["kl_loss"])) > 1e-4
+    rec = tr.train_step()
+    assert (rec["mode"], rec["kl_support"]) == ("sparse", "full")
+    assert rec["kl"] == pytest.approx(float(full["kl_loss"]), rel=1e-5)
+    assert tr.train_step()["kl_support"] == "selected"
 
 
 def _losses(hist):
