@@ -16,7 +16,8 @@ from .capture import capture_msa_layers, unwrap
 from .lm import autocast_ctx
 
 # msa.metrics.indexer_recall's per-query means, averaged per layer then over layers
-METRICS = ("block_recall", "score_recall", "selected_mass", "teacher_entropy", "top_half_recall", "oracle_mass")
+METRICS = ("block_recall", "score_recall", "selected_mass", "teacher_entropy", "top_half_recall", "oracle_mass",
+           "max_rule_recall")
 
 
 @torch.no_grad()
@@ -27,7 +28,7 @@ def recall_eval(model: torch.nn.Module, tokens, windows: Windows, window_ids: Se
     against the top-k blocks of its main branch's causal attention mass.
 
     Returns {"block_recall", "score_recall", "selected_mass", "teacher_entropy", "top_half_recall",
-    "oracle_mass" (means over layers; msa.metrics.indexer_recall), "layer_block_recall",
+    "oracle_mass", "max_rule_recall" (means over layers; msa.metrics.indexer_recall), "layer_block_recall",
     "layer_score_recall": {layer: value}} or {} when the model has no MSA layer."""
     m = unwrap(model)
     m.eval()
@@ -45,7 +46,8 @@ def recall_eval(model: torch.nn.Module, tokens, windows: Windows, window_ids: Se
                 sel = select_blocks(q_idx, k_idx, block_size=c.block_size, topk=c.topk_blocks,
                                     init_blocks=c.init_blocks, local_blocks=c.local_blocks, cu_seqlens=b.cu_seqlens,
                                     backend=c.backend)
-            res = indexer_recall(q, k, sel, block_size=c.block_size, cu_seqlens=b.cu_seqlens)
+            res = indexer_recall(q, k, sel, block_size=c.block_size, cu_seqlens=b.cu_seqlens,
+                                 init_blocks=c.init_blocks, local_blocks=c.local_blocks)
             if res["queries"] == 0:
                 continue
             acc = per.setdefault(r.layer, dict.fromkeys(METRICS + ("n",), 0.0))

@@ -28,8 +28,10 @@ from .training import clip_grad_norms
 _CP_ATTR = "_msa_cp_group"
 
 
-def _cp_attention_forward(self, x, *, cu_seqlens=None, cache=None, layer_idx=0, compute_kl=None):
+def _cp_attention_forward(self, x, *, cu_seqlens=None, cache=None, layer_idx=0, compute_kl=None, kl_support="selected"):
     check(cache is None, "context-parallel attention layers do not support a KV cache (training / prefill only)")
+    check(kl_support == "selected", f"context-parallel attention layers support kl_support='selected' only (the "
+                                    f"full-support KL needs every key on every rank), got {kl_support!r}")
     return context_parallel_layer_forward(self, x, getattr(self, _CP_ATTR), cu_seqlens=cu_seqlens,
                                           compute_kl=compute_kl)
 

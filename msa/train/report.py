@@ -68,6 +68,7 @@ def rows(runs: Dict[str, Dict]) -> List[Dict]:
             "block_recall": s.get("block_recall"), "score_recall": s.get("score_recall"),
             "selected_mass": s.get("selected_mass"), "teacher_entropy": s.get("teacher_entropy"),
             "oracle_mass": s.get("oracle_mass"), "top_half_recall": s.get("top_half_recall"),
+            "max_rule_recall": s.get("max_rule_recall"),
             "kl_sparse_first": s.get("sparse_kl_first_quarter"), "kl_sparse_last": s.get("sparse_kl_last_quarter"),
             "train_min": s.get("train_seconds", 0) / 60})
     return out
@@ -138,8 +139,8 @@ def targets(rs: List[Dict]) -> List[str]:
 def markdown(rs: List[Dict], command: str = "") -> str:
     head = ("| run | kind | steps | tokens (M) | params (M) | val loss | test loss < 4K | test loss >= 4K | "
             "retrieval 8K-16K | retrieval all | fact gain 8K-16K | block recall | score recall | selected mass | "
-            "oracle mass | top-half recall | teacher entropy | sparse KL first -> last | train min |")
-    sep = "|" + "---|" * 19
+            "oracle mass | top-half recall | max-rule recall | teacher entropy | sparse KL first -> last | train min |")
+    sep = "|" + "---|" * 20
     lines = [head, sep]
     for x in rs:
         kl = "-" if x["kl_sparse_first"] is None else f"{x['kl_sparse_first']:.3g} -> {x['kl_sparse_last']:.3g}"
@@ -150,7 +151,7 @@ def markdown(rs: List[Dict], command: str = "") -> str:
                      f"{_f(x['block_recall'], '{:.3f}')} | "
                      f"{_f(x['score_recall'], '{:.3f}')} | {_f(x.get('selected_mass'), '{:.3f}')} | "
                      f"{_f(x.get('oracle_mass'), '{:.3f}')} | {_f(x.get('top_half_recall'), '{:.3f}')} | "
-                     f"{_f(x.get('teacher_entropy'), '{:.2f}')} | {kl} | {x['train_min']:.1f} |")
+                     f"{_f(x.get('max_rule_recall'), '{:.3f}')} | {_f(x.get('teacher_entropy'), '{:.2f}')} | {kl} | {x['train_min']:.1f} |")
     t = targets(rs)
     if t:
         lines += ["", "Targets:", ""] + [f"- {x}" for x in t]

@@ -790,7 +790,8 @@ class Trainer:
              "seq_len": self.cfg.data.seq_len, "block_size": self.cfg.model.block_size,
              "topk_blocks": self.cfg.model.topk_blocks, "device": str(self.device)}
         for k in ("val_lm_loss", "val_kl", "block_recall", "score_recall", "selected_mass", "teacher_entropy",
-                  "top_half_recall", "oracle_mass", "val_layer_kl", "layer_block_recall", "layer_score_recall"):
+                  "top_half_recall", "oracle_mass", "max_rule_recall", "val_layer_kl", "layer_block_recall",
+                  "layer_score_recall"):
             if k in last:
                 s[k] = last[k]
         # the spec's sparse-phase KL only (steps with phase.full_kl_every's full support are not comparable)
