@@ -193,6 +193,15 @@ def _answer_stats(m, ids: List[int], answers: List[Tuple[int, int]], device, aut
     return sum(exact) / len(exact), float(nll.mean())
 
 
+def standard_error(xs) -> Optional[float]:
+    """Standard error of the mean of xs (sample standard deviation / sqrt(n)); None below two values."""
+    xs = list(xs)
+    if len(xs) < 2:
+        return None
+    m = sum(xs) / len(xs)
+    return (sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) ** 0.5
+
+
 @torch.no_grad()
 def score_samples(model: torch.nn.Module, samples: Sequence[Sample], *, device,
                   autocast_dtype: Optional[torch.dtype] = None, control: bool = True) -> List[SampleScore]:
@@ -213,8 +222,9 @@ def retrieval_eval(model: torch.nn.Module, tokenizer, filler_tokens: np.ndarray,
                    tasks: Sequence[str] = TASKS, seed: int = 0) -> Dict[str, object]:
     """Accuracy and fact gain (nats per answer token) by task, length and depth. Returns {"tasks":
     {task: {"by_length": {L: acc}, "by_depth": {d: acc}, "grid": {"L@d": acc}, "mean": acc,
-    "gain_by_length": {L: gain}, "gain_by_depth": {d: gain}, "gain_mean": gain}}, "mean": acc over
-    tasks, "gain_mean": gain over tasks}."""
+    "gain_by_length": {L: gain}, "gain_se_by_length": {L: standard error of that mean over the
+    samples}, "gain_by_depth": {d: gain}, "gain_mean": gain}}, "mean": acc over tasks, "gain_mean":
+    gain over tasks}."""
     ss = build_samples(tokenizer, filler_tokens, lengths=lengths, depths=depths, samples=samples, tasks=tasks,
                        seed=seed)
     sc = score_samples(model, ss, device=device, autocast_dtype=autocast_dtype)
@@ -232,6 +242,8 @@ def retrieval_eval(model: torch.nn.Module, tokenizer, filler_tokens: np.ndarray,
                      for L in lengths for d in depths},
             "mean": mean(v.exact for _, v in rows),
             "gain_by_length": {str(L): mean(v.gain for s, v in rows if s.length == L) for L in lengths},
+            "gain_se_by_length": {str(L): standard_error(v.gain for s, v in rows if s.length == L and v.gain is not None)
+                                  for L in lengths},
             "gain_by_depth": {str(d): mean(v.gain for s, v in rows if s.depth == d) for d in depths},
             "gain_mean": mean(v.gain for _, v in rows)}
     res["mean"] = mean(v["mean"] for v in res["tasks"].values() if v["mean"] is not None)

@@ -49,6 +49,22 @@ def retrieval_at(final: Optional[Dict], lengths: List[int], key: str = "by_lengt
     return sum(vals) / len(vals) if vals else None
 
 
+def gain_se_at(final: Optional[Dict], lengths: List[int]) -> Optional[float]:
+    """Standard error of ``retrieval_at(final, lengths, "gain_by_length")`` (a mean of per-task,
+    per-length means, each with its own standard error); None where one is missing."""
+    if not final or not final.get("retrieval"):
+        return None
+    ses = [t.get("gain_se_by_length", {}).get(str(L)) for t in final["retrieval"]["tasks"].values() for L in lengths
+           if t.get("gain_by_length", {}).get(str(L)) is not None]
+    if not ses or any(x is None for x in ses):
+        return None
+    return sum(x * x for x in ses) ** 0.5 / len(ses)
+
+
+def _pm(x: Optional[float], se: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.3f}" + ("" if se is None else f" ± {se:.3f}")
+
+
 def _f(x, fmt="{:.4f}") -> str:
     return "-" if x is None else fmt.format(x)
 
@@ -65,6 +81,7 @@ def rows(runs: Dict[str, Dict]) -> List[Dict]:
             "test_loss_ge4k": loss_beyond(fin, 4096),
             "retrieval_8k_16k": retrieval_at(fin, [8192, 16384]), "retrieval_all": (fin or {}).get("retrieval", {}).get("mean"),
             "fact_gain_8k_16k": retrieval_at(fin, [8192, 16384], "gain_by_length"),
+            "fact_gain_8k_16k_se": gain_se_at(fin, [8192, 16384]),
             "block_recall": s.get("block_recall"), "score_recall": s.get("score_recall"),
             "selected_mass": s.get("selected_mass"), "teacher_entropy": s.get("teacher_entropy"),
             "oracle_mass": s.get("oracle_mass"), "top_half_recall": s.get("top_half_recall"),
@@ -102,7 +119,9 @@ def targets(rs: List[Dict]) -> List[str]:
         if a is not None and b is not None:
             # the continuous proxy of retrieval while exact match is 0 for every model
             share = f" = {b / a:.1%} of dense" if a > 0 else " (dense gains nothing)"
-            lines.append(f"fact gain 8K-16K (nats per answer token): MSA-PT {b:.3f} vs dense {a:.3f}{share}")
+            lines.append(f"fact gain 8K-16K (nats per answer token, ± standard error): MSA-PT "
+                         f"{_pm(b, r['exp-msa-pt'].get('fact_gain_8k_16k_se'))} vs dense "
+                         f"{_pm(a, r['exp-dense'].get('fact_gain_8k_16k_se'))}{share}")
     if "exp-msa-pt" in r and "exp-local" in r:
         a, b = r["exp-msa-pt"]["test_loss_ge4k"], r["exp-local"]["test_loss_ge4k"]
         if a is not None and b is not None:
@@ -113,7 +132,8 @@ def targets(rs: List[Dict]) -> List[str]:
             lines.append(f"retrieval 8K-16K: MSA-PT {a:.3f} vs local window {b:.3f}")
         a, b = r["exp-msa-pt"].get("fact_gain_8k_16k"), r["exp-local"].get("fact_gain_8k_16k")
         if a is not None and b is not None:
-            lines.append(f"fact gain 8K-16K: MSA-PT {a:.3f} vs local window {b:.3f} nats")
+            lines.append(f"fact gain 8K-16K: MSA-PT {_pm(a, r['exp-msa-pt'].get('fact_gain_8k_16k_se'))} vs local "
+                         f"window {_pm(b, r['exp-local'].get('fact_gain_8k_16k_se'))} nats")
     if "exp-msa-pt" in r:
         x = r["exp-msa-pt"]
         if x["score_recall"] is not None:

@@ -9,7 +9,7 @@ from torch import nn
 from msa.data.tokenizer import ByteTokenizer
 from msa.evals.indexer import recall_eval
 from msa.evals.lm import bucket_edges, eval_loss, position_bucket_loss
-from msa.evals.retrieval import TASKS, build_samples, retrieval_eval, score_samples
+from msa.evals.retrieval import TASKS, build_samples, retrieval_eval, score_samples, standard_error
 from msa.metrics import indexer_recall
 from msa.ops.select_blocks import select_blocks
 from msa.train.trainer import Trainer
@@ -205,3 +205,6 @@ def test_fact_gain_is_control_nll_minus_nll():
         assert res["tasks"][t]["mean"] == 1.0
         assert res["tasks"][t]["gain_by_length"]["1500"] == pytest.approx(np.log(256) - right, abs=1e-5)
     assert res["gain_mean"] == pytest.approx(np.log(256) - right, abs=1e-5)
+    assert res["tasks"]["needle"]["gain_se_by_length"]["1500"] is None      # one sample: no error bar
+    xs = [0.3, -0.1, 0.7, 0.25]
+    assert standard_error(xs) == pytest.approx(float(np.std(xs, ddof=1) / np.sqrt(4)), rel=1e-12)

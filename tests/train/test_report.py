@@ -5,7 +5,7 @@ import json
 from msa.train.report import summarize
 
 
-def _run(root, name, kind, val, buckets, retr, recall=None, kl=None, init_from="", gain=None):
+def _run(root, name, kind, val, buckets, retr, recall=None, kl=None, init_from="", gain=None, gain_se=None):
     d = root / name
     d.mkdir(parents=True)
     s = {"name": name, "status": "complete", "step": 10, "steps": 10, "tokens_seen": 1e6, "train_seconds": 60,
@@ -13,7 +13,9 @@ def _run(root, name, kind, val, buckets, retr, recall=None, kl=None, init_from="
     if recall:
         s["block_recall"], s["score_recall"] = recall[:2]
         if len(recall) > 2:
-            s["oracle_mass"], s["top_half_recall"] = recall[2:]
+            s["oracle_mass"], s["top_half_recall"] = recall[2:4]
+        if len(recall) > 4:
+            s["max_rule_recall"] = recall[4]
     if kl:
         s["sparse_kl_first_quarter"], s["sparse_kl_last_quarter"] = kl
     (d / "summary.json").write_text(json.dumps(s))
@@ -22,6 +24,8 @@ def _run(root, name, kind, val, buckets, retr, recall=None, kl=None, init_from="
                          "tasks": {"needle": {"by_length": {str(k): v for k, v in retr.items()}}}}}
     if gain:
         fin["retrieval"]["tasks"]["needle"]["gain_by_length"] = {str(k): v for k, v in gain.items()}
+    if gain_se:
+        fin["retrieval"]["tasks"]["needle"]["gain_se_by_length"] = {str(k): v for k, v in gain_se.items()}
     (d / "final_eval.json").write_text(json.dumps(fin))
     (d / "log.jsonl").write_text(json.dumps({"step": 10, "val_lm_loss": val, "tokens_seen": 1e6, "lm_loss": val,
                                              "kl": 0.1}) + "\n")
@@ -31,9 +35,10 @@ def _run(root, name, kind, val, buckets, retr, recall=None, kl=None, init_from="
 def test_summary_table_and_targets(tmp_path):
     b = [(0, 4096, 2.0, 100), (4096, 8192, 1.5, 100), (8192, 16384, 1.0, 300)]
     _run(tmp_path, "exp-dense", "dense", 2.000, b, {8192: 0.8, 16384: 0.6, 4096: 0.9},
-         gain={8192: 2.0, 16384: 1.0, 4096: 9.0})
+         gain={8192: 2.0, 16384: 1.0, 4096: 9.0}, gain_se={8192: 0.3, 16384: 0.4, 4096: 1.0})
     _run(tmp_path, "exp-msa-pt", "msa", 2.010, [(x, y, v + 0.01, n) for x, y, v, n in b],
-         {8192: 0.78, 16384: 0.58, 4096: 0.2}, recall=(0.72, 0.91, 0.93, 0.85), kl=(3.0, 2.0), gain={8192: 1.5, 16384: 0.9})
+         {8192: 0.78, 16384: 0.58, 4096: 0.2}, recall=(0.72, 0.91, 0.93, 0.85, 0.8), kl=(3.0, 2.0), gain={8192: 1.5, 16384: 0.9},
+         gain_se={8192: 0.6, 16384: 0.8})
     _run(tmp_path, "exp-local", "local", 2.05, [(x, y, v + 0.2, n) for x, y, v, n in b], {8192: 0.1, 16384: 0.0, 4096: 0.5},
          gain={8192: 0.25, 16384: -0.05})
     _run(tmp_path, "exp-msa-nowarmup", "msa", 2.0, b, {8192: 0.5})
@@ -45,10 +50,12 @@ def test_summary_table_and_targets(tmp_path):
     assert cells[8] == f"{(1.51 * 100 + 1.01 * 300) / 400:.4f}"      # token-weighted loss beyond 4K
     assert cells[9] == "0.680"                                        # retrieval at 8K and 16K only
     assert cells[11] == "1.200"                                       # fact gain at 8K and 16K only
-    assert cells[15:17] == ["0.930", "0.850"]                         # oracle mass, top-half recall
+    assert cells[15:18] == ["0.930", "0.850", "0.800"]                # oracle mass, top-half / max-rule recall
     assert [c.strip() for c in lines["exp-msa-nowarmup"].split("|")][11] == "-"   # evaluated before the gain
-    assert "fact gain 8K-16K (nats per answer token): MSA-PT 1.200 vs dense 1.500 = 80.0% of dense" in md
-    assert "fact gain 8K-16K: MSA-PT 1.200 vs local window 0.100 nats" in md
+    # standard errors: sqrt(0.6^2 + 0.8^2) / 2 = 0.5 and sqrt(0.3^2 + 0.4^2) / 2 = 0.25; local has none
+    assert ("fact gain 8K-16K (nats per answer token, ± standard error): MSA-PT 1.200 ± 0.500 vs dense "
+            "1.500 ± 0.250 = 80.0% of dense") in md
+    assert "fact gain 8K-16K: MSA-PT 1.200 ± 0.500 vs local window 0.100 nats" in md
     assert "MSA-PT validation loss vs dense: +0.50% (target within +1%): met" in md
     assert "97.1% of dense (target >= 95%): met" in md
     assert "vs local window" in md and "(target below): met" in md
