@@ -13,7 +13,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .ops.common import default_scale, query_chunk, sequence_spans
+from .ops.common import check_block_args, default_scale, query_chunk, sequence_spans
 
 
 @torch.no_grad()
@@ -37,6 +37,7 @@ def indexer_recall(q: torch.Tensor, k: torch.Tensor, block_indices: torch.Tensor
     always kept; how much of block recall the rule itself gives up, whatever the index learns."""
     bsz, t, hq, d = q.shape
     hkv, topk = k.shape[2], block_indices.shape[-1]
+    check_block_args(block_size, topk, init_blocks, local_blocks)
     g = hq // hkv
     scale = default_scale(scale, d)
     br_sum = sr_sum = sm_sum = ent_sum = half_sum = om_sum = rule_sum = 0.0

@@ -1,5 +1,6 @@
 """Indexer recall metrics against a direct per-query computation."""
 
+import pytest
 import torch
 
 import msa
@@ -54,6 +55,8 @@ def test_recall_matches_naive_and_is_one_for_the_oracle_selection():
         assert abs(other["max_rule_recall"] - naive_recall(q, k, idx, 8, init, local)[-1]) < 1e-6
         assert abs(other["block_recall"] - br) < 1e-6  # the selection's recall does not depend on the rule
     assert got["block_recall"] < 0.9  # random indexer: far from perfect
+    with pytest.raises(ValueError, match="local_blocks must be an int >= 1"):
+        indexer_recall(q, k, idx, block_size=8, local_blocks=0)
     # selecting exactly I* (top blocks by attention mass) must give recall 1
     t, bs, topk = 90, 8, 3
     star = torch.full((1, t, 2, topk), -1, dtype=torch.int32)

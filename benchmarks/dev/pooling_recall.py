@@ -5,7 +5,8 @@ blocks by their attention MASS (the SUM over the block's tokens). For every MSA 
 ``msa train`` run and some validation windows this prints the recall metrics of four selections,
 all with the own block kept and causal blocks only:
 
-- index max: the model's own selection (max-pooled index scores), checked against ``select_blocks``;
+- index max (select_blocks): the model's own selection; the script checks that its own max pooling
+  reproduces it, so the log-sum-exp row differs from it only in the pooling;
 - index lse: the same index scores pooled by log-sum-exp (the student's block mass);
 - teacher mass: the teacher's block masses with the own block forced (what forcing the own block
   alone costs);
@@ -76,12 +77,12 @@ def main() -> int:
                 teacher = torch.softmax(sc.masked_fill(~causal.view(t, 1, 1, t), float("-inf")), -1).mean(2)
                 model_sel = select_blocks(q_idx, k_idx, block_size=c.block_size, topk=c.topk_blocks,
                                           init_blocks=c.init_blocks, local_blocks=c.local_blocks, backend="reference")
-                sels = {"index max": pooled_selection(s_idx, c.block_size, c.topk_blocks, "max"),
-                        "index lse": pooled_selection(s_idx, c.block_size, c.topk_blocks, "lse"),
+                mine = pooled_selection(s_idx, c.block_size, c.topk_blocks, "max")
+                sels = {"index lse": pooled_selection(s_idx, c.block_size, c.topk_blocks, "lse"),
                         "teacher mass": pooled_selection(teacher.clamp_min(1e-30).log(), c.block_size, c.topk_blocks,
                                                          "lse")}
-                same = float((model_sel.sort(-1).values == sels["index max"].sort(-1).values).float().mean())
-                for name, sel in [("model (select_blocks)", model_sel)] + list(sels.items()):
+                same = float((model_sel.sort(-1).values == mine.sort(-1).values).float().mean())
+                for name, sel in [("index max (select_blocks)", model_sel)] + list(sels.items()):
                     res = indexer_recall(q.float(), k.float(), sel, block_size=c.block_size,
                                          init_blocks=c.init_blocks, local_blocks=c.local_blocks)
                     acc = sums.setdefault((r.layer, name), {"n": 0})

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import MSACache
-from ..layers.attention import MODES, MSAAttention, MSAConfig
+from ..layers.attention import KL_SUPPORTS, MODES, MSAAttention, MSAConfig
 from ..layers.norm import RMSNorm
 from ..ops.common import check
 from .generation import GenerationSession
@@ -324,7 +324,7 @@ class MSAForCausalLM(nn.Module):
         check(cache is None or cache.num_layers >= len(self.layers),
               f"cache holds {cache.num_layers if cache is not None else 0} layers but the model has {len(self.layers)} "
               f"(layer_idx 0..{len(self.layers) - 1}); make it with model.new_cache(...)")
-        check(kl_support in ("selected", "full"), f"kl_support must be 'selected' or 'full', got {kl_support!r}")
+        check(kl_support in KL_SUPPORTS, f"kl_support must be one of {KL_SUPPORTS}, got {kl_support!r}")
         x = self.embed(input_ids)
         kl, sels = None, []
         for i, layer in enumerate(self.layers):

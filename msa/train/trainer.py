@@ -567,7 +567,7 @@ class Trainer:
         if self.distributed:
             return self._train_step_parallel()
         cfg = self.cfg
-        mode = mode_at(self.step, cfg)
+        mode, support = mode_at(self.step, cfg), kl_support_at(self.step, cfg)
         self.model.set_mode(mode)
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
@@ -580,8 +580,7 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=self.amp or torch.bfloat16, enabled=self.amp is not None):
                 out = forward_loss(self.wrapped, b.input_ids, b.cu_seqlens, kl_weight=cfg.phase.kl_weight,
                                    detach_teacher=cfg.phase.kl_detach_teacher,
-                                   teacher_grad_rows=cfg.phase.teacher_grad_rows,
-                                   kl_support=kl_support_at(self.step, cfg))
+                                   teacher_grad_rows=cfg.phase.teacher_grad_rows, kl_support=support)
             (out["loss"] / cfg.grad_accum).backward()
             keys = sorted(out["layer_kl"])
             vals = torch.stack([out["lm_loss"].float(), out["kl_loss"].float()]
@@ -604,7 +603,7 @@ class Trainer:
         self.step += 1
         self.tokens_seen += ntok * self.world_size
         if cfg.phase.full_kl_every:  # a "full" step's KL is over more tokens: not comparable with the others
-            norms["kl_support"] = kl_support_at(self.step - 1, cfg)
+            norms["kl_support"] = support
         return {"lm_loss": lm, "kl": kl, "layer_kl": {str(i): v for i, v in sorted(layer_kl.items())},
                 "mode": mode, "lr": lrs.get("backbone", next(iter(lrs.values()))), "index_lr": lrs.get("index"),
                 "tokens": ntok * self.world_size, **norms}
@@ -625,7 +624,7 @@ class Trainer:
         are the global ones."""
         from ..parallel import clip_grad_norm_
         cfg, world = self.cfg, self.world_size
-        mode = mode_at(self.step, cfg)
+        mode, support = mode_at(self.step, cfg), kl_support_at(self.step, cfg)
         self.model.set_mode(mode)
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
@@ -647,7 +646,7 @@ class Trainer:
                     out = forward_loss(self.wrapped, b.input_ids, b.cu_seqlens, kl_weight=cfg.phase.kl_weight,
                                        detach_teacher=cfg.phase.kl_detach_teacher,
                                        teacher_grad_rows=cfg.phase.teacher_grad_rows, lm_scale=shares[i] * world,
-                                       kl_support=kl_support_at(self.step, cfg))
+                                       kl_support=support)
                 (out["loss"] / cfg.grad_accum).backward()
             keys = sorted(out["layer_kl"])
             v = torch.stack([out["lm_loss"].float(), out["kl_loss"].float()]
@@ -672,7 +671,7 @@ class Trainer:
         self.step += 1
         self.tokens_seen += ntok * world
         if cfg.phase.full_kl_every:
-            norms["kl_support"] = kl_support_at(self.step - 1, cfg)
+            norms["kl_support"] = support
         return {"lm_loss": vals[0], "kl": vals[1], "layer_kl": {str(i): v for i, v in zip(keys, vals[2:])},
                 "mode": mode, "lr": lrs.get("backbone", next(iter(lrs.values()))), "index_lr": lrs.get("index"),
                 "tokens": ntok * world, **norms}
