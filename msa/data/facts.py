@@ -7,17 +7,19 @@ quality run scored 0, dense included), so the evaluation cannot compare attentio
 skill's format into a share of the training windows teaches it within the budget, the same for
 every run, while validation and test windows stay untouched (LM losses remain comparable).
 
-A planted window keeps its length: ``n_facts`` lines ``NAME = 12345`` go in at random token
-positions of its longest piece (one document: a fact and its question never straddle a document
-boundary), each followed later in the same piece by ``assert NAME == 12345``; the piece's last
-tokens make room. Which windows, names, values and positions: a function of (seed, epoch, window),
+A planted window keeps its length: ``facts_per_window`` lines ``NAME = 12345`` go in at random
+token positions of its longest piece (one document: a fact and its question never straddle a
+document boundary), each followed later in the same piece by ``assert NAME == 12345``; the piece's
+last tokens make room. The planted lines take at most half of the piece: when all of them would not
+fit, as many as fit go in (``FactPlanter.survey`` says how many a loader's windows get, and the
+trainer logs it), so a short context never silently trains on plain code alone. Which windows, names, values and positions: a function of (seed, epoch, window),
 so a resumed run sees the same data.
 """
 
 from __future__ import annotations
 
 import string
-from typing import List
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -50,34 +52,44 @@ class FactPlanter:
     def apply(self, pieces: List[np.ndarray], epoch: int, window: int) -> List[np.ndarray]:
         """The window's pieces (token arrays of its documents), the longest one planted when this
         window is drawn for planting; other pieces and every length unchanged."""
+        return self.apply_counted(pieces, epoch, window)[0]
+
+    def apply_counted(self, pieces: List[np.ndarray], epoch: int, window: int) -> Tuple[List[np.ndarray], int]:
+        """``apply``'s pieces and the number of facts planted in them (0 when the window is not drawn
+        or its longest piece cannot hold one)."""
         rng = self.rng(epoch, window)
         if self.fraction == 0.0 or rng.random() >= self.fraction:
-            return pieces
+            return pieces, 0
         i = int(np.argmax([len(p) for p in pieces]))
         out = list(pieces)
-        out[i] = self.plant(pieces[i], rng)
-        return out
+        out[i], m = self._plant(pieces[i], rng)
+        return out, m
 
     def _name(self, rng) -> str:
         name = random_name(rng)
         return name.upper() if rng.random() < 0.5 else name
 
     def plant(self, piece: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """piece with the facts and questions spliced in, same length and dtype. A piece too short
-        to hold them at no more than half its tokens comes back unchanged."""
+        """piece with the facts and questions spliced in, same length and dtype: the first of the
+        ``facts_per_window`` drawn facts whose lines fit in half the piece's tokens (a piece too short
+        for even one comes back unchanged)."""
+        return self._plant(piece, rng)[0]
+
+    def _plant(self, piece: np.ndarray, rng: np.random.Generator) -> Tuple[np.ndarray, int]:
         n = len(piece)
         names = [self._name(rng) for _ in range(self.n)]
         values = [random_value(rng) for _ in range(self.n)]
         enc = self.tok.encode_batch([f"\n{a} = {v}\n" for a, v in zip(names, values)]
                                     + [f"\nassert {a} == {v}\n" for a, v in zip(names, values)])
-        facts, asks = enc[:self.n], enc[self.n:]
-        extra = sum(len(x) for x in enc)
-        base = n - extra
-        if base < extra:
-            return piece
+        cost = np.cumsum([len(f) + len(a) for f, a in zip(enc[:self.n], enc[self.n:])])
+        m = int(np.searchsorted(cost, n // 2, side="right"))  # facts whose lines fit in half the piece
+        if m == 0:
+            return piece, 0
+        facts, asks = enc[:m], enc[self.n:self.n + m]
+        base = n - int(cost[m - 1])
         # fact j at token fpos[j] of the kept text, its question at a uniform later position
-        fpos = rng.integers(0, base, size=self.n)
-        apos = np.minimum(base, fpos + 1 + (rng.random(self.n) * (base - fpos)).astype(np.int64))
+        fpos = rng.integers(0, base, size=m)
+        apos = np.minimum(base, fpos + 1 + (rng.random(m) * (base - fpos)).astype(np.int64))
         inserts = sorted([(int(p), 0, j) for j, p in enumerate(fpos)] + [(int(p), 1, j) for j, p in enumerate(apos)])
         parts, prev = [], 0
         for p, kind, j in inserts:
@@ -87,4 +99,14 @@ class FactPlanter:
         parts.append(piece[prev:base])
         out = np.concatenate(parts)
         assert len(out) == n
-        return out
+        return out, m
+
+    def survey(self, pieces_of: Callable[[int], List[np.ndarray]], windows: Sequence[int],
+               epoch: int = 0) -> Dict[str, float]:
+        """How the planter treats ``windows`` (``pieces_of(w)``: window w's token pieces): the share
+        planted and the mean facts per planted window (at most ``facts_per_window``). A function of
+        (epoch, window) only, so surveying changes no training state."""
+        counts = [self.apply_counted(pieces_of(w), epoch, w)[1] for w in windows]
+        planted = [c for c in counts if c > 0]
+        return {"windows": len(counts), "planted_share": len(planted) / max(1, len(counts)),
+                "facts_per_planted_window": sum(planted) / max(1, len(planted)), "facts_per_window": self.n}

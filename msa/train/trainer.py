@@ -199,6 +199,14 @@ def build_data(cfg: TrainConfig, device: torch.device, *, rank: int = 0, world_s
     planter = (FactPlanter(corpus.tokenizer, fraction=cfg.data.synthetic_facts,
                            facts_per_window=cfg.data.facts_per_window, seed=cfg.seed)
                if cfg.data.synthetic_facts > 0 else None)
+    if planter is not None:
+        probe = [int(w) for w in np.linspace(0, len(tw) - 1, num=min(64, len(tw)))]
+        tok = corpus.splits["train"].tokens
+        st = planter.survey(lambda w: [tok[s:s + n] for s, n in zip(*tw.pieces(w))], probe)
+        log(f"msa.data: facts planted in {st['planted_share']:.0%} of {st['windows']} surveyed training windows, "
+            f"{st['facts_per_planted_window']:.1f} per planted window (asked for {planter.n}"
+            + ("" if st["facts_per_planted_window"] >= planter.n else
+               "; the rest did not fit in half of a window's longest document") + ")")
     loader = WindowLoader(corpus.splits["train"].tokens, tw, cfg.data.batch_size, seed=cfg.seed, rank=rank,
                           world_size=world_size, device=device, planter=planter)
     vw = make_windows(corpus.splits["val"], t)

@@ -42,9 +42,37 @@ def test_plant_keeps_length_and_text_and_orders_questions():
     original = tok.decode(piece.tolist())
     assert original.startswith(rest) and len(original) - len(rest) == sum(
         len(m.group(0)) for m in list(FACT.finditer(text)) + list(ASK.finditer(text)))
-    # a piece too short to hold them at no more than half its tokens is left alone
-    short = piece[:200]
+    # a piece too short for all of them takes the first ones that fit in half its tokens; one too
+    # short for even one is left alone
+    mid = piece[:600]
+    got, m = p._plant(mid, p.rng(0, 3))
+    asked = ASK.findall(tok.decode(got.tolist()))
+    assert 1 <= m < 8 and len(asked) == m and len(FACT.findall(tok.decode(got.tolist()))) == m
+    assert set(asked) < set(ASK.findall(text))               # some of the same (name, value) facts as above
+    planted = len(mid) - len(_kept(tok.decode(got.tolist())))
+    assert planted <= len(mid) // 2 < planted + 60                           # one more would not fit
+    short = piece[:40]
     assert np.array_equal(p.plant(short, p.rng(0, 3)), short)
+
+
+def _kept(text: str) -> str:
+    for m in list(FACT.finditer(text)) + list(ASK.finditer(text)):
+        text = text.replace(m.group(0), "", 1)
+    return text
+
+
+def test_survey_counts_what_fits():
+    tok = ByteTokenizer()
+    code = _code_tokens()
+    p = FactPlanter(tok, fraction=0.5, facts_per_window=8, seed=2)
+    long_st = p.survey(lambda w: [code[:6000]], range(200))
+    assert 0.4 < long_st["planted_share"] < 0.6 and long_st["facts_per_planted_window"] == 8
+    short_st = p.survey(lambda w: [code[:600]], range(200))
+    assert short_st["planted_share"] == long_st["planted_share"]          # the same windows are drawn
+    assert 1 <= short_st["facts_per_planted_window"] < 8
+    for w in range(20):                                                  # it counts what apply plants
+        out, m = p.apply_counted([code[:600]], 0, w)
+        assert len(ASK.findall(tok.decode(out[0].tolist()))) == m
 
 
 def test_which_windows_and_determinism():
