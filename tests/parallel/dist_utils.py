@@ -22,10 +22,12 @@ def _entry(rank: int, world: int, init_file: str, fn, args) -> None:
 
 
 def start_method() -> str:
-    """fork: the children inherit the imported modules (spawn re-imports torch and msa per rank,
-    seconds each on a small CI machine). Once the parent has used CUDA (the GPU suite), autograd's
-    device threads exist and a forked child cannot run backward, so then spawn."""
-    return "spawn" if torch.cuda.is_initialized() else "fork"
+    """fork on a CPU-only machine: the children inherit the imported modules (spawn re-imports torch
+    and msa per rank, seconds each on a small CI machine). spawn wherever CUDA is available: once
+    the parent has touched the driver (the GPU suite, or only Triton's device query when the parallel
+    tests run alone), a forked child fails at its first CUDA call (the optimizer's graph-capture check
+    makes one even on the CPU: "CUDA error: initialization error")."""
+    return "spawn" if torch.cuda.is_available() else "fork"
 
 
 def run_ranks(world: int, fn, *args) -> None:
