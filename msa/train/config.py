@@ -58,7 +58,8 @@ class DataConfig:
     cache_dir: where the tokenizer and token arrays are cached (default ~/.cache/msa/data).
     synthetic_facts: share of training windows in which facts_per_window constants are defined and
     asserted later (``msa.data.facts``: the retrieval evaluation's format, so a small model can learn
-    the skill; validation and test windows are never planted)."""
+    the skill; validation and test windows are never planted). A window's facts take at most half of
+    its longest document: fewer go in when all do not fit (the trainer logs the count)."""
 
     seq_len: int = 8192
     batch_size: int = 4

@@ -63,3 +63,21 @@ def test_summary_table_and_targets(tmp_path):
     assert "first quarter 3 -> last quarter 2 (target falling): met" in md
     assert "exp-msa-nowarmup validation loss vs MSA-PT: -0.50% (target worse): MISSED" in md
     assert (tmp_path / "compare.png").exists() and json.loads((tmp_path / "quality.json").read_text())["rows"]
+
+
+def test_interrupted_run_is_compared_at_the_last_common_evaluation(tmp_path):
+    """A run stopped early is compared with dense at the last evaluation both reached, not with
+    dense's final loss at more tokens."""
+    b = [(0, 4096, 2.0, 100)]
+    _run(tmp_path, "exp-dense", "dense", 1.90, b, {8192: 0.0})
+    _run(tmp_path, "exp-msa-pt", "msa", 2.10, b, {8192: 0.0})
+    for name, hist in (("exp-dense", [(5, 2.50), (10, 2.30), (20, 1.90)]), ("exp-msa-pt", [(5, 2.55), (10, 2.32)])):
+        d = tmp_path / name
+        (d / "log.jsonl").write_text("".join(json.dumps({"step": st, "val_lm_loss": v, "lm_loss": v, "tokens_seen": st * 1e5, "kl": 0.1}) + "\n"
+                                             for st, v in hist))
+        s = json.loads((d / "summary.json").read_text())
+        s["step"] = hist[-1][0]
+        (d / "summary.json").write_text(json.dumps(s))
+    md = summarize(str(tmp_path))
+    assert ("MSA-PT validation loss vs dense: +0.87% at step 10, the last evaluation both reached "
+            "(they ended at 10 and 20) (target within +1%): met") in md
