@@ -123,6 +123,25 @@ def test_chunking_small_tiles_and_splits():
                         scale=scale)
 
 
+def test_layout_plan_is_reused_only_for_the_same_layout():
+    """The host-side plan (tiles, chunks, positions) is cached per layout: the same total length packed
+    three ways, then the first layout again, each matches the reference, and a repeated layout reuses
+    its plan instead of building a new one."""
+    g = torch.Generator().manual_seed(5)
+    t, h, d, bs, topk = 160, 2, 32, 16, 4
+    q = torch.randn(1, t, h, d, generator=g).to(DEV)
+    k = torch.randn(1, t, d, generator=g).to(DEV)
+    IMPL._PLAN_CACHE.clear()
+    layouts = [None, [0, 40, 160], [0, 100, 101, 160], None]
+    for cu in layouts:
+        cs = torch.tensor(cu, dtype=torch.int32, device=DEV) if cu else None
+        kw = dict(block_size=bs, topk=topk, init_blocks=0, local_blocks=1, scale=d ** -0.5, cu_seqlens=cs)
+        got = select_blocks_triton(q, k, **kw)
+        check_selection(got, select_blocks_reference(q, k, **kw), q, k, tol=1e-5, cu=cu, block_size=bs,
+                        topk=topk, init_blocks=0, local_blocks=1, scale=d ** -0.5)
+    assert len(IMPL._PLAN_CACHE) == 3
+
+
 def test_block_size_not_power_of_two_and_large_topk():
     """block 24 (masked sub-tile), topk 64 > visible blocks: every visible block selected."""
     g = torch.Generator().manual_seed(2)
