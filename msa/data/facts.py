@@ -12,8 +12,8 @@ token positions of its longest piece (one document: a fact and its question neve
 document boundary), each followed later in the same piece by ``assert NAME == 12345``; the piece's
 last tokens make room. The planted lines take at most half of the piece: when all of them would not
 fit, as many as fit go in (``FactPlanter.survey`` says how many a loader's windows get, and the
-trainer logs it), so a short context never silently trains on plain code alone. Which windows, names, values and positions: a function of (seed, epoch, window),
-so a resumed run sees the same data.
+trainer logs it), so a short context never silently trains on plain code alone. Which windows,
+names, values and positions: a function of (seed, epoch, window), so a resumed run sees the same data.
 """
 
 from __future__ import annotations

@@ -73,8 +73,8 @@ def test_interrupted_run_is_compared_at_the_last_common_evaluation(tmp_path):
     _run(tmp_path, "exp-msa-pt", "msa", 2.10, b, {8192: 0.0})
     for name, hist in (("exp-dense", [(5, 2.50), (10, 2.30), (20, 1.90)]), ("exp-msa-pt", [(5, 2.55), (10, 2.32)])):
         d = tmp_path / name
-        (d / "log.jsonl").write_text("".join(json.dumps({"step": st, "val_lm_loss": v, "lm_loss": v, "tokens_seen": st * 1e5, "kl": 0.1}) + "\n"
-                                             for st, v in hist))
+        (d / "log.jsonl").write_text("".join(json.dumps({"step": st, "val_lm_loss": v, "lm_loss": v, "kl": 0.1,
+                                                         "tokens_seen": st * 1e5}) + "\n" for st, v in hist))
         s = json.loads((d / "summary.json").read_text())
         s["step"] = hist[-1][0]
         (d / "summary.json").write_text(json.dumps(s))

@@ -63,14 +63,14 @@ def select_blocks(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size: int =
     check(isinstance(fp8_scores, bool), f"fp8_scores must be a bool, got {fp8_scores!r}")
     scale = default_scale(scale, d)
     impl = resolve_backend(backend, [q_idx, k_idx])
-    if impl == "triton":
-        fn = load_triton_impl(__package__, "triton_impl", "select_blocks_triton", backend)
-        if fn and torch.compiler.is_compiling():  # one opaque node for the compiler
-            return torch.ops.msa.select_blocks(q_idx.detach(), k_idx.detach(), block_size, topk, init_blocks,
-                                               local_blocks, scale, cu_seqlens, fp8_scores)
-        if fn:  # eager: the function itself (the custom op's dispatch cost ~0.1 ms of host time per call)
-            return fn(q_idx.detach(), k_idx.detach(), block_size=block_size, topk=topk, init_blocks=init_blocks,
-                      local_blocks=local_blocks, scale=scale, cu_seqlens=cu_seqlens, fp8_scores=fp8_scores)
+    # the Triton function (eager), True (under torch.compile) or None (backend "auto" without Triton)
+    fn = load_triton_impl(__package__, "triton_impl", "select_blocks_triton", backend) if impl == "triton" else None
+    if fn and torch.compiler.is_compiling():  # one opaque node for the compiler
+        return torch.ops.msa.select_blocks(q_idx.detach(), k_idx.detach(), block_size, topk, init_blocks,
+                                           local_blocks, scale, cu_seqlens, fp8_scores)
+    if fn:  # eager: the function itself, without the custom op's dispatch (host time bounds short inputs)
+        return fn(q_idx.detach(), k_idx.detach(), block_size=block_size, topk=topk, init_blocks=init_blocks,
+                  local_blocks=local_blocks, scale=scale, cu_seqlens=cu_seqlens, fp8_scores=fp8_scores)
     if fp8_scores:
         from ...cache.fp8 import dequantize_fp8, quantize_fp8
         q_idx = dequantize_fp8(*quantize_fp8(q_idx))
