@@ -7,7 +7,7 @@ is at most 2^-4 of amax. The decode kernels apply the scale in fp32 (see ``dequa
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -40,3 +40,47 @@ def dequantize_fp8(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtyp
     """values float8_e4m3fn (..., D_idx), scales fp32 (...) (one per row of values, broadcast over
     D_idx) -> values * scale in ``dtype``; the product is formed in fp32 like the decode kernels do."""
     return (values.float() * scales.float().unsqueeze(-1)).to(dtype)
+
+
+_BLOCK_ID_CACHE: Dict[tuple, Tuple[torch.Tensor, int]] = {}
+
+
+def _block_of_token(cu: Tuple[int, ...], block_size: int, device) -> Tuple[torch.Tensor, int]:
+    """int64 (N,) global key-block id of every token of the flat layout with sequence offsets cu
+    (blocks restart at every sequence start), and the number of blocks; cached per layout."""
+    key = (cu, block_size, str(device))
+    hit = _BLOCK_ID_CACHE.get(key)
+    if hit is None:
+        pos = torch.cat([torch.arange(b - a) for a, b in zip(cu[:-1], cu[1:])])
+        gid = (torch.cumsum((pos % block_size == 0).to(torch.int64), 0) - 1).to(device)
+        hit = (gid, sum(-(-(b - a) // block_size) for a, b in zip(cu[:-1], cu[1:])))
+        if len(_BLOCK_ID_CACHE) >= 32:
+            _BLOCK_ID_CACHE.pop(next(iter(_BLOCK_ID_CACHE)))
+        _BLOCK_ID_CACHE[key] = hit
+    return hit
+
+
+def quantize_fp8_key_blocks(k: torch.Tensor, cu: Sequence[int], block_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Index keys of a prefill to float8_e4m3fn with ONE scale per key block of each sequence.
+
+    Args:
+        k: float (N, D_idx) keys of the flat layout whose sequences start at the host offsets ``cu``
+            (cu[0] = 0, cu[-1] = N; blocks of ``block_size`` restart at every sequence start).
+
+    Returns:
+        values float8_e4m3fn (N, D_idx) and fp32 (N,) scales, every token carrying its block's scale
+        (amax over the block / 448). A block max of scores then takes the scale after the max (it is
+        positive and shared by the block), so the score kernel's epilogue is the bf16 one; the selection
+        changes little against per-token scales (block recall against bf16 0.970-0.981 vs 0.972-0.982 on
+        trained CPU indexers: the keys are RMS-normalised, so their amax varies little within a block).
+
+    Equivalent PyTorch (one sequence, block b = keys b * block_size ...)::
+
+        s_b = k[block].abs().amax().clamp_min(1e-12 * 448) / 448
+        values[block] = (k[block] / s_b).to(torch.float8_e4m3fn)
+    """
+    gid, nblk = _block_of_token(tuple(int(c) for c in cu), block_size, k.device)
+    amax = torch.zeros(nblk, dtype=torch.float32, device=k.device)
+    amax.scatter_reduce_(0, gid, k.float().abs().amax(-1), "amax")
+    s_tok = (amax / FP8_MAX).clamp_min(_MIN_SCALE)[gid]
+    return (k.float() / s_tok[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), s_tok

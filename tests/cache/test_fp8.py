@@ -28,3 +28,20 @@ def test_zero_key_and_per_block_scale():
     torch.testing.assert_close(sb, xb.abs().amax(dim=(-1, -2)) / FP8_MAX)
     back = dequantize_fp8(qb.view(64, 8), sb.repeat_interleave(16))
     assert ((back - xb.view(64, 8)).abs() <= sb.repeat_interleave(16)[:, None] * FP8_MAX / 16).all()
+
+
+def test_prefill_key_blocks_share_one_scale_per_block_of_each_sequence():
+    # packed pieces of 5 and 7 tokens in blocks of 4: blocks [0:4] [4:5] | [5:9] [9:12]; every token
+    # carries its block's scale amax / 448, blocks never straddle a sequence start, and the round trip
+    # error of an entry is at most 2^-4 of its block's amax
+    from msa.cache import quantize_fp8_key_blocks
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(12, 8, generator=g) * torch.tensor([1, 1, 1, 9, 2, 1, 1, 1, 1, 5, 5, 5.0]).view(12, 1)
+    vals, s = quantize_fp8_key_blocks(k, [0, 5, 12], 4)
+    assert vals.dtype == torch.float8_e4m3fn and s.shape == (12,)
+    for a, b in ((0, 4), (4, 5), (5, 9), (9, 12)):
+        amax = k[a:b].abs().max()
+        assert torch.allclose(s[a:b], (amax / FP8_MAX).expand(b - a))
+        err = (vals[a:b].float() * s[a:b, None] - k[a:b]).abs().max()
+        assert float(err) <= float(amax) * 2 ** -4
+    assert s[3] != s[4] and s[4] != s[5]  # a new block at 4 (same sequence) and at the sequence start 5

@@ -266,16 +266,22 @@ def test_score_config_pads_fp8_contraction_to_32(monkeypatch):
         assert IMPL.score_config(q, 4, dim, 128)["block_d"] == want, (dim, dtype)
 
 
-# fp8 index scores: q_idx per (token, group) and k_idx per token in float8_e4m3fn (msa.cache.quantize_fp8),
+# fp8 index scores: q_idx per (token, group) (msa.cache.quantize_fp8) and k_idx per key block
+# (msa.cache.quantize_fp8_key_blocks) in float8_e4m3fn,
 # the GEMM in fp8 with fp32 accumulation. The reference scores the dequantised copies in fp32, so the
 # Triton selection must match it exactly up to near-ties (tolerance 1e-4: fp32 sums of exact fp8
 # products in another order; on the GPU 2e-2, the wgmma fp8 accumulator keeps fewer mantissa bits).
 FP8_TOL = 1e-4 if DEV == "cpu" else 2e-2
 
 
-def _dequantised(q, k):
-    from msa.cache.fp8 import dequantize_fp8, quantize_fp8
-    return dequantize_fp8(*quantize_fp8(q)), dequantize_fp8(*quantize_fp8(k))
+def _dequantised(q, k, block_size, cu=None):
+    """q (B, T, H, D) / k (B, T, D) or q (T, H, D) / k (T, D) through the fp8 codecs select_blocks uses:
+    per (token, group) for q, per key block of each sequence (offsets cu, else the rows) for k."""
+    from msa.cache.fp8 import dequantize_fp8, quantize_fp8, quantize_fp8_key_blocks
+    t, d = k.shape[-2], k.shape[-1]
+    n = k.numel() // d
+    kd = dequantize_fp8(*quantize_fp8_key_blocks(k.reshape(n, d), cu or range(0, n + 1, t), block_size))
+    return dequantize_fp8(*quantize_fp8(q)), kd.view(k.shape)
 
 
 @pytest.mark.parametrize("case", [CASES[3], CASES[6], CASES[7]], ids=["init-trailing", "packed", "packed2"])
@@ -288,7 +294,7 @@ def test_fp8_scores_match_reference_on_dequantised_inputs(case):
     kw = dict(block_size=bs, topk=topk, init_blocks=ib, local_blocks=lb, scale=d ** -0.5, cu_seqlens=cs)
     got = msa.select_blocks(q, k, backend="triton", fp8_scores=True, **kw)
     ref = msa.select_blocks(q, k, backend="reference", fp8_scores=True, **kw)
-    qd, kd = _dequantised(q, k)
+    qd, kd = _dequantised(q, k, bs, cu)
     check_selection(got, ref, qd, kd, tol=FP8_TOL, cu=cu, **{x: kw[x] for x in ("block_size", "topk", "init_blocks",
                                                                                 "local_blocks", "scale")})
     if case is CASES[6]:  # long enough rows for the quantisation to move some selection
@@ -305,7 +311,7 @@ def test_fp8_block_scores_kernel(scale):
     q = torch.randn(t, h, d, generator=g).to(DEV)
     k = (torch.randn(t, d, generator=g) * torch.linspace(0.1, 10, t).view(t, 1)).to(DEV)
     got = block_scores_triton(q, k, block_size=bs, scale=scale, rows=32, nsplit=2, fp8_scores=True)
-    qd, kd = _dequantised(q, k)
+    qd, kd = _dequantised(q, k, bs)
     ref = block_scores_reference(qd, kd, 0, bs, scale).float()
     fin = torch.isfinite(ref)
     assert torch.equal(torch.isfinite(got), fin)

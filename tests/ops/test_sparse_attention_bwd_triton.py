@@ -78,6 +78,8 @@ CASES = [
     (1, 200, 1, 16, 16, 16, 4, None, 7, False),
     (1, 200, 2, 1, 16, 16, 3, torch.tensor([0, 37, 100, 163, 200], dtype=torch.int32), 6, True),
     (1, 129, 2, 3, 16, 32, 2, torch.tensor([0, 1, 60, 129], dtype=torch.int32), None, False),
+    # blocks of 24 keys: a power-of-two key tile reaches past every block, into the next one
+    (1, 110, 2, 3, 16, 24, 3, torch.tensor([0, 50, 110], dtype=torch.int32), None, False),
 ]
 
 

@@ -218,7 +218,7 @@ def test_heuristic_and_override(tuned):
 
 def test_reverse_index_token_range_matches_full():
     # the chunked build (token_range + block_limit) lists exactly the full build's pairs of its tokens
-    from msa.ops.utils.reverse_index import block_layout, block_starts_host, blocks_before
+    from msa.ops.utils.reverse_index import block_layout, blocks_before
     q, k, v, bi, cu = make_inputs([40, 9, 60], 2, 1, 16, 16, 3, packed=True, seed=11)
     full = build_reverse_index(bi, 16, cu, 4)
     nb = full.layout.num_blocks
@@ -234,7 +234,7 @@ def test_reverse_index_token_range_matches_full():
         return out
 
     layout = block_layout(1, 109, 16, cu, DEVICE)
-    starts = block_starts_host(1, 109, 16, cu)
+    starts = layout.starts
     for t0, t1 in ((0, 23), (23, 50), (50, 109)):
         nbr = blocks_before(starts, t1)
         part = build_reverse_index(bi, 16, cu, 4, token_range=(t0, t1), layout=layout, block_limit=nbr)
@@ -242,6 +242,23 @@ def test_reverse_index_token_range_matches_full():
         # work items tile every row exactly, at most 4 entries each
         s, e = part.work_start, part.work_end
         assert ((e - s) <= 4).all() and int((e - s).sum()) == int(part.row_ptr[-1])
+
+
+def test_block_layout_values_and_cache():
+    # the layout of packed pieces [40, 9, 60] in blocks of 16: every block's first token and length,
+    # each token's global id of its sequence's block 0; built once per layout (its host-to-device
+    # copies wait for the stream), a different layout or block size gets its own
+    from msa.ops.utils.reverse_index import block_layout
+    cu = torch.tensor([0, 40, 49, 109], dtype=torch.int32, device=DEVICE)
+    lay = block_layout(1, 109, 16, cu, DEVICE)
+    assert lay.starts == (0, 16, 32, 40, 49, 65, 81, 97) and lay.block_start.tolist() == list(lay.starts)
+    assert lay.block_len.tolist() == [16, 16, 8, 9, 16, 16, 16, 12] and lay.num_blocks == 8
+    assert lay.seq_block_offset.tolist() == [0] * 40 + [3] * 9 + [4] * 60
+    assert block_layout(1, 109, 16, cu.clone(), DEVICE) is lay
+    other = block_layout(1, 109, 16, torch.tensor([0, 41, 49, 109], dtype=torch.int32, device=DEVICE), DEVICE)
+    assert other is not lay and other.starts[:4] == (0, 16, 32, 41)
+    assert block_layout(1, 109, 32, cu, DEVICE).starts == (0, 32, 40, 49, 81)
+    assert block_layout(2, 20, 16, None, DEVICE).starts == (0, 16, 20, 36)
 
 
 def test_reverse_index_kernels_match_torch_build():

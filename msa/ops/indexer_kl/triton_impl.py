@@ -28,7 +28,7 @@ import triton
 from ... import tuning
 from ...tuning import merge_launch_config
 from ..sparse_attention.triton_bwd import token_seq_start
-from ..utils.reverse_index import block_layout, block_starts_host, blocks_before, build_reverse_index
+from ..utils.reverse_index import block_layout, blocks_before, build_reverse_index
 from ..utils.triton_helpers import dot_precision, interpreting, next_pow2, tl_compute_dtype
 from .triton_kernels import (indexer_kl_bwd_dense_flash_dk_kernel, indexer_kl_bwd_sparse_reduce_kernel,
                              indexer_kl_fwd_dense_flash_kernel, indexer_kl_fwd_kv_heads_kernel,
@@ -91,7 +91,7 @@ def sparse_kl_kv(q_idx, k_idx, q, k, block_indices, lse_t, *, block_size, index_
     else:
         chunk = min(ntok, kl_chunk_tokens(nsel, hkv, di, partial_budget_bytes))
         layout = block_layout(bsz, t, block_size, cu_seqlens, dev)
-        starts = block_starts_host(bsz, t, block_size, cu_seqlens)
+        starts = layout.starts
     lse_s = torch.empty((ntok, hkv), dtype=torch.float32, device=dev)
     klp = torch.empty((chunk * nsel * hkv,), dtype=torch.float32, device=dev)
     plse = torch.empty((chunk * nsel * hkv,), dtype=torch.float32, device=dev)

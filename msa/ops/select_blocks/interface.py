@@ -8,7 +8,7 @@ import torch
 
 from . import custom_ops  # noqa: F401  (registers the torch.ops.msa.* custom ops)
 from ..common import (check, check_backend, check_block_args, check_cu_seqlens, check_float, check_tensor,
-                      default_scale, load_triton_impl, resolve_backend)
+                      cu_seqlens_host, default_scale, load_triton_impl, resolve_backend)
 from .reference import select_blocks_reference
 
 
@@ -30,10 +30,11 @@ def select_blocks(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size: int =
         backend: "auto" (Triton on CUDA, else reference), "reference" or "triton".
         validate: check cu_seqlens' values (one host sync); the MSA layer, which checked them once per
             batch, passes False. Shapes, dtypes and devices are always checked.
-        fp8_scores: score with float8_e4m3fn copies of q_idx (one scale per token and group) and k_idx
-            (one scale per token), ``msa.cache.quantize_fp8``: the index GEMM in fp8 with fp32
-            accumulation. The reference backend scores the dequantised copies in fp32, so both
-            backends select from the same quantised scores.
+        fp8_scores: score with float8_e4m3fn copies of q_idx (one scale per token and group,
+            ``msa.cache.quantize_fp8``) and k_idx (one scale per key block of each sequence,
+            ``msa.cache.quantize_fp8_key_blocks``): the index GEMM in fp8 with fp32 accumulation. The
+            reference backend scores the dequantised copies in fp32, so both backends select from the
+            same quantised scores.
 
     Returns:
         int32 (B, T, H_kv, topk): block ids within each sequence, unordered, the local block in the
@@ -72,8 +73,9 @@ def select_blocks(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size: int =
         return fn(q_idx.detach(), k_idx.detach(), block_size=block_size, topk=topk, init_blocks=init_blocks,
                   local_blocks=local_blocks, scale=scale, cu_seqlens=cu_seqlens, fp8_scores=fp8_scores)
     if fp8_scores:
-        from ...cache.fp8 import dequantize_fp8, quantize_fp8
+        from ...cache.fp8 import dequantize_fp8, quantize_fp8, quantize_fp8_key_blocks
+        cu = range(0, bsz * t + 1, t) if cu_seqlens is None else cu_seqlens_host(cu_seqlens, bsz * t)
         q_idx = dequantize_fp8(*quantize_fp8(q_idx))
-        k_idx = dequantize_fp8(*quantize_fp8(k_idx))
+        k_idx = dequantize_fp8(*quantize_fp8_key_blocks(k_idx.reshape(bsz * t, d), cu, block_size)).view(bsz, t, d)
     return select_blocks_reference(q_idx, k_idx, block_size=block_size, topk=topk, init_blocks=init_blocks,
                                    local_blocks=local_blocks, scale=scale, cu_seqlens=cu_seqlens)

@@ -20,7 +20,7 @@ import triton
 
 from ..utils.triton_helpers import interpreting, next_pow2, num_sms
 
-from ...cache.fp8 import quantize_fp8
+from ...cache.fp8 import quantize_fp8, quantize_fp8_key_blocks
 from ..common import cu_seqlens_host
 from ..topk.triton_kernels import launch_block_topk
 from .triton_kernels import index_scores_fwd_kernel
@@ -89,24 +89,6 @@ def _plan(cu: Tuple[int, ...], heads: int, block_size: int, tok_per_tile: int, b
         _PLAN_CACHE.pop(next(iter(_PLAN_CACHE)))
     _PLAN_CACHE[key] = hit
     return hit
-    tiles = _tile_table(starts, lens, tok_per_tile)
-    # width of a tile's buffer rows: 1 + its last local block
-    tile_width = (tiles[:, 1] - 1 - tiles[:, 2]) // block_size + 1
-    nb_max = int(tile_width.max())
-    tok_budget = max(tok_per_tile, budget_bytes // (heads * nb_max * 4))
-    tiles_per_chunk = max(1, tok_budget // tok_per_tile)
-    buf_tokens = min(total, tiles_per_chunk * tok_per_tile)
-    chunks = []
-    for i0 in range(0, tiles.shape[0], tiles_per_chunk):
-        i1 = min(tiles.shape[0], i0 + tiles_per_chunk)
-        chunks.append((i0, i1, int(tiles[i0, 0]), int(tiles[i1 - 1, 1]), int(tile_width[i0:i1].max())))
-    seq_start_tok = torch.repeat_interleave(starts, lens)
-    pos = (torch.arange(total) - seq_start_tok).to(torch.int32).to(dev)
-    hit = _Plan(tiles.to(torch.int32).to(dev), pos, tuple(chunks), buf_tokens * heads * nb_max)
-    if len(_PLAN_CACHE) >= 32:
-        _PLAN_CACHE.pop(next(iter(_PLAN_CACHE)))
-    _PLAN_CACHE[key] = hit
-    return hit
 
 
 @torch.no_grad()
@@ -124,8 +106,9 @@ def select_blocks_triton(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size
         cu_seqlens: optional int32 (S+1,) packed-sequence offsets (B == 1).
         budget_bytes: cap of the fp32 block-score buffer (the only intermediate).
         rows, nsplit: tuning overrides (MMA rows per program, key-block splits per tile).
-        fp8_scores: quantise q_idx per (token, group) and k_idx per token to float8_e4m3fn
-            (``msa.cache.quantize_fp8``) and score with an fp8 GEMM (fp32 accumulation).
+        fp8_scores: quantise q_idx per (token, group) (``msa.cache.quantize_fp8``) and k_idx per key
+            block (``msa.cache.quantize_fp8_key_blocks``) to float8_e4m3fn and score with an fp8 GEMM
+            (fp32 accumulation; both scales applied to the block max).
         tune: further score-kernel overrides, see ``score_config`` (block_n, num_warps, num_stages,
             nbuf, persist).
 
@@ -144,13 +127,12 @@ def select_blocks_triton(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size
     if k.stride(1) != 1:
         k = k.contiguous()
     total = bsz * t
+    # the flat layout's sequence offsets: the B rows, or the packed sequences (values checked here)
+    cu = tuple(range(0, total + 1, t)) if cu_seqlens is None else tuple(cu_seqlens_host(cu_seqlens, total))
     qs = ks = None
     if fp8_scores:
         q, qs = quantize_fp8(q)
-        k, ks = quantize_fp8(k)
-
-    # the flat layout's sequence offsets: the B rows, or the packed sequences (values checked here)
-    cu = tuple(range(0, total + 1, t)) if cu_seqlens is None else tuple(cu_seqlens_host(cu_seqlens, total))
+        k, ks = quantize_fp8_key_blocks(k, cu, block_size)
     cfg = score_config(q, heads, dim, block_size, rows=rows, nsplit=nsplit, **tune)
     plan = _plan(cu, heads, block_size, cfg["rows"] // heads, budget_bytes, dev)
     buf = _empty((plan.buf_elems,), torch.float32, dev)
@@ -262,7 +244,7 @@ def block_scores_triton(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size:
     qs = ks = None
     if fp8_scores:
         q, qs = quantize_fp8(q)
-        k, ks = quantize_fp8(k)
+        k, ks = quantize_fp8_key_blocks(k, (0, t), block_size)
     cfg = score_config(q, heads, dim, block_size, rows=rows, nsplit=nsplit, **tune)
     tiles = _tile_table(torch.zeros(1, dtype=torch.int64), torch.tensor([t]), cfg["rows"] // heads)
     nb = triton.cdiv(t, block_size)

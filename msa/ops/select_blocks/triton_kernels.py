@@ -80,8 +80,6 @@ def _index_scores_item(
             s = tl.dot(q, kt, input_precision="ieee")
         else:
             s = tl.dot(q, kt)
-        if FP8:  # per-key scale of the e4m3 keys: varies along the block, so before the max
-            s = s * tl.load(ks_ptr + (seq0 + kp).to(tl.int64), mask=sub + n < block_size, other=0.0)[None, :]
         if POS_SCALE:  # max(s) * scale == max(s * scale) for scale > 0: scale the [ROWS] vector only
             if SUB_MASK:
                 s = tl.where((sub + n < block_size)[None, :], s, float("-inf"))
@@ -92,8 +90,8 @@ def _index_scores_item(
         # a [ROWS] vector, not a scalar: the interpreter rejects scalar-bool & tensor-bool masks
         is_last = (sub + BLOCK_N + tl.zeros([ROWS], tl.int32)) >= block_size
         out = m * scale if POS_SCALE else m
-        if FP8:
-            out = out * qs
+        if FP8:  # the query's and the key block's scales: > 0, so applied to the block max
+            out = out * qs * tl.load(ks_ptr + (seq0 + b * block_size).to(tl.int64))
         if NBUF == 1:
             tl.store(s_ptr + srow * stride_sr + b, out, mask=rvalid & is_last)
         else:
@@ -122,7 +120,7 @@ def _index_scores_item(
         else:
             s = tl.dot(q, kt)
         if FP8:
-            s = s * tl.load(ks_ptr + (seq0 + kp).to(tl.int64), mask=kmask, other=0.0)[None, :]
+            s = s * tl.load(ks_ptr + (seq0 + b * block_size).to(tl.int64))
         s = s * scale  # before the max: a negative scale would flip the order
         s = tl.where(kmask[None, :] & (kp[None, :] <= pos[:, None]), s, float("-inf"))
         m = tl.maximum(m, tl.max(s, axis=1))
@@ -151,7 +149,9 @@ def index_scores_fwd_kernel(
     s: fp32 (chunk rows, width) with row (token - chunk_tok0) * H_kv + group; column b is written for
     every b <= the row's local block (b * block_size <= position), nothing else.
     FP8: q and k are float8_e4m3fn with fp32 scales qs (T_total * H_kv,) per (token, group) and ks
-    (T_total,) per key token: score = (q8 . k8) * qs * ks * scale, the GEMM in fp8 with fp32 accumulation.
+    (T_total,) per key block (every token of a block carries it; read at the block's first token):
+    block score = max_j (q8 . k8_j) * qs * ks_b * scale, the GEMM in fp8 with fp32 accumulation and both
+    scales on the block max, so the per-key epilogue is the same as for 16-bit inputs.
     Work item w in [0, n_tiles * nsplit): split = w // n_tiles, tile = n_tiles - 1 - w % n_tiles.
     Grid: (n_tiles * nsplit,) one item per program, or (P,) with PERSIST (items w = pid, pid + P, ...).
     """

@@ -44,7 +44,7 @@ import triton.language as tl
 
 from ..utils.triton_helpers import dot_precision, interpreting, next_pow2, tl_compute_dtype
 
-from ..utils.reverse_index import ReverseIndex, SelectionPlan, block_starts_host, blocks_before, build_reverse_index
+from ..utils.reverse_index import ReverseIndex, SelectionPlan, blocks_before, build_reverse_index
 from ..utils.tile_union import build_tile_union, tile_rows, tile_tokens_for, union_block
 from ... import tuning
 from ...tuning import merge_launch_config
@@ -430,7 +430,7 @@ def _dq_kv_outer(q, k, v, do, lse, delta, bi, *, block_size: int, scale: float, 
     pdq = torch.empty((chunk * nsel, hq, d), dtype=pdtype, device=dev)
     dq = torch.empty_like(q)
     layout = full_index.layout
-    starts = plan.starts if plan is not None else block_starts_host(bsz, t, block_size, cu_seqlens)
+    starts = layout.starts
     block_d = next_pow2(d, 16)
     block_n = cfg["DQKV_BLOCK_N"]
     block_k = next_pow2(nsel, 1)

@@ -69,6 +69,20 @@ def _online_step(q, k, v, m_i, l_i, acc, visible, qk_scale, DOT_PREC: tl.constex
 
 
 @triton.jit
+def _online_step_rows(q, k, v, m_i, l_i, acc, row_bias, qk_scale, DOT_PREC: tl.constexpr):
+    """_online_step with a per-row mask given as an additive bias (0 or -inf per row): one fused
+    multiply-add per score instead of a multiply and a select."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale + row_bias[:, None]
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _single_tile(q, k, v, visible, qk_scale, DOT_PREC: tl.constexpr):
     """Softmax over one key tile (the whole block): returns the normalised output and the lse in
     log2 units (-inf for a row with no visible key, whose output is 0)."""
@@ -282,7 +296,8 @@ def sparse_attention_tiled_fwd_kernel(Q, K, V, O, LSE, UIDS, UBITS, UCOUNT, SEQ_
                                       BLOCK_LEN, qk_scale, H_Q: tl.constexpr, H_KV: tl.constexpr, G: tl.constexpr,
                                       UMAX: tl.constexpr, TILE_T: tl.constexpr, SUBS: tl.constexpr, D: tl.constexpr,
                                       BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                      KV_TILES: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+                                      KV_TILES: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+                                      EVEN_N: tl.constexpr):
     """Query-tiled attention: one program per (query tile, group), TILE_T consecutive tokens x G heads
     as MMA rows (row m -> token m // G, head r * G + m % G), one online softmax over the union of the
     tile's selected blocks (``msa.ops.utils.tile_union``); a row whose token did not select a block
@@ -306,7 +321,24 @@ def sparse_attention_tiled_fwd_kernel(Q, K, V, O, LSE, UIDS, UBITS, UCOUNT, SEQ_
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for u in range(cnt):
+    # The union is ascending and every id is <= the tile's own block (the tile lies in one query
+    # block), so only the LAST entry can hold keys after some of the tile's tokens (or be a short last
+    # block): the entries before it are whole blocks that precede every token of the tile and need
+    # only the per-row selection mask, not the per-key causal and length masks (EVEN_N: block_size is
+    # a multiple of BLOCK_N, so no key tile reaches past a whole block); that mask goes in as an
+    # additive 0 / -inf row bias, one fused multiply-add per score (docs/perf-notes.md, round 24).
+    n_full = tl.maximum(cnt - 1, 0)
+    for u in range(n_full):
+        row_hit, kstart, klen = union_block(UIDS, UBITS, base, u, ti, sbo, BLOCK_START, BLOCK_LEN)
+        row_bias = tl.where(row_hit, 0.0, float("-inf"))
+        for kt in tl.static_range(KV_TILES):
+            kk, vv = _load_kv_tile(K, V, kstart, klen, kt * BLOCK_N, r, H_KV, D, BLOCK_N, BLOCK_D, UPCAST)
+            if EVEN_N:
+                m_i, l_i, acc = _online_step_rows(q, kk, vv, m_i, l_i, acc, row_bias, qk_scale, DOT_PREC)
+            else:  # the last key tile reaches past the block
+                visible = row_hit[:, None] & ((kt * BLOCK_N + tl.arange(0, BLOCK_N)) < klen)[None, :]
+                m_i, l_i, acc = _online_step(q, kk, vv, m_i, l_i, acc, visible, qk_scale, DOT_PREC)
+    for u in range(n_full, cnt):
         row_hit, kstart, klen = union_block(UIDS, UBITS, base, u, ti, sbo, BLOCK_START, BLOCK_LEN)
         for kt in tl.static_range(KV_TILES):
             kk, vv = _load_kv_tile(K, V, kstart, klen, kt * BLOCK_N, r, H_KV, D, BLOCK_N, BLOCK_D, UPCAST)

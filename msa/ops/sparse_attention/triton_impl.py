@@ -34,7 +34,7 @@ from ..utils.triton_helpers import interpreting, next_pow2
 from ... import tuning
 from ...tuning import merge_launch_config
 from .reference import sparse_attention_reference
-from ..utils.reverse_index import SelectionPlan, block_layout, block_starts_host, blocks_before, build_reverse_index
+from ..utils.reverse_index import SelectionPlan, block_layout, blocks_before, build_reverse_index
 from ..utils.tile_union import build_tile_union, tile_tokens_for
 from .triton_fwd import (sparse_attention_combine_fwd_kernel, sparse_attention_fwd_kernel,
                          sparse_attention_qo_fwd_kernel, sparse_attention_tiled_fwd_kernel)
@@ -109,7 +109,10 @@ def _partial_budget(partial_budget_bytes: Optional[int], device=None) -> int:
     if device is None or torch.device(device).type != "cuda":
         return MAX_DEFAULT_PARTIAL_BYTES
     free, _ = torch.cuda.mem_get_info(device)  # no stream sync
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if free // 4 < MAX_DEFAULT_PARTIAL_BYTES:
+        # the allocator's cached blocks are free for us too; reading them builds torch's nested
+        # memory_stats dict (~0.2 ms of host time per call), so only when the cap is not reached anyway
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return max(MIN_DEFAULT_PARTIAL_BYTES, min(MAX_DEFAULT_PARTIAL_BYTES, free // 4))
 
 
@@ -234,7 +237,8 @@ def sparse_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             q, k, v, o, lse, tu.ids, tu.bits, tu.count, layout.seq_block_offset, layout.block_start, layout.block_len,
             qk_scale, H_Q=hq, H_KV=hkv, G=g, UMAX=tu.ids.shape[2], TILE_T=tt, SUBS=tu.subs, D=d, BLOCK_D=block_d,
             BLOCK_M=next_pow2(tt * g, 16), BLOCK_N=cfg["BLOCK_N"], KV_TILES=math.ceil(block_size / cfg["BLOCK_N"]),
-            UPCAST=upcast, DOT_PREC=dot_prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            UPCAST=upcast, DOT_PREC=dot_prec, EVEN_N=block_size % cfg["BLOCK_N"] == 0,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         timer.stop()
         timer.finish()
         return o, lse
@@ -256,7 +260,7 @@ def sparse_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     kv_tiles = math.ceil(block_size / cfg["BLOCK_N"])
     preload = bool(cfg["PRELOAD"]) and kv_tiles == 1
     mq = max_queries_per_item or max(1, 2 * topk * block_size)
-    starts = plan.starts if plan is not None else block_starts_host(bsz, t, block_size, cu_seqlens)
+    starts = layout.starts
     # partial buffers sized for one chunk and reused: launches on one stream run in order
     po = _buffer(chunk * topk, hq, d, dtype=pdtype, device=dev)
     plse = _buffer(chunk * topk, hq, dtype=torch.float32, device=dev)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -79,12 +79,15 @@ class BlockLayout(NamedTuple):
     block_len:   int32 (NB,) number of keys in the block (the last block of a sequence may be short).
     seq_block_offset: int64 (T_total,) global id of block 0 of each token's own sequence.
     num_blocks: NB.
+    starts: host copy of block_start (ascending ints), to bound the blocks a token range can touch
+        (``blocks_before``) without a device read.
     """
 
     block_start: torch.Tensor
     block_len: torch.Tensor
     seq_block_offset: torch.Tensor
     num_blocks: int
+    starts: Tuple[int, ...]
 
 
 class ReverseIndex(NamedTuple):
@@ -104,16 +107,31 @@ class ReverseIndex(NamedTuple):
     work_end: torch.Tensor
 
 
+def _spans(batch: int, seqlen: int, cu_seqlens: Optional[torch.Tensor]) -> Tuple[Tuple[int, int], ...]:
+    """(first flattened token, length) of every sequence: the B rows, or cu_seqlens' pieces (one host copy)."""
+    if cu_seqlens is None:
+        return tuple((b * seqlen, seqlen) for b in range(batch))
+    cu = cu_seqlens_host(cu_seqlens, batch * seqlen)
+    return tuple((s, e - s) for s, e in zip(cu[:-1], cu[1:]))
+
+
+_LAYOUT_CACHE: Dict[tuple, BlockLayout] = {}
+
+
 def block_layout(batch: int, seqlen: int, block_size: int, cu_seqlens: Optional[torch.Tensor],
                  device) -> BlockLayout:
-    if cu_seqlens is None:
-        starts = [(b * seqlen, seqlen) for b in range(batch)]
-    else:
-        cu = cu_seqlens_host(cu_seqlens, batch * seqlen)
-        starts = [(s, e - s) for s, e in zip(cu[:-1], cu[1:])]
+    """The BlockLayout of the flat layout, cached per (sequence spans, block_size, device): building it
+    copies three host lists to the device, and a copy from pageable host memory waits for the whole
+    stream, so an uncached build per call left the GPU idle while the host caught up (every MSA layer
+    and every training step at one layout reuses the cached tensors; they are never written)."""
+    spans = _spans(batch, seqlen, cu_seqlens)
+    key = (spans, block_size, str(torch.device(device)))
+    hit = _LAYOUT_CACHE.get(key)
+    if hit is not None:
+        return hit
     bstart, blen, offs, tok_off = [], [], [], []
     total = 0
-    for s, n in starts:
+    for s, n in spans:
         nb = math.ceil(n / block_size)
         bstart.extend(s + i * block_size for i in range(nb))
         blen.extend(min(block_size, n - i * block_size) for i in range(nb))
@@ -122,22 +140,15 @@ def block_layout(batch: int, seqlen: int, block_size: int, cu_seqlens: Optional[
         total += nb
     seq_block_offset = torch.repeat_interleave(torch.tensor(offs, dtype=torch.int64),
                                                torch.tensor(tok_off, dtype=torch.int64)).to(device)
-    return BlockLayout(torch.tensor(bstart, dtype=torch.int32, device=device),
-                       torch.tensor(blen, dtype=torch.int32, device=device), seq_block_offset, total)
+    hit = BlockLayout(torch.tensor(bstart, dtype=torch.int32, device=device),
+                      torch.tensor(blen, dtype=torch.int32, device=device), seq_block_offset, total, tuple(bstart))
+    if len(_LAYOUT_CACHE) >= 32:
+        _LAYOUT_CACHE.pop(next(iter(_LAYOUT_CACHE)))
+    _LAYOUT_CACHE[key] = hit
+    return hit
 
 
-def block_starts_host(batch: int, seqlen: int, block_size: int, cu_seqlens: Optional[torch.Tensor]) -> List[int]:
-    """Flattened first-token index of every global key block, ascending, as a host list (one
-    cu_seqlens copy to the host, no other sync). Used to bound the blocks a token range can touch."""
-    if cu_seqlens is None:
-        spans = [(b * seqlen, seqlen) for b in range(batch)]
-    else:
-        cu = cu_seqlens_host(cu_seqlens, batch * seqlen)
-        spans = [(s, e - s) for s, e in zip(cu[:-1], cu[1:])]
-    return [s + i * block_size for s, n in spans for i in range(math.ceil(n / block_size))]
-
-
-def blocks_before(block_starts: List[int], token_end: int) -> int:
+def blocks_before(block_starts: Sequence[int], token_end: int) -> int:
     """Number of global key blocks whose first token is < token_end: every block a query token
     < token_end can select (selected blocks start at or before the query) has a smaller global id."""
     return bisect.bisect_left(block_starts, token_end)
@@ -254,7 +265,7 @@ class SelectionPlan:
         self.cu_seqlens = cu_seqlens
         self.num_tokens = bsz * t
         self.layout = block_layout(bsz, t, block_size, cu_seqlens, block_indices.device)
-        self.starts = block_starts_host(bsz, t, block_size, cu_seqlens)
+        self.starts = self.layout.starts
         self.chunk_tokens = max(1, min(self.num_tokens, int(chunk_tokens)))
         self.max_queries_per_item = int(max_queries_per_item)
         self._indices = {}
