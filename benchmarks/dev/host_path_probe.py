@@ -168,6 +168,46 @@ def diag_split(t: int) -> dict:
     return res
 
 
+SCORE_CONFIGS = [dict(rows=256, block_n=128, num_warps=8, num_stages=3),   # the default
+                 dict(rows=256, block_n=64, num_warps=8, num_stages=3),
+                 dict(rows=512, block_n=64, num_warps=8, num_stages=2),
+                 dict(rows=512, block_n=64, num_warps=8, num_stages=3),
+                 dict(rows=512, block_n=64, num_warps=16, num_stages=2),
+                 dict(rows=512, block_n=64, num_warps=16, num_stages=3),
+                 dict(rows=512, block_n=128, num_warps=16, num_stages=2),
+                 dict(rows=512, block_n=32, num_warps=8, num_stages=4)]
+
+
+def score_sweep(t: int, fp8: bool) -> dict:
+    """The index score + top-k call at T tokens under each score-kernel configuration: ms (CUDA events)
+    and the share of the default configuration's selection it reproduces (accumulation order only)."""
+    from msa.bench.selections import selection_recall
+    g = torch.Generator(device="cuda").manual_seed(1)
+    qi = torch.randn(1, t, 4, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    ki = torch.randn(1, t, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    kw = dict(block_size=128, topk=16, init_blocks=0, local_blocks=1, scale=128 ** -0.5, cu_seqlens=None,
+              fp8_scores=fp8)
+    reps = 3 if t > 300_000 else 10
+    res, ref = {}, None
+    for cfg in SCORE_CONFIGS:
+        name = "r{rows}_n{block_n}_w{num_warps}_s{num_stages}".format(**cfg)
+        try:
+            sel = select_blocks_triton(qi, ki, **kw, **cfg)
+            torch.cuda.synchronize()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(reps):
+                select_blocks_triton(qi, ki, **kw, **cfg)
+            b.record()
+            torch.cuda.synchronize()
+            ref = sel if ref is None else ref
+            res[name] = dict(ms=a.elapsed_time(b) / reps, agree=selection_recall(ref, sel))
+        except Exception as exc:  # an impossible configuration (shared memory, registers)
+            res[name] = dict(error=f"{type(exc).__name__}: {str(exc)[:120]}")
+        print("sweep", t, "fp8" if fp8 else "bf16", name, json.dumps(res[name]), flush=True)
+    return res
+
+
 def fp8_epilogue(t: int) -> dict:
     g = torch.Generator(device="cuda").manual_seed(1)
     qi = torch.randn(1, t, 4, 128, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -198,6 +238,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="8192,32768")
     ap.add_argument("--fp8-sizes", default="131072,1048576")
     ap.add_argument("--split-sizes", default="8192,16384")
+    ap.add_argument("--sweep-sizes", default="", help="index score-kernel configuration sweep at these T")
     args = ap.parse_args()
     out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "user_path": {}, "fp8_epilogue": {}}
@@ -206,6 +247,9 @@ def main() -> None:
     def save():
         with open(os.path.join(args.out, "host_path_probe.json"), "w") as f:
             json.dump(out, f, indent=1)
+    for t in [int(s) for s in args.sweep_sizes.split(",") if s]:
+        out.setdefault("score_sweep", {})[t] = {"bf16": score_sweep(t, False), "fp8": score_sweep(t, True)}
+        save()
     for t in [int(s) for s in args.split_sizes.split(",") if s]:
         out.setdefault("diag_split", {})[t] = diag_split(t)
         for name, m in out["diag_split"][t].items():
