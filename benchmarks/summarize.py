@@ -30,14 +30,29 @@ def _ms(x, digits=2):
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def prefill(folder):
-    rows, metas = [], []
-    for name in ("prefill_h200.json", "prefill_long_h200.json"):
+# Prefill results, oldest first: a later file's row of the same T replaces an earlier one (the short
+# lengths are re-measured more often than 128K and the 1M runs).
+PREFILL_FILES = ("prefill_h200.json", "prefill_long_h200.json", "prefill_short_h200.json")
+
+
+def _prefill_rows(folder, need=None):
+    """(rows sorted by T, metas of the files that still contribute a row); need: keep only rows with
+    this key."""
+    by_t, src, metas = {}, {}, {}
+    for name in PREFILL_FILES:
         d = _load(folder, name)
         if d is None:
             continue
-        metas.append(_meta(d))
-        rows += d["results"]
+        metas[name] = _meta(d)
+        for r in d["results"]:
+            if need is None or need in r:
+                by_t[r["T"]], src[r["T"]] = r, name
+    used = [metas[n] for n in PREFILL_FILES if n in src.values()]
+    return [by_t[t] for t in sorted(by_t)], used
+
+
+def prefill(folder):
+    rows, metas = _prefill_rows(folder)
     out = ["| T | indexer ms | sparse attention ms | total ms | dense SDPA ms (best backend) | speedup | "
            "FlexAttention, ideal 16-block mask, no indexer ms |", "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["T"]):
@@ -54,14 +69,15 @@ def prefill(folder):
 
 def selections(folder):
     """Prefill and training step per kernel on random and on replayed trained selections."""
-    d, tr = _load(folder, "prefill_h200.json"), _load(folder, "train_short_h200.json")
-    if d is None or "union_blocks" not in d["results"][0]:
+    rows, prefill_metas = _prefill_rows(folder, need="union_blocks")
+    tr = _load(folder, "train_short_h200.json")
+    if not rows:
         return [], []
     out = ["Forward (ms) of each kernel; union = distinct blocks per 8-token tile (per token: at most 16); "
            "total = indexer + the kernel `auto` picks.", "",
            "| T | selections | union | KV-outer | query-outer | query-tiled | auto | total | dense | speedup |",
            "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in d["results"]:
+    for r in rows:
         for name, where in (("random", r), ("trained (replayed)", r.get("realistic", {}))):
             if "union_blocks" not in where:
                 continue
@@ -73,7 +89,7 @@ def selections(folder):
                        + " | ".join(_ms(where.get(f"sparse_{k}", {}).get("ms")) for k in ("kv", "qo", "tiled"))
                        + f" | {auto} | {_ms(tot)} | {_ms(dense)} | "
                        + (f"**{dense / tot:.2f}x** |" if tot and dense else "- |"))
-    metas = [_meta(d)]
+    metas = list(prefill_metas)
     if tr is not None:
         out += ["", "Training step (select + attention fwd/bwd + KL fwd/bwd, ms) with the forward and dQ forced to "
                 "KV-outer or query-tiled, and as `auto` picks; dense = SDPA fwd+bwd (best backend).", "",
@@ -219,13 +235,8 @@ def plot_prefill(folder, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = []
-    for name in ("prefill_h200.json", "prefill_long_h200.json"):
-        d = _load(folder, name)
-        if d is not None:
-            rows += d["results"]
-            gpu = d["meta"]["gpu"]
-    rows.sort(key=lambda r: r["T"])
+    rows, _ = _prefill_rows(folder)
+    gpu = _load(folder, PREFILL_FILES[0])["meta"]["gpu"]
     ts = [r["T"] for r in rows]
 
     def series(key, sub="ms"):

@@ -42,18 +42,23 @@ def dequantize_fp8(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtyp
     return (values.float() * scales.float().unsqueeze(-1)).to(dtype)
 
 
-_BLOCK_ID_CACHE: Dict[tuple, Tuple[torch.Tensor, int]] = {}
+_BLOCK_ID_CACHE: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _block_of_token(cu: Tuple[int, ...], block_size: int, device) -> Tuple[torch.Tensor, int]:
-    """int64 (N,) global key-block id of every token of the flat layout with sequence offsets cu
-    (blocks restart at every sequence start), and the number of blocks; cached per layout."""
+def _block_gather(cu: Tuple[int, ...], block_size: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """For the flat layout with sequence offsets cu (blocks restart at every sequence start): int64 (N,)
+    global key-block id of every token, and int64 (blocks, block_size) the tokens of every block, N
+    (one past the last token) where a sequence's last block is short. Cached per layout."""
     key = (cu, block_size, str(device))
     hit = _BLOCK_ID_CACHE.get(key)
     if hit is None:
-        pos = torch.cat([torch.arange(b - a) for a, b in zip(cu[:-1], cu[1:])])
-        gid = (torch.cumsum((pos % block_size == 0).to(torch.int64), 0) - 1).to(device)
-        hit = (gid, sum(-(-(b - a) // block_size) for a, b in zip(cu[:-1], cu[1:])))
+        n = cu[-1]
+        starts = [a + i * block_size for a, b in zip(cu[:-1], cu[1:]) for i in range(-(-(b - a) // block_size))]
+        ends = [min(s + block_size, b) for a, b in zip(cu[:-1], cu[1:]) for s in range(a, b, block_size)]
+        tok = torch.tensor(starts).view(-1, 1) + torch.arange(block_size).view(1, -1)
+        tok = torch.where(tok < torch.tensor(ends).view(-1, 1), tok, torch.full_like(tok, n))
+        gid = torch.repeat_interleave(torch.arange(len(starts)), torch.tensor(ends) - torch.tensor(starts))
+        hit = (gid.to(device), tok.to(device))
         if len(_BLOCK_ID_CACHE) >= 32:
             _BLOCK_ID_CACHE.pop(next(iter(_BLOCK_ID_CACHE)))
         _BLOCK_ID_CACHE[key] = hit
@@ -79,8 +84,9 @@ def quantize_fp8_key_blocks(k: torch.Tensor, cu: Sequence[int], block_size: int)
         s_b = k[block].abs().amax().clamp_min(1e-12 * 448) / 448
         values[block] = (k[block] / s_b).to(torch.float8_e4m3fn)
     """
-    gid, nblk = _block_of_token(tuple(int(c) for c in cu), block_size, k.device)
-    amax = torch.zeros(nblk, dtype=torch.float32, device=k.device)
-    amax.scatter_reduce_(0, gid, k.float().abs().amax(-1), "amax")
-    s_tok = (amax / FP8_MAX).clamp_min(_MIN_SCALE)[gid]
+    gid, tok = _block_gather(tuple(int(c) for c in cu), block_size, k.device)
+    # a gather and a row max, not a scatter: an atomic float max with a whole block on one address
+    # serialises (docs/perf-notes.md, round 24)
+    tok_amax = torch.cat([k.float().abs().amax(-1), k.new_zeros(1, dtype=torch.float32)])
+    s_tok = (tok_amax[tok].amax(-1) / FP8_MAX).clamp_min(_MIN_SCALE)[gid]
     return (k.float() / s_tok[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), s_tok
