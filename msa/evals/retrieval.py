@@ -223,8 +223,9 @@ def retrieval_eval(model: torch.nn.Module, tokenizer, filler_tokens: np.ndarray,
     """Accuracy and fact gain (nats per answer token) by task, length and depth. Returns {"tasks":
     {task: {"by_length": {L: acc}, "by_depth": {d: acc}, "grid": {"L@d": acc}, "mean": acc,
     "gain_by_length": {L: gain}, "gain_se_by_length": {L: standard error of that mean over the
-    samples}, "gain_by_depth": {d: gain}, "gain_mean": gain}}, "mean": acc over tasks, "gain_mean":
-    gain over tasks}."""
+    samples}, "gain_by_depth": {d: gain}, "gain_se_by_depth": {d: its standard error}, "gain_grid":
+    {"L@d": gain}, "gain_mean": gain}}, "mean": acc over tasks, "gain_mean": gain over tasks}. With a
+    few samples per cell one sample can carry a depth's mean: read the gains with their errors."""
     ss = build_samples(tokenizer, filler_tokens, lengths=lengths, depths=depths, samples=samples, tasks=tasks,
                        seed=seed)
     sc = score_samples(model, ss, device=device, autocast_dtype=autocast_dtype)
@@ -245,6 +246,10 @@ def retrieval_eval(model: torch.nn.Module, tokenizer, filler_tokens: np.ndarray,
             "gain_se_by_length": {str(L): standard_error(v.gain for s, v in rows if s.length == L and v.gain is not None)
                                   for L in lengths},
             "gain_by_depth": {str(d): mean(v.gain for s, v in rows if s.depth == d) for d in depths},
+            "gain_se_by_depth": {str(d): standard_error(v.gain for s, v in rows if s.depth == d and v.gain is not None)
+                                 for d in depths},
+            "gain_grid": {f"{L}@{d}": mean(v.gain for s, v in rows if s.length == L and s.depth == d)
+                          for L in lengths for d in depths},
             "gain_mean": mean(v.gain for _, v in rows)}
     res["mean"] = mean(v["mean"] for v in res["tasks"].values() if v["mean"] is not None)
     res["gain_mean"] = mean(v["gain_mean"] for v in res["tasks"].values() if v["gain_mean"] is not None)

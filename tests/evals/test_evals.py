@@ -206,5 +206,14 @@ def test_fact_gain_is_control_nll_minus_nll():
         assert res["tasks"][t]["gain_by_length"]["1500"] == pytest.approx(np.log(256) - right, abs=1e-5)
     assert res["gain_mean"] == pytest.approx(np.log(256) - right, abs=1e-5)
     assert res["tasks"]["needle"]["gain_se_by_length"]["1500"] is None      # one sample: no error bar
+    # per depth and per cell: a model that reads only the depth-0.5 prompts gains only there
+    ss2 = build_samples(tok, _filler(), lengths=[1500], depths=[0.1, 0.5], samples=2, tasks=["needle"], seed=2)
+    res2 = retrieval_eval(_Reader(256, [s.ids for s in ss2 if s.depth == 0.5]), tok, _filler(), lengths=[1500],
+                          depths=[0.1, 0.5], samples=2, device="cpu", tasks=["needle"], seed=2)
+    nd = res2["tasks"]["needle"]
+    assert nd["gain_grid"]["1500@0.5"] == pytest.approx(np.log(256) - right, abs=1e-5)
+    assert nd["gain_grid"]["1500@0.1"] == pytest.approx(0.0, abs=1e-5)
+    assert nd["gain_by_depth"]["0.5"] == pytest.approx(np.log(256) - right, abs=1e-5)
+    assert nd["gain_se_by_depth"]["0.5"] == pytest.approx(0.0, abs=1e-5)
     xs = [0.3, -0.1, 0.7, 0.25]
     assert standard_error(xs) == pytest.approx(float(np.std(xs, ddof=1) / np.sqrt(4)), rel=1e-12)
