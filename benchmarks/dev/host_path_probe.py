@@ -9,6 +9,10 @@
    compared fp8 keys with one scale per token against one per block, applied after the block max).
 
     PYTHONPATH=. python benchmarks/dev/host_path_probe.py --out $OUT [--profile] [--fp8-sizes 131072,1048576]
+        [--split-sizes 8192,16384] [--sweep-sizes 131072] [--tiled-sizes 8192]
+
+3. Sweeps for the next device session (not run yet): the index score kernel's launch configuration
+   (``--sweep-sizes``) and the query-tiled forward's (``--tiled-sizes``).
 """
 
 from __future__ import annotations
@@ -178,6 +182,48 @@ SCORE_CONFIGS = [dict(rows=256, block_n=128, num_warps=8, num_stages=3),   # the
                  dict(rows=512, block_n=32, num_warps=8, num_stages=4)]
 
 
+TILED_CONFIGS = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),   # the default
+                 dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+                 dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+                 dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2),
+                 dict(BLOCK_M=256, BLOCK_N=64, num_warps=8, num_stages=2)]
+
+
+def tiled_sweep(t: int) -> dict:
+    """The query-tiled forward under each launch configuration (BLOCK_M rows = tokens per tile x G:
+    smaller tiles walk smaller unions with smaller MMAs), random and replayed selections."""
+    import msa.tuning
+    from msa.bench.selections import realistic_indices, union_blocks
+    from msa.ops.sparse_attention.triton_impl import sparse_attention_fwd_triton
+    g = torch.Generator(device="cuda").manual_seed(3)
+    bf = torch.bfloat16
+    q = torch.randn(1, t, 64, 128, device="cuda", dtype=bf, generator=g)
+    k = torch.randn(1, t, 4, 128, device="cuda", dtype=bf, generator=g)
+    v = torch.randn(1, t, 4, 128, device="cuda", dtype=bf, generator=g)
+    qi = torch.randn(1, t, 4, 128, device="cuda", dtype=bf, generator=g)
+    ki = torch.randn(1, t, 128, device="cuda", dtype=bf, generator=g)
+    sels = {"random": msa.select_blocks(qi, ki, block_size=128, topk=16),
+            "replayed": realistic_indices(t, 4, 16, 128, "cuda")}
+    res = {}
+    for name, bi in sels.items():
+        def run():
+            return sparse_attention_fwd_triton(q, k, v, bi, block_size=128, scale=128 ** -0.5, cu_seqlens=None,
+                                               kernel="tiled")
+        o_ref, _ = run()
+        for cfg in TILED_CONFIGS:
+            key = "{}_m{BLOCK_M}_n{BLOCK_N}_w{num_warps}_s{num_stages}".format(name, **cfg)
+            try:
+                with msa.tuning.override(sparse_fwd_tiled_config=cfg):
+                    o, _ = run()
+                    ms = triton.testing.do_bench(run, warmup=10, rep=100, return_mode="median")
+                res[key] = dict(ms=ms, union=union_blocks(bi, max(1, cfg["BLOCK_M"] // 16)),
+                                max_diff=float((o - o_ref).abs().max()))
+            except Exception as exc:
+                res[key] = dict(error=f"{type(exc).__name__}: {str(exc)[:120]}")
+            print("tiled", t, key, json.dumps(res[key]), flush=True)
+    return res
+
+
 def score_sweep(t: int, fp8: bool) -> dict:
     """The index score + top-k call at T tokens under each score-kernel configuration: ms (CUDA events)
     and the share of the default configuration's selection it reproduces (accumulation order only)."""
@@ -239,6 +285,7 @@ def main() -> None:
     ap.add_argument("--fp8-sizes", default="131072,1048576")
     ap.add_argument("--split-sizes", default="8192,16384")
     ap.add_argument("--sweep-sizes", default="", help="index score-kernel configuration sweep at these T")
+    ap.add_argument("--tiled-sizes", default="", help="query-tiled forward configuration sweep at these T")
     args = ap.parse_args()
     out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "user_path": {}, "fp8_epilogue": {}}
@@ -247,6 +294,9 @@ def main() -> None:
     def save():
         with open(os.path.join(args.out, "host_path_probe.json"), "w") as f:
             json.dump(out, f, indent=1)
+    for t in [int(s) for s in args.tiled_sizes.split(",") if s]:
+        out.setdefault("tiled_sweep", {})[t] = tiled_sweep(t)
+        save()
     for t in [int(s) for s in args.sweep_sizes.split(",") if s]:
         out.setdefault("score_sweep", {})[t] = {"bf16": score_sweep(t, False), "fp8": score_sweep(t, True)}
         save()
