@@ -53,11 +53,8 @@ def _load_kv_tile(K, V, kstart, klen, n0, r, H_KV: tl.constexpr, D: tl.constexpr
 
 
 @triton.jit
-def _online_step(q, k, v, m_i, l_i, acc, visible, qk_scale, DOT_PREC: tl.constexpr):
-    """One online-softmax step in the log2 domain (qk_scale = scale * log2(e)). The scale is applied
-    to the fp32 scores, not to q, so bf16 queries are not rounded a second time."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-    s = tl.where(visible, s, float("-inf"))
+def _online_update(s, v, m_i, l_i, acc, DOT_PREC: tl.constexpr):
+    """Fold the scaled, masked scores s (log2 domain) of one key tile into the running softmax."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # rows with nothing visible yet keep m = -inf; shift by 0 so exp2 gives 0 instead of NaN
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -69,17 +66,19 @@ def _online_step(q, k, v, m_i, l_i, acc, visible, qk_scale, DOT_PREC: tl.constex
 
 
 @triton.jit
+def _online_step(q, k, v, m_i, l_i, acc, visible, qk_scale, DOT_PREC: tl.constexpr):
+    """One online-softmax step in the log2 domain (qk_scale = scale * log2(e)). The scale is applied
+    to the fp32 scores, not to q, so bf16 queries are not rounded a second time."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    return _online_update(tl.where(visible, s, float("-inf")), v, m_i, l_i, acc, DOT_PREC)
+
+
+@triton.jit
 def _online_step_rows(q, k, v, m_i, l_i, acc, row_bias, qk_scale, DOT_PREC: tl.constexpr):
     """_online_step with a per-row mask given as an additive bias (0 or -inf per row): one fused
     multiply-add per score instead of a multiply and a select."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale + row_bias[:, None]
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_use)
-    p = tl.exp2(s - m_use[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-    return m_new, l_i, acc
+    return _online_update(s, v, m_i, l_i, acc, DOT_PREC)
 
 
 @triton.jit
