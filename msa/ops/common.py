@@ -6,6 +6,8 @@ Every public op validates its arguments here *before* any kernel launch, so bad 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -116,6 +118,21 @@ def resolve_backend(backend: str, tensors: Sequence[torch.Tensor]) -> str:
     if all(t.is_cuda for t in tensors) and triton_available():
         return "triton"
     return "reference"
+
+
+def reference_math(fn):
+    """Decorator of the PyTorch references: run with autocast off, so their matmuls compute in
+    compute_dtype on the given (possibly bf16) inputs, as the Triton kernels accumulate in fp32. Under
+    torch.autocast an einsum would otherwise run in bf16 and round the scores (a CPU model trained with
+    precision="bf16" then saw index and attention scores that the GPU never sees)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for dev in ("cpu", "cuda"):
+                if torch.is_autocast_enabled(dev):
+                    stack.enter_context(torch.autocast(dev, enabled=False))
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

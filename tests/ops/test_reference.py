@@ -301,3 +301,27 @@ def test_exact_ties_go_to_the_lower_block_id(backend):
     q_idx = torch.ones(1, t, 1, 4, device=dev)
     out = msa.select_blocks(q_idx, k_idx, block_size=bs, topk=4, backend=backend)
     assert selection_sets(out)[0][t - 1][0] == [0, 1, 2, 7]
+
+
+def test_references_ignore_autocast():
+    """Under torch.autocast(bf16) the references still compute in fp32 on the given inputs (their
+    einsums would otherwise run in bf16 and round the scores): same result as without autocast."""
+    g = torch.Generator().manual_seed(4)
+    t, hkv, grp, d, di, bs = 96, 2, 3, 16, 8, 16
+    q = (torch.randn(1, t, hkv * grp, d, generator=g) * 3).bfloat16()
+    k = (torch.randn(1, t, hkv, d, generator=g) * 3).bfloat16()
+    v = torch.randn(1, t, hkv, d, generator=g).bfloat16()
+    qi = (torch.randn(1, t, hkv, di, generator=g) * 3).bfloat16()
+    ki = (torch.randn(1, t, di, generator=g) * 3).bfloat16()
+
+    def run():
+        bi = msa.select_blocks(qi, ki, block_size=bs, topk=3, backend="reference")
+        o = msa.sparse_attention(q, k, v, bi, block_size=bs, backend="reference")
+        kl = msa.indexer_kl_loss(qi, ki, q, k, bi, block_size=bs, backend="reference")
+        return bi, o, kl
+    plain = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = run()
+    assert torch.equal(plain[0], mixed[0])
+    assert torch.equal(plain[1], mixed[1])
+    assert torch.equal(plain[2], mixed[2])

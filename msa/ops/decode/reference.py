@@ -7,10 +7,12 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..common import reference_math
 from ..select_blocks.reference import select_blocks_sequence
 from ..sparse_attention.reference import sparse_attention_sequence
 
 
+@reference_math
 def decode_attention_reference(q: torch.Tensor, q_idx: Optional[torch.Tensor], cache, layer_idx: int, *,
                                block_size: int, topk: int, init_blocks: int, local_blocks: int, scale: float,
                                index_scale: float, dense: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:

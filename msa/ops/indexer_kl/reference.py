@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..common import compute_dtype, query_chunk, sequence_spans
+from ..common import compute_dtype, query_chunk, reference_math, sequence_spans
 from ..sparse_attention.reference import allowed_keys
 
 
@@ -55,6 +55,7 @@ def indexer_kl_sequence(q_idx: torch.Tensor, k_idx: torch.Tensor, q: torch.Tenso
     return total
 
 
+@reference_math
 def indexer_kl_reference(q_idx: torch.Tensor, k_idx: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                          block_indices: Optional[torch.Tensor], *, block_size: int, scale: float,
                          index_scale: float, cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:

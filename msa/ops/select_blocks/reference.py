@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from ..common import compute_dtype, query_chunk, sequence_spans
+from ..common import compute_dtype, query_chunk, reference_math, sequence_spans
 
 
 def order_selection(ids: torch.Tensor, valid: torch.Tensor, local: torch.Tensor, topk: int) -> torch.Tensor:
@@ -91,6 +91,7 @@ def select_blocks_sequence(q_idx: torch.Tensor, k_idx: torch.Tensor, *, q_start:
 
 
 @torch.no_grad()
+@reference_math
 def select_blocks_reference(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size: int, topk: int,
                             init_blocks: int, local_blocks: int, scale: float,
                             cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..common import compute_dtype, query_chunk, sequence_spans
+from ..common import compute_dtype, query_chunk, reference_math, sequence_spans
 
 
 def allowed_keys(block_indices: Optional[torch.Tensor], pos: torch.Tensor, num_keys: int,
@@ -74,6 +74,7 @@ def sparse_attention_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.cat(outs).to(q.dtype), torch.cat(lses).float()
 
 
+@reference_math
 def sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                block_indices: Optional[torch.Tensor], *, block_size: int, scale: float,
                                cu_seqlens: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
