@@ -9,7 +9,7 @@
    compared fp8 keys with one scale per token against one per block, applied after the block max).
 
     PYTHONPATH=. python benchmarks/dev/host_path_probe.py --out $OUT [--profile] [--fp8-sizes 131072,1048576]
-        [--split-sizes 8192,16384] [--sweep-sizes 131072] [--tiled-sizes 8192]
+        [--sweep-sizes 131072] [--tiled-sizes 8192]
 
 3. Sweeps for the next device session (not run yet): the index score kernel's launch configuration
    (``--sweep-sizes``) and the query-tiled forward's (``--tiled-sizes``).
@@ -23,7 +23,6 @@ import io
 import json
 import os
 import pstats
-import time
 
 import torch
 import triton
@@ -32,19 +31,10 @@ import msa
 from msa.bench.timing import back_to_back_ms
 from msa.layers import MSAAttention, MSAConfig
 from msa.ops.select_blocks.triton_impl import select_blocks_triton
+from select_host_overhead import host_ms  # benchmarks/dev, the script's own folder
 
 PAPER = dict(hidden_size=4096, num_heads=64, num_kv_heads=4, head_dim=128, index_dim=128, block_size=128,
              topk_blocks=16)
-
-
-def host_ms(fn, calls: int = 20) -> float:
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    ms = (time.perf_counter() - t0) / calls * 1e3
-    torch.cuda.synchronize()
-    return ms
 
 
 def kernels_ms(fn, calls: int = 3) -> float:
@@ -138,37 +128,6 @@ def user_path(t: int, profile: bool) -> dict:
         pstats.Stats(pr, stream=sio).sort_stats("tottime").print_stats(25)
         res["cprofile_layer_step"] = sio.getvalue()
     res["syncs"] = syncs
-    return res
-
-
-def diag_split(t: int) -> dict:
-    """The query-tiled forward with every union entry masked per key (DIAG_SPLIT=0), with the entries
-    before the last one masked per row only (1), and that row mask as an additive bias (2); random and
-    replayed selections."""
-    import msa.tuning
-    from msa.bench.selections import realistic_indices
-    from msa.ops.sparse_attention.triton_impl import sparse_attention_fwd_triton
-    g = torch.Generator(device="cuda").manual_seed(2)
-    bf = torch.bfloat16
-    q = torch.randn(1, t, 64, 128, device="cuda", dtype=bf, generator=g)
-    k = torch.randn(1, t, 4, 128, device="cuda", dtype=bf, generator=g)
-    v = torch.randn(1, t, 4, 128, device="cuda", dtype=bf, generator=g)
-    qi = torch.randn(1, t, 4, 128, device="cuda", dtype=bf, generator=g)
-    ki = torch.randn(1, t, 128, device="cuda", dtype=bf, generator=g)
-    sels = {"random": msa.select_blocks(qi, ki, block_size=128, topk=16),
-            "replayed": realistic_indices(t, 4, 16, 128, "cuda")}
-    res = {}
-    for name, bi in sels.items():
-        def run():
-            return sparse_attention_fwd_triton(q, k, v, bi, block_size=128, scale=128 ** -0.5, cu_seqlens=None,
-                                               kernel="tiled")
-        with msa.tuning.override(sparse_fwd_tiled_config={"DIAG_SPLIT": 0}):
-            o_ref, _ = run()
-        for split in (0, 1, 2):
-            with msa.tuning.override(sparse_fwd_tiled_config={"DIAG_SPLIT": split}):
-                o, _ = run()
-                ms = triton.testing.do_bench(run, warmup=10, rep=100, return_mode="median")
-            res[f"{name}_split{split}"] = dict(fwd_ms=ms, max_diff_vs_split0=float((o - o_ref).abs().max()))
     return res
 
 
@@ -283,7 +242,6 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--sizes", default="8192,32768")
     ap.add_argument("--fp8-sizes", default="131072,1048576")
-    ap.add_argument("--split-sizes", default="8192,16384")
     ap.add_argument("--sweep-sizes", default="", help="index score-kernel configuration sweep at these T")
     ap.add_argument("--tiled-sizes", default="", help="query-tiled forward configuration sweep at these T")
     args = ap.parse_args()
@@ -299,11 +257,6 @@ def main() -> None:
         save()
     for t in [int(s) for s in args.sweep_sizes.split(",") if s]:
         out.setdefault("score_sweep", {})[t] = {"bf16": score_sweep(t, False), "fp8": score_sweep(t, True)}
-        save()
-    for t in [int(s) for s in args.split_sizes.split(",") if s]:
-        out.setdefault("diag_split", {})[t] = diag_split(t)
-        for name, m in out["diag_split"][t].items():
-            print("split", t, f"{name:18s}", " ".join(f"{k} {v:.4f}" for k, v in m.items()), flush=True)
         save()
     for t in [int(s) for s in args.fp8_sizes.split(",") if s]:
         out["fp8_epilogue"][t] = fp8_epilogue(t)
