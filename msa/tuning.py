@@ -36,6 +36,7 @@ _CHOICES = {
     "sparse_fwd_partial_dtype": ("auto", "fp32"),
     "sparse_bwd_dq": ("auto", "kv", "query", "tiled"),
     "kl_dense_mode": ("auto", "flash-atomic", "flash"),
+    "tile_order": ("consecutive", "greedy"),
 }
 
 
@@ -51,6 +52,9 @@ class Tuning:
     sparse_fwd_partial_dtype: "auto" (the input dtype for bf16/fp16 inputs) or "fp32".
     sparse_bwd_dq: dQ algorithm, "kv" (KV-outer over the reverse index), "query" (query-outer),
         "tiled" (query-tiled over tile unions) or "auto" (tiled below 16K tokens, else kv).
+    tile_order: which tokens of a query block share a tile of the query-tiled kernels (forward and
+        dQ): "consecutive" (sequence order) or "greedy" (grouped by selection, a smaller union of
+        blocks per tile; ``msa.ops.utils.tile_union``).
     kl_dense_mode: warmup KL, "flash-atomic" (one pass, fp32 atomics for dk_idx), "flash" (a second
         pass instead of atomics: deterministic) or "auto" ("flash" under
         ``torch.use_deterministic_algorithms(True)``, else "flash-atomic").
@@ -66,6 +70,7 @@ class Tuning:
     sparse_fwd_partial_dtype: str = "auto"
     sparse_bwd_dq: str = "auto"
     kl_dense_mode: str = "auto"
+    tile_order: str = "consecutive"
     kl_partial_bytes: Optional[int] = None
     decode_bitonic: bool = True
     decode_pdl: bool = True

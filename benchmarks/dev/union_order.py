@@ -1,5 +1,6 @@
 """How much the query-tiled kernels' union shrinks if a query block's tokens are grouped by selection
-before they are cut into tiles (CPU only; no kernel uses a token order other than the consecutive one).
+before they are cut into tiles (CPU; the greedy order is also built by the library's kernel,
+``tuning.tile_order="greedy"``, which must give the same union as the Python greedy here).
 
 The query-tiled forward walks, per tile of 8 tokens x G heads, the union of its tokens' selected blocks;
 its executed MMA work is union / topk times the useful work. Tokens of one query block share their own
@@ -9,7 +10,7 @@ still the own block). Orders compared, per (query block, group):
 - lexicographic by each token's ascending id tuple (a few stable sorts: cheap on a GPU);
 - greedy (seed = the first token left, then add the token that grows the union least; sequential).
 
-    PYTHONPATH=. python benchmarks/dev/union_order.py [--sizes 8192,32768]
+    TRITON_INTERPRET=1 PYTHONPATH=. python benchmarks/dev/union_order.py [--sizes 8192,32768]
 
 Selections: random index inputs (msa.select_blocks of Gaussian q_idx / k_idx) and the replayed ones of
 a trained model (msa.bench.selections.realistic_indices). Results: docs/perf-notes.md, round 24.
@@ -23,7 +24,7 @@ import json
 import torch
 
 import msa
-from msa.bench.selections import realistic_indices
+from msa.bench.selections import greedy_union_blocks, realistic_indices
 
 H, K, BS, TT = 4, 16, 128, 8
 
@@ -80,7 +81,8 @@ def main() -> None:
             x = bi[: nb * BS].reshape(nb, BS, H, K).permute(0, 2, 1, 3).contiguous()
             ident = torch.arange(BS).expand(nb, H, BS).contiguous()
             res[f"{t}_{name}"] = {"consecutive": mean_union(x, ident), "lexicographic": mean_union(x, lex_order(x)),
-                                  "greedy": mean_union(x, greedy_order(x))}
+                                  "greedy": mean_union(x, greedy_order(x)),
+                                  "greedy_kernel": greedy_union_blocks(bi[: nb * BS].unsqueeze(0), TT, BS)}
             print(t, name, json.dumps({k: round(v, 2) for k, v in res[f"{t}_{name}"].items()}), flush=True)
 
 

@@ -58,12 +58,18 @@ from msa.ops.sparse_attention.reference import sparse_attention_reference  # noq
 from msa.ops.sparse_attention.triton_impl import (_partial_budget, choose_kernel,  # noqa: E402
                                                   partial_bytes_per_token, sparse_attention_fwd_triton,
                                                   tiled_tile_tokens)
-from msa.bench.selections import realistic_indices, selection_recall, union_blocks  # noqa: E402
+from msa.bench.selections import greedy_union_blocks, realistic_indices, selection_recall, union_blocks  # noqa: E402
 
 DENSE_ONCE_MAX_S = 30.0  # above --dense-max, time dense once only if the T^2 estimate is below this
 
 HQ, HKV, D, DIDX, BK, TOPK = 64, 4, 128, 128, 128, 16
-KERNELS = ("kv", "qo", "tiled")
+KERNELS = ("kv", "qo", "tiled", "tiled_greedy")  # tiled_greedy: tiles grouped by selection (tuning.tile_order)
+
+
+def _forward(kern, *args, **kw):
+    """sparse_attention_fwd_triton with the kernel named in KERNELS."""
+    with msa.tuning.override(tile_order="greedy" if kern == "tiled_greedy" else "consecutive"):
+        return sparse_attention_fwd_triton(*args, kernel=kern.split("_")[0], **kw)
 DT = torch.bfloat16
 
 
@@ -195,11 +201,11 @@ def parity_gate(device):
         o32, l_ref = sparse_attention_reference(q.float(), k.float(), v.float(), bi, block_size=BK,
                                                 scale=d ** -0.5, cu_seqlens=cu)
         # "kv-chunks": the KV-outer path with a budget of ~1/5 of the tokens' partials (reused buffer)
-        for kern in ("kv", "qo", "tiled", "kv-chunks"):
+        for kern in KERNELS + ("kv-chunks",):
             try:
                 budget = None if kern != "kv-chunks" else max(1, t // 5) * partial_bytes_per_token(TOPK, hq, d, dt)
-                o, lse = sparse_attention_fwd_triton(q, k, v, bi, block_size=BK, scale=d ** -0.5, cu_seqlens=cu,
-                                                     kernel=kern.split("-")[0], partial_budget_bytes=budget)
+                o, lse = _forward(kern.split("-")[0], q, k, v, bi, block_size=BK, scale=d ** -0.5, cu_seqlens=cu,
+                                  partial_budget_bytes=budget)
                 torch.cuda.synchronize()
                 err = (o.float() - o32).abs().max().item()
                 rel = ((o.float() - o32).pow(2).mean().sqrt() / o32.pow(2).mean().sqrt()).item()
@@ -254,29 +260,32 @@ def run_size(t, args, device, indexer_fn, flex_fn, dense_hist):
         bi = synthetic_indices(t, device)
         res["indices"] = "synthetic (local + 15 random earlier blocks)"
     elif indexer_fn is not None:  # fp8 index scores: time, and block recall against the bf16 selection
-        res["indexer_fp8"] = measure("indexer_fp8", lambda: msa.select_blocks(
-            qi, ki, block_size=BK, topk=TOPK, backend="triton", fp8_scores=True), hr)
-        try:
-            res["fp8_block_recall"] = selection_recall(bi, msa.select_blocks(
-                qi, ki, block_size=BK, topk=TOPK, backend="triton", fp8_scores=True))
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            res["fp8_block_recall"] = "OOM"
+        # the default fp8 path (candidates rescored exactly) and the fp8 selection alone
+        for key, extra in (("", {}), ("_no_rescore", dict(fp8_rescore_blocks=0))):
+            res[f"indexer_fp8{key}"] = measure(f"indexer_fp8{key}", lambda: msa.select_blocks(
+                qi, ki, block_size=BK, topk=TOPK, backend="triton", fp8_scores=True, **extra), hr)
+            try:
+                res[f"fp8_block_recall{key}"] = selection_recall(bi, msa.select_blocks(
+                    qi, ki, block_size=BK, topk=TOPK, backend="triton", fp8_scores=True, **extra))
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                res[f"fp8_block_recall{key}"] = "OOM"
     del qi, ki
 
     scale = D ** -0.5
     for kern in KERNELS:
-        res[f"sparse_{kern}"] = measure(kern, lambda: sparse_attention_fwd_triton(
-            q, k, v, bi, block_size=BK, scale=scale, cu_seqlens=None, kernel=kern), hr)
+        res[f"sparse_{kern}"] = measure(kern, lambda: _forward(
+            kern, q, k, v, bi, block_size=BK, scale=scale, cu_seqlens=None), hr)
     tt = tiled_tile_tokens(D, HQ // HKV, BK)
     res["union_blocks"] = union_blocks(bi, tt)
+    res["union_blocks_greedy"] = greedy_union_blocks(bi, tt)
     # the same kernels on selections replayed from a trained model (msa.bench.selections)
     try:
         real = realistic_indices(t, HKV, TOPK, BK, device)
-        res["realistic"] = dict(union_blocks=union_blocks(real, tt))
+        res["realistic"] = dict(union_blocks=union_blocks(real, tt), union_blocks_greedy=greedy_union_blocks(real, tt))
         for kern in KERNELS:
-            res["realistic"][f"sparse_{kern}"] = measure(kern, lambda: sparse_attention_fwd_triton(
-                q, k, v, real, block_size=BK, scale=scale, cu_seqlens=None, kernel=kern), hr)
+            res["realistic"][f"sparse_{kern}"] = measure(kern, lambda: _forward(
+                kern, q, k, v, real, block_size=BK, scale=scale, cu_seqlens=None), hr)
         del real
     except (OSError, ValueError) as exc:
         res["realistic"] = dict(error=f"{type(exc).__name__}: {str(exc)[:200]}")
@@ -503,7 +512,7 @@ def main():
         bd = r.get("breakdown_kv", {})
         if "kv_kernel" in bd:
             bd["kv_kernel_tflops"] = tflops(bd["kv_kernel"], f["sparse"])
-        for key, fk in (("indexer", "index"), ("indexer_fp8", "index"),
+        for key, fk in (("indexer", "index"), ("indexer_fp8", "index"), ("indexer_fp8_no_rescore", "index"),
                         ("sdpa_cudnn", "dense"), ("sdpa_flash", "dense"), ("dense_best", "dense"),
                         ("flex", "sparse")):
             if "ms" in r.get(key, {}):
@@ -524,9 +533,9 @@ def main():
                 best = min(got, key=got.get)
                 where["total_best"] = dict(kernel=best, ms=r["indexer"]["ms"] + got[best])
         if "dense_best" in r:
-            for where, key in [(r, k) for k in ("sparse_kv", "sparse_qo", "sparse_tiled", "total", "total_fp8",
-                                                "total_best", "flex")] + [(real, k) for k in ("sparse_kv", "sparse_qo",
-                                                                                "sparse_tiled", "total_best")]:
+            for where, key in [(r, k) for k in ("sparse_kv", "sparse_qo", "sparse_tiled", "sparse_tiled_greedy",
+                                                "total", "total_fp8", "total_best", "flex")] + [
+                    (real, k) for k in ("sparse_kv", "sparse_qo", "sparse_tiled", "sparse_tiled_greedy", "total_best")]:
                 if "ms" in where.get(key, {}):
                     where[key]["speedup_vs_dense"] = r["dense_best"]["ms"] / where[key]["ms"]
     json.dump(out, open(path, "w"), indent=1)
@@ -583,19 +592,25 @@ def table(out):
               f"{kv.get('tflops', float('nan')):7.1f} {r.get('total', {}).get('speedup_vs_dense', float('nan')):8.2f} "
               f"{kv.get('peak_gb', float('nan')):7.1f}")
         rows.append(r)
-    print("\nper kernel and selection kind, ms (union = mean distinct blocks per query tile; best = indexer + "
-          "fastest kernel, speedup vs dense)")
-    print(f"{'T':>8s} {'sel':>9s} {'union':>6s} {'kv':>10s} {'qo':>10s} {'tiled':>10s} {'best':>10s} {'speedup':>8s}")
+    print("\nper kernel and selection kind, ms (union = mean distinct blocks per query tile, consecutive / "
+          "greedy-grouped tokens; best = indexer + fastest kernel, speedup vs dense)")
+    print(f"{'T':>8s} {'sel':>9s} {'union':>11s} {'kv':>10s} {'qo':>10s} {'tiled':>10s} {'greedy':>10s} {'best':>10s} "
+          f"{'speedup':>8s}")
     for r in rows:
         for name, where in (("random", r), ("realistic", r.get("realistic", {}))):
             if "union_blocks" not in where:
                 continue
-            print(f"{r['T']:8d} {name:>9s} {where['union_blocks']:6.1f} {cell(where, 'sparse_kv')} "
-                  f"{cell(where, 'sparse_qo')} {cell(where, 'sparse_tiled')} {cell(where, 'total_best')} "
+            print(f"{r['T']:8d} {name:>9s} {where['union_blocks']:5.1f}/{where.get('union_blocks_greedy', float('nan')):5.1f} "
+                  f"{cell(where, 'sparse_kv')} {cell(where, 'sparse_qo')} {cell(where, 'sparse_tiled')} "
+                  f"{cell(where, 'sparse_tiled_greedy')} {cell(where, 'total_best')} "
                   f"{where.get('total_best', {}).get('speedup_vs_dense', float('nan')):8.2f}")
     for r in rows:
         if "ms" in r.get("indexer_fp8", {}):
             rec = r.get("fp8_block_recall")
+            alone = r.get("indexer_fp8_no_rescore", {})
+            if "ms" in alone:
+                print(f"T={r['T']}: fp8 selection alone (fp8_rescore_blocks=0) {alone['ms']:.2f} ms, block recall "
+                      f"{r.get('fp8_block_recall_no_rescore')}")
             print(f"T={r['T']}: indexer with fp8 index scores {r['indexer_fp8']['ms']:.2f} ms (bf16 {r['indexer']['ms']:.2f}); "
                   f"block recall of its selection against the bf16 one: "
                   + (f"{rec:.4f}" if isinstance(rec, float) else str(rec))

@@ -88,7 +88,9 @@ def fp8_recall(run_dir: str, *, device: str = "cuda", window: int = 0) -> Dict[s
     """Block recall of the fp8 index scores (``select_blocks(fp8_scores=True)``) against the bf16 selection,
     on the index projections of every MSA layer of a trained run (last checkpoint, validation window
     ``window``): the share of the blocks bf16 scores select that fp8 scores select too. Returns the meta
-    dict with ``fp8_block_recall`` {layer: recall} and its mean and minimum."""
+    dict with ``fp8_block_recall`` {layer: recall} and its mean and minimum (the default path: fp8
+    candidates rescored exactly, ``fp8_rescore_blocks``), and the same for the fp8 selection alone
+    (``fp8_only_block_recall``, ``fp8_rescore_blocks=0``)."""
     from ..evals.capture import capture_msa_layers
     from ..ops.select_blocks import select_blocks
 
@@ -100,16 +102,18 @@ def fp8_recall(run_dir: str, *, device: str = "cuda", window: int = 0) -> Dict[s
     pos = torch.arange(ids.shape[1], device=dev).view(1, -1)
     kw = dict(block_size=m.block_size, topk=m.topk_blocks, init_blocks=m.init_blocks, local_blocks=m.local_blocks,
               scale=m.index_dim ** -0.5)
-    recall = {}
-    for r in recs:
-        with amp:
-            _, _, _, q_idx, k_idx = r.attn.project(r.x, pos)
-        ref = select_blocks(q_idx, k_idx, **kw)
-        got = select_blocks(q_idx, k_idx, fp8_scores=True, **kw)
-        recall[str(r.layer)] = selection_recall(ref, got)
-    vals = list(recall.values())
-    return dict(info, index_dtype=str(q_idx.dtype).replace("torch.", ""), fp8_block_recall=recall,
-                fp8_block_recall_mean=sum(vals) / len(vals), fp8_block_recall_min=min(vals))
+    out = dict(info)
+    for name, extra in (("fp8_block_recall", {}), ("fp8_only_block_recall", dict(fp8_rescore_blocks=0))):
+        recall = {}
+        for r in recs:
+            with amp:
+                _, _, _, q_idx, k_idx = r.attn.project(r.x, pos)
+            ref = select_blocks(q_idx, k_idx, **kw)
+            recall[str(r.layer)] = selection_recall(ref, select_blocks(q_idx, k_idx, fp8_scores=True, **kw, **extra))
+        vals = list(recall.values())
+        out.update({name: recall, f"{name}_mean": sum(vals) / len(vals), f"{name}_min": min(vals)})
+    out["index_dtype"] = str(q_idx.dtype).replace("torch.", "")
+    return out
 
 
 def load(path: Optional[str] = None):
@@ -160,6 +164,19 @@ def union_blocks(block_indices: torch.Tensor, tile_tokens: int) -> float:
     x = x.reshape(-1, tile_tokens * k).sort(-1).values
     distinct = ((x[:, 1:] != x[:, :-1]) & (x[:, 1:] >= 0)).sum(-1) + (x[:, 0] >= 0).long()
     return float(distinct.float().mean())
+
+
+def greedy_union_blocks(block_indices: torch.Tensor, tile_tokens: int, block_size: int = 128) -> float:
+    """Mean number of distinct blocks per query tile when a query block's tokens are grouped by selection
+    before tiling (``tuning.tile_order="greedy"``, the order ``msa.ops.utils.tile_union`` builds); one
+    sequence per batch row, T a multiple of block_size. Compare with ``union_blocks``."""
+    from msa.ops.utils.reverse_index import block_layout
+    from msa.ops.utils.tile_union import build_tile_union
+    b, t = block_indices.shape[:2]
+    if t % block_size:
+        raise ValueError(f"block_indices must hold a multiple of block_size = {block_size} tokens, got T = {t}")
+    layout = block_layout(b, t, block_size, None, block_indices.device)
+    return float(build_tile_union(block_indices, layout, block_size, tile_tokens, "greedy").count.float().mean())
 
 
 def selection_recall(ref: torch.Tensor, got: torch.Tensor, chunk: int = 1 << 16) -> float:

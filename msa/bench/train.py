@@ -474,6 +474,9 @@ def bench_size(t, notes):
     variants["sparse_attn_fwd_bwd_kv"] = lambda: _with(kv, attn_fn)
     variants["sparse_step_tiled"] = lambda: _with(tiled, sparse_step)
     variants["sparse_step_kv"] = lambda: _with(kv, sparse_step)
+    greedy = dict(tiled, tile_order="greedy")  # tiles grouped by selection (msa.ops.utils.tile_union)
+    variants["sparse_attn_fwd_bwd_tiled_greedy"] = lambda: _with(greedy, attn_fn)
+    variants["sparse_step_tiled_greedy"] = lambda: _with(greedy, sparse_step)
     try:
         from .selections import realistic_indices, union_blocks
         real = realistic_indices(t, HKV, TOPK, BLOCK, q.device)
@@ -491,6 +494,7 @@ def bench_size(t, notes):
         variants["sparse_step_realistic"] = real_step
         variants["sparse_step_realistic_tiled"] = lambda: _with(tiled, real_step)
         variants["sparse_step_realistic_kv"] = lambda: _with(kv, real_step)
+        variants["sparse_step_realistic_tiled_greedy"] = lambda: _with(greedy, real_step)
     except (OSError, ValueError) as exc:
         notes.append(f"T={t}: no realistic selections: {exc}")
     dense_ok = t <= DENSE_MAX_T and not NO_DENSE
@@ -683,8 +687,9 @@ def main():
             "sdpa_flash_ms", "dense_lse_cudnn_ms", "dense_kl_fwd_bwd_ms", "warmup_step_best_ms",
             "sparse_speedup_vs_dense", "warmup_over_dense", "sparse_step_peak_gb", "sdpa_flash_peak_gb"]
     cols2 = ["T", "union_blocks_random", "union_blocks_realistic", "sparse_attn_fwd_bwd_kv_ms",
-             "sparse_attn_fwd_bwd_tiled_ms", "sparse_step_kv_ms", "sparse_step_tiled_ms", "sparse_step_ms",
-             "sparse_step_realistic_kv_ms", "sparse_step_realistic_tiled_ms", "sparse_step_realistic_ms",
+             "sparse_attn_fwd_bwd_tiled_ms", "sparse_attn_fwd_bwd_tiled_greedy_ms", "sparse_step_kv_ms",
+             "sparse_step_tiled_ms", "sparse_step_tiled_greedy_ms", "sparse_step_ms", "sparse_step_realistic_kv_ms",
+             "sparse_step_realistic_tiled_ms", "sparse_step_realistic_tiled_greedy_ms", "sparse_step_realistic_ms",
              "sparse_speedup_vs_dense", "sparse_realistic_speedup_vs_dense"]
     for n in notes:
         print("note:", n)

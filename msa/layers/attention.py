@@ -38,8 +38,9 @@ class MSAConfig:
     mode: "dense" (warmup: full causal attention, full-support KL) or "sparse".
     backend: "auto" | "reference" | "triton" for the MSA ops.
     fp8_index_scores: prefill / training selection from float8_e4m3fn copies of q_idx (a scale per token
-    and group) and k_idx (a scale per key block), ``msa.select_blocks(fp8_scores=True)``; the KL and the
-    decode path are unchanged.
+    and group) and k_idx (a scale per key block), ``msa.select_blocks(fp8_scores=True)``: the fp8 scores
+    keep 4 candidates beyond topk_blocks and their exact scores pick the topk (``fp8_rescore_blocks``);
+    the KL and the decode path are unchanged.
     debug: checked mode: every op also validates the values of its index tensors (block ids in range,
     no repeats, cu_seqlens), which synchronises with the host several times per layer.
     """

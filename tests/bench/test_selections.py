@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from msa.bench.selections import fp8_recall, load, realistic_indices, record, selection_recall, union_blocks
+from msa.bench.selections import (fp8_recall, greedy_union_blocks, load, realistic_indices, record, selection_recall,
+                                  union_blocks)
 from msa.ops.sparse_attention.interface import check_block_indices, check_own_block
 from msa.train import train
 from tests.train.common import one_thread, tiny_config
@@ -26,8 +27,10 @@ def test_fp8_recall_of_a_trained_index(recording):
     path, meta = recording
     with one_thread():
         res = fp8_recall(meta["run"], device="cpu")
-    assert list(res["fp8_block_recall"]) == [str(i) for i in meta["layers"]]
-    assert 0.9 <= res["fp8_block_recall_min"] <= res["fp8_block_recall_mean"] <= 1.0
+    assert list(res["fp8_block_recall"]) == list(res["fp8_only_block_recall"]) == [str(i) for i in meta["layers"]]
+    assert 0.9 <= res["fp8_only_block_recall_min"] <= res["fp8_only_block_recall_mean"] <= 1.0
+    # exact rescoring of the fp8 candidates can only bring back blocks the fp8 scores lost
+    assert res["fp8_only_block_recall_mean"] <= res["fp8_block_recall_mean"] <= 1.0
 
 
 def test_record_holds_what_the_model_selected(recording):
@@ -75,6 +78,22 @@ def test_union_blocks_counts_distinct_ids():
     assert union_blocks(bi, 1) == 1.75  # -1 is not a block
     assert union_blocks(bi, 2) == 2.5   # {0,1,2}, {3,4}
     assert union_blocks(bi, 4) == 5.0
+
+
+def test_greedy_union_blocks():
+    """Blocks of 4 tokens; in the last two query blocks neighbours alternate between blocks {0, 1} and
+    {2, 3} (plus their own block), earlier tokens keep only their own block: tiles of 2 consecutive
+    tokens there hold 5 distinct blocks, tiles grouped by selection 3 (8 early tiles hold 1)."""
+    t, bs = 24, 4
+    bi = torch.full((1, t, 1, 3), -1, dtype=torch.int32)
+    bi[0, :, 0, 0] = torch.arange(t) // bs
+    for i in range(16, t):
+        bi[0, i, 0] = torch.tensor([0, 1, i // bs] if i % 2 == 0 else [2, 3, i // bs])
+    check_block_indices(bi, 1, t, 1, bs, None)
+    assert union_blocks(bi, 2) == pytest.approx((8 * 1 + 4 * 5) / 12)
+    assert greedy_union_blocks(bi, 2, block_size=bs) == pytest.approx((8 * 1 + 4 * 3) / 12)
+    with pytest.raises(ValueError, match="multiple of block_size"):
+        greedy_union_blocks(bi[:, :7], 2, block_size=bs)
 
 
 def test_selection_recall():

@@ -292,8 +292,8 @@ def test_fp8_scores_match_reference_on_dequantised_inputs(case):
     k = (torch.randn(bsz, t, d, generator=g) * torch.rand(bsz, t, 1, generator=g) * 4).to(DEV)  # per-token scales differ
     cs = torch.tensor(cu, dtype=torch.int32, device=DEV) if cu else None
     kw = dict(block_size=bs, topk=topk, init_blocks=ib, local_blocks=lb, scale=d ** -0.5, cu_seqlens=cs)
-    got = msa.select_blocks(q, k, backend="triton", fp8_scores=True, **kw)
-    ref = msa.select_blocks(q, k, backend="reference", fp8_scores=True, **kw)
+    got = msa.select_blocks(q, k, backend="triton", fp8_scores=True, fp8_rescore_blocks=0, **kw)
+    ref = msa.select_blocks(q, k, backend="reference", fp8_scores=True, fp8_rescore_blocks=0, **kw)
     qd, kd = _dequantised(q, k, bs, cu)
     check_selection(got, ref, qd, kd, tol=FP8_TOL, cu=cu, **{x: kw[x] for x in ("block_size", "topk", "init_blocks",
                                                                                 "local_blocks", "scale")})
@@ -321,7 +321,52 @@ def test_fp8_block_scores_kernel(scale):
     assert 0 < float(err.max()) < 2 ** -3
 
 
+def _recall(ref, got):
+    from msa.bench.selections import selection_recall
+    return selection_recall(ref.cpu(), got.cpu())
+
+
+@pytest.mark.parametrize("case", [CASES[3], CASES[6], CASES[7]], ids=["init-trailing", "packed", "packed2"])
+def test_fp8_rescored_selection_matches_reference(case):
+    """fp8 candidates (topk + 3), then their exact scores: Triton against the reference, compared by the
+    exact scores (near-ties allowed as everywhere here); and the rescoring brings the selection back to
+    the exact one where fp8 alone moved it."""
+    bsz, t, h, d, bs, topk, ib, lb, cu = case
+    g = torch.Generator().manual_seed(t + 6)
+    q = (torch.randn(bsz, t, h, d, generator=g) * torch.rand(bsz, t, h, 1, generator=g) * 4).to(DEV)
+    k = (torch.randn(bsz, t, d, generator=g) * torch.rand(bsz, t, 1, generator=g) * 4).to(DEV)
+    cs = torch.tensor(cu, dtype=torch.int32, device=DEV) if cu else None
+    kw = dict(block_size=bs, topk=topk, init_blocks=ib, local_blocks=lb, scale=d ** -0.5, cu_seqlens=cs)
+    got = msa.select_blocks(q, k, backend="triton", fp8_scores=True, fp8_rescore_blocks=3, **kw)
+    ref = msa.select_blocks(q, k, backend="reference", fp8_scores=True, fp8_rescore_blocks=3, **kw)
+    check_selection(got, ref, q, k, tol=1e-5 if DEV == "cpu" else 2e-2, cu=cu,
+                    **{x: kw[x] for x in ("block_size", "topk", "init_blocks", "local_blocks", "scale")})
+    exact = select_blocks_reference(q, k, **kw)
+    fp8_only = msa.select_blocks(q, k, backend="triton", fp8_scores=True, fp8_rescore_blocks=0, **kw)
+    if case is CASES[6]:
+        assert _recall(exact, fp8_only) < 1.0, "fp8 moved no selection: the case tests nothing"
+    assert _recall(exact, got) >= _recall(exact, fp8_only) and _recall(exact, got) > 0.99
+
+
+def test_fp8_rescoring_all_blocks_is_the_exact_selection():
+    """With candidates that hold every visible block (topk + extra >= blocks) the rescored selection is
+    the exact one (by exact scores, up to near-ties), on both backends."""
+    t, h, d, bs, topk = 150, 2, 32, 16, 3   # 10 blocks
+    g = torch.Generator().manual_seed(3)
+    q = (torch.randn(1, t, h, d, generator=g) * torch.rand(1, t, h, 1, generator=g) * 4).to(DEV)
+    k = (torch.randn(1, t, d, generator=g) * torch.rand(1, t, 1, generator=g) * 4).to(DEV)
+    kw = dict(block_size=bs, topk=topk, init_blocks=0, local_blocks=1, scale=d ** -0.5, cu_seqlens=None)
+    exact = select_blocks_reference(q, k, **kw)
+    for backend in ("triton", "reference"):
+        got = msa.select_blocks(q, k, backend=backend, fp8_scores=True, fp8_rescore_blocks=7, **kw)
+        check_selection(got, exact, q, k, tol=1e-5 if DEV == "cpu" else 2e-2, cu=None,
+                        **{x: kw[x] for x in ("block_size", "topk", "init_blocks", "local_blocks", "scale")})
+
+
 def test_fp8_scores_argument_checked():
     q, k = torch.randn(1, 8, 1, 16), torch.randn(1, 8, 16)
     with pytest.raises(ValueError, match="fp8_scores"):
         msa.select_blocks(q, k, block_size=4, topk=2, fp8_scores="yes")
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match="fp8_rescore_blocks must be an int >= 0"):
+            msa.select_blocks(q, k, block_size=4, topk=2, fp8_scores=True, fp8_rescore_blocks=bad)

@@ -83,10 +83,12 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("dq", ["kv", "tiled"])
+@pytest.mark.parametrize("dq", ["kv", "tiled", "tiled-greedy"])
 @pytest.mark.parametrize("bsz,t,hkv,g,d,block_size,topk,cu,c,pad_rows", CASES)
 def test_bwd_matches_reference(tuned, bsz, t, hkv, g, d, block_size, topk, cu, c, pad_rows, dq):
-    tuned(sparse_bwd_dq=dq)  # dK/dV are KV-outer in both; dQ KV-outer (reverse-index chunks) or query-tiled
+    # dK/dV are KV-outer in all; dQ KV-outer (reverse-index chunks) or query-tiled (tiles of consecutive
+    # tokens, or grouped by selection)
+    tuned(sparse_bwd_dq=dq.split("-")[0], tile_order="greedy" if dq.endswith("greedy") else "consecutive")
     q, k, v, bi, cu = make_case(bsz, t, hkv, g, d, block_size, topk, cu, pad_rows=pad_rows)
     scale = d ** -0.5
     o, lse, do, (gq, gk, gv) = reference_grads(q, k, v, bi, block_size, scale, cu)

@@ -34,6 +34,17 @@ def _poison(tuned):
     tuned(debug_poison=True)
 
 
+KERNELS = ["kv", "qo", "tiled", "tiled-greedy"]  # tiled-greedy: query tiles grouped by selection
+
+
+def kernel_arg(kernel, tuned):
+    """The kernel= argument of a test kernel name (tiled-greedy sets tuning.tile_order)."""
+    if kernel == "tiled-greedy":
+        tuned(tile_order="greedy")
+        return "tiled"
+    return kernel
+
+
 ATOL = 1e-4 if DEVICE == "cpu" else 5e-4
 
 
@@ -88,23 +99,26 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("kernel", ["kv", "qo", "tiled"])
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}-bs{}-G{}-hkv{}-d{}-k{}".format(*c))
-def test_matches_reference(case, kernel):
+def test_matches_reference(case, kernel, tuned):
+    kernel = kernel_arg(kernel, tuned)
     t, bs, g, hkv, d, topk = case
     q, k, v, bi, cu = make_inputs(t, hkv, g, d, bs, topk, seed=t)
     check_against_reference(q, k, v, bi, cu, bs, kernel=kernel)
 
 
-@pytest.mark.parametrize("kernel", ["kv", "qo", "tiled"])
-def test_packed_sequences_partial_blocks_adjacent(kernel):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_packed_sequences_partial_blocks_adjacent(kernel, tuned):
+    kernel = kernel_arg(kernel, tuned)
     # 37 | 1 | 70 | 20: every sequence ends in a partial block right next to the next sequence's start
     q, k, v, bi, cu = make_inputs([37, 1, 70, 20], 2, 3, 16, 16, 3, packed=True, seed=1)
     check_against_reference(q, k, v, bi, cu, 16, kernel=kernel)
 
 
-@pytest.mark.parametrize("kernel", ["kv", "qo", "tiled"])
-def test_batch_rows(kernel):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_batch_rows(kernel, tuned):
+    kernel = kernel_arg(kernel, tuned)
     q, k, v, bi, cu = make_inputs(75, 2, 4, 16, 16, 2, batch=2, seed=2)
     check_against_reference(q, k, v, bi, cu, 16, kernel=kernel)
 
@@ -121,8 +135,9 @@ def test_topk_covering_all_blocks_is_dense(kernel):
     assert (lse - lse_dense).abs().max().item() <= ATOL
 
 
-@pytest.mark.parametrize("kernel", ["kv", "qo", "tiled"])
-def test_padded_and_empty_rows(kernel):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_padded_and_empty_rows(kernel, tuned):
+    kernel = kernel_arg(kernel, tuned)
     # drop the free choices of some rows (-1 padding after a shorter valid prefix) and empty a few
     # rows completely (the reference then gives o = 0, lse = -inf)
     t, bs, topk = 90, 16, 4

@@ -1,5 +1,6 @@
 """The tile union (msa.ops.utils.tile_union) against its few lines of PyTorch, on packed sequences
-with short last blocks, padded (-1) slots and tiles of 1, 5 and 32 tokens."""
+with short last blocks, padded (-1) slots and tiles of 1, 5 and 32 tokens, in both token orders; the
+greedy order against its definition."""
 
 import os
 
@@ -15,7 +16,22 @@ if DEVICE == "cpu":
     assert os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def naive(bi, layout, tt, subs):
+def greedy_order(sel, tt):
+    """The greedy order of one query block from its definition (sel: one id set per token)."""
+    left, perm = list(range(len(sel))), []
+    while left:
+        tile = [left.pop(0)]
+        union = set(sel[tile[0]])
+        while len(tile) < tt and left:
+            j = min(left, key=lambda i: len(sel[i] - union))
+            left.remove(j)
+            tile.append(j)
+            union |= sel[j]
+        perm += tile
+    return perm
+
+
+def naive(bi, layout, tt, subs, order):
     """{(tile, r): [(id, bits), ...]} straight from the definition."""
     out = {}
     starts, lens = layout.block_start.tolist(), layout.block_len.tolist()
@@ -23,15 +39,19 @@ def naive(bi, layout, tt, subs):
     for tile in range(len(starts) * subs):
         gb, t0 = divmod(tile, subs)
         t0 *= tt
-        toks = [starts[gb] + t0 + i for i in range(tt) if t0 + i < lens[gb]]
         for r in range(bi.shape[2]):
+            perm = list(range(lens[gb]))
+            if order == "greedy":
+                perm = greedy_order([{int(b) for b in flat[starts[gb] + i, r] if b >= 0} for i in perm], tt)
+            toks = [starts[gb] + perm[t0 + i] for i in range(tt) if t0 + i < lens[gb]]
             ids = sorted({int(b) for tok in toks for b in flat[tok, r] if b >= 0})
             out[tile, r] = [(b, sum(1 << i for i, tok in enumerate(toks) if b in flat[tok, r].tolist())) for b in ids]
     return out
 
 
+@pytest.mark.parametrize("order", ["consecutive", "greedy"])
 @pytest.mark.parametrize("tt", [1, 5, MAX_TILE_TOKENS])
-def test_tile_union_matches_definition(tt):
+def test_tile_union_matches_definition(tt, order):
     lengths = [70, 1, 90]
     cu = torch.tensor([0, 70, 71, 161], dtype=torch.int32, device=DEVICE)
     gen = torch.Generator().manual_seed(tt)
@@ -40,14 +60,43 @@ def test_tile_union_matches_definition(tt):
     bi = select_blocks_reference(qi, ki, block_size=16, topk=3, init_blocks=0, local_blocks=1, scale=0.3, cu_seqlens=cu)
     bi[0, 5:9, 1] = -1  # padded rows select nothing
     layout = block_layout(1, sum(lengths), 16, cu, DEVICE)
-    tu = build_tile_union(bi, layout, 16, tt)
-    want = naive(bi, layout, tt, tu.subs)
+    tu = build_tile_union(bi, layout, 16, tt, order)
+    want = naive(bi, layout, tt, tu.subs, order)
     assert tu.subs == -(-16 // tt)
+    for gb, n in enumerate(layout.block_len.tolist()):  # every order is a permutation of the block
+        assert sorted(tu.perm[gb, :, :n].flatten().tolist()) == sorted(list(range(n)) * bi.shape[2])
     for (tile, r), pairs in want.items():
         n = int(tu.count[tile, r])
         assert n == len(pairs)
         got = list(zip(tu.ids[tile, r, :n].tolist(), tu.bits[tile, r, :n].tolist()))
         assert got == pairs, (tile, r)
+
+
+def test_greedy_order_matches_definition_and_shrinks_the_union():
+    """Two groups of tokens that alternate in sequence order (even tokens pick blocks {0, 1, 2, own},
+    odd ones {3, 4, 5, own}): the greedy order puts each group in its own tiles, as its definition
+    does, and halves the union the consecutive tiles walk."""
+    bs, tt, nblk = 16, 4, 8
+    t = nblk * bs
+    bi = torch.full((1, t, 1, 4), -1, dtype=torch.int32)
+    last = torch.arange(t) // bs
+    for i in range(bs * 6, t):  # the last two query blocks see blocks 0..5
+        bi[0, i, 0] = torch.tensor([0, 1, 2, int(last[i])] if i % 2 == 0 else [3, 4, 5, int(last[i])])
+    bi[0, : bs * 6, 0, 0] = last[: bs * 6]
+    bi = bi.to(DEVICE)
+    layout = block_layout(1, t, bs, None, DEVICE)
+    cons = build_tile_union(bi, layout, bs, tt, "consecutive")
+    greedy = build_tile_union(bi, layout, bs, tt, "greedy")
+    flat = bi[0, :, 0].cpu()
+    for gb in (6, 7):
+        sel = [{int(b) for b in flat[gb * bs + i] if b >= 0} for i in range(bs)]
+        # each tile starts at the first token left, then takes that token's group
+        assert greedy.perm[gb, 0].tolist() == greedy_order(sel, tt) == [0, 2, 4, 6, 1, 3, 5, 7,
+                                                                         8, 10, 12, 14, 9, 11, 13, 15]
+        tiles = slice(gb * greedy.subs, (gb + 1) * greedy.subs)
+        assert cons.count[tiles, 0].tolist() == [7] * 4 and greedy.count[tiles, 0].tolist() == [4] * 4
+    with pytest.raises(ValueError, match="order must be one of"):
+        build_tile_union(bi, layout, bs, tt, "sorted")
 
 
 def test_tile_tokens_and_bad_size():

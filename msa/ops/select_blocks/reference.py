@@ -76,15 +76,23 @@ def select_from_scores(m: torch.Tensor, pos: torch.Tensor, block_size: int, topk
 
 
 def select_blocks_sequence(q_idx: torch.Tensor, k_idx: torch.Tensor, *, q_start: int, block_size: int, topk: int,
-                           init_blocks: int, local_blocks: int, scale: float) -> torch.Tensor:
+                           init_blocks: int, local_blocks: int, scale: float,
+                           candidates: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One sequence. q_idx (T_q, H_kv, D_idx) at positions q_start.., k_idx (T_k, D_idx).
-    Returns int32 (T_q, H_kv, topk). Used by prefill (q_start=0) and by decode with a cache."""
+    Returns int32 (T_q, H_kv, topk). Used by prefill (q_start=0) and by decode with a cache.
+    candidates: optional int32 (T_q, H_kv, n) block ids (-1 unused): only these blocks compete."""
     tq, h, _ = q_idx.shape
     out = torch.empty(tq, h, topk, dtype=torch.int32, device=q_idx.device)
     chunk = query_chunk(h, k_idx.shape[0])
     for c0 in range(0, tq, chunk):
         c1 = min(tq, c0 + chunk)
         m = block_scores_reference(q_idx[c0:c1], k_idx, q_start + c0, block_size, scale)
+        if candidates is not None:
+            nb = m.shape[-1]
+            cand = candidates[c0:c1].long()
+            member = torch.zeros(*m.shape[:2], nb + 1, dtype=torch.bool, device=m.device)
+            member.scatter_(-1, torch.where(cand < 0, nb, cand), True)
+            m = torch.where(member[..., :nb], m, torch.full_like(m, float("-inf")))
         pos = torch.arange(q_start + c0, q_start + c1, device=q_idx.device)
         out[c0:c1] = select_from_scores(m, pos, block_size, topk, init_blocks, local_blocks)
     return out
@@ -94,12 +102,15 @@ def select_blocks_sequence(q_idx: torch.Tensor, k_idx: torch.Tensor, *, q_start:
 @reference_math
 def select_blocks_reference(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size: int, topk: int,
                             init_blocks: int, local_blocks: int, scale: float,
-                            cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:
-    """Reference of msa.select_blocks (arguments already validated). Returns int32 (B, T, H_kv, topk)."""
+                            cu_seqlens: Optional[torch.Tensor],
+                            candidates: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Reference of msa.select_blocks (arguments already validated). Returns int32 (B, T, H_kv, topk).
+    candidates: optional int32 (B, T, H_kv, n) block ids (-1 unused): only these blocks compete (the
+    exact rescoring of fp8 candidates)."""
     bsz, t, h, _ = q_idx.shape
     out = torch.empty(bsz, t, h, topk, dtype=torch.int32, device=q_idx.device)
     for b, s, e in sequence_spans(bsz, t, cu_seqlens):
         out[b, s:e] = select_blocks_sequence(q_idx[b, s:e], k_idx[b, s:e], q_start=0, block_size=block_size,
                                              topk=topk, init_blocks=init_blocks, local_blocks=local_blocks,
-                                             scale=scale)
+                                             scale=scale, candidates=None if candidates is None else candidates[b, s:e])
     return out

@@ -7,6 +7,9 @@ Pipeline per query chunk (spec section 4, "chunk queries under a memory budget")
   2. ``block_topk_fwd_kernel`` (msa/ops/topk/triton_kernels.py): exp-free top-k with forcing (local,
      local_blocks, init_blocks -> +inf), causal exclusion (b > local) and the index convention written
      directly (local block in the last valid slot, -1 padding).
+With fp8 scores and ``fp8_rescore_blocks`` E > 0, stage 2 keeps topk + E candidates; after the last
+chunk ``index_rescore_kernel`` scores the candidates exactly (KV-outer over their reverse index) and a
+top-k over those keys (``launch_block_topk`` on packed candidates) picks the topk.
 The buffer never exceeds ``budget_bytes`` (default 2 GiB): T = 1M, H_kv = 4, B_k = 128 (8192 blocks)
 processes 16K-token chunks.
 """
@@ -22,8 +25,10 @@ from ..utils.triton_helpers import interpreting, next_pow2, num_sms
 
 from ...cache.fp8 import quantize_fp8, quantize_fp8_key_blocks
 from ..common import cu_seqlens_host
-from ..topk.triton_kernels import launch_block_topk
-from .triton_kernels import index_scores_fwd_kernel
+from ..topk.triton_kernels import SENTINEL, launch_block_topk
+from ..utils.reverse_index import block_layout, build_reverse_index
+from ..utils.triton_helpers import dot_precision, tl_compute_dtype
+from .triton_kernels import index_rescore_kernel, index_scores_fwd_kernel
 
 DEFAULT_BUDGET_BYTES = 2 << 30
 
@@ -96,7 +101,7 @@ def select_blocks_triton(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size
                          init_blocks: int, local_blocks: int, scale: float,
                          cu_seqlens: Optional[torch.Tensor], budget_bytes: int = DEFAULT_BUDGET_BYTES,
                          rows: Optional[int] = None, nsplit: Optional[int] = None, fp8_scores: bool = False,
-                         **tune) -> torch.Tensor:
+                         fp8_rescore_blocks: int = 0, **tune) -> torch.Tensor:
     """Index Branch block selection in Triton (arguments already validated by ``msa.select_blocks``).
 
     Args:
@@ -109,6 +114,8 @@ def select_blocks_triton(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size
         fp8_scores: quantise q_idx per (token, group) (``msa.cache.quantize_fp8``) and k_idx per key
             block (``msa.cache.quantize_fp8_key_blocks``) to float8_e4m3fn and score with an fp8 GEMM
             (fp32 accumulation; both scales applied to the block max).
+        fp8_rescore_blocks: with fp8_scores, keep topk + this many candidates and pick the topk by their
+            exact block scores (q_idx / k_idx as given, fp32 accumulation); 0: the fp8 selection.
         tune: further score-kernel overrides, see ``score_config`` (block_n, num_warps, num_stages,
             nbuf, persist).
 
@@ -129,21 +136,52 @@ def select_blocks_triton(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size
     total = bsz * t
     # the flat layout's sequence offsets: the B rows, or the packed sequences (values checked here)
     cu = tuple(range(0, total + 1, t)) if cu_seqlens is None else tuple(cu_seqlens_host(cu_seqlens, total))
+    q_exact, k_exact = q, k
     qs = ks = None
     if fp8_scores:
         q, qs = quantize_fp8(q)
         k, ks = quantize_fp8_key_blocks(k, cu, block_size)
+    rescore = fp8_scores and fp8_rescore_blocks > 0
+    n_keep = topk + fp8_rescore_blocks if rescore else topk
     cfg = score_config(q, heads, dim, block_size, rows=rows, nsplit=nsplit, **tune)
     plan = _plan(cu, heads, block_size, cfg["rows"] // heads, budget_bytes, dev)
     buf = _empty((plan.buf_elems,), torch.float32, dev)
-    out = _empty((total * heads, topk), torch.int32, dev)
+    out = _empty((total * heads, n_keep), torch.int32, dev)
     for i0, i1, tok_a, tok_b, width in plan.chunks:
         scores = buf[: (tok_b - tok_a) * heads * width].view((tok_b - tok_a) * heads, width)
         _launch_scores(q, k, scores, plan.tiles_dev[i0:i1], tok_a, block_size, scale, cfg, qs, ks)
-        launch_block_topk(scores, out, topk, n_cols=width, pos=plan.pos, pos_tok_off=tok_a, heads=heads,
+        launch_block_topk(scores, out, n_keep, n_cols=width, pos=plan.pos, pos_tok_off=tok_a, heads=heads,
                           block_size=block_size, init_blocks=init_blocks, local_blocks=local_blocks,
                           out_row_off=tok_a * heads, convention=True)
+    if rescore:
+        del buf
+        out = _rescore(q_exact, k_exact, out.view(bsz, t, heads, n_keep), plan.pos, topk=topk, block_size=block_size,
+                       init_blocks=init_blocks, local_blocks=local_blocks, scale=scale, cu_seqlens=cu_seqlens)
     return out.view(bsz, t, heads, topk)
+
+
+def _rescore(q: torch.Tensor, k: torch.Tensor, cand: torch.Tensor, pos: torch.Tensor, *, topk: int, block_size: int,
+             init_blocks: int, local_blocks: int, scale: float, cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:
+    """The topk of the candidates cand int32 (B, T, H_kv, n) (index convention) by their exact block
+    scores: q (B*T, H_kv, D_idx), k (B*T, D_idx) unquantised. Returns int32 (B*T*H_kv, topk)."""
+    bsz, t, heads, n = cand.shape
+    dim = q.shape[-1]
+    layout = block_layout(bsz, t, block_size, cu_seqlens, q.device)
+    mq = max(64, 2 * n * block_size)
+    ri = build_reverse_index(cand, block_size, cu_seqlens, mq, layout=layout)
+    keys = torch.full((bsz * t * heads, n), SENTINEL, dtype=torch.int32, device=q.device)  # -1 slots stay out
+    block_n = max(16, min(128, next_pow2(block_size)))
+    index_rescore_kernel[(ri.work_row.numel(),)](
+        q, k, keys, ri.entries, ri.work_row, ri.work_start, ri.work_end, layout.block_start, layout.block_len,
+        layout.seq_block_offset, pos, float(scale), block_size, init_blocks, local_blocks, layout.num_blocks,
+        H_KV=heads, NSEL=n, DI=dim, BLOCK_E=64, BLOCK_N=block_n, BLOCK_DI=next_pow2(dim, 16),
+        KV_TILES=triton.cdiv(block_size, block_n), CDT=tl_compute_dtype(q.dtype), DOT_PREC=dot_precision(q.dtype),
+        num_warps=4, num_stages=2)
+    out = _empty((bsz * t * heads, topk), torch.int32, q.device)
+    # the keys' columns are the candidates' block ids; forcing is already in the keys
+    launch_block_topk(keys, out, topk, pos=pos, heads=heads, block_size=block_size, convention=True,
+                      cand_cols=cand.view(bsz * t * heads, n))
+    return out
 
 
 # Score-kernel defaults for 16-bit inputs on the GPU: 256 query rows x 128 keys per tile, 8 warps,

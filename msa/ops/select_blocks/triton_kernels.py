@@ -14,12 +14,18 @@ Tuning knobs (all constexpr or launch options, chosen in triton_impl.py):
 - PERSIST: a grid of about (programs per SM) x n_SM programs loops over the work items in launch order
   (longest tiles first, consecutive tiles of one split next to each other, so programs running at the
   same time walk the same k_idx blocks and share them in L2); otherwise one program per item.
+
+``index_rescore_kernel``: the exact block scores of fp8-selected candidates (``fp8_rescore_blocks``),
+KV-outer over the candidates' reverse index (``msa.ops.utils.reverse_index``): one work item loads a
+key block of k_idx once and scores the (query, slot) entries that hold it as the rows of its MMAs.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from ..topk.triton_kernels import order_bits
 
 
 @triton.jit
@@ -170,3 +176,50 @@ def index_scores_fwd_kernel(
                            stride_qt, stride_qh, stride_kt, stride_sr,
                            chunk_tok0, heads, head_dim, block_size, scale, nsplit,
                            ROWS, BLOCK_N, BLOCK_D, NBUF, UPCAST, IEEE, POS_SCALE, SUB_MASK, FP8)
+
+
+@triton.jit
+def index_rescore_kernel(QI, KI, KEYS, ENTRIES, WORK_ROW, WORK_START, WORK_END, BLOCK_START, BLOCK_LEN,
+                         SEQ_BLOCK_OFFSET, POS, scale, block_size, init_blocks, local_blocks, NB,
+                         H_KV: tl.constexpr, NSEL: tl.constexpr, DI: tl.constexpr, BLOCK_E: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_DI: tl.constexpr, KV_TILES: tl.constexpr,
+                         CDT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Exact block scores of candidate blocks as top-k keys: QI (T_all, H_KV, DI) and KI (T_all, DI) in
+    their own (16/32-bit) dtype; ENTRIES / WORK_* the reverse index of the candidates (NSEL per token
+    and group; rows r * NB + global block); POS int32 (T_all,) position in the sequence. Writes KEYS
+    int32 (T_all * H_KV * NSEL,) at ((token * H_KV + r) * NSEL + slot): the order key
+    (``msa.ops.topk``) of max_{key j in the block, j <= token} <q, k_j> * scale, or of +inf for a forced
+    block (init_blocks leading, local_blocks trailing); slots of -1 are left as the caller filled them."""
+    w = tl.program_id(0)
+    start = tl.load(WORK_START + w)
+    end = tl.load(WORK_END + w)
+    if start < end:
+        row = tl.load(WORK_ROW + w)
+        r = row // NB
+        gb = row % NB
+        kstart = tl.load(BLOCK_START + gb)
+        klen = tl.load(BLOCK_LEN + gb)
+        e = tl.arange(0, BLOCK_DI)
+        emask = e < DI
+        for e0 in range(start, end, BLOCK_E):
+            ei = e0 + tl.arange(0, BLOCK_E)
+            em = ei < end
+            ent = tl.load(ENTRIES + ei, mask=em, other=0)
+            tok = (ent // NSEL).to(tl.int64)
+            qi = tl.load(QI + (tok * H_KV + r)[:, None] * DI + e[None, :], mask=em[:, None] & emask[None, :],
+                         other=0.0).to(CDT)
+            best = tl.full([BLOCK_E], float("-inf"), tl.float32)
+            for kt in tl.static_range(KV_TILES):
+                n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+                kpos = kstart + n
+                kvalid = n < klen
+                ki = tl.load(KI + kpos.to(tl.int64)[:, None] * DI + e[None, :],
+                             mask=kvalid[:, None] & emask[None, :], other=0.0).to(CDT)
+                sc = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC) * scale
+                sc = tl.where(kvalid[None, :] & (kpos.to(tl.int64)[None, :] <= tok[:, None]), sc, float("-inf"))
+                best = tl.maximum(best, tl.max(sc, axis=1))
+            blk = gb - tl.load(SEQ_BLOCK_OFFSET + tok, mask=em, other=0)
+            local = tl.load(POS + tok, mask=em, other=0) // block_size
+            forced = (blk < init_blocks) | (blk > local - local_blocks)
+            key = order_bits(tl.where(forced, float("inf"), best))
+            tl.store(KEYS + (tok * H_KV + r) * NSEL + ent % NSEL, key, mask=em)

@@ -316,18 +316,20 @@ def sparse_attention_bwd_dq_reduce_kernel(PDQ, BI, DQ, tok0, H_Q: tl.constexpr, 
 
 
 @triton.jit
-def sparse_attention_bwd_dq_tiled_kernel(Q, K, V, DO, LSE, DELTA, DQ, UIDS, UBITS, UCOUNT, SEQ_BLOCK_OFFSET,
-                                         BLOCK_START, BLOCK_LEN, qk_scale, scale, H_Q: tl.constexpr,
+def sparse_attention_bwd_dq_tiled_kernel(Q, K, V, DO, LSE, DELTA, DQ, UIDS, UBITS, UCOUNT, PERM, SEQ_BLOCK_OFFSET,
+                                         BLOCK_START, BLOCK_LEN, qk_scale, scale, block_size, H_Q: tl.constexpr,
                                          H_KV: tl.constexpr, G: tl.constexpr, UMAX: tl.constexpr,
                                          TILE_T: tl.constexpr, SUBS: tl.constexpr, D: tl.constexpr,
                                          BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                          KV_TILES: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr):
     """dQ of mode ``tiled``: the forward's query tiles (TILE_T tokens x G heads as MMA rows, row m ->
-    token m // G, head r * G + m % G) over the union of their blocks (``msa.ops.utils.tile_union``),
-    rows masked where their token did not select the block. qk_scale = scale * log2(e)."""
+    the tile's token m // G in the block's order PERM, head r * G + m % G) over the union of their
+    blocks (``msa.ops.utils.tile_union``), rows masked where their token did not select the block.
+    qk_scale = scale * log2(e)."""
     tile = tl.program_id(0)
     r = tl.program_id(1)
-    qstart, ti, row_ok, tok = tile_rows(tile, BLOCK_START, BLOCK_LEN, G, TILE_T, SUBS, BLOCK_M)
+    qstart, ti, row_ok, tok = tile_rows(tile, r, BLOCK_START, BLOCK_LEN, PERM, block_size, H_KV, G, TILE_T, SUBS,
+                                        BLOCK_M)
     qrow = tok * H_Q + r * G + tl.arange(0, BLOCK_M) % G
     d = tl.arange(0, BLOCK_D)
     qmask = row_ok[:, None] & (d < D)[None, :]
@@ -478,14 +480,15 @@ def _dq_tiled(q, k, v, do, lse, delta, bi, *, block_size: int, scale: float, cu_
     tt = tile_tokens_for(g, cfg["DQT_BLOCK_M"], block_size)
     layout = plan.layout if plan is not None else block_layout(bsz, t, block_size, cu_seqlens, q.device)
     timer.start("tile_union")
-    tu = plan.tile_union(tt) if plan is not None else build_tile_union(bi, layout, block_size, tt)
+    order = tuning.current().tile_order
+    tu = plan.tile_union(tt, order) if plan is not None else build_tile_union(bi, layout, block_size, tt, order)
     timer.stop()
     block_n = cfg["DQT_BLOCK_N"]
     dq = torch.empty_like(q)
     timer.start("dq_kernel")
     sparse_attention_bwd_dq_tiled_kernel[(layout.num_blocks * tu.subs, hkv)](
-        q, k, v, do, lse, delta, dq, tu.ids, tu.bits, tu.count, layout.seq_block_offset, layout.block_start,
-        layout.block_len, float(scale) * LOG2E, float(scale), H_Q=hq, H_KV=hkv, G=g, UMAX=tu.ids.shape[2], TILE_T=tt,
+        q, k, v, do, lse, delta, dq, tu.ids, tu.bits, tu.count, tu.perm, layout.seq_block_offset, layout.block_start,
+        layout.block_len, float(scale) * LOG2E, float(scale), block_size, H_Q=hq, H_KV=hkv, G=g, UMAX=tu.ids.shape[2], TILE_T=tt,
         SUBS=tu.subs, D=d, BLOCK_D=next_pow2(d, 16), BLOCK_M=next_pow2(tt * g, 16), BLOCK_N=block_n,
         KV_TILES=triton.cdiv(block_size, block_n), CDT=tl_compute_dtype(q.dtype), DOT_PREC=dot_precision(q.dtype),
         num_warps=cfg["DQT_WARPS"], num_stages=cfg["DQT_STAGES"])

@@ -291,23 +291,25 @@ def sparse_attention_qo_fwd_kernel(Q, K, V, O, LSE, BI, SEQ_BLOCK_OFFSET, BLOCK_
 
 
 @triton.jit
-def sparse_attention_tiled_fwd_kernel(Q, K, V, O, LSE, UIDS, UBITS, UCOUNT, SEQ_BLOCK_OFFSET, BLOCK_START,
-                                      BLOCK_LEN, qk_scale, H_Q: tl.constexpr, H_KV: tl.constexpr, G: tl.constexpr,
+def sparse_attention_tiled_fwd_kernel(Q, K, V, O, LSE, UIDS, UBITS, UCOUNT, PERM, SEQ_BLOCK_OFFSET, BLOCK_START,
+                                      BLOCK_LEN, qk_scale, block_size, H_Q: tl.constexpr, H_KV: tl.constexpr, G: tl.constexpr,
                                       UMAX: tl.constexpr, TILE_T: tl.constexpr, SUBS: tl.constexpr, D: tl.constexpr,
                                       BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                       KV_TILES: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
                                       EVEN_N: tl.constexpr):
-    """Query-tiled attention: one program per (query tile, group), TILE_T consecutive tokens x G heads
-    as MMA rows (row m -> token m // G, head r * G + m % G), one online softmax over the union of the
-    tile's selected blocks (``msa.ops.utils.tile_union``); a row whose token did not select a block
-    sees none of its keys. No partial outputs, no combine.
+    """Query-tiled attention: one program per (query tile, group), TILE_T tokens of one query block x G
+    heads as MMA rows (row m -> the tile's token m // G in the block's order PERM, head r * G + m % G),
+    one online softmax over the union of the tile's selected blocks (``msa.ops.utils.tile_union``); a
+    row whose token did not select a block sees none of its keys. No partial outputs, no combine.
 
     Q/O (T_all, H_Q, D), K/V (T_all, H_KV, D), UIDS/UBITS int32 (tiles, H_KV, UMAX), UCOUNT int32
-    (tiles, H_KV), SEQ_BLOCK_OFFSET int64 (T_all,), BLOCK_START/BLOCK_LEN int32 (NB,), LSE fp32.
+    (tiles, H_KV), PERM int32 (NB, H_KV, block_size), SEQ_BLOCK_OFFSET int64 (T_all,),
+    BLOCK_START/BLOCK_LEN int32 (NB,), LSE fp32.
     """
     tile = tl.program_id(0)
     r = tl.program_id(1)
-    qstart, ti, row_ok, tok = tile_rows(tile, BLOCK_START, BLOCK_LEN, G, TILE_T, SUBS, BLOCK_M)
+    qstart, ti, row_ok, tok = tile_rows(tile, r, BLOCK_START, BLOCK_LEN, PERM, block_size, H_KV, G, TILE_T, SUBS,
+                                        BLOCK_M)
     head = r * G + tl.arange(0, BLOCK_M) % G
     offs_d = tl.arange(0, BLOCK_D)
     qmask = row_ok[:, None] & (offs_d < D)[None, :]

@@ -230,12 +230,13 @@ def sparse_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         cfg = tiled_config(d, g, block_size)
         tt = tiled_tile_tokens(d, g, block_size)
         timer.start("tile_union")
-        tu = plan.tile_union(tt) if plan is not None else build_tile_union(bi, layout, block_size, tt)
+        order = tuning.current().tile_order
+        tu = plan.tile_union(tt, order) if plan is not None else build_tile_union(bi, layout, block_size, tt, order)
         timer.stop()
         timer.start("tiled_kernel")
         sparse_attention_tiled_fwd_kernel[(nb * tu.subs, hkv)](
-            q, k, v, o, lse, tu.ids, tu.bits, tu.count, layout.seq_block_offset, layout.block_start, layout.block_len,
-            qk_scale, H_Q=hq, H_KV=hkv, G=g, UMAX=tu.ids.shape[2], TILE_T=tt, SUBS=tu.subs, D=d, BLOCK_D=block_d,
+            q, k, v, o, lse, tu.ids, tu.bits, tu.count, tu.perm, layout.seq_block_offset, layout.block_start,
+            layout.block_len, qk_scale, block_size, H_Q=hq, H_KV=hkv, G=g, UMAX=tu.ids.shape[2], TILE_T=tt, SUBS=tu.subs, D=d, BLOCK_D=block_d,
             BLOCK_M=next_pow2(tt * g, 16), BLOCK_N=cfg["BLOCK_N"], KV_TILES=math.ceil(block_size / cfg["BLOCK_N"]),
             UPCAST=upcast, DOT_PREC=dot_prec, EVEN_N=block_size % cfg["BLOCK_N"] == 0,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

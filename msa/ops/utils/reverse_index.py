@@ -288,13 +288,15 @@ class SelectionPlan:
             hit = self._indices[key] = (ri, nbr)
         return hit
 
-    def tile_union(self, tile_tokens: int):
-        """The ``TileUnion`` of this selection for query tiles of ``tile_tokens`` tokens; cached."""
-        key = ("tiles", tile_tokens)
+    def tile_union(self, tile_tokens: int, order: str = "consecutive"):
+        """The ``TileUnion`` of this selection for query tiles of ``tile_tokens`` tokens in the blocks'
+        token ``order`` ("consecutive" or "greedy"); cached."""
+        key = ("tiles", tile_tokens, order)
         hit = self._indices.get(key)
         if hit is None:
             from .tile_union import build_tile_union  # (tile_union imports this module)
-            hit = self._indices[key] = build_tile_union(self.block_indices, self.layout, self.block_size, tile_tokens)
+            hit = self._indices[key] = build_tile_union(self.block_indices, self.layout, self.block_size, tile_tokens,
+                                                        order)
         return hit
 
     def full_index(self) -> ReverseIndex:
