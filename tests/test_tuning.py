@@ -32,6 +32,7 @@ def test_override_is_thread_local():
     (dict(sparse_fwd_kernel="fast"), "sparse_fwd_kernel must be one of"),
     (dict(kl_partial_bytes=-1), "kl_partial_bytes must be None or a positive int"),
     (dict(decode_pdl="yes"), "decode_pdl must be a bool"),
+    (dict(tile_order="sorted"), "tile_order must be one of"),
 ])
 def test_bad_overrides_raise(kw, match):
     with pytest.raises(ValueError, match=match):
