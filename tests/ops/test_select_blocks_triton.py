@@ -363,6 +363,21 @@ def test_fp8_rescoring_all_blocks_is_the_exact_selection():
                         **{x: kw[x] for x in ("block_size", "topk", "init_blocks", "local_blocks", "scale")})
 
 
+def test_fp8_rescoring_of_strided_inputs_and_chunks():
+    """q_idx / k_idx as views of one fused projection (rows not contiguous) and a small score budget
+    (several chunks) select exactly what contiguous inputs in one chunk select."""
+    t, h, d, bs = 200, 3, 32, 16
+    g = torch.Generator().manual_seed(9)
+    fused = (torch.randn(1, t, h * d + d + 7, generator=g) * 3).to(DEV)
+    q, k = fused[..., : h * d].view(1, t, h, d), fused[..., h * d: h * d + d]
+    assert not q.is_contiguous() and not k.is_contiguous()
+    kw = dict(block_size=bs, topk=4, init_blocks=1, local_blocks=1, scale=d ** -0.5, cu_seqlens=None,
+              fp8_scores=True, fp8_rescore_blocks=2)
+    want = select_blocks_triton(q.contiguous(), k.contiguous(), **kw)
+    got = select_blocks_triton(q, k, budget_bytes=h * 13 * 4 * 64, **kw)
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+
+
 def test_fp8_scores_argument_checked():
     q, k = torch.randn(1, 8, 1, 16), torch.randn(1, 8, 16)
     with pytest.raises(ValueError, match="fp8_scores"):

@@ -166,6 +166,7 @@ def _rescore(q: torch.Tensor, k: torch.Tensor, cand: torch.Tensor, pos: torch.Te
     scores: q (B*T, H_kv, D_idx), k (B*T, D_idx) unquantised. Returns int32 (B*T*H_kv, topk)."""
     bsz, t, heads, n = cand.shape
     dim = q.shape[-1]
+    q, k = q.contiguous(), k.contiguous()  # the kernel indexes dense rows (the score kernel takes strides)
     layout = block_layout(bsz, t, block_size, cu_seqlens, q.device)
     mq = max(64, 2 * n * block_size)
     ri = build_reverse_index(cand, block_size, cu_seqlens, mq, layout=layout)
