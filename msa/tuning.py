@@ -45,7 +45,7 @@ class Tuning:
     """Algorithm choices and launch overrides of the Triton kernels (defaults: the fastest measured).
 
     sparse_fwd_kernel: main-branch forward, "kv" (KV-outer + combine), "qo" (query-outer), "tiled"
-        (consecutive tokens x G heads per MMA tile over the union of their blocks) or "auto"
+        (tokens of one query block x G heads per MMA tile over the union of their blocks) or "auto"
         (query-tiled below 16K tokens, query-outer when KV-outer tiles would be poorly filled).
     sparse_fwd_partial_bytes: bytes of partial outputs per query chunk of the KV-outer forward and of
         the KV-outer dQ (None: min(16 GiB, 25% of free device memory), at least 256 MiB).

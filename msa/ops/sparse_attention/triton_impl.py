@@ -4,8 +4,9 @@ query-tiled.
 Kernel choice (``kernel=`` argument, else ``msa.tuning`` field ``sparse_fwd_kernel``): ``auto`` takes
 the query-tiled kernel below ``TILED_MAX_TOKENS`` tokens, where the reverse index and the partial
 round trip do not pay off, the query-outer kernel when KV-outer work items would fill fewer than
-``KV_MIN_ROWS`` MMA rows, otherwise KV-outer. ``tiled``: several consecutive tokens x G heads per MMA
-tile over the union of their selected blocks (``msa.ops.utils.tile_union``); its cost grows with that
+``KV_MIN_ROWS`` MMA rows, otherwise KV-outer. ``tiled``: several tokens of one query block x G heads per
+MMA tile (consecutive ones, or grouped by selection under ``tuning.tile_order="greedy"``) over the union
+of their selected blocks (``msa.ops.utils.tile_union``); its cost grows with that
 union, which grows with the length (neighbouring tokens share only part of their blocks), so it wins
 at short lengths and loses to KV-outer at long ones (measurements: docs/perf-notes.md, round 21).
 
