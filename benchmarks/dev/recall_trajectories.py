@@ -1,0 +1,66 @@
+"""Indexer recall through training, read from the committed GPU quality logs (no training here).
+
+    python benchmarks/dev/recall_trajectories.py   # -> benchmarks/results/quality_h200/recall_trajectories.{png,json}
+
+Plots, per evaluation, block recall, top-half recall and score recall of the MSA-PT runs of rounds 6
+and 7 and the MSA-CPT run of round 6, with the teacher's entropy (how sharp the model's own attention
+is): the PT runs dip after the switch to sparse attention while the teacher sharpens fast, then climb
+steadily to the end of the budget; CPT (a converged teacher) climbs from its first evaluation.
+"""
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "quality_h200"
+RUNS = {"round 6 MSA-PT": "round6/exp-msa-pt", "round 6 MSA-PT, full-support KL every 4th step": "round6/exp-msa-fullkl",
+        "round 7 MSA-PT (facts in every window)": "round7/exp-msa-pt", "round 6 MSA-CPT (steps after the dense run)": "round6/exp-msa-cpt"}
+KEYS = ("block_recall", "top_half_recall", "score_recall", "teacher_entropy", "max_rule_recall", "selected_mass",
+        "oracle_mass", "val_lm_loss")
+
+
+def load(run: str):
+    rows = []
+    for line in open(ROOT / run / "log.jsonl"):
+        r = json.loads(line)
+        if "block_recall" in r:
+            rows.append({"step": r["step"], "mode": r["mode"], **{k: r.get(k) for k in KEYS}})
+    return rows
+
+
+def main():
+    data = {name: load(run) for name, run in RUNS.items()}
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for name, rows in data.items():
+        steps = [r["step"] for r in rows]
+        for ax, key in zip(axes[:2], ("block_recall", "top_half_recall")):
+            ax.plot(steps, [r[key] for r in rows], marker="o", label=name)
+        axes[2].plot(steps, [r["teacher_entropy"] for r in rows], marker="o", label=name)
+    for ax, title in zip(axes, ("block recall (top-16 of up to 128 blocks)", "top-half recall (the oracle's top 8 blocks)",
+                                "teacher entropy (nats)")):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in axes[:2]:
+        ax.axhline(0.70, color="gray", ls="--", lw=1)
+        ax.axvline(140, color="gray", ls=":", lw=1)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("47M model, 16K context, one H200: indexer recall against the model's dense attention "
+                 "(PT: dense warmup to step 140, then sparse)")
+    fig.tight_layout()
+    fig.savefig(ROOT / "recall_trajectories.png", dpi=110)
+    json.dump({"source": {k: f"benchmarks/results/quality_h200/{v}/log.jsonl" for k, v in RUNS.items()}, "runs": data},
+              open(ROOT / "recall_trajectories.json", "w"), indent=1)
+    for name, rows in data.items():
+        print(name)
+        for r in rows:
+            print(f"  {r['step']:4d} {r['mode']:6s} block {r['block_recall']:.3f} top-half {r['top_half_recall']:.3f} "
+                  f"score {r['score_recall']:.3f} entropy {r['teacher_entropy']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
