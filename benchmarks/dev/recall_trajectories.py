@@ -2,10 +2,12 @@
 
     python benchmarks/dev/recall_trajectories.py   # -> benchmarks/results/quality_h200/recall_trajectories.{png,json}
 
-Plots, per evaluation, block recall, top-half recall and score recall of the MSA-PT runs of rounds 6
-and 7 and the MSA-CPT run of round 6, with the teacher's entropy (how sharp the model's own attention
-is): the PT runs dip after the switch to sparse attention while the teacher sharpens fast, then climb
-steadily to the end of the budget; CPT (a converged teacher) climbs from its first evaluation.
+Plots, per evaluation, block recall, top-half recall and score recall of the MSA-PT runs of rounds 6,
+7 and 8, round 8's late switch (sparse from step 350) and the MSA-CPT run of round 6, with the
+teacher's entropy (how sharp the model's own attention is): the PT runs dip while the teacher sharpens
+fast, then climb steadily to the end of the budget; the late-switch run dips as much while still dense
+(the dip comes from the teacher, not from the switch); CPT (a converged teacher) climbs from its first
+evaluation.
 """
 
 import json
@@ -18,7 +20,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "quality_h200"
 RUNS = {"round 6 MSA-PT": "round6/exp-msa-pt", "round 6 MSA-PT, full-support KL every 4th step": "round6/exp-msa-fullkl",
-        "round 7 MSA-PT (facts in every window)": "round7/exp-msa-pt", "round 6 MSA-CPT (steps after the dense run)": "round6/exp-msa-cpt"}
+        "round 7 MSA-PT (facts in every window)": "round7/exp-msa-pt",
+        "round 8 MSA-PT (round 6 rerun)": "round8/exp-msa-pt",
+        "round 8 late switch (dense to step 350)": "round8/exp-msa-lateswitch",
+        "round 6 MSA-CPT (steps after the dense run)": "round6/exp-msa-cpt"}
 KEYS = ("block_recall", "top_half_recall", "score_recall", "teacher_entropy", "max_rule_recall", "selected_mass",
         "oracle_mass", "val_lm_loss")
 
@@ -48,9 +53,10 @@ def main():
     for ax in axes[:2]:
         ax.axhline(0.70, color="gray", ls="--", lw=1)
         ax.axvline(140, color="gray", ls=":", lw=1)
+        ax.axvline(350, color="gray", ls="-.", lw=1)
     axes[0].legend(fontsize=7)
-    fig.suptitle("47M model, 16K context, one H200: indexer recall against the model's dense attention "
-                 "(PT: dense warmup to step 140, then sparse)")
+    fig.suptitle("47M model, 16K context, one H200 (round 8: one H100): indexer recall against the model's dense attention "
+                 "(PT: dense warmup to step 140, then sparse; late switch: to step 350)")
     fig.tight_layout()
     fig.savefig(ROOT / "recall_trajectories.png", dpi=110)
     json.dump({"source": {k: f"benchmarks/results/quality_h200/{v}/log.jsonl" for k, v in RUNS.items()}, "runs": data},
