@@ -46,15 +46,15 @@ class Tuning:
 
     sparse_fwd_kernel: main-branch forward, "kv" (KV-outer + combine), "qo" (query-outer), "tiled"
         (tokens of one query block x G heads per MMA tile over the union of their blocks) or "auto"
-        (query-tiled below 16K tokens, query-outer when KV-outer tiles would be poorly filled).
+        (query-tiled below 32K tokens, query-outer when KV-outer tiles would be poorly filled).
     sparse_fwd_partial_bytes: bytes of partial outputs per query chunk of the KV-outer forward and of
         the KV-outer dQ (None: min(16 GiB, 25% of free device memory), at least 256 MiB).
     sparse_fwd_partial_dtype: "auto" (the input dtype for bf16/fp16 inputs) or "fp32".
     sparse_bwd_dq: dQ algorithm, "kv" (KV-outer over the reverse index), "query" (query-outer),
-        "tiled" (query-tiled over tile unions) or "auto" (tiled below 16K tokens, else kv).
+        "tiled" (query-tiled over tile unions) or "auto" (tiled below 32K tokens, else kv).
     tile_order: which tokens of a query block share a tile of the query-tiled kernels (forward and
-        dQ): "consecutive" (sequence order) or "greedy" (grouped by selection, a smaller union of
-        blocks per tile; ``msa.ops.utils.tile_union``).
+        dQ): "greedy" (grouped by selection, a smaller union of blocks per tile;
+        ``msa.ops.utils.tile_union``) or "consecutive" (sequence order).
     kl_dense_mode: warmup KL, "flash-atomic" (one pass, fp32 atomics for dk_idx), "flash" (a second
         pass instead of atomics: deterministic) or "auto" ("flash" under
         ``torch.use_deterministic_algorithms(True)``, else "flash-atomic").
@@ -70,7 +70,7 @@ class Tuning:
     sparse_fwd_partial_dtype: str = "auto"
     sparse_bwd_dq: str = "auto"
     kl_dense_mode: str = "auto"
-    tile_order: str = "consecutive"
+    tile_order: str = "greedy"
     kl_partial_bytes: Optional[int] = None
     decode_bitonic: bool = True
     decode_pdl: bool = True

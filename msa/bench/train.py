@@ -467,8 +467,8 @@ def bench_size(t, notes):
                 "sparse_step": sparse_step}
     # the query-tiled forward + dQ (msa.tuning), on the indexer's selections of random inputs and on
     # selections replayed from a trained model (msa.bench.selections: neighbours select alike)
-    # (sparse_step itself runs the defaults: "auto" picks tiled below 16K tokens, KV-outer above)
-    tiled = dict(sparse_fwd_kernel="tiled", sparse_bwd_dq="tiled")
+    # (sparse_step itself runs the defaults: "auto" picks tiled below 32K tokens, KV-outer above)
+    tiled = dict(sparse_fwd_kernel="tiled", sparse_bwd_dq="tiled", tile_order="consecutive")
     kv = dict(sparse_fwd_kernel="kv", sparse_bwd_dq="kv")
     variants["sparse_attn_fwd_bwd_tiled"] = lambda: _with(tiled, attn_fn)
     variants["sparse_attn_fwd_bwd_kv"] = lambda: _with(kv, attn_fn)

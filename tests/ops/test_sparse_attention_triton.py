@@ -38,9 +38,9 @@ KERNELS = ["kv", "qo", "tiled", "tiled-greedy"]  # tiled-greedy: query tiles gro
 
 
 def kernel_arg(kernel, tuned):
-    """The kernel= argument of a test kernel name (tiled-greedy sets tuning.tile_order)."""
-    if kernel == "tiled-greedy":
-        tuned(tile_order="greedy")
+    """The kernel= argument of a test kernel name; tiled / tiled-greedy set tuning.tile_order."""
+    if kernel.startswith("tiled"):
+        tuned(tile_order="greedy" if kernel == "tiled-greedy" else "consecutive")
         return "tiled"
     return kernel
 

@@ -9,6 +9,7 @@ import torch
 
 from msa.ops.select_blocks.reference import select_blocks_reference
 from msa.ops.utils.reverse_index import block_layout
+from msa.ops.utils import tile_union
 from msa.ops.utils.tile_union import MAX_TILE_TOKENS, build_tile_union, tile_tokens_for
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -97,6 +98,33 @@ def test_greedy_order_matches_definition_and_shrinks_the_union():
         assert cons.count[tiles, 0].tolist() == [7] * 4 and greedy.count[tiles, 0].tolist() == [4] * 4
     with pytest.raises(ValueError, match="order must be one of"):
         build_tile_union(bi, layout, bs, tt, "sorted")
+
+
+@pytest.mark.parametrize("path", ["bit sets", "id compares"])
+@pytest.mark.parametrize("cu", [None, [0, 5, 300, 301, 700], "batch of 2"])
+def test_greedy_order_over_many_blocks(monkeypatch, cu, path):
+    """Sequences of up to 88 blocks of 8 (selection bit sets of several words), alone, packed with a
+    one-token sequence and short last blocks, or two in a batch (bit sets sized by one sequence's
+    blocks): every block's greedy order equals its definition, on both of the kernel's paths (bit
+    sets up to ORDER_MAX_WORDS * 32 blocks per sequence, id compares above)."""
+    if path == "id compares":
+        monkeypatch.setattr(tile_union, "ORDER_MAX_WORDS", 0)
+    bs, tt, t, b = 8, 3, 700, 1
+    if cu == "batch of 2":
+        b, t, cu = 2, 350, None
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=DEVICE)
+    gen = torch.Generator().manual_seed(7)
+    qi = torch.randn(b, t, 2, 8, generator=gen).to(DEVICE)
+    ki = torch.randn(b, t, 8, generator=gen).to(DEVICE)
+    bi = select_blocks_reference(qi, ki, block_size=bs, topk=6, init_blocks=1, local_blocks=1, scale=0.3,
+                                 cu_seqlens=cu_t)
+    layout = block_layout(b, t, bs, cu_t, DEVICE)
+    tu = build_tile_union(bi, layout, bs, tt, "greedy")
+    flat = bi.reshape(b * t, 2, 6).cpu()
+    for gb, (start, n) in enumerate(zip(layout.block_start.tolist(), layout.block_len.tolist())):
+        for r in range(2):
+            sel = [{int(b) for b in flat[start + i, r] if b >= 0} for i in range(n)]
+            assert tu.perm[gb, r, :n].tolist() == greedy_order(sel, tt), (gb, r)
 
 
 def test_tile_tokens_and_bad_size():

@@ -41,7 +41,7 @@ from .triton_fwd import (sparse_attention_combine_fwd_kernel, sparse_attention_f
                          sparse_attention_qo_fwd_kernel, sparse_attention_tiled_fwd_kernel)
 
 LOG2E = 1.4426950408889634
-TILED_MAX_TOKENS = 16384      # below this many tokens (B * T) auto picks query-tiled (H200: won at 8K, lost at 32K)
+TILED_MAX_TOKENS = 32768      # below this many tokens (B * T) auto picks query-tiled (greedy order: won at 16K, lost at 32K)
 KV_MIN_ROWS = 64              # KV-outer needs about this many MMA rows per (group, block) row
 MAX_DEFAULT_PARTIAL_BYTES = 16 << 30
 MIN_DEFAULT_PARTIAL_BYTES = 256 << 20

@@ -50,6 +50,8 @@ from .triton_helpers import next_pow2
 
 MAX_TILE_TOKENS = 32  # one int32 bit mask per (tile, block)
 TILE_ORDERS = ("consecutive", "greedy")
+ORDER_MAX_WORDS = 16  # greedy order on selection bit sets up to 16 x 32 blocks per sequence, id compares above
+ORDER_WARPS = 2
 
 
 class TileUnion(NamedTuple):
@@ -97,12 +99,23 @@ def union_block(UIDS, UBITS, base, u, ti, sbo, BLOCK_START, BLOCK_LEN):
 
 
 @triton.jit
+def _popcount32(x):
+    """Set bits of each uint32 (SWAR), as int32."""
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return ((x * 0x01010101) >> 24).to(tl.int32)
+
+
+@triton.jit
 def tile_order_kernel(BI, BLOCK_START, BLOCK_LEN, PERM, block_size, H_KV: tl.constexpr, TOPK: tl.constexpr,
-                      TILE_T: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+                      TILE_T: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, WORDS: tl.constexpr):
     """Greedy token order of one (query block, group) (module docstring): BI int32 (T_all, H_KV, TOPK),
-    PERM int32 (blocks, H_KV, block_size). covered[i, j]: token i's j-th id is in the current tile's
-    union (padding slots count as covered), so a token adds sum(~covered[i]) blocks; taking a token
-    marks its ids covered in every row (ids already in the union are covered already)."""
+    PERM int32 (blocks, H_KV, block_size). A token adds as many blocks as its selection has ids outside
+    the current tile's union. WORDS > 0: selections and union are bit sets of WORDS uint32 words (ids
+    below 32 * WORDS), so a step is a popcount per token and one OR. WORDS == 0: covered[i, j] says
+    token i's j-th id is in the union (padding slots count as covered) and taking a token compares its
+    ids with every row, slower but for any number of blocks."""
     gb = tl.program_id(0)
     r = tl.program_id(1)
     qstart = tl.load(BLOCK_START + gb)
@@ -113,23 +126,40 @@ def tile_order_kernel(BI, BLOCK_START, BLOCK_LEN, PERM, block_size, H_KV: tl.con
                   mask=(i < qlen)[:, None] & (j < TOPK)[None, :], other=-1)
     padding = ids < 0
     left = i < qlen
-    covered = padding
     big = 2147483647
     out = PERM + (gb.to(tl.int64) * H_KV + r) * block_size
-    for p in range(qlen):
-        seed = p % TILE_T == 0
-        covered = tl.where(seed, padding, covered)
-        adds = tl.sum(tl.where(covered, 0, 1), 1)
-        # a new tile takes the first token left; inside a tile the fewest added blocks, then the earliest
-        key = tl.where(left, tl.where(seed, 0, adds) * BLOCK_T + i, big)
-        pick = tl.min(key, 0) % BLOCK_T
-        tl.store(out + p, pick)
-        left = left & (i != pick)
-        # the picked token's ids as scalar loads (cached), not extracted from `ids` by reductions
-        row = BI + ((qstart + pick).to(tl.int64) * H_KV + r) * TOPK
-        for m in tl.static_range(TOPK):
-            x = tl.load(row + m)
-            covered = covered | ((ids == x) & (x >= 0))
+    if WORDS > 0:
+        # selected ids are distinct, so summing their bits within a word is an OR
+        w = tl.arange(0, WORDS)
+        bit = tl.full([BLOCK_T, BLOCK_K], 1, tl.uint32) << (ids % 32).to(tl.uint32)
+        in_word = (ids >= 0)[:, :, None] & ((ids // 32)[:, :, None] == w[None, None, :])
+        sel = tl.sum(tl.where(in_word, bit[:, :, None], tl.zeros([BLOCK_T, BLOCK_K, WORDS], tl.uint32)), 1)
+        union = tl.zeros([WORDS], tl.uint32)
+        for p in range(qlen):
+            seed = p % TILE_T == 0
+            union = tl.where(seed, tl.zeros([WORDS], tl.uint32), union)
+            adds = tl.sum(_popcount32(sel & ~union[None, :]), 1)
+            # a new tile takes the first token left; inside a tile the fewest added blocks, then the earliest
+            key = tl.where(left, tl.where(seed, 0, adds) * BLOCK_T + i, big)
+            pick = tl.min(key, 0) % BLOCK_T
+            tl.store(out + p, pick)
+            left = left & (i != pick)
+            union = union | tl.sum(tl.where((i == pick)[:, None], sel, tl.zeros([BLOCK_T, WORDS], tl.uint32)), 0)
+    else:
+        covered = padding
+        for p in range(qlen):
+            seed = p % TILE_T == 0
+            covered = tl.where(seed, padding, covered)
+            adds = tl.sum(tl.where(covered, 0, 1), 1)
+            key = tl.where(left, tl.where(seed, 0, adds) * BLOCK_T + i, big)
+            pick = tl.min(key, 0) % BLOCK_T
+            tl.store(out + p, pick)
+            left = left & (i != pick)
+            # the picked token's ids as scalar loads (cached), not extracted from `ids` by reductions
+            row = BI + ((qstart + pick).to(tl.int64) * H_KV + r) * TOPK
+            for m in tl.static_range(TOPK):
+                x = tl.load(row + m)
+                covered = covered | ((ids == x) & (x >= 0))
 
 
 @triton.jit
@@ -183,9 +213,12 @@ def build_tile_union(block_indices: torch.Tensor, layout: BlockLayout, block_siz
     bi = block_indices.contiguous()
     if order == "greedy" and tile_tokens > 1:
         perm = torch.empty(nb, hkv, block_size, dtype=torch.int32, device=dev)
+        # block ids are within a sequence, so below cdiv(T, block_size) (B sequences or a packed batch)
+        words = next_pow2(triton.cdiv(triton.cdiv(block_indices.shape[1], block_size), 32))
         tile_order_kernel[(nb, hkv)](bi, layout.block_start, layout.block_len, perm, block_size, H_KV=hkv,
                                      TOPK=topk, TILE_T=tile_tokens, BLOCK_T=next_pow2(block_size),
-                                     BLOCK_K=next_pow2(topk), num_warps=4)
+                                     BLOCK_K=next_pow2(topk), WORDS=words if words <= ORDER_MAX_WORDS else 0,
+                                     num_warps=ORDER_WARPS)
     else:  # one tile of one token has one order
         perm = _consecutive(nb, hkv, block_size, dev)
     ids = torch.empty(tiles, hkv, tile_tokens * topk, dtype=torch.int32, device=dev)
