@@ -15,7 +15,9 @@ Shape: batch 1, H_q 64, H_kv 4, D 128, d_idx 128, B_k 128, k 16, bf16. Sizes T =
    (if it fails, recorded, and the attention uses synthetic indices: local block + 15 random
    earlier blocks per (token, group)); the sparse attention forward with the KV-outer and the
    query-outer kernel, the query-tiled kernel, and the one ``auto`` picks; the total (indexer + auto
-   attention); the same kernels on selections replayed from a trained model (``msa.bench.selections``,
+   attention, timed apart and summed) and ``total_e2e`` (the layer's prefill attention,
+   ``msa_prefill_attention``, timed as one call: what a model runs, the host work of one op hidden
+   behind the other's GPU work; on replayed selections the indexer call then the attention); the same kernels on selections replayed from a trained model (``msa.bench.selections``,
    "realistic": neighbouring tokens select alike, which the query-tiled kernel exploits) with the
    mean union of blocks per query tile for both kinds of selection; dense
    causal GQA through torch SDPA with the cuDNN and the flash backends (enable_gqa) up to
@@ -114,6 +116,31 @@ def measure(name, fn, heavy_reps):
     except Exception as exc:  # a baseline missing on this torch build must not stop the run
         torch.cuda.empty_cache()
         return dict(error=f"{type(exc).__name__}: {str(exc)[:300]}")
+
+
+def e2e_totals(res, q, k, v, qi, ki, device, hr):
+    """The whole prefill attention timed as one call, as a model's layer runs it: ``total_e2e`` is
+    ``msa_prefill_attention`` (select_blocks, one SelectionPlan, sparse_attention with the default
+    tuning) on the indexer's selections; ``realistic.total_e2e`` runs the same indexer call (its
+    result unused) and then the attention on the replayed selections. Unlike ``total`` (indexer and
+    kernel timed apart, summed), the host work of one op overlaps the other's GPU work here."""
+    from msa.layers.attention import msa_prefill_attention
+
+    scale, index_scale = D ** -0.5, DIDX ** -0.5
+    res["total_e2e"] = measure("total_e2e", lambda: msa_prefill_attention(
+        q, k, v, qi, ki, sparse=True, compute_kl=False, block_size=BK, topk_blocks=TOPK, scale=scale,
+        index_scale=index_scale), hr)
+    if "error" in res.get("realistic", {"error": ""}):
+        return
+    try:
+        real = realistic_indices(q.shape[1], HKV, TOPK, BK, device)
+    except (OSError, ValueError):
+        return
+
+    def replayed():
+        msa.select_blocks(qi, ki, block_size=BK, topk=TOPK, scale=index_scale, validate=False)
+        return msa.sparse_attention(q, k, v, real, block_size=BK, scale=scale, validate=False)
+    res["realistic"]["total_e2e"] = measure("total_e2e", replayed, hr)
 
 
 def synthetic_indices(t, device, seed=0):
@@ -270,7 +297,6 @@ def run_size(t, args, device, indexer_fn, flex_fn, dense_hist):
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 res[f"fp8_block_recall{key}"] = "OOM"
-    del qi, ki
 
     scale = D ** -0.5
     for kern in KERNELS:
@@ -289,6 +315,9 @@ def run_size(t, args, device, indexer_fn, flex_fn, dense_hist):
         del real
     except (OSError, ValueError) as exc:
         res["realistic"] = dict(error=f"{type(exc).__name__}: {str(exc)[:200]}")
+    if indexer_fn is not None:
+        e2e_totals(res, q, k, v, qi, ki, device, hr)
+    del qi, ki
     # the chunk the forward would use now (same budget rule as triton_impl)
     chunk = max(1, _partial_budget(None, device) // partial_bytes_per_token(TOPK, HQ, D, DT))
     auto = choose_kernel(t, HQ // HKV, TOPK, math.ceil(t / BK), math.ceil(t / BK), chunk)
@@ -517,8 +546,8 @@ def main():
                         ("flex", "sparse")):
             if "ms" in r.get(key, {}):
                 r[key]["tflops"] = tflops(r[key]["ms"], f[fk])
-        for key in ("total", "total_fp8"):
-            if key in r:
+        for key in ("total", "total_fp8", "total_e2e"):
+            if "ms" in r.get(key, {}):
                 r[key]["tflops"] = tflops(r[key]["ms"], f["index"] + f["sparse"])
         real = r.get("realistic", {})
         for kern in KERNELS:
@@ -534,8 +563,9 @@ def main():
                 where["total_best"] = dict(kernel=best, ms=r["indexer"]["ms"] + got[best])
         if "dense_best" in r:
             for where, key in [(r, k) for k in ("sparse_kv", "sparse_qo", "sparse_tiled", "sparse_tiled_greedy",
-                                                "total", "total_fp8", "total_best", "flex")] + [
-                    (real, k) for k in ("sparse_kv", "sparse_qo", "sparse_tiled", "sparse_tiled_greedy", "total_best")]:
+                                                "total", "total_fp8", "total_best", "total_e2e", "flex")] + [
+                    (real, k) for k in ("sparse_kv", "sparse_qo", "sparse_tiled", "sparse_tiled_greedy", "total_best",
+                                        "total_e2e")]:
                 if "ms" in where.get(key, {}):
                     where[key]["speedup_vs_dense"] = r["dense_best"]["ms"] / where[key]["ms"]
     json.dump(out, open(path, "w"), indent=1)
@@ -593,9 +623,10 @@ def table(out):
               f"{kv.get('peak_gb', float('nan')):7.1f}")
         rows.append(r)
     print("\nper kernel and selection kind, ms (union = mean distinct blocks per query tile, consecutive / "
-          "greedy-grouped tokens; best = indexer + fastest kernel, speedup vs dense)")
+          "greedy-grouped tokens; best = indexer + fastest kernel timed apart; e2e = indexer + attention "
+          "timed as one call with the default kernel choice, as a layer runs them; speedups vs dense)")
     print(f"{'T':>8s} {'sel':>9s} {'union':>11s} {'kv':>10s} {'qo':>10s} {'tiled':>10s} {'greedy':>10s} {'best':>10s} "
-          f"{'speedup':>8s}")
+          f"{'speedup':>8s} {'e2e':>10s} {'speedup':>8s}")
     for r in rows:
         for name, where in (("random", r), ("realistic", r.get("realistic", {}))):
             if "union_blocks" not in where:
@@ -603,7 +634,8 @@ def table(out):
             print(f"{r['T']:8d} {name:>9s} {where['union_blocks']:5.1f}/{where.get('union_blocks_greedy', float('nan')):5.1f} "
                   f"{cell(where, 'sparse_kv')} {cell(where, 'sparse_qo')} {cell(where, 'sparse_tiled')} "
                   f"{cell(where, 'sparse_tiled_greedy')} {cell(where, 'total_best')} "
-                  f"{where.get('total_best', {}).get('speedup_vs_dense', float('nan')):8.2f}")
+                  f"{where.get('total_best', {}).get('speedup_vs_dense', float('nan')):8.2f} {cell(where, 'total_e2e')} "
+                  f"{where.get('total_e2e', {}).get('speedup_vs_dense', float('nan')):8.2f}")
     for r in rows:
         if "ms" in r.get("indexer_fp8", {}):
             rec = r.get("fp8_block_recall")
