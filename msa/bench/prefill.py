@@ -118,29 +118,18 @@ def measure(name, fn, heavy_reps):
         return dict(error=f"{type(exc).__name__}: {str(exc)[:300]}")
 
 
-def e2e_totals(res, q, k, v, qi, ki, device, hr):
-    """The whole prefill attention timed as one call, as a model's layer runs it: ``total_e2e`` is
-    ``msa_prefill_attention`` (select_blocks, one SelectionPlan, sparse_attention with the default
-    tuning) on the indexer's selections; ``realistic.total_e2e`` runs the same indexer call (its
-    result unused) and then the attention on the replayed selections. Unlike ``total`` (indexer and
-    kernel timed apart, summed), the host work of one op overlaps the other's GPU work here."""
+def layer_prefill(q, k, v, qi, ki, block_indices=None):
+    """The prefill attention as a model's layer runs it, one call to time: ``msa_prefill_attention``
+    (select_blocks, one SelectionPlan, sparse_attention, default tuning). With ``block_indices``
+    (replayed selections): the same indexer call, its result unused, then the attention on those."""
     from msa.layers.attention import msa_prefill_attention
 
     scale, index_scale = D ** -0.5, DIDX ** -0.5
-    res["total_e2e"] = measure("total_e2e", lambda: msa_prefill_attention(
-        q, k, v, qi, ki, sparse=True, compute_kl=False, block_size=BK, topk_blocks=TOPK, scale=scale,
-        index_scale=index_scale), hr)
-    if "error" in res.get("realistic", {"error": ""}):
-        return
-    try:
-        real = realistic_indices(q.shape[1], HKV, TOPK, BK, device)
-    except (OSError, ValueError):
-        return
-
-    def replayed():
-        msa.select_blocks(qi, ki, block_size=BK, topk=TOPK, scale=index_scale, validate=False)
-        return msa.sparse_attention(q, k, v, real, block_size=BK, scale=scale, validate=False)
-    res["realistic"]["total_e2e"] = measure("total_e2e", replayed, hr)
+    if block_indices is None:
+        return msa_prefill_attention(q, k, v, qi, ki, sparse=True, compute_kl=False, block_size=BK,
+                                     topk_blocks=TOPK, scale=scale, index_scale=index_scale)
+    msa.select_blocks(qi, ki, block_size=BK, topk=TOPK, scale=index_scale, validate=False)
+    return msa.sparse_attention(q, k, v, block_indices, block_size=BK, scale=scale, validate=False)
 
 
 def synthetic_indices(t, device, seed=0):
@@ -312,11 +301,13 @@ def run_size(t, args, device, indexer_fn, flex_fn, dense_hist):
         for kern in KERNELS:
             res["realistic"][f"sparse_{kern}"] = measure(kern, lambda: _forward(
                 kern, q, k, v, real, block_size=BK, scale=scale, cu_seqlens=None), hr)
+        if indexer_fn is not None:  # indexer + attention timed as one call (host work overlapped)
+            res["realistic"]["total_e2e"] = measure("total_e2e", lambda: layer_prefill(q, k, v, qi, ki, real), hr)
         del real
     except (OSError, ValueError) as exc:
         res["realistic"] = dict(error=f"{type(exc).__name__}: {str(exc)[:200]}")
     if indexer_fn is not None:
-        e2e_totals(res, q, k, v, qi, ki, device, hr)
+        res["total_e2e"] = measure("total_e2e", lambda: layer_prefill(q, k, v, qi, ki), hr)
     del qi, ki
     # the chunk the forward would use now (same budget rule as triton_impl)
     chunk = max(1, _partial_budget(None, device) // partial_bytes_per_token(TOPK, HQ, D, DT))

@@ -172,11 +172,9 @@ def greedy_union_blocks(block_indices: torch.Tensor, tile_tokens: int, block_siz
     sequence per batch row, T a multiple of block_size. Compare with ``union_blocks``."""
     from msa.ops.utils.reverse_index import block_layout
     from msa.ops.utils.tile_union import build_tile_union
-    from msa.ops.utils.triton_helpers import interpreting
+    from msa.ops.common import resolve_backend
     b, t = block_indices.shape[:2]
-    if block_indices.device.type != "cuda" and not interpreting():
-        raise ValueError("block_indices must be a CUDA tensor (the order is built by a Triton kernel; "
-                         f"on a CPU-only machine set TRITON_INTERPRET=1), got device {block_indices.device}")
+    resolve_backend("triton", [block_indices])  # a Triton kernel builds the order: CUDA or the interpreter
     if t % block_size:
         raise ValueError(f"block_indices must hold a multiple of block_size = {block_size} tokens, got T = {t}")
     layout = block_layout(b, t, block_size, None, block_indices.device)

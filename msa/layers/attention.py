@@ -40,9 +40,9 @@ class MSAConfig:
     fp8_index_scores: prefill / training selection from float8_e4m3fn copies of q_idx (a scale per token
     and group) and k_idx (a scale per key block), ``msa.select_blocks(fp8_scores=True)``: the fp8 scores
     keep 4 candidates beyond topk_blocks and their exact scores pick the topk (``fp8_rescore_blocks``);
-    the KL and the decode path are unchanged. It pays only where the index GEMM dominates (1M tokens:
-    1128 vs 1232 ms, H200); at 8K the extra quantisation and rescoring launches make the call ~8x
-    slower than bf16 (2.15 vs 0.25 ms, H100), so leave it off for short contexts.
+    the KL and the decode path are unchanged. It pays only where the index GEMM dominates (around 1M
+    tokens); at short contexts quantising and rescoring cost more than the fp8 GEMM saves (several
+    times the bf16 call at 8K: docs/perf-notes.md), so leave it off there.
     debug: checked mode: every op also validates the values of its index tensors (block ids in range,
     no repeats, cu_seqlens), which synchronises with the host several times per layer.
     """

@@ -49,7 +49,11 @@ from ..utils.tile_union import build_tile_union, tile_rows, tile_tokens_for, uni
 from ... import tuning
 from ...tuning import merge_launch_config
 
-TILED_DQ_MAX_TOKENS = 32768  # below this many tokens (B * T) auto computes dQ query-tiled (greedy order: won at 16K)
+
+
+
+
+
 
 
 def token_seq_start(batch: int, seqlen: int, cu_seqlens: Optional[torch.Tensor], device) -> torch.Tensor:
@@ -392,11 +396,12 @@ def dq_mode(ntok: int = 0) -> str:
     reverse index like the forward, each (query, slot) contribution in a pre-assigned partial slot
     summed per query in a fixed slot order; ``query``, the spec's query-outer kernel, one program per
     (token, group) re-reading K/V of its K blocks, no partial buffer; ``tiled``, the forward's query
-    tiles over the union of their blocks; ``auto`` (default), ``tiled`` below
-    ``TILED_DQ_MAX_TOKENS`` tokens, else ``kv``. All are deterministic."""
+    tiles over the union of their blocks; ``auto`` (default), ``tiled`` below the forward's
+    ``TILED_MAX_TOKENS`` tokens, else ``kv``. All are deterministic."""
     mode = tuning.current().sparse_bwd_dq
     if mode == "auto":
-        return "tiled" if ntok < TILED_DQ_MAX_TOKENS else "kv"
+        from .triton_impl import TILED_MAX_TOKENS
+        return "tiled" if ntok < TILED_MAX_TOKENS else "kv"
     return mode
 
 

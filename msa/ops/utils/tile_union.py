@@ -108,6 +108,17 @@ def _popcount32(x):
 
 
 @triton.jit
+def _greedy_pick(p, adds, left, i, out, TILE_T: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Step p of the greedy order: a new tile takes the first token left; inside a tile the token
+    adding the fewest blocks (adds), then the earliest. Stores it at out + p; returns (pick, left)."""
+    seed = p % TILE_T == 0
+    key = tl.where(left, tl.where(seed, 0, adds) * BLOCK_T + i, 2147483647)
+    pick = tl.min(key, 0) % BLOCK_T
+    tl.store(out + p, pick)
+    return pick, left & (i != pick)
+
+
+@triton.jit
 def tile_order_kernel(BI, BLOCK_START, BLOCK_LEN, PERM, block_size, H_KV: tl.constexpr, TOPK: tl.constexpr,
                       TILE_T: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, WORDS: tl.constexpr):
     """Greedy token order of one (query block, group) (module docstring): BI int32 (T_all, H_KV, TOPK),
@@ -126,7 +137,6 @@ def tile_order_kernel(BI, BLOCK_START, BLOCK_LEN, PERM, block_size, H_KV: tl.con
                   mask=(i < qlen)[:, None] & (j < TOPK)[None, :], other=-1)
     padding = ids < 0
     left = i < qlen
-    big = 2147483647
     out = PERM + (gb.to(tl.int64) * H_KV + r) * block_size
     if WORDS > 0:
         # selected ids are distinct, so summing their bits within a word is an OR
@@ -136,25 +146,16 @@ def tile_order_kernel(BI, BLOCK_START, BLOCK_LEN, PERM, block_size, H_KV: tl.con
         sel = tl.sum(tl.where(in_word, bit[:, :, None], tl.zeros([BLOCK_T, BLOCK_K, WORDS], tl.uint32)), 1)
         union = tl.zeros([WORDS], tl.uint32)
         for p in range(qlen):
-            seed = p % TILE_T == 0
-            union = tl.where(seed, tl.zeros([WORDS], tl.uint32), union)
+            union = tl.where(p % TILE_T == 0, tl.zeros([WORDS], tl.uint32), union)
             adds = tl.sum(_popcount32(sel & ~union[None, :]), 1)
-            # a new tile takes the first token left; inside a tile the fewest added blocks, then the earliest
-            key = tl.where(left, tl.where(seed, 0, adds) * BLOCK_T + i, big)
-            pick = tl.min(key, 0) % BLOCK_T
-            tl.store(out + p, pick)
-            left = left & (i != pick)
+            pick, left = _greedy_pick(p, adds, left, i, out, TILE_T, BLOCK_T)
             union = union | tl.sum(tl.where((i == pick)[:, None], sel, tl.zeros([BLOCK_T, WORDS], tl.uint32)), 0)
     else:
         covered = padding
         for p in range(qlen):
-            seed = p % TILE_T == 0
-            covered = tl.where(seed, padding, covered)
+            covered = tl.where(p % TILE_T == 0, padding, covered)
             adds = tl.sum(tl.where(covered, 0, 1), 1)
-            key = tl.where(left, tl.where(seed, 0, adds) * BLOCK_T + i, big)
-            pick = tl.min(key, 0) % BLOCK_T
-            tl.store(out + p, pick)
-            left = left & (i != pick)
+            pick, left = _greedy_pick(p, adds, left, i, out, TILE_T, BLOCK_T)
             # the picked token's ids as scalar loads (cached), not extracted from `ids` by reductions
             row = BI + ((qstart + pick).to(tl.int64) * H_KV + r) * TOPK
             for m in tl.static_range(TOPK):
