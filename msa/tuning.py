@@ -37,6 +37,8 @@ _CHOICES = {
     "sparse_bwd_dq": ("auto", "kv", "query", "tiled"),
     "kl_dense_mode": ("auto", "flash-atomic", "flash"),
     "tile_order": ("consecutive", "greedy"),
+    "work_order": ("items", "longest-first"),
+    "sparse_kl_kernel": ("auto", "kv", "tiled"),
 }
 
 
@@ -59,6 +61,12 @@ class Tuning:
         pass instead of atomics: deterministic) or "auto" ("flash" under
         ``torch.use_deterministic_algorithms(True)``, else "flash-atomic").
     kl_partial_bytes: bytes of per-entry KL partials per query chunk (None: 4 GiB).
+    sparse_kl_kernel: sparse-phase KL, "kv" (KV-outer over the reverse index), "tiled" (the main
+        branch's query tiles over the union of their blocks) or "auto" ("kv" until "tiled" is timed).
+    max_queries_per_item: hot-row split of the reverse index, the most (query, slot) entries one work
+        item of a KV-outer kernel walks (None: the spec's 2 * topk * block_size).
+    work_order: launch order of the KV-outer kernels' work items, "items" (row order) or
+        "longest-first" (``msa.ops.utils.reverse_index.ReverseIndex``).
     decode_bitonic / decode_pdl / decode_fp8_f16: decode index scan with a bitonic top-k network,
         programmatic dependent launch (sm_90+), fp8 index keys scored in fp16 (all on by default).
     debug_poison: fill uninitialised kernel buffers with NaN (tests: unwritten values show).
@@ -72,6 +80,9 @@ class Tuning:
     kl_dense_mode: str = "auto"
     tile_order: str = "greedy"
     kl_partial_bytes: Optional[int] = None
+    max_queries_per_item: Optional[int] = None
+    work_order: str = "items"
+    sparse_kl_kernel: str = "auto"
     decode_bitonic: bool = True
     decode_pdl: bool = True
     decode_fp8_f16: bool = True
@@ -82,6 +93,7 @@ class Tuning:
     sparse_fwd_combine_config: Mapping[str, int] = field(default_factory=dict)
     sparse_bwd_config: Mapping[str, int] = field(default_factory=dict)
     kl_kv_config: Mapping[str, int] = field(default_factory=dict)
+    kl_tiled_config: Mapping[str, int] = field(default_factory=dict)
     kl_dense_flash_config: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -89,10 +101,11 @@ class Tuning:
             val = getattr(self, name)
             if val not in choices:
                 raise ValueError(f"tuning.{name} must be one of {choices}, got {val!r}")
-        for name in ("sparse_fwd_partial_bytes", "kl_partial_bytes"):
+        for name in ("sparse_fwd_partial_bytes", "kl_partial_bytes", "max_queries_per_item"):
             val = getattr(self, name)
             if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val <= 0):
-                raise ValueError(f"tuning.{name} must be None or a positive int (bytes), got {val!r}")
+                unit = "entries" if name == "max_queries_per_item" else "bytes"
+                raise ValueError(f"tuning.{name} must be None or a positive int ({unit}), got {val!r}")
         for name in ("decode_bitonic", "decode_pdl", "decode_fp8_f16", "debug_poison"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"tuning.{name} must be a bool, got {getattr(self, name)!r}")
@@ -137,7 +150,7 @@ def _parse_value(name: str, text: str):
         if text not in ("0", "1", "true", "false"):
             raise ValueError(f"{ENV_VAR}: {name} must be 0/1/true/false, got {text!r}")
         return text in ("1", "true")
-    if name.endswith("_bytes"):
+    if name.endswith("_bytes") or name == "max_queries_per_item":
         if text.lower() == "none":
             return None
         try:

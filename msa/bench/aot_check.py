@@ -49,9 +49,10 @@ def _launches():
     """[(label, kernel fn, {arg: value or type}, {constexpr: value}, num_warps, num_stages)] of one
     training step at the paper's shape, built from the launchers' config functions."""
     from msa.ops.indexer_kl import triton_kernels as kk
-    from msa.ops.indexer_kl.triton_impl import _dense_tiles, dense_flash_config, kv_config
+    from msa.ops.indexer_kl.triton_impl import _dense_tiles, dense_flash_config, kl_tiled_config, kv_config
     from msa.ops.sparse_attention import triton_bwd as bw
     from msa.ops.sparse_attention import triton_fwd as fw
+    from msa.ops.sparse_attention import triton_impl as fi
     from msa.ops.sparse_attention.triton_impl import kv_outer_config, qo_config
 
     g = HQ // HKV
@@ -65,12 +66,11 @@ def _launches():
     kv_tiles = -(-BLOCK // fc["BLOCK_N"])
     out.append(("sparse_attention_fwd_kernel", fw.sparse_attention_fwd_kernel,
                 dict(Q=bf, K=bf, V=bf, PO=bf, PLSE=f32, ENTRIES=i32, WORK_ROW=i32, WORK_START=i32, WORK_END=i32,
-                     BLOCK_START=i32, BLOCK_LEN=i32, tok0=0, nb_rows=T // BLOCK, qk_scale=0.1),
+                     WORK_ORDER=i32, BLOCK_START=i32, BLOCK_LEN=i32, tok0=0, nb_rows=T // BLOCK, qk_scale=0.1),
                 dict(H_Q=HQ, H_KV=HKV, G=g, TOPK=TOPK, D=D, BLOCK_D=bd, BLOCK_M=fc["BLOCK_M"], BLOCK_N=fc["BLOCK_N"],
                      KV_TILES=kv_tiles, PRELOAD=bool(fc["PRELOAD"]) and kv_tiles == 1, UPCAST=False, DOT_PREC=prec,
                      PREFETCH=fc["PREFETCH"]), fc["num_warps"], fc["num_stages"]))
     # the forward is another engineer's and evolves: take its combine config when it has one
-    from msa.ops.sparse_attention import triton_impl as fi
     if hasattr(fi, "combine_config"):
         cc = fi.combine_config(D, TOPK, HQ)
         cc_const = dict(BLOCK_H=cc["BLOCK_H"], TOK_PER_PROG=cc["TOK_PER_PROG"])
@@ -90,8 +90,28 @@ def _launches():
                      KV_TILES=-(-BLOCK // qc["BLOCK_N"]), UPCAST=False, DOT_PREC=prec),
                 qc["num_warps"], qc["num_stages"]))
 
+    # the query-tiled forward (auto below 32K tokens), union of 8-token tiles: at most 8 * topk entries
+    from msa.ops.utils.tile_union import tile_tokens_for
+    tc = fi.tiled_config(D, g, BLOCK)
+    tt = fi.tiled_tile_tokens(D, g, BLOCK)
+    subs = -(-BLOCK // tt)
+    tiled_args = dict(UIDS=i32, UBITS=i32, UCOUNT=i32, PERM=i32, SEQ_BLOCK_OFFSET="*i64", BLOCK_START=i32,
+                      BLOCK_LEN=i32, block_size=BLOCK)
+    out.append(("sparse_attention_tiled_fwd_kernel (auto below 32K)", fw.sparse_attention_tiled_fwd_kernel,
+                dict(Q=bf, K=bf, V=bf, O=bf, LSE=f32, qk_scale=0.1, **tiled_args),
+                dict(H_Q=HQ, H_KV=HKV, G=g, UMAX=tt * TOPK, TILE_T=tt, SUBS=subs, D=D, BLOCK_D=bd,
+                     BLOCK_M=_pow2(tt * g), BLOCK_N=tc["BLOCK_N"], KV_TILES=-(-BLOCK // tc["BLOCK_N"]), UPCAST=False,
+                     DOT_PREC=prec, EVEN_N=BLOCK % tc["BLOCK_N"] == 0), tc["num_warps"], tc["num_stages"]))
+
     # sparse attention backward
     bc = bw.bwd_config(g, D, BLOCK)
+    ttq = tile_tokens_for(g, bc["DQT_BLOCK_M"], BLOCK)
+    out.append(("sparse_attention_bwd_dq_tiled_kernel (dQ mode tiled, auto below 32K)",
+                bw.sparse_attention_bwd_dq_tiled_kernel,
+                dict(Q=bf, K=bf, V=bf, DO=bf, LSE=f32, DELTA=f32, DQ=bf, qk_scale=0.1, scale=0.1, **tiled_args),
+                dict(H_Q=HQ, H_KV=HKV, G=g, UMAX=ttq * TOPK, TILE_T=ttq, SUBS=-(-BLOCK // ttq), D=D, BLOCK_D=bd,
+                     BLOCK_M=_pow2(ttq * g), BLOCK_N=bc["DQT_BLOCK_N"], KV_TILES=-(-BLOCK // bc["DQT_BLOCK_N"]),
+                     CDT=cdt, DOT_PREC=prec), bc["DQT_WARPS"], bc["DQT_STAGES"]))
     out.append(("sparse_attention_bwd_preprocess_kernel", bw.sparse_attention_bwd_preprocess_kernel,
                 dict(O=bf, DO=bf, DELTA=f32, n_rows=T * HQ), dict(D=D, BLOCK_R=64, BLOCK_D=bd), 4, 3))
     out.append(("sparse_attention_bwd_dq_kernel", bw.sparse_attention_bwd_dq_kernel,
@@ -101,13 +121,13 @@ def _launches():
                      BLOCK_D=bd, CDT=cdt, DOT_PREC=prec), bc["DQ_WARPS"], bc["DQ_STAGES"]))
     out.append(("sparse_attention_bwd_dkdv_kernel", bw.sparse_attention_bwd_dkdv_kernel,
                 dict(Q=bf, K=bf, V=bf, DO=bf, LSE=f32, DELTA=f32, DK=bf, DV=bf, PDK=f32, PDV=f32,
-                     ENTRIES=i32, WORK_ROW=i32, WORK_START=i32, WORK_END=i32, WORK_SLOT=i32, BLOCK_START=i32,
+                     ENTRIES=i32, WORK_ROW=i32, WORK_START=i32, WORK_END=i32, WORK_ORDER=i32, WORK_SLOT=i32, BLOCK_START=i32,
                      BLOCK_LEN=i32, scale=0.1, HQ=HQ, HKV=HKV, NSEL=TOPK, NB=T // BLOCK),
                 dict(G=g, D=D, BLOCK_M=bc["DKDV_BLOCK_M"], BLOCK_N=bc["DKDV_BLOCK_N"], BLOCK_D=bd, BS_PAD=bs_pad,
                      CDT=cdt, DOT_PREC=prec), bc["DKDV_WARPS"], bc["DKDV_STAGES"]))
     out.append(("sparse_attention_bwd_dq_kv_kernel (dQ mode kv, default)", bw.sparse_attention_bwd_dq_kv_kernel,
                 dict(Q=bf, K=bf, V=bf, DO=bf, LSE=f32, DELTA=f32, PDQ=bf, ENTRIES=i32, WORK_ROW=i32,
-                     WORK_START=i32, WORK_END=i32, BLOCK_START=i32, BLOCK_LEN=i32, tok0=0, nb_rows=T // BLOCK,
+                     WORK_START=i32, WORK_END=i32, WORK_ORDER=i32, BLOCK_START=i32, BLOCK_LEN=i32, tok0=0, nb_rows=T // BLOCK,
                      qk_scale=0.1, scale=0.1),
                 dict(H_Q=HQ, H_KV=HKV, G=g, TOPK=TOPK, D=D, BLOCK_D=bd, BLOCK_M=bc["DQKV_BLOCK_M"],
                      BLOCK_N=bc["DQKV_BLOCK_N"], KV_TILES=-(-BLOCK // bc["DQKV_BLOCK_N"]), CDT=cdt, DOT_PREC=prec),
@@ -126,14 +146,33 @@ def _launches():
     kc = kv_config(D, DI)
     out.append(("indexer_kl_fwd_slse_kv_kernel", kk.indexer_kl_fwd_slse_kv_kernel,
                 dict(QI=bf, KI=bf, PLSE=f32, ENTRIES=i32, WORK_ROW=i32, WORK_START=i32, WORK_END=i32,
-                     BLOCK_START=i32, BLOCK_LEN=i32, tok0=0, index_scale=0.1, HKV=HKV, NSEL=TOPK, NB=T // BLOCK),
+                     WORK_ORDER=i32, BLOCK_START=i32, BLOCK_LEN=i32, tok0=0, index_scale=0.1, HKV=HKV, NSEL=TOPK, NB=T // BLOCK),
                 dict(DI=DI, BLOCK_E=64, BLOCK_N=bs_pad, BLOCK_DI=bdi, CDT=cdt, DOT_PREC=prec), 4, 3))
     out.append(("indexer_kl_fwd_kv_heads_kernel (sparse KL)", kk.indexer_kl_fwd_kv_heads_kernel,
                 dict(QI=bf, KI=bf, Q=bf, K=bf, LSE_T=f32, LSE_S=f32, KLP=f32, DQP=f32, PART=f32, ENTRIES=i32,
-                     WORK_ROW=i32, WORK_START=i32, WORK_END=i32, BLOCK_START=i32, BLOCK_LEN=i32, tok0=0,
-                     qk2=0.1, is2=0.1, HQ=HQ, HKV=HKV, NSEL=TOPK, NB=T // BLOCK),
+                     WORK_ROW=i32, WORK_START=i32, WORK_END=i32, WORK_ORDER=i32, BLOCK_START=i32, BLOCK_LEN=i32,
+                     tok0=0, qk2=0.1, is2=0.1, HQ=HQ, HKV=HKV, NSEL=TOPK, NB=T // BLOCK),
                 dict(G=g, D=D, DI=DI, BLOCK_E=kc["BLOCK_E"], BS_PAD=bs_pad, BLOCK_D=bd, BLOCK_DI=bdi, CDT=cdt,
                      DOT_PREC=prec, WITH_GRAD=True), kc["num_warps"], kc["num_stages"]))
+    # indexer KL, sparse phase, query-tiled (tuning.sparse_kl_kernel="tiled"): the forward's tiles
+    kt = kl_tiled_config(D, DI, g, BLOCK)
+    gp2 = _pow2(g, 1)
+    ttk = tile_tokens_for(gp2, kt["BLOCK_M"], BLOCK)
+    ttk2 = _pow2(ttk, 1)
+    sr = max(16, ttk2)
+    gp2 = max(gp2, sr // ttk2)
+    out.append(("indexer_kl_fwd_tiled_kernel (sparse KL, tiled)", kk.indexer_kl_fwd_tiled_kernel,
+                dict(QI=bf, KI=bf, Q=bf, K=bf, LSE_T=f32, BI=i32, KLT=f32, DQI=f32, GBUF=bf, qk2=0.1, is2=0.1,
+                     **tiled_args),
+                dict(H_Q=HQ, H_KV=HKV, G=g, G_P2=gp2, NSEL=TOPK, BLOCK_K=_pow2(TOPK, 1), UMAX=ttk * TOPK, TILE_T=ttk,
+                     SUBS=-(-BLOCK // ttk), SR=sr, D=D, DI=DI, BLOCK_D=bd, BLOCK_DI=bdi, BLOCK_M=ttk2 * gp2,
+                     BLOCK_N=kt["BLOCK_N"], KV_TILES=-(-BLOCK // kt["BLOCK_N"]), BS_PAD=bs_pad, CDT=cdt,
+                     DOT_PREC=prec, WITH_GRAD=True), kt["num_warps"], kt["num_stages"]))
+    out.append(("indexer_kl_bwd_dk_items_kernel (sparse KL, tiled: dk_idx)", kk.indexer_kl_bwd_dk_items_kernel,
+                dict(QI=bf, GBUF=bf, PART=f32, ENTRIES=i32, WORK_ROW=i32, WORK_START=i32, WORK_END=i32,
+                     WORK_ORDER=i32, BLOCK_LEN=i32, NSEL=TOPK, NB=T // BLOCK),
+                dict(H_KV=HKV, DI=DI, BLOCK_E=kt["DK_BLOCK_E"], BS_PAD=bs_pad, BLOCK_DI=bdi, CDT=cdt, DOT_PREC=prec),
+                4, 3))
     out.append(("indexer_kl_bwd_sparse_reduce_kernel", kk.indexer_kl_bwd_sparse_reduce_kernel,
                 dict(PART=f32, DKI=f32, ROW_ITEMS=i32, ROW_FIRST=i32, BLOCK_START=i32, BLOCK_LEN=i32, mult=0.1,
                      HKV=HKV, NB=T // BLOCK),

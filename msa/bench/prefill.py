@@ -34,7 +34,7 @@ Shape: batch 1, H_q 64, H_kv 4, D 128, d_idx 128, B_k 128, k 16, bf16. Sizes T =
    torch.cuda.max_memory_allocated during the variant. Inputs are not rotated: every tensor is
    >= 128 MB at T >= 8K, larger than L2.
    --sweep T also times a few launch configurations / partial budgets of both kernels at T
-   (env knobs of msa/ops/sparse_attention/triton_impl.py) to tune the defaults.
+   (``msa.tuning`` overrides) to tune the defaults.
 3. Output: DIR/bench_prefill.json (GPU, versions, command, gate, results), DIR/bench_prefill.png,
    and a table printed last.
 """

@@ -88,13 +88,52 @@ SPARSE = [
     (1, 63, 2, 3, 16, 16, 16, 3, None, 5, True),
     (2, 129, 1, 8, 16, 16, 32, 2, None, 16, False),
     (1, 200, 1, 16, 16, 16, 16, 3, torch.tensor([0, 37, 100, 163, 200], dtype=torch.int32), 6, True),
+    (1, 70, 2, 64, 16, 32, 16, 2, None, None, False),  # 2 tokens per tile (tiled: 8 student rows per token)
 ]
 
 
+@pytest.mark.parametrize("kernel", ["kv", "tiled"])
 @pytest.mark.parametrize("bsz,t,hkv,g,d,di,block_size,topk,cu,c,pad_rows", SPARSE)
-def test_sparse_kl_matches_reference(bsz, t, hkv, g, d, di, block_size, topk, cu, c, pad_rows):
+def test_sparse_kl_matches_reference(tuned, kernel, bsz, t, hkv, g, d, di, block_size, topk, cu, c, pad_rows):
+    # kv: KV-outer over the reverse index; tiled: the main branch's query tiles (tile union), g buffered
+    tuned(sparse_kl_kernel=kernel)
     qi, ki, q, k, bi, cu = make_case(bsz, t, hkv, g, d, di, block_size, topk, cu, True, pad_rows)
     check(*run_both(qi, ki, q, k, bi, cu, block_size, c))
+
+
+@pytest.mark.parametrize("order", ["consecutive", "greedy"])
+def test_sparse_kl_tiled_orders_and_tiles(tuned, order):
+    # the tiled KL under both token orders of the tiles, key tiles narrower than the block (2 per block),
+    # 64 teacher rows (4 tokens x 16 heads: 4 student rows per token) and a short last block; same result
+    # as the KV-outer kernel, bitwise repeatable
+    tuned(sparse_kl_kernel="tiled", tile_order=order, kl_tiled_config={"BLOCK_M": 64, "BLOCK_N": 16, "DK_BLOCK_E": 32})
+    qi, ki, q, k, bi, cu = make_case(1, 150, 2, 16, 16, 16, 32, 3, torch.tensor([0, 70, 150], dtype=torch.int32),
+                                     pad_rows=True, seed=3)
+    ref, got = run_both(qi, ki, q, k, bi, cu, 32)
+    check(ref, got)
+    _, again = run_both(qi, ki, q, k, bi, cu, 32)
+    for x, y in zip(got, again):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("kernel", ["kv", "tiled"])
+def test_sparse_kl_without_grad(tuned, kernel):
+    # under no_grad (evaluation) the kernels skip the gradients; the loss is the same
+    tuned(sparse_kl_kernel=kernel)
+    qi, ki, q, k, bi, cu = make_case(1, 90, 2, 4, 16, 16, 16, 3, seed=5)
+    kw = dict(block_size=16, scale=0.25, index_scale=0.25, cu_seqlens=None)
+    with torch.no_grad():
+        a = indexer_kl_triton(qi, ki, q, k, bi, **kw)
+    b = indexer_kl_reference(qi, ki, q, k, bi, **kw)
+    assert abs(a.item() - b.item()) <= LTOL * max(1.0, abs(b.item()))
+
+
+def test_sparse_kl_tiled_budget_error(tuned):
+    # the g buffer over tuning.kl_partial_bytes: a clear error naming the field, before any launch
+    tuned(sparse_kl_kernel="tiled", kl_partial_bytes=1000)
+    qi, ki, q, k, bi, cu = make_case(1, 40, 1, 2, 16, 16, 16, 2)
+    with pytest.raises(ValueError, match="kl_partial_bytes"):
+        run_both(qi, ki, q, k, bi, cu, 16)
 
 
 DENSE = [
@@ -126,18 +165,22 @@ def test_teacher_lse_from_forward(sparse):
 
 
 def test_detach_rule_and_repeatability():
+    # repeatable, and the KV-outer launch order (tuning.work_order) changes nothing
+    import msa.tuning
     qi, ki, q, k, bi, cu = make_case(1, 80, 2, 3, 16, 16, 16, 3)
     kw = dict(block_size=16, scale=0.25, index_scale=0.25, cu_seqlens=cu, max_queries_per_item=4)
     outs = []
-    for _ in range(2):
+    for order in ("items", "items", "longest-first"):
         a, b = qi.clone().requires_grad_(True), ki.clone().requires_grad_(True)
         qq, kk = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
-        loss = indexer_kl_triton(a, b, qq, kk, bi, **kw)
-        loss.backward()
+        with msa.tuning.override(work_order=order):
+            loss = indexer_kl_triton(a, b, qq, kk, bi, **kw)
+            loss.backward()
         assert qq.grad is None and kk.grad is None  # the teacher never moves the backbone
         outs.append((loss.detach(), a.grad, b.grad))
-    for x, y in zip(*outs):
-        assert torch.equal(x, y)
+    for out in outs[1:]:
+        for x, y in zip(outs[0], out):
+            assert torch.equal(x, y)
 
 
 def test_interface_dispatch():

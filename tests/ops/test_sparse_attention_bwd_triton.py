@@ -21,6 +21,8 @@ if os.environ.get("TRITON_INTERPRET") is None:
 import pytest
 import torch
 
+import msa.tuning
+
 from msa.ops.select_blocks.reference import select_blocks_reference
 from msa.ops.sparse_attention.reference import sparse_attention_reference
 from msa.ops.sparse_attention.triton_bwd import sparse_attention_bwd_triton
@@ -165,16 +167,21 @@ def test_bwd_other_launch_configs(tuned):
         assert rel(got, ref) < TOL, f"{name} rel err {rel(got, ref):.3e}"
 
 
-def test_bwd_bitwise_repeatable_with_split_rows():
+@pytest.mark.parametrize("dq_mode", ["kv", "tiled"])
+def test_bwd_bitwise_repeatable_with_split_rows(dq_mode, tuned):
+    # repeatable, and the KV-outer kernels' launch order (tuning.work_order) changes nothing
+    tuned(sparse_bwd_dq=dq_mode)
     q, k, v, bi, cu = make_case(1, 129, 2, 3, 16, 16, 3, torch.tensor([0, 50, 129], dtype=torch.int32))
     scale = 0.25
     o, lse, do, _ = reference_grads(q, k, v, bi, 16, scale, cu)
-    a = sparse_attention_bwd_triton(do, q, k, v, o, lse, bi, block_size=16, scale=scale, cu_seqlens=cu,
-                                    max_queries_per_item=4)
-    b = sparse_attention_bwd_triton(do, q, k, v, o, lse, bi, block_size=16, scale=scale, cu_seqlens=cu,
-                                    max_queries_per_item=4)
-    for x, y in zip(a, b):
-        assert torch.equal(x, y)
+    runs = []
+    for order in ("items", "items", "longest-first"):
+        with msa.tuning.override(work_order=order):
+            runs.append(sparse_attention_bwd_triton(do, q, k, v, o, lse, bi, block_size=16, scale=scale,
+                                                    cu_seqlens=cu, max_queries_per_item=4))
+    for run in runs[1:]:
+        for x, y in zip(runs[0], run):
+            assert torch.equal(x, y)
 
 
 def test_split_size_does_not_change_result_much():

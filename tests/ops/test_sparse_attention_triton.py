@@ -200,12 +200,16 @@ def test_combine_head_blocks_and_tokens_per_program(tuned):
     check_against_reference(q, k, v, bi, cu, 16, kernel="kv")
 
 
-def test_deterministic():
+def test_deterministic(tuned):
+    # repeatable, and the KV-outer launch order (tuning.work_order) changes nothing
     q, k, v, bi, cu = make_inputs(80, 2, 3, 16, 16, 3, seed=9)
     kw = dict(block_size=16, scale=0.25, cu_seqlens=None, kernel="kv", max_queries_per_item=4)
     o1, l1 = sparse_attention_fwd_triton(q, k, v, bi, **kw)
     o2, l2 = sparse_attention_fwd_triton(q, k, v, bi, **kw)
     assert torch.equal(o1, o2) and torch.equal(l1, l2)
+    tuned(work_order="longest-first")
+    o3, l3 = sparse_attention_fwd_triton(q, k, v, bi, **kw)
+    assert torch.equal(o1, o3) and torch.equal(l1, l3)
 
 
 def test_public_interface_and_backward():
@@ -257,6 +261,30 @@ def test_reverse_index_token_range_matches_full():
         # work items tile every row exactly, at most 4 entries each
         s, e = part.work_start, part.work_end
         assert ((e - s) <= 4).all() and int((e - s).sum()) == int(part.row_ptr[-1])
+        # launch order: item order by default
+        assert torch.equal(part.work_order, torch.arange(len(s), dtype=torch.int32, device=s.device))
+
+
+def test_reverse_index_longest_first(tuned):
+    # tuning.work_order="longest-first": every item once, longest first, equal lengths in item order
+    from msa.ops.utils.reverse_index import _build_reverse_index_torch, block_layout
+    tuned(work_order="longest-first")
+    q, k, v, bi, cu = make_inputs([40, 9, 60], 2, 1, 16, 16, 3, packed=True, seed=15)
+    layout = block_layout(1, 109, 16, cu, DEVICE)
+    for ri in (build_reverse_index(bi, 16, cu, 4, layout=layout), _build_reverse_index_torch(bi, layout, 8, 0, 109, 4)):
+        order = ri.work_order.tolist()
+        assert ri.work_order.dtype == torch.int32 and sorted(order) == list(range(len(order)))
+        lens = (ri.work_end - ri.work_start).tolist()
+        assert len(set(lens)) > 2 and order != sorted(order)  # the case orders something
+        assert all((-lens[a], a) < (-lens[b], b) for a, b in zip(order, order[1:]))
+
+
+def test_hot_row_split(tuned):
+    # the spec's 2 * k * B_k (at least 64) unless msa.tuning's max_queries_per_item is set
+    from msa.ops.utils.reverse_index import hot_row_split
+    assert hot_row_split(128, 16) == 4096 and hot_row_split(4, 2) == 64
+    tuned(max_queries_per_item=7)
+    assert hot_row_split(128, 16) == 7
 
 
 def test_block_layout_values_and_cache():

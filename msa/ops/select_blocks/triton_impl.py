@@ -26,7 +26,7 @@ from ..utils.triton_helpers import interpreting, next_pow2, num_sms
 from ...cache.fp8 import quantize_fp8, quantize_fp8_key_blocks
 from ..common import cu_seqlens_host
 from ..topk.triton_kernels import SENTINEL, launch_block_topk
-from ..utils.reverse_index import block_layout, build_reverse_index
+from ..utils.reverse_index import block_layout, build_reverse_index, hot_row_split
 from ..utils.triton_helpers import dot_precision, tl_compute_dtype
 from .triton_kernels import index_rescore_kernel, index_scores_fwd_kernel
 
@@ -168,12 +168,13 @@ def _rescore(q: torch.Tensor, k: torch.Tensor, cand: torch.Tensor, pos: torch.Te
     dim = q.shape[-1]
     q, k = q.contiguous(), k.contiguous()  # the kernel indexes dense rows (the score kernel takes strides)
     layout = block_layout(bsz, t, block_size, cu_seqlens, q.device)
-    mq = max(64, 2 * n * block_size)
+    mq = hot_row_split(block_size, n)
     ri = build_reverse_index(cand, block_size, cu_seqlens, mq, layout=layout)
     keys = torch.full((bsz * t * heads, n), SENTINEL, dtype=torch.int32, device=q.device)  # -1 slots stay out
     block_n = max(16, min(128, next_pow2(block_size)))
     index_rescore_kernel[(ri.work_row.numel(),)](
-        q, k, keys, ri.entries, ri.work_row, ri.work_start, ri.work_end, layout.block_start, layout.block_len,
+        q, k, keys, ri.entries, ri.work_row, ri.work_start, ri.work_end, ri.work_order, layout.block_start,
+        layout.block_len,
         layout.seq_block_offset, pos, float(scale), block_size, init_blocks, local_blocks, layout.num_blocks,
         H_KV=heads, NSEL=n, DI=dim, BLOCK_E=64, BLOCK_N=block_n, BLOCK_DI=next_pow2(dim, 16),
         KV_TILES=triton.cdiv(block_size, block_n), CDT=tl_compute_dtype(q.dtype), DOT_PREC=dot_precision(q.dtype),

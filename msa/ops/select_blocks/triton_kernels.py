@@ -179,7 +179,7 @@ def index_scores_fwd_kernel(
 
 
 @triton.jit
-def index_rescore_kernel(QI, KI, KEYS, ENTRIES, WORK_ROW, WORK_START, WORK_END, BLOCK_START, BLOCK_LEN,
+def index_rescore_kernel(QI, KI, KEYS, ENTRIES, WORK_ROW, WORK_START, WORK_END, WORK_ORDER, BLOCK_START, BLOCK_LEN,
                          SEQ_BLOCK_OFFSET, POS, scale, block_size, init_blocks, local_blocks, NB,
                          H_KV: tl.constexpr, NSEL: tl.constexpr, DI: tl.constexpr, BLOCK_E: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_DI: tl.constexpr, KV_TILES: tl.constexpr,
@@ -190,7 +190,7 @@ def index_rescore_kernel(QI, KI, KEYS, ENTRIES, WORK_ROW, WORK_START, WORK_END, 
     int32 (T_all * H_KV * NSEL,) at ((token * H_KV + r) * NSEL + slot): the order key
     (``msa.ops.topk``) of max_{key j in the block, j <= token} <q, k_j> * scale, or of +inf for a forced
     block (init_blocks leading, local_blocks trailing); slots of -1 are left as the caller filled them."""
-    w = tl.program_id(0)
+    w = tl.load(WORK_ORDER + tl.program_id(0))  # longest items first (ReverseIndex.work_order)
     start = tl.load(WORK_START + w)
     end = tl.load(WORK_END + w)
     if start < end:

@@ -44,7 +44,8 @@ import triton.language as tl
 
 from ..utils.triton_helpers import dot_precision, interpreting, next_pow2, tl_compute_dtype
 
-from ..utils.reverse_index import ReverseIndex, SelectionPlan, blocks_before, build_reverse_index
+from ..utils.reverse_index import (ReverseIndex, SelectionPlan, blocks_before, build_reverse_index,
+                                   hot_row_split)
 from ..utils.tile_union import build_tile_union, tile_rows, tile_tokens_for, union_block
 from ... import tuning
 from ...tuning import merge_launch_config
@@ -124,12 +125,16 @@ def sparse_attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, BI, SEQ_START, s
 
 @triton.jit
 def sparse_attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PDK, PDV, ENTRIES, WORK_ROW, WORK_START,
-                                     WORK_END, WORK_SLOT, BLOCK_START, BLOCK_LEN, scale, HQ, HKV, NSEL, NB,
+                                     WORK_END, WORK_ORDER, WORK_SLOT, BLOCK_START, BLOCK_LEN, scale, HQ, HKV, NSEL,
+                                     NB,
                                      G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BS_PAD: tl.constexpr,
                                      CDT: tl.constexpr, DOT_PREC: tl.constexpr):
-    w = tl.program_id(0)
-    sub = tl.program_id(1)  # key sub-tile of the block (keeps the dK/dV accumulators in registers)
+    # programs p = item rank * SUBS + key sub-tile: an item's sub-tiles launch together, longest items
+    # first (ReverseIndex.work_order); a sub-tile keeps the dK/dV accumulators in registers
+    SUBS: tl.constexpr = BS_PAD // BLOCK_N
+    w = tl.load(WORK_ORDER + tl.program_id(0) // SUBS)
+    sub = tl.program_id(0) % SUBS
     ENT: tl.constexpr = BLOCK_M // G  # query positions per MMA tile
     row = tl.load(WORK_ROW + w)
     start = tl.load(WORK_START + w)
@@ -221,7 +226,7 @@ LOG2E_C = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def sparse_attention_bwd_dq_kv_kernel(Q, K, V, DO, LSE, DELTA, PDQ, ENTRIES, WORK_ROW, WORK_START, WORK_END,
+def sparse_attention_bwd_dq_kv_kernel(Q, K, V, DO, LSE, DELTA, PDQ, ENTRIES, WORK_ROW, WORK_START, WORK_END, WORK_ORDER,
                                       BLOCK_START, BLOCK_LEN, tok0, nb_rows, qk_scale, scale,
                                       H_Q: tl.constexpr, H_KV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr,
                                       D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -236,7 +241,7 @@ def sparse_attention_bwd_dq_kv_kernel(Q, K, V, DO, LSE, DELTA, PDQ, ENTRIES, WOR
     partial buffer (bf16/fp16 for 16-bit inputs, fp32 otherwise) indexed by the chunk-local entry
     (token - tok0) * TOPK + slot. Rows pack query positions x heads as in the forward KV-outer kernel.
     """
-    w = tl.program_id(0)
+    w = tl.load(WORK_ORDER + tl.program_id(0))  # longest items first (ReverseIndex.work_order)
     start = tl.load(WORK_START + w)
     end = tl.load(WORK_END + w)
     if start < end:  # empty items (the grid is a shape bound) touch nothing
@@ -405,12 +410,6 @@ def dq_mode(ntok: int = 0) -> str:
     return mode
 
 
-def default_max_queries_per_item(block_size: int, topk: int) -> int:
-    """Hot-row chunk: ~2 * k * B_k queries as in the spec (at least 64 so tiles stay full)."""
-    return max(64, 2 * topk * block_size)
-
-
-
 def _dq_kv_outer(q, k, v, do, lse, delta, bi, *, block_size: int, scale: float, cu_seqlens, mq: int, cfg,
                  full_index: ReverseIndex, partial_budget_bytes: Optional[int], timer,
                  plan: Optional[SelectionPlan] = None) -> torch.Tensor:
@@ -452,7 +451,8 @@ def _dq_kv_outer(q, k, v, do, lse, delta, bi, *, block_size: int, scale: float, 
             timer.stop()
         timer.start("dq_kernel")
         sparse_attention_bwd_dq_kv_kernel[(ri.work_row.numel(),)](
-            q, k, v, do, lse, delta, pdq, ri.entries, ri.work_row, ri.work_start, ri.work_end, layout.block_start,
+            q, k, v, do, lse, delta, pdq, ri.entries, ri.work_row, ri.work_start, ri.work_end, ri.work_order,
+            layout.block_start,
             layout.block_len, t0, nbr, float(scale) * LOG2E, float(scale),
             H_Q=hq, H_KV=hkv, G=g, TOPK=nsel, D=d, BLOCK_D=block_d, BLOCK_M=cfg["DQKV_BLOCK_M"], BLOCK_N=block_n,
             KV_TILES=triton.cdiv(block_size, block_n), CDT=cdt, DOT_PREC=prec, num_warps=cfg["DQKV_WARPS"],
@@ -566,7 +566,7 @@ def sparse_attention_bwd_triton(do: torch.Tensor, q: torch.Tensor, k: torch.Tens
         dq = _dq_tiled(q, k, v, do, lse, delta, bi, block_size=block_size, scale=scale, cu_seqlens=cu_seqlens,
                        timer=timer, plan=plan)
 
-    c = max_queries_per_item or default_max_queries_per_item(block_size, nsel)
+    c = max_queries_per_item or hot_row_split(block_size, nsel)
     if plan is not None:
         c = plan.max_queries_per_item
         reverse_index = plan.full_index()
@@ -601,8 +601,8 @@ def sparse_attention_bwd_triton(do: torch.Tensor, q: torch.Tensor, k: torch.Tens
     block_m = cfg["DKDV_BLOCK_M"]
     block_n = cfg["DKDV_BLOCK_N"]
     timer.start("dkdv_kernel")
-    sparse_attention_bwd_dkdv_kernel[(n_items, bs_pad // block_n)](
-        q, k, v, do, lse, delta, dk, dv, pdk, pdv, ri.entries, ri.work_row, ri.work_start, ri.work_end,
+    sparse_attention_bwd_dkdv_kernel[(n_items * (bs_pad // block_n),)](
+        q, k, v, do, lse, delta, dk, dv, pdk, pdv, ri.entries, ri.work_row, ri.work_start, ri.work_end, ri.work_order,
         slot_of_item.to(torch.int32), ri.layout.block_start, ri.layout.block_len, float(scale), hq, hkv, nsel, nb,
         G=g, D=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BS_PAD=bs_pad, CDT=cdt, DOT_PREC=prec,
         num_warps=cfg["DKDV_WARPS"], num_stages=cfg["DKDV_STAGES"])

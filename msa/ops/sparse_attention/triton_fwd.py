@@ -99,8 +99,8 @@ def _single_tile(q, k, v, visible, qk_scale, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def sparse_attention_fwd_kernel(Q, K, V, PO, PLSE, ENTRIES, WORK_ROW, WORK_START, WORK_END, BLOCK_START, BLOCK_LEN,
-                                tok0, nb_rows, qk_scale,
+def sparse_attention_fwd_kernel(Q, K, V, PO, PLSE, ENTRIES, WORK_ROW, WORK_START, WORK_END, WORK_ORDER, BLOCK_START,
+                                BLOCK_LEN, tok0, nb_rows, qk_scale,
                                 H_Q: tl.constexpr, H_KV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr,
                                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_N: tl.constexpr, KV_TILES: tl.constexpr, PRELOAD: tl.constexpr,
@@ -117,7 +117,7 @@ def sparse_attention_fwd_kernel(Q, K, V, PO, PLSE, ENTRIES, WORK_ROW, WORK_START
     instead of re-reading it (from L2) per tile. Entries of a row are sorted by token, so within a
     block all causal masking concerns the block's own queries; the mask is a cheap int32 compare.
     """
-    w = tl.program_id(0)
+    w = tl.load(WORK_ORDER + tl.program_id(0))  # longest items first (ReverseIndex.work_order)
     start = tl.load(WORK_START + w)
     end = tl.load(WORK_END + w)
     # empty items (the grid is an upper bound from shapes) must not touch the K/V block

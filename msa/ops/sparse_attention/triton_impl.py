@@ -35,7 +35,8 @@ from ..utils.triton_helpers import interpreting, next_pow2
 from ... import tuning
 from ...tuning import merge_launch_config
 from .reference import sparse_attention_reference
-from ..utils.reverse_index import SelectionPlan, block_layout, blocks_before, build_reverse_index
+from ..utils.reverse_index import (SelectionPlan, block_layout, blocks_before, build_reverse_index,
+                                   hot_row_split)
 from ..utils.tile_union import build_tile_union, tile_tokens_for
 from .triton_fwd import (sparse_attention_combine_fwd_kernel, sparse_attention_fwd_kernel,
                          sparse_attention_qo_fwd_kernel, sparse_attention_tiled_fwd_kernel)
@@ -261,7 +262,7 @@ def sparse_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     cfg = kv_outer_config(d, g, block_size)
     kv_tiles = math.ceil(block_size / cfg["BLOCK_N"])
     preload = bool(cfg["PRELOAD"]) and kv_tiles == 1
-    mq = max_queries_per_item or max(1, 2 * topk * block_size)
+    mq = max_queries_per_item or hot_row_split(block_size, topk)
     starts = layout.starts
     # partial buffers sized for one chunk and reused: launches on one stream run in order
     po = _buffer(chunk * topk, hq, d, dtype=pdtype, device=dev)
@@ -280,7 +281,7 @@ def sparse_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         timer.stop()
         timer.start("kv_kernel")
         sparse_attention_fwd_kernel[(ri.work_row.numel(),)](
-            q, k, v, po, plse, ri.entries, ri.work_row, ri.work_start, ri.work_end, layout.block_start,
+            q, k, v, po, plse, ri.entries, ri.work_row, ri.work_start, ri.work_end, ri.work_order, layout.block_start,
             layout.block_len, t0, nbr, qk_scale,
             H_Q=hq, H_KV=hkv, G=g, TOPK=topk, D=d, BLOCK_D=block_d, BLOCK_M=cfg["BLOCK_M"],
             BLOCK_N=cfg["BLOCK_N"], KV_TILES=kv_tiles, PRELOAD=preload, UPCAST=upcast, DOT_PREC=dot_prec,
@@ -302,10 +303,9 @@ def selection_plan(block_indices: torch.Tensor, *, block_size: int, cu_seqlens: 
     D, ``dtype`` of q) and the KL (``index_dim``): one query chunking that fits the forward's and the
     dQ's partial budget and the KL's, so all three reuse the same reverse indices."""
     from ..indexer_kl.triton_impl import kl_chunk_tokens
-    from .triton_bwd import default_max_queries_per_item
     topk = block_indices.shape[3]
     hkv = block_indices.shape[2]
     per_token = partial_bytes_per_token(topk, num_heads, head_dim, dtype)
     chunk = min(_partial_budget(None, block_indices.device) // per_token, kl_chunk_tokens(topk, hkv, index_dim))
     return SelectionPlan(block_indices, block_size, cu_seqlens, chunk,
-                         default_max_queries_per_item(block_size, topk))
+                         hot_row_split(block_size, topk))

@@ -72,6 +72,15 @@ def sparse_attention_revidx_items_fwd_kernel(WROW, ROW_PTR, ITEMS, ITEM_PTR, WOR
     tl.store(WORK_END + w, tl.where(valid, end, 0), mask=ok)
 
 
+def hot_row_split(block_size: int, topk: int) -> int:
+    """The hot-row split of a reverse index: at most this many (query, slot) entries per work item.
+    ``msa.tuning`` field ``max_queries_per_item`` when set, else the spec's 2 * topk * block_size (at
+    least 64, so the kernels' tiles stay full)."""
+    from ... import tuning
+    fixed = tuning.current().max_queries_per_item
+    return int(fixed) if fixed is not None else max(64, 2 * topk * block_size)
+
+
 class BlockLayout(NamedTuple):
     """Where each global key block lives.
 
@@ -97,6 +106,11 @@ class ReverseIndex(NamedTuple):
     row_ptr[-1] values are ``token * K + slot`` sorted by row then token.
     work_row, work_start, work_end: int32 (max_items,): work item w covers entries
     [work_start[w], work_end[w]) of row work_row[w]; unused items have start == end.
+    work_order: int32 (max_items,): the launch order, program p of a KV-outer kernel runs item
+    work_order[p]: item order, or longest first (``msa.tuning`` field ``work_order``; causal
+    selections make the early blocks' rows the longest, and in item order the last long items may
+    start late and run alone at the end of a short kernel). The order changes only which program runs
+    an item, not what it writes.
     """
 
     layout: BlockLayout
@@ -105,6 +119,7 @@ class ReverseIndex(NamedTuple):
     work_row: torch.Tensor
     work_start: torch.Tensor
     work_end: torch.Tensor
+    work_order: torch.Tensor
 
 
 def _spans(batch: int, seqlen: int, cu_seqlens: Optional[torch.Tensor]) -> Tuple[Tuple[int, int], ...]:
@@ -206,7 +221,7 @@ def build_reverse_index(block_indices: torch.Tensor, block_size: int, cu_seqlens
     work_end = torch.empty_like(work_row)
     sparse_attention_revidx_items_fwd_kernel[(triton.cdiv(max_items, _BLOCK),)](
         wrow, row_ptr, items, item_ptr, work_row, work_start, work_end, rows, max_items, C=c, BLOCK=_BLOCK)
-    return ReverseIndex(layout, row_ptr, entries, work_row, work_start, work_end)
+    return ReverseIndex(layout, row_ptr, entries, work_row, work_start, work_end, _launch_order(work_start, work_end))
 
 
 def _build_reverse_index_torch(block_indices, layout, nb, t0, t1, max_queries_per_item) -> ReverseIndex:
@@ -243,8 +258,19 @@ def _build_reverse_index_torch(block_indices, layout, nb, t0, t1, max_queries_pe
     end = torch.minimum(start + c, row_ptr[wrow_c + 1])
     start = torch.where(valid, start, torch.zeros_like(start))
     end = torch.where(valid, end, torch.zeros_like(end))
-    return ReverseIndex(layout, row_ptr.to(torch.int32), entries, wrow_c.to(torch.int32), start.to(torch.int32),
-                        end.to(torch.int32))
+    start, end = start.to(torch.int32), end.to(torch.int32)
+    return ReverseIndex(layout, row_ptr.to(torch.int32), entries, wrow_c.to(torch.int32), start, end,
+                        _launch_order(start, end))
+
+
+def _launch_order(start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """int32 launch order of the work items (``ReverseIndex.work_order``): item order, or with
+    ``tuning.work_order == "longest-first"`` by length, longest first, ties in item order (a stable
+    device sort of max_items values; no host sync)."""
+    from ... import tuning
+    if tuning.current().work_order == "longest-first":
+        return torch.sort(end - start, descending=True, stable=True).indices.to(torch.int32)
+    return torch.arange(start.numel(), dtype=torch.int32, device=start.device)
 
 
 class SelectionPlan:

@@ -1,0 +1,93 @@
+"""Timing probe (session 31, not yet run): what short training steps (8K-16K tokens) may gain from
+the reverse index's hot-row split (``msa.tuning`` field ``max_queries_per_item``), the launch order
+of its work items (``work_order``: "items" or "longest-first") and the query-tiled sparse KL
+(``sparse_kl_kernel``: "kv" or "tiled"), on random and replayed selections.
+
+    PYTHONPATH=. OUT=DIR python benchmarks/dev/short_step_probe.py [--sizes 8192,16384] [--splits 4096,1024]
+
+Paper shape (H_q 64, H_kv 4, D 128, d_idx 128, blocks of 128, top-16, bf16, batch 1). First the
+tiled KL against the KV-outer one (loss and both gradients, relative error). Then per case: the
+attention backward's dK/dV kernel (CUDA events of ``stage_times``), the sparse KL forward + backward
+(teacher lse given, as in a training step) and the whole sparse step (select + attention
+forward/backward + KL), each a median. Writes OUT/short_step_probe.json.
+"""
+import argparse
+import json
+import os
+
+import torch
+import triton
+
+import msa
+import msa.tuning
+from msa.bench.selections import realistic_indices
+from msa.bench.train import make_inputs, median_ms
+from msa.ops.indexer_kl.triton_impl import indexer_kl_triton
+from msa.ops.sparse_attention.triton_bwd import sparse_attention_bwd_triton
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--sizes", default="8192,16384")
+ap.add_argument("--splits", default="4096,2048,1024,512")
+args = ap.parse_args()
+out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+       "command": "python benchmarks/dev/short_step_probe.py --sizes %s --splits %s" % (args.sizes, args.splits),
+       "rows": []}
+BS, TOPK, D = 128, 16, 128
+kw = dict(block_size=BS, scale=D ** -0.5, index_scale=128 ** -0.5, cu_seqlens=None)
+
+for t in [int(x) for x in args.sizes.split(",")]:
+    q, k, v, qi, ki, do = make_inputs(t)
+    for x in (q, k, v, qi, ki):
+        x.requires_grad_(True)
+    with torch.no_grad():
+        rand = msa.select_blocks(qi, ki, block_size=BS, topk=TOPK, backend="triton")
+    for kind, bi in (("random", rand), ("replayed", realistic_indices(t, 4, TOPK, BS, q.device))):
+        with torch.no_grad():
+            o, lse = msa.sparse_attention(q, k, v, bi, block_size=BS, return_lse=True, backend="triton")
+
+        def dkdv():
+            st = {}
+            sparse_attention_bwd_triton(do, q.detach(), k.detach(), v.detach(), o, lse, bi, block_size=BS,
+                                        scale=D ** -0.5, cu_seqlens=None, stage_times=st)
+            return st
+
+        def kl():
+            loss = indexer_kl_triton(qi, ki, q.detach(), k.detach(), bi, **kw, teacher_lse=lse)
+            torch.autograd.grad(loss, (qi, ki))
+
+        def step():
+            with torch.no_grad():
+                msa.select_blocks(qi, ki, block_size=BS, topk=TOPK, backend="triton")
+            o2, lse2 = msa.sparse_attention(q, k, v, bi, block_size=BS, return_lse=True, backend="triton")
+            torch.autograd.grad(o2, (q, k, v), do)
+            loss = indexer_kl_triton(qi, ki, q.detach(), k.detach(), bi, **kw, teacher_lse=lse2)
+            torch.autograd.grad(loss, (qi, ki))
+
+        grads = {}
+        for kern in ("kv", "tiled"):
+            with msa.tuning.override(sparse_kl_kernel=kern):
+                loss = indexer_kl_triton(qi, ki, q.detach(), k.detach(), bi, **kw, teacher_lse=lse)
+                grads[kern] = (loss.detach(),) + torch.autograd.grad(loss, (qi, ki))
+        rel = [float((a.double() - b.double()).norm() / b.double().norm()) for a, b in zip(grads["tiled"], grads["kv"])]
+        errs = dict(zip(("loss", "dq_idx", "dk_idx"), rel))
+        out["rows"].append({"T": t, "selections": kind, "tiled_vs_kv_rel_err": errs})
+        print(out["rows"][-1], flush=True)
+        for cfg in ("BLOCK_N=64,num_stages=2", "BLOCK_N=64,num_stages=3", "BLOCK_N=128,num_stages=1",
+                    "BLOCK_N=32,num_stages=3"):  # the tiled KL's launch configurations (all compile: aot_check)
+            with msa.tuning.override(sparse_kl_kernel="tiled", **msa.tuning.parse(f"kl_tiled_config={cfg}")):
+                out["rows"].append({"T": t, "selections": kind, "kl": "tiled", "kl_tiled_config": cfg,
+                                    "kl_fwd_bwd_ms": median_ms(kl)})
+            print(out["rows"][-1], flush=True)
+        for kern, order in (("kv", "items"), ("kv", "longest-first"), ("tiled", "longest-first")):
+            for split in [int(x) for x in args.splits.split(",")]:
+                with msa.tuning.override(max_queries_per_item=split, work_order=order, sparse_kl_kernel=kern):
+                    stages = [dkdv() for _ in range(7)][2:]
+                    row = {"T": t, "selections": kind, "kl": kern, "work_order": order, "split": split,
+                           "dkdv_kernel_ms": sorted(s["dkdv_kernel"] for s in stages)[2],
+                           "dkdv_reduce_ms": sorted(s["dkdv_reduce"] for s in stages)[2],
+                           "kl_fwd_bwd_ms": median_ms(kl), "sparse_step_ms": median_ms(step)}
+                out["rows"].append(row)
+                print({a: (round(b, 3) if isinstance(b, float) else b) for a, b in row.items()}, flush=True)
+    del q, k, v, qi, ki, do
+    torch.cuda.empty_cache()
+json.dump(out, open(os.path.join(os.environ["OUT"], "short_step_probe.json"), "w"), indent=1)
