@@ -72,6 +72,14 @@ for t in [int(x) for x in args.sizes.split(",")]:
         errs = dict(zip(("loss", "dq_idx", "dk_idx"), rel))
         out["rows"].append({"T": t, "selections": kind, "tiled_vs_kv_rel_err": errs})
         print(out["rows"][-1], flush=True)
+        for cfg in ("DKDV_WARPS=4", "DKDV_WARPS=8", "DKDV_BLOCK_N=32"):
+            # dK/dV launch configurations: 64 x 64 with 4 warps (the default) spills 148 B in the sm_90 AOT
+            # report; with 8 warps 228 registers, no spills; 64 rows x 32 keys no spills
+            with msa.tuning.override(**msa.tuning.parse(f"sparse_bwd_config={cfg}")):
+                stages = [dkdv() for _ in range(7)][2:]
+            out["rows"].append({"T": t, "selections": kind, "sparse_bwd_config": cfg,
+                                "dkdv_kernel_ms": sorted(x["dkdv_kernel"] for x in stages)[2]})
+            print(out["rows"][-1], flush=True)
         for cfg in ("BLOCK_N=64,num_stages=2", "BLOCK_N=64,num_stages=3", "BLOCK_N=128,num_stages=1",
                     "BLOCK_N=32,num_stages=3"):  # the tiled KL's launch configurations (all compile: aot_check)
             with msa.tuning.override(sparse_kl_kernel="tiled", **msa.tuning.parse(f"kl_tiled_config={cfg}")):
