@@ -18,6 +18,10 @@ a 12-layer, ~46M-parameter model (1 dense + 11 MSA layers), context 16K, blocks 
 - exp-msa-lateswitch: exp-msa-pt with the switch to sparse attention at 50% of the steps instead of
   20%, so the teacher has settled before the index must follow it inside its own selection (round 8:
   recall within run-to-run spread of the recipe's, equal loss; the recall dip comes anyway)
+- exp-msa-indexconst: exp-msa-pt whose index learning rate stays at its peak after its warmup
+  (optim.index_schedule="constant") while the backbone's decays, so the index keeps following a teacher
+  that still moves at the end (CPU, session 31: block recall +0.014 / +0.066 at the end of two seeds of
+  the small model; not yet run on the GPU)
 - exp-msa-cpt: from exp-dense's final checkpoint (phase.init_from), fresh index projections, KL
   warmup for 20% of its steps, then sparse; its steps are 20% of the pretraining's
 - exp-dense-cont: exp-dense continued densely for the same steps (the comparison for exp-msa-cpt)
@@ -108,6 +112,7 @@ PRESETS: Dict[str, Callable[[], TrainConfig]] = {
     "exp-msa-idx64": _variant("exp-msa-idx64", model__index_dim=64),
     "exp-msa-fullkl": _variant("exp-msa-fullkl", phase__full_kl_every=4),
     "exp-msa-lateswitch": _variant("exp-msa-lateswitch", phase__warmup_steps=EXP_STEPS // 2),
+    "exp-msa-indexconst": _variant("exp-msa-indexconst", optim__index_schedule="constant"),
     "exp-msa-cpt": _variant("exp-msa-cpt", steps=CPT_STEPS, phase__warmup_steps=CPT_STEPS // 5,
                             phase__reinit_index=True, optim__lr=3e-4, optim__warmup_steps=20,
                             optim__index_lr=1e-3, checkpoint_every=100, eval__every=80),
