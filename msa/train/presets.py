@@ -20,8 +20,7 @@ a 12-layer, ~46M-parameter model (1 dense + 11 MSA layers), context 16K, blocks 
   recall within run-to-run spread of the recipe's, equal loss; the recall dip comes anyway)
 - exp-msa-indexconst: exp-msa-pt whose index learning rate stays at its peak after its warmup
   (optim.index_schedule="constant") while the backbone's decays, so the index keeps following a teacher
-  that still moves at the end (CPU, session 31: block recall +0.014 / +0.066 at the end of two seeds of
-  the small model; not yet run on the GPU)
+  that still moves at the end
 - exp-msa-cpt: from exp-dense's final checkpoint (phase.init_from), fresh index projections, KL
   warmup for 20% of its steps, then sparse; its steps are 20% of the pretraining's
 - exp-dense-cont: exp-dense continued densely for the same steps (the comparison for exp-msa-cpt)

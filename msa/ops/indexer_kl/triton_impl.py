@@ -143,14 +143,8 @@ def sparse_kl_kv(q_idx, k_idx, q, k, block_indices, lse_t, *, block_size, index_
         if not with_grad:
             continue
         torch.sum(dqp[:n_part].view(nt, nsel, hkv, di), dim=1, out=dq_idx[t0:t1])
-        counts = (ri.row_ptr[1:] - ri.row_ptr[:-1]).to(torch.int64)
-        items = (counts + c - 1) // c
-        first = torch.cumsum(items, 0) - items
         # rows cover only the blocks this chunk can select; later blocks get zeros from the kernel
-        dk_c = torch.empty((bsz, t, di), dtype=torch.float32, device=dev)
-        indexer_kl_bwd_sparse_reduce_kernel[(layout.num_blocks,)](
-            part, dk_c, items.to(torch.int32), first.to(torch.int32), layout.block_start, layout.block_len,
-            float(index_scale * inv_n), hkv, nbr, DI=di, BLOCK_N=bn, BLOCK_DI=bdi)
+        dk_c = _reduce_dk_parts(part, ri, c, layout, nbr, (bsz, t, di), float(index_scale * inv_n), hkv)
         dk_idx = dk_c if dk_idx is None else dk_idx.add_(dk_c)
     loss = loss * inv_n
     if not with_grad:
@@ -226,10 +220,8 @@ def sparse_kl_tiled(q_idx, k_idx, q, k, block_indices, lse_t, *, block_size, ind
     loss = klt.sum() * inv_n  # fixed-order torch reduction: deterministic
     if not with_grad:
         return loss, None, None
-    c = hot_row_split(block_size, nsel)
+    c = plan.max_queries_per_item if plan is not None else hot_row_split(block_size, nsel)
     ri = plan.full_index() if plan is not None else build_reverse_index(bi, block_size, cu_seqlens, c, layout=layout)
-    if plan is not None:
-        c = plan.max_queries_per_item
     nb = layout.num_blocks
     n_items = ri.work_row.numel()
     part = torch.empty((n_items, bs_pad, bdi), dtype=torch.float32, device=dev)
@@ -237,14 +229,22 @@ def sparse_kl_tiled(q_idx, k_idx, q, k, block_indices, lse_t, *, block_size, ind
         q_idx, gbuf, part, ri.entries, ri.work_row, ri.work_start, ri.work_end, ri.work_order, layout.block_len, nsel,
         nb, H_KV=hkv, DI=di, BLOCK_E=cfg["DK_BLOCK_E"], BS_PAD=bs_pad, BLOCK_DI=bdi, CDT=cdt, DOT_PREC=prec,
         num_warps=4)
+    dk_idx = _reduce_dk_parts(part, ri, c, layout, nb, (bsz, t, di), float(index_scale * inv_n), hkv)
+    return loss, dq.mul_(index_scale * inv_n).view(bsz, t, hkv, di), dk_idx
+
+
+def _reduce_dk_parts(part, ri, c, layout, nbr, shape, mult, hkv):
+    """dk_idx fp32 ``shape`` (B, T, D_idx): the per-item partials ``part`` (items, BS_PAD, BLOCK_DI) of the
+    reverse index ``ri`` (hot-row split ``c``, rows over ``nbr`` blocks) summed per key block in item order
+    and scaled by ``mult``."""
     counts = (ri.row_ptr[1:] - ri.row_ptr[:-1]).to(torch.int64)
     items = (counts + c - 1) // c
     first = torch.cumsum(items, 0) - items
-    dk_idx = torch.empty((bsz, t, di), dtype=torch.float32, device=dev)
-    indexer_kl_bwd_sparse_reduce_kernel[(nb,)](
-        part, dk_idx, items.to(torch.int32), first.to(torch.int32), layout.block_start, layout.block_len,
-        float(index_scale * inv_n), hkv, nb, DI=di, BLOCK_N=bs_pad, BLOCK_DI=bdi)
-    return loss, dq.mul_(index_scale * inv_n).view(bsz, t, hkv, di), dk_idx
+    dk = torch.empty(shape, dtype=torch.float32, device=part.device)
+    indexer_kl_bwd_sparse_reduce_kernel[(layout.num_blocks,)](
+        part, dk, items.to(torch.int32), first.to(torch.int32), layout.block_start, layout.block_len, mult, hkv,
+        nbr, DI=shape[-1], BLOCK_N=part.shape[1], BLOCK_DI=part.shape[2])
+    return dk
 
 
 def _dense_tiles(d: int, di: int):
