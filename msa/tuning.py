@@ -37,8 +37,7 @@ _CHOICES = {
     "sparse_bwd_dq": ("auto", "kv", "query", "tiled"),
     "kl_dense_mode": ("auto", "flash-atomic", "flash"),
     "tile_order": ("consecutive", "greedy"),
-    "work_order": ("items", "longest-first"),
-    "sparse_kl_kernel": ("auto", "kv", "tiled"),
+    "work_order": ("auto", "items", "longest-first"),
 }
 
 
@@ -61,12 +60,11 @@ class Tuning:
         pass instead of atomics: deterministic) or "auto" ("flash" under
         ``torch.use_deterministic_algorithms(True)``, else "flash-atomic").
     kl_partial_bytes: bytes of per-entry KL partials per query chunk (None: 4 GiB).
-    sparse_kl_kernel: sparse-phase KL, "kv" (KV-outer over the reverse index), "tiled" (the main
-        branch's query tiles over the union of their blocks) or "auto" ("kv" until "tiled" is timed).
     max_queries_per_item: hot-row split of the reverse index, the most (query, slot) entries one work
-        item of a KV-outer kernel walks (None: the spec's 2 * topk * block_size).
-    work_order: launch order of the KV-outer kernels' work items, "items" (row order) or
-        "longest-first" (``msa.ops.utils.reverse_index.ReverseIndex``).
+        item of a KV-outer kernel walks (None: topk * block_size / 2 below 32K tokens, else the spec's
+        2 * topk * block_size; ``msa.ops.utils.reverse_index.hot_row_split``).
+    work_order: launch order of the KV-outer kernels' work items, "items" (row order), "longest-first"
+        (``msa.ops.utils.reverse_index.ReverseIndex``) or "auto" (longest first below 32K tokens).
     decode_bitonic / decode_pdl / decode_fp8_f16: decode index scan with a bitonic top-k network,
         programmatic dependent launch (sm_90+), fp8 index keys scored in fp16 (all on by default).
     debug_poison: fill uninitialised kernel buffers with NaN (tests: unwritten values show).
@@ -81,8 +79,7 @@ class Tuning:
     tile_order: str = "greedy"
     kl_partial_bytes: Optional[int] = None
     max_queries_per_item: Optional[int] = None
-    work_order: str = "items"
-    sparse_kl_kernel: str = "auto"
+    work_order: str = "auto"
     decode_bitonic: bool = True
     decode_pdl: bool = True
     decode_fp8_f16: bool = True
@@ -93,7 +90,6 @@ class Tuning:
     sparse_fwd_combine_config: Mapping[str, int] = field(default_factory=dict)
     sparse_bwd_config: Mapping[str, int] = field(default_factory=dict)
     kl_kv_config: Mapping[str, int] = field(default_factory=dict)
-    kl_tiled_config: Mapping[str, int] = field(default_factory=dict)
     kl_dense_flash_config: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self):

@@ -49,7 +49,7 @@ def _launches():
     """[(label, kernel fn, {arg: value or type}, {constexpr: value}, num_warps, num_stages)] of one
     training step at the paper's shape, built from the launchers' config functions."""
     from msa.ops.indexer_kl import triton_kernels as kk
-    from msa.ops.indexer_kl.triton_impl import _dense_tiles, dense_flash_config, kl_tiled_config, kv_config
+    from msa.ops.indexer_kl.triton_impl import _dense_tiles, dense_flash_config, kv_config
     from msa.ops.sparse_attention import triton_bwd as bw
     from msa.ops.sparse_attention import triton_fwd as fw
     from msa.ops.sparse_attention import triton_impl as fi
@@ -154,25 +154,6 @@ def _launches():
                      tok0=0, qk2=0.1, is2=0.1, HQ=HQ, HKV=HKV, NSEL=TOPK, NB=T // BLOCK),
                 dict(G=g, D=D, DI=DI, BLOCK_E=kc["BLOCK_E"], BS_PAD=bs_pad, BLOCK_D=bd, BLOCK_DI=bdi, CDT=cdt,
                      DOT_PREC=prec, WITH_GRAD=True), kc["num_warps"], kc["num_stages"]))
-    # indexer KL, sparse phase, query-tiled (tuning.sparse_kl_kernel="tiled"): the forward's tiles
-    kt = kl_tiled_config(D, DI, g, BLOCK)
-    gp2 = _pow2(g, 1)
-    ttk = tile_tokens_for(gp2, kt["BLOCK_M"], BLOCK)
-    ttk2 = _pow2(ttk, 1)
-    sr = max(16, ttk2)
-    gp2 = max(gp2, sr // ttk2)
-    out.append(("indexer_kl_fwd_tiled_kernel (sparse KL, tiled)", kk.indexer_kl_fwd_tiled_kernel,
-                dict(QI=bf, KI=bf, Q=bf, K=bf, LSE_T=f32, BI=i32, KLT=f32, DQI=f32, GBUF=bf, qk2=0.1, is2=0.1,
-                     **tiled_args),
-                dict(H_Q=HQ, H_KV=HKV, G=g, G_P2=gp2, NSEL=TOPK, BLOCK_K=_pow2(TOPK, 1), UMAX=ttk * TOPK, TILE_T=ttk,
-                     SUBS=-(-BLOCK // ttk), SR=sr, D=D, DI=DI, BLOCK_D=bd, BLOCK_DI=bdi, BLOCK_M=ttk2 * gp2,
-                     BLOCK_N=kt["BLOCK_N"], KV_TILES=-(-BLOCK // kt["BLOCK_N"]), BS_PAD=bs_pad, CDT=cdt,
-                     DOT_PREC=prec, WITH_GRAD=True), kt["num_warps"], kt["num_stages"]))
-    out.append(("indexer_kl_bwd_dk_items_kernel (sparse KL, tiled: dk_idx)", kk.indexer_kl_bwd_dk_items_kernel,
-                dict(QI=bf, GBUF=bf, PART=f32, ENTRIES=i32, WORK_ROW=i32, WORK_START=i32, WORK_END=i32,
-                     WORK_ORDER=i32, BLOCK_LEN=i32, NSEL=TOPK, NB=T // BLOCK),
-                dict(H_KV=HKV, DI=DI, BLOCK_E=kt["DK_BLOCK_E"], BS_PAD=bs_pad, BLOCK_DI=bdi, CDT=cdt, DOT_PREC=prec),
-                4, 3))
     out.append(("indexer_kl_bwd_sparse_reduce_kernel", kk.indexer_kl_bwd_sparse_reduce_kernel,
                 dict(PART=f32, DKI=f32, ROW_ITEMS=i32, ROW_FIRST=i32, BLOCK_START=i32, BLOCK_LEN=i32, mult=0.1,
                      HKV=HKV, NB=T // BLOCK),

@@ -14,8 +14,7 @@
    at the paper's shape H_q 64, H_kv 4, D 128, d_idx 128, block 128, k 16, bf16, B = 1:
    - sparse step: ``msa.select_blocks(backend="triton")`` + ``msa.sparse_attention(backend="triton")``
      forward + backward + sparse KL forward + backward (teacher lse = the forward's lse); variants:
-     the query-tiled / KV-outer main branch, the greedy tile order, the query-tiled sparse KL
-     (``*_tiled_kl``, ``msa.tuning`` sparse_kl_kernel="tiled"), and all of it on replayed selections;
+     the query-tiled / KV-outer main branch, the greedy tile order, and all of it on replayed selections;
    - dense: ``F.scaled_dot_product_attention(is_causal=True, enable_gqa=True)`` forward + backward, the
      fastest of the cuDNN and flash backends (the baseline);
    - warmup step: dense attention forward + backward WITH its per-head lse + dense KL forward + backward.
@@ -476,9 +475,6 @@ def bench_size(t, notes):
     variants["sparse_attn_fwd_bwd_kv"] = lambda: _with(kv, attn_fn)
     variants["sparse_step_tiled"] = lambda: _with(tiled, sparse_step)
     variants["sparse_step_kv"] = lambda: _with(kv, sparse_step)
-    # the sparse KL over the main branch's query tiles instead of KV-outer (msa.tuning sparse_kl_kernel)
-    variants["sparse_kl_fwd_bwd_tiled"] = lambda: _with(dict(sparse_kl_kernel="tiled"), kl_sparse_fn)
-    variants["sparse_step_tiled_kl"] = lambda: _with(dict(sparse_kl_kernel="tiled"), sparse_step)
     greedy = dict(tiled, tile_order="greedy")  # tiles grouped by selection (msa.ops.utils.tile_union)
     variants["sparse_attn_fwd_bwd_tiled_greedy"] = lambda: _with(greedy, attn_fn)
     variants["sparse_step_tiled_greedy"] = lambda: _with(greedy, sparse_step)
@@ -500,7 +496,6 @@ def bench_size(t, notes):
         variants["sparse_step_realistic_tiled"] = lambda: _with(tiled, real_step)
         variants["sparse_step_realistic_kv"] = lambda: _with(kv, real_step)
         variants["sparse_step_realistic_tiled_greedy"] = lambda: _with(greedy, real_step)
-        variants["sparse_step_realistic_tiled_kl"] = lambda: _with(dict(sparse_kl_kernel="tiled"), real_step)
     except (OSError, ValueError) as exc:
         notes.append(f"T={t}: no realistic selections: {exc}")
     dense_ok = t <= DENSE_MAX_T and not NO_DENSE
@@ -545,7 +540,7 @@ def bench_size(t, notes):
     row["warmup_step_best_ms"] = min(warm) if warm else None
     if row["dense_best_ms"] and isinstance(row.get("sparse_step_ms"), float):
         row["sparse_speedup_vs_dense"] = row["dense_best_ms"] / row["sparse_step_ms"]
-    for var in ("tiled", "kv", "tiled_kl", "realistic", "realistic_tiled", "realistic_kv", "realistic_tiled_kl"):
+    for var in ("tiled", "kv", "realistic", "realistic_tiled", "realistic_kv"):
         if row["dense_best_ms"] and isinstance(row.get(f"sparse_step_{var}_ms"), float):
             row[f"sparse_{var}_speedup_vs_dense"] = row["dense_best_ms"] / row[f"sparse_step_{var}_ms"]
     if row["dense_best_ms"] and row["warmup_step_best_ms"]:
@@ -697,8 +692,6 @@ def main():
              "sparse_step_tiled_ms", "sparse_step_tiled_greedy_ms", "sparse_step_ms", "sparse_step_realistic_kv_ms",
              "sparse_step_realistic_tiled_ms", "sparse_step_realistic_tiled_greedy_ms", "sparse_step_realistic_ms",
              "sparse_speedup_vs_dense", "sparse_realistic_speedup_vs_dense"]
-    cols3 = ["T", "sparse_kl_fwd_bwd_ms", "sparse_kl_fwd_bwd_tiled_ms", "sparse_step_ms", "sparse_step_tiled_kl_ms",
-             "sparse_step_realistic_ms", "sparse_step_realistic_tiled_kl_ms"]
     for n in notes:
         print("note:", n)
     print("parity:", "PASS" if gate.get("pass") else "FAIL", "" if gate.get("pass") else
@@ -709,7 +702,7 @@ def main():
             if isinstance(st, dict):
                 print(f"T={r['T']} {label} stages: " + ", ".join(f"{k} {v:.2f}" for k, v in st.items())
                       + f" | sum {sum(st.values()):.2f} ms")
-    for cs in (cols, cols2, cols3):
+    for cs in (cols, cols2):
         print(" | ".join(c.replace("_ms", "") for c in cs))
         for r in rows:
             cells = []

@@ -119,19 +119,17 @@ def test_sparse_step_builds_each_reverse_index_once(monkeypatch, tuned, chunked)
     assert_pair_matches(ref, tri, outs)
 
 
-@pytest.mark.parametrize("kl", ["kv", "tiled"])
-def test_tiled_step_builds_each_tile_union_once(monkeypatch, tuned, kl):
+def test_tiled_step_builds_each_tile_union_once(monkeypatch, tuned):
     """With the query-tiled forward and dQ (auto's choice below 32K tokens), one layer step builds one
-    tile union per tiling (the forward's and the dQ's; the tiled KL reuses the forward's), cached in the
-    SelectionPlan, not one per call, and matches the reference layer."""
+    tile union per tiling (the forward's and the dQ's), cached in the SelectionPlan, not one per call,
+    and matches the reference layer."""
     import importlib
-    tuned(sparse_fwd_kernel="tiled", sparse_bwd_dq="tiled", sparse_kl_kernel=kl)
+    tuned(sparse_fwd_kernel="tiled", sparse_bwd_dq="tiled")
     tu = importlib.import_module("msa.ops.utils.tile_union")
     calls = []
     real = tu.build_tile_union
     monkeypatch.setattr(tu, "build_tile_union", lambda *a, **kw: calls.append(a[3]) or real(*a, **kw))
-    for mod in ("msa.ops.sparse_attention.triton_impl", "msa.ops.sparse_attention.triton_bwd",
-                "msa.ops.indexer_kl.triton_impl"):
+    for mod in ("msa.ops.sparse_attention.triton_impl", "msa.ops.sparse_attention.triton_bwd"):
         monkeypatch.setattr(importlib.import_module(mod), "build_tile_union",
                             lambda *a, **kw: calls.append(("unplanned", a[3])) or real(*a, **kw))
     ref, tri, outs = layer_pair_step(4, torch.randn(2, 113, 64, device=DEV))

@@ -261,8 +261,8 @@ def test_reverse_index_token_range_matches_full():
         # work items tile every row exactly, at most 4 entries each
         s, e = part.work_start, part.work_end
         assert ((e - s) <= 4).all() and int((e - s).sum()) == int(part.row_ptr[-1])
-        # launch order: item order by default
-        assert torch.equal(part.work_order, torch.arange(len(s), dtype=torch.int32, device=s.device))
+        # launch order: a permutation of the items (which one: test_launch_order_auto)
+        assert sorted(part.work_order.tolist()) == list(range(len(s)))
 
 
 def test_reverse_index_longest_first(tuned):
@@ -280,11 +280,28 @@ def test_reverse_index_longest_first(tuned):
 
 
 def test_hot_row_split(tuned):
-    # the spec's 2 * k * B_k (at least 64) unless msa.tuning's max_queries_per_item is set
-    from msa.ops.utils.reverse_index import hot_row_split
-    assert hot_row_split(128, 16) == 4096 and hot_row_split(4, 2) == 64
+    # k * B_k / 2 below SHORT_TOKENS tokens, the spec's 2 * k * B_k from there (at least 64), unless
+    # msa.tuning's max_queries_per_item is set
+    from msa.ops.utils.reverse_index import SHORT_TOKENS, hot_row_split
+    assert hot_row_split(128, 16, SHORT_TOKENS - 1) == 1024 and hot_row_split(128, 16, SHORT_TOKENS) == 4096
+    assert hot_row_split(4, 2, 100) == 64 and hot_row_split(4, 2, SHORT_TOKENS) == 64
     tuned(max_queries_per_item=7)
-    assert hot_row_split(128, 16) == 7
+    assert hot_row_split(128, 16, 100) == 7 and hot_row_split(128, 16, SHORT_TOKENS) == 7
+
+
+def test_launch_order_auto(tuned):
+    # tuning.work_order "auto": longest first below SHORT_TOKENS tokens, item order from there;
+    # "items" and "longest-first" at any length
+    from msa.ops.utils.reverse_index import SHORT_TOKENS, _launch_order
+    start = torch.tensor([0, 3, 4, 10, 12], dtype=torch.int32, device=DEVICE)
+    end = torch.tensor([3, 4, 10, 12, 15], dtype=torch.int32, device=DEVICE)  # lengths 3 1 6 2 3
+    longest, items = [2, 0, 4, 3, 1], [0, 1, 2, 3, 4]
+    assert _launch_order(start, end, SHORT_TOKENS - 1).tolist() == longest
+    assert _launch_order(start, end, SHORT_TOKENS).tolist() == items
+    tuned(work_order="items")
+    assert _launch_order(start, end, 100).tolist() == items
+    tuned(work_order="longest-first")
+    assert _launch_order(start, end, SHORT_TOKENS).tolist() == longest
 
 
 def test_block_layout_values_and_cache():

@@ -8,12 +8,6 @@ only scales by grad_out. Extra memory: fp32 dq_idx partials of T * H_kv * K * D_
 per token at the paper's shape, i.e. O(T * k), capped by query chunking at ``tuning.kl_partial_bytes``),
 plus one (B_k x D_idx) fp32 partial per work item.
 
-Sparse phase, query-tiled (``sparse_kl_tiled``, ``tuning.sparse_kl_kernel="tiled"``): the main
-branch's query tiles (``msa.ops.utils.tile_union``, shared through the ``SelectionPlan``) walk the union
-of their tokens' blocks once; loss and dq_idx are finished per tile, g = p_idx - p per (token, group,
-slot) goes to a buffer (T * H_kv * K * B_k values in the compute dtype) from which a KV-outer pass over
-the reverse index forms dk_idx. No gathered Q rows, no per-entry partials.
-
 Warmup phase, flash-style (no T x T buffer), two modes (``dense_mode``): 'flash-atomic' (default) is
 one query-outer pass (student lse prologue, then loss + dq_idx in registers + dk_idx by fp32 atomics,
 g = p_idx - p); 'flash' (under torch.use_deterministic_algorithms) adds a key-outer dk_idx pass that
@@ -30,16 +24,13 @@ from typing import Optional
 
 import torch
 import triton
-import triton.language as tl
 
 from ... import tuning
 from ...tuning import merge_launch_config
 from ..sparse_attention.triton_bwd import token_seq_start
 from ..utils.reverse_index import block_layout, blocks_before, build_reverse_index, hot_row_split
-from ..utils.tile_union import build_tile_union, tile_tokens_for
 from ..utils.triton_helpers import dot_precision, interpreting, next_pow2, tl_compute_dtype
-from .triton_kernels import (indexer_kl_bwd_dense_flash_dk_kernel, indexer_kl_bwd_dk_items_kernel,
-                             indexer_kl_bwd_sparse_reduce_kernel, indexer_kl_fwd_tiled_kernel,
+from .triton_kernels import (indexer_kl_bwd_dense_flash_dk_kernel, indexer_kl_bwd_sparse_reduce_kernel,
                              indexer_kl_fwd_dense_flash_kernel, indexer_kl_fwd_kv_heads_kernel,
                              indexer_kl_fwd_lse_dense_kernel, indexer_kl_fwd_lse_sparse_kernel,
                              indexer_kl_fwd_slse_kv_kernel)
@@ -92,7 +83,7 @@ def sparse_kl_kv(q_idx, k_idx, q, k, block_indices, lse_t, *, block_size, index_
     inv_n = 1.0 / (ntok * hkv)
     cdt, prec = tl_compute_dtype(q.dtype), dot_precision(q.dtype)
     bi = block_indices.to(torch.int32).contiguous()
-    c = max_queries_per_item or hot_row_split(block_size, nsel)
+    c = max_queries_per_item or hot_row_split(block_size, nsel, ntok)
     bn, bdi = next_pow2(block_size, 16), next_pow2(di, 16)
     cfg = kv_config(d, di)
     if plan is not None:  # shared with the main branch: same chunks, cached reverse indices
@@ -151,86 +142,6 @@ def sparse_kl_kv(q_idx, k_idx, q, k, block_indices, lse_t, *, block_size, index_
         return loss, None, None
     dq_idx.mul_(index_scale * inv_n)
     return loss, dq_idx.view(bsz, t, hkv, di), dk_idx
-
-
-def sparse_kl_kernel() -> str:
-    """Sparse-phase algorithm (``msa.tuning`` field ``sparse_kl_kernel``): "kv" (KV-outer over the reverse
-    index, ``sparse_kl_kv``), "tiled" (the main branch's query tiles, ``sparse_kl_tiled``) or "auto",
-    which picks "kv": the query-tiled pass has not been timed on a GPU yet (docs/perf-notes.md, round 27)."""
-    mode = tuning.current().sparse_kl_kernel
-    return "kv" if mode == "auto" else mode
-
-
-def kl_tiled_config(d: int, di: int, g: int, block_size: int):
-    """Launch configuration of ``indexer_kl_fwd_tiled_kernel`` (override: ``msa.tuning`` field
-    ``kl_tiled_config``; keys BLOCK_M (teacher rows: tokens x heads, the group padded to a power of two),
-    BLOCK_N (keys per tile), num_warps, num_stages, DK_BLOCK_E (entries per tile of the dk_idx pass))."""
-    if interpreting():
-        cfg = dict(BLOCK_M=128, BLOCK_N=16, num_warps=4, num_stages=1, DK_BLOCK_E=16)
-    else:
-        big = max(d, di) > 64
-        cfg = dict(BLOCK_M=128, BLOCK_N=max(16, min(64 if big else 128, next_pow2(block_size))), num_warps=8,
-                   num_stages=2, DK_BLOCK_E=64)
-    return merge_launch_config(cfg, "kl_tiled_config")
-
-
-def sparse_kl_tiled(q_idx, k_idx, q, k, block_indices, lse_t, *, block_size, index_scale, scale, cu_seqlens,
-                    with_grad=True, plan=None):
-    """Sparse-phase loss and gradients over the main branch's query tiles (``indexer_kl_fwd_tiled_kernel``):
-    each (tile, group) walks the union of its tokens' selected blocks once; dq_idx is finished there, dk_idx
-    comes from the buffered g = p_idx - p by a KV-outer pass over the reverse index plus the fixed-order
-    per-block reduction. Inputs as in ``sparse_kl_kv``. Extra memory: g in the compute dtype, T * H_kv * K *
-    B_k values (128 MiB at 8K tokens of the paper's shape, bf16); more than ``tuning.kl_partial_bytes``
-    (default 4 GiB) raises. Returns (loss, dq_idx, dk_idx) like ``sparse_kl_kv``."""
-    bsz, t, hkv, di = q_idx.shape
-    hq, d = q.shape[2], q.shape[3]
-    g = hq // hkv
-    ntok = bsz * t
-    dev = q_idx.device
-    nsel = block_indices.shape[3]
-    inv_n = 1.0 / (ntok * hkv)
-    cdt, prec = tl_compute_dtype(q.dtype), dot_precision(q.dtype)
-    gdt = torch.float32 if cdt == tl.float32 else q.dtype
-    bs_pad, bdi = next_pow2(block_size, 16), next_pow2(di, 16)
-    gbytes = ntok * nsel * hkv * bs_pad * torch.finfo(gdt).bits // 8
-    budget = int(tuning.current().kl_partial_bytes or DEFAULT_KL_PARTIAL_BYTES)
-    if with_grad and gbytes > budget:
-        raise ValueError(f"tuning.sparse_kl_kernel='tiled': its g buffer needs {gbytes} bytes for {ntok} tokens, "
-                         f"over tuning.kl_partial_bytes={budget}; use sparse_kl_kernel='kv' (chunked) at this size")
-    cfg = kl_tiled_config(d, di, g, block_size)
-    g_p2 = next_pow2(g)
-    tt = tile_tokens_for(g_p2, cfg["BLOCK_M"], block_size)
-    tt_p2 = next_pow2(tt)
-    sr = max(16, tt_p2)
-    g_p2 = max(g_p2, sr // tt_p2)  # at least SR teacher rows: heads past G are masked padding
-    bi = block_indices.to(torch.int32).contiguous()
-    layout = plan.layout if plan is not None else block_layout(bsz, t, block_size, cu_seqlens, dev)
-    order = tuning.current().tile_order
-    tu = plan.tile_union(tt, order) if plan is not None else build_tile_union(bi, layout, block_size, tt, order)
-    klt = torch.empty(ntok * hkv, dtype=torch.float32, device=dev)
-    dq = torch.empty((ntok, hkv, di), dtype=torch.float32, device=dev) if with_grad else klt
-    gbuf = torch.empty((ntok * nsel * hkv, bs_pad), dtype=gdt, device=dev) if with_grad else klt
-    indexer_kl_fwd_tiled_kernel[(layout.num_blocks * tu.subs, hkv)](
-        q_idx, k_idx, q, k, lse_t, bi, klt, dq, gbuf, tu.ids, tu.bits, tu.count, tu.perm, layout.seq_block_offset,
-        layout.block_start, layout.block_len, float(scale) * LOG2E, float(index_scale) * LOG2E, block_size,
-        H_Q=hq, H_KV=hkv, G=g, G_P2=g_p2, NSEL=nsel, BLOCK_K=next_pow2(nsel), UMAX=tu.ids.shape[2], TILE_T=tt,
-        SUBS=tu.subs, SR=sr, D=d, DI=di, BLOCK_D=next_pow2(d, 16), BLOCK_DI=bdi, BLOCK_M=tt_p2 * g_p2,
-        BLOCK_N=cfg["BLOCK_N"], KV_TILES=triton.cdiv(block_size, cfg["BLOCK_N"]), BS_PAD=bs_pad, CDT=cdt,
-        DOT_PREC=prec, WITH_GRAD=with_grad, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    loss = klt.sum() * inv_n  # fixed-order torch reduction: deterministic
-    if not with_grad:
-        return loss, None, None
-    c = plan.max_queries_per_item if plan is not None else hot_row_split(block_size, nsel)
-    ri = plan.full_index() if plan is not None else build_reverse_index(bi, block_size, cu_seqlens, c, layout=layout)
-    nb = layout.num_blocks
-    n_items = ri.work_row.numel()
-    part = torch.empty((n_items, bs_pad, bdi), dtype=torch.float32, device=dev)
-    indexer_kl_bwd_dk_items_kernel[(n_items,)](
-        q_idx, gbuf, part, ri.entries, ri.work_row, ri.work_start, ri.work_end, ri.work_order, layout.block_len, nsel,
-        nb, H_KV=hkv, DI=di, BLOCK_E=cfg["DK_BLOCK_E"], BS_PAD=bs_pad, BLOCK_DI=bdi, CDT=cdt, DOT_PREC=prec,
-        num_warps=4)
-    dk_idx = _reduce_dk_parts(part, ri, c, layout, nb, (bsz, t, di), float(index_scale * inv_n), hkv)
-    return loss, dq.mul_(index_scale * inv_n).view(bsz, t, hkv, di), dk_idx
 
 
 def _reduce_dk_parts(part, ri, c, layout, nbr, shape, mult, hkv):
@@ -416,10 +327,6 @@ def indexer_kl_forward(q_idx, k_idx, q, k, block_indices, teacher_lse, *, block_
                                          cu_seqlens=cu_seqlens)
     lse_t = teacher_lse.detach().float().contiguous()
     if block_indices is not None:
-        if sparse_kl_kernel() == "tiled":
-            return sparse_kl_tiled(q_idx, k_idx, q, k, block_indices, lse_t, block_size=block_size,
-                                   index_scale=index_scale, scale=scale, cu_seqlens=cu_seqlens, with_grad=with_grad,
-                                   plan=plan)
         return sparse_kl_kv(q_idx, k_idx, q, k, block_indices, lse_t, block_size=block_size,
                             index_scale=index_scale, scale=scale, cu_seqlens=cu_seqlens,
                             max_queries_per_item=max_queries_per_item, with_grad=with_grad, plan=plan)

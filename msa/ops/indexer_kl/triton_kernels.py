@@ -9,18 +9,14 @@ KL(p || p_idx) = sum_j p_j (log p_j - s_j) + lse_s * sum_j p_j, which splits ove
 (blocks, key tiles) once lse_s is known; the gradient w.r.t. s_j is (p_idx_j - p_j) / N, so
 dq_idx = index_scale / N * sum_j (p_idx_j - p_j) k_idx[j] and dk_idx[j] = index_scale / N * sum_i (...) q_idx[i].
 
-Kernels (except the query-tiled one, the teacher's MMA rows are query positions / entries of ONE head;
-the program loops over the G heads of the group and adds exp(t_h - lse_h) into one fp32 tile, so the
-head average needs no cross-row reduction and any G works):
+Kernels (the teacher's MMA rows are query positions / entries of ONE head; the program loops over the
+G heads of the group and adds exp(t_h - lse_h) into one fp32 tile, so the head average needs no
+cross-row reduction and any G works):
 - ``indexer_kl_fwd_lse_sparse_kernel`` / ``indexer_kl_fwd_lse_dense_kernel``: teacher lse per
   (token, head), only when the caller does not pass it.
 - sparse phase, KV-outer over the reverse index: ``indexer_kl_fwd_slse_kv_kernel`` (student lse per
   (query, slot) entry) and ``indexer_kl_fwd_kv_heads_kernel`` (loss + dq_idx + dk_idx in one pass);
   ``indexer_kl_bwd_sparse_reduce_kernel`` sums the dk_idx partials per key block in a fixed order.
-- sparse phase, query-tiled (at the end of the file): ``indexer_kl_fwd_tiled_kernel`` (loss, dq_idx and
-  g = p_idx - p per (token, slot), tokens x heads as the teacher's MMA rows, summed over the heads by a
-  reshape) and ``indexer_kl_bwd_dk_items_kernel`` (dk_idx partials from g over the reverse index), then
-  the same reduction.
 - warmup phase: ``indexer_kl_fwd_dense_flash_kernel`` (query-outer: loss, student lse, dq_idx, and with
   DK_ATOMIC dk_idx through fp32 atomics) plus, in the deterministic mode,
   ``indexer_kl_bwd_dense_flash_dk_kernel`` (key-outer dk_idx, teacher recomputed).
@@ -30,8 +26,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-from ..utils.tile_union import tile_rows
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2C = tl.constexpr(0.6931471805599453)
@@ -512,168 +506,3 @@ def indexer_kl_bwd_dense_flash_dk_kernel(QI, KI, Q, K, SEQ_END, LSE_T, LSE_S, PA
         dk = _flash_k_tile(dk, Q, QI, LSE_T, LSE_S, kk, ki, j, jmask, send, i0, r, qk2, is2, NTOK, HQ, HKV, G, D, DI,
                            BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DI, CDT, DOT_PREC, True)
     tl.store(PART + (r * NTOK + j64)[:, None] * DI + e[None, :], dk, mask=jmask[:, None] & (e < DI)[None, :])
-
-
-# ---------------------------------------------------------------------------------------------------
-# Sparse phase, query-tiled (``tuning.sparse_kl_kernel="tiled"``): the main branch's tiles of tokens of
-# one query block (msa.ops.utils.tile_union) walk the union of their selected blocks once, the teacher
-# with tokens x heads as MMA rows (as in the query-tiled forward), the student with tokens as rows.
-# No gathered Q rows and no per-entry partials: dq_idx stays in registers; g = p_idx - p of every
-# (token, group, slot) goes to a buffer from which a KV-outer pass (over the reverse index) forms dk_idx.
-# ---------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def indexer_kl_fwd_tiled_kernel(QI, KI, Q, K, LSE_T, BI, KLT, DQI, GBUF, UIDS, UBITS, UCOUNT, PERM,
-                                SEQ_BLOCK_OFFSET, BLOCK_START, BLOCK_LEN, qk2, is2, block_size,
-                                H_Q: tl.constexpr, H_KV: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr,
-                                NSEL: tl.constexpr, BLOCK_K: tl.constexpr, UMAX: tl.constexpr, TILE_T: tl.constexpr,
-                                SUBS: tl.constexpr, SR: tl.constexpr, D: tl.constexpr, DI: tl.constexpr,
-                                BLOCK_D: tl.constexpr, BLOCK_DI: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_N: tl.constexpr, KV_TILES: tl.constexpr, BS_PAD: tl.constexpr,
-                                CDT: tl.constexpr, DOT_PREC: tl.constexpr, WITH_GRAD: tl.constexpr):
-    """Sparse-phase KL of one (query tile, group r).
-
-    Teacher rows m -> (tile token m // G_P2, head r * G + m % G_P2), BLOCK_M = (tokens per tile padded to a
-    power of two) x G_P2 rows, heads >= G masked. Student rows s -> tile token s // REP (SR rows, REP =
-    SR * G_P2 // BLOCK_M copies of each token so that SR >= 16 for the MMA; only the first copy writes).
-    The head sum of a teacher tile is a reshape to [SR, BLOCK_M // SR, BLOCK_N] summed over its middle
-    axis (every student row gets 1/REP of its token's heads), then the REP copies are summed and
-    broadcast back, so each student row holds its token's whole teacher probability p.
-
-    Pass 1 over the union: the student lse per token (log2 units). Pass 2: p, p_idx, the loss terms
-    p (log2 p - s2 + lse_s2), dq_idx += (p_idx - p) @ k_idx, and g = p_idx - p stored at row
-    ((token * NSEL + slot) * H_KV + r) of GBUF (slot: the block's position in the token's selection).
-
-    QI (T_all, H_KV, DI), KI (T_all, DI), Q (T_all, H_Q, D), K (T_all, H_KV, D), LSE_T fp32 (T_all * H_Q,)
-    natural-log teacher lse, BI int32 (T_all, H_KV, NSEL); KLT fp32 (T_all * H_KV,) the loss of each
-    (token, group) in natural log; DQI fp32 (T_all, H_KV, DI) unscaled sum_j g_j k_idx_j; GBUF
-    (T_all * NSEL * H_KV, BS_PAD) in the compute dtype. qk2 = scale * log2(e), is2 = index_scale * log2(e).
-    """
-    tile = tl.program_id(0)
-    r = tl.program_id(1)
-    qstart, ti, row_ok, tok = tile_rows(tile, r, BLOCK_START, BLOCK_LEN, PERM, block_size, H_KV, G_P2, TILE_T, SUBS,
-                                        BLOCK_M)
-    hh = tl.arange(0, BLOCK_M) % G_P2
-    row_ok = row_ok & (hh < G)
-    head = r * G + hh
-    d = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + (tok * H_Q + head)[:, None] * D + d[None, :], mask=row_ok[:, None] & (d < D)[None, :],
-                other=0.0).to(CDT)
-    l2 = tl.load(LSE_T + tok * H_Q + head, mask=row_ok, other=0.0) * LOG2E
-    # student rows
-    REP: tl.constexpr = SR * G_P2 // BLOCK_M
-    TT_P2: tl.constexpr = SR // REP
-    srow = tl.arange(0, SR)
-    sti = srow // REP
-    first = (srow % REP) == 0
-    gb = tile // SUBS
-    t0 = (tile % SUBS) * TILE_T
-    qlen = tl.load(BLOCK_LEN + gb)
-    s_ok = (sti < TILE_T) & (t0 + sti < qlen)
-    soff = tl.load(PERM + (gb.to(tl.int64) * H_KV + r) * block_size + t0 + sti, mask=s_ok, other=0)
-    stok = (qstart + soff).to(tl.int64)
-    e = tl.arange(0, BLOCK_DI)
-    emask = e < DI
-    qi = tl.load(QI + (stok * H_KV + r)[:, None] * DI + e[None, :], mask=s_ok[:, None] & emask[None, :],
-                 other=0.0).to(CDT)
-    sbo = tl.load(SEQ_BLOCK_OFFSET + qstart)
-    base = (tile.to(tl.int64) * H_KV + r) * UMAX
-    cnt = tl.load(UCOUNT + tile * H_KV + r)
-    # pass 1: the student's lse over each token's selected keys (online, log2 units)
-    m_s = tl.full([SR], float("-inf"), tl.float32)
-    l_s = tl.zeros([SR], tl.float32)
-    for u in range(cnt):
-        shit = ((tl.load(UBITS + base + u) >> sti) & 1) != 0
-        gbk = sbo + tl.load(UIDS + base + u)
-        kstart = tl.load(BLOCK_START + gbk)
-        klen = tl.load(BLOCK_LEN + gbk)
-        for kt in tl.static_range(KV_TILES):
-            n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
-            kpos = (kstart + n).to(tl.int64)
-            ki = tl.load(KI + kpos[:, None] * DI + e[None, :], mask=(n < klen)[:, None] & emask[None, :],
-                         other=0.0).to(CDT)
-            s2 = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC) * is2
-            vis = (shit & s_ok)[:, None] & (n < klen)[None, :] & (kpos[None, :] <= stok[:, None])
-            s2 = tl.where(vis, s2, float("-inf"))
-            m_new = tl.maximum(m_s, tl.max(s2, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_s = l_s * tl.exp2(m_s - m_use) + tl.sum(tl.exp2(s2 - m_use[:, None]), 1)
-            m_s = m_new
-    lse_s2 = tl.where(l_s > 0, tl.where(m_s == float("-inf"), 0.0, m_s) + tl.log2(tl.where(l_s > 0, l_s, 1.0)), 0.0)
-    # each student row's selection, for the slot of a union block (ids are distinct per row)
-    kk_ = tl.arange(0, BLOCK_K)
-    sel = tl.load(BI + (stok * H_KV + r)[:, None] * NSEL + kk_[None, :], mask=s_ok[:, None] & (kk_ < NSEL)[None, :],
-                  other=-2)
-    # pass 2: teacher, loss terms, gradients
-    kl = tl.zeros([SR], tl.float32)
-    dq = tl.zeros([SR, BLOCK_DI], tl.float32)
-    for u in range(cnt):
-        bits = tl.load(UBITS + base + u)
-        row_hit = ((bits >> ti) & 1) != 0
-        shit = ((bits >> sti) & 1) != 0
-        bid = tl.load(UIDS + base + u)
-        gbk = sbo + bid
-        kstart = tl.load(BLOCK_START + gbk)
-        klen = tl.load(BLOCK_LEN + gbk)
-        slot = tl.sum(tl.where(sel == bid, kk_[None, :], 0), 1)
-        for kt in tl.static_range(KV_TILES):
-            n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
-            kpos = (kstart + n).to(tl.int64)
-            nmask = n < klen
-            kk = tl.load(K + (kpos * H_KV + r)[:, None] * D + d[None, :], mask=nmask[:, None] & (d < D)[None, :],
-                         other=0.0).to(CDT)
-            t = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * qk2 - l2[:, None]
-            vis_t = (row_hit & row_ok)[:, None] & nmask[None, :] & (kpos[None, :] <= tok[:, None])
-            # masked entries may hold inf (a future key's score above the lse): select, never multiply
-            p = tl.where(vis_t, tl.exp2(tl.where(vis_t, t, 0.0)), 0.0)
-            p = tl.sum(tl.reshape(p, [SR, BLOCK_M // SR, BLOCK_N]), 1)
-            if REP > 1:  # the token's REP copies hold parts of its heads: sum them, give each the whole
-                p = tl.sum(tl.reshape(p, [TT_P2, REP, BLOCK_N]), 1)
-                p = tl.reshape(tl.broadcast_to(tl.expand_dims(p, 1), [TT_P2, REP, BLOCK_N]), [SR, BLOCK_N])
-            p = p * (1.0 / G)
-            ki = tl.load(KI + kpos[:, None] * DI + e[None, :], mask=nmask[:, None] & emask[None, :],
-                         other=0.0).to(CDT)
-            s2 = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC) * is2
-            vis_s = (shit & s_ok)[:, None] & nmask[None, :] & (kpos[None, :] <= stok[:, None])
-            ps = tl.where(vis_s, tl.exp2(tl.where(vis_s, s2, 0.0) - lse_s2[:, None]), 0.0)
-            pos = p > 0
-            kl += tl.sum(tl.where(pos, p * (tl.log2(tl.where(pos, p, 1.0)) - s2 + lse_s2[:, None]), 0.0), 1)
-            if WITH_GRAD:
-                gr = ps - p
-                dq = tl.dot(gr.to(CDT), ki, dq, input_precision=DOT_PREC)
-                grow = ((stok * NSEL + slot) * H_KV + r)[:, None] * BS_PAD + n[None, :]
-                tl.store(GBUF + grow, gr.to(GBUF.dtype.element_ty),
-                         mask=(shit & s_ok & first)[:, None] & nmask[None, :])
-    out_ok = s_ok & first
-    tl.store(KLT + stok * H_KV + r, kl * LN2C, mask=out_ok)
-    if WITH_GRAD:
-        tl.store(DQI + (stok * H_KV + r)[:, None] * DI + e[None, :], dq, mask=out_ok[:, None] & emask[None, :])
-
-
-@triton.jit
-def indexer_kl_bwd_dk_items_kernel(QI, GBUF, PART, ENTRIES, WORK_ROW, WORK_START, WORK_END, WORK_ORDER, BLOCK_LEN,
-                                   NSEL, NB, H_KV: tl.constexpr, DI: tl.constexpr, BLOCK_E: tl.constexpr, BS_PAD: tl.constexpr,
-                                   BLOCK_DI: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Unscaled dk_idx partial of one work item of the reverse index (key block gb, group r): the sum over
-    its (token, slot) entries of g^T @ q_idx[token, r], g the entry's GBUF row (``indexer_kl_fwd_tiled_kernel``).
-    PART fp32 (items, BS_PAD, BLOCK_DI), summed per key block by ``indexer_kl_bwd_sparse_reduce_kernel``."""
-    w = tl.load(WORK_ORDER + tl.program_id(0))
-    start = tl.load(WORK_START + w)
-    end = tl.load(WORK_END + w)
-    row = tl.load(WORK_ROW + w)
-    r = row // NB
-    klen = tl.load(BLOCK_LEN + row % NB)
-    n = tl.arange(0, BS_PAD)
-    e = tl.arange(0, BLOCK_DI)
-    x = tl.arange(0, BLOCK_E)
-    dk = tl.zeros([BS_PAD, BLOCK_DI], dtype=tl.float32)
-    for e0 in range(start, end, BLOCK_E):
-        xm = e0 + x < end
-        ent = tl.load(ENTRIES + e0 + x, mask=xm, other=0).to(tl.int64)
-        g = tl.load(GBUF + (ent * H_KV + r)[:, None] * BS_PAD + n[None, :], mask=xm[:, None] & (n < klen)[None, :],
-                    other=0.0).to(CDT)
-        qi = tl.load(QI + ((ent // NSEL) * H_KV + r)[:, None] * DI + e[None, :], mask=xm[:, None] & (e < DI)[None, :],
-                     other=0.0).to(CDT)
-        dk = tl.dot(tl.trans(g), qi, dk, input_precision=DOT_PREC)
-    tl.store(PART + (w.to(tl.int64) * BS_PAD + n)[:, None] * BLOCK_DI + e[None, :], dk)

@@ -168,7 +168,7 @@ def _rescore(q: torch.Tensor, k: torch.Tensor, cand: torch.Tensor, pos: torch.Te
     dim = q.shape[-1]
     q, k = q.contiguous(), k.contiguous()  # the kernel indexes dense rows (the score kernel takes strides)
     layout = block_layout(bsz, t, block_size, cu_seqlens, q.device)
-    mq = hot_row_split(block_size, n)
+    mq = hot_row_split(block_size, n, bsz * t)
     ri = build_reverse_index(cand, block_size, cu_seqlens, mq, layout=layout)
     keys = torch.full((bsz * t * heads, n), SENTINEL, dtype=torch.int32, device=q.device)  # -1 slots stay out
     block_n = max(16, min(128, next_pow2(block_size)))

@@ -379,9 +379,10 @@ def bwd_config(g: int, d: int, block_size: int):
                    DQ_WARPS=4, DQ_STAGES=1, DQKV_BLOCK_M=16, DQKV_BLOCK_N=bs_pad, DQKV_WARPS=4, DQKV_STAGES=1,
                    DQT_BLOCK_M=16, DQT_BLOCK_N=bs_pad, DQT_WARPS=4, DQT_STAGES=1)
     else:
+        # DQT_BLOCK_M 64 (4 tokens x 16 heads): Triton emits wgmma for it on sm_90, mma.sync for 32 rows
         cfg = dict(DKDV_BLOCK_M=64, DKDV_BLOCK_N=min(bs_pad, 64), DKDV_WARPS=4, DKDV_STAGES=2, DQ_BLOCK_N=bs_pad,
                    DQ_WARPS=4, DQ_STAGES=2, DQKV_BLOCK_M=64, DQKV_BLOCK_N=min(bs_pad, 128), DQKV_WARPS=4,
-                   DQKV_STAGES=1, DQT_BLOCK_M=32, DQT_BLOCK_N=min(bs_pad, 64), DQT_WARPS=4, DQT_STAGES=3)
+                   DQKV_STAGES=1, DQT_BLOCK_M=64, DQT_BLOCK_N=min(bs_pad, 64), DQT_WARPS=4, DQT_STAGES=3)
     cfg["DQR_BLOCK_H"] = 0  # 0: chosen from the shape (about 16K partial values per program)
     cfg = merge_launch_config(cfg, "sparse_bwd_config")
     cfg["DKDV_BLOCK_M"] = max(cfg["DKDV_BLOCK_M"], next_pow2(g, 16))
@@ -566,7 +567,7 @@ def sparse_attention_bwd_triton(do: torch.Tensor, q: torch.Tensor, k: torch.Tens
         dq = _dq_tiled(q, k, v, do, lse, delta, bi, block_size=block_size, scale=scale, cu_seqlens=cu_seqlens,
                        timer=timer, plan=plan)
 
-    c = max_queries_per_item or hot_row_split(block_size, nsel)
+    c = max_queries_per_item or hot_row_split(block_size, nsel, ntok)
     if plan is not None:
         c = plan.max_queries_per_item
         reverse_index = plan.full_index()

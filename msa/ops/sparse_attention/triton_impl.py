@@ -35,14 +35,14 @@ from ..utils.triton_helpers import interpreting, next_pow2
 from ... import tuning
 from ...tuning import merge_launch_config
 from .reference import sparse_attention_reference
-from ..utils.reverse_index import (SelectionPlan, block_layout, blocks_before, build_reverse_index,
+from ..utils.reverse_index import (SHORT_TOKENS, SelectionPlan, block_layout, blocks_before, build_reverse_index,
                                    hot_row_split)
 from ..utils.tile_union import build_tile_union, tile_tokens_for
 from .triton_fwd import (sparse_attention_combine_fwd_kernel, sparse_attention_fwd_kernel,
                          sparse_attention_qo_fwd_kernel, sparse_attention_tiled_fwd_kernel)
 
 LOG2E = 1.4426950408889634
-TILED_MAX_TOKENS = 32768      # below this many tokens (B * T) auto picks query-tiled (greedy order: won at 16K, lost at 32K)
+TILED_MAX_TOKENS = SHORT_TOKENS  # below this many tokens (B * T) auto picks query-tiled (greedy order: won at 16K, lost at 32K)
 KV_MIN_ROWS = 64              # KV-outer needs about this many MMA rows per (group, block) row
 MAX_DEFAULT_PARTIAL_BYTES = 16 << 30
 MIN_DEFAULT_PARTIAL_BYTES = 256 << 20
@@ -216,12 +216,14 @@ def sparse_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     lse = _buffer(bsz, t, hq, dtype=torch.float32, device=dev)
     pdtype = partial_dtype(q.dtype)
     per_token = partial_bytes_per_token(topk, hq, d, q.dtype)
-    if plan is not None:
-        chunk = plan.chunk_tokens
-    else:
-        chunk = max(1, min(ntok, _partial_budget(partial_budget_bytes, dev) // per_token))
     blocks_per_seq = math.ceil(t / block_size) if cu_seqlens is None else nb
+    # the query-tiled kernel needs no partial budget: skip its device-memory query (a driver call
+    # between this call's launches) when it is chosen regardless of the chunking
+    chunk = plan.chunk_tokens if plan is not None else ntok
     which = choose_kernel(ntok, g, topk, blocks_per_seq, nb, chunk, kernel)
+    if which != "tiled" and plan is None:
+        chunk = max(1, min(ntok, _partial_budget(partial_budget_bytes, dev) // per_token))
+        which = choose_kernel(ntok, g, topk, blocks_per_seq, nb, chunk, kernel)
     upcast = interpreting()
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
     block_d = next_pow2(d, 16)
@@ -262,7 +264,7 @@ def sparse_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     cfg = kv_outer_config(d, g, block_size)
     kv_tiles = math.ceil(block_size / cfg["BLOCK_N"])
     preload = bool(cfg["PRELOAD"]) and kv_tiles == 1
-    mq = max_queries_per_item or hot_row_split(block_size, topk)
+    mq = max_queries_per_item or hot_row_split(block_size, topk, ntok)
     starts = layout.starts
     # partial buffers sized for one chunk and reused: launches on one stream run in order
     po = _buffer(chunk * topk, hq, d, dtype=pdtype, device=dev)
@@ -308,4 +310,4 @@ def selection_plan(block_indices: torch.Tensor, *, block_size: int, cu_seqlens: 
     per_token = partial_bytes_per_token(topk, num_heads, head_dim, dtype)
     chunk = min(_partial_budget(None, block_indices.device) // per_token, kl_chunk_tokens(topk, hkv, index_dim))
     return SelectionPlan(block_indices, block_size, cu_seqlens, chunk,
-                         hot_row_split(block_size, topk))
+                         hot_row_split(block_size, topk, block_indices.shape[0] * block_indices.shape[1]))

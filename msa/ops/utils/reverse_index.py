@@ -72,13 +72,22 @@ def sparse_attention_revidx_items_fwd_kernel(WROW, ROW_PTR, ITEMS, ITEM_PTR, WOR
     tl.store(WORK_END + w, tl.where(valid, end, 0), mask=ok)
 
 
-def hot_row_split(block_size: int, topk: int) -> int:
-    """The hot-row split of a reverse index: at most this many (query, slot) entries per work item.
-    ``msa.tuning`` field ``max_queries_per_item`` when set, else the spec's 2 * topk * block_size (at
-    least 64, so the kernels' tiles stay full)."""
+# Below this many tokens (B * T) the short-sequence defaults apply: the query-tiled forward and dQ, a
+# hot-row split of topk * block_size / 2 and longest-first work items (docs/perf-notes.md, rounds 26, 28)
+SHORT_TOKENS = 32768
+
+
+def hot_row_split(block_size: int, topk: int, ntok: int) -> int:
+    """The hot-row split of a reverse index over ``ntok`` tokens (B * T): at most this many (query, slot)
+    entries per work item. ``msa.tuning`` field ``max_queries_per_item`` when set; else below
+    ``SHORT_TOKENS`` tokens topk * block_size / 2 (a sequence's entries spread over more items than SMs:
+    the spec's split left a few long items running alone at the end of the short kernels), else the
+    spec's 2 * topk * block_size; at least 64, so the kernels' tiles stay full."""
     from ... import tuning
     fixed = tuning.current().max_queries_per_item
-    return int(fixed) if fixed is not None else max(64, 2 * topk * block_size)
+    if fixed is not None:
+        return int(fixed)
+    return max(64, (topk * block_size) // 2 if ntok < SHORT_TOKENS else 2 * topk * block_size)
 
 
 class BlockLayout(NamedTuple):
@@ -221,7 +230,8 @@ def build_reverse_index(block_indices: torch.Tensor, block_size: int, cu_seqlens
     work_end = torch.empty_like(work_row)
     sparse_attention_revidx_items_fwd_kernel[(triton.cdiv(max_items, _BLOCK),)](
         wrow, row_ptr, items, item_ptr, work_row, work_start, work_end, rows, max_items, C=c, BLOCK=_BLOCK)
-    return ReverseIndex(layout, row_ptr, entries, work_row, work_start, work_end, _launch_order(work_start, work_end))
+    return ReverseIndex(layout, row_ptr, entries, work_row, work_start, work_end,
+                        _launch_order(work_start, work_end, bsz * t))
 
 
 def _build_reverse_index_torch(block_indices, layout, nb, t0, t1, max_queries_per_item) -> ReverseIndex:
@@ -260,15 +270,17 @@ def _build_reverse_index_torch(block_indices, layout, nb, t0, t1, max_queries_pe
     end = torch.where(valid, end, torch.zeros_like(end))
     start, end = start.to(torch.int32), end.to(torch.int32)
     return ReverseIndex(layout, row_ptr.to(torch.int32), entries, wrow_c.to(torch.int32), start, end,
-                        _launch_order(start, end))
+                        _launch_order(start, end, bsz * t))
 
 
-def _launch_order(start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
-    """int32 launch order of the work items (``ReverseIndex.work_order``): item order, or with
-    ``tuning.work_order == "longest-first"`` by length, longest first, ties in item order (a stable
-    device sort of max_items values; no host sync)."""
+def _launch_order(start: torch.Tensor, end: torch.Tensor, ntok: int) -> torch.Tensor:
+    """int32 launch order of the work items (``ReverseIndex.work_order``) of an index over ``ntok``
+    tokens (B * T): item order, or by length, longest first, ties in item order (a stable device sort
+    of max_items values; no host sync): ``tuning.work_order``, whose "auto" is longest first below
+    ``SHORT_TOKENS`` tokens."""
     from ... import tuning
-    if tuning.current().work_order == "longest-first":
+    mode = tuning.current().work_order
+    if mode == "longest-first" or (mode == "auto" and ntok < SHORT_TOKENS):
         return torch.sort(end - start, descending=True, stable=True).indices.to(torch.int32)
     return torch.arange(start.numel(), dtype=torch.int32, device=start.device)
 
