@@ -19,3 +19,19 @@ def back_to_back_ms(fn, reps: int, warmup: int = 1) -> float:
     b.record()
     torch.cuda.synchronize()
     return a.elapsed_time(b) / reps
+
+
+def host_ms(fn, reps: int = 10) -> float:
+    """Median host (Python + launch) ms of one ``fn`` call started on an idle GPU, without waiting for
+    its kernels: when it approaches the call's GPU-timed ms, the call is bound by the host, not the GPU."""
+    import time
+
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    times.sort()
+    return times[len(times) // 2]

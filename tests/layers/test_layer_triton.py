@@ -137,6 +137,30 @@ def test_tiled_step_builds_each_tile_union_once(monkeypatch, tuned):
     assert_pair_matches(ref, tri, outs)
 
 
+def test_prefill_reads_the_memory_budget_only_when_a_kernel_needs_it(monkeypatch, tuned):
+    """The KV-outer chunking's budget reads the device's free memory (a driver call that waits on
+    queued work): a sparse prefill on the query-tiled forward (auto's choice below 32K tokens) makes
+    no such call; the KL, whose reverse indices are chunked, makes one per layer step."""
+    import importlib
+    from msa.layers.attention import msa_prefill_attention
+    tuned(sparse_fwd_kernel="auto")
+    sat = importlib.import_module("msa.ops.sparse_attention.triton_impl")
+    calls = []
+    real = sat._partial_budget
+    monkeypatch.setattr(sat, "_partial_budget", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    g = torch.Generator(device=DEV).manual_seed(0)
+    q, k, v = (torch.randn(1, 90, h, 16, generator=g, device=DEV) for h in (6, 2, 2))
+    qi, ki = torch.randn(1, 90, 2, 16, generator=g, device=DEV), torch.randn(1, 90, 16, generator=g, device=DEV)
+    kw = dict(sparse=True, block_size=16, topk_blocks=3, scale=0.25, index_scale=0.25, backend="triton")
+    o, kl, bi = msa_prefill_attention(q, k, v, qi, ki, compute_kl=False, **kw)
+    assert calls == [] and kl is None
+    o_kl, kl, _ = msa_prefill_attention(q, k, v, qi, ki, compute_kl=True, **kw)
+    assert len(calls) == 1 and kl is not None
+    ref = importlib.import_module("msa.ops.sparse_attention.reference").sparse_attention_reference
+    o_ref, _ = ref(q, k, v, bi, block_size=16, scale=0.25, cu_seqlens=None)
+    assert torch.equal(o, o_kl) and rel(o, o_ref) < 1e-4
+
+
 def test_layer_rejects_bad_cu_seqlens_values_without_debug():
     """cu_seqlens' values are checked where a launcher copies them to the host, so a bad one still
     raises a clear error in the default (non-debug) mode."""

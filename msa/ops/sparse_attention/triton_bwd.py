@@ -44,8 +44,8 @@ import triton.language as tl
 
 from ..utils.triton_helpers import dot_precision, interpreting, next_pow2, tl_compute_dtype
 
-from ..utils.reverse_index import (ReverseIndex, SelectionPlan, blocks_before, build_reverse_index,
-                                   hot_row_split)
+from ..utils.reverse_index import (SHORT_TOKENS, ReverseIndex, SelectionPlan, blocks_before,
+                                   build_reverse_index, hot_row_split)
 from ..utils.tile_union import build_tile_union, tile_rows, tile_tokens_for, union_block
 from ... import tuning
 from ...tuning import merge_launch_config
@@ -403,11 +403,10 @@ def dq_mode(ntok: int = 0) -> str:
     summed per query in a fixed slot order; ``query``, the spec's query-outer kernel, one program per
     (token, group) re-reading K/V of its K blocks, no partial buffer; ``tiled``, the forward's query
     tiles over the union of their blocks; ``auto`` (default), ``tiled`` below the forward's
-    ``TILED_MAX_TOKENS`` tokens, else ``kv``. All are deterministic."""
+    ``reverse_index.SHORT_TOKENS`` tokens, else ``kv``. All are deterministic."""
     mode = tuning.current().sparse_bwd_dq
     if mode == "auto":
-        from .triton_impl import TILED_MAX_TOKENS
-        return "tiled" if ntok < TILED_MAX_TOKENS else "kv"
+        return "tiled" if ntok < SHORT_TOKENS else "kv"
     return mode
 
 

@@ -2,7 +2,7 @@
 query-tiled.
 
 Kernel choice (``kernel=`` argument, else ``msa.tuning`` field ``sparse_fwd_kernel``): ``auto`` takes
-the query-tiled kernel below ``TILED_MAX_TOKENS`` tokens, where the reverse index and the partial
+the query-tiled kernel below ``reverse_index.SHORT_TOKENS`` tokens, where the reverse index and the partial
 round trip do not pay off, the query-outer kernel when KV-outer work items would fill fewer than
 ``KV_MIN_ROWS`` MMA rows, otherwise KV-outer. ``tiled``: several tokens of one query block x G heads per
 MMA tile (consecutive ones, or grouped by selection under ``tuning.tile_order="greedy"``) over the union
@@ -42,7 +42,6 @@ from .triton_fwd import (sparse_attention_combine_fwd_kernel, sparse_attention_f
                          sparse_attention_qo_fwd_kernel, sparse_attention_tiled_fwd_kernel)
 
 LOG2E = 1.4426950408889634
-TILED_MAX_TOKENS = SHORT_TOKENS  # below this many tokens (B * T) auto picks query-tiled (greedy order: won at 16K, lost at 32K)
 KV_MIN_ROWS = 64              # KV-outer needs about this many MMA rows per (group, block) row
 MAX_DEFAULT_PARTIAL_BYTES = 16 << 30
 MIN_DEFAULT_PARTIAL_BYTES = 256 << 20
@@ -166,7 +165,7 @@ def choose_kernel(ntok: int, group: int, topk: int, blocks_per_seq: int, num_blo
         raise ValueError(f"kernel must be 'auto', 'kv', 'qo' or 'tiled', got {kernel!r}")
     if kernel != "auto":
         return kernel
-    if ntok < TILED_MAX_TOKENS:
+    if ntok < SHORT_TOKENS:  # query-tiled below this many tokens (B * T): won at 16K, lost at 32K
         return "tiled"
     # expected queries per (group, block) row of one chunk, times G heads = MMA rows per work item
     rows = group * min(chunk_tokens, ntok) * min(topk, blocks_per_seq) / max(1, num_blocks)
@@ -217,12 +216,12 @@ def sparse_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     pdtype = partial_dtype(q.dtype)
     per_token = partial_bytes_per_token(topk, hq, d, q.dtype)
     blocks_per_seq = math.ceil(t / block_size) if cu_seqlens is None else nb
-    # the query-tiled kernel needs no partial budget: skip its device-memory query (a driver call
-    # between this call's launches) when it is chosen regardless of the chunking
-    chunk = plan.chunk_tokens if plan is not None else ntok
-    which = choose_kernel(ntok, g, topk, blocks_per_seq, nb, chunk, kernel)
-    if which != "tiled" and plan is None:
-        chunk = max(1, min(ntok, _partial_budget(partial_budget_bytes, dev) // per_token))
+    # the query-tiled kernel needs no partial budget (its choice does not depend on the chunking):
+    # skip the device-memory query, a driver call that waits on queued work, when it is chosen
+    which = choose_kernel(ntok, g, topk, blocks_per_seq, nb, ntok, kernel)
+    if which != "tiled":
+        chunk = plan.chunk_tokens if plan is not None else max(
+            1, min(ntok, _partial_budget(partial_budget_bytes, dev) // per_token))
         which = choose_kernel(ntok, g, topk, blocks_per_seq, nb, chunk, kernel)
     upcast = interpreting()
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
@@ -308,6 +307,7 @@ def selection_plan(block_indices: torch.Tensor, *, block_size: int, cu_seqlens: 
     topk = block_indices.shape[3]
     hkv = block_indices.shape[2]
     per_token = partial_bytes_per_token(topk, num_heads, head_dim, dtype)
-    chunk = min(_partial_budget(None, block_indices.device) // per_token, kl_chunk_tokens(topk, hkv, index_dim))
+    dev = block_indices.device
+    chunk = lambda: min(_partial_budget(None, dev) // per_token, kl_chunk_tokens(topk, hkv, index_dim))  # noqa: E731
     return SelectionPlan(block_indices, block_size, cu_seqlens, chunk,
                          hot_row_split(block_size, topk, block_indices.shape[0] * block_indices.shape[1]))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import triton
@@ -292,11 +292,13 @@ class SelectionPlan:
     each chunk (built on first use, then reused; device-side, no host sync).
 
     block_indices: int32 (B, T, H_kv, K), already validated. chunk_tokens: queries per chunk (the
-    smallest chunk the consumers' memory budgets allow; see ``plan_chunk_tokens``).
+    smallest chunk the consumers' memory budgets allow; see ``selection_plan``), or a function
+    returning it, called on first use: the budget reads the device's free memory, a driver call that
+    waits on queued work, which a prefill whose kernels need no chunking should not pay.
     """
 
     def __init__(self, block_indices: torch.Tensor, block_size: int, cu_seqlens: Optional[torch.Tensor],
-                 chunk_tokens: int, max_queries_per_item: int):
+                 chunk_tokens: Union[int, Callable[[], int]], max_queries_per_item: int):
         bsz, t, hkv, k = block_indices.shape
         self.block_indices = block_indices.contiguous()
         self.block_size = block_size
@@ -304,9 +306,15 @@ class SelectionPlan:
         self.num_tokens = bsz * t
         self.layout = block_layout(bsz, t, block_size, cu_seqlens, block_indices.device)
         self.starts = self.layout.starts
-        self.chunk_tokens = max(1, min(self.num_tokens, int(chunk_tokens)))
+        self._chunk_tokens = chunk_tokens
         self.max_queries_per_item = int(max_queries_per_item)
         self._indices = {}
+
+    @property
+    def chunk_tokens(self) -> int:
+        if callable(self._chunk_tokens):
+            self._chunk_tokens = self._chunk_tokens()
+        return max(1, min(self.num_tokens, int(self._chunk_tokens)))
 
     def chunks(self) -> List[Tuple[int, int]]:
         c = self.chunk_tokens
