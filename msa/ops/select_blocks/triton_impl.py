@@ -33,8 +33,6 @@ from .triton_kernels import index_rescore_kernel, index_scores_fwd_kernel
 DEFAULT_BUDGET_BYTES = 2 << 30
 
 
-
-
 def _empty(shape, dtype, device) -> torch.Tensor:
     """Allocation hook (tests replace it to poison fresh buffers and catch unwritten entries)."""
     return torch.empty(shape, dtype=dtype, device=device)
@@ -190,8 +188,6 @@ def _rescore(q: torch.Tensor, k: torch.Tensor, cand: torch.Tensor, pos: torch.Te
 # 3 stages, the maxima of 8 blocks stored together (measured choice: docs/perf-notes.md).
 SCORE_DEFAULTS = {"rows": 256, "block_n": 128, "num_warps": 8, "num_stages": 3, "nbuf": 8, "persist": 0}
 SMEM_LIMIT = 232448  # bytes of shared memory one CTA may use on H100/H200 (227 KB)
-
-
 
 
 def score_smem_bytes(rows: int, block_n: int, block_d: int, elt: int, stages: int) -> int:

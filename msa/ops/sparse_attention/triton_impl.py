@@ -54,9 +54,6 @@ def _buffer(*shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-
-
-
 def kv_outer_config(head_dim: int, group: int, block_size: int) -> Dict[str, int]:
     """Launch configuration of the KV-outer kernel (keys BLOCK_M, BLOCK_N, num_warps, num_stages,
     PRELOAD, PREFETCH): BLOCK_M MMA rows (raised to >= G so one query's heads fit one tile), BLOCK_N
