@@ -1,6 +1,8 @@
-"""Timing helper shared by the benchmarks."""
+"""Timing helpers shared by the benchmarks."""
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -24,8 +26,6 @@ def back_to_back_ms(fn, reps: int, warmup: int = 1) -> float:
 def host_ms(fn, reps: int = 10) -> float:
     """Median host (Python + launch) ms of one ``fn`` call started on an idle GPU, without waiting for
     its kernels: when it approaches the call's GPU-timed ms, the call is bound by the host, not the GPU."""
-    import time
-
     times = []
     for _ in range(reps):
         torch.cuda.synchronize()
