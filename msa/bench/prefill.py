@@ -121,9 +121,8 @@ def measure(name, fn, heavy_reps):
 
 def e2e_extras(res, fn):
     """Adds to an e2e timing: ``host_ms`` (the call's host time on an idle GPU: host-bound when it nears
-    ``ms``) and ``b2b_ms`` (calls back to back with a warm allocator, as a model's layers run them;
-    ``measure`` empties the allocator's cache first, which has read up to 1.9x slower on the 8K
-    replayed path: docs/perf-notes.md, round 29)."""
+    ``ms``) and ``b2b_ms`` (calls back to back with a warm allocator, as a model's layers run them,
+    where ``measure`` empties the allocator's cache first)."""
     res["host_ms"] = host_ms(fn)
     res["b2b_ms"] = back_to_back_ms(fn, reps=max(2, min(20, int(200 / max(res["ms"], 1e-3)))), warmup=1)
 

@@ -162,7 +162,7 @@ def choose_kernel(ntok: int, group: int, topk: int, blocks_per_seq: int, num_blo
         raise ValueError(f"kernel must be 'auto', 'kv', 'qo' or 'tiled', got {kernel!r}")
     if kernel != "auto":
         return kernel
-    if ntok < SHORT_TOKENS:  # query-tiled below this many tokens (B * T): won at 16K, lost at 32K
+    if ntok < SHORT_TOKENS:  # query-tiled below this many tokens (B * T)
         return "tiled"
     # expected queries per (group, block) row of one chunk, times G heads = MMA rows per work item
     rows = group * min(chunk_tokens, ntok) * min(topk, blocks_per_seq) / max(1, num_blocks)
