@@ -104,7 +104,7 @@ def _launches():
                      DOT_PREC=prec, EVEN_N=BLOCK % tc["BLOCK_N"] == 0), tc["num_warps"], tc["num_stages"]))
 
     # sparse attention backward
-    bc = bw.bwd_config(g, D, BLOCK)
+    bc = bw.bwd_config(g, D, BLOCK, large_smem=True)  # sm_90
     ttq = tile_tokens_for(g, bc["DQT_BLOCK_M"], BLOCK)
     out.append(("sparse_attention_bwd_dq_tiled_kernel (dQ mode tiled, auto below 32K)",
                 bw.sparse_attention_bwd_dq_tiled_kernel,
@@ -143,7 +143,7 @@ def _launches():
                 dict(D=D, BLOCK_N=bc["DKDV_BLOCK_N"], BLOCK_D=bd, BS_PAD=bs_pad), 4, 3))
 
     # indexer KL, sparse phase
-    kc = kv_config(D, DI)
+    kc = kv_config(D, DI, g, T, large_smem=True)
     out.append(("indexer_kl_fwd_slse_kv_kernel", kk.indexer_kl_fwd_slse_kv_kernel,
                 dict(QI=bf, KI=bf, PLSE=f32, ENTRIES=i32, WORK_ROW=i32, WORK_START=i32, WORK_END=i32,
                      WORK_ORDER=i32, BLOCK_START=i32, BLOCK_LEN=i32, tok0=0, index_scale=0.1, HKV=HKV, NSEL=TOPK, NB=T // BLOCK),

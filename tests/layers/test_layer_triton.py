@@ -127,11 +127,13 @@ def test_tiled_step_builds_each_tile_union_once(monkeypatch, tuned):
     from msa.ops.sparse_attention.triton_bwd import bwd_config
     from msa.ops.sparse_attention.triton_impl import tiled_tile_tokens
     from msa.ops.utils.tile_union import tile_tokens_for
+    from msa.ops.utils.triton_helpers import large_shared_memory
     tuned(sparse_fwd_kernel="tiled", sparse_bwd_dq="tiled")
     c = cfg("triton")
     g = c.num_heads // c.num_kv_heads
     tilings = {tiled_tile_tokens(c.head_dim, g, c.block_size),
-               tile_tokens_for(g, bwd_config(g, c.head_dim, c.block_size)["DQT_BLOCK_M"], c.block_size)}
+               tile_tokens_for(g, bwd_config(g, c.head_dim, c.block_size, large_shared_memory(DEV))["DQT_BLOCK_M"],
+                                   c.block_size)}
     tu = importlib.import_module("msa.ops.utils.tile_union")
     calls = []
     real = tu.build_tile_union

@@ -245,3 +245,18 @@ def test_warmup_kl_bf16_inputs(tuned, mode):
     assert ga2.dtype == torch.bfloat16 and gb2.dtype == torch.bfloat16
     for name, x, y in (("dq_idx", ga2, ga), ("dk_idx", gb2, gb)):
         assert rel(x.float(), y) < 2e-2, f"{name} rel err {rel(x.float(), y):.3e}"
+
+
+def test_sparse_kl_pipelines_two_stages_only_where_it_was_measured_faster(monkeypatch):
+    """The compiled-GPU configuration (interpreter off): two stages from 16K tokens or at G >= 16 on parts
+    with >= 200 KiB of shared memory per SM, one otherwise (docs/perf-notes.md, round 30)."""
+    import importlib
+    ti = importlib.import_module("msa.ops.indexer_kl.triton_impl")  # the package's name is also its op function
+    monkeypatch.setattr(ti, "interpreting", lambda: False)
+    assert ti.kv_config(128, 128, 16, 8192, large_smem=True)["num_stages"] == 2
+    assert ti.kv_config(128, 128, 4, 16384, large_smem=True)["num_stages"] == 2
+    assert ti.kv_config(128, 128, 4, 8192, large_smem=True)["num_stages"] == 1
+    assert ti.kv_config(128, 128, 8, 8192, large_smem=True)["num_stages"] == 1
+    assert ti.kv_config(128, 128, 16, 131072, large_smem=False)["num_stages"] == 1
+    with msa.tuning.override(kl_kv_config={"num_stages": 1}):  # an override still wins
+        assert ti.kv_config(128, 128, 16, 131072, large_smem=True)["num_stages"] == 1

@@ -225,3 +225,24 @@ def test_torch_compile_traces_custom_ops():
         grads.append(torch.autograd.grad(loss, (qr, kr, vr)))
     for a, b in zip(*grads):
         assert rel(a, b) < TOL
+
+
+def test_tiled_dq_takes_whole_blocks_only_at_large_groups_with_the_shared_memory(monkeypatch):
+    """The compiled-GPU configuration (interpreter off): the tiled dQ walks whole 128-key blocks per step
+    at G >= 8 on parts with >= 200 KiB of shared memory per SM, 64 keys otherwise (measured on an H100:
+    docs/perf-notes.md, round 30); the interpreter never sees it, so its choice is checked here directly."""
+    import importlib
+    bw = importlib.import_module("msa.ops.sparse_attention.triton_bwd")  # the package's name is also its op function
+    monkeypatch.setattr(bw, "interpreting", lambda: False)
+    assert bw.bwd_config(16, 128, 128, large_smem=True)["DQT_BLOCK_N"] == 128
+    assert bw.bwd_config(8, 128, 128, large_smem=True)["DQT_BLOCK_N"] == 128
+    assert bw.bwd_config(4, 128, 128, large_smem=True)["DQT_BLOCK_N"] == 64
+    assert bw.bwd_config(16, 128, 128, large_smem=False)["DQT_BLOCK_N"] == 64
+    assert bw.bwd_config(16, 128, 64, large_smem=True)["DQT_BLOCK_N"] == 64  # never wider than the block
+    with msa.tuning.override(sparse_bwd_config={"DQT_BLOCK_N": 32}):  # an override still wins
+        assert bw.bwd_config(16, 128, 128, large_smem=True)["DQT_BLOCK_N"] == 32
+
+
+def test_large_shared_memory_is_false_off_cuda():
+    from msa.ops.utils.triton_helpers import large_shared_memory
+    assert large_shared_memory("cpu") is False

@@ -29,7 +29,7 @@ from ... import tuning
 from ...tuning import merge_launch_config
 from ..sparse_attention.triton_bwd import token_seq_start
 from ..utils.reverse_index import block_layout, blocks_before, build_reverse_index, hot_row_split
-from ..utils.triton_helpers import dot_precision, interpreting, next_pow2, tl_compute_dtype
+from ..utils.triton_helpers import dot_precision, interpreting, large_shared_memory, next_pow2, tl_compute_dtype
 from .triton_kernels import (indexer_kl_bwd_dense_flash_dk_kernel, indexer_kl_bwd_sparse_reduce_kernel,
                              indexer_kl_fwd_dense_flash_kernel, indexer_kl_fwd_kv_heads_kernel,
                              indexer_kl_fwd_lse_dense_kernel, indexer_kl_fwd_lse_sparse_kernel,
@@ -39,14 +39,18 @@ from .triton_kernels import (indexer_kl_bwd_dense_flash_dk_kernel, indexer_kl_bw
 LOG2E = 1.4426950408889634
 
 
-def kv_config(d: int, di: int):
+def kv_config(d: int, di: int, g: int, ntok: int, large_smem: bool):
     """Launch configuration of ``indexer_kl_fwd_kv_heads_kernel`` (keys BLOCK_E, num_warps, num_stages;
     override: ``msa.tuning`` field ``kl_kv_config``): MMA rows are BLOCK_E (query, slot) entries of one
-    head, one program per work item (whole key block)."""
+    head, one program per work item (whole key block). g: query heads per KV head; ntok: B * T;
+    large_smem: >= 200 KiB of shared memory per SM (``large_shared_memory``)."""
     if interpreting():
         cfg = dict(BLOCK_E=16, num_warps=4, num_stages=1)
     else:
-        cfg = dict(BLOCK_E=64 if max(d, di) > 128 else 128, num_warps=8, num_stages=1)
+        # a second pipeline stage pays with many work items or many heads per item; at 8K tokens
+        # with G <= 8 it did not (docs/perf-notes.md, round 30)
+        stages = 2 if large_smem and (ntok >= 16384 or g >= 16) else 1
+        cfg = dict(BLOCK_E=64 if max(d, di) > 128 else 128, num_warps=8, num_stages=stages)
     cfg = merge_launch_config(cfg, "kl_kv_config")
     cfg["BLOCK_E"] = max(16, next_pow2(cfg["BLOCK_E"], 16))
     return cfg
@@ -85,7 +89,7 @@ def sparse_kl_kv(q_idx, k_idx, q, k, block_indices, lse_t, *, block_size, index_
     bi = block_indices.to(torch.int32).contiguous()
     c = max_queries_per_item or hot_row_split(block_size, nsel, ntok)
     bn, bdi = next_pow2(block_size, 16), next_pow2(di, 16)
-    cfg = kv_config(d, di)
+    cfg = kv_config(d, di, g, ntok, large_shared_memory(dev))
     if plan is not None:  # shared with the main branch: same chunks, cached reverse indices
         c, chunk, layout, starts = plan.max_queries_per_item, plan.chunk_tokens, plan.layout, plan.starts
     else:

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils.triton_helpers import dot_precision, interpreting, next_pow2, tl_compute_dtype
+from ..utils.triton_helpers import dot_precision, interpreting, large_shared_memory, next_pow2, tl_compute_dtype
 
 from ..utils.reverse_index import (SHORT_TOKENS, ReverseIndex, SelectionPlan, blocks_before,
                                    build_reverse_index, hot_row_split)
@@ -365,8 +365,9 @@ def sparse_attention_bwd_dq_tiled_kernel(Q, K, V, DO, LSE, DELTA, DQ, UIDS, UBIT
     tl.store(DQ + qoff, (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
 
 
-def bwd_config(g: int, d: int, block_size: int):
-    """Launch configuration of the backward (override: ``msa.tuning`` field ``sparse_bwd_config``).
+def bwd_config(g: int, d: int, block_size: int, large_smem: bool):
+    """Launch configuration of the backward (override: ``msa.tuning`` field ``sparse_bwd_config``);
+    large_smem: the device has >= 200 KiB of shared memory per SM (``large_shared_memory``).
     DKDV_BLOCK_M: packed query x head rows per MMA
     (raised to >= G); DKDV_BLOCK_N: keys per program (the block is split over programs, each keeping
     its dK/dV accumulators in registers); DQKV_*: the KV-outer dQ kernel (mode ``kv``: rows, warps,
@@ -383,6 +384,10 @@ def bwd_config(g: int, d: int, block_size: int):
         cfg = dict(DKDV_BLOCK_M=64, DKDV_BLOCK_N=min(bs_pad, 64), DKDV_WARPS=4, DKDV_STAGES=2, DQ_BLOCK_N=bs_pad,
                    DQ_WARPS=4, DQ_STAGES=2, DQKV_BLOCK_M=64, DQKV_BLOCK_N=min(bs_pad, 128), DQKV_WARPS=4,
                    DQKV_STAGES=1, DQT_BLOCK_M=64, DQT_BLOCK_N=min(bs_pad, 64), DQT_WARPS=4, DQT_STAGES=3)
+        if g >= 8 and large_smem:
+            # tiles of <= 8 tokens: a whole 128-key block per step halves the loop trips; 3 stages of
+            # 128-key K and V tiles plus Q and dO are ~224 KB of shared memory, more than sm_80 has
+            cfg["DQT_BLOCK_N"] = min(bs_pad, 128)
     cfg["DQR_BLOCK_H"] = 0  # 0: chosen from the shape (about 16K partial values per program)
     cfg = merge_launch_config(cfg, "sparse_bwd_config")
     cfg["DKDV_BLOCK_M"] = max(cfg["DKDV_BLOCK_M"], next_pow2(g, 16))
@@ -476,7 +481,7 @@ def _dq_tiled(q, k, v, do, lse, delta, bi, *, block_size: int, scale: float, cu_
     bsz, t, hq, d = q.shape
     hkv = k.shape[2]
     g = hq // hkv
-    cfg = bwd_config(g, d, block_size)
+    cfg = bwd_config(g, d, block_size, large_shared_memory(q.device))
     tt = tile_tokens_for(g, cfg["DQT_BLOCK_M"], block_size)
     layout = plan.layout if plan is not None else block_layout(bsz, t, block_size, cu_seqlens, q.device)
     timer.start("tile_union")
@@ -551,7 +556,7 @@ def sparse_attention_bwd_triton(do: torch.Tensor, q: torch.Tensor, k: torch.Tens
         o, do, delta, ntok * hq, D=d, BLOCK_R=block_r, BLOCK_D=block_d)
     timer.stop()
 
-    cfg = bwd_config(g, d, block_size)
+    cfg = bwd_config(g, d, block_size, large_shared_memory(q.device))
     mode = dq_mode(ntok)
     if mode == "query":
         seq_start = token_seq_start(bsz, t, cu_seqlens, dev)

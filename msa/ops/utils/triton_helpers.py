@@ -26,6 +26,19 @@ def num_sms(device) -> int:
     return 4
 
 
+LARGE_SHARED_MEMORY_BYTES = 200 << 10
+
+
+def large_shared_memory(device) -> bool:
+    """Whether a CUDA device has >= 200 KiB of shared memory per SM (sm_90 / sm_100 datacenter parts:
+    228 KiB; sm_80 has 164 KiB, consumer parts 100 KiB). Launch configurations tuned on the former
+    keep smaller tiles elsewhere; False for the CPU interpreter."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    return torch.cuda.get_device_properties(device).shared_memory_per_multiprocessor >= LARGE_SHARED_MEMORY_BYTES
+
+
 def tl_compute_dtype(dtype: torch.dtype):
     """Element type fed to tl.dot. The CPU interpreter's bf16/fp16 math is wrong, so it computes in fp32."""
     import triton.language as tl
