@@ -24,6 +24,10 @@ a 12-layer, ~46M-parameter model (1 dense + 11 MSA layers), context 16K, blocks 
 - exp-msa-cpt: from exp-dense's final checkpoint (phase.init_from), fresh index projections, KL
   warmup for 20% of its steps, then sparse; its steps are 20% of the pretraining's
 - exp-dense-cont: exp-dense continued densely for the same steps (the comparison for exp-msa-cpt)
+- exp-msa-indexprobe: a diagnostic, not a recipe: from exp-msa-pt's final checkpoint, the backbone
+  frozen (optim.lr=0) and only the index trained against the full-support KL at its peak learning
+  rate for 25% of the pretraining's steps, so its teacher no longer moves: how close the index can
+  come to the selection rule's ceiling when it has only to catch up
 """
 
 from __future__ import annotations
@@ -95,6 +99,7 @@ def _variant(name: str, **changes) -> Callable[[], TrainConfig]:
 
 
 CPT_STEPS = EXP_STEPS // 5
+PROBE_STEPS = EXP_STEPS // 4
 
 PRESETS: Dict[str, Callable[[], TrainConfig]] = {
     "tiny": tiny,
@@ -118,10 +123,13 @@ PRESETS: Dict[str, Callable[[], TrainConfig]] = {
     "exp-dense-cont": _variant("exp-dense-cont", steps=CPT_STEPS, phase__kind="dense", phase__kl_weight=0.0,
                                phase__warmup_steps=0, optim__lr=3e-4, optim__warmup_steps=20,
                                checkpoint_every=100, eval__every=80),
+    "exp-msa-indexprobe": _variant("exp-msa-indexprobe", steps=PROBE_STEPS, phase__warmup_steps=PROBE_STEPS,
+                                   optim__lr=0.0, optim__index_schedule="constant", optim__warmup_steps=20,
+                                   checkpoint_every=100, eval__every=80),
 }
 
 # runs that start from another run's final checkpoint
-INIT_FROM = {"exp-msa-cpt": "exp-dense", "exp-dense-cont": "exp-dense"}
+INIT_FROM = {"exp-msa-cpt": "exp-dense", "exp-dense-cont": "exp-dense", "exp-msa-indexprobe": "exp-msa-pt"}
 
 
 def preset_names() -> List[str]:

@@ -217,6 +217,22 @@ def test_cpt_starts_from_a_dense_checkpoint(tmp_path):
         Trainer(tiny_config(f"phase.init_from={tmp_path / 'nothing'}"), str(tmp_path / "x"), progress=False)
 
 
+def test_zero_backbone_lr_trains_only_the_index(tmp_path):
+    """exp-msa-indexprobe's mechanism: optim.lr=0 leaves every backbone weight bit-identical to the
+    checkpoint it started from while the index projections still learn."""
+    base = tiny_config("steps=3", "eval.final=false", "eval.every=0")
+    Trainer(base, str(tmp_path / "base"), progress=False).fit()
+    probe = tiny_config(f"phase.init_from={tmp_path / 'base'}", "optim.lr=0", "optim.index_schedule=constant",
+                        "phase.warmup_steps=3", "steps=3", "eval.final=false", "eval.every=0")
+    t = Trainer(probe, str(tmp_path / "probe"), progress=False)
+    before = {n: p.detach().clone() for n, p in t.model.state_dict().items()}
+    t.fit()
+    after = t.model.state_dict()
+    moved = {n for n in before if not torch.equal(before[n], after[n])}
+    assert moved and all("_idx_" in n for n in moved), sorted(moved)[:6]
+    assert {n for n in moved if "_idx_proj" in n}  # the projections themselves learn
+
+
 def test_sampled_teacher_gradient_equals_exact_with_all_rows_and_keeps_the_value():
     cfg = tiny_config("phase.kl_detach_teacher=false")
     tr = Trainer(cfg, "/tmp/unused-kl2", progress=False, resume=False)
