@@ -246,3 +246,14 @@ def test_tiled_dq_takes_whole_blocks_only_at_large_groups_with_the_shared_memory
 def test_large_shared_memory_is_false_off_cuda():
     from msa.ops.utils.triton_helpers import large_shared_memory
     assert large_shared_memory("cpu") is False
+
+
+@pytest.mark.parametrize("optin,major,expect", [(232448, 9, True), (166912, 8, False), (101376, 12, False),
+                                                (None, 9, True), (None, 10, True), (None, 8, False), (None, 12, False)])
+def test_large_shared_memory_reads_the_opt_in_limit_or_the_architecture(monkeypatch, optin, major, expect):
+    """H100 / A100 / RTX 50xx opt-in limits, and the architecture where torch (< 2.7) does not expose them."""
+    import types
+    from msa.ops.utils import triton_helpers
+    props = types.SimpleNamespace(major=major, **({} if optin is None else {"shared_memory_per_block_optin": optin}))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    assert triton_helpers.large_shared_memory("cuda:0") is expect

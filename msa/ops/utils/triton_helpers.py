@@ -30,13 +30,17 @@ LARGE_SHARED_MEMORY_BYTES = 200 << 10
 
 
 def large_shared_memory(device) -> bool:
-    """Whether a CUDA device has >= 200 KiB of shared memory per SM (sm_90 / sm_100 datacenter parts:
-    228 KiB; sm_80 has 164 KiB, consumer parts 100 KiB). Launch configurations tuned on the former
-    keep smaller tiles elsewhere; False for the CPU interpreter."""
+    """Whether a kernel on this CUDA device may use >= 200 KiB of shared memory (sm_90 / sm_100
+    datacenter parts: 227 KiB; sm_80 163 KiB, consumer parts ~100 KiB). Launch configurations tuned on
+    the former keep smaller tiles elsewhere; False for the CPU interpreter."""
     device = torch.device(device)
     if device.type != "cuda":
         return False
-    return torch.cuda.get_device_properties(device).shared_memory_per_multiprocessor >= LARGE_SHARED_MEMORY_BYTES
+    props = torch.cuda.get_device_properties(device)
+    optin = getattr(props, "shared_memory_per_block_optin", None)  # torch >= 2.7
+    if optin is None:
+        return props.major in (9, 10)
+    return optin >= LARGE_SHARED_MEMORY_BYTES
 
 
 def tl_compute_dtype(dtype: torch.dtype):
