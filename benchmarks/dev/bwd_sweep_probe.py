@@ -20,6 +20,7 @@ import triton
 import msa
 import msa.tuning
 from msa.bench.selections import realistic_indices
+from msa.bench.train import make_inputs, median_ms
 from msa.ops.indexer_kl.triton_impl import indexer_kl_triton
 from msa.ops.sparse_attention.triton_bwd import sparse_attention_bwd_triton
 
@@ -48,10 +49,7 @@ def save(row):
 
 for t in [int(x) for x in args.sizes.split(",")]:
     for g in [int(x) for x in args.groups.split(",")]:
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        mk = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16, generator=gen)  # noqa: E731
-        q, k, v = mk(1, t, HKV * g, D), mk(1, t, HKV, D), mk(1, t, HKV, D)
-        qi, ki, do = mk(1, t, HKV, DI), mk(1, t, DI), mk(1, t, HKV * g, D)
+        q, k, v, qi, ki, do = make_inputs(t, num_heads=HKV * g)
         qi.requires_grad_(True)
         ki.requires_grad_(True)
         with torch.no_grad():
@@ -90,7 +88,7 @@ for t in [int(x) for x in args.sizes.split(",")]:
                             loss = indexer_kl_triton(qi, ki, q, k, bi, **kw)
                             return loss, torch.autograd.grad(loss, (qi, ki))
                         loss, grads = kl()
-                        ms = float(triton.testing.do_bench(kl, warmup=10, rep=60, return_mode="median"))
+                        ms = median_ms(kl)
                 except Exception as exc:
                     save({"T": t, "G": g, "selections": kind, "kl_kv_config": cfg, "error": repr(exc)[:200]})
                     continue

@@ -15,7 +15,6 @@ pair. Writes OUT/small_g_probe.json after every row.
 import argparse
 import json
 import os
-import time
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +23,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import msa
 import msa.tuning
+from msa.bench.layer import bench_model, time_ms
 from msa.bench.selections import realistic_indices
+from msa.bench.train import make_inputs, median_ms
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--sizes", default="8192,16384")
@@ -34,7 +35,7 @@ args = ap.parse_args()
 out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
        "command": "python benchmarks/dev/small_g_probe.py --sizes %s --groups %s" % (args.sizes, args.groups),
        "rows": []}
-HKV, D, DI, BS, TOPK = 4, 128, 128, 128, 16
+HKV, D, BS, TOPK = 4, 128, 128, 16
 PAIRS = (("tiled", "tiled"), ("kv", "kv"), ("tiled", "kv"), ("kv", "tiled"))
 
 
@@ -43,10 +44,6 @@ def save(row):
     out["rows"].append(row)
     print({a: (round(b, 3) if isinstance(b, float) else b) for a, b in row.items()}, flush=True)
     json.dump(out, open(os.path.join(os.environ["OUT"], "small_g_probe.json"), "w"), indent=1)
-
-
-def ms(fn):
-    return float(triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median"))
 
 
 def dense_ms(q, k, v, do, backward):
@@ -59,7 +56,7 @@ def dense_ms(q, k, v, do, backward):
                 if backward:
                     torch.autograd.grad(o, (q, k, v), do.transpose(1, 2))
         try:
-            t = ms(f)
+            t = median_ms(f)
         except Exception:  # a backend without this shape
             continue
         best = t if best is None else min(best, t)
@@ -68,10 +65,7 @@ def dense_ms(q, k, v, do, backward):
 
 for t in [int(x) for x in args.sizes.split(",")]:
     for g in [int(x) for x in args.groups.split(",")]:
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        mk = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16, generator=gen)  # noqa: E731
-        q, k, v = mk(1, t, HKV * g, D), mk(1, t, HKV, D), mk(1, t, HKV, D)
-        qi, ki, do = mk(1, t, HKV, DI), mk(1, t, DI), mk(1, t, HKV * g, D)
+        q, k, v, qi, ki, do = make_inputs(t, num_heads=HKV * g)
         for x in (q, k, v):
             x.requires_grad_(True)
         with torch.no_grad():
@@ -89,40 +83,22 @@ for t in [int(x) for x in args.sizes.split(",")]:
                     f = lambda: msa.sparse_attention(q, k, v, bi, block_size=BS, backend="triton")  # noqa: E731
                     o = f().double()
                     ref = o if ref is None else ref
-                    row[f"fwd_{name}_ms"] = ms(f)
+                    row[f"fwd_{name}_ms"] = median_ms(f)
                     row[f"fwd_{name}_rel_err"] = float((o - ref).norm() / ref.norm())
             for fk, dq in PAIRS:
                 with msa.tuning.override(sparse_fwd_kernel=fk, sparse_bwd_dq=dq):
                     def step():
                         o = msa.sparse_attention(q, k, v, bi, block_size=BS, backend="triton")
                         torch.autograd.grad(o, (q, k, v), do)
-                    row[f"fwdbwd_{fk}_{dq}_ms"] = ms(step)
+                    row[f"fwdbwd_{fk}_{dq}_ms"] = median_ms(step)
             save(row)
         del q, k, v, qi, ki, do, rand
         torch.cuda.empty_cache()
 
-# the bench's 4-layer model (msa.bench.layer.model_bench's shape, G = 4) under each (forward, dQ) pair
-from msa.layers import MSAConfig  # noqa: E402
-from msa.models import MSAForCausalLM, MSALMConfig  # noqa: E402
-
-attn = dict(hidden_size=2048, num_heads=16, num_kv_heads=4, head_dim=128, index_dim=128, block_size=128,
-            topk_blocks=16)
-torch.manual_seed(0)
-model = MSAForCausalLM(MSALMConfig(vocab_size=32000, num_layers=4, intermediate_size=5632,
-                                   attention=MSAConfig(**attn))).cuda()
-model.set_mode("sparse")
-opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-ids = torch.randint(0, 32000, (1, args.model_T), device="cuda")
+# the bench's 4-layer model (msa.bench.layer.model_bench's, G = 4) under each (forward, dQ) pair
+model, opt, ids, step = bench_model(args.model_T, "sparse", 0)
 row = {"model_T": args.model_T, "G": 4}
 for fk, dq in (("auto", "auto"),) + PAIRS:
     with msa.tuning.override(sparse_fwd_kernel=fk, sparse_bwd_dq=dq):
-        step = lambda: model.training_step(ids, opt, autocast_dtype=torch.bfloat16)  # noqa: E731
-        step()
-        step()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(5):
-            step()
-        torch.cuda.synchronize()
-        row[f"model_step_{fk}_{dq}_ms"] = (time.perf_counter() - t0) / 5 * 1e3
+        row[f"model_step_{fk}_{dq}_ms"] = time_ms(step, reps=5)
 save(row)

@@ -15,7 +15,8 @@
    dense_sdpa.
 2. A 4-layer ``MSAForCausalLM`` (hidden 2048, 16 / 4 heads, d 128, vocab 32000, bf16 autocast, AdamW)
    ``training_step`` tokens/s at T = 32K in sparse mode, warmup mode and with every layer dense (no
-   index branch), and ``torch.compile(model.loss, fullgraph=True)`` (its loss checked against eager).
+   index branch), and ``torch.compile(model.loss, fullgraph=True)`` (its loss checked against eager);
+   each the median step time (CUDA events) after two warm-up steps.
 JSON (GPU, versions, command, every figure) under --out; a table is printed last.
 """
 
@@ -126,28 +127,27 @@ def layer_bench(t: int):
     return row
 
 
-def model_bench(t: int, steps: int):
-    dev = "cuda"
-    res = {"T": t}
+def bench_model(t: int, mode: str, dense_layers: int):
+    """The 4-layer model of the model bench (hidden 2048, 16 / 4 heads, d 128, vocab 32000) in mode
+    "sparse" or "dense", its AdamW and one bf16-autocast training step on t random tokens:
+    returns (model, opt, ids, step)."""
     attn = dict(hidden_size=2048, num_heads=16, num_kv_heads=4, head_dim=128, index_dim=128, block_size=128,
                 topk_blocks=16)
+    torch.manual_seed(0)
+    cfg = MSALMConfig(vocab_size=32000, num_layers=4, intermediate_size=5632, attention=MSAConfig(**attn),
+                      num_dense_layers=dense_layers)
+    model = MSAForCausalLM(cfg).to("cuda")
+    model.set_mode(mode)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, 32000, (1, t), device="cuda")
+    return model, opt, ids, lambda: model.training_step(ids, opt, autocast_dtype=torch.bfloat16)
+
+
+def model_bench(t: int, steps: int):
+    res = {"T": t}
     for name, mode, dense_layers in (("sparse", "sparse", 0), ("warmup", "dense", 0), ("all_dense", "dense", 4)):
-        torch.manual_seed(0)
-        cfg = MSALMConfig(vocab_size=32000, num_layers=4, intermediate_size=5632, attention=MSAConfig(**attn),
-                          num_dense_layers=dense_layers)
-        model = MSAForCausalLM(cfg).to(dev)
-        model.set_mode(mode)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        ids = torch.randint(0, 32000, (1, t), device=dev)
-        step = lambda: model.training_step(ids, opt, autocast_dtype=torch.bfloat16)  # noqa: E731
-        step()
-        step()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-        res[f"{name}_step_ms"] = (time.perf_counter() - t0) / steps * 1e3
+        model, opt, ids, step = bench_model(t, mode, dense_layers)
+        res[f"{name}_step_ms"] = time_ms(step, reps=steps)
         res[f"{name}_tokens_per_s"] = t / (res[f"{name}_step_ms"] / 1e3)
         print(f"  model {name}: {res[f'{name}_step_ms']:.1f} ms/step", flush=True)
         if name == "sparse":

@@ -307,15 +307,16 @@ class DenseAttentionWithLse(torch.autograd.Function):
         return dq.transpose(1, 2), dk, dv, None, None
 
 
-def make_inputs(t, seed=0, dtype=torch.bfloat16):
+def make_inputs(t, seed=0, dtype=torch.bfloat16, num_heads=HQ):
+    """Random q, k, v, q_idx, k_idx, dO of the paper shape (num_heads query heads over 4 KV heads)."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     dev = "cuda"
-    q = torch.randn(1, t, HQ, D, device=dev, dtype=dtype, generator=gen)
+    q = torch.randn(1, t, num_heads, D, device=dev, dtype=dtype, generator=gen)
     k = torch.randn(1, t, HKV, D, device=dev, dtype=dtype, generator=gen)
     v = torch.randn(1, t, HKV, D, device=dev, dtype=dtype, generator=gen)
     qi = torch.randn(1, t, HKV, DI, device=dev, dtype=dtype, generator=gen)
     ki = torch.randn(1, t, DI, device=dev, dtype=dtype, generator=gen)
-    do = torch.randn(1, t, HQ, D, device=dev, dtype=dtype, generator=gen)
+    do = torch.randn(1, t, num_heads, D, device=dev, dtype=dtype, generator=gen)
     return q, k, v, qi, ki, do
 
 
