@@ -7,7 +7,8 @@ Plots, per evaluation, block recall, top-half recall and score recall of the MSA
 teacher's entropy (how sharp the model's own attention is): the PT runs dip while the teacher sharpens
 fast, then climb steadily to the end of the budget; the late-switch run dips as much while still dense
 (the dip comes from the teacher, not from the switch); CPT (a converged teacher) climbs from its first
-evaluation.
+evaluation. Round 10's index probe continues its MSA-PT run from step 700 with the backbone frozen:
+its recall climbs, but slowly.
 """
 
 import json
@@ -23,7 +24,11 @@ RUNS = {"round 6 MSA-PT": "round6/exp-msa-pt", "round 6 MSA-PT, full-support KL 
         "round 7 MSA-PT (facts in every window)": "round7/exp-msa-pt",
         "round 8 MSA-PT (round 6 rerun)": "round8/exp-msa-pt",
         "round 8 late switch (dense to step 350)": "round8/exp-msa-lateswitch",
-        "round 6 MSA-CPT (steps after the dense run)": "round6/exp-msa-cpt"}
+        "round 6 MSA-CPT (steps after the dense run)": "round6/exp-msa-cpt",
+        "round 10 MSA-PT": "round10/exp-msa-pt",
+        "round 10 index probe (backbone frozen after step 700)": "round10/exp-msa-indexprobe"}
+# runs that continue another run: their steps are drawn after its end
+STEP_OFFSET = {"round10/exp-msa-indexprobe": 700}
 KEYS = ("block_recall", "top_half_recall", "score_recall", "teacher_entropy", "max_rule_recall", "selected_mass",
         "oracle_mass", "val_lm_loss")
 
@@ -33,7 +38,7 @@ def load(run: str):
     for line in open(ROOT / run / "log.jsonl"):
         r = json.loads(line)
         if "block_recall" in r:
-            rows.append({"step": r["step"], "mode": r["mode"], **{k: r.get(k) for k in KEYS}})
+            rows.append({"step": r["step"] + STEP_OFFSET.get(run, 0), "mode": r["mode"], **{k: r.get(k) for k in KEYS}})
     return rows
 
 
@@ -55,8 +60,8 @@ def main():
         ax.axvline(140, color="gray", ls=":", lw=1)
         ax.axvline(350, color="gray", ls="-.", lw=1)
     axes[0].legend(fontsize=7)
-    fig.suptitle("47M model, 16K context, one H200 (round 8: one H100): indexer recall against the model's dense attention "
-                 "(PT: dense warmup to step 140, then sparse; late switch: to step 350)")
+    fig.suptitle("47M model, 16K context, one H200 (rounds 8, 10: one H100): indexer recall against the model's dense attention\n"
+                 "(PT: dense warmup to step 140, then sparse; late switch: to step 350; probe: steps 701-875)")
     fig.tight_layout()
     fig.savefig(ROOT / "recall_trajectories.png", dpi=110)
     json.dump({"source": {k: f"benchmarks/results/quality_h200/{v}/log.jsonl" for k, v in RUNS.items()}, "runs": data},

@@ -17,6 +17,7 @@ PHASE_KINDS = ("msa", "dense", "local")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 TOKENIZERS = ("bpe", "bytes")
 STRATEGIES = ("none", "ddp", "fsdp2")
+EVAL_MODES = ("train", "sparse", "dense")
 
 
 @dataclass
@@ -130,7 +131,9 @@ class EvalConfig:
     evaluation. recall: also measure indexer block/score recall. Final evaluation: position-bucket
     loss on bucket_windows test windows and synthetic retrieval at retrieval_lengths (tokens; 0
     entries and lengths above seq_len * retrieval_max_factor are skipped) with retrieval_samples
-    per (task, length, depth)."""
+    per (task, length, depth). mode: the attention every evaluation runs in: "train" (the mode of the
+    step just trained), or always "sparse" / "dense" (an msa run only), e.g. so that an index trained
+    in warmup mode (exp-msa-indexprobe) is judged by the loss of its own selections."""
 
     every: int = 250
     batches: int = 4
@@ -142,6 +145,7 @@ class EvalConfig:
     retrieval_samples: int = 4
     retrieval_max_factor: float = 1.0
     final: bool = True
+    mode: str = "train"
 
 
 @dataclass
@@ -206,6 +210,9 @@ class TrainConfig:
               f"optim.index_schedule must be 'same' or 'constant', got {self.optim.index_schedule!r}")
         check(0 <= self.optim.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.optim.min_lr_ratio}")
         check(self.eval.every >= 0 and self.checkpoint_every >= 0, "eval.every and checkpoint_every must be >= 0")
+        check(self.eval.mode in EVAL_MODES, f"eval.mode must be one of {EVAL_MODES}, got {self.eval.mode!r}")
+        check(self.eval.mode == "train" or self.phase.kind == "msa",
+              f"eval.mode={self.eval.mode!r} needs phase.kind='msa' (a {self.phase.kind} run has one attention mode)")
         check(self.model.backend in ("auto", "reference", "triton"),
               f"model.backend must be auto, reference or triton, got {self.model.backend!r}")
         check(self.parallel.strategy in STRATEGIES,

@@ -27,7 +27,8 @@ a 12-layer, ~46M-parameter model (1 dense + 11 MSA layers), context 16K, blocks 
 - exp-msa-indexprobe: a diagnostic, not a recipe: from exp-msa-pt's final checkpoint, the backbone
   frozen (optim.lr=0) and only the index trained against the full-support KL at its peak learning
   rate for 25% of the pretraining's steps, so its teacher no longer moves: how close the index can
-  come to the selection rule's ceiling when it has only to catch up
+  come to the selection rule's ceiling when it has only to catch up; evaluated in sparse mode, so its
+  loss is that of its own selections, as MSA-PT's is
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ PRESETS: Dict[str, Callable[[], TrainConfig]] = {
                                checkpoint_every=100, eval__every=80),
     "exp-msa-indexprobe": _variant("exp-msa-indexprobe", steps=PROBE_STEPS, phase__warmup_steps=PROBE_STEPS,
                                    optim__lr=0.0, optim__index_schedule="constant", optim__warmup_steps=20,
-                                   checkpoint_every=100, eval__every=80),
+                                   checkpoint_every=100, eval__every=80, eval__mode="sparse"),
 }
 
 # runs that start from another run's final checkpoint

@@ -38,6 +38,7 @@ from torch import nn
 
 from ..data.dataset import CorpusData, CorpusSpec, WindowLoader, Windows, eval_window_ids, make_windows, prepare_corpus
 from ..data.facts import FactPlanter
+from ..evals.capture import unwrap
 from ..layers import MSAConfig
 from ..models import MSAForCausalLM, MSALMConfig
 from ..ops.common import check
@@ -690,15 +691,15 @@ class Trainer:
         from ..evals.lm import eval_loss
         d = self.data
         kw = dict(device=self.device, autocast_dtype=self.amp)
-        model = self._eval_model()
-        # the KL is measured (unscaled) whenever the run trains the index
-        res = eval_loss(model, d.corpus.splits["val"].tokens, d.val_windows, d.val_ids,
-                        kl_weight=1.0 if self.cfg.phase.kl_weight > 0 else 0.0, **kw)
-        # recall of an index that is never trained (dense or local runs without KL) means nothing,
-        # except for the local window, whose forced selection it measures
-        trains_index = self.cfg.phase.kl_weight > 0 or self.cfg.phase.kind == "local"
-        if self.cfg.eval.recall and trains_index and self.cfg.data.seq_len <= self.cfg.eval.recall_max_tokens:
-            res.update(recall_eval(model, d.corpus.splits["val"].tokens, d.val_windows, d.val_ids, **kw))
+        with self._eval_mode() as model:
+            # the KL is measured (unscaled) whenever the run trains the index
+            res = eval_loss(model, d.corpus.splits["val"].tokens, d.val_windows, d.val_ids,
+                            kl_weight=1.0 if self.cfg.phase.kl_weight > 0 else 0.0, **kw)
+            # recall of an index that is never trained (dense or local runs without KL) means nothing,
+            # except for the local window, whose forced selection it measures
+            trains_index = self.cfg.phase.kl_weight > 0 or self.cfg.phase.kind == "local"
+            if self.cfg.eval.recall and trains_index and self.cfg.data.seq_len <= self.cfg.eval.recall_max_tokens:
+                res.update(recall_eval(model, d.corpus.splits["val"].tokens, d.val_windows, d.val_ids, **kw))
         return res
 
     def final_evaluation(self) -> Dict[str, object]:
@@ -708,15 +709,32 @@ class Trainer:
         e, d = self.cfg.eval, self.data
         kw = dict(device=self.device, autocast_dtype=self.amp)
         test_tokens = d.corpus.splits["test"].tokens
-        model = self._eval_model()
-        res: Dict[str, object] = {"step": self.step, "mode": model.layers[-1].attn.mode}
-        res["buckets"] = position_bucket_loss(model, test_tokens, d.test_windows, d.test_ids, **kw)
-        lengths = [L for L in e.retrieval_lengths if 0 < L <= self.cfg.data.seq_len * e.retrieval_max_factor]
-        if lengths and e.retrieval_samples > 0:
-            res["retrieval"] = retrieval_eval(model, self.tokenizer, test_tokens, lengths=lengths,
-                                              depths=e.retrieval_depths, samples=e.retrieval_samples,
-                                              seed=self.cfg.seed, **kw)
+        with self._eval_mode() as model:
+            res: Dict[str, object] = {"step": self.step, "mode": model.layers[-1].attn.mode}
+            res["buckets"] = position_bucket_loss(model, test_tokens, d.test_windows, d.test_ids, **kw)
+            lengths = [L for L in e.retrieval_lengths if 0 < L <= self.cfg.data.seq_len * e.retrieval_max_factor]
+            if lengths and e.retrieval_samples > 0:
+                res["retrieval"] = retrieval_eval(model, self.tokenizer, test_tokens, lengths=lengths,
+                                                  depths=e.retrieval_depths, samples=e.retrieval_samples,
+                                                  seed=self.cfg.seed, **kw)
         return res
+
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        """The evaluation model, in eval.mode's attention for the evaluation's length, the training
+        mode restored afterwards (the next step sets its own anyway; a checkpoint taken between them
+        must record the training mode)."""
+        model = self._eval_model()
+        want = self.cfg.eval.mode
+        if want == "train":
+            yield model
+            return
+        prev = unwrap(model).mode
+        unwrap(model).set_mode(want)
+        try:
+            yield model
+        finally:
+            unwrap(model).set_mode(prev)
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self, stop_at_step: Optional[int] = None) -> Dict[str, object]:

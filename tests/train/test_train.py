@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from msa.cli import main
-from msa.train import TrainConfig, apply_overrides, resolve_config
+from msa.train import TrainConfig, apply_overrides, get_preset, resolve_config
 from msa.train.config import from_dict
 from msa.train.loss import forward_loss, kl_teacher_not_detached
 from msa.train.trainer import Trainer, kl_support_at, lr_multiplier, mode_at
@@ -231,6 +231,31 @@ def test_zero_backbone_lr_trains_only_the_index(tmp_path):
     moved = {n for n in before if not torch.equal(before[n], after[n])}
     assert moved and all("_idx_" in n for n in moved), sorted(moved)[:6]
     assert {n for n in moved if "_idx_proj" in n}  # the projections themselves learn
+
+
+def test_eval_mode_judges_a_warmup_trained_index_by_its_own_selections(tmp_path):
+    """eval.mode=sparse evaluates a run that trains in warmup (dense) mode as the sparse model would
+    run, exactly as if the mode had been set by hand, and gives training its mode back."""
+    t = Trainer(tiny_config("steps=2", "phase.warmup_steps=2", "eval.every=0", "eval.final=false"),
+                str(tmp_path / "r"), progress=False)
+    t.fit()
+    assert t.model.mode == "dense"
+    dense = t.evaluate()
+    t.cfg.eval.mode = "sparse"
+    sparse = t.evaluate()
+    final = t.final_evaluation()
+    assert t.model.mode == "dense"  # restored for the next training step / checkpoint
+    t.cfg.eval.mode = "train"
+    t.model.set_mode("sparse")
+    by_hand = t.evaluate()
+    assert sparse["val_lm_loss"] == by_hand["val_lm_loss"] and sparse["block_recall"] == by_hand["block_recall"]
+    assert abs(sparse["val_lm_loss"] - dense["val_lm_loss"]) > 1e-4  # top-3 of 8 blocks is not dense attention
+    assert final["mode"] == "sparse"
+    with pytest.raises(ValueError, match="eval.mode must be one of"):
+        tiny_config("eval.mode=local")
+    with pytest.raises(ValueError, match="eval.mode='sparse' needs phase.kind='msa'"):
+        tiny_config("phase.kind=dense", "phase.kl_weight=0", "eval.mode=sparse")
+    assert get_preset("exp-msa-indexprobe").eval.mode == "sparse"
 
 
 def test_sampled_teacher_gradient_equals_exact_with_all_rows_and_keeps_the_value():
