@@ -287,7 +287,8 @@ def load_init_weights(model: MSAForCausalLM, path: str, *, reinit_index: bool, s
                       index_std: float = 0.02) -> None:
     """Model weights from a checkpoint file or a run directory (its last checkpoint). Only index
     parameters may be missing or extra (e.g. a dense model gaining index norms); reinit_index draws
-    the index projections afresh (normal, std 0.02; index norms to identity)."""
+    the index projections afresh (normal, std 0.02; index norms to identity), and then the index
+    branch may also change shape (another model.index_dim: a capacity probe on a frozen backbone)."""
     p = Path(path)
     if p.is_dir() and not (p / TRAINER_STATE).exists():  # a run directory, not one distributed checkpoint
         found = latest_checkpoint(p)
@@ -295,6 +296,13 @@ def load_init_weights(model: MSAForCausalLM, path: str, *, reinit_index: bool, s
         p = found
     check(p.exists(), f"phase.init_from={path!r} does not exist")
     state = load_full_model_state(p)
+    if reinit_index:  # drawn afresh below, so the checkpoint's index weights are not needed
+        state = {k: v for k, v in state.items() if "_idx_" not in k}
+    own = model.state_dict()
+    wrong = [f"{k}: {tuple(v.shape)} here {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and own[k].shape != v.shape]
+    check(not wrong, f"phase.init_from={path!r}: the checkpoint's shapes differ from this model's ({wrong[:3]}); "
+          "only the index branch may change shape (model.index_dim), and only with phase.reinit_index=true")
     res = model.load_state_dict(state, strict=False)
     bad = [k for k in list(res.missing_keys) + list(res.unexpected_keys) if "_idx_" not in k]
     check(not bad, f"phase.init_from={path!r}: the checkpoint does not match the model (keys: {bad[:6]})")

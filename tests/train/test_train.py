@@ -233,6 +233,27 @@ def test_zero_backbone_lr_trains_only_the_index(tmp_path):
     assert {n for n in moved if "_idx_proj" in n}  # the projections themselves learn
 
 
+def test_a_fresh_index_of_another_width_starts_from_a_trained_backbone(tmp_path):
+    """A capacity probe: phase.reinit_index lets model.index_dim differ from the checkpoint's (the
+    backbone is loaded exactly); without it the mismatch is refused with a clear error."""
+    base = tiny_config("steps=2", "eval.final=false", "eval.every=0")
+    Trainer(base, str(tmp_path / "base"), progress=False).fit()
+    b_state = torch.load(sorted((tmp_path / "base" / "checkpoints").glob("*.pt"))[-1], weights_only=False)["model"]
+    wide = tiny_config(f"phase.init_from={tmp_path / 'base'}", "phase.reinit_index=true", "model.index_dim=32",
+                       "optim.lr=0", "steps=1")
+    t = Trainer(wide, str(tmp_path / "wide"), progress=False)
+    state = t.model.state_dict()
+    proj = [n for n in state if n.endswith("q_idx_proj.weight")]
+    assert proj and all(state[n].shape[0] == 32 * base.model.num_kv_heads != b_state[n].shape[0] for n in proj)
+    assert all(torch.equal(v, b_state[n]) for n, v in state.items() if "_idx_" not in n)
+    with pytest.raises(ValueError, match="only the index branch may change shape.*reinit_index"):
+        Trainer(tiny_config(f"phase.init_from={tmp_path / 'base'}", "model.index_dim=32"), str(tmp_path / "x"),
+                progress=False)
+    with pytest.raises(ValueError, match="shapes differ"):
+        Trainer(tiny_config(f"phase.init_from={tmp_path / 'base'}", "phase.reinit_index=true",
+                            "model.intermediate_size=96"), str(tmp_path / "y"), progress=False)
+
+
 def test_eval_mode_judges_a_warmup_trained_index_by_its_own_selections(tmp_path):
     """eval.mode=sparse evaluates a run that trains in warmup (dense) mode as the sparse model would
     run, exactly as if the mode had been set by hand, and gives training its mode back."""
