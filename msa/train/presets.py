@@ -21,6 +21,10 @@ a 12-layer, ~46M-parameter model (1 dense + 11 MSA layers), context 16K, blocks 
 - exp-msa-indexconst: exp-msa-pt whose index learning rate stays at its peak after its warmup
   (optim.index_schedule="constant") while the backbone's decays, so the index keeps following a teacher
   that still moves at the end
+- exp-msa-indexwd: exp-msa-pt with weight decay on the index projections (optim.index_weight_decay
+  1.25). RMSNorm follows them, so their size changes nothing but Adam's relative step, which shrinks
+  as they grow; decay holds them near their initial rms (0.02 at the peak rate 1e-3: lr / (2 * 0.02^2))
+  so the index keeps learning at the end (CPU, session 35: index / ceiling +0.04-0.07 over the recipe)
 - exp-msa-cpt: from exp-dense's final checkpoint (phase.init_from), fresh index projections, KL
   warmup for 20% of its steps, then sparse; its steps are 20% of the pretraining's
 - exp-dense-cont: exp-dense continued densely for the same steps (the comparison for exp-msa-cpt)
@@ -118,6 +122,7 @@ PRESETS: Dict[str, Callable[[], TrainConfig]] = {
     "exp-msa-fullkl": _variant("exp-msa-fullkl", phase__full_kl_every=4),
     "exp-msa-lateswitch": _variant("exp-msa-lateswitch", phase__warmup_steps=EXP_STEPS // 2),
     "exp-msa-indexconst": _variant("exp-msa-indexconst", optim__index_schedule="constant"),
+    "exp-msa-indexwd": _variant("exp-msa-indexwd", optim__index_weight_decay=1.25),
     "exp-msa-cpt": _variant("exp-msa-cpt", steps=CPT_STEPS, phase__warmup_steps=CPT_STEPS // 5,
                             phase__reinit_index=True, optim__lr=3e-4, optim__warmup_steps=20,
                             optim__index_lr=1e-3, checkpoint_every=100, eval__every=80),

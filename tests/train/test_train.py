@@ -233,6 +233,21 @@ def test_zero_backbone_lr_trains_only_the_index(tmp_path):
     assert {n for n in moved if "_idx_proj" in n}  # the projections themselves learn
 
 
+def test_index_weight_decay_holds_the_index_projections_down(tmp_path):
+    """optim.index_weight_decay (exp-msa-indexwd) reaches the index projections: Adam grows these
+    scale-invariant weights, decay holds them near their initial size."""
+    rms = {}
+    for wd in (0.0, 20.0):
+        t = Trainer(tiny_config("steps=12", "phase.warmup_steps=0", "eval.every=0", "eval.final=false",
+                                "checkpoint_every=0", f"optim.index_weight_decay={wd}"), str(tmp_path / str(wd)),
+                    progress=False)
+        t.fit()
+        sd = t.model.state_dict()
+        rms[wd] = float(torch.cat([v.flatten() for n, v in sd.items() if "_idx_proj" in n]).float().pow(2).mean().sqrt())
+    assert rms[20.0] < 0.8 * rms[0.0], rms
+    assert get_preset("exp-msa-indexwd").optim.index_weight_decay > 0
+
+
 def test_a_fresh_index_of_another_width_starts_from_a_trained_backbone(tmp_path):
     """A capacity probe: phase.reinit_index lets model.index_dim differ from the checkpoint's (the
     backbone is loaded exactly); without it the mismatch is refused with a clear error."""
