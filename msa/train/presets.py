@@ -24,7 +24,7 @@ a 12-layer, ~46M-parameter model (1 dense + 11 MSA layers), context 16K, blocks 
 - exp-msa-indexwd: exp-msa-pt with weight decay on the index projections (optim.index_weight_decay
   1.25). RMSNorm follows them, so their size changes nothing but Adam's relative step, which shrinks
   as they grow; decay holds them near their initial rms (0.02 at the peak rate 1e-3: lr / (2 * 0.02^2))
-  so the index keeps learning at the end (CPU, session 35: index / ceiling +0.04-0.07 over the recipe)
+  so the index keeps learning at the end (the CPU evidence: benchmarks/results/quality_h200/README.md)
 - exp-msa-cpt: from exp-dense's final checkpoint (phase.init_from), fresh index projections, KL
   warmup for 20% of its steps, then sparse; its steps are 20% of the pretraining's
 - exp-dense-cont: exp-dense continued densely for the same steps (the comparison for exp-msa-cpt)

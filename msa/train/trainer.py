@@ -729,9 +729,9 @@ class Trainer:
 
     @contextlib.contextmanager
     def _eval_mode(self):
-        """The evaluation model, in eval.mode's attention for the evaluation's length, the training
-        mode restored afterwards (the next step sets its own anyway; a checkpoint taken between them
-        must record the training mode)."""
+        """The evaluation model, switched to eval.mode's attention while the evaluation runs and back
+        to the training mode afterwards (the next step sets its own anyway, but a checkpoint taken
+        between them must record the training mode)."""
         model = self._eval_model()
         want = self.cfg.eval.mode
         if want == "train":
