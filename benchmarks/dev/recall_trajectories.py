@@ -8,7 +8,8 @@ teacher's entropy (how sharp the model's own attention is): the PT runs dip whil
 fast, then climb steadily to the end of the budget; the late-switch run dips as much while still dense
 (the dip comes from the teacher, not from the switch); CPT (a converged teacher) climbs from its first
 evaluation. Round 10's index probe continues its MSA-PT run from step 700 with the backbone frozen:
-its recall climbs, but slowly.
+its recall climbs, but slowly. Round 11's probes (a 10x rate; a fresh, twice as wide index) level off
+near 0.62, and its weight-decay run stays below its MSA-PT run.
 """
 
 import json
@@ -26,9 +27,13 @@ RUNS = {"round 6 MSA-PT": "round6/exp-msa-pt", "round 6 MSA-PT, full-support KL 
         "round 8 late switch (dense to step 350)": "round8/exp-msa-lateswitch",
         "round 6 MSA-CPT (steps after the dense run)": "round6/exp-msa-cpt",
         "round 10 MSA-PT": "round10/exp-msa-pt",
-        "round 10 index probe (backbone frozen after step 700)": "round10/exp-msa-indexprobe"}
+        "round 10 index probe (backbone frozen after step 700)": "round10/exp-msa-indexprobe",
+        "round 11 MSA-PT": "round11/exp-msa-pt",
+        "round 11 index weight decay": "round11/exp-msa-indexwd",
+        "round 11 probe, LR 1e-2 (sparse-mode evaluation)": "round11/probe-lr1e-2",
+        "round 11 probe, fresh index of width 256": "round11/probe-d256"}
 # runs that continue another run: their steps are drawn after its end
-STEP_OFFSET = {"round10/exp-msa-indexprobe": 700}
+STEP_OFFSET = {"round10/exp-msa-indexprobe": 700, "round11/probe-lr1e-2": 700, "round11/probe-d256": 700}
 KEYS = ("block_recall", "top_half_recall", "score_recall", "teacher_entropy", "max_rule_recall", "selected_mass",
         "oracle_mass", "val_lm_loss")
 
@@ -45,6 +50,8 @@ def load(run: str):
 def main():
     data = {name: load(run) for name, run in RUNS.items()}
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for ax in axes:  # more runs than the default cycle's 10 colours
+        ax.set_prop_cycle(color=plt.get_cmap("tab20").colors[::2] + plt.get_cmap("tab20").colors[1::2])
     for name, rows in data.items():
         steps = [r["step"] for r in rows]
         for ax, key in zip(axes[:2], ("block_recall", "top_half_recall")):
@@ -60,8 +67,8 @@ def main():
         ax.axvline(140, color="gray", ls=":", lw=1)
         ax.axvline(350, color="gray", ls="-.", lw=1)
     axes[0].legend(fontsize=7)
-    fig.suptitle("47M model, 16K context, one H200 (rounds 8, 10: one H100): indexer recall against the model's dense attention\n"
-                 "(PT: dense warmup to step 140, then sparse; late switch: to step 350; probe: steps 701-875)")
+    fig.suptitle("47M model, 16K context, one H200 (rounds 8-11: one H100): indexer recall against the model's dense attention\n"
+                 "(PT: dense warmup to step 140, then sparse; late switch: to step 350; probes: after step 700)")
     fig.tight_layout()
     fig.savefig(ROOT / "recall_trajectories.png", dpi=110)
     json.dump({"source": {k: f"benchmarks/results/quality_h200/{v}/log.jsonl" for k, v in RUNS.items()}, "runs": data},
