@@ -18,6 +18,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 TOKENIZERS = ("bpe", "bytes")
 STRATEGIES = ("none", "ddp", "fsdp2")
 EVAL_MODES = ("train", "sparse", "dense")
+KL_TARGETS = ("token", "block_max")
 
 
 @dataclass
@@ -113,7 +114,13 @@ class PhaseConfig:
     full_kl_every N > 0: every N-th sparse step (the first, then every N) computes the KL over every
     causal token, as the warmup does, while attention stays sparse; the spec's sparse-phase KL sees
     only the selected blocks, so it never tells the index about a block it failed to select (0: the
-    spec's recipe)."""
+    spec's recipe). kl_target: "token" (the spec: the index's token distribution against the main
+    branch's) or "block_max", an experimental objective aligned with the selection rule: the
+    softmax over causal blocks of the index's block scores (the max of its token scores, what top-k
+    ranks) against the teacher's block masses, always over the full causal support; a PyTorch loss
+    (O(T^2) per layer, ``loss.kl_block_max``), with the detached teacher only. kl_rows R > 0
+    (block_max only): that loss on R query positions per sequence drawn uniformly, an unbiased
+    estimate of it at about R / seq_len of the cost (0: every position)."""
 
     kind: str = "msa"
     warmup_steps: int = 300
@@ -123,6 +130,8 @@ class PhaseConfig:
     init_from: str = ""
     reinit_index: bool = False
     full_kl_every: int = 0
+    kl_target: str = "token"
+    kl_rows: int = 0
 
 
 @dataclass
@@ -197,6 +206,15 @@ class TrainConfig:
         check(self.phase.full_kl_every == 0 or self.phase.kl_detach_teacher,
               "phase.full_kl_every > 0 needs phase.kl_detach_teacher=true (the undetached ablation's KL "
               "is built over the selection)")
+        check(self.phase.kl_target in KL_TARGETS,
+              f"phase.kl_target must be one of {KL_TARGETS}, got {self.phase.kl_target!r}")
+        check(self.phase.kl_target == "token" or (self.phase.kl_detach_teacher and self.phase.full_kl_every == 0),
+              "phase.kl_target='block_max' needs phase.kl_detach_teacher=true and phase.full_kl_every=0 "
+              "(its teacher is always the detached full-support attention)")
+        check(self.phase.kl_rows >= 0, f"phase.kl_rows must be >= 0, got {self.phase.kl_rows}")
+        check(self.phase.kl_rows == 0 or self.phase.kl_target == "block_max",
+              "phase.kl_rows > 0 needs phase.kl_target='block_max' "
+              "(the token KL's kernels cover every position)")
         check(self.data.tokenizer in TOKENIZERS, f"data.tokenizer must be one of {TOKENIZERS}, got {self.data.tokenizer!r}")
         check(self.data.seq_len >= 2, f"data.seq_len must be >= 2, got {self.data.seq_len}")
         check(self.data.batch_size >= 1, f"data.batch_size must be >= 1, got {self.data.batch_size}")
@@ -220,6 +238,9 @@ class TrainConfig:
         check(not (self.parallel.strategy == "fsdp2" and not self.phase.kl_detach_teacher),
               "phase.kl_detach_teacher=false re-projects q and k outside the model's forward, which FSDP2's "
               "sharded parameters do not allow: use parallel.strategy=ddp for this ablation")
+        check(not (self.parallel.strategy == "fsdp2" and self.phase.kl_target == "block_max"),
+              "phase.kl_target='block_max' re-projects q, k and the index q, k outside the model's forward, "
+              "which FSDP2's sharded parameters do not allow: use parallel.strategy=ddp")
         m = self.model
         check(m.topk_blocks >= m.init_blocks + m.local_blocks,
               f"model.topk_blocks ({m.topk_blocks}) must be >= init_blocks + local_blocks")

@@ -25,6 +25,10 @@ a 12-layer, ~46M-parameter model (1 dense + 11 MSA layers), context 16K, blocks 
   1.25). RMSNorm follows them, so their size changes nothing but Adam's relative step, which shrinks
   as they grow; decay holds them near their initial rms (0.02 at the peak rate 1e-3: lr / (2 * 0.02^2))
   so the index keeps learning at the end (the CPU evidence: benchmarks/results/quality_h200/README.md)
+- exp-msa-blockkl: exp-msa-pt whose index is trained by the block-max objective (phase.kl_target=
+  "block_max": the softmax of its block-max scores, what top-k ranks, against the teacher's block
+  masses, on the full causal support) on 2048 sampled query positions per sequence (phase.kl_rows, an
+  unbiased estimate at 1/8 of the cost of this PyTorch loss at 16K)
 - exp-msa-cpt: from exp-dense's final checkpoint (phase.init_from), fresh index projections, KL
   warmup for 20% of its steps, then sparse; its steps are 20% of the pretraining's
 - exp-dense-cont: exp-dense continued densely for the same steps (the comparison for exp-msa-cpt)
@@ -123,6 +127,7 @@ PRESETS: Dict[str, Callable[[], TrainConfig]] = {
     "exp-msa-lateswitch": _variant("exp-msa-lateswitch", phase__warmup_steps=EXP_STEPS // 2),
     "exp-msa-indexconst": _variant("exp-msa-indexconst", optim__index_schedule="constant"),
     "exp-msa-indexwd": _variant("exp-msa-indexwd", optim__index_weight_decay=1.25),
+    "exp-msa-blockkl": _variant("exp-msa-blockkl", phase__kl_target="block_max", phase__kl_rows=2048),
     "exp-msa-cpt": _variant("exp-msa-cpt", steps=CPT_STEPS, phase__warmup_steps=CPT_STEPS // 5,
                             phase__reinit_index=True, optim__lr=3e-4, optim__warmup_steps=20,
                             optim__index_lr=1e-3, checkpoint_every=100, eval__every=80),

@@ -597,7 +597,8 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=self.amp or torch.bfloat16, enabled=self.amp is not None):
                 out = forward_loss(self.wrapped, b.input_ids, b.cu_seqlens, kl_weight=cfg.phase.kl_weight,
                                    detach_teacher=cfg.phase.kl_detach_teacher,
-                                   teacher_grad_rows=cfg.phase.teacher_grad_rows, kl_support=support)
+                                   teacher_grad_rows=cfg.phase.teacher_grad_rows, kl_support=support,
+                                   kl_target=cfg.phase.kl_target, kl_rows=cfg.phase.kl_rows)
             (out["loss"] / cfg.grad_accum).backward()
             keys = sorted(out["layer_kl"])
             vals = torch.stack([out["lm_loss"].float(), out["kl_loss"].float()]
@@ -663,7 +664,7 @@ class Trainer:
                     out = forward_loss(self.wrapped, b.input_ids, b.cu_seqlens, kl_weight=cfg.phase.kl_weight,
                                        detach_teacher=cfg.phase.kl_detach_teacher,
                                        teacher_grad_rows=cfg.phase.teacher_grad_rows, lm_scale=shares[i] * world,
-                                       kl_support=support)
+                                       kl_support=support, kl_target=cfg.phase.kl_target, kl_rows=cfg.phase.kl_rows)
                 (out["loss"] / cfg.grad_accum).backward()
             keys = sorted(out["layer_kl"])
             v = torch.stack([out["lm_loss"].float(), out["kl_loss"].float()]

@@ -9,7 +9,7 @@ import torch
 from msa.cli import main
 from msa.train import TrainConfig, apply_overrides, get_preset, resolve_config
 from msa.train.config import from_dict
-from msa.train.loss import forward_loss, kl_teacher_not_detached
+from msa.train.loss import forward_loss, kl_block_max, kl_teacher_not_detached
 from msa.train.trainer import Trainer, kl_support_at, lr_multiplier, mode_at
 
 from .common import CACHE, one_thread, tiny_config
@@ -361,3 +361,110 @@ def test_wall_clock_cap_stops_with_a_checkpoint_and_the_run_resumes(tmp_path):
     c = Trainer(cfg, str(tmp_path / "b"), progress=False)   # max_minutes may change between the commands
     assert c.fit()["status"] == "complete"
     assert _losses(c.history) == _losses(a.history)
+
+
+def _block_max_kl_row(qi, ki, q, k, bs):
+    """kl_block_max's docstring formula for one query (the last of its prefix): qi (H_kv, D_idx),
+    ki (i+1, D_idx), q (H_q, D), k (i+1, H_kv, D); summed over the groups (float64)."""
+    hkv, g, d, di, i = qi.shape[0], q.shape[0] // qi.shape[0], q.shape[1], qi.shape[1], ki.shape[0] - 1
+    total = 0.0
+    for r in range(hkv):
+        s = (qi[r] @ ki.T) * di ** -0.5
+        m = torch.stack([s[b * bs:(b + 1) * bs].max() for b in range(i // bs + 1)])
+        p = torch.softmax(q[r * g:(r + 1) * g] @ k[:, r].T * d ** -0.5, -1).mean(0)
+        big_p = torch.stack([p[b * bs:(b + 1) * bs].sum() for b in range(i // bs + 1)])
+        total = total + (big_p * (big_p.log() - torch.log_softmax(m, 0))).sum()
+    return total
+
+
+def _block_max_kl_naive(qi, ki, q, k, spans, bs):
+    """kl_block_max's docstring formula, one query at a time, averaged over tokens and groups."""
+    total = 0.0
+    for s0, e0 in spans:
+        for i in range(s0, e0):
+            total = total + _block_max_kl_row(qi[0, i], ki[0, s0:i + 1], q[0, i], k[0, s0:i + 1], bs)
+    return total / (qi.shape[1] * qi.shape[2])
+
+
+@pytest.mark.parametrize("g", [1, 2])
+def test_block_max_kl_matches_its_formula_and_trains_only_the_index(g):
+    """phase.kl_target="block_max": value and index gradients against the per-query formula (packed
+    sequences, a short last block; fp64 inputs, fp32 inside: rtol 1e-6, grads atol 1e-7); the teacher
+    gets no gradient."""
+    torch.manual_seed(0)
+    t, hkv, d, di, bs = 37, 2, 8, 6, 5
+    q = torch.randn(1, t, hkv * g, d, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, t, hkv, d, dtype=torch.float64, requires_grad=True)
+    qi = torch.randn(1, t, hkv, di, dtype=torch.float64, requires_grad=True)
+    ki = torch.randn(1, t, di, dtype=torch.float64, requires_grad=True)
+    cu = torch.tensor([0, 20, t], dtype=torch.int32)
+    ours = kl_block_max(qi, ki, q, k, block_size=bs, scale=d ** -0.5, index_scale=di ** -0.5, cu_seqlens=cu)
+    ref = _block_max_kl_naive(qi, ki, q.detach(), k.detach(), [(0, 20), (20, t)], bs)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-6) and ours.item() > 0
+    g_ours = torch.autograd.grad(ours, (qi, ki, q, k), retain_graph=True, allow_unused=True)
+    assert g_ours[2] is None and g_ours[3] is None  # the teacher is detached
+    g_ours = g_ours[:2]
+    g_ref = torch.autograd.grad(ref, (qi, ki))
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_block_max_kl_on_sampled_rows_is_the_weighted_formula():
+    """rows_per_sequence R: the formula over the R positions drawn (torch's global RNG), each weighted
+    n / R; R >= n is the full loss; the mean over draws approaches the full loss (unbiased)."""
+    torch.manual_seed(1)
+    t, hkv, g, d, di, bs = 29, 2, 2, 8, 6, 4
+    q, k = torch.randn(1, t, hkv * g, d, dtype=torch.float64), torch.randn(1, t, hkv, d, dtype=torch.float64)
+    qi = torch.randn(1, t, hkv, di, dtype=torch.float64, requires_grad=True)
+    ki = torch.randn(1, t, di, dtype=torch.float64, requires_grad=True)
+    kw = dict(block_size=bs, scale=d ** -0.5, index_scale=di ** -0.5)
+    full = kl_block_max(qi, ki, q, k, **kw).item()
+    assert kl_block_max(qi, ki, q, k, rows_per_sequence=t, **kw).item() == full
+    torch.manual_seed(7)
+    rows = torch.randperm(t)[:5].sort().values
+    torch.manual_seed(7)
+    est = kl_block_max(qi, ki, q, k, rows_per_sequence=5, **kw)
+    ref = sum(_block_max_kl_row(qi[0, i], ki[0, :i + 1], q[0, i], k[0, :i + 1], bs) for i in rows.tolist())
+    ref = ref * (t / 5) / (t * hkv)
+    assert est.item() == pytest.approx(ref.item(), rel=1e-6)
+    g_est, g_ref = torch.autograd.grad(est, (qi, ki)), torch.autograd.grad(ref, (qi, ki))
+    for a, b in zip(g_est, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    draws = [kl_block_max(qi, ki, q, k, rows_per_sequence=5, **kw).item() for _ in range(400)]
+    assert sum(draws) / len(draws) == pytest.approx(full, rel=0.05)
+    with pytest.raises(ValueError, match="rows_per_sequence must be >= 0"):
+        kl_block_max(qi, ki, q, k, rows_per_sequence=-1, **kw)
+
+
+def test_block_max_target_config_and_training_step(tmp_path):
+    """phase.kl_target and phase.kl_rows are validated; "block_max" (here on 48 sampled rows of 128)
+    trains the index through the trainer and leaves the frozen backbone exactly as it was."""
+    with pytest.raises(ValueError, match="phase.kl_target must be one of"):
+        apply_overrides(TrainConfig(), ["phase.kl_target=blocks"])
+    with pytest.raises(ValueError, match="kl_target='block_max' needs phase.kl_detach_teacher=true"):
+        apply_overrides(TrainConfig(), ["phase.kl_target=block_max", "phase.kl_detach_teacher=false"])
+    with pytest.raises(ValueError, match="block_max' re-projects.*use parallel.strategy=ddp"):
+        apply_overrides(TrainConfig(), ["phase.kl_target=block_max", "parallel.strategy=fsdp2"])
+    with pytest.raises(ValueError, match="phase.kl_rows > 0 needs phase.kl_target='block_max'"):
+        apply_overrides(TrainConfig(), ["phase.kl_rows=64"])
+    with pytest.raises(ValueError, match="phase.kl_rows must be >= 0"):
+        apply_overrides(TrainConfig(), ["phase.kl_target=block_max", "phase.kl_rows=-1"])
+    with pytest.raises(ValueError, match="kl_target must be 'token' or 'block_max'"):
+        forward_loss(torch.nn.Identity(), torch.zeros(1, 4, dtype=torch.long), None, kl_weight=1.0, kl_target="max")
+    cfg = tiny_config("phase.kl_target=block_max", "phase.kl_rows=48", "optim.lr=0", "steps=3", "phase.warmup_steps=1",
+                      "eval.every=0", "eval.final=false", "checkpoint_every=0")
+    t = Trainer(cfg, str(tmp_path / "bm"), progress=False)
+    before = {n: p.detach().clone() for n, p in t.model.state_dict().items()}
+    state = t.data.train.state_dict()
+    b = t.data.train.next()
+    t.data.train.load_state_dict(state)
+    t.model.set_mode("dense")
+    out = forward_loss(t.model, b.input_ids, b.cu_seqlens, kl_weight=1.0, kl_target="block_max")
+    token = forward_loss(t.model, b.input_ids, b.cu_seqlens, kl_weight=1.0)
+    assert set(out["layer_kl"]) == set(token["layer_kl"]) and float(out["kl_loss"]) != float(token["kl_loss"])
+    recs = [t.train_step() for _ in range(3)]
+    assert all(r["kl"] > 0 for r in recs) and [r["mode"] for r in recs] == ["dense", "sparse", "sparse"]
+    moved = {n for n, v in t.model.state_dict().items() if not torch.equal(before[n], v)}
+    assert moved and all("_idx_" in n for n in moved), sorted(moved)[:6]
+    bk = get_preset("exp-msa-blockkl")
+    assert (bk.phase.kl_target, bk.phase.kl_rows) == ("block_max", 2048)
