@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from ..evals.capture import capture_msa_layers
 from ..ops.common import check, positions_in_sequence, query_chunk, sequence_spans
 from ..ops.sparse_attention.reference import allowed_keys
+from .config import KL_TARGETS
 
 
 def shifted_targets(input_ids: torch.Tensor, cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:
@@ -75,23 +76,22 @@ def kl_teacher_not_detached(q_idx: torch.Tensor, k_idx: torch.Tensor, q: torch.T
     return total / (bsz * t * hkv)
 
 
-def _teacher_block_mass(q, k, pos, num_keys: int, block_size: int, scale: float) -> torch.Tensor:
+def _teacher_block_mass(q, k, allowed, block_size: int, scale: float) -> torch.Tensor:
     """fp32 (C, H_kv, NB): the teacher's causal attention, averaged over the group's heads, summed per key
-    block; q (C, H_kv, G, D), k (N, H_kv, D) (no gradient), pos (C,) query positions in the sequence."""
-    allowed = allowed_keys(None, pos, num_keys, block_size).unsqueeze(2)  # (C, 1, 1, N)
+    block; q (C, H_kv, G, D), k (N, H_kv, D) (no gradient), allowed bool (C, 1, N) (``allowed_keys``)."""
+    num_keys = k.shape[0]
     with torch.autocast(q.device.type, enabled=False):  # fp32 scores even inside the training autocast
         t = torch.einsum("crgd,jrd->crgj", q.float(), k.float()) * scale
-    teacher = torch.softmax(t.masked_fill(~allowed, float("-inf")), dim=-1).mean(dim=2)
+    teacher = torch.softmax(t.masked_fill(~allowed.unsqueeze(2), float("-inf")), dim=-1).mean(dim=2)
     nb = math.ceil(num_keys / block_size)
     return F.pad(teacher, (0, nb * block_size - num_keys)).view(*teacher.shape[:2], nb, block_size).sum(-1)
 
 
-def _block_max_kl_chunk(q_idx, k_idx, mass, pos, num_keys: int, block_size: int, index_scale: float) -> torch.Tensor:
+def _block_max_kl_chunk(q_idx, k_idx, mass, allowed, block_size: int, index_scale: float) -> torch.Tensor:
     """The block-max KL summed over one chunk: q_idx (C, H_kv, D_idx), k_idx (N, D_idx), mass (C, H_kv, NB)
-    from _teacher_block_mass."""
+    from _teacher_block_mass, allowed bool (C, 1, N)."""
     neg = float("-inf")
-    allowed = allowed_keys(None, pos, num_keys, block_size)  # (C, 1, N): full causal support
-    nb = mass.shape[-1]
+    num_keys, nb = k_idx.shape[0], mass.shape[-1]
     with torch.autocast(q_idx.device.type, enabled=False):  # fp32 scores: the KL ranks blocks by them
         s = torch.einsum("crd,jd->crj", q_idx.float(), k_idx.float()) * index_scale
     s = F.pad(s.masked_fill(~allowed, neg), (0, nb * block_size - num_keys), value=neg)
@@ -120,11 +120,11 @@ def kl_block_max(q_idx: torch.Tensor, k_idx: torch.Tensor, q: torch.Tensor, k: t
     rows_per_sequence R > 0: only R query positions per sequence, drawn uniformly without replacement
     (torch's global RNG, which checkpoints save), each weighted n / R for a sequence of n tokens: an
     unbiased estimate of the same mean at about R / n of the cost. Returns an fp32 scalar."""
+    check(rows_per_sequence >= 0, f"rows_per_sequence must be >= 0, got {rows_per_sequence}")
     bsz, t, hkv, _ = q_idx.shape
     hq, d = q.shape[2], q.shape[3]
     q, k = q.detach(), k.detach()
     total = q_idx.new_zeros((), dtype=torch.float32)
-    check(rows_per_sequence >= 0, f"rows_per_sequence must be >= 0, got {rows_per_sequence}")
     for b, s0, e0 in sequence_spans(bsz, t, cu_seqlens):
         n = e0 - s0
         picked = torch.arange(n)
@@ -136,10 +136,11 @@ def kl_block_max(q_idx: torch.Tensor, k_idx: torch.Tensor, q: torch.Tensor, k: t
             keys = int(picked[min(c0 + chunk, picked.numel()) - 1]) + 1  # the chunk's largest position + 1
             pos = picked[c0:c0 + chunk].to(q.device)
             rows = s0 + pos
+            allowed = allowed_keys(None, pos, keys, block_size)  # (C, 1, keys): full causal support
             with torch.no_grad():  # the teacher is detached: computed once, outside the checkpoint
                 mass = _teacher_block_mass(q[b, rows].reshape(pos.numel(), hkv, hq // hkv, d),
-                                           k[b, s0:s0 + keys], pos, keys, block_size, scale)
-            args = (q_idx[b, rows], k_idx[b, s0:s0 + keys], mass, pos, keys, block_size, index_scale)
+                                           k[b, s0:s0 + keys], allowed, block_size, scale)
+            args = (q_idx[b, rows], k_idx[b, s0:s0 + keys], mass, allowed, block_size, index_scale)
             part = (checkpoint(_block_max_kl_chunk, *args, use_reentrant=False) if torch.is_grad_enabled()
                     else _block_max_kl_chunk(*args))
             total = total + part * weight
@@ -193,7 +194,7 @@ def forward_loss(model: torch.nn.Module, input_ids: torch.Tensor, cu_seqlens: Op
     want_kl = kl_weight > 0
     check(kl_support == "selected" or detach_teacher,
           "kl_support='full' needs detach_teacher=True (phase.full_kl_every with phase.kl_detach_teacher)")
-    check(kl_target in ("token", "block_max"), f"kl_target must be 'token' or 'block_max', got {kl_target!r}")
+    check(kl_target in KL_TARGETS, f"kl_target must be one of {KL_TARGETS}, got {kl_target!r}")
     check(kl_target == "token" or detach_teacher, "kl_target='block_max' needs detach_teacher=True")
     block_max = want_kl and kl_target == "block_max"
     exact_nd = want_kl and not detach_teacher and teacher_grad_rows <= 0
@@ -223,35 +224,33 @@ def forward_loss(model: torch.nn.Module, input_ids: torch.Tensor, cu_seqlens: Op
             "layer_kl": {i: v.detach() for i, v in layer_kl.items()}}
 
 
-def _recompute_kl(r) -> torch.Tensor:
-    """The layer's KL with a non-detached teacher, from its captured input (re-projecting q, k)."""
+def _reproject(r):
+    """q, k, q_idx, k_idx re-projected from a captured layer's input, with its KL's scales as keywords."""
     attn, c = r.attn, r.attn.config
     b, t, _ = r.x.shape
     pos = positions_in_sequence(t, r.cu_seqlens, r.x.device).view(1, t).expand(b, t)
     q, k, _, q_idx, k_idx = attn.project(r.x, pos)
-    return kl_teacher_not_detached(q_idx, k_idx, q, k, r.block_indices, block_size=c.block_size,
-                                   scale=c.head_dim ** -0.5, index_scale=c.index_dim ** -0.5,
-                                   cu_seqlens=r.cu_seqlens)
+    kw = dict(block_size=c.block_size, scale=c.head_dim ** -0.5, index_scale=c.index_dim ** -0.5,
+              cu_seqlens=r.cu_seqlens)
+    return q, k, q_idx, k_idx, kw
+
+
+def _recompute_kl(r) -> torch.Tensor:
+    """The layer's KL with a non-detached teacher, from its captured input (re-projecting q, k)."""
+    q, k, q_idx, k_idx, kw = _reproject(r)
+    return kl_teacher_not_detached(q_idx, k_idx, q, k, r.block_indices, **kw)
 
 
 def _recompute_block_max_kl(r, rows_per_sequence: int) -> torch.Tensor:
     """The layer's block-max KL from its captured input (the teacher's q and k detached)."""
-    attn, c = r.attn, r.attn.config
-    b, t, _ = r.x.shape
-    pos = positions_in_sequence(t, r.cu_seqlens, r.x.device).view(1, t).expand(b, t)
-    q, k, _, q_idx, k_idx = attn.project(r.x, pos)
-    return kl_block_max(q_idx, k_idx, q, k, block_size=c.block_size, scale=c.head_dim ** -0.5,
-                        index_scale=c.index_dim ** -0.5, cu_seqlens=r.cu_seqlens, rows_per_sequence=rows_per_sequence)
+    q, k, q_idx, k_idx, kw = _reproject(r)
+    return kl_block_max(q_idx, k_idx, q, k, rows_per_sequence=rows_per_sequence, **kw)
 
 
 def _teacher_term(r, rows: torch.Tensor) -> torch.Tensor:
     """0 in value; its gradient is the sampled estimate of d KL / d (q, k) through the teacher."""
-    attn, c = r.attn, r.attn.config
-    b, t, _ = r.x.shape
-    pos = positions_in_sequence(t, r.cu_seqlens, r.x.device).view(1, t).expand(b, t)
-    q, k, _, q_idx, k_idx = attn.project(r.x, pos)
-    est = kl_sampled_rows(q_idx.detach(), k_idx.detach(), q, k, r.block_indices, rows, block_size=c.block_size,
-                          scale=c.head_dim ** -0.5, index_scale=c.index_dim ** -0.5, cu_seqlens=r.cu_seqlens)
+    q, k, q_idx, k_idx, kw = _reproject(r)
+    est = kl_sampled_rows(q_idx.detach(), k_idx.detach(), q, k, r.block_indices, rows, **kw)
     return est - est.detach()
 
 
