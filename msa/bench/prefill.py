@@ -130,15 +130,19 @@ def e2e_extras(res, fn):
 def layer_prefill(q, k, v, qi, ki, block_indices=None):
     """The prefill attention as a model's layer runs it, one call to time: ``msa_prefill_attention``
     (select_blocks, one SelectionPlan, sparse_attention, default tuning). With ``block_indices``
-    (replayed selections): the same indexer call, its result unused, then the attention on those."""
+    (replayed selections): the same indexer call, its result unused, then the attention on those with
+    their SelectionPlan, as the layer builds it."""
     from msa.layers.attention import msa_prefill_attention
+    from msa.ops.sparse_attention.triton_impl import selection_plan
 
     scale, index_scale = D ** -0.5, DIDX ** -0.5
     if block_indices is None:
         return msa_prefill_attention(q, k, v, qi, ki, sparse=True, compute_kl=False, block_size=BK,
                                      topk_blocks=TOPK, scale=scale, index_scale=index_scale)
     msa.select_blocks(qi, ki, block_size=BK, topk=TOPK, scale=index_scale, validate=False)
-    return msa.sparse_attention(q, k, v, block_indices, block_size=BK, scale=scale, validate=False)
+    plan = selection_plan(block_indices, block_size=BK, cu_seqlens=None, num_heads=q.shape[2], head_dim=D,
+                          dtype=q.dtype, index_dim=DIDX)
+    return msa.sparse_attention(q, k, v, block_indices, block_size=BK, scale=scale, validate=False, plan=plan)
 
 
 def synthetic_indices(t, device, seed=0):

@@ -109,6 +109,7 @@ def sparse_stages(q, k, v, qi, ki, do, kl_kw):
     """The sparse training step split into select / attn fwd / attn bwd / kl fwd / kl bwd."""
     import msa
     from msa.ops.indexer_kl.triton_impl import indexer_kl_triton
+    from msa.ops.sparse_attention.triton_impl import selection_plan
     st = {}
 
     def sel():
@@ -457,13 +458,20 @@ def bench_size(t, notes):
         loss = indexer_kl_triton(qi, ki, q.detach(), k.detach(), bi, **kl_kw, teacher_lse=lse_sparse)
         torch.autograd.grad(loss, (qi, ki))
 
+    def step_on(b):
+        """The layer's sparse step on selection b (``msa_prefill_attention``): one SelectionPlan shared
+        by the attention forward, its backward and the KL, whose teacher lse is the attention's."""
+        plan = selection_plan(b, block_size=BLOCK, cu_seqlens=None, num_heads=HQ, head_dim=D, dtype=q.dtype,
+                              index_dim=DI)
+        o, lse = msa.sparse_attention(q, k, v, b, block_size=BLOCK, return_lse=True, backend="triton", plan=plan)
+        torch.autograd.grad(o, (q, k, v), do)
+        loss = indexer_kl_triton(qi, ki, q.detach(), k.detach(), b, **kl_kw, teacher_lse=lse, plan=plan)
+        torch.autograd.grad(loss, (qi, ki))
+
     def sparse_step():
         with torch.no_grad():
             b = msa.select_blocks(qi, ki, block_size=BLOCK, topk=TOPK, backend="triton")
-        o, lse = msa.sparse_attention(q, k, v, b, block_size=BLOCK, return_lse=True, backend="triton")
-        torch.autograd.grad(o, (q, k, v), do)
-        loss = indexer_kl_triton(qi, ki, q.detach(), k.detach(), b, **kl_kw, teacher_lse=lse)
-        torch.autograd.grad(loss, (qi, ki))
+        step_on(b)
 
     variants = {"select": sel_fn, "sparse_attn_fwd_bwd": attn_fn, "sparse_kl_fwd_bwd": kl_sparse_fn,
                 "sparse_step": sparse_step}
@@ -489,10 +497,7 @@ def bench_size(t, notes):
         def real_step():  # the selection is timed (its result replaced), then the step on the replayed one
             with torch.no_grad():
                 msa.select_blocks(qi, ki, block_size=BLOCK, topk=TOPK, backend="triton")
-            o, lse = msa.sparse_attention(q, k, v, real, block_size=BLOCK, return_lse=True, backend="triton")
-            torch.autograd.grad(o, (q, k, v), do)
-            loss = indexer_kl_triton(qi, ki, q.detach(), k.detach(), real, **kl_kw, teacher_lse=lse)
-            torch.autograd.grad(loss, (qi, ki))
+            step_on(real)
         variants["sparse_step_realistic"] = real_step
         variants["sparse_step_realistic_tiled"] = lambda: _with(tiled, real_step)
         variants["sparse_step_realistic_kv"] = lambda: _with(kv, real_step)

@@ -235,6 +235,61 @@ def test_heuristic_and_override(tuned):
         choose_kernel(10, 1, 1, 1, 1, 1, "bogus")
 
 
+def _agreeing_and_random_selections(t, block_size, topk, seed=0):
+    """int32 (1, t, 1, topk) selections: 'agree', every token of a block selects the same blocks (its own
+    and the first topk - 1 before it), as trained indexers nearly do; 'random', each token its own block
+    and topk - 1 random earlier ones. Both in the spec convention (-1 padding)."""
+    gen = torch.Generator().manual_seed(seed)
+    own = torch.arange(t) // block_size
+    agree = torch.full((1, t, 1, topk), -1, dtype=torch.int32)
+    rand = agree.clone()
+    for i in range(t):
+        b = int(own[i])
+        earlier = list(range(min(b, topk - 1)))
+        agree[0, i, 0, : len(earlier) + 1] = torch.tensor(earlier + [b])
+        pick = torch.randperm(b, generator=gen)[: topk - 1].tolist()
+        rand[0, i, 0, : len(pick) + 1] = torch.tensor(sorted(pick) + [b])
+    return agree.to(DEVICE), rand.to(DEVICE)
+
+
+def test_union_choice(monkeypatch, tuned):
+    """With a plan, from SHORT_TOKENS up to UNION_CHOICE_TOKENS, 'auto' takes the query-tiled kernel
+    when the tiles' mean union is at most TILED_MAX_UNION x topk (selections that agree: union = topk)
+    and KV-outer when it is larger (random selections); an explicit kernel, no plan or more tokens keep
+    the length rule. Then the forward of the agreeing selection runs the tiled kernel (the KV-outer
+    kernel is replaced by one that fails) and matches the reference."""
+    from msa.ops.sparse_attention import triton_impl
+    from msa.ops.utils.reverse_index import SelectionPlan
+    t, bs, topk, tt = 512, 8, 4, 8
+    monkeypatch.setattr(triton_impl, "SHORT_TOKENS", 256)
+    monkeypatch.setattr(triton_impl, "UNION_CHOICE_TOKENS", t)
+    agree, rand = _agreeing_and_random_selections(t, bs, topk)
+    nb = t // bs
+    plan_a, plan_r = (SelectionPlan(bi, bs, None, t, 64) for bi in (agree, rand))
+    assert plan_a.mean_tile_union(tt, "greedy") <= topk < 2 * topk < plan_r.mean_tile_union(tt, "greedy")
+    args = (t, 16, topk, nb, nb, t)
+    assert triton_impl.resolve_kernel(*args, None, plan_a, tt) == "tiled"
+    assert triton_impl.resolve_kernel(*args, None, plan_r, tt) == "kv"
+    assert triton_impl.resolve_kernel(*args, "kv", plan_a, tt) == "kv"
+    assert triton_impl.resolve_kernel(*args, None, None, tt) == "kv"
+    monkeypatch.setattr(triton_impl, "UNION_CHOICE_TOKENS", t - 1)
+    assert triton_impl.resolve_kernel(*args, None, SelectionPlan(agree, bs, None, t, 64), tt) == "kv"
+    monkeypatch.setattr(triton_impl, "UNION_CHOICE_TOKENS", t)
+
+    class MustNotLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("KV-outer kernel launched")
+    monkeypatch.setattr(triton_impl, "sparse_attention_fwd_kernel", MustNotLaunch())
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(1, t, 2, 16, generator=gen).to(DEVICE)
+    k, v = (torch.randn(1, t, 1, 16, generator=gen).to(DEVICE) for _ in range(2))
+    o, lse = sparse_attention_fwd_triton(q, k, v, agree, block_size=bs, scale=0.25, cu_seqlens=None,
+                                         plan=SelectionPlan(agree, bs, None, t, 64))
+    ref_o, ref_lse = sparse_attention_reference(q, k, v, agree, block_size=bs, scale=0.25, cu_seqlens=None)
+    torch.testing.assert_close(o, ref_o, atol=ATOL, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=ATOL, rtol=0)
+
+
 def test_reverse_index_token_range_matches_full():
     # the chunked build (token_range + block_limit) lists exactly the full build's pairs of its tokens
     from msa.ops.utils.reverse_index import block_layout, blocks_before

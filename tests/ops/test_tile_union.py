@@ -132,3 +132,23 @@ def test_tile_tokens_and_bad_size():
     assert tile_tokens_for(64, 64, 128) == 1 and tile_tokens_for(3, 64, 16) == 16
     with pytest.raises(ValueError, match="tile_tokens"):
         build_tile_union(torch.zeros(1, 4, 1, 1, dtype=torch.int32), block_layout(1, 4, 4, None, "cpu"), 4, 33)
+
+
+@pytest.mark.parametrize("order", ["consecutive", "greedy"])
+def test_plan_mean_tile_union_matches_definition(order):
+    """SelectionPlan.mean_tile_union (what the forward's kernel choice reads) is the mean list length
+    over the non-empty (tile, group) pairs of the definition, on packed sequences with short blocks and
+    a padded row; cached after the first call."""
+    from msa.ops.utils.reverse_index import SelectionPlan
+    cu = torch.tensor([0, 70, 71, 161], dtype=torch.int32, device=DEVICE)
+    gen = torch.Generator().manual_seed(3)
+    qi = torch.randn(1, 161, 2, 8, generator=gen).to(DEVICE)
+    ki = torch.randn(1, 161, 8, generator=gen).to(DEVICE)
+    bi = select_blocks_reference(qi, ki, block_size=16, topk=3, init_blocks=0, local_blocks=1, scale=0.3, cu_seqlens=cu)
+    bi[0, 5:9, 1] = -1
+    plan = SelectionPlan(bi, 16, cu, 161, 64)
+    want = [len(p) for p in naive(bi, plan.layout, 5, -(-16 // 5), order).values() if p]
+    got = plan.mean_tile_union(5, order)
+    assert got == pytest.approx(sum(want) / len(want), rel=1e-12)
+    plan.tile_union(5, order).count.zero_()  # a cached value ignores the (now emptied) union
+    assert plan.mean_tile_union(5, order) == got

@@ -4,7 +4,9 @@ query-tiled.
 Kernel choice (``kernel=`` argument, else ``msa.tuning`` field ``sparse_fwd_kernel``): ``auto`` takes
 the query-tiled kernel below ``reverse_index.SHORT_TOKENS`` tokens, where the reverse index and the partial
 round trip do not pay off, the query-outer kernel when KV-outer work items would fill fewer than
-``KV_MIN_ROWS`` MMA rows, otherwise KV-outer. ``tiled``: several tokens of one query block x G heads per
+``KV_MIN_ROWS`` MMA rows, otherwise KV-outer, except that with a ``SelectionPlan`` (the layer's path)
+up to ``UNION_CHOICE_TOKENS`` tokens it measures the query tiles' block union and takes the tiled
+kernel while that union is small (``resolve_kernel``). ``tiled``: several tokens of one query block x G heads per
 MMA tile (consecutive ones, or grouped by selection under ``tuning.tile_order="greedy"``) over the union
 of their selected blocks (``msa.ops.utils.tile_union``); its cost grows with that
 union, which grows with the length (neighbouring tokens share only part of their blocks), so it wins
@@ -43,6 +45,11 @@ from .triton_fwd import (sparse_attention_combine_fwd_kernel, sparse_attention_f
 
 LOG2E = 1.4426950408889634
 KV_MIN_ROWS = 64              # KV-outer needs about this many MMA rows per (group, block) row
+# Up to this many tokens a SelectionPlan's forward measures its tiles' mean union and takes the query-tiled
+# kernel when that union is at most TILED_MAX_UNION x topk blocks (crossover measured at 32K: 2.3 x topk;
+# docs/perf-notes.md, rounds 32-33). Above it the tile union's memory grows and KV-outer's lead is clear.
+UNION_CHOICE_TOKENS = 65536
+TILED_MAX_UNION = 2.0
 MAX_DEFAULT_PARTIAL_BYTES = 16 << 30
 MIN_DEFAULT_PARTIAL_BYTES = 256 << 20
 
@@ -169,6 +176,22 @@ def choose_kernel(ntok: int, group: int, topk: int, blocks_per_seq: int, num_blo
     return "kv" if rows >= KV_MIN_ROWS else "qo"
 
 
+def resolve_kernel(ntok: int, group: int, topk: int, blocks_per_seq: int, num_blocks: int, chunk_tokens: int,
+                   kernel: Optional[str], plan: Optional[SelectionPlan], tile_tokens: int) -> str:
+    """``choose_kernel``, then, under ``auto`` with a ``plan`` from ``SHORT_TOKENS`` up to
+    ``UNION_CHOICE_TOKENS`` tokens, 'tiled' instead of 'kv' when the plan's tiles of ``tile_tokens``
+    tokens select at most ``TILED_MAX_UNION * topk`` distinct blocks on average: the tiled kernel's time
+    grows with that union and KV-outer's does not, and trained indexers make neighbouring tokens agree.
+    Measuring the union syncs with the host once per plan, so it is skipped under CUDA-graph capture."""
+    which = choose_kernel(ntok, group, topk, blocks_per_seq, num_blocks, chunk_tokens, kernel)
+    auto = (kernel or tuning.current().sparse_fwd_kernel) == "auto"
+    if (which != "kv" or not auto or plan is None or ntok > UNION_CHOICE_TOKENS
+            or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())):
+        return which
+    union = plan.mean_tile_union(tile_tokens, tuning.current().tile_order)
+    return "tiled" if union <= TILED_MAX_UNION * min(topk, blocks_per_seq) else "kv"
+
+
 def sparse_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor, *,
                                 block_size: int, scale: float, cu_seqlens: Optional[torch.Tensor],
                                 kernel: Optional[str] = None, partial_budget_bytes: Optional[int] = None,
@@ -219,7 +242,8 @@ def sparse_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     if which != "tiled":
         chunk = plan.chunk_tokens if plan is not None else max(
             1, min(ntok, _partial_budget(partial_budget_bytes, dev) // per_token))
-        which = choose_kernel(ntok, g, topk, blocks_per_seq, nb, chunk, kernel)
+        which = resolve_kernel(ntok, g, topk, blocks_per_seq, nb, chunk, kernel, plan,
+                               tiled_tile_tokens(d, g, block_size))
     upcast = interpreting()
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
     block_d = next_pow2(d, 16)

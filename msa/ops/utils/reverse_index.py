@@ -345,5 +345,16 @@ class SelectionPlan:
                                                         order)
         return hit
 
+    def mean_tile_union(self, tile_tokens: int, order: str = "consecutive") -> float:
+        """Mean number of distinct blocks per non-empty (query tile, KV group) of ``tile_union``: what
+        the query-tiled kernels' time grows with. One host sync on first use, then cached."""
+        key = ("mean_union", tile_tokens, order)
+        hit = self._indices.get(key)
+        if hit is None:
+            count = self.tile_union(tile_tokens, order).count
+            total, nonempty = torch.stack([count.sum(dtype=torch.int64), (count > 0).sum()]).tolist()
+            hit = self._indices[key] = total / max(1, nonempty)
+        return hit
+
     def full_index(self) -> ReverseIndex:
         return self.index(0, self.num_tokens)[0]
