@@ -9,7 +9,8 @@ fast, then climb steadily to the end of the budget; the late-switch run dips as 
 (the dip comes from the teacher, not from the switch); CPT (a converged teacher) climbs from its first
 evaluation. Round 10's index probe continues its MSA-PT run from step 700 with the backbone frozen:
 its recall climbs, but slowly. Round 11's probes (a 10x rate; a fresh, twice as wide index) level off
-near 0.62, and its weight-decay run stays below its MSA-PT run.
+near 0.62, and its weight-decay run stays below its MSA-PT run. Round 12's probes, on one backbone:
+the block-level objective (``phase.kl_target="block_max"``) levels off 0.04 above the token KL.
 """
 
 import json
@@ -31,9 +32,12 @@ RUNS = {"round 6 MSA-PT": "round6/exp-msa-pt", "round 6 MSA-PT, full-support KL 
         "round 11 MSA-PT": "round11/exp-msa-pt",
         "round 11 index weight decay": "round11/exp-msa-indexwd",
         "round 11 probe, LR 1e-2 (sparse-mode evaluation)": "round11/probe-lr1e-2",
-        "round 11 probe, fresh index of width 256": "round11/probe-d256"}
+        "round 11 probe, fresh index of width 256": "round11/probe-d256",
+        "round 12 probe, token KL": "round12/probe-tok",
+        "round 12 probe, block_max KL": "round12/probe-bm"}
 # runs that continue another run: their steps are drawn after its end
-STEP_OFFSET = {"round10/exp-msa-indexprobe": 700, "round11/probe-lr1e-2": 700, "round11/probe-d256": 700}
+STEP_OFFSET = {"round10/exp-msa-indexprobe": 700, "round11/probe-lr1e-2": 700, "round11/probe-d256": 700,
+               "round12/probe-tok": 700, "round12/probe-bm": 700}
 KEYS = ("block_recall", "top_half_recall", "score_recall", "teacher_entropy", "max_rule_recall", "selected_mass",
         "oracle_mass", "val_lm_loss")
 
@@ -67,7 +71,7 @@ def main():
         ax.axvline(140, color="gray", ls=":", lw=1)
         ax.axvline(350, color="gray", ls="-.", lw=1)
     axes[0].legend(fontsize=7)
-    fig.suptitle("47M model, 16K context, one H200 (rounds 8-11: one H100): indexer recall against the model's dense attention\n"
+    fig.suptitle("47M model, 16K context, one H200 (rounds 8-12: one H100): indexer recall against the model's dense attention\n"
                  "(PT: dense warmup to step 140, then sparse; late switch: to step 350; probes: after step 700)")
     fig.tight_layout()
     fig.savefig(ROOT / "recall_trajectories.png", dpi=110)

@@ -430,6 +430,7 @@ def sdpa_step(q, k, v, do, backend, repeat_kv=False):
 def bench_size(t, notes):
     import msa
     from msa.ops.indexer_kl.triton_impl import indexer_kl_triton
+    from msa.ops.sparse_attention.triton_impl import selection_plan
     q, k, v, qi, ki, do = make_inputs(t)
     for x in (q, k, v, qi, ki):
         x.requires_grad_(True)
