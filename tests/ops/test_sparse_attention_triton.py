@@ -255,8 +255,8 @@ def _agreeing_and_random_selections(t, block_size, topk, seed=0):
 def test_union_choice(monkeypatch, tuned):
     """With a plan, from SHORT_TOKENS up to UNION_CHOICE_TOKENS, 'auto' takes the query-tiled kernel
     when the tiles' mean union is at most TILED_MAX_UNION x topk (selections that agree: union = topk)
-    and KV-outer when it is larger (random selections); an explicit kernel, no plan or more tokens keep
-    the length rule. Then the forward of the agreeing selection runs the tiled kernel (the KV-outer
+    and KV-outer when it is larger (random selections); an explicit kernel, no plan, tiles of fewer than
+    UNION_MIN_TILE_TOKENS tokens or more tokens keep the length rule. Then the forward of the agreeing selection runs the tiled kernel (the KV-outer
     kernel is replaced by one that fails) and matches the reference."""
     from msa.ops.sparse_attention import triton_impl
     from msa.ops.utils.reverse_index import SelectionPlan
@@ -272,6 +272,7 @@ def test_union_choice(monkeypatch, tuned):
     assert triton_impl.resolve_kernel(*args, None, plan_r, tt) == "kv"
     assert triton_impl.resolve_kernel(*args, "kv", plan_a, tt) == "kv"
     assert triton_impl.resolve_kernel(*args, None, None, tt) == "kv"
+    assert triton_impl.resolve_kernel(*args, None, plan_a, 2) == "kv"   # tiles too small for the rule
     monkeypatch.setattr(triton_impl, "UNION_CHOICE_TOKENS", t - 1)
     assert triton_impl.resolve_kernel(*args, None, SelectionPlan(agree, bs, None, t, 64), tt) == "kv"
     monkeypatch.setattr(triton_impl, "UNION_CHOICE_TOKENS", t)

@@ -48,8 +48,11 @@ KV_MIN_ROWS = 64              # KV-outer needs about this many MMA rows per (gro
 # Up to this many tokens a SelectionPlan's forward measures its tiles' mean union and takes the query-tiled
 # kernel when that union is at most TILED_MAX_UNION x topk blocks (crossover measured at 32K: 2.3 x topk;
 # docs/perf-notes.md, rounds 32-33). Above it the tile union's memory grows and KV-outer's lead is clear.
+# The rule needs tiles of at least UNION_MIN_TILE_TOKENS tokens: a tile of tt tokens has a union of at most
+# tt x topk blocks, so at tt = 2 (G = 64) even random selections stay under 2 x topk (measured at tt = 8).
 UNION_CHOICE_TOKENS = 65536
 TILED_MAX_UNION = 2.0
+UNION_MIN_TILE_TOKENS = 4
 MAX_DEFAULT_PARTIAL_BYTES = 16 << 30
 MIN_DEFAULT_PARTIAL_BYTES = 256 << 20
 
@@ -179,13 +182,15 @@ def choose_kernel(ntok: int, group: int, topk: int, blocks_per_seq: int, num_blo
 def resolve_kernel(ntok: int, group: int, topk: int, blocks_per_seq: int, num_blocks: int, chunk_tokens: int,
                    kernel: Optional[str], plan: Optional[SelectionPlan], tile_tokens: int) -> str:
     """``choose_kernel``, then, under ``auto`` with a ``plan`` from ``SHORT_TOKENS`` up to
-    ``UNION_CHOICE_TOKENS`` tokens, 'tiled' instead of 'kv' when the plan's tiles of ``tile_tokens``
-    tokens select at most ``TILED_MAX_UNION * topk`` distinct blocks on average: the tiled kernel's time
+    ``UNION_CHOICE_TOKENS`` tokens and tiles of at least ``UNION_MIN_TILE_TOKENS`` tokens, 'tiled' instead
+    of 'kv' when the plan's tiles of ``tile_tokens`` tokens select at most ``TILED_MAX_UNION * topk``
+    distinct blocks on average: the tiled kernel's time
     grows with that union and KV-outer's does not, and trained indexers make neighbouring tokens agree.
     Measuring the union syncs with the host once per plan, so it is skipped under CUDA-graph capture."""
     which = choose_kernel(ntok, group, topk, blocks_per_seq, num_blocks, chunk_tokens, kernel)
     auto = (kernel or tuning.current().sparse_fwd_kernel) == "auto"
     if (which != "kv" or not auto or plan is None or ntok > UNION_CHOICE_TOKENS
+            or tile_tokens < UNION_MIN_TILE_TOKENS
             or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())):
         return which
     union = plan.mean_tile_union(tile_tokens, tuning.current().tile_order)
