@@ -109,7 +109,6 @@ def sparse_stages(q, k, v, qi, ki, do, kl_kw):
     """The sparse training step split into select / attn fwd / attn bwd / kl fwd / kl bwd."""
     import msa
     from msa.ops.indexer_kl.triton_impl import indexer_kl_triton
-    from msa.ops.sparse_attention.triton_impl import selection_plan
     st = {}
 
     def sel():

@@ -256,8 +256,9 @@ def test_union_choice(monkeypatch, tuned):
     """With a plan, from SHORT_TOKENS up to UNION_CHOICE_TOKENS, 'auto' takes the query-tiled kernel
     when the tiles' mean union is at most TILED_MAX_UNION x topk (selections that agree: union = topk)
     and KV-outer when it is larger (random selections); an explicit kernel, no plan, tiles of fewer than
-    UNION_MIN_TILE_TOKENS tokens or more tokens keep the length rule. Then the forward of the agreeing selection runs the tiled kernel (the KV-outer
-    kernel is replaced by one that fails) and matches the reference."""
+    UNION_MIN_TILE_TOKENS tokens or more tokens keep the length rule. Then the forward of the agreeing
+    selection runs the tiled kernel (the KV-outer kernel is replaced by one that fails) and matches the
+    reference."""
     from msa.ops.sparse_attention import triton_impl
     from msa.ops.utils.reverse_index import SelectionPlan
     t, bs, topk, tt = 512, 8, 4, 8

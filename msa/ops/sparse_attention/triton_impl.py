@@ -6,8 +6,8 @@ the query-tiled kernel below ``reverse_index.SHORT_TOKENS`` tokens, where the re
 round trip do not pay off, the query-outer kernel when KV-outer work items would fill fewer than
 ``KV_MIN_ROWS`` MMA rows, otherwise KV-outer, except that with a ``SelectionPlan`` (the layer's path)
 up to ``UNION_CHOICE_TOKENS`` tokens it measures the query tiles' block union and takes the tiled
-kernel while that union is small (``resolve_kernel``). ``tiled``: several tokens of one query block x G heads per
-MMA tile (consecutive ones, or grouped by selection under ``tuning.tile_order="greedy"``) over the union
+kernel while that union is small (``resolve_kernel``). ``tiled``: several tokens of one query block x G
+heads per MMA tile (consecutive ones, or grouped by selection under ``tuning.tile_order="greedy"``) over the union
 of their selected blocks (``msa.ops.utils.tile_union``); its cost grows with that
 union, which grows with the length (neighbouring tokens share only part of their blocks), so it wins
 at short lengths and loses to KV-outer at long ones (measurements: docs/perf-notes.md, round 21).
@@ -184,9 +184,9 @@ def resolve_kernel(ntok: int, group: int, topk: int, blocks_per_seq: int, num_bl
     """``choose_kernel``, then, under ``auto`` with a ``plan`` from ``SHORT_TOKENS`` up to
     ``UNION_CHOICE_TOKENS`` tokens and tiles of at least ``UNION_MIN_TILE_TOKENS`` tokens, 'tiled' instead
     of 'kv' when the plan's tiles of ``tile_tokens`` tokens select at most ``TILED_MAX_UNION * topk``
-    distinct blocks on average: the tiled kernel's time
-    grows with that union and KV-outer's does not, and trained indexers make neighbouring tokens agree.
-    Measuring the union syncs with the host once per plan, so it is skipped under CUDA-graph capture."""
+    distinct blocks on average: the tiled kernel's time grows with that union and KV-outer's does not,
+    and trained indexers make neighbouring tokens agree. Measuring the union syncs with the host once
+    per plan, so it is skipped under CUDA-graph capture."""
     which = choose_kernel(ntok, group, topk, blocks_per_seq, num_blocks, chunk_tokens, kernel)
     auto = (kernel or tuning.current().sparse_fwd_kernel) == "auto"
     if (which != "kv" or not auto or plan is None or ntok > UNION_CHOICE_TOKENS
