@@ -4,7 +4,7 @@ install:
 	bash scripts/install.sh
 
 test: install
-	python3 -m pytest -q tests
+	python3 -m pytest -q -n auto --maxprocesses 4 tests
 
 demo: install
 	msa demo

@@ -10,7 +10,9 @@ fast, then climb steadily to the end of the budget; the late-switch run dips as 
 evaluation. Round 10's index probe continues its MSA-PT run from step 700 with the backbone frozen:
 its recall climbs, but slowly. Round 11's probes (a 10x rate; a fresh, twice as wide index) level off
 near 0.62, and its weight-decay run stays below its MSA-PT run. Round 12's probes, on one backbone:
-the block-level objective (``phase.kl_target="block_max"``) levels off 0.04 above the token KL.
+the block-level objective (``phase.kl_target="block_max"``) levels off 0.04 above the token KL. Round
+13 trains with that objective from the start (``exp-msa-blockkl``): above every MSA-PT run at every
+evaluation, and 0.04 above the best at the end.
 """
 
 import json
@@ -34,7 +36,8 @@ RUNS = {"round 6 MSA-PT": "round6/exp-msa-pt", "round 6 MSA-PT, full-support KL 
         "round 11 probe, LR 1e-2 (sparse-mode evaluation)": "round11/probe-lr1e-2",
         "round 11 probe, fresh index of width 256": "round11/probe-d256",
         "round 12 probe, token KL": "round12/probe-tok",
-        "round 12 probe, block_max KL": "round12/probe-bm"}
+        "round 12 probe, block_max KL": "round12/probe-bm",
+        "round 13 the recipe with the block_max KL (exp-msa-blockkl)": "round13/exp-msa-blockkl"}
 # runs that continue another run: their steps are drawn after its end
 STEP_OFFSET = {"round10/exp-msa-indexprobe": 700, "round11/probe-lr1e-2": 700, "round11/probe-d256": 700,
                "round12/probe-tok": 700, "round12/probe-bm": 700}
@@ -71,7 +74,7 @@ def main():
         ax.axvline(140, color="gray", ls=":", lw=1)
         ax.axvline(350, color="gray", ls="-.", lw=1)
     axes[0].legend(fontsize=7)
-    fig.suptitle("47M model, 16K context, one H200 (rounds 8-12: one H100): indexer recall against the model's dense attention\n"
+    fig.suptitle("47M model, 16K context, one H200 (rounds 8-13: one H100): indexer recall against the model's dense attention\n"
                  "(PT: dense warmup to step 140, then sparse; late switch: to step 350; probes: after step 700)")
     fig.tight_layout()
     fig.savefig(ROOT / "recall_trajectories.png", dpi=110)
