@@ -117,9 +117,9 @@ class PhaseConfig:
     spec's recipe). kl_target: "token" (the spec: the index's token distribution against the main
     branch's) or "block_max", an experimental objective aligned with the selection rule: the
     softmax over causal blocks of the index's block scores (the max of its token scores, what top-k
-    ranks) against the teacher's block masses, always over the full causal support; a PyTorch loss
-    (O(T^2) per layer, ``loss.kl_block_max``), with the detached teacher only. kl_rows R > 0
-    (block_max only): that loss on R query positions per sequence drawn uniformly, an unbiased
+    ranks) against the teacher's block masses, always over the full causal support
+    (``msa.block_max_kl_loss``: Triton on CUDA, PyTorch elsewhere), with the detached teacher only.
+    kl_rows R > 0 (block_max only): that loss on R query positions per sequence drawn uniformly, an unbiased
     estimate of it at about R / seq_len of the cost (0: every position)."""
 
     kind: str = "msa"

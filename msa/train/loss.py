@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..evals.capture import capture_msa_layers
+from ..ops.block_max_kl import block_max_kl_loss
 from ..ops.common import check, positions_in_sequence, query_chunk, sequence_spans
 from ..ops.sparse_attention.reference import allowed_keys
 from .config import KL_TARGETS
@@ -76,77 +77,6 @@ def kl_teacher_not_detached(q_idx: torch.Tensor, k_idx: torch.Tensor, q: torch.T
     return total / (bsz * t * hkv)
 
 
-def _teacher_block_mass(q, k, allowed, block_size: int, scale: float) -> torch.Tensor:
-    """fp32 (C, H_kv, NB): the teacher's causal attention, averaged over the group's heads, summed per key
-    block; q (C, H_kv, G, D), k (N, H_kv, D) (no gradient), allowed bool (C, 1, N) (``allowed_keys``)."""
-    num_keys = k.shape[0]
-    with torch.autocast(q.device.type, enabled=False):  # fp32 scores even inside the training autocast
-        t = torch.einsum("crgd,jrd->crgj", q.float(), k.float()) * scale
-    teacher = torch.softmax(t.masked_fill(~allowed.unsqueeze(2), float("-inf")), dim=-1).mean(dim=2)
-    nb = math.ceil(num_keys / block_size)
-    return F.pad(teacher, (0, nb * block_size - num_keys)).view(*teacher.shape[:2], nb, block_size).sum(-1)
-
-
-def _block_max_kl_chunk(q_idx, k_idx, mass, allowed, block_size: int, index_scale: float) -> torch.Tensor:
-    """The block-max KL summed over one chunk: q_idx (C, H_kv, D_idx), k_idx (N, D_idx), mass (C, H_kv, NB)
-    from _teacher_block_mass, allowed bool (C, 1, N)."""
-    neg = float("-inf")
-    num_keys, nb = k_idx.shape[0], mass.shape[-1]
-    with torch.autocast(q_idx.device.type, enabled=False):  # fp32 scores: the KL ranks blocks by them
-        s = torch.einsum("crd,jd->crj", q_idx.float(), k_idx.float()) * index_scale
-    s = F.pad(s.masked_fill(~allowed, neg), (0, nb * block_size - num_keys), value=neg)
-    log_student = torch.log_softmax(s.view(*s.shape[:2], nb, block_size).amax(-1), dim=-1)  # blocks ahead: -inf
-    terms = mass * (torch.log(mass.clamp_min(torch.finfo(torch.float32).tiny)) - log_student.clamp_min(-1e30))
-    return torch.where(mass > 0, terms, torch.zeros_like(terms)).sum()
-
-
-def kl_block_max(q_idx: torch.Tensor, k_idx: torch.Tensor, q: torch.Tensor, k: torch.Tensor, *, block_size: int,
-                 scale: float, index_scale: float, cu_seqlens: Optional[torch.Tensor] = None,
-                 rows_per_sequence: int = 0) -> torch.Tensor:
-    """``phase.kl_target="block_max"``: KL(P || softmax(m)) per query and group, averaged over tokens and
-    groups (as ``msa.indexer_kl_loss``), where over the query's causal blocks b
-        m_b = max_{j in b, j <= i} q_idx_i . k_idx_j * index_scale   (the index's block score, what top-k ranks)
-        P_b = sum_{j in b} p_ij                                      (the teacher's block mass)
-    and p is the main branch's causal attention averaged over the group's G heads. Only q_idx
-    (B, T, H_kv, D_idx) and k_idx (B, T, D_idx) receive gradients (through each block's argmax key);
-    q (B, T, H_q, D) and k (B, T, H_kv, D) are detached. Pure PyTorch, chunked and checkpointed
-    (memory O(chunk x T)). Equivalent, for one query i of group r in a sequence of length T:
-
-        s = (q_idx[i, r] @ k_idx[:i+1].T) * index_scale
-        m = stack([s[b*B:(b+1)*B].max() for b in range(i // B + 1)])
-        p = softmax(q[i, r*G:(r+1)*G] @ k[:i+1, r].T * scale, -1).mean(0)
-        P = stack([p[b*B:(b+1)*B].sum() for b in range(i // B + 1)])
-        kl_i = (P * (P.log() - log_softmax(m, 0))).sum()
-    rows_per_sequence R > 0: only R query positions per sequence, drawn uniformly without replacement
-    (torch's global RNG, which checkpoints save), each weighted n / R for a sequence of n tokens: an
-    unbiased estimate of the same mean at about R / n of the cost. Returns an fp32 scalar."""
-    check(rows_per_sequence >= 0, f"rows_per_sequence must be >= 0, got {rows_per_sequence}")
-    bsz, t, hkv, _ = q_idx.shape
-    hq, d = q.shape[2], q.shape[3]
-    q, k = q.detach(), k.detach()
-    total = q_idx.new_zeros((), dtype=torch.float32)
-    for b, s0, e0 in sequence_spans(bsz, t, cu_seqlens):
-        n = e0 - s0
-        picked = torch.arange(n)
-        if 0 < rows_per_sequence < n:
-            picked = torch.randperm(n)[:rows_per_sequence].sort().values
-        weight = n / picked.numel()
-        chunk = query_chunk(hq + hkv, n)
-        for c0 in range(0, picked.numel(), chunk):
-            keys = int(picked[min(c0 + chunk, picked.numel()) - 1]) + 1  # the chunk's largest position + 1
-            pos = picked[c0:c0 + chunk].to(q.device)
-            rows = s0 + pos
-            allowed = allowed_keys(None, pos, keys, block_size)  # (C, 1, keys): full causal support
-            with torch.no_grad():  # the teacher is detached: computed once, outside the checkpoint
-                mass = _teacher_block_mass(q[b, rows].reshape(pos.numel(), hkv, hq // hkv, d),
-                                           k[b, s0:s0 + keys], allowed, block_size, scale)
-            args = (q_idx[b, rows], k_idx[b, s0:s0 + keys], mass, allowed, block_size, index_scale)
-            part = (checkpoint(_block_max_kl_chunk, *args, use_reentrant=False) if torch.is_grad_enabled()
-                    else _block_max_kl_chunk(*args))
-            total = total + part * weight
-    return total / (bsz * t * hkv)
-
-
 def kl_sampled_rows(q_idx: torch.Tensor, k_idx: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                     block_indices: Optional[torch.Tensor], rows: torch.Tensor, *, block_size: int, scale: float,
                     index_scale: float, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -189,7 +119,7 @@ def forward_loss(model: torch.nn.Module, input_ids: torch.Tensor, cu_seqlens: Op
     each rank's token mean by its share of the global micro-batch's targets. kl_support "full": the
     sparse layers' KL over every causal token (``MSAForCausalLM.forward``); only with the detached
     teacher (the ablation paths build their teacher over the selection). kl_target "block_max": each
-    MSA layer's KL is ``kl_block_max`` instead (re-projecting q, k, q_idx and k_idx from the layer's
+    MSA layer's KL is ``msa.block_max_kl_loss`` instead (re-projecting q, k, q_idx and k_idx from the layer's
     captured input; detached teacher only), on kl_rows sampled query positions per sequence when > 0."""
     want_kl = kl_weight > 0
     check(kl_support == "selected" or detach_teacher,
@@ -244,7 +174,7 @@ def _recompute_kl(r) -> torch.Tensor:
 def _recompute_block_max_kl(r, rows_per_sequence: int) -> torch.Tensor:
     """The layer's block-max KL from its captured input (the teacher's q and k detached)."""
     q, k, q_idx, k_idx, kw = _reproject(r)
-    return kl_block_max(q_idx, k_idx, q, k, rows_per_sequence=rows_per_sequence, **kw)
+    return block_max_kl_loss(q_idx, k_idx, q, k, rows_per_sequence=rows_per_sequence, **kw)
 
 
 def _teacher_term(r, rows: torch.Tensor) -> torch.Tensor:

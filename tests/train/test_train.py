@@ -9,7 +9,8 @@ import torch
 from msa.cli import main
 from msa.train import TrainConfig, apply_overrides, get_preset, resolve_config
 from msa.train.config import from_dict
-from msa.train.loss import forward_loss, kl_block_max, kl_teacher_not_detached
+from msa.ops.block_max_kl import block_max_kl_loss
+from msa.train.loss import forward_loss, kl_teacher_not_detached
 from msa.train.trainer import Trainer, kl_support_at, lr_multiplier, mode_at
 
 from .common import CACHE, one_thread, tiny_config
@@ -364,7 +365,7 @@ def test_wall_clock_cap_stops_with_a_checkpoint_and_the_run_resumes(tmp_path):
 
 
 def _block_max_kl_row(qi, ki, q, k, bs):
-    """kl_block_max's docstring formula for one query (the last of its prefix): qi (H_kv, D_idx),
+    """block_max_kl_loss's docstring formula for one query (the last of its prefix): qi (H_kv, D_idx),
     ki (i+1, D_idx), q (H_q, D), k (i+1, H_kv, D); summed over the groups (float64)."""
     hkv, g, d, di, i = qi.shape[0], q.shape[0] // qi.shape[0], q.shape[1], qi.shape[1], ki.shape[0] - 1
     total = 0.0
@@ -378,7 +379,7 @@ def _block_max_kl_row(qi, ki, q, k, bs):
 
 
 def _block_max_kl_naive(qi, ki, q, k, spans, bs):
-    """kl_block_max's docstring formula, one query at a time, averaged over tokens and groups."""
+    """block_max_kl_loss's docstring formula, one query at a time, averaged over tokens and groups."""
     total = 0.0
     for s0, e0 in spans:
         for i in range(s0, e0):
@@ -398,7 +399,7 @@ def test_block_max_kl_matches_its_formula_and_trains_only_the_index(g):
     qi = torch.randn(1, t, hkv, di, dtype=torch.float64, requires_grad=True)
     ki = torch.randn(1, t, di, dtype=torch.float64, requires_grad=True)
     cu = torch.tensor([0, 20, t], dtype=torch.int32)
-    ours = kl_block_max(qi, ki, q, k, block_size=bs, scale=d ** -0.5, index_scale=di ** -0.5, cu_seqlens=cu)
+    ours = block_max_kl_loss(qi, ki, q, k, block_size=bs, scale=d ** -0.5, index_scale=di ** -0.5, cu_seqlens=cu)
     ref = _block_max_kl_naive(qi, ki, q.detach(), k.detach(), [(0, 20), (20, t)], bs)
     assert ours.item() == pytest.approx(ref.item(), rel=1e-6) and ours.item() > 0
     g_ours = torch.autograd.grad(ours, (qi, ki, q, k), retain_graph=True, allow_unused=True)
@@ -418,22 +419,22 @@ def test_block_max_kl_on_sampled_rows_is_the_weighted_formula():
     qi = torch.randn(1, t, hkv, di, dtype=torch.float64, requires_grad=True)
     ki = torch.randn(1, t, di, dtype=torch.float64, requires_grad=True)
     kw = dict(block_size=bs, scale=d ** -0.5, index_scale=di ** -0.5)
-    full = kl_block_max(qi, ki, q, k, **kw).item()
-    assert kl_block_max(qi, ki, q, k, rows_per_sequence=t, **kw).item() == full
+    full = block_max_kl_loss(qi, ki, q, k, **kw).item()
+    assert block_max_kl_loss(qi, ki, q, k, rows_per_sequence=t, **kw).item() == full
     torch.manual_seed(7)
     rows = torch.randperm(t)[:5].sort().values
     torch.manual_seed(7)
-    est = kl_block_max(qi, ki, q, k, rows_per_sequence=5, **kw)
+    est = block_max_kl_loss(qi, ki, q, k, rows_per_sequence=5, **kw)
     ref = sum(_block_max_kl_row(qi[0, i], ki[0, :i + 1], q[0, i], k[0, :i + 1], bs) for i in rows.tolist())
     ref = ref * (t / 5) / (t * hkv)
     assert est.item() == pytest.approx(ref.item(), rel=1e-6)
     g_est, g_ref = torch.autograd.grad(est, (qi, ki)), torch.autograd.grad(ref, (qi, ki))
     for a, b in zip(g_est, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-    draws = [kl_block_max(qi, ki, q, k, rows_per_sequence=5, **kw).item() for _ in range(400)]
+    draws = [block_max_kl_loss(qi, ki, q, k, rows_per_sequence=5, **kw).item() for _ in range(400)]
     assert sum(draws) / len(draws) == pytest.approx(full, rel=0.05)
     with pytest.raises(ValueError, match="rows_per_sequence must be >= 0"):
-        kl_block_max(qi, ki, q, k, rows_per_sequence=-1, **kw)
+        block_max_kl_loss(qi, ki, q, k, rows_per_sequence=-1, **kw)
 
 
 def test_block_max_target_config_and_training_step(tmp_path):

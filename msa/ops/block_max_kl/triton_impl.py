@@ -1,0 +1,117 @@
+"""Launch + autograd of the block-max KL on Triton: the kernels give the teacher's block masses and the
+index's block maxima with their argmax keys for the sampled rows; the loss and its gradients on those
+(rows, H_kv, blocks) tensors are a few PyTorch ops (the gradient of a block max reaches only its
+argmax key)."""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+
+from ..common import sequence_spans
+from ..utils.triton_helpers import dot_precision, next_pow2, tl_compute_dtype
+from .reference import block_kl
+from .triton_kernels import LOG2E, block_max_kl_student_max_kernel, block_max_kl_teacher_mass_kernel
+
+# query rows per program: 16 feeds tl.dot's minimum M; the teacher loops over the G heads itself
+ROWS = 16
+# key tile: whole blocks up to 128 keys; a larger block is walked in tiles of this many keys
+MAX_BLOCK_N = 128
+# rows of the gradient's gather (rows x H_kv x blocks x D_idx fp32) per step
+GRAD_ROWS = 256
+
+
+def _dtype_pair(a: torch.Tensor, b: torch.Tensor):
+    dt = a.dtype if a.dtype == b.dtype else torch.float32
+    return tl_compute_dtype(dt), dot_precision(dt)
+
+
+def block_reductions(q_idx, k_idx, q, k, picked: torch.Tensor, s0: int, n: int, *, block_size: int, scale: float,
+                     index_scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For one sequence (tokens s0 .. s0 + n of the flattened (B * T) layout) and its sorted query
+    positions picked (int64, CPU): the teacher's block masses P fp32 (R, H_kv, NB), the index's block
+    maxima m fp32 (R, H_kv, NB; -inf past each row's own block) and their argmax positions int32
+    (within the sequence), from flattened q_idx (N, H_kv, D_idx), k_idx (N, D_idx), q (N, H_q, D),
+    k (N, H_kv, D)."""
+    dev = q.device
+    hq, d = q.shape[1], q.shape[2]
+    hkv, di = q_idx.shape[1], q_idx.shape[2]
+    r = picked.numel()
+    nb = math.ceil(n / block_size)
+    tiles = math.ceil(r / ROWS)
+    pos = torch.full((tiles * ROWS,), -1, dtype=torch.int32)
+    pos[:r] = picked.to(torch.int32)
+    pos = pos.to(dev, non_blocking=True)
+    bn = min(next_pow2(block_size, 16), MAX_BLOCK_N)
+    mass = torch.zeros(tiles * ROWS, hkv, nb, dtype=torch.float32, device=dev)
+    cdt, prec = _dtype_pair(q, k)
+    block_max_kl_teacher_mass_kernel[(tiles, hkv)](
+        q, k, pos, mass, s0, n, float(scale) * LOG2E, hq, hkv, nb, G=hq // hkv, D=d, ROWS=ROWS, BS=block_size,
+        BLOCK_N=bn, BLOCK_D=next_pow2(d, 16), BLOCK_G=next_pow2(hq // hkv), CDT=cdt, DOT_PREC=prec, num_warps=4)
+    bmax = torch.full((tiles * ROWS, hkv, nb), float("-inf"), dtype=torch.float32, device=dev)
+    arg = torch.zeros(tiles * ROWS, hkv, nb, dtype=torch.int32, device=dev)
+    cdt, prec = _dtype_pair(q_idx, k_idx)
+    block_max_kl_student_max_kernel[(tiles, hkv)](
+        q_idx, k_idx, pos, bmax, arg, s0, n, float(index_scale), hkv, nb, DI=di, ROWS=ROWS, BS=block_size,
+        BLOCK_N=bn, BLOCK_D=next_pow2(di, 16), CDT=cdt, DOT_PREC=prec, num_warps=4)
+    return mass[:r], bmax[:r], arg[:r]
+
+
+def block_max_kl_forward(q_idx, k_idx, q, k, rows: List[torch.Tensor], *, block_size: int, scale: float,
+                         index_scale: float, cu_seqlens: Optional[torch.Tensor], with_grad: bool):
+    """(loss fp32 scalar, dq_idx fp32 or None, dk_idx fp32 or None) of ``block_max_kl_loss``."""
+    bsz, t, hkv, di = q_idx.shape
+    flat = [x.reshape(bsz * t, *x.shape[2:]).contiguous() for x in (q_idx, k_idx, q, k)]
+    fqi, fki = flat[0], flat[1]
+    denom = bsz * t * hkv
+    total = torch.zeros((), dtype=torch.float32, device=q.device)
+    dq = torch.zeros(fqi.shape, dtype=torch.float32, device=q.device) if with_grad else None
+    dk = torch.zeros(fki.shape, dtype=torch.float32, device=q.device) if with_grad else None
+    for (b, s0, e0), picked in zip(sequence_spans(bsz, t, cu_seqlens), rows):
+        start, n = b * t + s0, e0 - s0
+        mass, bmax, arg = block_reductions(*flat, picked, start, n, block_size=block_size, scale=scale,
+                                           index_scale=index_scale)
+        weight = n / picked.numel()
+        log_student = torch.log_softmax(bmax, dim=-1)  # blocks past the row's own: -inf, probability 0
+        total = total + block_kl(mass, log_student) * weight
+        if not with_grad:
+            continue
+        # d KL / d m_b = softmax(m)_b - P_b; it reaches the block's argmax score only
+        dm = (log_student.exp() - mass) * (weight * index_scale / denom)
+        at = start + picked.to(q.device)
+        key = start + arg.to(torch.int64)
+        for c0 in range(0, picked.numel(), GRAD_ROWS):
+            c1 = min(picked.numel(), c0 + GRAD_ROWS)
+            dm_c, key_c = dm[c0:c1], key[c0:c1]
+            dq[at[c0:c1]] += torch.einsum("rhb,rhbd->rhd", dm_c, fki[key_c].float())
+            dk.index_add_(0, key_c.reshape(-1),
+                          (dm_c.unsqueeze(-1) * fqi[at[c0:c1]].float().unsqueeze(2)).reshape(-1, di))
+    loss = total / denom
+    if not with_grad:
+        return loss, None, None
+    return loss, dq.view(q_idx.shape), dk.view(k_idx.shape)
+
+
+class BlockMaxKLTriton(torch.autograd.Function):
+    """The forward computes the loss and the index gradients (the reductions are there anyway); the
+    backward scales them by grad_out."""
+
+    @staticmethod
+    def forward(ctx, q_idx, k_idx, q, k, rows, block_size, scale, index_scale, cu_seqlens):
+        with_grad = bool(ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        ctx.dtypes = q_idx.dtype, k_idx.dtype
+        loss, dq, dk = block_max_kl_forward(q_idx.detach(), k_idx.detach(), q.detach(), k.detach(), rows,
+                                            block_size=block_size, scale=scale, index_scale=index_scale,
+                                            cu_seqlens=cu_seqlens, with_grad=with_grad)
+        if with_grad:
+            ctx.save_for_backward(dq, dk)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        dq, dk = ctx.saved_tensors
+        gq = (dq * grad_out).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        gk = (dk * grad_out).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        return gq, gk, None, None, None, None, None, None, None

@@ -1,0 +1,110 @@
+"""Triton kernels of the block-max KL: the two per-block reductions the loss needs, over sampled query
+rows of one sequence, never a rows x T buffer.
+
+For query row i (position within the sequence), group r and key block b over the causal keys j <= i:
+- ``block_max_kl_teacher_mass_kernel``: P[i, r, b] = (1/G) sum_h sum_{j in b} exp(t_hj - lse_h), the
+  teacher's block mass, with t_hj = <q[i, h], k[j, r]> * scale over the G heads h of group r. Two passes
+  over the blocks: the per-head lse (online), then the masses. The MMA rows are the tile's query rows of
+  ONE head; the program loops over the heads, so the head average needs no cross-row reduction.
+- ``block_max_kl_student_max_kernel``: m[i, r, b] = max_{j in b} <q_idx[i, r], k_idx[j]> * index_scale
+  and its argmax j (the key the gradient flows through).
+Entries of blocks past a row's own stay as the caller initialised them (P 0, m -inf).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def block_max_kl_teacher_mass_kernel(Q, K, POS, P, seq_start, seq_len, qk_scale, HQ, HKV, NB,
+                                     G: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, BS: tl.constexpr,
+                                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+                                     CDT: tl.constexpr, DOT_PREC: tl.constexpr):
+    tile = tl.program_id(0)
+    r = tl.program_id(1)
+    rows = tile * ROWS + tl.arange(0, ROWS)
+    pos = tl.load(POS + rows)  # -1: padding
+    valid = pos >= 0
+    d = tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)
+    gcol = tl.arange(0, BLOCK_G)
+    dmask = d < D
+    tok = (seq_start + tl.where(valid, pos, 0)).to(tl.int64)
+    nblocks = tl.max(pos, axis=0) // BS + 1
+    # pass 1: lse (log2 domain) per (row, head), kept as the columns of one (ROWS, BLOCK_G) tile
+    lse = tl.zeros([ROWS, BLOCK_G], dtype=tl.float32)
+    for h in range(G):
+        q = tl.load(Q + (tok * HQ + r * G + h)[:, None] * D + d[None, :], mask=valid[:, None] & dmask[None, :],
+                    other=0.0).to(CDT)
+        m_i = tl.full([ROWS], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([ROWS], dtype=tl.float32)
+        for b in range(nblocks):
+            for n0 in range(0, BS, BLOCK_N):
+                kp = b * BS + n0 + n
+                kmask = (n0 + n < BS) & (kp < seq_len)
+                kk = tl.load(K + ((seq_start + kp).to(tl.int64) * HKV + r)[:, None] * D + d[None, :],
+                             mask=kmask[:, None] & dmask[None, :], other=0.0).to(CDT)
+                s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * qk_scale
+                s = tl.where(kmask[None, :] & (kp[None, :] <= pos[:, None]), s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+                m_i = m_new
+        lse = tl.where(gcol[None, :] == h, (m_i + tl.log2(tl.maximum(l_i, 1e-30)))[:, None], lse)
+    # pass 2: the masses, block by block, summed over the heads
+    for b in range(nblocks):
+        mass = tl.zeros([ROWS], dtype=tl.float32)
+        for h in range(G):
+            q = tl.load(Q + (tok * HQ + r * G + h)[:, None] * D + d[None, :],
+                        mask=valid[:, None] & dmask[None, :], other=0.0).to(CDT)
+            lse_h = tl.sum(tl.where(gcol[None, :] == h, lse, 0.0), axis=1)
+            for n0 in range(0, BS, BLOCK_N):
+                kp = b * BS + n0 + n
+                kmask = (n0 + n < BS) & (kp < seq_len)
+                kk = tl.load(K + ((seq_start + kp).to(tl.int64) * HKV + r)[:, None] * D + d[None, :],
+                             mask=kmask[:, None] & dmask[None, :], other=0.0).to(CDT)
+                s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * qk_scale
+                s = tl.where(kmask[None, :] & (kp[None, :] <= pos[:, None]), s, float("-inf"))
+                mass += tl.sum(tl.exp2(s - lse_h[:, None]), axis=1)
+        tl.store(P + (rows.to(tl.int64) * HKV + r) * NB + b, mass / G, mask=valid & (b * BS <= pos))
+
+
+@triton.jit
+def block_max_kl_student_max_kernel(QI, KI, POS, M, ARG, seq_start, seq_len, index_scale, HKV, NB,
+                                    DI: tl.constexpr, ROWS: tl.constexpr, BS: tl.constexpr,
+                                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CDT: tl.constexpr,
+                                    DOT_PREC: tl.constexpr):
+    tile = tl.program_id(0)
+    r = tl.program_id(1)
+    rows = tile * ROWS + tl.arange(0, ROWS)
+    pos = tl.load(POS + rows)
+    valid = pos >= 0
+    d = tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)
+    dmask = d < DI
+    tok = (seq_start + tl.where(valid, pos, 0)).to(tl.int64)
+    qi = tl.load(QI + (tok * HKV + r)[:, None] * DI + d[None, :], mask=valid[:, None] & dmask[None, :],
+                 other=0.0).to(CDT)
+    nblocks = tl.max(pos, axis=0) // BS + 1
+    for b in range(nblocks):
+        best = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+        arg = tl.zeros([ROWS], dtype=tl.int32)
+        for n0 in range(0, BS, BLOCK_N):
+            kp = b * BS + n0 + n
+            kmask = (n0 + n < BS) & (kp < seq_len)
+            kk = tl.load(KI + (seq_start + kp).to(tl.int64)[:, None] * DI + d[None, :],
+                         mask=kmask[:, None] & dmask[None, :], other=0.0).to(CDT)
+            s = tl.dot(qi, tl.trans(kk), input_precision=DOT_PREC) * index_scale
+            s = tl.where(kmask[None, :] & (kp[None, :] <= pos[:, None]), s, float("-inf"))
+            cmax = tl.max(s, axis=1)
+            carg = tl.argmax(s, axis=1).to(tl.int32) + b * BS + n0
+            take = cmax > best  # strictly greater: the first maximum wins, as in a left-to-right scan
+            arg = tl.where(take, carg, arg)
+            best = tl.where(take, cmax, best)
+        out = (rows.to(tl.int64) * HKV + r) * NB + b
+        keep = valid & (b * BS <= pos)
+        tl.store(M + out, best, mask=keep)
+        tl.store(ARG + out, arg, mask=keep)
