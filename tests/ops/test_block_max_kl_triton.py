@@ -77,6 +77,17 @@ def test_blocks_wider_than_a_key_tile(monkeypatch):
     _close(*_both(qi, ki, q, k, block_size=40))
 
 
+@pytest.mark.skipif(DEV != "cuda", reason="CPU autocast leaves these ops in fp32, so only CUDA can show rounding")
+def test_autocast_does_not_round_the_loss():
+    """Under a bf16 autocast (as the trainer runs) the fp32 inputs' loss and gradients are unchanged."""
+    qi, ki, q, k = _inputs(1, 60, 1, 2, 16, 16, seed=4)
+    plain = _both(qi, ki, q, k, block_size=16)[0]
+    with torch.autocast(DEV, dtype=torch.bfloat16):
+        loss = block_max_kl_loss(qi, ki, q, k, block_size=16, backend="triton")
+        grads = torch.autograd.grad(loss, (qi, ki))
+    _close((loss, *grads), plain, tol=1e-6, ltol=1e-7)
+
+
 def test_teacher_gets_no_gradient_and_scale_is_used():
     qi, ki, q, k = _inputs(1, 40, 1, 2, 16, 16, seed=5)
     q.requires_grad_()

@@ -102,9 +102,10 @@ class BlockMaxKLTriton(torch.autograd.Function):
     def forward(ctx, q_idx, k_idx, q, k, rows, block_size, scale, index_scale, cu_seqlens):
         with_grad = bool(ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         ctx.dtypes = q_idx.dtype, k_idx.dtype
-        loss, dq, dk = block_max_kl_forward(q_idx.detach(), k_idx.detach(), q.detach(), k.detach(), rows,
-                                            block_size=block_size, scale=scale, index_scale=index_scale,
-                                            cu_seqlens=cu_seqlens, with_grad=with_grad)
+        with torch.autocast(q.device.type, enabled=False):  # the training autocast would round the fp32 math
+            loss, dq, dk = block_max_kl_forward(q_idx.detach(), k_idx.detach(), q.detach(), k.detach(), rows,
+                                                block_size=block_size, scale=scale, index_scale=index_scale,
+                                                cu_seqlens=cu_seqlens, with_grad=with_grad)
         if with_grad:
             ctx.save_for_backward(dq, dk)
         return loss
