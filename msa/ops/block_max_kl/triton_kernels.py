@@ -5,7 +5,8 @@ For query row i (position within the sequence), group r and key block b over the
 - ``block_max_kl_teacher_mass_kernel``: P[i, r, b] = (1/G) sum_h sum_{j in b} exp(t_hj - lse_h), the
   teacher's block mass, with t_hj = <q[i, h], k[j, r]> * scale over the G heads h of group r. Two passes
   over the blocks: the per-head lse (online), then the masses. The MMA rows are the tile's query rows of
-  ONE head; the program loops over the heads, so the head average needs no cross-row reduction.
+  ONE head; for each key tile (loaded once per pass) the program loops over the heads, so the head
+  average needs no cross-row reduction.
 - ``block_max_kl_student_max_kernel``: m[i, r, b] = max_{j in b} <q_idx[i, r], k_idx[j]> * index_scale
   and its argmax j (the key the gradient flows through).
 Entries of blocks past a row's own stay as the caller initialised them (P 0, m -inf).
@@ -35,39 +36,45 @@ def block_max_kl_teacher_mass_kernel(Q, K, POS, P, seq_start, seq_len, qk_scale,
     dmask = d < D
     tok = (seq_start + tl.where(valid, pos, 0)).to(tl.int64)
     nblocks = tl.max(pos, axis=0) // BS + 1
-    # pass 1: lse (log2 domain) per (row, head), kept as the columns of one (ROWS, BLOCK_G) tile
-    lse = tl.zeros([ROWS, BLOCK_G], dtype=tl.float32)
-    for h in range(G):
-        q = tl.load(Q + (tok * HQ + r * G + h)[:, None] * D + d[None, :], mask=valid[:, None] & dmask[None, :],
-                    other=0.0).to(CDT)
-        m_i = tl.full([ROWS], -1.0e30, dtype=tl.float32)
-        l_i = tl.zeros([ROWS], dtype=tl.float32)
-        for b in range(nblocks):
-            for n0 in range(0, BS, BLOCK_N):
-                kp = b * BS + n0 + n
-                kmask = (n0 + n < BS) & (kp < seq_len)
-                kk = tl.load(K + ((seq_start + kp).to(tl.int64) * HKV + r)[:, None] * D + d[None, :],
-                             mask=kmask[:, None] & dmask[None, :], other=0.0).to(CDT)
+    # pass 1: lse (log2 domain) per (row, head), the heads' running max / sum kept as the columns of
+    # (ROWS, BLOCK_G) tiles, so each key tile is loaded once for all G heads
+    m_t = tl.full([ROWS, BLOCK_G], -1.0e30, dtype=tl.float32)
+    l_t = tl.zeros([ROWS, BLOCK_G], dtype=tl.float32)
+    for b in range(nblocks):
+        for n0 in range(0, BS, BLOCK_N):
+            kp = b * BS + n0 + n
+            kmask = (n0 + n < BS) & (kp < seq_len)
+            kk = tl.load(K + ((seq_start + kp).to(tl.int64) * HKV + r)[:, None] * D + d[None, :],
+                         mask=kmask[:, None] & dmask[None, :], other=0.0).to(CDT)
+            visible = kmask[None, :] & (kp[None, :] <= pos[:, None])
+            for h in range(G):
+                q = tl.load(Q + (tok * HQ + r * G + h)[:, None] * D + d[None, :],
+                            mask=valid[:, None] & dmask[None, :], other=0.0).to(CDT)
                 s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * qk_scale
-                s = tl.where(kmask[None, :] & (kp[None, :] <= pos[:, None]), s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
-                m_i = m_new
-        lse = tl.where(gcol[None, :] == h, (m_i + tl.log2(tl.maximum(l_i, 1e-30)))[:, None], lse)
+                s = tl.where(visible, s, float("-inf"))
+                col = gcol[None, :] == h
+                m_h = tl.sum(tl.where(col, m_t, 0.0), axis=1)
+                l_h = tl.sum(tl.where(col, l_t, 0.0), axis=1)
+                m_new = tl.maximum(m_h, tl.max(s, axis=1))
+                l_h = l_h * tl.exp2(m_h - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+                m_t = tl.where(col, m_new[:, None], m_t)
+                l_t = tl.where(col, l_h[:, None], l_t)
+    lse = m_t + tl.log2(tl.maximum(l_t, 1e-30))
     # pass 2: the masses, block by block, summed over the heads
     for b in range(nblocks):
         mass = tl.zeros([ROWS], dtype=tl.float32)
-        for h in range(G):
-            q = tl.load(Q + (tok * HQ + r * G + h)[:, None] * D + d[None, :],
-                        mask=valid[:, None] & dmask[None, :], other=0.0).to(CDT)
-            lse_h = tl.sum(tl.where(gcol[None, :] == h, lse, 0.0), axis=1)
-            for n0 in range(0, BS, BLOCK_N):
-                kp = b * BS + n0 + n
-                kmask = (n0 + n < BS) & (kp < seq_len)
-                kk = tl.load(K + ((seq_start + kp).to(tl.int64) * HKV + r)[:, None] * D + d[None, :],
-                             mask=kmask[:, None] & dmask[None, :], other=0.0).to(CDT)
+        for n0 in range(0, BS, BLOCK_N):
+            kp = b * BS + n0 + n
+            kmask = (n0 + n < BS) & (kp < seq_len)
+            kk = tl.load(K + ((seq_start + kp).to(tl.int64) * HKV + r)[:, None] * D + d[None, :],
+                         mask=kmask[:, None] & dmask[None, :], other=0.0).to(CDT)
+            visible = kmask[None, :] & (kp[None, :] <= pos[:, None])
+            for h in range(G):
+                q = tl.load(Q + (tok * HQ + r * G + h)[:, None] * D + d[None, :],
+                            mask=valid[:, None] & dmask[None, :], other=0.0).to(CDT)
+                lse_h = tl.sum(tl.where(gcol[None, :] == h, lse, 0.0), axis=1)
                 s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * qk_scale
-                s = tl.where(kmask[None, :] & (kp[None, :] <= pos[:, None]), s, float("-inf"))
+                s = tl.where(visible, s, float("-inf"))
                 mass += tl.sum(tl.exp2(s - lse_h[:, None]), axis=1)
         tl.store(P + (rows.to(tl.int64) * HKV + r) * NB + b, mass / G, mask=valid & (b * BS <= pos))
 
