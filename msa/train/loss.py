@@ -174,7 +174,8 @@ def _recompute_kl(r) -> torch.Tensor:
 def _recompute_block_max_kl(r, rows_per_sequence: int) -> torch.Tensor:
     """The layer's block-max KL from its captured input (the teacher's q and k detached)."""
     q, k, q_idx, k_idx, kw = _reproject(r)
-    return block_max_kl_loss(q_idx, k_idx, q, k, rows_per_sequence=rows_per_sequence, **kw)
+    return block_max_kl_loss(q_idx, k_idx, q, k, rows_per_sequence=rows_per_sequence, backend=r.attn.config.backend,
+                             **kw)
 
 
 def _teacher_term(r, rows: torch.Tensor) -> torch.Tensor:
