@@ -28,7 +28,7 @@ a 12-layer, ~46M-parameter model (1 dense + 11 MSA layers), context 16K, blocks 
 - exp-msa-blockkl: exp-msa-pt whose index is trained by the block-max objective (phase.kl_target=
   "block_max": the softmax of its block-max scores, what top-k ranks, against the teacher's block
   masses, on the full causal support) on 2048 sampled query positions per sequence (phase.kl_rows, an
-  unbiased estimate at 1/8 of the cost of this PyTorch loss at 16K)
+  unbiased estimate at 1/8 of the cost at 16K); round 13 ran it with the PyTorch loss
 - exp-msa-cpt: from exp-dense's final checkpoint (phase.init_from), fresh index projections, KL
   warmup for 20% of its steps, then sparse; its steps are 20% of the pretraining's
 - exp-dense-cont: exp-dense continued densely for the same steps (the comparison for exp-msa-cpt)
