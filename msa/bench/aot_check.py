@@ -184,7 +184,30 @@ def _launches():
                      HQ=HQ, HKV=HKV),
                 dict(G=g, D=D, DI=DI, BLOCK_M=fc2["DK_BLOCK_M"], BLOCK_N=fc2["DK_BLOCK_N"], BLOCK_D=bd, BLOCK_DI=bdi,
                      CDT=cdt, DOT_PREC=prec), fc2["DK_WARPS"], fc2["DK_STAGES"]))
+    out += _block_max_launches()
     out += _decode_launches()
+    return out
+
+
+def _block_max_launches():
+    """The block-max KL's two kernels (``phase.kl_target="block_max"``), bf16, at the paper's shape and
+    at the quality study's (H_q 8, H_kv 2, D 64)."""
+    from msa.ops.block_max_kl import triton_impl as bi
+    from msa.ops.block_max_kl import triton_kernels as bk
+    bf, f32, i32 = "*bf16", "*fp32", "*i32"
+    out = []
+    for label, hq, hkv, d in (("paper shape", HQ, HKV, D), ("quality shape", 8, 2, 64)):
+        g = hq // hkv
+        bn = min(_pow2(BLOCK), bi.MAX_BLOCK_N)
+        out.append((f"block_max_kl_teacher_mass_kernel ({label})", bk.block_max_kl_teacher_mass_kernel,
+                    dict(Q=bf, K=bf, POS=i32, P=f32, seq_start=0, seq_len=T, qk_scale=0.1, HQ=hq, HKV=hkv, NB=T // BLOCK),
+                    dict(G=g, D=d, ROWS=bi.ROWS, BS=BLOCK, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_G=_pow2(g, 1),
+                         CDT=tl.bfloat16, DOT_PREC="tf32"), 4, 3))
+        out.append((f"block_max_kl_student_max_kernel ({label})", bk.block_max_kl_student_max_kernel,
+                    dict(QI=bf, KI=bf, POS=i32, M=f32, ARG=i32, seq_start=0, seq_len=T, index_scale=0.1, HKV=hkv,
+                         NB=T // BLOCK),
+                    dict(DI=DI, ROWS=bi.ROWS, BS=BLOCK, BLOCK_N=bn, BLOCK_D=_pow2(DI), CDT=tl.bfloat16,
+                         DOT_PREC="tf32"), 4, 3))
     return out
 
 
