@@ -6,8 +6,8 @@ from typing import List, Optional
 
 import torch
 
-from ..common import (check, check_backend, check_cu_seqlens, check_float, check_positive_int, check_tensor,
-                      default_scale, load_triton_impl, resolve_backend, sequence_spans)
+from ..common import check, check_backend, check_cu_seqlens, default_scale, load_triton_impl, resolve_backend, sequence_spans
+from ..indexer_kl.interface import check_kl_inputs
 from .reference import block_max_kl_reference
 
 
@@ -55,20 +55,8 @@ def block_max_kl_loss(q_idx: torch.Tensor, k_idx: torch.Tensor, q: torch.Tensor,
         P = stack([p[b*B:(b+1)*B].sum() for b in range(i // B + 1)])
         kl_i = (P * (P.log() - log_softmax(m, 0))).sum()
     """
-    check_tensor("q_idx", q_idx, 4, "(B, T, H_kv, D_idx)")
-    check_tensor("k_idx", k_idx, 3, "(B, T, D_idx)")
-    check_tensor("q", q, 4, "(B, T, H_q, D)")
-    check_tensor("k", k, 4, "(B, T, H_kv, D)")
-    for name, x in (("q_idx", q_idx), ("k_idx", k_idx), ("q", q), ("k", k)):
-        check_float(name, x)
+    check_kl_inputs(q_idx, k_idx, q, k, block_size)
     bsz, t, hkv, di = q_idx.shape
-    check(k_idx.shape == (bsz, t, di), f"k_idx must have shape (B, T, D_idx) = {(bsz, t, di)}, got {tuple(k_idx.shape)}")
-    check(q.shape[:2] == (bsz, t), f"q must have shape (B, T, H_q, D) with (B, T) = {(bsz, t)}, got {tuple(q.shape)}")
-    check(k.shape[:3] == (bsz, t, hkv) and k.shape[3] == q.shape[3],
-          f"k must have shape (B, T, H_kv, D) = {(bsz, t, hkv, q.shape[3])}, got {tuple(k.shape)}")
-    check(q.shape[2] % hkv == 0, f"H_q ({q.shape[2]}) must be divisible by H_kv ({hkv})")
-    check(t > 0, "q_idx must hold at least one token (T >= 1)")
-    check_positive_int("block_size", block_size)
     check(isinstance(rows_per_sequence, int) and rows_per_sequence >= 0,
           f"rows_per_sequence must be >= 0, got {rows_per_sequence}")
     check_cu_seqlens(cu_seqlens, bsz, t)

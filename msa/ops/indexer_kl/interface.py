@@ -46,6 +46,25 @@ class IndexerKLTriton(torch.autograd.Function):
         return dq, dk, None, None, None, None, None, None, None, None, None, None
 
 
+def check_kl_inputs(q_idx: torch.Tensor, k_idx: torch.Tensor, q: torch.Tensor, k: torch.Tensor, block_size: int) -> None:
+    """Shapes and dtypes of an index-alignment loss's inputs (``indexer_kl_loss``, ``block_max_kl_loss``):
+    q_idx (B, T, H_kv, D_idx), k_idx (B, T, D_idx), q (B, T, H_q, D), k (B, T, H_kv, D), floats, T >= 1."""
+    check_tensor("q_idx", q_idx, 4, "(B, T, H_kv, D_idx)")
+    check_tensor("k_idx", k_idx, 3, "(B, T, D_idx)")
+    check_tensor("q", q, 4, "(B, T, H_q, D)")
+    check_tensor("k", k, 4, "(B, T, H_kv, D)")
+    for name, x in (("q_idx", q_idx), ("k_idx", k_idx), ("q", q), ("k", k)):
+        check_float(name, x)
+    bsz, t, hkv, di = q_idx.shape
+    check(k_idx.shape == (bsz, t, di), f"k_idx must have shape (B, T, D_idx) = {(bsz, t, di)}, got {tuple(k_idx.shape)}")
+    check(q.shape[:2] == (bsz, t), f"q must have shape (B, T, H_q, D) with (B, T) = {(bsz, t)}, got {tuple(q.shape)}")
+    check(k.shape[:3] == (bsz, t, hkv) and k.shape[3] == q.shape[3],
+          f"k must have shape (B, T, H_kv, D) = {(bsz, t, hkv, q.shape[3])}, got {tuple(k.shape)}")
+    check(q.shape[2] % hkv == 0, f"H_q ({q.shape[2]}) must be divisible by H_kv ({hkv})")
+    check(t > 0, "q_idx must hold at least one token (T >= 1)")
+    check_positive_int("block_size", block_size)
+
+
 def indexer_kl_loss(q_idx: torch.Tensor, k_idx: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                     block_indices: Optional[torch.Tensor] = None, *, block_size: int = 128,
                     scale: Optional[float] = None, index_scale: Optional[float] = None,
@@ -87,20 +106,8 @@ def indexer_kl_loss(q_idx: torch.Tensor, k_idx: torch.Tensor, q: torch.Tensor, k
         p = torch.stack([torch.softmax(q[0, i, h] @ k[0, U, r].T * scale, -1) for h in H_r]).mean(0)
         kl_ir = (p * (p.log() - p_idx.log())).sum()        # loss = mean of kl_ir over (i, r)
     """
-    check_tensor("q_idx", q_idx, 4, "(B, T, H_kv, D_idx)")
-    check_tensor("k_idx", k_idx, 3, "(B, T, D_idx)")
-    check_tensor("q", q, 4, "(B, T, H_q, D)")
-    check_tensor("k", k, 4, "(B, T, H_kv, D)")
-    for name, x in (("q_idx", q_idx), ("k_idx", k_idx), ("q", q), ("k", k)):
-        check_float(name, x)
+    check_kl_inputs(q_idx, k_idx, q, k, block_size)
     bsz, t, hkv, di = q_idx.shape
-    check(k_idx.shape == (bsz, t, di), f"k_idx must have shape (B, T, D_idx) = {(bsz, t, di)}, got {tuple(k_idx.shape)}")
-    check(q.shape[:2] == (bsz, t), f"q must have shape (B, T, H_q, D) with (B, T) = {(bsz, t)}, got {tuple(q.shape)}")
-    check(k.shape[:3] == (bsz, t, hkv) and k.shape[3] == q.shape[3],
-          f"k must have shape (B, T, H_kv, D) = {(bsz, t, hkv, q.shape[3])}, got {tuple(k.shape)}")
-    check(q.shape[2] % hkv == 0, f"H_q ({q.shape[2]}) must be divisible by H_kv ({hkv})")
-    check(t > 0, "q_idx must hold at least one token (T >= 1)")
-    check_positive_int("block_size", block_size)
     check_cu_seqlens(cu_seqlens, bsz, t, values=validate)
     if block_indices is not None:
         check_block_indices(block_indices, bsz, t, hkv, block_size, cu_seqlens, values=validate)
