@@ -472,8 +472,10 @@ def test_block_max_target_config_and_training_step(tmp_path):
 
 
 def test_block_max_step_on_triton_matches_reference(tmp_path, monkeypatch):
-    """The trainer's block_max KL follows model.backend: two steps on the Triton op (the CPU interpreter)
-    give the reference's losses (rel 1e-5) and index weights (atol 1e-6 after two Adam steps on the same rows)."""
+    """The trainer's block_max KL follows model.backend: two fp32 steps on the Triton op give the reference's
+    losses and index weights after two Adam steps on the same rows (interpreter: rel 1e-5 / atol 1e-6;
+    GPU, where the whole model's kernels and summation orders differ: rel 1e-4 / atol 1e-5)."""
+    rel, atol = (1e-5, 1e-6) if not torch.cuda.is_available() else (1e-4, 1e-5)
     from msa.ops.block_max_kl import triton_impl
     calls, original = [], triton_impl.BlockMaxKLTriton
 
@@ -487,13 +489,14 @@ def test_block_max_step_on_triton_matches_reference(tmp_path, monkeypatch):
     runs = {}
     for backend in ("reference", "triton"):
         cfg = tiny_config("phase.kl_target=block_max", "phase.kl_rows=40", "steps=2", "phase.warmup_steps=1",
-                          "eval.every=0", "eval.final=false", "checkpoint_every=0", f"model.backend={backend}")
+                          "eval.every=0", "eval.final=false", "checkpoint_every=0", "precision=fp32",
+                          f"model.backend={backend}")
         t = Trainer(cfg, str(tmp_path / backend), progress=False)
         recs = [t.train_step() for _ in range(2)]
         runs[backend] = (recs, {n: v.detach().clone() for n, v in t.model.state_dict().items() if "_idx_" in n})
         assert bool(calls) == (backend == "triton")
     (ref, ref_w), (tri, tri_w) = runs["reference"], runs["triton"]
     for a, b in zip(ref, tri):
-        assert b["kl"] == pytest.approx(a["kl"], rel=1e-5) and a["kl"] > 0
+        assert b["kl"] == pytest.approx(a["kl"], rel=rel) and a["kl"] > 0
     for n in ref_w:
-        torch.testing.assert_close(tri_w[n], ref_w[n], rtol=0, atol=1e-6)
+        torch.testing.assert_close(tri_w[n], ref_w[n], rtol=0, atol=atol)
