@@ -490,7 +490,7 @@ def test_block_max_step_on_triton_matches_reference(tmp_path, monkeypatch):
     for backend in ("reference", "triton"):
         cfg = tiny_config("phase.kl_target=block_max", "phase.kl_rows=40", "steps=2", "phase.warmup_steps=1",
                           "eval.every=0", "eval.final=false", "checkpoint_every=0", "precision=fp32",
-                          f"model.backend={backend}")
+                          f"model.backend={backend}", f"device={'cuda' if torch.cuda.is_available() else 'cpu'}")
         t = Trainer(cfg, str(tmp_path / backend), progress=False)
         recs = [t.train_step() for _ in range(2)]
         runs[backend] = (recs, {n: v.detach().clone() for n, v in t.model.state_dict().items() if "_idx_" in n})
