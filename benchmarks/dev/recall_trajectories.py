@@ -37,7 +37,9 @@ RUNS = {"round 6 MSA-PT": "round6/exp-msa-pt", "round 6 MSA-PT, full-support KL 
         "round 11 probe, fresh index of width 256": "round11/probe-d256",
         "round 12 probe, token KL": "round12/probe-tok",
         "round 12 probe, block_max KL": "round12/probe-bm",
-        "round 13 the recipe with the block_max KL (exp-msa-blockkl)": "round13/exp-msa-blockkl"}
+        "round 13 the recipe with the block_max KL (exp-msa-blockkl)": "round13/exp-msa-blockkl",
+        "round 14 MSA-PT, seed 1": "round14/exp-msa-pt",
+        "round 14 exp-msa-blockkl, seed 1": "round14/exp-msa-blockkl"}
 # runs that continue another run: their steps are drawn after its end
 STEP_OFFSET = {"round10/exp-msa-indexprobe": 700, "round11/probe-lr1e-2": 700, "round11/probe-d256": 700,
                "round12/probe-tok": 700, "round12/probe-bm": 700}
@@ -74,7 +76,7 @@ def main():
         ax.axvline(140, color="gray", ls=":", lw=1)
         ax.axvline(350, color="gray", ls="-.", lw=1)
     axes[0].legend(fontsize=7)
-    fig.suptitle("47M model, 16K context, one H200 (rounds 8-13: one H100): indexer recall against the model's dense attention\n"
+    fig.suptitle("47M model, 16K context, one H200 (rounds 8-14: one H100): indexer recall against the model's dense attention\n"
                  "(PT: dense warmup to step 140, then sparse; late switch: to step 350; probes: after step 700)")
     fig.tight_layout()
     fig.savefig(ROOT / "recall_trajectories.png", dpi=110)
