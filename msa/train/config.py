@@ -142,7 +142,10 @@ class EvalConfig:
     entries and lengths above seq_len * retrieval_max_factor are skipped) with retrieval_samples
     per (task, length, depth). mode: the attention every evaluation runs in: "train" (the mode of the
     step just trained), or always "sparse" / "dense" (an msa run only), e.g. so that an index trained
-    in warmup mode (exp-msa-indexprobe) is judged by the loss of its own selections."""
+    in warmup mode (exp-msa-indexprobe) is judged by the loss of its own selections. seed: draws the
+    validation and test windows and the retrieval prompts; it is not the run's seed, so runs that differ
+    only in ``seed`` are judged on the same windows (before session 39 the run's seed drew them: quality
+    round 14's seed-1 runs used ``eval.seed=1``)."""
 
     every: int = 250
     batches: int = 4
@@ -155,6 +158,7 @@ class EvalConfig:
     retrieval_max_factor: float = 1.0
     final: bool = True
     mode: str = "train"
+    seed: int = 0
 
 
 @dataclass
@@ -228,6 +232,8 @@ class TrainConfig:
               f"optim.index_schedule must be 'same' or 'constant', got {self.optim.index_schedule!r}")
         check(0 <= self.optim.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.optim.min_lr_ratio}")
         check(self.eval.every >= 0 and self.checkpoint_every >= 0, "eval.every and checkpoint_every must be >= 0")
+        check(self.seed >= 0 and self.eval.seed >= 0 and self.data.seed >= 0,
+              f"seed, eval.seed and data.seed must be >= 0, got {self.seed}, {self.eval.seed}, {self.data.seed}")
         check(self.eval.mode in EVAL_MODES, f"eval.mode must be one of {EVAL_MODES}, got {self.eval.mode!r}")
         check(self.eval.mode == "train" or self.phase.kind == "msa",
               f"eval.mode={self.eval.mode!r} needs phase.kind='msa' (a {self.phase.kind} run has one attention mode)")

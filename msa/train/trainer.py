@@ -214,8 +214,8 @@ def build_data(cfg: TrainConfig, device: torch.device, *, rank: int = 0, world_s
     sw = make_windows(corpus.splits["test"], t)
     check(len(vw) > 0 and len(sw) > 0, f"the validation/test splits hold fewer than {t} tokens; raise "
                                        f"data.eval_corpus_mb or lower data.seq_len")
-    return DataBundle(corpus, loader, vw, sw, eval_window_ids(vw, cfg.eval.batches, cfg.seed),
-                      eval_window_ids(sw, cfg.eval.bucket_windows, cfg.seed))
+    return DataBundle(corpus, loader, vw, sw, eval_window_ids(vw, cfg.eval.batches, cfg.eval.seed),
+                      eval_window_ids(sw, cfg.eval.bucket_windows, cfg.eval.seed))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -725,7 +725,7 @@ class Trainer:
             if lengths and e.retrieval_samples > 0:
                 res["retrieval"] = retrieval_eval(model, self.tokenizer, test_tokens, lengths=lengths,
                                                   depths=e.retrieval_depths, samples=e.retrieval_samples,
-                                                  seed=self.cfg.seed, **kw)
+                                                  seed=e.seed, **kw)
         return res
 
     @contextlib.contextmanager

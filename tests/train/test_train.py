@@ -500,3 +500,16 @@ def test_block_max_step_on_triton_matches_reference(tmp_path, monkeypatch):
         assert b["kl"] == pytest.approx(a["kl"], rel=rel) and a["kl"] > 0
     for n in ref_w:
         torch.testing.assert_close(tri_w[n], ref_w[n], rtol=0, atol=atol)
+
+
+def test_eval_windows_follow_eval_seed_not_run_seed():
+    """Runs that differ only in ``seed`` are judged on the same validation / test windows; eval.seed picks them."""
+    from msa.train.trainer import build_data
+    ids = {}
+    for name, extra in (("a", []), ("b", ["seed=3"]), ("c", ["eval.seed=3"])):
+        d = build_data(tiny_config("eval.batches=6", "eval.bucket_windows=6", *extra), torch.device("cpu"), log=lambda *_: None)
+        ids[name] = (d.val_ids, d.test_ids)
+    assert ids["a"] == ids["b"]
+    assert ids["a"] != ids["c"]
+    with pytest.raises(ValueError, match="eval.seed and data.seed must be >= 0"):
+        tiny_config("eval.seed=-1")
