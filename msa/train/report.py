@@ -90,8 +90,16 @@ def rows(runs: Dict[str, Dict]) -> List[Dict]:
             "val_by_step": {int(h["step"]): h["val_lm_loss"] for h in runs[n]["history"]
                             if h.get("val_lm_loss") is not None and "step" in h},
             "kl_sparse_first": s.get("sparse_kl_first_quarter"), "kl_sparse_last": s.get("sparse_kl_last_quarter"),
-            "train_min": s.get("train_seconds", 0) / 60})
+            "train_min": s.get("train_seconds", 0) / 60, **_seeds(runs[n].get("config"))})
     return out
+
+
+def _seeds(config: Optional[Dict]) -> Dict:
+    """The run's seed and what drew its evaluation windows: (data.seed: the split, eval.seed: the windows
+    and retrieval prompts). Runs from before eval.seed existed drew their windows from the run's seed."""
+    cfg = (config or {}).get("config") or {}
+    seed = cfg.get("seed")
+    return {"seed": seed, "eval_windows": [(cfg.get("data") or {}).get("seed"), (cfg.get("eval") or {}).get("seed", seed)]}
 
 
 def _weighted(final, lo, hi) -> Optional[float]:
@@ -110,6 +118,15 @@ def targets(rs: List[Dict]) -> List[str]:
     def rel(a, b):
         return None if a is None or b is None else (a - b) / b
 
+    def same_windows(a, b):
+        """Losses and retrieval compare only between runs evaluated on the same windows."""
+        x, y = r[a], r[b]
+        if x.get("eval_windows") == y.get("eval_windows"):
+            return True
+        lines.append(f"{a} vs {b}: not compared, evaluated on different windows (data.seed, eval.seed: "
+                     f"{x.get('eval_windows')} / {y.get('eval_windows')})")
+        return False
+
     def val_vs(x, y):
         """(relative val-loss difference of run x over run y, note): at the runs' ends when they ended
         at the same step, else at the last evaluation step both reached (an interrupted run is not
@@ -123,7 +140,7 @@ def targets(rs: List[Dict]) -> List[str]:
         return (rel(x["val_by_step"][st], y["val_by_step"][st]),
                 f" at step {st}, the last evaluation both reached (they ended at {x['steps']} and {y['steps']})")
 
-    if "exp-msa-pt" in r and "exp-dense" in r:
+    if "exp-msa-pt" in r and "exp-dense" in r and same_windows("exp-msa-pt", "exp-dense"):
         d, note = val_vs(r["exp-msa-pt"], r["exp-dense"])
         if d is not None:
             lines.append(f"MSA-PT validation loss vs dense: {d:+.2%}{note} (target within +1%): "
@@ -139,7 +156,7 @@ def targets(rs: List[Dict]) -> List[str]:
             lines.append(f"fact gain 8K-16K (nats per answer token, ± standard error): MSA-PT "
                          f"{_pm(b, r['exp-msa-pt'].get('fact_gain_8k_16k_se'))} vs dense "
                          f"{_pm(a, r['exp-dense'].get('fact_gain_8k_16k_se'))}{share}")
-    if "exp-msa-pt" in r and "exp-local" in r:
+    if "exp-msa-pt" in r and "exp-local" in r and same_windows("exp-msa-pt", "exp-local"):
         a, b = r["exp-msa-pt"]["test_loss_ge4k"], r["exp-local"]["test_loss_ge4k"]
         if a is not None and b is not None:
             lines.append(f"test loss beyond 4K: MSA-PT {a:.4f} vs local window {b:.4f} (target below): "
@@ -162,12 +179,12 @@ def targets(rs: List[Dict]) -> List[str]:
                          f"{x['kl_sparse_last']:.4g} (target falling): "
                          f"{'met' if x['kl_sparse_last'] < x['kl_sparse_first'] else 'MISSED'}")
         for ab in ("exp-msa-nowarmup", "exp-msa-nodetach"):
-            if ab in r and r[ab]["val_loss"] is not None and x["val_loss"] is not None:
+            if ab in r and r[ab]["val_loss"] is not None and x["val_loss"] is not None and same_windows(ab, "exp-msa-pt"):
                 d, note = val_vs(r[ab], x)
                 if d is not None:
                     lines.append(f"{ab} validation loss vs MSA-PT: {d:+.2%}{note} (target worse): "
                                  f"{'met' if d > 0 else 'MISSED'}")
-    if "exp-msa-cpt" in r and "exp-dense-cont" in r:
+    if "exp-msa-cpt" in r and "exp-dense-cont" in r and same_windows("exp-msa-cpt", "exp-dense-cont"):
         d, note = val_vs(r["exp-msa-cpt"], r["exp-dense-cont"])
         if d is not None:
             lines.append(f"MSA-CPT validation loss vs equally continued dense: {d:+.2%}{note} (target within +1%): "
@@ -178,8 +195,9 @@ def targets(rs: List[Dict]) -> List[str]:
 def markdown(rs: List[Dict], command: str = "") -> str:
     head = ("| run | kind | steps | tokens (M) | params (M) | val loss | test loss < 4K | test loss >= 4K | "
             "retrieval 8K-16K | retrieval all | fact gain 8K-16K | block recall | score recall | selected mass | "
-            "oracle mass | top-half recall | max-rule recall | teacher entropy | sparse KL first -> last | train min |")
-    sep = "|" + "---|" * 20
+            "oracle mass | top-half recall | max-rule recall | teacher entropy | sparse KL first -> last | train min | "
+            "seed (eval windows) |")
+    sep = "|" + "---|" * 21
     lines = [head, sep]
     for x in rs:
         kl = "-" if x["kl_sparse_first"] is None else f"{x['kl_sparse_first']:.3g} -> {x['kl_sparse_last']:.3g}"
@@ -190,13 +208,21 @@ def markdown(rs: List[Dict], command: str = "") -> str:
                      f"{_f(x['block_recall'], '{:.3f}')} | "
                      f"{_f(x['score_recall'], '{:.3f}')} | {_f(x.get('selected_mass'), '{:.3f}')} | "
                      f"{_f(x.get('oracle_mass'), '{:.3f}')} | {_f(x.get('top_half_recall'), '{:.3f}')} | "
-                     f"{_f(x.get('max_rule_recall'), '{:.3f}')} | {_f(x.get('teacher_entropy'), '{:.2f}')} | {kl} | {x['train_min']:.1f} |")
+                     f"{_f(x.get('max_rule_recall'), '{:.3f}')} | {_f(x.get('teacher_entropy'), '{:.2f}')} | {kl} | {x['train_min']:.1f} | "
+                     f"{_seed_cell(x)} |")
     t = targets(rs)
     if t:
         lines += ["", "Targets:", ""] + [f"- {x}" for x in t]
     if command:
         lines += ["", f"*`{command}`*"]
     return "\n".join(lines) + "\n"
+
+
+def _seed_cell(x: Dict) -> str:
+    """"1 (0)": seed 1 judged on eval.seed 0's windows; "-" where the config is missing."""
+    if x.get("seed") is None:
+        return "-"
+    return f"{x['seed']} ({x['eval_windows'][1]})"
 
 
 def _token_offset(runs: Dict[str, Dict], name: str) -> float:

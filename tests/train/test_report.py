@@ -81,3 +81,27 @@ def test_interrupted_run_is_compared_at_the_last_common_evaluation(tmp_path):
     md = summarize(str(tmp_path))
     assert ("MSA-PT validation loss vs dense: +0.87% at step 10, the last evaluation both reached "
             "(they ended at 10 and 20) (target within +1%): met") in md
+
+
+def test_runs_on_different_evaluation_windows_are_not_compared(tmp_path):
+    """Runs whose evaluation windows differ (before eval.seed, the run's seed drew them) get no loss
+    comparison; runs of different seeds judged on the same eval.seed do."""
+    b = [(0, 4096, 2.0, 100), (4096, 8192, 1.5, 100)]
+
+    def config(name, cfg):
+        (tmp_path / name / "config.json").write_text(json.dumps({"config": {"phase": {"init_from": ""}, **cfg}}))
+
+    _run(tmp_path, "exp-dense", "dense", 2.0, b, {8192: 0.0})
+    _run(tmp_path, "exp-msa-pt", "msa", 2.1, b, {8192: 0.0})
+    config("exp-dense", {"seed": 0, "data": {"seed": 0}})                  # legacy: windows from the run's seed
+    config("exp-msa-pt", {"seed": 1, "data": {"seed": 0}})
+    md = summarize(str(tmp_path))
+    assert "exp-msa-pt vs exp-dense: not compared, evaluated on different windows (data.seed, eval.seed: [0, 1] / [0, 0])" in md
+    assert "MSA-PT validation loss vs dense" not in md
+    cells = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")] for ln in md.splitlines() if ln.startswith("| exp")}
+    assert cells["exp-msa-pt"][21] == "1 (1)" and cells["exp-dense"][21] == "0 (0)"
+    config("exp-msa-pt", {"seed": 1, "data": {"seed": 0}, "eval": {"seed": 0}})
+    config("exp-dense", {"seed": 0, "data": {"seed": 0}, "eval": {"seed": 0}})
+    md = summarize(str(tmp_path))
+    assert "MSA-PT validation loss vs dense: +5.00% (target within +1%): MISSED" in md and "not compared" not in md
+    assert [c.strip() for c in next(ln for ln in md.splitlines() if ln.startswith("| exp-msa-pt")).split("|")][21] == "1 (0)"
