@@ -143,9 +143,8 @@ class EvalConfig:
     per (task, length, depth). mode: the attention every evaluation runs in: "train" (the mode of the
     step just trained), or always "sparse" / "dense" (an msa run only), e.g. so that an index trained
     in warmup mode (exp-msa-indexprobe) is judged by the loss of its own selections. seed: draws the
-    validation and test windows and the retrieval prompts; it is not the run's seed, so runs that differ
-    only in ``seed`` are judged on the same windows (before session 39 the run's seed drew them: quality
-    round 14's seed-1 runs used ``eval.seed=1``)."""
+    validation and test windows and the retrieval prompts, apart from the run's ``seed``, so runs that
+    differ only in ``seed`` are judged on the same windows."""
 
     every: int = 250
     batches: int = 4

@@ -4,7 +4,6 @@ is not detached (so the KL also moves the backbone's q and k)."""
 
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional
 
 import torch
