@@ -21,6 +21,29 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
+def _key_tile(K, seq_start, seq_len, pos, r, k0, k_left, HKV, D: tl.constexpr, n, d, dmask,
+              CDT: tl.constexpr):
+    """Keys k0 .. k0 + BLOCK_N of KV head r (at most k_left of them: the rest of the block) and the
+    (ROWS, BLOCK_N) causal visibility of each key to each query row at position pos."""
+    kp = k0 + n
+    kmask = (n < k_left) & (kp < seq_len)
+    kk = tl.load(K + ((seq_start + kp).to(tl.int64) * HKV + r)[:, None] * D + d[None, :],
+                 mask=kmask[:, None] & dmask[None, :], other=0.0).to(CDT)
+    return kk, kmask[None, :] & (kp[None, :] <= pos[:, None])
+
+
+@triton.jit
+def _head_scores(Q, tok, valid, kk, visible, head, HQ, D: tl.constexpr, d, dmask, qk_scale,
+                 CDT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Scaled scores (log2 domain) of query head `head` of the tile's rows against a key tile;
+    invisible keys -inf."""
+    q = tl.load(Q + (tok * HQ + head)[:, None] * D + d[None, :], mask=valid[:, None] & dmask[None, :],
+                other=0.0).to(CDT)
+    s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * qk_scale
+    return tl.where(visible, s, float("-inf"))
+
+
+@triton.jit
 def block_max_kl_teacher_mass_kernel(Q, K, POS, P, seq_start, seq_len, qk_scale, HQ, HKV, NB,
                                      G: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, BS: tl.constexpr,
                                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
@@ -42,16 +65,11 @@ def block_max_kl_teacher_mass_kernel(Q, K, POS, P, seq_start, seq_len, qk_scale,
     l_t = tl.zeros([ROWS, BLOCK_G], dtype=tl.float32)
     for b in range(nblocks):
         for n0 in range(0, BS, BLOCK_N):
-            kp = b * BS + n0 + n
-            kmask = (n0 + n < BS) & (kp < seq_len)
-            kk = tl.load(K + ((seq_start + kp).to(tl.int64) * HKV + r)[:, None] * D + d[None, :],
-                         mask=kmask[:, None] & dmask[None, :], other=0.0).to(CDT)
-            visible = kmask[None, :] & (kp[None, :] <= pos[:, None])
+            kk, visible = _key_tile(K, seq_start, seq_len, pos, r, b * BS + n0, BS - n0, HKV, D, n, d,
+                                    dmask, CDT)
             for h in range(G):
-                q = tl.load(Q + (tok * HQ + r * G + h)[:, None] * D + d[None, :],
-                            mask=valid[:, None] & dmask[None, :], other=0.0).to(CDT)
-                s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * qk_scale
-                s = tl.where(visible, s, float("-inf"))
+                s = _head_scores(Q, tok, valid, kk, visible, r * G + h, HQ, D, d, dmask, qk_scale, CDT,
+                                 DOT_PREC)
                 col = gcol[None, :] == h
                 m_h = tl.sum(tl.where(col, m_t, 0.0), axis=1)
                 l_h = tl.sum(tl.where(col, l_t, 0.0), axis=1)
@@ -64,17 +82,12 @@ def block_max_kl_teacher_mass_kernel(Q, K, POS, P, seq_start, seq_len, qk_scale,
     for b in range(nblocks):
         mass = tl.zeros([ROWS], dtype=tl.float32)
         for n0 in range(0, BS, BLOCK_N):
-            kp = b * BS + n0 + n
-            kmask = (n0 + n < BS) & (kp < seq_len)
-            kk = tl.load(K + ((seq_start + kp).to(tl.int64) * HKV + r)[:, None] * D + d[None, :],
-                         mask=kmask[:, None] & dmask[None, :], other=0.0).to(CDT)
-            visible = kmask[None, :] & (kp[None, :] <= pos[:, None])
+            kk, visible = _key_tile(K, seq_start, seq_len, pos, r, b * BS + n0, BS - n0, HKV, D, n, d,
+                                    dmask, CDT)
             for h in range(G):
-                q = tl.load(Q + (tok * HQ + r * G + h)[:, None] * D + d[None, :],
-                            mask=valid[:, None] & dmask[None, :], other=0.0).to(CDT)
+                s = _head_scores(Q, tok, valid, kk, visible, r * G + h, HQ, D, d, dmask, qk_scale, CDT,
+                                 DOT_PREC)
                 lse_h = tl.sum(tl.where(gcol[None, :] == h, lse, 0.0), axis=1)
-                s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * qk_scale
-                s = tl.where(visible, s, float("-inf"))
                 mass += tl.sum(tl.exp2(s - lse_h[:, None]), axis=1)
         tl.store(P + (rows.to(tl.int64) * HKV + r) * NB + b, mass / G, mask=valid & (b * BS <= pos))
 
