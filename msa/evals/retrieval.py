@@ -12,6 +12,10 @@ Tasks (every fact is a 5-digit integer bound to a fresh identifier):
   asked at the end in a shuffled order (accuracy per query).
 - ``var_track``: variable tracking: ``a = 52817`` at depth d, then a chain ``b = a``, ``c = b``,
   ... spread between d and the end; the last name is asked.
+- ``copy``: a span of real code (lines from elsewhere in the test split, >= 48 tokens) at depth d,
+  repeated at the end; its first line is the cue, each further line is one answer (accuracy per
+  line). The copy that induction heads perform: a graded task a young model scores on long before
+  it copies five digits from a name, and a span that a local window cannot see once it is far back.
 Depth d is the fraction of the context before the fact. Filler lines come from test-split
 packages, decoded from their tokens and cut at line boundaries.
 """
@@ -29,7 +33,8 @@ from ..data.facts import random_name, random_value
 from .capture import unwrap
 from .lm import autocast_ctx
 
-TASKS = ("needle", "multi_needle", "mqar", "var_track")
+TASKS = ("needle", "multi_needle", "mqar", "var_track", "copy")
+COPY_MIN_TOKENS = 48  # a copy span: whole lines of at least 3 tokens, >= this many tokens, >= 3 lines
 
 
 @dataclass
@@ -89,20 +94,40 @@ class _Builder:
             total += len(e)
         return out
 
-    def _qa(self, prompt: str, answer: str) -> Tuple[List[int], int]:
-        """Tokens of prompt + answer and where the answer starts (encoded together when the prompt's
-        tokens are a prefix, else separately)."""
+    def _qa(self, prompt: str, answer: str) -> Tuple[List[int], List[Tuple[int, int]]]:
+        """Tokens of prompt + answer and the answer's (start, end) within them (encoded together when
+        the prompt's tokens are a prefix, else separately)."""
         p = self.tok.encode(prompt)
         full = self.tok.encode(prompt + answer)
-        if full[:len(p)] == p and len(full) > len(p):
-            return full, len(p)
-        return p + self.tok.encode(answer), len(p)
+        if not (full[:len(p)] == p and len(full) > len(p)):
+            full = p + self.tok.encode(answer)
+        return full, [(len(p), len(full))]
+
+    def _copy_span(self, rng) -> List[List[int]]:
+        """Lines of real code for a copy span: consecutive lines of >= 3 tokens each (blank and
+        one-token lines would be free answers) until >= COPY_MIN_TOKENS tokens and >= 3 lines."""
+        lines = [ln for ln in self._filler_lines(rng, 8 * COPY_MIN_TOKENS) if len(ln) >= 3]
+        out: List[List[int]] = []
+        for ln in lines:
+            out.append(ln)
+            if sum(map(len, out)) >= COPY_MIN_TOKENS and len(out) >= 3:
+                return out
+        raise ValueError("the test split has too few code lines of 3 or more tokens for a copy span")
 
     def build(self, task: str, length: int, depth: float, index: int) -> Sample:
         rng = self._rng(task, length, int(depth * 1000), index)
         facts: List[Tuple[float, List[int], bool]] = []  # (depth, tokens of a line, holds an asked value)
         queries: List[Tuple[str, str]] = []
-        if task == "needle":
+        qa: List[Tuple[List[int], List[Tuple[int, int]]]] = []  # (tokens, answer ranges within them)
+        if task == "copy":
+            span = self._copy_span(rng)
+            facts.append((depth, [t for ln in span for t in ln], True))
+            ids, ranges = list(span[0]), []
+            for ln in span[1:]:
+                ranges.append((len(ids), len(ids) + len(ln)))
+                ids += ln
+            qa.append((ids, ranges))
+        elif task == "needle":
             n, v = random_name(rng).upper(), random_value(rng)
             facts.append((depth, self.tok.encode(f"{n} = {v}\n"), True))
             queries.append((f"assert {n} ==", f" {v}"))
@@ -130,7 +155,7 @@ class _Builder:
             queries.append((f"assert {names[-1]} ==", f" {v}"))
         else:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-        qa = [self._qa(q, a) for q, a in queries]
+        qa += [self._qa(q, a) for q, a in queries]
         tail = sum(len(ids) + 1 for ids, _ in qa)
         budget = length - tail - sum(len(f) for _, f, _ in facts)
         if budget < 16:
@@ -160,11 +185,9 @@ class _Builder:
                 ids += f
         nl = self.tok.encode("\n")
         answers = []
-        for q_ids, split in qa:
-            start = len(ids)
-            ids += q_ids
-            answers.append((start + split, start + len(q_ids)))
-            ids += nl
+        for q_ids, ranges in qa:
+            answers += [(len(ids) + a, len(ids) + e) for a, e in ranges]
+            ids += q_ids + nl
         return ids, answers
 
 

@@ -36,13 +36,17 @@ def loss_beyond(final: Optional[Dict], start: int) -> Optional[float]:
     return sum(b["loss"] * b["tokens"] for b in bs) / n if n else None
 
 
-def retrieval_at(final: Optional[Dict], lengths: List[int], key: str = "by_length") -> Optional[float]:
-    """Mean retrieval accuracy (key "by_length") or fact gain ("gain_by_length", nats) over tasks at
-    the given lengths (those that were measured; runs evaluated before the gain existed have none)."""
+def retrieval_at(final: Optional[Dict], lengths: List[int], key: str = "by_length",
+                 tasks: Optional[List[str]] = None) -> Optional[float]:
+    """Mean retrieval accuracy (key "by_length") or fact gain ("gain_by_length", nats) over tasks (all
+    measured ones, or those named) at the given lengths (those that were measured; runs evaluated
+    before the gain, or the task, existed have none)."""
     if not final or not final.get("retrieval"):
         return None
     vals = []
-    for t in final["retrieval"]["tasks"].values():
+    for name, t in final["retrieval"]["tasks"].items():
+        if tasks is not None and name not in tasks:
+            continue
         for L in lengths:
             v = t.get(key, {}).get(str(L))
             if v is not None:
@@ -83,6 +87,8 @@ def rows(runs: Dict[str, Dict]) -> List[Dict]:
             "retrieval_8k_16k": retrieval_at(fin, [8192, 16384]), "retrieval_all": (fin or {}).get("retrieval", {}).get("mean"),
             "fact_gain_8k_16k": retrieval_at(fin, [8192, 16384], "gain_by_length"),
             "fact_gain_8k_16k_se": gain_se_at(fin, [8192, 16384]),
+            "copy_8k_16k": retrieval_at(fin, [8192, 16384], tasks=["copy"]),
+            "copy_gain_8k_16k": retrieval_at(fin, [8192, 16384], "gain_by_length", tasks=["copy"]),
             "block_recall": s.get("block_recall"), "score_recall": s.get("score_recall"),
             "selected_mass": s.get("selected_mass"), "teacher_entropy": s.get("teacher_entropy"),
             "oracle_mass": s.get("oracle_mass"), "top_half_recall": s.get("top_half_recall"),
@@ -156,6 +162,11 @@ def targets(rs: List[Dict]) -> List[str]:
             lines.append(f"fact gain 8K-16K (nats per answer token, ± standard error): MSA-PT "
                          f"{_pm(b, r['exp-msa-pt'].get('fact_gain_8k_16k_se'))} vs dense "
                          f"{_pm(a, r['exp-dense'].get('fact_gain_8k_16k_se'))}{share}")
+        a, b = r["exp-dense"].get("copy_8k_16k"), r["exp-msa-pt"].get("copy_8k_16k")
+        if a and b is not None:
+            # the task a young model scores on: the repeated span's lines predicted exactly
+            lines.append(f"copy 8K-16K (lines of a repeated span predicted exactly): MSA-PT {b:.3f} vs dense {a:.3f} "
+                         f"= {b / a:.1%} of dense (target >= 95%): {'met' if b >= 0.95 * a else 'MISSED'}")
     if "exp-msa-pt" in r and "exp-local" in r and same_windows("exp-msa-pt", "exp-local"):
         a, b = r["exp-msa-pt"]["test_loss_ge4k"], r["exp-local"]["test_loss_ge4k"]
         if a is not None and b is not None:
@@ -168,6 +179,9 @@ def targets(rs: List[Dict]) -> List[str]:
         if a is not None and b is not None:
             lines.append(f"fact gain 8K-16K: MSA-PT {_pm(a, r['exp-msa-pt'].get('fact_gain_8k_16k_se'))} vs local "
                          f"window {_pm(b, r['exp-local'].get('fact_gain_8k_16k_se'))} nats")
+        a, b = r["exp-msa-pt"].get("copy_8k_16k"), r["exp-local"].get("copy_8k_16k")
+        if a is not None and b is not None:
+            lines.append(f"copy 8K-16K: MSA-PT {a:.3f} vs local window {b:.3f}")
     if "exp-msa-pt" in r:
         x = r["exp-msa-pt"]
         if x["score_recall"] is not None:
@@ -196,8 +210,8 @@ def markdown(rs: List[Dict], command: str = "") -> str:
     head = ("| run | kind | steps | tokens (M) | params (M) | val loss | test loss < 4K | test loss >= 4K | "
             "retrieval 8K-16K | retrieval all | fact gain 8K-16K | block recall | score recall | selected mass | "
             "oracle mass | top-half recall | max-rule recall | teacher entropy | sparse KL first -> last | train min | "
-            "seed (eval windows) |")
-    sep = "|" + "---|" * 21
+            "seed (eval windows) | copy 8K-16K: accuracy / gain |")
+    sep = "|" + "---|" * 22
     lines = [head, sep]
     for x in rs:
         kl = "-" if x["kl_sparse_first"] is None else f"{x['kl_sparse_first']:.3g} -> {x['kl_sparse_last']:.3g}"
@@ -209,13 +223,21 @@ def markdown(rs: List[Dict], command: str = "") -> str:
                      f"{_f(x['score_recall'], '{:.3f}')} | {_f(x.get('selected_mass'), '{:.3f}')} | "
                      f"{_f(x.get('oracle_mass'), '{:.3f}')} | {_f(x.get('top_half_recall'), '{:.3f}')} | "
                      f"{_f(x.get('max_rule_recall'), '{:.3f}')} | {_f(x.get('teacher_entropy'), '{:.2f}')} | {kl} | {x['train_min']:.1f} | "
-                     f"{_seed_cell(x)} |")
+                     f"{_seed_cell(x)} | {_copy_cell(x)} |")
     t = targets(rs)
     if t:
         lines += ["", "Targets:", ""] + [f"- {x}" for x in t]
     if command:
         lines += ["", f"*`{command}`*"]
     return "\n".join(lines) + "\n"
+
+
+def _copy_cell(x: Dict) -> str:
+    """"0.750 / 1.200": lines of the repeated span predicted exactly, and nats per token the first
+    occurrence saves; "-" for runs evaluated before the copy task existed."""
+    if x.get("copy_8k_16k") is None:
+        return "-"
+    return f"{x['copy_8k_16k']:.3f} / {_f(x.get('copy_gain_8k_16k'), '{:.3f}')}"
 
 
 def _seed_cell(x: Dict) -> str:

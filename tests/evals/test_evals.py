@@ -9,7 +9,7 @@ from torch import nn
 from msa.data.tokenizer import ByteTokenizer
 from msa.evals.indexer import recall_eval
 from msa.evals.lm import bucket_edges, eval_loss, position_bucket_loss
-from msa.evals.retrieval import TASKS, build_samples, retrieval_eval, score_samples, standard_error
+from msa.evals.retrieval import COPY_MIN_TOKENS, TASKS, build_samples, retrieval_eval, score_samples, standard_error
 from msa.metrics import indexer_recall
 from msa.ops.select_blocks import select_blocks
 from msa.train.trainer import Trainer
@@ -118,6 +118,8 @@ def test_retrieval_samples_and_scoring():
     for s in ss:
         assert s.length - 64 <= len(s.ids) <= s.length
         text = tok.decode(s.ids)
+        if s.task == "copy":
+            continue  # test_copy_span_is_repeated_at_the_end
         for a, e in s.answers:
             ans = tok.decode(s.ids[a:e]).strip()
             assert ans.isdigit() and len(ans) == 5
@@ -166,6 +168,8 @@ def test_retrieval_control_drops_only_the_asked_values():
         text, ctext = tok.decode(s.ids), tok.decode(s.control_ids)
         answers = [tok.decode(s.ids[a:e]) for a, e in s.answers]
         assert [tok.decode(s.control_ids[a:e]) for a, e in s.control_answers] == answers
+        if s.task == "copy":
+            continue  # test_copy_span_is_repeated_at_the_end
         asked = [tok.decode(s.ids[:a]).rsplit("assert ", 1)[1].split(" ==")[0] for a, _ in s.answers]
         if s.task == "var_track":
             # the value line is the only line holding the value; the chain "b = a" ... stays
@@ -180,6 +184,30 @@ def test_retrieval_control_drops_only_the_asked_values():
         assert rebuilt == ctext
         if s.task == "multi_needle":   # the three distractor needles stay in the control
             assert sum(1 for ln in ctext.split("\n") if ln[:1].isupper() and " = " in ln) == 3
+
+
+def test_copy_span_is_repeated_at_the_end():
+    """copy: the span (>= 3 lines of >= 3 tokens, >= COPY_MIN_TOKENS tokens) sits at its depth and again
+    at the end; the answers are the repeat's lines after the first, each a whole line; the control is
+    the prompt without the first occurrence, so the span appears there once, at the end."""
+    tok = ByteTokenizer()
+    code = "".join(f"def fn_{i}(x):\n    return x * {i}\n\n" for i in range(2000)).encode()  # blank lines too
+    filler = np.frombuffer(code, dtype=np.uint8).astype(np.int32)
+    ss = build_samples(tok, filler, lengths=[1500, 3000], depths=[0.2, 0.8], samples=3, tasks=["copy"], seed=4)
+    for s in ss:
+        a0, e_last = s.answers[0][0], s.answers[-1][1]
+        assert [e for _, e in s.answers[:-1]] == [a for a, _ in s.answers[1:]]  # consecutive lines
+        lines = [tok.decode(s.ids[a:e]) for a, e in s.answers]
+        assert len(lines) >= 2 and all(ln.endswith("\n") and ln.count("\n") == 1 and len(ln) >= 4 for ln in lines)
+        cue_start = tok.decode(s.ids[:a0]).rindex("\n", 0, len(tok.decode(s.ids[:a0])) - 1) + 1
+        span = tok.decode(s.ids[:e_last])[cue_start:]
+        assert len(s.ids[:e_last]) - cue_start >= COPY_MIN_TOKENS and span.count("\n") >= 3
+        text, ctext = tok.decode(s.ids), tok.decode(s.control_ids)
+        first = text.index(span)
+        assert first < cue_start and abs(first / len(text) - s.depth) < 0.1
+        assert ctext.count(span) == 1 and ctext.index(span) > len(ctext) - len(span) - 2
+        assert text.replace(span, "", 1) == ctext
+        assert [tok.decode(s.control_ids[a:e]) for a, e in s.control_answers] == lines
 
 
 def test_fact_gain_is_control_nll_minus_nll():

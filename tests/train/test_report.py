@@ -5,7 +5,7 @@ import json
 from msa.train.report import summarize
 
 
-def _run(root, name, kind, val, buckets, retr, recall=None, kl=None, init_from="", gain=None, gain_se=None):
+def _run(root, name, kind, val, buckets, retr, recall=None, kl=None, init_from="", gain=None, gain_se=None, copy=None):
     d = root / name
     d.mkdir(parents=True)
     s = {"name": name, "status": "complete", "step": 10, "steps": 10, "tokens_seen": 1e6, "train_seconds": 60,
@@ -26,6 +26,9 @@ def _run(root, name, kind, val, buckets, retr, recall=None, kl=None, init_from="
         fin["retrieval"]["tasks"]["needle"]["gain_by_length"] = {str(k): v for k, v in gain.items()}
     if gain_se:
         fin["retrieval"]["tasks"]["needle"]["gain_se_by_length"] = {str(k): v for k, v in gain_se.items()}
+    if copy:  # {length: (accuracy, gain)}
+        fin["retrieval"]["tasks"]["copy"] = {"by_length": {str(k): a for k, (a, _) in copy.items()},
+                                             "gain_by_length": {str(k): g for k, (_, g) in copy.items()}}
     (d / "final_eval.json").write_text(json.dumps(fin))
     (d / "log.jsonl").write_text(json.dumps({"step": 10, "val_lm_loss": val, "tokens_seen": 1e6, "lm_loss": val,
                                              "kl": 0.1}) + "\n")
@@ -63,6 +66,29 @@ def test_summary_table_and_targets(tmp_path):
     assert "first quarter 3 -> last quarter 2 (target falling): met" in md
     assert "exp-msa-nowarmup validation loss vs MSA-PT: -0.50% (target worse): MISSED" in md
     assert (tmp_path / "compare.png").exists() and json.loads((tmp_path / "quality.json").read_text())["rows"]
+
+
+def test_copy_task_has_its_own_column_and_targets(tmp_path):
+    """The copy task (lines of a repeated span) gets its own column (accuracy / gain at 8K and 16K) and
+    its own comparisons with dense and the local window; the retrieval and fact-gain means take it in
+    with the other tasks; runs evaluated before it existed show "-"."""
+    b = [(0, 4096, 2.0, 100), (4096, 8192, 1.5, 100)]
+    _run(tmp_path, "exp-dense", "dense", 2.0, b, {8192: 0.8, 16384: 0.6}, gain={8192: 2.0, 16384: 1.0},
+         copy={8192: (0.5, 2.0), 16384: (0.3, 1.0), 4096: (0.9, 3.0)})
+    _run(tmp_path, "exp-msa-pt", "msa", 2.0, b, {8192: 0.78, 16384: 0.58}, gain={8192: 1.5, 16384: 0.9},
+         copy={8192: (0.45, 1.5), 16384: (0.25, 0.5), 4096: (0.0, 0.0)})
+    _run(tmp_path, "exp-local", "local", 2.0, b, {8192: 0.1, 16384: 0.0}, copy={8192: (0.0, 0.1), 16384: (0.1, 0.0)})
+    _run(tmp_path, "exp-msa-nowarmup", "msa", 2.0, b, {8192: 0.5})
+    md = summarize(str(tmp_path))
+    cells = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")] for ln in md.splitlines() if ln.startswith("| exp")}
+    assert cells["exp-msa-pt"][22] == "0.350 / 1.000"           # copy alone, 8K and 16K: accuracy / gain
+    assert cells["exp-local"][22] == "0.050 / 0.050"
+    assert cells["exp-msa-nowarmup"][22] == "-"
+    assert cells["exp-msa-pt"][9] == "0.515"                    # (0.78 + 0.58 + 0.45 + 0.25) / 4: both tasks
+    assert cells["exp-msa-pt"][11] == "1.100"                   # (1.5 + 0.9 + 1.5 + 0.5) / 4
+    assert ("copy 8K-16K (lines of a repeated span predicted exactly): MSA-PT 0.350 vs dense 0.400 = 87.5% of "
+            "dense (target >= 95%): MISSED") in md
+    assert "copy 8K-16K: MSA-PT 0.350 vs local window 0.050" in md
 
 
 def test_interrupted_run_is_compared_at_the_last_common_evaluation(tmp_path):

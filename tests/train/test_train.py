@@ -129,7 +129,7 @@ def test_tiny_preset_end_to_end(tmp_path, capsys):
     assert set(summary["val_layer_kl"]) == {"1"}                  # layer 0 is dense (no index)
     fin = json.loads((out / "final_eval.json").read_text())
     assert fin["buckets"]["buckets"][0]["tokens"] > 0
-    assert set(fin["retrieval"]["tasks"]) == {"needle", "multi_needle", "mqar", "var_track"}
+    assert set(fin["retrieval"]["tasks"]) == {"needle", "multi_needle", "mqar", "var_track", "copy"}
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "complete at step 16/16" in capsys.readouterr().out
     # running the finished run again resumes at the end and changes nothing
