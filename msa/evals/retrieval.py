@@ -14,8 +14,8 @@ Tasks (every fact is a 5-digit integer bound to a fresh identifier):
   ... spread between d and the end; the last name is asked.
 - ``copy``: a span of real code (lines from elsewhere in the test split, >= 48 tokens) at depth d,
   repeated at the end; its first line is the cue, each further line is one answer (accuracy per
-  line). The copy that induction heads perform: a graded task a young model scores on long before
-  it copies five digits from a name, and a span that a local window cannot see once it is far back.
+  line). The copy that induction heads perform, graded per line, for models that do not yet bind
+  a name to a value; a local window cannot see the span once it is further back than the window.
 Depth d is the fraction of the context before the fact. Filler lines come from test-split
 packages, decoded from their tokens and cut at line boundaries.
 """

@@ -164,7 +164,7 @@ def targets(rs: List[Dict]) -> List[str]:
                          f"{_pm(a, r['exp-dense'].get('fact_gain_8k_16k_se'))}{share}")
         a, b = r["exp-dense"].get("copy_8k_16k"), r["exp-msa-pt"].get("copy_8k_16k")
         if a and b is not None:
-            # the task a young model scores on: the repeated span's lines predicted exactly
+            # copy alone: the value tasks score 0 for models that do not bind names to values yet
             lines.append(f"copy 8K-16K (lines of a repeated span predicted exactly): MSA-PT {b:.3f} vs dense {a:.3f} "
                          f"= {b / a:.1%} of dense (target >= 95%): {'met' if b >= 0.95 * a else 'MISSED'}")
     if "exp-msa-pt" in r and "exp-local" in r and same_windows("exp-msa-pt", "exp-local"):
