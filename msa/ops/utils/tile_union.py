@@ -208,20 +208,10 @@ def build_tile_union(block_indices: torch.Tensor, layout: BlockLayout, block_siz
         raise ValueError(f"order must be one of {TILE_ORDERS}, got {order!r}")
     hkv, topk = block_indices.shape[2], block_indices.shape[3]
     subs = math.ceil(block_size / tile_tokens)
-    nb = layout.num_blocks
-    tiles = nb * subs
+    tiles = layout.num_blocks * subs
     dev = block_indices.device
     bi = block_indices.contiguous()
-    if order == "greedy" and tile_tokens > 1:
-        perm = torch.empty(nb, hkv, block_size, dtype=torch.int32, device=dev)
-        # block ids are within a sequence, so below cdiv(T, block_size) (B sequences or a packed batch)
-        words = next_pow2(triton.cdiv(triton.cdiv(block_indices.shape[1], block_size), 32))
-        tile_order_kernel[(nb, hkv)](bi, layout.block_start, layout.block_len, perm, block_size, H_KV=hkv,
-                                     TOPK=topk, TILE_T=tile_tokens, BLOCK_T=next_pow2(block_size),
-                                     BLOCK_K=next_pow2(topk), WORDS=words if words <= ORDER_MAX_WORDS else 0,
-                                     num_warps=ORDER_WARPS)
-    else:  # one tile of one token has one order
-        perm = _consecutive(nb, hkv, block_size, dev)
+    perm = tile_order(bi, layout, block_size, tile_tokens, order)
     ids = torch.empty(tiles, hkv, tile_tokens * topk, dtype=torch.int32, device=dev)
     bits = torch.empty_like(ids)
     count = torch.empty(tiles, hkv, dtype=torch.int32, device=dev)
@@ -229,6 +219,26 @@ def build_tile_union(block_indices: torch.Tensor, layout: BlockLayout, block_siz
                                     H_KV=hkv, TOPK=topk, TILE_T=tile_tokens, SUBS=subs,
                                     BLOCK_T=next_pow2(tile_tokens), BLOCK_K=next_pow2(topk), num_warps=1)
     return TileUnion(ids, bits, count, perm, tile_tokens, subs, order if tile_tokens > 1 else "consecutive")
+
+
+def tile_order(block_indices: torch.Tensor, layout: BlockLayout, block_size: int, tile_tokens: int,
+               order: str) -> torch.Tensor:
+    """TileUnion.perm alone: int32 (num_blocks, H_kv, block_size), perm[b, r, p] = offset in block b of
+    the token at position p of the block's token order; the identity for "consecutive" or one-token
+    tiles, else the greedy order of the module docstring. block_indices int32 (B, T, H_kv, K),
+    contiguous."""
+    hkv, topk = block_indices.shape[2], block_indices.shape[3]
+    nb, dev = layout.num_blocks, block_indices.device
+    if order != "greedy" or tile_tokens == 1:  # one tile of one token has one order
+        return _consecutive(nb, hkv, block_size, dev)
+    perm = torch.empty(nb, hkv, block_size, dtype=torch.int32, device=dev)
+    # block ids are within a sequence, so below cdiv(T, block_size) (B sequences or a packed batch)
+    words = next_pow2(triton.cdiv(triton.cdiv(block_indices.shape[1], block_size), 32))
+    tile_order_kernel[(nb, hkv)](block_indices, layout.block_start, layout.block_len, perm, block_size, H_KV=hkv,
+                                 TOPK=topk, TILE_T=tile_tokens, BLOCK_T=next_pow2(block_size),
+                                 BLOCK_K=next_pow2(topk), WORDS=words if words <= ORDER_MAX_WORDS else 0,
+                                 num_warps=ORDER_WARPS)
+    return perm
 
 
 def _consecutive(nb: int, hkv: int, block_size: int, dev) -> torch.Tensor:
