@@ -98,6 +98,8 @@ def test_greedy_order_matches_definition_and_shrinks_the_union():
         assert cons.count[tiles, 0].tolist() == [7] * 4 and greedy.count[tiles, 0].tolist() == [4] * 4
     with pytest.raises(ValueError, match="order must be one of"):
         build_tile_union(bi, layout, bs, tt, "sorted")
+    with pytest.raises(ValueError, match="order must be one of"):
+        tile_order(bi, layout, bs, tt, "sorted")
 
 
 @pytest.mark.parametrize("path", ["bit sets", "id compares"])
@@ -132,6 +134,8 @@ def test_tile_tokens_and_bad_size():
     assert tile_tokens_for(64, 64, 128) == 1 and tile_tokens_for(3, 64, 16) == 16
     with pytest.raises(ValueError, match="tile_tokens"):
         build_tile_union(torch.zeros(1, 4, 1, 1, dtype=torch.int32), block_layout(1, 4, 4, None, "cpu"), 4, 33)
+    with pytest.raises(ValueError, match="tile_tokens"):
+        tile_order(torch.zeros(1, 4, 1, 1, dtype=torch.int32), block_layout(1, 4, 4, None, "cpu"), 4, 0, "greedy")
 
 
 @pytest.mark.parametrize("order", ["consecutive", "greedy"])

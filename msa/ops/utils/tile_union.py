@@ -202,16 +202,12 @@ def build_tile_union(block_indices: torch.Tensor, layout: BlockLayout, block_siz
                      tile_tokens: int, order: str = "consecutive") -> TileUnion:
     """block_indices int32 (B, T, H_kv, K) (validated, spec convention); layout of the same tokens;
     order: the query blocks' token order, "consecutive" or "greedy" (module docstring)."""
-    if not 1 <= tile_tokens <= MAX_TILE_TOKENS:
-        raise ValueError(f"tile_tokens must be in [1, {MAX_TILE_TOKENS}], got {tile_tokens}")
-    if order not in TILE_ORDERS:
-        raise ValueError(f"order must be one of {TILE_ORDERS}, got {order!r}")
-    hkv, topk = block_indices.shape[2], block_indices.shape[3]
+    bi = block_indices.contiguous()
+    perm = tile_order(bi, layout, block_size, tile_tokens, order)  # validates tile_tokens and order
+    hkv, topk = bi.shape[2], bi.shape[3]
     subs = math.ceil(block_size / tile_tokens)
     tiles = layout.num_blocks * subs
-    dev = block_indices.device
-    bi = block_indices.contiguous()
-    perm = tile_order(bi, layout, block_size, tile_tokens, order)
+    dev = bi.device
     ids = torch.empty(tiles, hkv, tile_tokens * topk, dtype=torch.int32, device=dev)
     bits = torch.empty_like(ids)
     count = torch.empty(tiles, hkv, dtype=torch.int32, device=dev)
@@ -225,8 +221,12 @@ def tile_order(block_indices: torch.Tensor, layout: BlockLayout, block_size: int
                order: str) -> torch.Tensor:
     """TileUnion.perm alone: int32 (num_blocks, H_kv, block_size), perm[b, r, p] = offset in block b of
     the token at position p of the block's token order; the identity for "consecutive" or one-token
-    tiles, else the greedy order of the module docstring. block_indices int32 (B, T, H_kv, K),
-    contiguous."""
+    tiles, else the greedy order of the module docstring. block_indices int32 (B, T, H_kv, K)."""
+    if not 1 <= tile_tokens <= MAX_TILE_TOKENS:
+        raise ValueError(f"tile_tokens must be in [1, {MAX_TILE_TOKENS}], got {tile_tokens}")
+    if order not in TILE_ORDERS:
+        raise ValueError(f"order must be one of {TILE_ORDERS}, got {order!r}")
+    block_indices = block_indices.contiguous()
     hkv, topk = block_indices.shape[2], block_indices.shape[3]
     nb, dev = layout.num_blocks, block_indices.device
     if order != "greedy" or tile_tokens == 1:  # one tile of one token has one order
