@@ -239,7 +239,7 @@ def main(argv=None):
                 shape=dict(H_q=HQ, H_kv=HKV, D=D, d_idx=DIDX, B_k=BK, topk=TOPK, init_blocks=0, local_blocks=1),
                 date=time.strftime("%Y-%m-%d"))
     print(json.dumps(meta), flush=True)
-    results = []
+    results, out = [], Path(args.out)
     for t in sizes:
         g = torch.Generator(device=dev).manual_seed(t)
         q = torch.randn(1, t, HQ, D, device=dev, generator=g, dtype=torch.bfloat16)
@@ -292,11 +292,10 @@ def main(argv=None):
             r["msa_vs_vllm_replayed"] = r["vllm_total_replayed_ms"] / r["msa_total_replayed_ms"]
             print(json.dumps(r), flush=True)
         results.append(r)
+        out.mkdir(parents=True, exist_ok=True)  # written after each size: a run cut short keeps what it has
+        (out / "vllm_compare.json").write_text(json.dumps(dict(meta=meta, results=results), indent=1))
         del side, q, k, v, qi, ki
         torch.cuda.empty_cache()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "vllm_compare.json").write_text(json.dumps(dict(meta=meta, results=results), indent=1))
     print(f"\n{meta['gpu']}, vllm {version}; ms, medians; x = vLLM total / msa total (> 1: msa faster)")
     print("| T | sel rows agree | vLLM scores | top-k | tiled attn | total | msa total | x | replayed: vLLM | msa | x | cuDNN |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
