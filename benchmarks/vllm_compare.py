@@ -34,7 +34,6 @@ import argparse
 import importlib.util
 import json
 import math
-import shutil
 import sys
 import tempfile
 import time
@@ -54,33 +53,27 @@ ATOL, RMSE_RATIO = 2e-2, 1e-2
 
 
 # ------------------------------------------------------------------------------------- loading vLLM's kernels
-def _extract(path: Path, dest: Path) -> str:
-    """Copies the kernel files (and the METADATA) from a wheel or a folder into dest/vllm/...; returns
-    the vllm version ('?' when no METADATA is found)."""
-    version = "?"
+def _kernel_root(path: Path):
+    """(folder holding vllm/models/..., vllm version or '?'): a wheel's kernel files are unpacked into
+    a temporary folder, a folder is used as it is."""
     if path.is_file():
         if not zipfile.is_zipfile(path):
             raise ValueError(f"--vllm {path}: expected a vllm wheel (zip) or a folder holding vllm/")
+        dest = Path(tempfile.mkdtemp(prefix="vllm_kernels_"))
         with zipfile.ZipFile(path) as z:
             names = set(z.namelist())
             for rel in KERNEL_FILES.values():
                 if "vllm/" + rel not in names:
                     raise ValueError(f"--vllm {path}: the wheel has no vllm/{rel} (vLLM >= 0.34 has it)")
-                (dest / "vllm" / rel).parent.mkdir(parents=True, exist_ok=True)
-                (dest / "vllm" / rel).write_bytes(z.read("vllm/" + rel))
+                z.extract("vllm/" + rel, dest)
             meta = [n for n in names if n.endswith(".dist-info/METADATA")]
-            if meta:
-                version = _version(z.read(meta[0]).decode())
-        return version
-    root = path / "vllm" if (path / "vllm").is_dir() else path
+            return dest, _version(z.read(meta[0]).decode()) if meta else "?"
+    base = path if (path / "vllm").is_dir() else path.parent
     for rel in KERNEL_FILES.values():
-        if not (root / rel).is_file():
-            raise ValueError(f"--vllm {path}: no {root / rel} (expected a folder holding vllm/{rel})")
-        (dest / "vllm" / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(root / rel, dest / "vllm" / rel)
-    for meta in list(root.parent.glob("vllm-*.dist-info/METADATA")) + list(path.glob("vllm-*.dist-info/METADATA")):
-        return _version(meta.read_text())
-    return version
+        if not (base / "vllm" / rel).is_file():
+            raise ValueError(f"--vllm {path}: no {base / 'vllm' / rel} (expected a folder holding vllm/{rel})")
+    meta = sorted(base.glob("vllm-*.dist-info/METADATA"))
+    return base, _version(meta[0].read_text()) if meta else "?"
 
 
 def _version(metadata: str) -> str:
@@ -107,45 +100,51 @@ class _Platform:
         return False
 
 
-def _stand_ins():
+STAND_IN_MODULES = ("vllm", "vllm.platforms", "vllm.triton_utils", "vllm.utils", "vllm.utils.math_utils",
+                    "vllm.models", "vllm.models.minimax_m3", "vllm.models.minimax_m3.common",
+                    "vllm.models.minimax_m3.common.ops", "vllm.models.minimax_m3.nvidia",
+                    "vllm.models.minimax_m3.nvidia.ops")
+
+
+def _install_stand_ins():
+    """The vLLM modules the kernel files import, as small stand-ins in sys.modules (marked, so a later
+    call does not mistake them for an installed vllm)."""
     import triton
     import triton.language as tl
 
-    mods = {}
-    for name in ("vllm", "vllm.platforms", "vllm.triton_utils", "vllm.utils", "vllm.utils.math_utils"):
-        mods[name] = types.ModuleType(name)
-    mods["vllm.platforms"].current_platform = _Platform()
-    mods["vllm.triton_utils"].tl, mods["vllm.triton_utils"].triton = tl, triton
-    mods["vllm.utils.math_utils"].round_up = lambda x, m: (x + m - 1) // m * m
-    return mods
+    for name in STAND_IN_MODULES:
+        if name not in sys.modules:
+            mod = types.ModuleType(name)
+            mod._msa_stand_in = True
+            sys.modules[name] = mod
+    sys.modules["vllm.platforms"].current_platform = _Platform()
+    sys.modules["vllm.triton_utils"].tl, sys.modules["vllm.triton_utils"].triton = tl, triton
+    sys.modules["vllm.utils.math_utils"].round_up = lambda x, m: (x + m - 1) // m * m
+
+
+def _vllm_installed() -> bool:
+    loaded = sys.modules.get("vllm")
+    if loaded is not None:
+        return not getattr(loaded, "_msa_stand_in", False)
+    return importlib.util.find_spec("vllm") is not None
 
 
 def load_vllm_kernels(path: str | None):
-    """(dict of the three kernel modules, vllm version, source). An importable vllm wins; else ``path``."""
-    try:
-        import vllm  # noqa: F401
+    """(dict of the three kernel modules, vllm version, source). An installed vllm wins; else ``path``."""
+    if _vllm_installed():
+        import vllm
         mods = {name: importlib.import_module(name) for name in KERNEL_FILES}
         return mods, getattr(vllm, "__version__", "?"), "installed vllm"
-    except ImportError:
-        pass
     if path is None:
         raise SystemExit("vllm is not installed: pass --vllm with a vllm wheel or a folder holding vllm/")
     src = Path(path)
     if not src.exists():
         raise SystemExit(f"--vllm {path}: no such file or folder")
-    dest = Path(tempfile.mkdtemp(prefix="vllm_kernels_"))
-    version = _extract(src, dest)
-    for name, mod in _stand_ins().items():
-        sys.modules.setdefault(name, mod)
-    for name in ("vllm.models", "vllm.models.minimax_m3", "vllm.models.minimax_m3.common",
-                 "vllm.models.minimax_m3.common.ops", "vllm.models.minimax_m3.nvidia",
-                 "vllm.models.minimax_m3.nvidia.ops"):
-        pkg = types.ModuleType(name)
-        pkg.__path__ = [str(dest / name.replace(".", "/"))]
-        sys.modules.setdefault(name, pkg)
+    base, version = _kernel_root(src)
+    _install_stand_ins()
     mods = {}
     for name in sorted(KERNEL_FILES, key=lambda n: "nvidia" in n):  # sparse_prefill imports sparse_attn
-        spec = importlib.util.spec_from_file_location(name, dest / "vllm" / KERNEL_FILES[name])
+        spec = importlib.util.spec_from_file_location(name, base / "vllm" / KERNEL_FILES[name])
         mod = importlib.util.module_from_spec(spec)
         sys.modules[name] = mod
         spec.loader.exec_module(mod)

@@ -19,7 +19,7 @@ def load_script():
 
 
 def vllm_installed():
-    return importlib.util.find_spec("vllm") is not None
+    return load_script()._vllm_installed()
 
 
 def test_ids_layout_and_agreement():
