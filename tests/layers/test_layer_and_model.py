@@ -75,7 +75,7 @@ def test_sparse_layer_with_full_kl_support():
     q, k, _, q_idx, k_idx = lyr.project(x, torch.arange(50).view(1, -1))
     want = msa.indexer_kl_loss(q_idx, k_idx, q, k, None, block_size=8, backend="reference")
     torch.testing.assert_close(full.kl_loss.double(), want.double(), rtol=1e-10, atol=1e-12)
-    assert abs(float(full.kl_loss) - float(sel.kl_loss)) > 1e-3  # another support, another loss
+    assert abs(full.kl_loss.item() - sel.kl_loss.item()) > 1e-3  # another support, another loss
     full.kl_loss.backward()
     assert lyr.q_idx_proj.weight.grad.abs().sum() > 0 and lyr.q_proj.weight.grad is None
     with pytest.raises(ValueError, match="kl_support"):
@@ -191,7 +191,7 @@ def test_training_step_under_bf16_autocast(mode):
     model = tiny_model(seed=7).float()
     model.set_mode(mode)
     ids = torch.randint(0, 64, (2, 40))
-    ref = {k: float(v) for k, v in model.loss(ids).items()}
+    ref = {k: v.item() for k, v in model.loss(ids).items()}
     before = {id(p): p.detach().clone() for p in model.parameters()}
     name = "dense_causal_attention" if mode == "dense" else "sparse_attention"
     setattr(msa.layers.attention, name, spy)

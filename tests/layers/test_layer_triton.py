@@ -18,7 +18,7 @@ def cfg(backend, **kw):
 
 
 def rel(a, b):
-    return float((a - b).norm() / b.norm().clamp_min(1e-6))
+    return ((a - b).norm() / b.norm().clamp_min(1e-6)).item()
 
 
 def layer_pair_step(seed, x, cu=None, **kw):
@@ -40,7 +40,7 @@ def layer_pair_step(seed, x, cu=None, **kw):
 def assert_pair_matches(ref, tri, outs):
     """Triton output within 1e-4, KL within 1e-4 relative, every gradient within 1e-3 of the reference."""
     assert rel(outs[1].hidden, outs[0].hidden) < 1e-4
-    assert abs(float(outs[1].kl_loss) - float(outs[0].kl_loss)) <= 1e-4 * max(1.0, abs(float(outs[0].kl_loss)))
+    assert abs(outs[1].kl_loss.item() - outs[0].kl_loss.item()) <= 1e-4 * max(1.0, abs(outs[0].kl_loss.item()))
     for (name, p_ref), (_, p_tri) in zip(ref.named_parameters(), tri.named_parameters()):
         assert p_tri.grad is not None, name
         assert rel(p_tri.grad, p_ref.grad) < 1e-3, f"{name}: {rel(p_tri.grad, p_ref.grad):.2e}"
@@ -76,8 +76,8 @@ def test_layer_triton_full_kl_support_matches_reference():
     dense_kl = MSAAttention(cfg("reference", mode="dense")).to(DEV)
     dense_kl.load_state_dict(ref.state_dict())
     dense_kl.train()
-    want = dense_kl(x, cu_seqlens=cu).kl_loss  # the warmup's KL: the same support
-    assert abs(float(outs[0].kl_loss) - float(want)) <= 1e-5 * max(1.0, abs(float(want)))
+    want = dense_kl(x, cu_seqlens=cu).kl_loss.item()  # the warmup's KL: the same support
+    assert abs(outs[0].kl_loss.item() - want) <= 1e-5 * max(1.0, abs(want))
     assert_pair_matches(ref, tri, outs)
 
 
@@ -199,7 +199,7 @@ def test_model_loss_compiles_fullgraph(mode):
         model.zero_grad(set_to_none=True)
         losses = fn(ids, cu_seqlens=cu)
         losses["loss"].backward()
-        results.append(({k: float(v) for k, v in losses.items()},
+        results.append(({k: v.item() for k, v in losses.items()},
                         {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (eager, g_eager), (comp, g_comp) = results
     for key in eager:
