@@ -34,6 +34,7 @@ from .capture import unwrap
 from .lm import autocast_ctx
 
 TASKS = ("needle", "multi_needle", "mqar", "var_track", "copy")
+COPY_TRIES = 64
 COPY_MIN_TOKENS = 48  # a copy span: whole lines of at least 3 tokens, >= this many tokens, >= 3 lines
 
 
@@ -106,13 +107,17 @@ class _Builder:
     def _copy_span(self, rng) -> List[List[int]]:
         """Lines of real code for a copy span: consecutive lines of >= 3 tokens each (blank and
         one-token lines would be free answers) until >= COPY_MIN_TOKENS tokens and >= 3 lines."""
-        lines = [ln for ln in self._filler_lines(rng, 8 * COPY_MIN_TOKENS) if len(ln) >= 3]
-        out: List[List[int]] = []
-        for ln in lines:
-            out.append(ln)
-            if sum(map(len, out)) >= COPY_MIN_TOKENS and len(out) >= 3:
-                return out
-        raise ValueError("the test split has too few code lines of 3 or more tokens for a copy span")
+        # a window can fall inside one long line (a data literal, minified code): draw another, up to
+        # COPY_TRIES windows from the same seeded generator
+        for _ in range(COPY_TRIES):
+            lines = [ln for ln in self._filler_lines(rng, 8 * COPY_MIN_TOKENS) if len(ln) >= 3]
+            out: List[List[int]] = []
+            for ln in lines:
+                out.append(ln)
+                if sum(map(len, out)) >= COPY_MIN_TOKENS and len(out) >= 3:
+                    return out
+        raise ValueError(f"no copy span in {COPY_TRIES} windows of the test split: it has too few code "
+                         "lines of 3 or more tokens")
 
     def build(self, task: str, length: int, depth: float, index: int) -> Sample:
         rng = self._rng(task, length, int(depth * 1000), index)

@@ -210,6 +210,24 @@ def test_copy_span_is_repeated_at_the_end():
         assert [tok.decode(s.control_ids[a:e]) for a, e in s.control_answers] == lines
 
 
+def test_copy_span_skips_windows_inside_one_long_line():
+    """A test split that is mostly one long line (a data literal, minified code) with a little ordinary
+    code: most random windows hold no whole line, so the builder draws more windows (the GPU run of
+    session 44 failed there); the span comes from the code, and a split with no code at all gets an
+    error that says so."""
+    tok = ByteTokenizer()
+    code = "".join(f"def fn_{i}(x):\n    return x * {i}\n" for i in range(120))
+    text = ("x" * 15000 + "\n" + code + "y" * 15000).encode()
+    filler = np.frombuffer(text, dtype=np.uint8).astype(np.int32)
+    ss = build_samples(tok, filler, lengths=[1500], depths=[0.3, 0.7], samples=4, tasks=["copy"], seed=1)
+    for s in ss:
+        lines = [tok.decode(s.ids[a:e]) for a, e in s.answers]
+        assert lines and all(ln.startswith(("def fn_", "    return x * ")) for ln in lines)
+    flat = np.frombuffer(("z" * 40000).encode(), dtype=np.uint8).astype(np.int32)
+    with pytest.raises(ValueError, match="copy span"):
+        build_samples(tok, flat, lengths=[1500], depths=[0.5], samples=1, tasks=["copy"], seed=1)
+
+
 def test_fact_gain_is_control_nll_minus_nll():
     """A model right exactly on the real prompts: nll = CE of a logit-10 one-hot, control nll =
     log(vocab) (uniform), gain their difference; exact 1; aggregated per task and length."""
