@@ -20,9 +20,12 @@ from msa.bench.decode import (BS, HQ, LAYERS_PER_GRAPH, TOPK, build_cache, graph
 from msa.bench.timing import back_to_back_ms
 from msa.ops.decode.triton_impl import DecodePlan
 
-SWEEP = [dict(), dict(fused=True), dict(fused=True, attention_splits=1), dict(fused=False, attention_splits=1),
-         dict(fused=False, index_programs_per_sm=4), dict(fused=False, index_programs_per_sm=1, index_num_stages=4),
-         dict(fused=False, index_tile_blocks=4, index_num_stages=2), dict(fused=False, topk_chunk=2048)]
+SWEEP = [dict(), dict(fused=True), dict(fused=False, topk_chunk=512),
+         # fewer launches after the scan (DecodePlan options, session 44): 4, 4 and 3 launches instead of 5
+         dict(fused=False, select_in_attention=True), dict(fused=False, combine_in_attention=True),
+         dict(fused=False, select_in_attention=True, combine_in_attention=True),
+         dict(fused=False, select_in_attention=True, combine_in_attention=True, topk_chunk=512),
+         dict(fused=True, combine_in_attention=True)]
 
 
 def main():

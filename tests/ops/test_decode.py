@@ -193,6 +193,56 @@ def test_topk_merge_path_and_forcing():
         assert (s[1] == -1).any()  # sequence of 20 tokens: 2 blocks < topk
 
 
+def launches(plan, q, qi, **kw):
+    """Kernel names of one run, in launch order (the plan's timer hook)."""
+    names = []
+    plan.run(q, qi, 0, timer=lambda n: names.append(n) if n else None, **kw)
+    return names
+
+
+def test_attention_selects_and_combines_itself():
+    """Legacy chain with several top-k chunks: with select_in_attention the attention merges the chunks'
+    candidates (no top-k merge launch), with combine_in_attention the last split of each row combines
+    the splits (no merge launch). Same selection and output as the five-launch chain, the reference's
+    output, the per-row counters back at 0 after each step (a second step gives the same result), and
+    dense mode / an outside selection combine the same way (paged cache, fp8 index keys, 3 chunks)."""
+    lens, t, H, G, D, DI, bs, topk, paged, idt, mode = CASES[4]
+    cache = make_cache(lens, t, H, D, DI, bs=bs, paged=paged, index_dtype=idt, mode=mode, perm_pages=paged)
+    g = torch.Generator().manual_seed(5)
+    q, qi = torch.randn(len(lens), t, H * G, D, generator=g).to(DEV), torch.randn(len(lens), t, H, DI, generator=g).to(DEV)
+    o_ref, s_ref = decode_attention(q, qi, cache, 0, block_size=bs, topk=topk, backend="reference")
+    kw = dict(fused=False, topk_chunk=8, attention_splits=3)
+    base = DecodePlan(cache, num_heads=H * G, block_size=bs, topk=topk, num_tokens=t, **kw)
+    assert base.nc > 1 and launches(base, q, qi) == ["index", "topk", "topk_merge", "attention", "attn_merge"]
+    o0, s0 = (x.clone() for x in base.run(q, qi, 0))
+    check_selection(s0, s_ref, qi, cache, bs, t, DI ** -0.5)
+    for sel_in, comb in ((True, False), (True, True)):
+        plan = DecodePlan(cache, num_heads=H * G, block_size=bs, topk=topk, num_tokens=t, select_in_attention=sel_in,
+                          combine_in_attention=comb, **kw)
+        want = ["index", "topk"] + ([] if sel_in else ["topk_merge"]) + ["attention"] + ([] if comb else ["attn_merge"])
+        assert launches(plan, q, qi) == want
+        for step in range(2):
+            plan.out.fill_(NAN)
+            plan.lse.fill_(NAN)
+            plan.block_indices.fill_(-7)
+            o, s = plan.run(q, qi, 0)
+            assert torch.equal(s, s0) and torch.allclose(o, o0, atol=1e-6, rtol=0), (sel_in, comb, step)
+            assert not torch.isnan(plan.lse).any()
+            if comb:
+                assert int(plan.att_count.abs().sum()) == 0
+        if torch.equal(s0.sort(-1).values, s_ref.sort(-1).values):
+            assert torch.allclose(o, o_ref, atol=ATOL, rtol=0)
+    # an outside selection, and dense mode, combined by the last split
+    o2, _ = run_plan(cache, q, qi, bs, topk, block_indices=s_ref, attention_splits=3, fused=False)
+    plan = DecodePlan(cache, num_heads=H * G, block_size=bs, topk=topk, num_tokens=t, combine_in_attention=True, **kw)
+    assert torch.allclose(plan.run(q, qi, 0, block_indices=s_ref)[0], o2, atol=1e-6, rtol=0)
+    od_ref, _ = decode_attention(q, qi, cache, 0, block_size=bs, topk=topk, dense=True, backend="reference")
+    dplan = DecodePlan(cache, num_heads=H * G, block_size=bs, topk=topk, num_tokens=t, dense=True,
+                       attention_splits=2, combine_in_attention=True)
+    assert launches(dplan, q, None) == ["attention"]
+    assert torch.allclose(dplan.run(q, None, 0)[0], od_ref, atol=ATOL, rtol=0)
+
+
 def test_bitonic_and_reduction_selection_agree():
     """The top-k / top-k merge kernels and the fused candidate merge select with tl.topk's bitonic
     network (default) or with k max-reduction rounds (tuning decode_bitonic=False; also what candidate sets
@@ -356,6 +406,9 @@ def test_bad_inputs():
         decode_attention(torch.randn(2, 1, 3, 16, device=DEV), qi, cache, 0, **kw)
     with pytest.raises(ValueError, match="block_indices"):
         DecodePlan(cache, num_heads=4, block_size=16, topk=3).run(q, qi, 0, block_indices=torch.zeros(2, 1, 2, 3, device=DEV))
+    for name in ("select_in_attention", "combine_in_attention"):
+        with pytest.raises(ValueError, match=name):
+            DecodePlan(cache, num_heads=4, block_size=16, topk=3, **{name: 1})
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "legacy"])

@@ -279,12 +279,21 @@ def decode_attention_fwd_kernel(
     o_ptr,        # DIRECT: (B*T, HQ, D) output in its dtype; else fp32 (B*T, HQ, NSPLIT, D) partial outputs
     lse_ptr,      # DIRECT: fp32 (B*T, HQ) natural-log lse; else fp32 (B*T, HQ, NSPLIT) partial log2-sum-exp
                   # (-inf when the split / query saw nothing)
+    fo_ptr,       # COMBINE: (B*T, HQ, D) output in its dtype; else dummy
+    flse_ptr,     # COMBINE: fp32 (B*T, HQ) natural-log lse; else dummy
+    cnt_ptr,      # COMBINE: int32 (B*T*H,) splits finished per row, 0 between steps; else dummy
     T, H, G, D, S_ROWS, PT_STRIDE, NSPLIT, BPS, NCAND, scale_log2,
     BS: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr,
     PAGED: tl.constexpr, DENSE: tl.constexpr, F32: tl.constexpr, EVEN_D: tl.constexpr,
     FUSED_SEL: tl.constexpr, DIRECT: tl.constexpr, K_PAD: tl.constexpr, NCAND_PAD: tl.constexpr,
     TOPK: tl.constexpr, PDL: tl.constexpr = False, BITONIC: tl.constexpr = True,
+    COMBINE: tl.constexpr = False, S_PAD: tl.constexpr = 1, DC: tl.constexpr = 1,
 ):
+    """Program (token, group, split): exact attention of the group's G heads over the split's share of
+    the selected blocks. DIRECT (one split) writes o / lse; otherwise fp32 partials, combined either by
+    ``decode_merge_fwd_kernel`` or, with COMBINE, by the split of the row that finishes last (an acq_rel
+    counter per row orders every split's partial stores before that split's loads; the partials are read
+    past L1, which is not coherent across SMs), so the chain needs no merge launch."""
     EMPTY: tl.constexpr = -9223372036854775808
     bt = tl.program_id(0)
     r = tl.program_id(1)
@@ -374,6 +383,40 @@ def decode_attention_fwd_kernel(
         obase = (bt.to(tl.int64) * HQ + hq) * NSPLIT + sp
         tl.store(o_ptr + obase[:, None] * D + d[None, :], o, mask=hmask[:, None] & dmask[None, :])
         tl.store(lse_ptr + obase, lse, mask=hmask)
+        if COMBINE:
+            crow = bt.to(tl.int64) * H + r
+            tl.debug_barrier()                     # every thread's partial stores precede the release
+            done = tl.atomic_add(cnt_ptr + crow, 1, sem="acq_rel")
+            if done == NSPLIT - 1:
+                tl.atomic_xchg(cnt_ptr + crow, 0)  # ready for the next step (graph replays reuse it)
+                _combine_splits(o_ptr, lse_ptr, fo_ptr, flse_ptr, bt.to(tl.int64) * HQ + hq, hmask, D, NSPLIT,
+                                S_PAD, D_PAD, DC)
+
+
+@triton.jit
+def _combine_splits(o_part_ptr, lse_part_ptr, o_ptr, lse_ptr, rows, rmask, D, NSPLIT,
+                    S_PAD: tl.constexpr, D_PAD: tl.constexpr, DC: tl.constexpr):
+    """Exact combine of the NSPLIT fp32 partials (log2 lse) of the query-head rows ``rows`` (R,) into o (in
+    o_ptr's dtype) and the natural-log lse; the head dim in chunks of DC so (R, S_PAD, DC) stays small.
+    Loads bypass L1 (.cg): the partials were written by other programs, possibly on other SMs."""
+    s = tl.arange(0, S_PAD)
+    m2 = rmask[:, None] & (s < NSPLIT)[None, :]
+    lse = tl.load(lse_part_ptr + rows[:, None] * NSPLIT + s[None, :], mask=m2, other=float("-inf"),
+                  cache_modifier=".cg")
+    mx = tl.max(lse, axis=1)
+    mxs = tl.where(mx > float("-inf"), mx, 0.0)
+    w = tl.where(lse > float("-inf"), tl.exp2(lse - mxs[:, None]), 0.0)     # (R, S_PAD)
+    tot = tl.sum(w, axis=1)
+    inv = 1.0 / tl.where(tot > 0, tot, 1.0)
+    for c0 in tl.static_range(0, D_PAD, DC):
+        dd = c0 + tl.arange(0, DC)
+        dm = dd < D
+        off = (rows[:, None, None] * NSPLIT + s[None, :, None]) * D + dd[None, None, :]
+        op = tl.load(o_part_ptr + off, mask=m2[:, :, None] & dm[None, None, :], other=0.0, cache_modifier=".cg")
+        o = tl.sum(op * w[:, :, None], axis=1) * inv[:, None]
+        tl.store(o_ptr + rows[:, None] * D + dd[None, :], o.to(o_ptr.dtype.element_ty), mask=rmask[:, None] & dm[None, :])
+    tl.store(lse_ptr + rows, tl.where(tot > 0, (mxs + tl.log2(tl.where(tot > 0, tot, 1.0))) * 0.6931471805599453,
+                                      float("-inf")), mask=rmask)
 
 
 @triton.jit
