@@ -241,6 +241,10 @@ def test_attention_selects_and_combines_itself():
                        attention_splits=2, combine_in_attention=True)
     assert launches(dplan, q, None) == ["attention"]
     assert torch.allclose(dplan.run(q, None, 0)[0], od_ref, atol=ATOL, rtol=0)
+    # one split: the attention writes the output itself in dense mode too
+    d1 = DecodePlan(cache, num_heads=H * G, block_size=bs, topk=topk, num_tokens=t, dense=True, attention_splits=1)
+    assert launches(d1, q, None) == ["attention"]
+    assert torch.allclose(d1.run(q, None, 0)[0], od_ref, atol=ATOL, rtol=0)
 
 
 def test_bitonic_and_reduction_selection_agree():
