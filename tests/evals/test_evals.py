@@ -212,8 +212,8 @@ def test_copy_span_is_repeated_at_the_end():
 
 def test_copy_span_skips_windows_inside_one_long_line():
     """A test split that is mostly one long line (a data literal, minified code) with a little ordinary
-    code: most random windows hold no whole line, so the builder draws more windows (the GPU run of
-    session 44 failed there); the span comes from the code, and a split with no code at all gets an
+    code: most random windows hold no whole line, so the builder draws more windows (a run on the GPU
+    corpus failed there before); the span comes from the code, and a split with no code at all gets an
     error that says so."""
     tok = ByteTokenizer()
     code = "".join(f"def fn_{i}(x):\n    return x * {i}\n" for i in range(120))

@@ -85,7 +85,7 @@ class DecodePlan:
             1 / 3 for bf16 keys, 2 / 3 for fp8 keys at d_idx * block_size <= 16K, 2 programs per SM.
         select_in_attention: legacy chain with several top-k chunks: every attention program merges the
             chunks' candidates itself (as the fused chain's attention does), so there is no top-k merge
-            launch. Off by default until timed on a GPU (docs/perf-notes.md, round 38).
+            launch. Off by default until timed on a GPU.
         combine_in_attention: with several attention splits, the split of each (token, group) that
             finishes last combines the splits' partials (a per-row counter), so there is no merge launch.
             Off by default until timed on a GPU. With one split the attention always writes the output.
@@ -180,8 +180,7 @@ class DecodePlan:
                 self.scores = None
                 self.cand = torch.empty(nrows, self.idx_splits, self.c_pad, dtype=torch.int64, device=dev)
             else:
-                # top-k chunks of <= 512 blocks, ~256 candidates per warp (H100, 1M, batch 1: 512 beat 256 by
-                # 0.7-0.9 us per layer with bf16 index keys and 1.4-1.5 us with fp8; perf-notes round 38)
+                # top-k chunks of <= 512 blocks, ~256 candidates per warp (the fastest size timed at 1M)
                 self.chunk = max(self.k_pad, min(512, _pow2(self.nb_cap)))
                 if topk_chunk is not None:
                     check(topk_chunk >= self.k_pad and topk_chunk & (topk_chunk - 1) == 0,
@@ -193,13 +192,11 @@ class DecodePlan:
                 self.merge_warps = 1 if self.merge_pad <= 512 else (2 if self.merge_pad <= 2048 else 4)
                 self.scores = torch.empty(B, T, H, self.nb_cap, dtype=torch.float32, device=dev)
                 self.cand = torch.empty(nrows, self.nc, self.k_pad, dtype=torch.int64, device=dev)
-                # one chunk: the top-k kernel writes the final selection, nothing to merge
-                self.select_in_attention = select_in_attention and self.nc > 1
             self.block_indices = torch.empty(B, T, H, topk, dtype=torch.int32, device=dev)
         else:
             self.fused = bool(fused)
-        if dense or self.fused:
-            self.select_in_attention = False
+        # only the legacy chain with several chunks has a top-k merge to fold into the attention
+        self.select_in_attention = select_in_attention and not dense and not self.fused and self.nc > 1
         # attention geometry: split the k blocks (or all blocks when dense) so that ~2 programs per SM
         nblocks = self.nb_cap if dense else topk
         progs = max(1, B * T * H)

@@ -398,7 +398,8 @@ def _combine_splits(o_part_ptr, lse_part_ptr, o_ptr, lse_ptr, rows, rmask, D, NS
                     S_PAD: tl.constexpr, D_PAD: tl.constexpr, DC: tl.constexpr):
     """Exact combine of the NSPLIT fp32 partials (log2 lse) of the query-head rows ``rows`` (R,) into o (in
     o_ptr's dtype) and the natural-log lse; the head dim in chunks of DC so (R, S_PAD, DC) stays small.
-    Loads bypass L1 (.cg): the partials were written by other programs, possibly on other SMs."""
+    Loads bypass L1 (.cg): the partials may come from other programs of the same launch, on other SMs.
+    Shared by the attention's in-kernel combine (COMBINE) and ``decode_merge_fwd_kernel``."""
     s = tl.arange(0, S_PAD)
     m2 = rmask[:, None] & (s < NSPLIT)[None, :]
     lse = tl.load(lse_part_ptr + rows[:, None] * NSPLIT + s[None, :], mask=m2, other=float("-inf"),
@@ -431,18 +432,5 @@ def decode_merge_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     if PDL:
         gdc_wait()
-    s = tl.arange(0, S_PAD)
-    smask = s < NSPLIT
-    d = tl.arange(0, D_PAD)
-    dmask = d < D
-    lse = tl.load(lse_part_ptr + row * NSPLIT + s, mask=smask, other=float("-inf"))
-    mx = tl.max(lse, axis=0)
-    mxs = tl.where(mx > float("-inf"), mx, 0.0)
-    w = tl.where(lse > float("-inf"), tl.exp2(lse - mxs), 0.0)
-    tot = tl.sum(w, axis=0)
-    op = tl.load(o_part_ptr + (row * NSPLIT + s)[:, None] * D + d[None, :], mask=smask[:, None] & dmask[None, :],
-                 other=0.0)
-    o = tl.sum(op * w[:, None], axis=0) / tl.where(tot > 0, tot, 1.0)
-    tl.store(o_ptr + row * D + d, o.to(o_ptr.dtype.element_ty), mask=dmask)
-    tl.store(lse_ptr + row, tl.where(tot > 0, (mxs + tl.log2(tl.where(tot > 0, tot, 1.0))) * 0.6931471805599453,
-                                     float("-inf")))
+    rows = row + tl.arange(0, 1)               # one (token, head) row: the attention's combine with R = 1
+    _combine_splits(o_part_ptr, lse_part_ptr, o_ptr, lse_ptr, rows, rows >= 0, D, NSPLIT, S_PAD, D_PAD, D_PAD)
