@@ -41,7 +41,8 @@ RUNS = {"round 6 MSA-PT": "round6/exp-msa-pt", "round 6 MSA-PT, full-support KL 
         "round 13 the recipe with the block_max KL (exp-msa-blockkl)": "round13/exp-msa-blockkl",
         "round 14 MSA-PT, seed 1": "round14/exp-msa-pt",
         "round 14 exp-msa-blockkl, seed 1": "round14/exp-msa-blockkl",
-        "round 15 exp-msa-blockkl, 1400 steps (warmup to step 280)": "round15/exp-msa-blockkl"}
+        "round 15 exp-msa-blockkl, 1400 steps (warmup to step 280)": "round15/exp-msa-blockkl",
+        "round 17 exp-msa-blockkl, 2100 steps (warmup to step 420)": "round17/exp-msa-blockkl"}
 # runs that continue another run: their steps are drawn after its end
 STEP_OFFSET = {"round10/exp-msa-indexprobe": 700, "round11/probe-lr1e-2": 700, "round11/probe-d256": 700,
                "round12/probe-tok": 700, "round12/probe-bm": 700}
@@ -80,8 +81,8 @@ def main():
         ax.axvline(140, color="gray", ls=":", lw=1)
         ax.axvline(350, color="gray", ls="-.", lw=1)
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=7.5)
-    fig.suptitle("47M model, 16K context, one H200 (rounds 8-15: one H100): indexer recall against the model's dense attention\n"
-                 "(PT: dense warmup to step 140, then sparse; late switch: to step 350; probes: after step 700; round 15: 1400 steps, warmup to 280)")
+    fig.suptitle("47M model, 16K context, one H200 (rounds 8-17: one H100): indexer recall against the model's dense attention\n"
+                 "(PT: dense warmup to step 140, then sparse; late switch: to step 350; probes: after step 700; round 15: 1400 steps, warmup to 280; round 17: 2100, warmup to 420)")
     fig.tight_layout(rect=(0, 0.2, 1, 1))
     fig.savefig(ROOT / "recall_trajectories.png", dpi=110)
     json.dump({"source": {k: f"benchmarks/results/quality_h200/{v}/log.jsonl" for k, v in RUNS.items()}, "runs": data},
