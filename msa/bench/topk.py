@@ -382,7 +382,8 @@ def main():
     idx_rows = bench_indexer(dev, args.quick, best_cfg) if "indexer" in parts else []
     stage_rows = bench_stages(dev, args.quick) if "stages" in parts else []
     result = {**info, "parity": par, "topk": topk_rows, "score_sweep": sweep_rows, "score_best_cfg": best_cfg,
-              "score_defaults": sb_impl.SCORE_DEFAULTS, "indexer": idx_rows, "indexer_stages": stage_rows}
+              "score_defaults": sb_impl.SCORE_DEFAULTS, "fp8_score_defaults": sb_impl.FP8_SCORE_DEFAULTS,
+              "indexer": idx_rows, "indexer_stages": stage_rows}
     path = os.path.join(args.out, "bench_topk.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)

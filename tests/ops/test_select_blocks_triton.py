@@ -247,13 +247,20 @@ def test_select_blocks_variants_packed(variant):
 
 
 def test_score_config_defaults_fit_shared_memory(monkeypatch):
-    """Resolved GPU defaults stay within SMEM_LIMIT for the paper shape and for a wide head (d_idx 256)."""
+    """Resolved GPU defaults stay within SMEM_LIMIT for the paper shape and for a wide head (d_idx 256);
+    up to d_idx 128 the e4m3 defaults leave room for two programs per SM (their point: one program's
+    epilogue under the other's MMA)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # score_config only reads it (GPU defaults)
-    for dim in (64, 128, 256):
-        q = torch.empty(1, 4, dim, dtype=torch.bfloat16)
-        cfg = IMPL.score_config(q, 4, dim, 128)
-        assert IMPL.score_smem_bytes(cfg["rows"], cfg["block_n"], cfg["block_d"], 2, cfg["num_stages"]) \
-            <= IMPL.SMEM_LIMIT
+    for dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        for dim in (64, 128, 256):
+            q = torch.empty(1, 4, dim, dtype=dtype)
+            cfg = IMPL.score_config(q, 4, dim, 128)
+            smem = IMPL.score_smem_bytes(cfg["rows"], cfg["block_n"], cfg["block_d"], q.element_size(),
+                                         cfg["num_stages"])
+            programs = 2 if q.element_size() == 1 and dim <= 128 else 1
+            assert programs * smem <= IMPL.SMEM_LIMIT, (dtype, dim, cfg)
+    cfg = IMPL.score_config(torch.empty(1, 4, 128, dtype=torch.float8_e4m3fn), 4, 128, 128)
+    assert (cfg["rows"], cfg["num_warps"]) == (128, 4), cfg
 
 
 def test_score_config_pads_fp8_contraction_to_32(monkeypatch):

@@ -187,6 +187,9 @@ def _rescore(q: torch.Tensor, k: torch.Tensor, cand: torch.Tensor, pos: torch.Te
 # Score-kernel defaults for 16-bit inputs on the GPU: 256 query rows x 128 keys per tile, 8 warps,
 # 3 stages, the maxima of 8 blocks stored together (measured choice: docs/perf-notes.md).
 SCORE_DEFAULTS = {"rows": 256, "block_n": 128, "num_warps": 8, "num_stages": 3, "nbuf": 8, "persist": 0}
+# e4m3 inputs: 128 rows x 4 warps fit two programs per SM (half the shared memory of 16-bit tiles), so one
+# program's block-max epilogue runs under the other's MMA (docs/perf-notes.md round 39).
+FP8_SCORE_DEFAULTS = {**SCORE_DEFAULTS, "rows": 128, "num_warps": 4}
 SMEM_LIMIT = 232448  # bytes of shared memory one CTA may use on H100/H200 (227 KB)
 
 
@@ -216,7 +219,7 @@ def score_config(q: torch.Tensor, heads: int, dim: int, block_size: int, *, rows
     elt = q.element_size()
     # an fp8 MMA needs K >= 32 on the GPU (the interpreter does not check): pad D_idx, the loads mask it
     block_d = max(32 if elt == 1 else 16, next_pow2(dim))
-    d = SCORE_DEFAULTS
+    d = FP8_SCORE_DEFAULTS if elt == 1 else SCORE_DEFAULTS
     explicit = dict(block_n=block_n, num_stages=num_stages)
     if rows is None:  # fp32 on the GPU: twice the bytes per tile, halve the rows
         rows = 64 if wide else d["rows"]
