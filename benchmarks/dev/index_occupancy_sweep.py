@@ -7,7 +7,7 @@ registers and 165 KB of shared memory, so ONE program per SM; its block-max epil
 rows x 4 warps with 2 stages fit two programs per SM (255 registers x 128 threads, 97 KB), whose epilogues
 can run under the other's MMA. Each configuration's selection is compared with the default's.
 
-    python benchmarks/dev/index_occupancy_sweep.py --out DIR [--sizes 131072,1048576] [--budget-s 300]
+    python benchmarks/dev/index_occupancy_sweep.py --out DIR [--sizes 131072,1048576] [--budget-s 300] [--configs 0,7,8]
 """
 
 from __future__ import annotations
@@ -21,14 +21,18 @@ import torch
 
 from msa.ops.select_blocks.triton_impl import select_blocks_triton
 
-# (rows, block_n, num_warps, num_stages, nbuf, persist); the first is the default (SCORE_DEFAULTS)
-# (persistent programs spill at 128 rows x 4 warps: not swept)
-CONFIGS = [(256, 128, 8, 3, 8, 0), (128, 128, 4, 2, 8, 0), (128, 64, 4, 3, 8, 0), (128, 64, 4, 2, 8, 0),
-           (128, 128, 8, 2, 8, 0), (256, 128, 8, 2, 8, 0), (64, 128, 4, 2, 8, 0), (128, 128, 4, 3, 8, 0)]
+# (rows, block_n, num_warps, num_stages, nbuf, persist, max_registers); the first is the bf16 default
+# (SCORE_DEFAULTS), the last the fp8 default since session 45 (FP8_SCORE_DEFAULTS). Session 45 swept the first
+# eight (persistent programs spill at 128 rows x 4 warps: not swept). The register caps keep 256 rows (one K
+# tile read per 256 rows) with two programs per SM: 64 keys per MMA and 128 registers compile without spills.
+CONFIGS = [(256, 128, 8, 3, 8, 0, None), (128, 128, 4, 2, 8, 0, None), (128, 64, 4, 3, 8, 0, None),
+           (128, 64, 4, 2, 8, 0, None), (128, 128, 8, 2, 8, 0, None), (256, 128, 8, 2, 8, 0, None),
+           (64, 128, 4, 2, 8, 0, None), (256, 64, 8, 2, 8, 0, 128), (256, 64, 8, 3, 8, 0, 128),
+           (256, 64, 8, 2, 4, 0, 128), (128, 128, 4, 3, 8, 0, None)]
 
 
 def _name(c):
-    return "r{}_n{}_w{}_s{}_buf{}_p{}".format(*c)
+    return "r{}_n{}_w{}_s{}_buf{}_p{}".format(*c[:6]) + (f"_reg{c[6]}" if c[6] else "")
 
 
 def _time_ms(fn, reps):
@@ -50,9 +54,11 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--sizes", default="131072,1048576")
     ap.add_argument("--budget-s", type=float, default=300.0, help="stop starting new measurements after this")
+    ap.add_argument("--configs", default="", help="indices into CONFIGS, e.g. 0,7,8,9,10 (default: all; 0 first)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
+    configs = [CONFIGS[int(i)] for i in args.configs.split(",")] if args.configs else CONFIGS
     res = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                command="python benchmarks/dev/index_occupancy_sweep.py " + " ".join(
                    f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()), rows=[])
@@ -62,13 +68,13 @@ def main():
         ki = torch.randn(1, t, 128, device="cuda", generator=g, dtype=torch.bfloat16)
         for fp8 in (False, True):
             ref = None
-            for c in CONFIGS:
+            for c in configs:
                 if time.time() - t0 > args.budget_s:
                     break
-                rows, bn, nw, st, nbuf, persist = c
+                rows, bn, nw, st, nbuf, persist, regs = c
                 kw = dict(block_size=128, topk=16, init_blocks=0, local_blocks=1, scale=128 ** -0.5, cu_seqlens=None,
                           fp8_scores=fp8, fp8_rescore_blocks=4 if fp8 else 0, rows=rows, block_n=bn, num_warps=nw,
-                          num_stages=st, nbuf=nbuf, persist=persist)
+                          num_stages=st, nbuf=nbuf, persist=persist, max_registers=regs)
                 row = dict(T=t, index="fp8" if fp8 else "bf16", config=_name(c))
                 try:
                     sel = select_blocks_triton(qi, ki, **kw)
@@ -85,8 +91,8 @@ def main():
                 json.dump(res, open(os.path.join(args.out, "index_occupancy_sweep.json"), "w"), indent=1)
         del qi, ki
         torch.cuda.empty_cache()
-    print("| T | index | config | ms | vs default | same rows |\n|---|---|---|---|---|---|")
-    base = {(r["T"], r["index"]): r.get("ms") for r in res["rows"] if r["config"] == _name(CONFIGS[0])}
+    print("| T | index | config | ms | speedup vs the first config | rows selecting as the first |\n|---|---|---|---|---|---|")
+    base = {(r["T"], r["index"]): r.get("ms") for r in res["rows"] if r["config"] == _name(configs[0])}
     for r in res["rows"]:
         b = base.get((r["T"], r["index"]))
         ms = r.get("ms")

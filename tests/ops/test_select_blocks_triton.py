@@ -206,6 +206,7 @@ SCORE_VARIANTS = [
     (32, 1, dict(nbuf=2, persist=1)),
     (64, 3, dict(nbuf=4, persist=2, block_n=16)),
     (128, None, dict(nbuf=16)),
+    (64, 2, dict(nbuf=8, block_n=16, max_registers=128)),  # maxnreg: plumbing here, registers on the GPU
 ]
 
 
@@ -261,6 +262,14 @@ def test_score_config_defaults_fit_shared_memory(monkeypatch):
             assert programs * smem <= IMPL.SMEM_LIMIT, (dtype, dim, cfg)
     cfg = IMPL.score_config(torch.empty(1, 4, 128, dtype=torch.float8_e4m3fn), 4, 128, 128)
     assert (cfg["rows"], cfg["num_warps"]) == (128, 4), cfg
+
+
+def test_score_config_rejects_bad_register_cap():
+    q = torch.empty(1, 4, 64, dtype=torch.bfloat16)
+    assert IMPL.score_config(q, 4, 64, 128, max_registers=128)["max_registers"] == 128
+    for bad in (8, 256):
+        with pytest.raises(ValueError, match="max_registers"):
+            IMPL.score_config(q, 4, 64, 128, max_registers=bad)
 
 
 def test_score_config_pads_fp8_contraction_to_32(monkeypatch):

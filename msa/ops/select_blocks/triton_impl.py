@@ -115,7 +115,7 @@ def select_blocks_triton(q_idx: torch.Tensor, k_idx: torch.Tensor, *, block_size
         fp8_rescore_blocks: with fp8_scores, keep topk + this many candidates and pick the topk by their
             exact block scores (q_idx / k_idx as given, fp32 accumulation); 0: the fp8 selection.
         tune: further score-kernel overrides, see ``score_config`` (block_n, num_warps, num_stages,
-            nbuf, persist).
+            nbuf, persist, max_registers).
 
     Returns:
         int32 (B, T, H_kv, topk): block ids within each sequence, the local block in the last valid
@@ -202,7 +202,7 @@ def score_smem_bytes(rows: int, block_n: int, block_d: int, elt: int, stages: in
 def score_config(q: torch.Tensor, heads: int, dim: int, block_size: int, *, rows: Optional[int] = None,
                  nsplit: Optional[int] = None, block_n: Optional[int] = None, num_warps: Optional[int] = None,
                  num_stages: Optional[int] = None, nbuf: Optional[int] = None,
-                 persist: Optional[int] = None) -> dict:
+                 persist: Optional[int] = None, max_registers: Optional[int] = None) -> dict:
     """Resolved launch configuration of index_scores_fwd_kernel (None = default).
 
     rows: MMA rows per program (power of two >= H_kv; tokens per tile = rows // H_kv).
@@ -211,6 +211,8 @@ def score_config(q: torch.Tensor, heads: int, dim: int, block_size: int, *, rows
     num_warps, num_stages: Triton launch options.
     nbuf: consecutive blocks whose maxima are buffered in registers and stored together (power of two).
     persist: 0 = one program per (tile, split); p > 0 = p x n_SM persistent programs.
+    max_registers: cap of registers per thread (Triton's ``maxnreg``; None: the compiler's choice), so that
+        more programs fit one SM (65536 registers: two programs of 8 warps need <= 128).
     Defaults that would exceed SMEM_LIMIT shrink num_stages then block_n; explicit values are kept (an
     impossible explicit config fails to compile, which the sweep records).
     """
@@ -238,8 +240,10 @@ def score_config(q: torch.Tensor, heads: int, dim: int, block_size: int, *, rows
     persist = d["persist"] if persist is None else int(persist)
     if interp:
         num_warps, num_stages = 1, 1
+    if max_registers is not None and not 24 <= int(max_registers) <= 255:
+        raise ValueError(f"max_registers must be an int in [24, 255] (registers per thread), got {max_registers!r}")
     return {"rows": rows, "nsplit": nsplit, "block_n": block_n, "block_d": block_d, "num_warps": num_warps,
-            "num_stages": num_stages, "nbuf": nbuf, "persist": persist}
+            "num_stages": num_stages, "nbuf": nbuf, "persist": persist, "max_registers": max_registers}
 
 
 def _launch_scores(q, k, scores, tiles_dev, tok_a, block_size, scale, cfg, qs=None, ks=None) -> None:
@@ -256,13 +260,14 @@ def _launch_scores(q, k, scores, tiles_dev, tok_a, block_size, scale, cfg, qs=No
     n_work = n_tiles * ns
     persist = cfg["persist"] > 0
     grid = (min(n_work, cfg["persist"] * n_sm) if persist else n_work,)
+    cap = {} if cfg.get("max_registers") is None else {"maxnreg": int(cfg["max_registers"])}
     index_scores_fwd_kernel[grid](
         q, k, scores, tiles_dev, qs if fp8 else scores, ks if fp8 else scores,
         q.stride(0), q.stride(1), k.stride(0), scores.stride(0),
         tok_a, heads, dim, block_size, float(scale), ns, n_tiles,
         ROWS=cfg["rows"], BLOCK_N=cfg["block_n"], BLOCK_D=cfg["block_d"], NBUF=cfg["nbuf"], PERSIST=persist,
         UPCAST=upcast, IEEE=ieee, POS_SCALE=float(scale) > 0, SUB_MASK=block_size % cfg["block_n"] != 0, FP8=fp8,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **cap)
 
 
 @torch.no_grad()
