@@ -234,17 +234,14 @@ def _decode_launches():
                 dict(cand_ptr=i64, lens_ptr=i32, out_ptr=i32, T=1, H=HKV, NC=16),
                 dict(BS=BLOCK, TOPK=TOPK, K_PAD=TOPK, NCK_PAD=256, PDL=True, BITONIC=True), 1, 3))
     att = dict(q_ptr=bf, k_ptr=bf, v_ptr=bf, idx_ptr=i32, cand_ptr=i64, pt_ptr=i32, lens_ptr=i32, o_ptr=f32,
-               lse_ptr=f32, fo_ptr=bf, flse_ptr=f32, cnt_ptr=i32, T=1, H=HKV, G=HQ // HKV, D=D, S_ROWS=1 << 20,
+               lse_ptr=f32, T=1, H=HKV, G=HQ // HKV, D=D, S_ROWS=1 << 20,
                PT_STRIDE=0, NSPLIT=16, BPS=1, NCAND=1, scale_log2=0.1)
     att_c = dict(BS=BLOCK, G_PAD=HQ // HKV, D_PAD=D, PAGED=False, DENSE=False, F32=False, EVEN_D=True,
-                 FUSED_SEL=False, DIRECT=False, K_PAD=1, NCAND_PAD=1, TOPK=TOPK, PDL=True, BITONIC=True,
-                 COMBINE=False, S_PAD=1, DC=1)
+                 FUSED_SEL=False, DIRECT=False, K_PAD=1, NCAND_PAD=1, TOPK=TOPK, PDL=True, BITONIC=True)
     out.append(("decode_attention_fwd_kernel (16 splits)", dk.decode_attention_fwd_kernel, att, att_c, 4, 2))
-    # DecodePlan(select_in_attention=True, combine_in_attention=True): merges the 16 chunks' candidates and
-    # combines the splits itself (3 launches)
-    out.append(("decode_attention_fwd_kernel (16 splits, selects + combines)", dk.decode_attention_fwd_kernel,
-                dict(att, NCAND=16 * TOPK),
-                dict(att_c, FUSED_SEL=True, K_PAD=TOPK, NCAND_PAD=16 * TOPK, COMBINE=True, S_PAD=16, DC=32), 4, 2))
+    # DecodePlan(select_in_attention=True): merges the 16 chunks' candidates itself (4 launches)
+    out.append(("decode_attention_fwd_kernel (16 splits, selects)", dk.decode_attention_fwd_kernel,
+                dict(att, NCAND=16 * TOPK), dict(att_c, FUSED_SEL=True, K_PAD=TOPK, NCAND_PAD=16 * TOPK), 4, 2))
     out.append(("decode_merge_fwd_kernel", dk.decode_merge_fwd_kernel,
                 dict(o_part_ptr=f32, lse_part_ptr=f32, o_ptr=bf, lse_ptr=f32, D=D, NSPLIT=16),
                 dict(S_PAD=16, D_PAD=D, PDL=True), 4, 3))

@@ -200,12 +200,11 @@ def launches(plan, q, qi, **kw):
     return names
 
 
-def test_attention_selects_and_combines_itself():
+def test_attention_selects_itself():
     """Legacy chain with several top-k chunks: with select_in_attention the attention merges the chunks'
-    candidates (no top-k merge launch), with combine_in_attention the last split of each row combines
-    the splits (no merge launch). Same selection and output as the five-launch chain, the reference's
-    output, the per-row counters back at 0 after each step (a second step gives the same result), and
-    dense mode / an outside selection combine the same way (paged cache, fp8 index keys, 3 chunks)."""
+    candidates (no top-k merge launch). Same selection and output as the five-launch chain and the
+    reference's output, twice in a row (paged cache, fp8 index keys, 3 chunks); dense mode with one
+    split is a single launch."""
     lens, t, H, G, D, DI, bs, topk, paged, idt, mode = CASES[4]
     cache = make_cache(lens, t, H, D, DI, bs=bs, paged=paged, index_dtype=idt, mode=mode, perm_pages=paged)
     g = torch.Generator().manual_seed(5)
@@ -216,31 +215,18 @@ def test_attention_selects_and_combines_itself():
     assert base.nc > 1 and launches(base, q, qi) == ["index", "topk", "topk_merge", "attention", "attn_merge"]
     o0, s0 = (x.clone() for x in base.run(q, qi, 0))
     check_selection(s0, s_ref, qi, cache, bs, t, DI ** -0.5)
-    for sel_in, comb in ((True, False), (True, True)):
-        plan = DecodePlan(cache, num_heads=H * G, block_size=bs, topk=topk, num_tokens=t, select_in_attention=sel_in,
-                          combine_in_attention=comb, **kw)
-        want = ["index", "topk"] + ([] if sel_in else ["topk_merge"]) + ["attention"] + ([] if comb else ["attn_merge"])
-        assert launches(plan, q, qi) == want
-        for step in range(2):
-            plan.out.fill_(NAN)
-            plan.lse.fill_(NAN)
-            plan.block_indices.fill_(-7)
-            o, s = plan.run(q, qi, 0)
-            assert torch.equal(s, s0) and torch.allclose(o, o0, atol=1e-6, rtol=0), (sel_in, comb, step)
-            assert not torch.isnan(plan.lse).any()
-            if comb:
-                assert int(plan.att_count.abs().sum()) == 0
-        if torch.equal(s0.sort(-1).values, s_ref.sort(-1).values):
-            assert torch.allclose(o, o_ref, atol=ATOL, rtol=0)
-    # an outside selection, and dense mode, combined by the last split
-    o2, _ = run_plan(cache, q, qi, bs, topk, block_indices=s_ref, attention_splits=3, fused=False)
-    plan = DecodePlan(cache, num_heads=H * G, block_size=bs, topk=topk, num_tokens=t, combine_in_attention=True, **kw)
-    assert torch.allclose(plan.run(q, qi, 0, block_indices=s_ref)[0], o2, atol=1e-6, rtol=0)
+    plan = DecodePlan(cache, num_heads=H * G, block_size=bs, topk=topk, num_tokens=t, select_in_attention=True, **kw)
+    assert launches(plan, q, qi) == ["index", "topk", "attention", "attn_merge"]
+    for step in range(2):
+        plan.out.fill_(NAN)
+        plan.lse.fill_(NAN)
+        plan.block_indices.fill_(-7)
+        o, s = plan.run(q, qi, 0)
+        assert torch.equal(s, s0) and torch.allclose(o, o0, atol=1e-6, rtol=0), step
+        assert not torch.isnan(plan.lse).any()
+    if torch.equal(s0.sort(-1).values, s_ref.sort(-1).values):
+        assert torch.allclose(o, o_ref, atol=ATOL, rtol=0)
     od_ref, _ = decode_attention(q, qi, cache, 0, block_size=bs, topk=topk, dense=True, backend="reference")
-    dplan = DecodePlan(cache, num_heads=H * G, block_size=bs, topk=topk, num_tokens=t, dense=True,
-                       attention_splits=2, combine_in_attention=True)
-    assert launches(dplan, q, None) == ["attention"]
-    assert torch.allclose(dplan.run(q, None, 0)[0], od_ref, atol=ATOL, rtol=0)
     # one split: the attention writes the output itself in dense mode too
     d1 = DecodePlan(cache, num_heads=H * G, block_size=bs, topk=topk, num_tokens=t, dense=True, attention_splits=1)
     assert launches(d1, q, None) == ["attention"]
@@ -410,9 +396,8 @@ def test_bad_inputs():
         decode_attention(torch.randn(2, 1, 3, 16, device=DEV), qi, cache, 0, **kw)
     with pytest.raises(ValueError, match="block_indices"):
         DecodePlan(cache, num_heads=4, block_size=16, topk=3).run(q, qi, 0, block_indices=torch.zeros(2, 1, 2, 3, device=DEV))
-    for name in ("select_in_attention", "combine_in_attention"):
-        with pytest.raises(ValueError, match=name):
-            DecodePlan(cache, num_heads=4, block_size=16, topk=3, **{name: 1})
+    with pytest.raises(ValueError, match="select_in_attention"):
+        DecodePlan(cache, num_heads=4, block_size=16, topk=3, select_in_attention=1)
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "legacy"])

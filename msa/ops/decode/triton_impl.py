@@ -48,10 +48,6 @@ def _pow2(x: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, x))))
 
 
-def _pow2_floor(x: int) -> int:
-    return 1 << max(0, int(x).bit_length() - 1)
-
-
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -85,10 +81,8 @@ class DecodePlan:
             1 / 3 for bf16 keys, 2 / 3 for fp8 keys at d_idx * block_size <= 16K, 2 programs per SM.
         select_in_attention: legacy chain with several top-k chunks: every attention program merges the
             chunks' candidates itself (as the fused chain's attention does), so there is no top-k merge
-            launch. Off by default until timed on a GPU.
-        combine_in_attention: with several attention splits, the split of each (token, group) that
-            finishes last combines the splits' partials (a per-row counter), so there is no merge launch.
-            Off by default until timed on a GPU. With one split the attention always writes the output.
+            launch. Off by default: 0.5-1.0 us per layer faster at 1M on an H100, within the run-to-run
+            spread (docs/perf-notes.md round 39). With one split the attention writes the output itself.
 
     run(q (B, t, H_q, D), q_idx (B, t, H_kv, D_idx) or None, layer_idx) -> (o (B, t, H_q, D),
     block_indices int32 (B, t, H_kv, topk) or None when dense). q is cast to nothing: it must have
@@ -102,7 +96,7 @@ class DecodePlan:
                  index_blocks_per_program: Optional[int] = None, attention_splits: Optional[int] = None,
                  index_tile_blocks: Optional[int] = None, index_num_stages: Optional[int] = None,
                  index_programs_per_sm: Optional[int] = None, fused: Optional[bool] = None,
-                 select_in_attention: bool = False, combine_in_attention: bool = False):
+                 select_in_attention: bool = False):
         c = cache
         if fused is None:
             # H200: the fused chain wins at 128K (31 vs 35 us),
@@ -111,8 +105,7 @@ class DecodePlan:
         check(num_heads % c.num_kv_heads == 0,
               f"num_heads ({num_heads}) must be a multiple of the cache's num_kv_heads ({c.num_kv_heads})")
         check(isinstance(num_tokens, int) and num_tokens >= 1, f"num_tokens must be an int >= 1, got {num_tokens!r}")
-        for name, val in (("select_in_attention", select_in_attention), ("combine_in_attention", combine_in_attention)):
-            check(isinstance(val, bool), f"{name} must be a bool, got {val!r}")
+        check(isinstance(select_in_attention, bool), f"select_in_attention must be a bool, got {select_in_attention!r}")
         check(not c.paged or c.page_size == block_size,
               f"block_size ({block_size}) must equal the paged cache's page_size ({c.page_size})")
         check(block_size >= 16 and block_size & (block_size - 1) == 0,
@@ -208,11 +201,7 @@ class DecodePlan:
         self.att_splits = math.ceil(nblocks / self.att_bps)
         # one split: the attention writes o / lse itself (no merge launch)
         self.att_direct = self.att_splits == 1
-        self.combine_in_attention = combine_in_attention and not self.att_direct
         ns = 0 if self.att_direct else self.att_splits
-        # splits finished per (token, group) row; the last one resets it, so it is 0 between steps
-        self.att_count = (torch.zeros(B * T * H, dtype=torch.int32, device=dev) if self.combine_in_attention
-                          else None)
         self.o_part = torch.empty(B * T, HQ, ns, D, dtype=torch.float32, device=dev)
         self.lse_part = torch.empty(B * T, HQ, ns, dtype=torch.float32, device=dev)
         self.out = torch.empty(B, T, HQ, D, dtype=self.out_dtype, device=dev)
@@ -316,8 +305,6 @@ class DecodePlan:
         warps = 4 if G <= 16 else 8
         if fused_sel and ncand_pad > 4096:
             warps = 8                                  # the candidate merge holds ncand_pad int64
-        comb = self.combine_in_attention
-        s_pad = _pow2(self.att_splits)
         g_pad = max(16, _pow2(G))
         if timer is not None:
             timer("attention")
@@ -325,20 +312,15 @@ class DecodePlan:
             q, c.k[layer_idx], c.v[layer_idx], sel if sel is not None else self._dummy_i,
             self.cand if fused_sel else self._dummy_l, pt, lens,
             self.out if self.att_direct else self.o_part, self.lse if self.att_direct else self.lse_part,
-            self.out if comb else self._dummy_f, self.lse if comb else self._dummy_f,
-            self.att_count if comb else self._dummy_i,
             T, H, G, self.D, self.s_rows, self.pt_stride, self.att_splits, self.att_bps,
             ncand if fused_sel else 1, self.scale * tk.LOG2E,
             BS=BS, G_PAD=g_pad, D_PAD=d_pad, PAGED=c.paged, DENSE=self.dense,
             F32=self.f32, EVEN_D=d_pad == self.D, FUSED_SEL=fused_sel, DIRECT=self.att_direct,
             K_PAD=self.k_pad if fused_sel else 1, NCAND_PAD=ncand_pad if fused_sel else 1, TOPK=self.topk,
             PDL=self.pdl and sel_from_chain, BITONIC=self.bitonic,
-            COMBINE=comb, S_PAD=s_pad if comb else 1,
-            # the combine's (G_PAD, S_PAD, DC) fp32 chunk stays near 64 values per thread
-            DC=max(1, min(d_pad, _pow2_floor((32 * warps * 64) // (g_pad * s_pad)))) if comb else 1,
             num_warps=warps, num_stages=2 if not interpreting() else 1,
             **(self._pdl_launch if sel_from_chain else {}))
-        if not self.att_direct and not comb:
+        if not self.att_direct:
             if timer is not None:
                 timer("attn_merge")
             tk.decode_merge_fwd_kernel[(B * T * self.HQ,)](

@@ -279,21 +279,15 @@ def decode_attention_fwd_kernel(
     o_ptr,        # DIRECT: (B*T, HQ, D) output in its dtype; else fp32 (B*T, HQ, NSPLIT, D) partial outputs
     lse_ptr,      # DIRECT: fp32 (B*T, HQ) natural-log lse; else fp32 (B*T, HQ, NSPLIT) partial log2-sum-exp
                   # (-inf when the split / query saw nothing)
-    fo_ptr,       # COMBINE: (B*T, HQ, D) output in its dtype; else dummy
-    flse_ptr,     # COMBINE: fp32 (B*T, HQ) natural-log lse; else dummy
-    cnt_ptr,      # COMBINE: int32 (B*T*H,) splits finished per row, 0 between steps; else dummy
     T, H, G, D, S_ROWS, PT_STRIDE, NSPLIT, BPS, NCAND, scale_log2,
     BS: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr,
     PAGED: tl.constexpr, DENSE: tl.constexpr, F32: tl.constexpr, EVEN_D: tl.constexpr,
     FUSED_SEL: tl.constexpr, DIRECT: tl.constexpr, K_PAD: tl.constexpr, NCAND_PAD: tl.constexpr,
     TOPK: tl.constexpr, PDL: tl.constexpr = False, BITONIC: tl.constexpr = True,
-    COMBINE: tl.constexpr = False, S_PAD: tl.constexpr = 1, DC: tl.constexpr = 1,
 ):
     """Program (token, group, split): exact attention of the group's G heads over the split's share of
-    the selected blocks. DIRECT (one split) writes o / lse; otherwise fp32 partials, combined either by
-    ``decode_merge_fwd_kernel`` or, with COMBINE, by the split of the row that finishes last (an acq_rel
-    counter per row orders every split's partial stores before that split's loads; the partials are read
-    past L1, which is not coherent across SMs), so the chain needs no merge launch."""
+    the selected blocks. DIRECT (one split) writes o / lse; otherwise fp32 partials, combined by
+    ``decode_merge_fwd_kernel``."""
     EMPTY: tl.constexpr = -9223372036854775808
     bt = tl.program_id(0)
     r = tl.program_id(1)
@@ -383,14 +377,6 @@ def decode_attention_fwd_kernel(
         obase = (bt.to(tl.int64) * HQ + hq) * NSPLIT + sp
         tl.store(o_ptr + obase[:, None] * D + d[None, :], o, mask=hmask[:, None] & dmask[None, :])
         tl.store(lse_ptr + obase, lse, mask=hmask)
-        if COMBINE:
-            crow = bt.to(tl.int64) * H + r
-            tl.debug_barrier()                     # every thread's partial stores precede the release
-            done = tl.atomic_add(cnt_ptr + crow, 1, sem="acq_rel")
-            if done == NSPLIT - 1:
-                tl.atomic_xchg(cnt_ptr + crow, 0)  # ready for the next step (graph replays reuse it)
-                _combine_splits(o_ptr, lse_ptr, fo_ptr, flse_ptr, bt.to(tl.int64) * HQ + hq, hmask, D, NSPLIT,
-                                S_PAD, D_PAD, DC)
 
 
 @triton.jit
@@ -398,8 +384,7 @@ def _combine_splits(o_part_ptr, lse_part_ptr, o_ptr, lse_ptr, rows, rmask, D, NS
                     S_PAD: tl.constexpr, D_PAD: tl.constexpr, DC: tl.constexpr):
     """Exact combine of the NSPLIT fp32 partials (log2 lse) of the query-head rows ``rows`` (R,) into o (in
     o_ptr's dtype) and the natural-log lse; the head dim in chunks of DC so (R, S_PAD, DC) stays small.
-    Loads bypass L1 (.cg): the partials may come from other programs of the same launch, on other SMs.
-    Shared by the attention's in-kernel combine (COMBINE) and ``decode_merge_fwd_kernel``."""
+    Loads bypass L1 (.cg): the partials were written by the attention launch, on other SMs."""
     s = tl.arange(0, S_PAD)
     m2 = rmask[:, None] & (s < NSPLIT)[None, :]
     lse = tl.load(lse_part_ptr + rows[:, None] * NSPLIT + s[None, :], mask=m2, other=float("-inf"),
@@ -432,5 +417,5 @@ def decode_merge_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     if PDL:
         gdc_wait()
-    rows = row + tl.arange(0, 1)               # one (token, head) row: the attention's combine with R = 1
+    rows = row + tl.arange(0, 1)               # one (token, head) row
     _combine_splits(o_part_ptr, lse_part_ptr, o_ptr, lse_ptr, rows, rows >= 0, D, NSPLIT, S_PAD, D_PAD, D_PAD)
