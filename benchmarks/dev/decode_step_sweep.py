@@ -20,7 +20,6 @@ from msa.bench.decode import (BS, HQ, LAYERS_PER_GRAPH, TOPK, build_cache, graph
 from msa.bench.timing import back_to_back_ms
 from msa.ops.decode.triton_impl import DecodePlan
 
-# session 45 also timed an in-attention combine of the splits (3 launches): slower, removed (perf-notes round 39)
 SWEEP = [dict(), dict(fused=True), dict(fused=False, topk_chunk=256),   # 256: the default before session 44
          dict(fused=False, select_in_attention=True)]                  # no top-k merge launch: 4 instead of 5
 

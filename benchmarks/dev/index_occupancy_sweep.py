@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from msa.bench.layer import time_ms
 from msa.ops.select_blocks.triton_impl import select_blocks_triton
 
 # (rows, block_n, num_warps, num_stages, nbuf, persist, max_registers); the first is the bf16 default
@@ -33,20 +34,6 @@ CONFIGS = [(256, 128, 8, 3, 8, 0, None), (128, 128, 4, 2, 8, 0, None), (128, 64,
 
 def _name(c):
     return "r{}_n{}_w{}_s{}_buf{}_p{}".format(*c[:6]) + (f"_reg{c[6]}" if c[6] else "")
-
-
-def _time_ms(fn, reps):
-    fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b))
-    return sorted(out)[len(out) // 2]
 
 
 def main():
@@ -83,7 +70,7 @@ def main():
                     else:  # rows whose set of blocks equals the default's (near-ties may flip)
                         row["same_rows"] = (torch.sort(sel, dim=-1).values == ref).all(-1).float().mean().item()
                     del sel
-                    row["ms"] = _time_ms(lambda: select_blocks_triton(qi, ki, **kw), 10 if t <= 131072 else 3)
+                    row["ms"] = time_ms(lambda: select_blocks_triton(qi, ki, **kw))  # reps from the first call
                 except Exception as exc:  # out of resources, compile errors
                     row["error"] = f"{type(exc).__name__}: {exc}"[:200]
                 res["rows"].append(row)

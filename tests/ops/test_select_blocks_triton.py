@@ -267,7 +267,7 @@ def test_score_config_defaults_fit_shared_memory(monkeypatch):
 def test_score_config_rejects_bad_register_cap():
     q = torch.empty(1, 4, 64, dtype=torch.bfloat16)
     assert IMPL.score_config(q, 4, 64, 128, max_registers=128)["max_registers"] == 128
-    for bad in (8, 256):
+    for bad in (8, 256, 128.0, True):
         with pytest.raises(ValueError, match="max_registers"):
             IMPL.score_config(q, 4, 64, 128, max_registers=bad)
 

@@ -81,8 +81,8 @@ class DecodePlan:
             1 / 3 for bf16 keys, 2 / 3 for fp8 keys at d_idx * block_size <= 16K, 2 programs per SM.
         select_in_attention: legacy chain with several top-k chunks: every attention program merges the
             chunks' candidates itself (as the fused chain's attention does), so there is no top-k merge
-            launch. Off by default: 0.5-1.0 us per layer faster at 1M on an H100, within the run-to-run
-            spread (docs/perf-notes.md round 39). With one split the attention writes the output itself.
+            launch. Off by default: its gain is within the run-to-run spread (docs/perf-notes.md).
+            With one split the attention writes the output itself.
 
     run(q (B, t, H_q, D), q_idx (B, t, H_kv, D_idx) or None, layer_idx) -> (o (B, t, H_q, D),
     block_indices int32 (B, t, H_kv, topk) or None when dense). q is cast to nothing: it must have

@@ -240,7 +240,8 @@ def score_config(q: torch.Tensor, heads: int, dim: int, block_size: int, *, rows
     persist = d["persist"] if persist is None else int(persist)
     if interp:
         num_warps, num_stages = 1, 1
-    if max_registers is not None and not 24 <= int(max_registers) <= 255:
+    if max_registers is not None and not (isinstance(max_registers, int) and not isinstance(max_registers, bool)
+                                          and 24 <= max_registers <= 255):
         raise ValueError(f"max_registers must be an int in [24, 255] (registers per thread), got {max_registers!r}")
     return {"rows": rows, "nsplit": nsplit, "block_n": block_n, "block_d": block_d, "num_warps": num_warps,
             "num_stages": num_stages, "nbuf": nbuf, "persist": persist, "max_registers": max_registers}
@@ -260,7 +261,7 @@ def _launch_scores(q, k, scores, tiles_dev, tok_a, block_size, scale, cfg, qs=No
     n_work = n_tiles * ns
     persist = cfg["persist"] > 0
     grid = (min(n_work, cfg["persist"] * n_sm) if persist else n_work,)
-    cap = {} if cfg.get("max_registers") is None else {"maxnreg": int(cfg["max_registers"])}
+    cap = {} if cfg["max_registers"] is None else {"maxnreg": cfg["max_registers"]}
     index_scores_fwd_kernel[grid](
         q, k, scores, tiles_dev, qs if fp8 else scores, ks if fp8 else scores,
         q.stride(0), q.stride(1), k.stride(0), scores.stride(0),
