@@ -186,7 +186,8 @@ def _rescore(q: torch.Tensor, k: torch.Tensor, cand: torch.Tensor, pos: torch.Te
 
 # Score-kernel defaults for 16-bit inputs on the GPU: 256 query rows x 128 keys per tile, 8 warps,
 # 3 stages, the maxima of 8 blocks stored together (measured choice: docs/perf-notes.md).
-SCORE_DEFAULTS = {"rows": 256, "block_n": 128, "num_warps": 8, "num_stages": 3, "nbuf": 8, "persist": 0}
+SCORE_DEFAULTS = {"rows": 256, "block_n": 128, "num_warps": 8, "num_stages": 3, "nbuf": 8, "persist": 0,
+                  "max_registers": None}
 # e4m3 inputs: 128 rows x 4 warps fit two programs per SM (half the shared memory of 16-bit tiles), so one
 # program's block-max epilogue runs under the other's MMA (docs/perf-notes.md round 39).
 FP8_SCORE_DEFAULTS = {**SCORE_DEFAULTS, "rows": 128, "num_warps": 4}
@@ -240,6 +241,8 @@ def score_config(q: torch.Tensor, heads: int, dim: int, block_size: int, *, rows
     persist = d["persist"] if persist is None else int(persist)
     if interp:
         num_warps, num_stages = 1, 1
+    if max_registers is None and block_d <= 128 and not interp:  # a cap measured for D_idx <= 128 only
+        max_registers = d["max_registers"]
     if max_registers is not None and not (isinstance(max_registers, int) and not isinstance(max_registers, bool)
                                           and 24 <= max_registers <= 255):
         raise ValueError(f"max_registers must be an int in [24, 255] (registers per thread), got {max_registers!r}")
