@@ -272,6 +272,19 @@ def test_score_config_rejects_bad_register_cap():
             IMPL.score_config(q, 4, 64, 128, max_registers=bad)
 
 
+def test_score_config_default_register_cap_scope(monkeypatch):
+    """A default register cap (SCORE_DEFAULTS["max_registers"]) applies on the GPU up to D_idx 128, where it
+    was measured; a wider head and the interpreter keep the compiler's choice, and an explicit cap wins."""
+    q = torch.empty(1, 4, 128, dtype=torch.bfloat16)
+    monkeypatch.setitem(IMPL.SCORE_DEFAULTS, "max_registers", 96)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # score_config only reads it
+    assert IMPL.score_config(q, 4, 128, 128)["max_registers"] is None
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert IMPL.score_config(q, 4, 128, 128)["max_registers"] == 96
+    assert IMPL.score_config(q, 4, 128, 128, max_registers=200)["max_registers"] == 200
+    assert IMPL.score_config(torch.empty(1, 4, 256, dtype=torch.bfloat16), 4, 256, 128)["max_registers"] is None
+
+
 def test_score_config_pads_fp8_contraction_to_32(monkeypatch):
     """An fp8 MMA needs K >= 32 on the GPU (the interpreter accepts less): D_idx 16 in e4m3 must be
     padded (the loads mask the pad); 16-bit inputs keep 16."""
