@@ -105,7 +105,12 @@ def cmd_train(args) -> int:
                 shutil.rmtree(Path(out) / "checkpoints", ignore_errors=True)
             if dist.is_initialized():
                 dist.barrier()
-        s = Trainer(cfg, out, progress=not args.no_progress, resume=not args.fresh).fit()
+        try:  # a checkpoint in --out from another configuration: say so, without a traceback
+            trainer = Trainer(cfg, out, progress=not args.no_progress, resume=not args.fresh)
+        except ValueError as exc:
+            print(f"msa train: {exc}", file=sys.stderr)
+            return 2
+        s = trainer.fit()
     finally:
         if started:
             dist.destroy_process_group()

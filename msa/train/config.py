@@ -246,10 +246,37 @@ class TrainConfig:
         check(not (self.parallel.strategy == "fsdp2" and self.phase.kl_target == "block_max"),
               "phase.kl_target='block_max' re-projects q, k and the index q, k outside the model's forward, "
               "which FSDP2's sharded parameters do not allow: use parallel.strategy=ddp")
+        o = self.optim
+        for name in ("lr", "index_lr", "weight_decay", "index_weight_decay", "grad_clip"):
+            check(getattr(o, name) >= 0, f"optim.{name} must be >= 0, got {getattr(o, name)}")
+        check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"optim.beta1 and optim.beta2 must be in [0, 1), got {o.beta1}, {o.beta2}")
+        check(o.eps > 0, f"optim.eps must be > 0, got {o.eps}")
+        check(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
         m = self.model
         check(m.topk_blocks >= m.init_blocks + m.local_blocks,
               f"model.topk_blocks ({m.topk_blocks}) must be >= init_blocks + local_blocks")
+        try:  # the model's own checks (shapes, head counts, block arguments), before any data is read
+            model_config(self, vocab_size=max(2, self.data.vocab_size))
+        except ValueError as exc:
+            raise ValueError(f"model: {exc}") from None
         return self
+
+
+def model_config(cfg: TrainConfig, vocab_size: int):
+    """The ``msa.models.MSALMConfig`` of cfg (its attention an ``msa.layers.MSAConfig``); the local-window
+    baseline forces the last topk_blocks - init_blocks blocks (local_blocks), so the index chooses none."""
+    from ..layers.attention import MSAConfig
+    from ..models.msa_lm import MSALMConfig
+    m = cfg.model
+    local = m.topk_blocks - m.init_blocks if cfg.phase.kind == "local" else m.local_blocks
+    att = MSAConfig(hidden_size=m.hidden_size, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
+                    head_dim=m.head_dim, index_dim=m.index_dim, block_size=m.block_size, topk_blocks=m.topk_blocks,
+                    init_blocks=m.init_blocks, local_blocks=local, rope_theta=m.rope_theta,
+                    index_norm_rope=m.index_norm_rope, fp8_index_scores=m.fp8_index_scores, mode="dense",
+                    backend=m.backend)
+    return MSALMConfig(vocab_size=vocab_size, num_layers=m.num_layers, intermediate_size=m.intermediate_size,
+                       attention=att, num_dense_layers=m.num_dense_layers, kl_weight=cfg.phase.kl_weight,
+                       tie_embeddings=m.tie_embeddings)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -39,10 +39,9 @@ from torch import nn
 from ..data.dataset import CorpusData, CorpusSpec, WindowLoader, Windows, eval_window_ids, make_windows, prepare_corpus
 from ..data.facts import FactPlanter
 from ..evals.capture import unwrap
-from ..layers import MSAConfig
-from ..models import MSAForCausalLM, MSALMConfig
+from ..models import MSAForCausalLM
 from ..ops.common import check
-from .config import TrainConfig, from_dict, to_dict
+from .config import TrainConfig, from_dict, model_config, to_dict
 from .loss import forward_loss
 
 CKPT_DIR = "checkpoints"
@@ -65,19 +64,6 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dty
     if p == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[p]
-
-
-def model_config(cfg: TrainConfig, vocab_size: int) -> MSALMConfig:
-    m = cfg.model
-    local = m.topk_blocks - m.init_blocks if cfg.phase.kind == "local" else m.local_blocks
-    att = MSAConfig(hidden_size=m.hidden_size, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
-                    head_dim=m.head_dim, index_dim=m.index_dim, block_size=m.block_size, topk_blocks=m.topk_blocks,
-                    init_blocks=m.init_blocks, local_blocks=local, rope_theta=m.rope_theta,
-                    index_norm_rope=m.index_norm_rope, fp8_index_scores=m.fp8_index_scores, mode="dense",
-                    backend=m.backend)
-    return MSALMConfig(vocab_size=vocab_size, num_layers=m.num_layers, intermediate_size=m.intermediate_size,
-                       attention=att, num_dense_layers=m.num_dense_layers, kl_weight=cfg.phase.kl_weight,
-                       tie_embeddings=m.tie_embeddings)
 
 
 def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device) -> MSAForCausalLM:

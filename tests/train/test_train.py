@@ -44,6 +44,23 @@ def test_config_rejects_unknown_and_mistyped_keys(tmp_path):
         resolve_config("tiny", str(tmp_path / "bad.json"))
 
 
+def test_config_rejects_bad_optimizer_and_model_values(capsys):
+    """Values the optimizer or the model cannot use fail at configuration time, naming the key, before
+    any data is read (a negative learning rate used to train, ascending the loss)."""
+    for override, msg in (("optim.lr=-1", "optim.lr must be >= 0"), ("optim.index_lr=-0.1", "optim.index_lr"),
+                          ("optim.weight_decay=-1", "optim.weight_decay"), ("optim.grad_clip=-1", "optim.grad_clip"),
+                          ("optim.beta2=1.0", "optim.beta1 and optim.beta2"), ("optim.eps=0", "optim.eps"),
+                          ("optim.warmup_steps=-1", "optim.warmup_steps"),
+                          ("model.block_size=0", "model: block_size must be a positive int"),
+                          ("model.num_dense_layers=9", "model: num_dense_layers"),
+                          ("model.num_kv_heads=3", "model: .*num_kv_heads")):
+        with pytest.raises(ValueError, match=msg):
+            apply_overrides(get_preset("tiny"), [override])
+    assert apply_overrides(get_preset("tiny"), ["optim.lr=0"]).optim.lr == 0  # a frozen backbone (index probe)
+    assert main(["train", "--preset", "tiny", "--set", "model.block_size=0"]) == 2
+    assert capsys.readouterr().err.startswith("msa train: model: block_size must be a positive int")
+
+
 def test_schedule_and_phases():
     cfg = apply_overrides(TrainConfig(), ["steps=100", "optim.warmup_steps=10", "optim.min_lr_ratio=0.1",
                                           "phase.warmup_steps=30", "optim.index_schedule=constant"])
@@ -136,6 +153,12 @@ def test_tiny_preset_end_to_end(tmp_path, capsys):
     assert main(["train", "--preset", "tiny", "--out", str(out), "--no-progress", "--set", f"data.cache_dir={CACHE}",
                  "--set", "steps=16"]) == 0
     assert json.loads((out / "summary.json").read_text())["val_lm_loss"] == summary["val_lm_loss"]
+    # another configuration in the same --out: a one-line refusal naming the difference, exit code 2
+    capsys.readouterr()
+    assert main(["train", "--preset", "tiny", "--out", str(out), "--no-progress", "--set", f"data.cache_dir={CACHE}",
+                 "--set", "steps=16", "--set", "optim.lr=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("msa train: ") and "different configuration" in err and "optim" in err
 
 
 def test_local_window_selects_only_the_last_blocks():
