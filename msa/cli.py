@@ -22,6 +22,10 @@ def _fmt_bytes(x: float) -> str:
 def cmd_flops(args) -> int:
     from . import flops
 
+    if args.num_heads % args.num_kv_heads:
+        print(f"msa flops: --num-heads ({args.num_heads}) must be a multiple of --num-kv-heads ({args.num_kv_heads})",
+              file=sys.stderr)
+        return 2
     shape = dict(num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
                  index_dim=args.index_dim, topk=args.topk, block_size=args.block_size)
     seqs = [int(s) for s in args.seqlens.split(",")] if args.seqlens else [2 ** p for p in range(13, 22)]
@@ -32,7 +36,7 @@ def cmd_flops(args) -> int:
           f"{'dense dec B/tok':>15} {'MSA dec B/tok':>14} {'dec ratio':>9} {'fp8 idx ratio':>13}")
     for r in rows:
         t = r["tokens"]
-        label = f"{t // 1024}K" if t < 2 ** 20 else f"{t / 2 ** 20:g}M"
+        label = str(t) if t % 1024 else f"{t // 1024}K" if t < 2 ** 20 else f"{t / 2 ** 20:g}M"
         print(f"{label:>9} {r['dense_flops_per_token'] / 1e9:15.3f} {r['msa_flops_per_token'] / 1e9:14.3f} "
               f"{r['flops_ratio']:9.1f}x {_fmt_bytes(r['dense_decode_bytes']):>15} "
               f"{_fmt_bytes(r['msa_decode_bytes']):>14} {r['decode_ratio']:8.1f}x {r['decode_ratio_fp8_index']:12.1f}x")

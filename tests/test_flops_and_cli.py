@@ -29,6 +29,10 @@ def test_flops_command_prints_table(capsys):
     assert len(lines) == 9  # 8K .. 2M
     one_m = [ln for ln in lines if ln.split()[0] == "1M"][0]
     assert "28.4x" in one_m
+    assert main(["flops", "--seqlens", "1000,8192"]) == 0  # a length that is not a multiple of 1K keeps its digits
+    assert [ln.split()[0] for ln in capsys.readouterr().out.splitlines()[2:]] == ["1000", "8K"]
+    assert main(["flops", "--num-heads", "6", "--num-kv-heads", "4"]) == 2  # no GQA group size
+    assert "--num-heads (6) must be a multiple of --num-kv-heads (4)" in capsys.readouterr().err
 
 
 def test_demo_short_run(tmp_path):
