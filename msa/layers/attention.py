@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..cache import MSACache
-from ..ops.common import check, check_block_args, check_cu_seqlens, positions_in_sequence, resolve_backend
+from ..ops.common import check, check_block_args, check_cu_seqlens, check_float, positions_in_sequence, resolve_backend
 from ..ops.decode import decode_attention, decode_attention_step
 from ..ops.dense import dense_causal_attention
 from ..ops.indexer_kl import indexer_kl_loss
@@ -236,6 +236,8 @@ class MSAAttention(nn.Module):
         check(kl_support in KL_SUPPORTS, f"kl_support must be one of {KL_SUPPORTS}, got {kl_support!r}")
         check(x.dim() == 3 and x.shape[-1] == c.hidden_size,
               f"x must have shape (B, T, hidden_size={c.hidden_size}), got {tuple(x.shape)}")
+        check_float("x", x)
+        check(x.shape[1] > 0, "x must hold at least one token (T >= 1)")
         b, t, _ = x.shape
         # cu_seqlens' values are checked where a launcher copies them to the host (no extra sync)
         check_cu_seqlens(cu_seqlens, b, t, values=c.debug)

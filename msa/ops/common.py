@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -72,8 +73,17 @@ def cu_seqlens_host(cu_seqlens: torch.Tensor, seqlen: int) -> List[int]:
     return cu
 
 
-def default_scale(scale: Optional[float], dim: int) -> float:
-    return dim ** -0.5 if scale is None else float(scale)
+def default_scale(scale: Optional[float], dim: int, name: str = "scale") -> float:
+    """dim ** -0.5 when scale is None, else scale as a float, which must be finite (a NaN or infinite scale
+    makes every score NaN, and the selection or the softmax silently arbitrary)."""
+    if scale is None:
+        return dim ** -0.5
+    try:
+        val = float(scale) if not isinstance(scale, bool) else math.nan
+    except (TypeError, ValueError):
+        val = math.nan
+    check(math.isfinite(val), f"{name} must be a finite float (None: D ** -0.5), got {scale!r}")
+    return val
 
 
 def sequence_spans(batch: int, seqlen: int, cu_seqlens: Optional[torch.Tensor]) -> List[Tuple[int, int, int]]:

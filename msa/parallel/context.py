@@ -442,7 +442,7 @@ def context_parallel_msa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
           f"q must hold this rank's zigzag shard: rank {rank} of {world} with seqlen {seqlen} owns "
           f"{layout.local_len(rank)} tokens (zigzag_shard), got n = {n}")
     scale = default_scale(scale, d)
-    index_scale = default_scale(index_scale, di)
+    index_scale = default_scale(index_scale, di, "index_scale")
     dev = q.device
 
     # (1) the sub-problem: the rank's segments (sequence prefixes its queries can see) concatenated as

@@ -229,6 +229,10 @@ def test_bad_layer_input_and_cache_overflow():
     lyr = layer()
     with pytest.raises(ValueError, match="x"):
         lyr(torch.randn(1, 5, 47, dtype=torch.float64))
+    with pytest.raises(ValueError, match="x must be a floating-point tensor"):  # was a matmul error inside
+        lyr(torch.ones(1, 5, 48, dtype=torch.int64))
+    with pytest.raises(ValueError, match="x must hold at least one token"):
+        lyr(torch.randn(1, 0, 48, dtype=torch.float64))
     cache = msa.MSACache(1, 1, 8, 2, 16, 8, dtype=torch.float64)
     with pytest.raises(ValueError, match="max_seq_len"):
         lyr(torch.randn(1, 9, 48, dtype=torch.float64), cache=cache)

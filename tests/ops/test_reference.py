@@ -250,6 +250,7 @@ def _ok():
     (lambda a: a.update(cu_seqlens=torch.tensor([0, 20, 10, 40], dtype=torch.int32)), "cu_seqlens"),
     (lambda a: a.update(cu_seqlens=torch.tensor([0, 20, 39], dtype=torch.int32)), "cu_seqlens"),
     (lambda a: a.update(backend="cuda"), "backend"),
+    (lambda a: a.update(scale=float("nan")), "scale must be a finite float"),
 ])
 def test_select_blocks_bad_input(mutate, arg):
     q, k, v, q_idx, k_idx = _ok()
@@ -270,6 +271,7 @@ def test_select_blocks_bad_input(mutate, arg):
     (lambda a: a.update(block_indices=torch.zeros_like(a["block_indices"])), "block_indices"),  # repeated id
     (lambda a: a.update(cu_seqlens=torch.tensor([0, 30], dtype=torch.int32)), "cu_seqlens"),
     (lambda a: a.update(block_size=-1), "block_size"),
+    (lambda a: a.update(scale=float("inf")), "scale must be a finite float"),
 ])
 def test_sparse_attention_bad_input(mutate, arg):
     q, k, v, q_idx, k_idx = _ok()
@@ -288,6 +290,10 @@ def test_indexer_kl_bad_input():
         msa.indexer_kl_loss(q_idx, k_idx, q[:, :, :3], k)
     with pytest.raises(ValueError, match="block_indices"):
         msa.indexer_kl_loss(q_idx, k_idx, q, k, torch.zeros(1, 40, 2, 3, dtype=torch.int64), block_size=16)
+    with pytest.raises(ValueError, match="index_scale must be a finite float"):
+        msa.indexer_kl_loss(q_idx, k_idx, q, k, index_scale=float("nan"))
+    with pytest.raises(ValueError, match="^scale must be a finite float"):
+        msa.indexer_kl_loss(q_idx, k_idx, q, k, scale="0.1x")
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

@@ -62,7 +62,7 @@ def block_max_kl_loss(q_idx: torch.Tensor, k_idx: torch.Tensor, q: torch.Tensor,
     check_cu_seqlens(cu_seqlens, bsz, t)
     check_backend(backend)
     scale = default_scale(scale, q.shape[3])
-    index_scale = default_scale(index_scale, di)
+    index_scale = default_scale(index_scale, di, "index_scale")
     rows = sample_rows(bsz, t, cu_seqlens, rows_per_sequence)
     kw = dict(block_size=block_size, scale=scale, index_scale=index_scale, cu_seqlens=cu_seqlens)
     if resolve_backend(backend, [q_idx, k_idx, q, k]) == "triton" and q.dtype != torch.float64:

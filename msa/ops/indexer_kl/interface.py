@@ -119,7 +119,7 @@ def indexer_kl_loss(q_idx: torch.Tensor, k_idx: torch.Tensor, q: torch.Tensor, k
               f"teacher_lse must have shape (B, T, H_q) = {(bsz, t, q.shape[2])}, got {tuple(teacher_lse.shape)}")
         check(teacher_lse.is_floating_point(), "teacher_lse must be a float tensor")
     scale = default_scale(scale, q.shape[3])
-    index_scale = default_scale(index_scale, di)
+    index_scale = default_scale(index_scale, di, "index_scale")
     impl = resolve_backend(backend, [q_idx, k_idx, q, k])
     kwargs = dict(block_size=block_size, scale=scale, index_scale=index_scale, cu_seqlens=cu_seqlens)
     if impl == "triton" and load_triton_impl(__package__, "triton_impl", "indexer_kl_triton", backend):
