@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import __version__
+from .bench import positive_ints
 
 
 def _fmt_bytes(x: float) -> str:
@@ -28,7 +29,7 @@ def cmd_flops(args) -> int:
         return 2
     shape = dict(num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
                  index_dim=args.index_dim, topk=args.topk, block_size=args.block_size)
-    seqs = [int(s) for s in args.seqlens.split(",")] if args.seqlens else [2 ** p for p in range(13, 22)]
+    seqs = args.seqlens or [2 ** p for p in range(13, 22)]
     rows = flops.table(seqs, **shape)
     print(f"Per-layer causal attention cost per token (spec section 3): H_q={args.num_heads}, H_kv={args.num_kv_heads}, "
           f"d={args.head_dim}, d_idx={args.index_dim}, B_k={args.block_size}, k={args.topk}")
@@ -236,7 +237,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     f.add_argument("--index-dim", type=_positive_int, default=128)
     f.add_argument("--block-size", type=_positive_int, default=128)
     f.add_argument("--topk", type=_positive_int, default=16)
-    f.add_argument("--seqlens", default=None, help="comma-separated token counts (default 8K .. 2M)")
+    f.add_argument("--seqlens", type=positive_ints, default=None, help="comma-separated token counts (default 8K .. 2M)")
     sub.add_parser("bench", add_help=False,  # --help goes to the benchmark (or lists them)
                    help="GPU benchmarks: msa bench {prefill,decode,train,topk,layer,hf,generate} [args] (--help lists them)")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -249,13 +250,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         why = _cuda_missing()
         if why is not None:
             d.error(f"argument --device: cuda requested but {why}")
-    if args.cmd == "flops" and args.seqlens:
-        try:
-            seqs = [int(s) for s in args.seqlens.split(",")]
-        except ValueError:
-            seqs = []
-        if not seqs or min(seqs) < 1:
-            f.error(f"argument --seqlens: must be comma-separated positive integers, got {args.seqlens!r}")
     return {"demo": cmd_demo, "flops": cmd_flops, "train": cmd_train}[args.cmd](args)
 
 

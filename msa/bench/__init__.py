@@ -17,4 +17,19 @@ BENCHES = {
     "layer": "the MSAAttention layer and a 4-layer model's training step (what users call) vs ops and dense",
 }
 
-__all__ = ["BENCHES"]
+
+
+def positive_ints(text: str) -> list:
+    """argparse type of comma-separated positive integers (``--sizes 8192,32768``), so a bad list is a
+    one-line usage error naming the argument before any GPU work."""
+    import argparse
+    try:
+        vals = [int(s) for s in text.split(",")]
+    except ValueError:
+        vals = []
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"must be comma-separated positive integers, got {text!r}")
+    return vals
+
+
+__all__ = ["BENCHES", "positive_ints"]

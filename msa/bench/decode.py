@@ -49,6 +49,7 @@ from msa.ops.decode.reference import decode_attention_reference
 from msa.ops.decode.triton_impl import DecodePlan
 from msa.ops.select_blocks.reference import block_scores_reference, select_blocks_sequence
 from msa.ops.sparse_attention.reference import sparse_attention_sequence
+from msa.bench import positive_ints
 
 HQ, HKV, D, DI, BS, TOPK = 64, 4, 128, 128, 128, 16
 G = HQ // HKV
@@ -533,9 +534,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--contexts", default=None, help="comma-separated context lengths")
-    ap.add_argument("--batches", default=None, help="comma-separated batch sizes")
-    ap.add_argument("--tokens", default=None, help="comma-separated query tokens per step")
+    ap.add_argument("--contexts", type=positive_ints, default=None, help="comma-separated context lengths")
+    ap.add_argument("--batches", type=positive_ints, default=None, help="comma-separated batch sizes")
+    ap.add_argument("--tokens", type=positive_ints, default=None, help="comma-separated query tokens per step")
     ap.add_argument("--indexes", default=None, help="comma-separated index-key formats: bf16,fp8tok,fp8blk")
     ap.add_argument("--layouts", default=None, help="comma-separated: contig,paged")
     ap.add_argument("--model-step", action="store_true",
@@ -560,7 +561,7 @@ def main():
     floor = graph_floor_us()
     print(f"graph floor (one tiny kernel, do_bench): {floor:.1f} us", flush=True)
     if args.model_step:
-        ctx = [int(x) for x in args.contexts.split(",")] if args.contexts else [131072, 1048576]
+        ctx = args.contexts if args.contexts else [131072, 1048576]
         rows = model_step(ctx, args.indexes.split(",") if args.indexes else ["bf16", "fp8blk"], dev)
         out = dict(meta=meta, gate=dict(passed=ok, checks=checks), copy_GBps=bw, graph_floor_us=floor,
                    layers_per_graph=LAYERS_PER_GRAPH, model_step=rows, wall_s=time.time() - t0,
@@ -582,11 +583,11 @@ def main():
         idxs, layouts = ["bf16", "fp8tok", "fp8blk"], [False, True]
     # explicit subsets (comma-separated) override the defaults above
     if args.contexts:
-        contexts = [int(x) for x in args.contexts.split(",")]
+        contexts = args.contexts
     if args.batches:
-        batches = [int(x) for x in args.batches.split(",")]
+        batches = args.batches
     if args.tokens:
-        toks = [int(x) for x in args.tokens.split(",")]
+        toks = args.tokens
     if args.indexes:
         idxs = args.indexes.split(",")
     if args.layouts:

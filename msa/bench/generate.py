@@ -50,6 +50,7 @@ from msa.bench.timing import back_to_back_ms
 from msa.layers import MSAConfig
 from msa.models import MSAForCausalLM, MSALMConfig
 from msa.models.generation import GenerationSession
+from msa.bench import positive_ints
 
 
 def build_model(kind, args, dev, dtype):
@@ -171,7 +172,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="tiny model, short contexts (CPU-runnable)")
-    ap.add_argument("--contexts", default=None, help="comma-separated prompt lengths (default 32768,131072)")
+    ap.add_argument("--contexts", type=positive_ints, default=None, help="comma-separated prompt lengths (default 32768,131072)")
     ap.add_argument("--new-tokens", type=int, default=None, help="timed steps per measurement (default 128)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--layers", type=int, default=4)
@@ -191,7 +192,7 @@ def main():
         args.block_size, args.topk = 16, 4
     if dev.type != "cuda" and not args.quick:
         sys.exit("bench_generate needs a GPU (or --quick for a CPU check of the script)")
-    contexts = [int(x) for x in args.contexts.split(",")] if args.contexts else ([512, 2048] if args.quick else
+    contexts = args.contexts if args.contexts else ([512, 2048] if args.quick else
                                                                                   [32768, 131072])
     n_tok = args.new_tokens or (8 if args.quick else 128)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32

@@ -33,6 +33,7 @@ import sys
 import time
 
 import torch
+from msa.bench import positive_ints
 
 
 def build_model(layers: int, vocab: int):
@@ -127,7 +128,7 @@ def gate(sdpa_model, msa_model, vocab: int) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--contexts", default="32768,131072", help="comma-separated prompt lengths")
+    ap.add_argument("--contexts", type=positive_ints, default="32768,131072", help="comma-separated prompt lengths")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--vocab", type=int, default=32000)
@@ -139,7 +140,7 @@ def main():
     import triton
 
     import msa.hf
-    contexts = [int(x) for x in args.contexts.split(",")]
+    contexts = args.contexts
     t_start = time.perf_counter()
     sdpa_model = build_model(args.layers, args.vocab)
     msa_model = copy.deepcopy(sdpa_model)

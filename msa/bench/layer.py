@@ -35,6 +35,7 @@ import torch.nn.functional as F
 import msa
 from msa.layers import MSAAttention, MSAConfig
 from msa.models import MSAForCausalLM, MSALMConfig
+from msa.bench import positive_ints
 
 PAPER = dict(hidden_size=4096, num_heads=64, num_kv_heads=4, head_dim=128, index_dim=128, block_size=128,
              topk_blocks=16)
@@ -178,14 +179,14 @@ def model_bench(t: int, steps: int):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--sizes", default="32768,131072")
+    ap.add_argument("--sizes", type=positive_ints, default="32768,131072")
     ap.add_argument("--model-T", type=int, default=32768)
     ap.add_argument("--model-steps", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="sizes 8192 and a 4-step 8K model run")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_layer: needs a CUDA GPU (this machine has none)")
-    sizes = [8192] if args.quick else [int(s) for s in args.sizes.split(",")]
+    sizes = [8192] if args.quick else args.sizes
     import triton
     out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "command": " ".join(sys.argv), "layer": [], "model": None}

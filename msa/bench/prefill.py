@@ -62,6 +62,7 @@ from msa.ops.sparse_attention.triton_impl import (_partial_budget, choose_kernel
                                                   tiled_tile_tokens)
 from msa.bench.timing import back_to_back_ms, host_ms  # noqa: E402
 from msa.bench.selections import greedy_union_blocks, realistic_indices, selection_recall, union_blocks  # noqa: E402
+from msa.bench import positive_ints  # noqa: E402
 
 DENSE_ONCE_MAX_S = 30.0  # above --dense-max, time dense once only if the T^2 estimate is below this
 
@@ -468,7 +469,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--sizes", default=None, help="comma-separated T values (overrides the defaults)")
+    ap.add_argument("--sizes", type=positive_ints, default=None, help="comma-separated T values (overrides the defaults)")
     ap.add_argument("--heavy-reps", type=int, default=2, help="timed reps of calls over 100 ms")
     ap.add_argument("--dense-max", type=int, default=1 << 17,
                     help="larger T: dense is timed once if its T^2 estimate is < --dense-once-max s, else extrapolated")
@@ -482,7 +483,7 @@ def main():
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda")
-    sizes = ([int(s) for s in args.sizes.split(",")] if args.sizes else
+    sizes = (args.sizes if args.sizes else
              [8192, 32768, 131072] if args.quick else [8192, 32768, 131072, 524288, 1048576])
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 command=(" ".join(sys.argv) if sys.argv[0].startswith("msa bench") else

@@ -56,6 +56,7 @@ import torch
 
 import msa.tuning
 import torch.nn.functional as F
+from msa.bench import positive_ints
 
 HQ, HKV, D, DI, BLOCK, TOPK = 64, 4, 128, 128, 128, 16
 DENSE_MAX_T = 131072  # dense baselines above this would take minutes per size
@@ -627,7 +628,7 @@ def main():
     ap.add_argument("--plot-only", metavar="JSON", default=None,
                     help="no GPU work: redraw OUT/bench_train.png from a results JSON (e.g. one merged from runs)")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--sizes", type=str, default=None, help="comma-separated T values (overrides defaults)")
+    ap.add_argument("--sizes", type=positive_ints, default=None, help="comma-separated T values (overrides defaults)")
     ap.add_argument("--sweep", action="store_true", help="also sweep kernel launch configs at --sweep-size")
     ap.add_argument("--sweep-size", type=int, default=32768, help="T of the --sweep (default 32768)")
     ap.add_argument("--sweep-groups", default="kl_kv,bwd,dense",
@@ -669,7 +670,7 @@ def main():
     if gate.get("aot_over_limit"):
         print(f"  AOT check, kernels over the shared-memory limit / not compiling: {gate['aot_over_limit']}",
               flush=True)
-    sizes = ([int(s) for s in args.sizes.split(",")] if args.sizes else
+    sizes = (args.sizes if args.sizes else
              ([8192, 32768] if args.quick else [8192, 32768, 131072, 524288]))
     rows = []
     for t in sizes:
