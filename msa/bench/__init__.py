@@ -5,6 +5,8 @@ Every benchmark needs a CUDA GPU and Triton; each starts with a correctness gate
 PyTorch reference. Committed results live in the source repository's ``benchmarks/results/``.
 """
 
+import argparse
+
 #: name -> one-line description, for ``msa bench --help``.
 BENCHES = {
     "prefill": "forward of select_blocks + sparse_attention vs dense SDPA / FlexAttention",
@@ -22,7 +24,6 @@ BENCHES = {
 def positive_ints(text: str) -> list:
     """argparse type of comma-separated positive integers (``--sizes 8192,32768``), so a bad list is a
     one-line usage error naming the argument before any GPU work."""
-    import argparse
     try:
         vals = [int(s) for s in text.split(",")]
     except ValueError:

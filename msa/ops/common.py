@@ -79,7 +79,7 @@ def default_scale(scale: Optional[float], dim: int, name: str = "scale") -> floa
     if scale is None:
         return dim ** -0.5
     try:
-        val = float(scale) if not isinstance(scale, bool) else math.nan
+        val = math.nan if isinstance(scale, bool) else float(scale)
     except (TypeError, ValueError):
         val = math.nan
     check(math.isfinite(val), f"{name} must be a finite float (None: D ** -0.5), got {scale!r}")

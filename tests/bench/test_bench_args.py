@@ -1,6 +1,7 @@
 """The benchmarks' size lists are parsed before any GPU work: a bad list is a usage error naming the
 argument (a zero or a typo used to reach the kernels or a torch allocation first)."""
 
+import argparse
 import importlib
 import sys
 
@@ -12,7 +13,7 @@ from msa.bench import positive_ints
 def test_positive_ints():
     assert positive_ints("8192,32768") == [8192, 32768]
     for bad in ("0", "8192,-1", "8k", "", "1,,2"):
-        with pytest.raises(Exception, match="comma-separated positive integers"):
+        with pytest.raises(argparse.ArgumentTypeError, match="comma-separated positive integers"):
             positive_ints(bad)
 
 
