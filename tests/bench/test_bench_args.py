@@ -1,5 +1,5 @@
 """The benchmarks' size lists are parsed before any GPU work: a bad list is a usage error naming the
-argument (a zero or a typo used to reach the kernels or a torch allocation first)."""
+argument (a zero or a typo used to pass the parser and go on to the GPU work)."""
 
 import argparse
 import importlib
