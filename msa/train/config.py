@@ -111,6 +111,9 @@ class PhaseConfig:
     fast KL and adds an unbiased estimate of the teacher's gradient from R sampled query positions
     per micro-batch, which is what makes the ablation affordable at 16K). init_from: a checkpoint whose model weights start this run
     (MSA-CPT: a dense run's checkpoint); reinit_index: draw fresh index projections after loading.
+    dense_every N > 0 (kind "msa"): the last of every N sparse-phase steps trains with dense attention and the
+    warmup's full-support KL, so the backbone also learns from the blocks the index does not select (0: the
+    spec's recipe, every sparse-phase step sparse); evaluations and checkpoints keep the phase's mode.
     full_kl_every N > 0: every N-th sparse step (the first, then every N) computes the KL over every
     causal token, as the warmup does, while attention stays sparse; the spec's sparse-phase KL sees
     only the selected blocks, so it never tells the index about a block it failed to select (0: the
@@ -130,6 +133,7 @@ class PhaseConfig:
     init_from: str = ""
     reinit_index: bool = False
     full_kl_every: int = 0
+    dense_every: int = 0
     kl_target: str = "token"
     kl_rows: int = 0
 
@@ -206,6 +210,9 @@ class TrainConfig:
         check(self.phase.kl_weight >= 0, f"phase.kl_weight must be >= 0, got {self.phase.kl_weight}")
         check(self.phase.teacher_grad_rows >= 0, f"phase.teacher_grad_rows must be >= 0, got {self.phase.teacher_grad_rows}")
         check(self.phase.full_kl_every >= 0, f"phase.full_kl_every must be >= 0, got {self.phase.full_kl_every}")
+        check(self.phase.dense_every >= 0, f"phase.dense_every must be >= 0, got {self.phase.dense_every}")
+        check(self.phase.dense_every == 0 or self.phase.kind == "msa",
+              f"phase.dense_every > 0 needs phase.kind='msa' (a {self.phase.kind} run has one attention mode)")
         check(self.phase.full_kl_every == 0 or self.phase.kl_detach_teacher,
               "phase.full_kl_every > 0 needs phase.kl_detach_teacher=true (the undetached ablation's KL "
               "is built over the selection)")

@@ -29,6 +29,9 @@ a 12-layer, ~46M-parameter model (1 dense + 11 MSA layers), context 16K, blocks 
   "block_max": the softmax of its block-max scores, what top-k ranks, against the teacher's block
   masses, on the full causal support) on 2048 sampled query positions per sequence (phase.kl_rows, an
   unbiased estimate at 1/8 of the cost at 16K); round 13 ran it with the PyTorch loss
+- exp-msa-densemix: exp-msa-blockkl whose every 4th sparse-phase step trains with dense attention
+  (phase.dense_every=4), so the backbone also learns from blocks the index does not select (round 17:
+  the sparse-trained backbone falls behind dense at every position once long-range learning starts)
 - exp-msa-cpt: from exp-dense's final checkpoint (phase.init_from), fresh index projections, KL
   warmup for 20% of its steps, then sparse; its steps are 20% of the pretraining's
 - exp-dense-cont: exp-dense continued densely for the same steps (the comparison for exp-msa-cpt)
@@ -128,6 +131,8 @@ PRESETS: Dict[str, Callable[[], TrainConfig]] = {
     "exp-msa-indexconst": _variant("exp-msa-indexconst", optim__index_schedule="constant"),
     "exp-msa-indexwd": _variant("exp-msa-indexwd", optim__index_weight_decay=1.25),
     "exp-msa-blockkl": _variant("exp-msa-blockkl", phase__kl_target="block_max", phase__kl_rows=2048),
+    "exp-msa-densemix": _variant("exp-msa-densemix", phase__kl_target="block_max", phase__kl_rows=2048,
+                                 phase__dense_every=4),
     "exp-msa-cpt": _variant("exp-msa-cpt", steps=CPT_STEPS, phase__warmup_steps=CPT_STEPS // 5,
                             phase__reinit_index=True, optim__lr=3e-4, optim__warmup_steps=20,
                             optim__index_lr=1e-3, checkpoint_every=100, eval__every=80),

@@ -139,14 +139,26 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim
     return torch.optim.lr_scheduler.LambdaLR(opt, fns)
 
 
-def mode_at(step: int, cfg: TrainConfig) -> str:
-    """The attention mode of step ``step`` (0-based)."""
+def phase_mode_at(step: int, cfg: TrainConfig) -> str:
+    """The attention mode of the phase step ``step`` (0-based) is in: "dense" in the warmup, "sparse" after
+    it (what evaluations and checkpoints of an MSA run see, whatever ``phase.dense_every`` does to single steps)."""
     kind = cfg.phase.kind
     if kind == "dense":
         return "dense"
     if kind == "local":
         return "sparse"
     return "dense" if step < cfg.phase.warmup_steps else "sparse"
+
+
+def mode_at(step: int, cfg: TrainConfig) -> str:
+    """The attention mode step ``step`` (0-based) trains in: the phase's, except that an MSA run with
+    ``phase.dense_every`` N > 0 trains every N-th sparse-phase step densely (the last of each N, with the
+    warmup's full-support KL)."""
+    mode = phase_mode_at(step, cfg)
+    n = cfg.phase.dense_every
+    if mode == "sparse" and cfg.phase.kind == "msa" and n > 0 and (step - cfg.phase.warmup_steps) % n == n - 1:
+        return "dense"
+    return mode
 
 
 def kl_support_at(step: int, cfg: TrainConfig) -> str:
@@ -606,11 +618,19 @@ class Trainer:
         self.sched.step()
         self.step += 1
         self.tokens_seen += ntok * self.world_size
+        self._restore_phase_mode(mode)
         if cfg.phase.full_kl_every:  # a "full" step's KL is over more tokens: not comparable with the others
             norms["kl_support"] = support
         return {"lm_loss": lm, "kl": kl, "layer_kl": {str(i): v for i, v in sorted(layer_kl.items())},
                 "mode": mode, "lr": lrs.get("backbone", next(iter(lrs.values()))), "index_lr": lrs.get("index"),
                 "tokens": ntok * self.world_size, **norms}
+
+    def _restore_phase_mode(self, mode: str) -> None:
+        """After a dense step of phase.dense_every the model goes back to the phase's mode, which
+        evaluations (eval.mode "train") and checkpoints record."""
+        phase = phase_mode_at(self.step - 1, self.cfg)
+        if mode != phase:
+            self.model.set_mode(phase)
 
     def _grad_sync(self, sync: bool):
         """Gradient reduction only on the last micro-batch of a step (DDP no_sync / FSDP2's switch)."""
@@ -674,6 +694,7 @@ class Trainer:
         self.sched.step()
         self.step += 1
         self.tokens_seen += ntok * world
+        self._restore_phase_mode(mode)
         if cfg.phase.full_kl_every:
             norms["kl_support"] = support
         return {"lm_loss": vals[0], "kl": vals[1], "layer_kl": {str(i): v for i, v in zip(keys, vals[2:])},

@@ -11,7 +11,7 @@ from msa.train import TrainConfig, apply_overrides, get_preset, resolve_config
 from msa.train.config import from_dict
 from msa.ops.block_max_kl import block_max_kl_loss
 from msa.train.loss import forward_loss, kl_teacher_not_detached
-from msa.train.trainer import Trainer, kl_support_at, lr_multiplier, mode_at
+from msa.train.trainer import Trainer, kl_support_at, lr_multiplier, mode_at, phase_mode_at
 
 from .common import CACHE, one_thread, tiny_config
 
@@ -74,6 +74,40 @@ def test_schedule_and_phases():
     local = apply_overrides(cfg, ["phase.kind=local"])
     dense = apply_overrides(cfg, ["phase.kind=dense"])
     assert mode_at(0, local) == "sparse" and mode_at(99, dense) == "dense"
+
+
+def test_dense_every_schedule_config_and_step():
+    cfg = apply_overrides(TrainConfig(), ["steps=100", "phase.warmup_steps=30", "phase.dense_every=4"])
+    assert [mode_at(s, cfg) for s in (0, 29, 30, 31, 32, 33, 34, 37, 99)] == \
+        ["dense", "dense", "sparse", "sparse", "sparse", "dense", "sparse", "dense", "sparse"]
+    assert [phase_mode_at(s, cfg) for s in (29, 30, 33)] == ["dense", "sparse", "sparse"]
+    assert mode_at(33, apply_overrides(cfg, ["phase.dense_every=0"])) == "sparse"
+    with pytest.raises(ValueError, match="phase.dense_every must be >= 0"):
+        apply_overrides(cfg, ["phase.dense_every=-1"])
+    with pytest.raises(ValueError, match="phase.dense_every > 0 needs phase.kind='msa'"):
+        apply_overrides(cfg, ["phase.kind=local"])
+    # tiny: warmup 4, then every 2nd sparse step dense; a dense step trains as the warmup does (dense attention,
+    # the full-support KL) and the model returns to the sparse mode after it
+    tr = Trainer(tiny_config("phase.dense_every=2"), "/tmp/unused-densemix", progress=False, resume=False)
+    recs = [tr.train_step() for _ in range(5)]
+    assert [r["mode"] for r in recs] == ["dense"] * 4 + ["sparse"]
+    state = tr.data.train.state_dict()
+    b = tr.data.train.next()
+    tr.data.train.load_state_dict(state)
+    with torch.no_grad():
+        tr.model.set_mode("dense")
+        dense = forward_loss(tr.model, b.input_ids, b.cu_seqlens, kl_weight=1.0)
+        tr.model.set_mode("sparse")
+        sparse = forward_loss(tr.model, b.input_ids, b.cu_seqlens, kl_weight=1.0)
+    gap = abs(float(dense["lm_loss"]) - float(sparse["lm_loss"]))
+    assert gap > 0 and abs(float(dense["kl_loss"]) - float(sparse["kl_loss"])) > 1e-3
+    rec = tr.train_step()  # step 5: the last of its pair of sparse-phase steps
+    assert rec["mode"] == "dense"
+    assert abs(rec["lm_loss"] - float(dense["lm_loss"])) < gap / 10
+    assert rec["kl"] == pytest.approx(float(dense["kl_loss"]), rel=1e-5)
+    assert tr.model.mode == "sparse"
+    assert all(layer.attn.mode == "sparse" for layer in tr.model.layers if layer.attn.config.use_index)
+    assert tr.train_step()["mode"] == "sparse"
 
 
 def test_full_kl_every_schedule_config_and_step():
