@@ -140,8 +140,9 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim
 
 
 def phase_mode_at(step: int, cfg: TrainConfig) -> str:
-    """The attention mode of the phase step ``step`` (0-based) is in: "dense" in the warmup, "sparse" after
-    it (what evaluations and checkpoints of an MSA run see, whatever ``phase.dense_every`` does to single steps)."""
+    """The attention mode of the phase that step ``step`` (0-based) belongs to: "dense" in the warmup, "sparse"
+    after it (what evaluations and checkpoints of an MSA run see, whatever ``phase.dense_every`` does to single
+    steps)."""
     kind = cfg.phase.kind
     if kind == "dense":
         return "dense"
