@@ -95,6 +95,7 @@ def rows(runs: Dict[str, Dict]) -> List[Dict]:
             "max_rule_recall": s.get("max_rule_recall"),
             "val_by_step": {int(h["step"]): h["val_lm_loss"] for h in runs[n]["history"]
                             if h.get("val_lm_loss") is not None and "step" in h},
+            "test_buckets": [(b["start"], b["end"], b["loss"]) for b in ((fin or {}).get("buckets") or {}).get("buckets", [])],
             "kl_sparse_first": s.get("sparse_kl_first_quarter"), "kl_sparse_last": s.get("sparse_kl_last_quarter"),
             "train_min": s.get("train_seconds", 0) / 60, **_seeds(runs[n].get("config"))})
     return out
@@ -198,12 +199,32 @@ def targets(rs: List[Dict]) -> List[str]:
                 if d is not None:
                     lines.append(f"{ab} validation loss vs MSA-PT: {d:+.2%}{note} (target worse): "
                                  f"{'met' if d > 0 else 'MISSED'}")
+    # every sparse-trained run against dense at equal steps, by position too: a gap that is as large where MSA
+    # reads every block (the first topk_blocks blocks) as far out is in the weights, not in what MSA reads
+    if "exp-dense" in r:
+        for x in rs:
+            if x["kind"] != "msa" or x["run"] in ("exp-msa-cpt", "exp-msa-indexprobe") \
+                    or not same_windows(x["run"], "exp-dense"):
+                continue
+            d, note = val_vs(x, r["exp-dense"])
+            if d is None:
+                continue
+            dense_b = {(a, b): v for a, b, v in r["exp-dense"].get("test_buckets", [])}
+            by_pos = [f"{_k(a)}-{_k(b)} {rel(v, dense_b[(a, b)]):+.1%}" for a, b, v in x.get("test_buckets", [])
+                      if v is not None and dense_b.get((a, b)) and x["steps"] == r["exp-dense"]["steps"]]
+            lines.append(f"{x['run']} vs dense: validation loss {d:+.2%}{note}"
+                         + (f"; test loss by position {', '.join(by_pos)}" if by_pos else ""))
     if "exp-msa-cpt" in r and "exp-dense-cont" in r and same_windows("exp-msa-cpt", "exp-dense-cont"):
         d, note = val_vs(r["exp-msa-cpt"], r["exp-dense-cont"])
         if d is not None:
             lines.append(f"MSA-CPT validation loss vs equally continued dense: {d:+.2%}{note} (target within +1%): "
                          f"{'met' if d <= 0.01 else 'MISSED'}")
     return lines
+
+
+def _k(n: int) -> str:
+    """Token positions as the bucket edges are written: 0, 512, 1K, 16K."""
+    return f"{n // 1024}K" if n and n % 1024 == 0 else str(n)
 
 
 def markdown(rs: List[Dict], command: str = "") -> str:

@@ -60,6 +60,10 @@ def test_summary_table_and_targets(tmp_path):
             "1.500 ± 0.250 = 80.0% of dense") in md
     assert "fact gain 8K-16K: MSA-PT 1.200 ± 0.500 vs local window 0.100 nats" in md
     assert "MSA-PT validation loss vs dense: +0.50% (target within +1%): met" in md
+    # every MSA run against dense, by position bucket (the round-17 diagnostic: a gap where MSA reads every block)
+    assert "exp-msa-pt vs dense: validation loss +0.50%; test loss by position 0-4K +0.5%, 4K-8K +0.7%, 8K-16K +1.0%" in md
+    assert "exp-msa-nowarmup vs dense: validation loss +0.00%; test loss by position 0-4K +0.0%" in md
+    assert "exp-local vs dense" not in md                             # the local window is no MSA run
     assert "97.1% of dense (target >= 95%): met" in md
     assert "vs local window" in md and "(target below): met" in md
     assert "score 0.910 (target >= 0.90: met), block 0.720 (target >= 0.70: met)" in md
