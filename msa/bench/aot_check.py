@@ -199,8 +199,8 @@ def _block_max_launches():
     for label, hq, hkv, d in (("paper shape", HQ, HKV, D), ("quality shape", 8, 2, 64)):
         g = hq // hkv
         bn = min(_pow2(BLOCK), bi.MAX_BLOCK_N)
-        out.append((f"block_max_kl_teacher_mass_kernel ({label})", bk.block_max_kl_teacher_mass_kernel,
-                    dict(Q=bf, K=bf, POS=i32, P=f32, seq_start=0, seq_len=T, qk_scale=0.1, HQ=hq, HKV=hkv, NB=T // BLOCK),
+        out.append((f"block_max_kl_teacher_lse_kernel ({label})", bk.block_max_kl_teacher_lse_kernel,
+                    dict(Q=bf, K=bf, POS=i32, L=f32, seq_start=0, seq_len=T, qk_scale=0.1, HQ=hq, HKV=hkv, NB=T // BLOCK),
                     dict(G=g, D=d, ROWS=bi.ROWS, BS=BLOCK, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_G=_pow2(g, 1),
                          CDT=tl.bfloat16, DOT_PREC="tf32"), 4, 3))
         out.append((f"block_max_kl_student_max_kernel ({label})", bk.block_max_kl_student_max_kernel,

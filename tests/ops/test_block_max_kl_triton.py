@@ -6,7 +6,7 @@ Tolerances: fp32 inputs, loss |ours - ref| <= 1e-5 * max(1, |ref|), index gradie
 inputs have no ties); on a GPU 1e-4 / 5e-4 (exp2 and summation order differ). bf16 inputs (GPU only):
 loss within 2e-3 relative, gradients within 2e-2 (argmax flips between near-equal keys move whole
 gradient rows). Covers odd lengths, a short last block, packed sequences, B = 2, G in {1, 2, 3, 4},
-blocks wider than one key tile, sampled and all rows, and the detach rule.
+blocks wider than one key tile, sampled and all rows, the teacher built in row chunks, and the detach rule.
 """
 
 import os
@@ -75,6 +75,18 @@ def test_blocks_wider_than_a_key_tile(monkeypatch):
     monkeypatch.setattr(triton_impl, "MAX_BLOCK_N", 16)
     qi, ki, q, k = _inputs(1, 101, 1, 2, 16, 16, seed=3)
     _close(*_both(qi, ki, q, k, block_size=40))
+
+
+def test_rows_in_chunks(monkeypatch):
+    """The teacher's per-head block log-sum-exps built one row tile at a time (a memory budget of one tile) and
+    the student's block maxima two tiles per launch give the same loss and gradients as all rows at once."""
+    qi, ki, q, k = _inputs(1, 200, 2, 4, 32, 16, seed=6)
+    whole = _both(qi, ki, q, k, 40, block_size=16)[0]
+    monkeypatch.setattr(triton_impl, "LSE_BUDGET", triton_impl.ROWS * 8 * 13 * 4)  # rows x H_q x blocks x fp32
+    monkeypatch.setattr(triton_impl, "MAX_TILES", 2)  # the student's launches: 2 row tiles each
+    chunked = _both(qi, ki, q, k, 40, block_size=16)
+    _close(*chunked)
+    _close(chunked[0], whole, tol=1e-6, ltol=1e-7)
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="CPU autocast leaves these ops in fp32, so only CUDA can show rounding")

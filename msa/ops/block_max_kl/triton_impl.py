@@ -1,7 +1,7 @@
-"""Launch + autograd of the block-max KL on Triton: the kernels give the teacher's block masses and the
-index's block maxima with their argmax keys for the sampled rows; the loss and its gradients on those
-(rows, H_kv, blocks) tensors are a few PyTorch ops (the gradient of a block max reaches only its
-argmax key)."""
+"""Launch + autograd of the block-max KL on Triton: the kernels give the teacher's per-head block log-sum-exps
+(whose softmax over the blocks, averaged over the group's heads, is its block mass) and the index's block maxima
+with their argmax keys for the sampled rows; the loss and its gradients on those (rows, H_kv, blocks) tensors are
+a few PyTorch ops (the gradient of a block max reaches only its argmax key)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,17 @@ import torch
 from ..common import sequence_spans
 from ..utils.triton_helpers import dot_precision, next_pow2, tl_compute_dtype
 from .reference import block_kl
-from .triton_kernels import LOG2E, block_max_kl_student_max_kernel, block_max_kl_teacher_mass_kernel
+from .triton_kernels import LOG2E, block_max_kl_student_max_kernel, block_max_kl_teacher_lse_kernel
 
-# query rows per program: 16 feeds tl.dot's minimum M; the teacher loops over the G heads itself
+# query rows per program: 16 feeds tl.dot's minimum M; the teacher loops over the G heads itself. Programs are
+# (row tile, group, key block): every block in parallel, not a row tile walking the whole history
 ROWS = 16
 # key tile: whole blocks up to 128 keys; a larger block is walked in tiles of this many keys
 MAX_BLOCK_N = 128
+# bytes of the teacher's per-head block log-sum-exps (rows x H_q x blocks fp32) built at a time
+LSE_BUDGET = 1 << 28
+# row tiles per launch: the grid's third axis holds at most 65535 programs
+MAX_TILES = 65535
 # rows of the gradient's gather (rows x H_kv x blocks x D_idx fp32) per step
 GRAD_ROWS = 256
 
@@ -38,6 +43,7 @@ def block_reductions(q_idx, k_idx, q, k, picked: torch.Tensor, s0: int, n: int, 
     dev = q.device
     hq, d = q.shape[1], q.shape[2]
     hkv, di = q_idx.shape[1], q_idx.shape[2]
+    g = hq // hkv
     r = picked.numel()
     nb = math.ceil(n / block_size)
     tiles = math.ceil(r / ROWS)
@@ -45,17 +51,27 @@ def block_reductions(q_idx, k_idx, q, k, picked: torch.Tensor, s0: int, n: int, 
     pos[:r] = picked.to(torch.int32)
     pos = pos.to(dev, non_blocking=True)
     bn = min(next_pow2(block_size, 16), MAX_BLOCK_N)
-    mass = torch.zeros(tiles * ROWS, hkv, nb, dtype=torch.float32, device=dev)
+    mass = torch.empty(tiles * ROWS, hkv, nb, dtype=torch.float32, device=dev)
     cdt, prec = _dtype_pair(q, k)
-    block_max_kl_teacher_mass_kernel[(tiles, hkv)](
-        q, k, pos, mass, s0, n, float(scale) * LOG2E, hq, hkv, nb, G=hq // hkv, D=d, ROWS=ROWS, BS=block_size,
-        BLOCK_N=bn, BLOCK_D=next_pow2(d, 16), BLOCK_G=next_pow2(hq // hkv), CDT=cdt, DOT_PREC=prec, num_warps=4)
+    # the per-head block log-sum-exps of LSE_BUDGET bytes of rows at a time, at most MAX_TILES row tiles per launch
+    step = min(MAX_TILES, max(1, LSE_BUDGET // (ROWS * hq * nb * 4))) * ROWS
+    for c0 in range(0, tiles * ROWS, step):
+        c1 = min(tiles * ROWS, c0 + step)
+        lse = torch.full((c1 - c0, hq, nb), float("-inf"), dtype=torch.float32, device=dev)
+        block_max_kl_teacher_lse_kernel[(nb, hkv, (c1 - c0) // ROWS)](
+            q, k, pos[c0:c1], lse, s0, n, float(scale) * LOG2E, hq, hkv, nb, G=g, D=d, ROWS=ROWS, BS=block_size,
+            BLOCK_N=bn, BLOCK_D=next_pow2(d, 16), BLOCK_G=next_pow2(g), CDT=cdt, DOT_PREC=prec, num_warps=4)
+        # each head's softmax over the blocks (log2 units to natural), averaged over the group's heads; padding
+        # rows (every entry -inf) give NaN and are cut below
+        mass[c0:c1] = torch.softmax(lse.mul_(math.log(2.0)), dim=-1).view(c1 - c0, hkv, g, nb).mean(dim=2)
     bmax = torch.full((tiles * ROWS, hkv, nb), float("-inf"), dtype=torch.float32, device=dev)
     arg = torch.zeros(tiles * ROWS, hkv, nb, dtype=torch.int32, device=dev)
     cdt, prec = _dtype_pair(q_idx, k_idx)
-    block_max_kl_student_max_kernel[(tiles, hkv)](
-        q_idx, k_idx, pos, bmax, arg, s0, n, float(index_scale), hkv, nb, DI=di, ROWS=ROWS, BS=block_size,
-        BLOCK_N=bn, BLOCK_D=next_pow2(di, 16), CDT=cdt, DOT_PREC=prec, num_warps=4)
+    for c0 in range(0, tiles * ROWS, MAX_TILES * ROWS):
+        c1 = min(tiles * ROWS, c0 + MAX_TILES * ROWS)
+        block_max_kl_student_max_kernel[(nb, hkv, (c1 - c0) // ROWS)](
+            q_idx, k_idx, pos[c0:c1], bmax[c0:c1], arg[c0:c1], s0, n, float(index_scale), hkv, nb, DI=di, ROWS=ROWS,
+            BS=block_size, BLOCK_N=bn, BLOCK_D=next_pow2(di, 16), CDT=cdt, DOT_PREC=prec, num_warps=4)
     return mass[:r], bmax[:r], arg[:r]
 
 
