@@ -21,6 +21,8 @@ import os
 from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from msa.models.msa_lm import MSAForCausalLM
 from msa.train.config import model_config
@@ -51,7 +53,23 @@ def _group(name: str) -> str:
     return f"{kind} (layers 1+)" if int(part[1]) >= 1 else f"{kind} (layer 0, dense)"
 
 
+_SDPA = F.scaled_dot_product_attention
+
+
+def _sdpa_fp32_gqa(q, k, v, *args, enable_gqa: bool = False, **kw):
+    """fp32 on CUDA: the KV heads repeated and the memory-efficient kernel forced, so that the 16K fp32 reference
+    never falls back to the math backend's T x T scores (12 layers of them do not fit)."""
+    if q.is_cuda and q.dtype == torch.float32:
+        if enable_gqa:
+            g = q.shape[-3] // k.shape[-3]
+            k, v = k.repeat_interleave(g, -3), v.repeat_interleave(g, -3)
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+            return _SDPA(q, k, v, *args, **kw)
+    return _SDPA(q, k, v, *args, enable_gqa=enable_gqa, **kw)
+
+
 def _run(model, ids, cu, mode: str, amp: bool):
+    F.scaled_dot_product_attention = _SDPA if amp else _sdpa_fp32_gqa
     model.set_mode(mode)
     model.zero_grad(set_to_none=True)
     with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=amp):
