@@ -190,7 +190,7 @@ def _launches():
 
 
 def _block_max_launches():
-    """The block-max KL's two kernels (``phase.kl_target="block_max"``), bf16, at the paper's shape and
+    """The block-max KL's three kernels (``phase.kl_target="block_max"``), bf16, at the paper's shape and
     at the quality study's (H_q 8, H_kv 2, D 64)."""
     from msa.ops.block_max_kl import triton_impl as bi
     from msa.ops.block_max_kl import triton_kernels as bk
@@ -208,6 +208,9 @@ def _block_max_launches():
                          NB=T // BLOCK),
                     dict(DI=DI, ROWS=bi.ROWS, BS=BLOCK, BLOCK_N=bn, BLOCK_D=_pow2(DI), CDT=tl.bfloat16,
                          DOT_PREC="tf32"), 4, 3))
+        out.append((f"block_max_kl_index_grad_kernel ({label})", bk.block_max_kl_index_grad_kernel,
+                    dict(QI=bf, KI=bf, POS=i32, DM=f32, ARG=i32, DQ=f32, DK=f32, seq_start=0, HKV=hkv, NB=T // BLOCK),
+                    dict(DI=DI, ROWS=bi.ROWS, BS=BLOCK, BLOCK_D=_pow2(DI)), 4, 3))
     return out
 
 

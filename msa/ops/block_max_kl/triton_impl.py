@@ -1,7 +1,8 @@
 """Launch + autograd of the block-max KL on Triton: the kernels give the teacher's per-head block log-sum-exps
 (whose softmax over the blocks, averaged over the group's heads, is its block mass) and the index's block maxima
-with their argmax keys for the sampled rows; the loss and its gradients on those (rows, H_kv, blocks) tensors are
-a few PyTorch ops (the gradient of a block max reaches only its argmax key)."""
+with their argmax keys for the sampled rows; the loss and d loss / d m on those (rows, H_kv, blocks) tensors are a
+few PyTorch ops, and a third kernel carries d m to the index projections through the argmax keys (the gradient of a
+block max reaches only its argmax key)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch
 from ..common import sequence_spans
 from ..utils.triton_helpers import dot_precision, next_pow2, tl_compute_dtype
 from .reference import block_kl
-from .triton_kernels import LOG2E, block_max_kl_student_max_kernel, block_max_kl_teacher_lse_kernel
+from .triton_kernels import (LOG2E, block_max_kl_index_grad_kernel, block_max_kl_student_max_kernel,
+                             block_max_kl_teacher_lse_kernel)
 
 # query rows per program: 16 feeds tl.dot's minimum M; the teacher loops over the G heads itself. Programs are
 # (row tile, group, key block): every block in parallel, not a row tile walking the whole history
@@ -24,8 +26,6 @@ MAX_BLOCK_N = 128
 LSE_BUDGET = 1 << 28
 # row tiles per launch: the grid's third axis holds at most 65535 programs
 MAX_TILES = 65535
-# rows of the gradient's gather (rows x H_kv x blocks x D_idx fp32) per step
-GRAD_ROWS = 256
 
 
 def _dtype_pair(a: torch.Tensor, b: torch.Tensor):
@@ -34,12 +34,12 @@ def _dtype_pair(a: torch.Tensor, b: torch.Tensor):
 
 
 def block_reductions(q_idx, k_idx, q, k, picked: torch.Tensor, s0: int, n: int, *, block_size: int, scale: float,
-                     index_scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     index_scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """For one sequence (tokens s0 .. s0 + n of the flattened (B * T) layout) and its sorted query
     positions picked (int64, CPU): the teacher's block masses P fp32 (R, H_kv, NB), the index's block
-    maxima m fp32 (R, H_kv, NB; -inf past each row's own block) and their argmax positions int32
-    (within the sequence), from flattened q_idx (N, H_kv, D_idx), k_idx (N, D_idx), q (N, H_q, D),
-    k (N, H_kv, D)."""
+    maxima m fp32 (R, H_kv, NB; -inf past each row's own block), their argmax positions int32
+    (within the sequence) and the rows' positions on the device, int32 padded with -1 to whole tiles of
+    ROWS, from flattened q_idx (N, H_kv, D_idx), k_idx (N, D_idx), q (N, H_q, D), k (N, H_kv, D)."""
     dev = q.device
     hq, d = q.shape[1], q.shape[2]
     hkv, di = q_idx.shape[1], q_idx.shape[2]
@@ -72,7 +72,7 @@ def block_reductions(q_idx, k_idx, q, k, picked: torch.Tensor, s0: int, n: int, 
         block_max_kl_student_max_kernel[(nb, hkv, (c1 - c0) // ROWS)](
             q_idx, k_idx, pos[c0:c1], bmax[c0:c1], arg[c0:c1], s0, n, float(index_scale), hkv, nb, DI=di, ROWS=ROWS,
             BS=block_size, BLOCK_N=bn, BLOCK_D=next_pow2(di, 16), CDT=cdt, DOT_PREC=prec, num_warps=4)
-    return mass[:r], bmax[:r], arg[:r]
+    return mass[:r], bmax[:r], arg[:r], pos
 
 
 def block_max_kl_forward(q_idx, k_idx, q, k, rows: List[torch.Tensor], *, block_size: int, scale: float,
@@ -87,23 +87,18 @@ def block_max_kl_forward(q_idx, k_idx, q, k, rows: List[torch.Tensor], *, block_
     dk = torch.zeros(fki.shape, dtype=torch.float32, device=q.device) if with_grad else None
     for (b, s0, e0), picked in zip(sequence_spans(bsz, t, cu_seqlens), rows):
         start, n = b * t + s0, e0 - s0
-        mass, bmax, arg = block_reductions(*flat, picked, start, n, block_size=block_size, scale=scale,
-                                           index_scale=index_scale)
+        mass, bmax, arg, pos = block_reductions(*flat, picked, start, n, block_size=block_size, scale=scale,
+                                                index_scale=index_scale)
         weight = n / picked.numel()
         log_student = torch.log_softmax(bmax, dim=-1)  # blocks past the row's own: -inf, probability 0
         total = total + block_kl(mass, log_student) * weight
         if not with_grad:
             continue
         # d KL / d m_b = softmax(m)_b - P_b; it reaches the block's argmax score only
-        dm = (log_student.exp() - mass) * (weight * index_scale / denom)
-        at = start + picked.to(q.device)
-        key = start + arg.to(torch.int64)
-        for c0 in range(0, picked.numel(), GRAD_ROWS):
-            c1 = min(picked.numel(), c0 + GRAD_ROWS)
-            dm_c, key_c = dm[c0:c1], key[c0:c1]
-            dq[at[c0:c1]] += torch.einsum("rhb,rhbd->rhd", dm_c, fki[key_c].float())
-            dk.index_add_(0, key_c.reshape(-1),
-                          (dm_c.unsqueeze(-1) * fqi[at[c0:c1]].float().unsqueeze(2)).reshape(-1, di))
+        dm = ((log_student.exp() - mass) * (weight * index_scale / denom)).contiguous()
+        block_max_kl_index_grad_kernel[(pos.numel() // ROWS, hkv)](
+            fqi, fki, pos, dm, arg.contiguous(), dq, dk, start, hkv, dm.shape[-1], DI=di, ROWS=ROWS, BS=block_size,
+            BLOCK_D=next_pow2(di, 16), num_warps=4)
     loss = total / denom
     if not with_grad:
         return loss, None, None

@@ -9,6 +9,7 @@ For query row i (position within the sequence), group r and key block b over the
   and for the block's key tile (loaded once) the program loops over the heads.
 - ``block_max_kl_student_max_kernel``: m[i, r, b] = max_{j in b} <q_idx[i, r], k_idx[j]> * index_scale
   and its argmax j (the key the gradient flows through).
+- ``block_max_kl_index_grad_kernel``: the index gradients from d loss / d m through those argmax keys.
 Entries of blocks past a row's own stay as the caller initialised them (L and m -inf).
 """
 
@@ -120,3 +121,33 @@ def block_max_kl_student_max_kernel(QI, KI, POS, M, ARG, seq_start, seq_len, ind
     keep = valid & (b * BS <= pos)
     tl.store(M + out, best, mask=keep)
     tl.store(ARG + out, arg, mask=keep)
+
+
+@triton.jit
+def block_max_kl_index_grad_kernel(QI, KI, POS, DM, ARG, DQ, DK, seq_start, HKV, NB, DI: tl.constexpr,
+                                   ROWS: tl.constexpr, BS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The index gradients of one (row tile, group): the gradient dm[i, r, b] of a block maximum reaches its
+    argmax key j only, so dq_idx[i, r] = sum_b dm[i, r, b] k_idx[j_b] (stored: each row is one token) and
+    dk_idx[j_b] += dm[i, r, b] q_idx[i, r] (atomically: many rows share keys). dm and ARG are (R, H_kv, NB)
+    for the R real rows; POS is padded to whole tiles with -1."""
+    tile = tl.program_id(0)
+    r = tl.program_id(1)
+    rows = tile * ROWS + tl.arange(0, ROWS)
+    pos = tl.load(POS + rows)
+    valid = pos >= 0
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < DI
+    tok = (seq_start + tl.where(valid, pos, 0)).to(tl.int64)
+    qi = tl.load(QI + (tok * HKV + r)[:, None] * DI + d[None, :], mask=valid[:, None] & dmask[None, :],
+                 other=0.0).to(tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    for b in range(tl.max(pos, axis=0) // BS + 1):
+        keep = valid & (b * BS <= pos)
+        at = (rows.to(tl.int64) * HKV + r) * NB + b
+        dm = tl.load(DM + at, mask=keep, other=0.0)
+        key = (seq_start + tl.load(ARG + at, mask=keep, other=0)).to(tl.int64)
+        both = keep[:, None] & dmask[None, :]
+        kk = tl.load(KI + key[:, None] * DI + d[None, :], mask=both, other=0.0).to(tl.float32)
+        acc += dm[:, None] * kk
+        tl.atomic_add(DK + key[:, None] * DI + d[None, :], dm[:, None] * qi, mask=both)
+    tl.store(DQ + (tok * HKV + r)[:, None] * DI + d[None, :], acc, mask=valid[:, None] & dmask[None, :])
