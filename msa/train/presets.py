@@ -32,6 +32,8 @@ a 12-layer, ~46M-parameter model (1 dense + 11 MSA layers), context 16K, blocks 
 - exp-msa-densemix: exp-msa-blockkl whose every 4th sparse-phase step trains with dense attention
   (phase.dense_every=4), so the backbone also learns from blocks the index does not select (round 17:
   the sparse-trained backbone falls behind dense at every position once long-range learning starts)
+- exp-msa-k32: exp-msa-blockkl with top-32 blocks instead of 16 (round 17: the model's own attention widens past
+  what 16 blocks hold in the phase where its loss falls behind dense; this doubles the key budget)
 - exp-msa-cpt: from exp-dense's final checkpoint (phase.init_from), fresh index projections, KL
   warmup for 20% of its steps, then sparse; its steps are 20% of the pretraining's
 - exp-dense-cont: exp-dense continued densely for the same steps (the comparison for exp-msa-cpt)
@@ -133,6 +135,7 @@ PRESETS: Dict[str, Callable[[], TrainConfig]] = {
     "exp-msa-blockkl": _variant("exp-msa-blockkl", phase__kl_target="block_max", phase__kl_rows=2048),
     "exp-msa-densemix": _variant("exp-msa-densemix", phase__kl_target="block_max", phase__kl_rows=2048,
                                  phase__dense_every=4),
+    "exp-msa-k32": _variant("exp-msa-k32", phase__kl_target="block_max", phase__kl_rows=2048, model__topk_blocks=32),
     "exp-msa-cpt": _variant("exp-msa-cpt", steps=CPT_STEPS, phase__warmup_steps=CPT_STEPS // 5,
                             phase__reinit_index=True, optim__lr=3e-4, optim__warmup_steps=20,
                             optim__index_lr=1e-3, checkpoint_every=100, eval__every=80),

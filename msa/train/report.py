@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 
 ORDER = ["exp-dense", "exp-msa-pt", "exp-local", "exp-msa-nowarmup", "exp-msa-nodetach", "exp-msa-noindexrope",
          "exp-msa-k8", "exp-msa-indexlr", "exp-msa-sink", "exp-msa-idx64", "exp-msa-fullkl", "exp-msa-lateswitch",
-         "exp-msa-indexconst", "exp-msa-indexwd", "exp-msa-blockkl", "exp-msa-densemix",
+         "exp-msa-indexconst", "exp-msa-indexwd", "exp-msa-blockkl", "exp-msa-densemix", "exp-msa-k32",
          "exp-dense-cont", "exp-msa-cpt", "exp-msa-indexprobe"]
 
 

@@ -108,6 +108,10 @@ def test_dense_every_schedule_config_and_step():
     assert tr.model.mode == "sparse"
     assert all(layer.attn.mode == "sparse" for layer in tr.model.layers if layer.attn.config.use_index)
     assert tr.train_step()["mode"] == "sparse"
+    # the two levers for quality round 17's gap: dense steps, a doubled key budget (both with the block objective)
+    mix, k32 = get_preset("exp-msa-densemix"), get_preset("exp-msa-k32")
+    assert (mix.phase.dense_every, mix.phase.kl_target, mix.model.topk_blocks) == (4, "block_max", 16)
+    assert (k32.phase.dense_every, k32.phase.kl_target, k32.model.topk_blocks) == (0, "block_max", 32)
 
 
 def test_full_kl_every_schedule_config_and_step():
