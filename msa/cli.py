@@ -73,11 +73,13 @@ def cmd_demo(args) -> int:
 
 def cmd_train(args) -> int:
     from .train import preset_names, resolve_config
+    from .train.presets import DESCRIPTIONS
     from .train.trainer import Trainer, build_data, resolve_device
 
     if args.list_presets:
+        width = max(map(len, preset_names()))
         for n in preset_names():
-            print(n)
+            print(f"{n:<{width}}  {DESCRIPTIONS.get(n, '')}".rstrip())
         return 0
     if not args.preset and not args.config:
         print("msa train: give --preset NAME or --config FILE (msa train --list-presets)", file=sys.stderr)

@@ -155,6 +155,33 @@ def preset_names() -> List[str]:
     return list(PRESETS)
 
 
+# one line per preset for ``msa train --list-presets`` (the module docstring has the longer story)
+DESCRIPTIONS = {
+    "tiny": "seconds on a CPU (CI)",
+    "small": "a few minutes on a CPU",
+    "exp-dense": "quality study: dense attention throughout (the baseline; MSA-CPT starts from it)",
+    "exp-msa-pt": "quality study: the recipe (dense warmup with the KL for 20% of the steps, then sparse top-16)",
+    "exp-local": "quality study: the last 16 blocks only (same key budget, no indexer)",
+    "exp-msa-nowarmup": "ablation: sparse from step 0",
+    "exp-msa-nodetach": "ablation: the KL's teacher not detached",
+    "exp-msa-noindexrope": "ablation: no RMSNorm + RoPE on the index q and k",
+    "exp-msa-k8": "ablation: top-8 blocks",
+    "exp-msa-indexlr": "index learning rate 5e-3 instead of 1e-3",
+    "exp-msa-sink": "the first block always selected (init_blocks=1)",
+    "exp-msa-idx64": "index_dim 64 instead of 128",
+    "exp-msa-fullkl": "every 4th sparse step's KL over every causal token",
+    "exp-msa-lateswitch": "the switch to sparse attention at 50% of the steps",
+    "exp-msa-indexconst": "the index learning rate held at its peak",
+    "exp-msa-indexwd": "weight decay on the index projections",
+    "exp-msa-blockkl": "the index trained by the block-max objective (2048 sampled rows per sequence)",
+    "exp-msa-densemix": "exp-msa-blockkl with every 4th sparse-phase step dense (phase.dense_every=4)",
+    "exp-msa-k32": "exp-msa-blockkl with top-32 blocks",
+    "exp-msa-cpt": "MSA-CPT: exp-dense's checkpoint, a fresh index, KL warmup, then sparse",
+    "exp-dense-cont": "exp-dense continued densely (the comparison for exp-msa-cpt)",
+    "exp-msa-indexprobe": "diagnostic: exp-msa-pt's backbone frozen, only the index trained",
+}
+
+
 def get_preset(name: str) -> TrainConfig:
     check(name in PRESETS, f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
     return PRESETS[name]()

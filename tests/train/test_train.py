@@ -61,6 +61,16 @@ def test_config_rejects_bad_optimizer_and_model_values(capsys):
     assert capsys.readouterr().err.startswith("msa train: model: block_size must be a positive int")
 
 
+def test_list_presets_describes_every_preset(capsys):
+    from msa.train import preset_names
+    from msa.train.presets import DESCRIPTIONS
+    assert set(DESCRIPTIONS) == set(preset_names())  # a new preset needs its line
+    assert main(["train", "--list-presets"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split()[0] for ln in lines] == preset_names()
+    assert any(ln.startswith("exp-msa-k32") and ln.endswith("exp-msa-blockkl with top-32 blocks") for ln in lines)
+
+
 def test_schedule_and_phases():
     cfg = apply_overrides(TrainConfig(), ["steps=100", "optim.warmup_steps=10", "optim.min_lr_ratio=0.1",
                                           "phase.warmup_steps=30", "optim.index_schedule=constant"])
