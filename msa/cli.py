@@ -79,7 +79,7 @@ def cmd_train(args) -> int:
     if args.list_presets:
         width = max(map(len, preset_names()))
         for n in preset_names():
-            print(f"{n:<{width}}  {DESCRIPTIONS.get(n, '')}".rstrip())
+            print(f"{n:<{width}}  {DESCRIPTIONS[n]}".rstrip())
         return 0
     if not args.preset and not args.config:
         print("msa train: give --preset NAME or --config FILE (msa train --list-presets)", file=sys.stderr)

@@ -20,7 +20,6 @@ BENCHES = {
 }
 
 
-
 def positive_ints(text: str) -> list:
     """argparse type of comma-separated positive integers (``--sizes 8192,32768``), so a bad list is a
     one-line usage error naming the argument before any GPU work."""

@@ -192,8 +192,7 @@ def main():
         args.block_size, args.topk = 16, 4
     if dev.type != "cuda" and not args.quick:
         sys.exit("bench_generate needs a GPU (or --quick for a CPU check of the script)")
-    contexts = args.contexts if args.contexts else ([512, 2048] if args.quick else
-                                                                                  [32768, 131072])
+    contexts = args.contexts or ([512, 2048] if args.quick else [32768, 131072])
     n_tok = args.new_tokens or (8 if args.quick else 128)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     os.makedirs(args.out, exist_ok=True)

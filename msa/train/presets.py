@@ -30,10 +30,9 @@ a 12-layer, ~46M-parameter model (1 dense + 11 MSA layers), context 16K, blocks 
   masses, on the full causal support) on 2048 sampled query positions per sequence (phase.kl_rows, an
   unbiased estimate at 1/8 of the cost at 16K); round 13 ran it with the PyTorch loss
 - exp-msa-densemix: exp-msa-blockkl whose every 4th sparse-phase step trains with dense attention
-  (phase.dense_every=4), so the backbone also learns from blocks the index does not select (round 17:
-  the sparse-trained backbone falls behind dense at every position once long-range learning starts)
-- exp-msa-k32: exp-msa-blockkl with top-32 blocks instead of 16 (round 17: the model's own attention widens past
-  what 16 blocks hold in the phase where its loss falls behind dense; this doubles the key budget)
+  (phase.dense_every=4), so the backbone also learns from blocks the index does not select
+- exp-msa-k32: exp-msa-blockkl with top-32 blocks instead of 16: twice the key budget, for a model whose own
+  attention spreads over more blocks than 16 hold
 - exp-msa-cpt: from exp-dense's final checkpoint (phase.init_from), fresh index projections, KL
   warmup for 20% of its steps, then sparse; its steps are 20% of the pretraining's
 - exp-dense-cont: exp-dense continued densely for the same steps (the comparison for exp-msa-cpt)

@@ -17,8 +17,8 @@ from .reference import block_kl
 from .triton_kernels import (LOG2E, block_max_kl_index_grad_kernel, block_max_kl_student_max_kernel,
                              block_max_kl_teacher_lse_kernel)
 
-# query rows per program: 16 feeds tl.dot's minimum M; the teacher loops over the G heads itself. Programs are
-# (row tile, group, key block): every block in parallel, not a row tile walking the whole history
+# query rows per program: 16 feeds tl.dot's minimum M; the teacher loops over the G heads itself. One program per
+# (key block, group, row tile): every block in parallel, not a row tile walking the whole history
 ROWS = 16
 # key tile: whole blocks up to 128 keys; a larger block is walked in tiles of this many keys
 MAX_BLOCK_N = 128
@@ -95,9 +95,9 @@ def block_max_kl_forward(q_idx, k_idx, q, k, rows: List[torch.Tensor], *, block_
         if not with_grad:
             continue
         # d KL / d m_b = softmax(m)_b - P_b; it reaches the block's argmax score only
-        dm = ((log_student.exp() - mass) * (weight * index_scale / denom)).contiguous()
+        dm = (log_student.exp() - mass) * (weight * index_scale / denom)
         block_max_kl_index_grad_kernel[(pos.numel() // ROWS, hkv)](
-            fqi, fki, pos, dm, arg.contiguous(), dq, dk, start, hkv, dm.shape[-1], DI=di, ROWS=ROWS, BS=block_size,
+            fqi, fki, pos, dm, arg, dq, dk, start, hkv, dm.shape[-1], DI=di, ROWS=ROWS, BS=block_size,
             BLOCK_D=next_pow2(di, 16), num_warps=4)
     loss = total / denom
     if not with_grad:

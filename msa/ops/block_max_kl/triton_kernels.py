@@ -22,6 +22,16 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
+def _tile_rows(POS, tile, seq_start, ROWS: tl.constexpr):
+    """The tile's rows, their positions in the sequence (-1: padding), which are real, and their tokens in the
+    flattened layout (padding rows point at the sequence's first token; every use masks them)."""
+    rows = tile * ROWS + tl.arange(0, ROWS)
+    pos = tl.load(POS + rows)
+    valid = pos >= 0
+    return rows, pos, valid, (seq_start + tl.where(valid, pos, 0)).to(tl.int64)
+
+
+@triton.jit
 def _key_tile(K, seq_start, seq_len, pos, r, k0, k_left, HKV, D: tl.constexpr, n, d, dmask,
               CDT: tl.constexpr):
     """Keys k0 .. k0 + BLOCK_N of KV head r (at most k_left of them: the rest of the block) and the
@@ -55,14 +65,11 @@ def block_max_kl_teacher_lse_kernel(Q, K, POS, L, seq_start, seq_len, qk_scale, 
     b = tl.program_id(0)  # the block on the grid's first axis: up to 2^31 - 1 of them (the others: 65535)
     r = tl.program_id(1)
     tile = tl.program_id(2)
-    rows = tile * ROWS + tl.arange(0, ROWS)
-    pos = tl.load(POS + rows)  # -1: padding
-    valid = pos >= 0
+    rows, pos, valid, tok = _tile_rows(POS, tile, seq_start, ROWS)
     d = tl.arange(0, BLOCK_D)
     n = tl.arange(0, BLOCK_N)
     gcol = tl.arange(0, BLOCK_G)
     dmask = d < D
-    tok = (seq_start + tl.where(valid, pos, 0)).to(tl.int64)
     # a block after every row of the tile: no key tiles (its entries stay as the caller initialised them)
     width = tl.where(b * BS <= tl.max(pos, axis=0), BS, 0)
     # each head's running max / sum kept as the columns of (ROWS, BLOCK_G) tiles: a key tile is loaded once
@@ -93,13 +100,10 @@ def block_max_kl_student_max_kernel(QI, KI, POS, M, ARG, seq_start, seq_len, ind
     b = tl.program_id(0)  # one key block per program, as the teacher's kernel
     r = tl.program_id(1)
     tile = tl.program_id(2)
-    rows = tile * ROWS + tl.arange(0, ROWS)
-    pos = tl.load(POS + rows)
-    valid = pos >= 0
+    rows, pos, valid, tok = _tile_rows(POS, tile, seq_start, ROWS)
     d = tl.arange(0, BLOCK_D)
     n = tl.arange(0, BLOCK_N)
     dmask = d < DI
-    tok = (seq_start + tl.where(valid, pos, 0)).to(tl.int64)
     width = tl.where(b * BS <= tl.max(pos, axis=0), BS, 0)
     qi = tl.load(QI + (tok * HKV + r)[:, None] * DI + d[None, :], mask=valid[:, None] & dmask[None, :],
                  other=0.0).to(CDT)
@@ -132,12 +136,9 @@ def block_max_kl_index_grad_kernel(QI, KI, POS, DM, ARG, DQ, DK, seq_start, HKV,
     for the R real rows; POS is padded to whole tiles with -1."""
     tile = tl.program_id(0)
     r = tl.program_id(1)
-    rows = tile * ROWS + tl.arange(0, ROWS)
-    pos = tl.load(POS + rows)
-    valid = pos >= 0
+    rows, pos, valid, tok = _tile_rows(POS, tile, seq_start, ROWS)
     d = tl.arange(0, BLOCK_D)
     dmask = d < DI
-    tok = (seq_start + tl.where(valid, pos, 0)).to(tl.int64)
     qi = tl.load(QI + (tok * HKV + r)[:, None] * DI + d[None, :], mask=valid[:, None] & dmask[None, :],
                  other=0.0).to(tl.float32)
     acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
