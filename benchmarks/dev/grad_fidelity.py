@@ -116,7 +116,14 @@ def main():
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ids = _batch(a.seq_len, mc.vocab_size, "cpu").to(dev)
     cu = torch.tensor([0, a.seq_len, 2 * a.seq_len], dtype=torch.int32, device=dev)
+    meta = {"gpu": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__, "seq_len": a.seq_len,
+            "preset": a.preset, "topk_blocks": nblocks, "command": "python benchmarks/dev/grad_fidelity.py --out DIR"}
     rows = []
+
+    def save():  # after every case, so that a run cut short keeps what it measured
+        with open(os.path.join(a.out, "grad_fidelity.json"), "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
     for state, q_gain in (("init", 1.0), ("peaked", 6.0)):
         torch.manual_seed(0)
         model = MSAForCausalLM(mc).to(dev)
@@ -130,17 +137,15 @@ def main():
                 loss, g = _run(model, ids, cu, mode, amp)
             except Exception as e:  # fp32 may not be a dtype the sparse kernels take
                 rows.append({"state": state, "run": name, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                save()
                 continue
             rel = _compare(g, ref)
             rows.append({"state": state, "run": name, "loss": loss, "ref_loss": ref_loss, "grad_rel_err": rel})
+            save()
             print(f"{state:7s} {name:26s} loss {loss:.5f} (ref {ref_loss:.5f})  grad rel err all {rel['all']:.2e}  "
                   + "  ".join(f"{k} {v:.1e}" for k, v in rel.items() if k != "all"), flush=True)
         del model
         torch.cuda.empty_cache()
-    meta = {"gpu": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__, "seq_len": a.seq_len,
-            "preset": a.preset, "topk_blocks": nblocks, "command": "python benchmarks/dev/grad_fidelity.py --out DIR"}
-    with open(os.path.join(a.out, "grad_fidelity.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print("| state | run | loss - ref | grad rel err (all) | attn.q_proj (MSA layers) | attn.k_proj | attn.v_proj | mlp |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
