@@ -13,11 +13,13 @@ prompts, counts sampled generations that differ from the first (captured and not
 difference between repeated sessions per step (prefill, then three steps).
 
     PYTHONPATH=. python benchmarks/dev/sampling_repeat_probe.py [--repeats 12] [--device cuda]
+    (on the CPU: TRITON_INTERPRET=1 and --device cpu, fp32, uncaptured only)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -41,6 +43,12 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args()
     dev = a.device
+    if a.repeats < 2:
+        ap.error("--repeats must be >= 2 (generations are compared with the first)")
+    if dev not in ("cuda", "cpu") or (dev == "cuda" and not torch.cuda.is_available()):
+        ap.error(f"--device must be cuda (with a GPU) or cpu, got {dev!r}")
+    if dev == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        ap.error("--device cpu runs the Triton kernels in the interpreter: set TRITON_INTERPRET=1")
     graphs = (True, False) if dev == "cuda" else (False,)
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
