@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from statistics import median
 from typing import Dict, List, Optional
 
 ORDER = ["exp-dense", "exp-msa-pt", "exp-local", "exp-msa-nowarmup", "exp-msa-nodetach", "exp-msa-noindexrope",
@@ -66,6 +67,17 @@ def gain_se_at(final: Optional[Dict], lengths: List[int]) -> Optional[float]:
     return sum(x * x for x in ses) ** 0.5 / len(ses)
 
 
+def step_seconds(history: List[Dict], skip: int = 10) -> Dict[str, float]:
+    """Median seconds of one training step per attention mode ("dense": a dense run, an MSA run's warmup and
+    its dense_every steps; "sparse"; "local") over the logged steps after the first ``skip`` (Triton compiles).
+    A step's time is synced (``step_s``), so these are what the recipe costs, the KL included."""
+    by_mode: Dict[str, List[float]] = {}
+    for h in history:
+        if h.get("step_s") is not None and h.get("mode") and int(h.get("step", 0)) > skip:
+            by_mode.setdefault(h["mode"], []).append(float(h["step_s"]))
+    return {m: median(v) for m, v in by_mode.items()}
+
+
 def _pm(x: Optional[float], se: Optional[float]) -> str:
     return "-" if x is None else f"{x:.3f}" + ("" if se is None else f" ± {se:.3f}")
 
@@ -97,7 +109,8 @@ def rows(runs: Dict[str, Dict]) -> List[Dict]:
                             if h.get("val_lm_loss") is not None and "step" in h},
             "test_buckets": [(b["start"], b["end"], b["loss"]) for b in ((fin or {}).get("buckets") or {}).get("buckets", [])],
             "kl_sparse_first": s.get("sparse_kl_first_quarter"), "kl_sparse_last": s.get("sparse_kl_last_quarter"),
-            "train_min": s.get("train_seconds", 0) / 60, **_seeds(runs[n].get("config"))})
+            "train_min": s.get("train_seconds", 0) / 60, "step_s": step_seconds(runs[n]["history"]),
+            **_seeds(runs[n].get("config"))})
     return out
 
 
@@ -231,8 +244,8 @@ def markdown(rs: List[Dict], command: str = "") -> str:
     head = ("| run | kind | steps | tokens (M) | params (M) | val loss | test loss < 4K | test loss >= 4K | "
             "retrieval 8K-16K | retrieval all | fact gain 8K-16K | block recall | score recall | selected mass | "
             "oracle mass | top-half recall | max-rule recall | teacher entropy | sparse KL first -> last | train min | "
-            "seed (eval windows) | copy 8K-16K: accuracy / gain |")
-    sep = "|" + "---|" * 22
+            "seed (eval windows) | copy 8K-16K: accuracy / gain | step s: dense / sparse |")
+    sep = "|" + "---|" * 23
     lines = [head, sep]
     for x in rs:
         kl = "-" if x["kl_sparse_first"] is None else f"{x['kl_sparse_first']:.3g} -> {x['kl_sparse_last']:.3g}"
@@ -244,7 +257,7 @@ def markdown(rs: List[Dict], command: str = "") -> str:
                      f"{_f(x['score_recall'], '{:.3f}')} | {_f(x.get('selected_mass'), '{:.3f}')} | "
                      f"{_f(x.get('oracle_mass'), '{:.3f}')} | {_f(x.get('top_half_recall'), '{:.3f}')} | "
                      f"{_f(x.get('max_rule_recall'), '{:.3f}')} | {_f(x.get('teacher_entropy'), '{:.2f}')} | {kl} | {x['train_min']:.1f} | "
-                     f"{_seed_cell(x)} | {_copy_cell(x)} |")
+                     f"{_seed_cell(x)} | {_copy_cell(x)} | {_step_cell(x)} |")
     t = targets(rs)
     if t:
         lines += ["", "Targets:", ""] + [f"- {x}" for x in t]
@@ -259,6 +272,14 @@ def _copy_cell(x: Dict) -> str:
     if x.get("copy_8k_16k") is None:
         return "-"
     return f"{x['copy_8k_16k']:.3f} / {_f(x.get('copy_gain_8k_16k'), '{:.3f}')}"
+
+
+def _step_cell(x: Dict) -> str:
+    """"0.292 / 0.304": median seconds per step in dense mode (a dense run; an MSA run's warmup) and in sparse
+    mode (or the local window's); "-" for a mode the run never logged."""
+    st = x.get("step_s") or {}
+    sparse = st.get("sparse", st.get("local"))
+    return f"{_f(st.get('dense'), '{:.3f}')} / {_f(sparse, '{:.3f}')}"
 
 
 def _seed_cell(x: Dict) -> str:

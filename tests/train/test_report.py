@@ -135,3 +135,24 @@ def test_runs_on_different_evaluation_windows_are_not_compared(tmp_path):
     md = summarize(str(tmp_path))
     assert "MSA-PT validation loss vs dense: +5.00% (target within +1%): MISSED" in md and "not compared" not in md
     assert [c.strip() for c in next(ln for ln in md.splitlines() if ln.startswith("| exp-msa-pt")).split("|")][21] == "1 (0)"
+
+
+def test_step_seconds_are_medians_per_mode_after_the_compile_steps(tmp_path):
+    """The last column: median synced seconds per step in dense mode (an MSA run's warmup) and sparse mode,
+    leaving out the first 10 steps (Triton compiles) and evaluation-free records without a time."""
+    b = [(0, 4096, 2.0, 100)]
+    _run(tmp_path, "exp-dense", "dense", 2.0, b, {8192: 0.0})
+    _run(tmp_path, "exp-msa-pt", "msa", 2.0, b, {8192: 0.0})
+    hist = {"exp-dense": [(1, "dense", 9.0), (20, "dense", 0.16), (30, "dense", 0.18), (40, "dense", 0.17)],
+            "exp-msa-pt": [(5, "dense", 7.0), (20, "dense", 0.30), (30, "dense", 0.28), (40, "sparse", 0.31),
+                           (50, "sparse", 0.35), (60, "sparse", 0.33), (70, "sparse", 5.0), (80, "sparse", None)]}
+    for name, h in hist.items():
+        (tmp_path / name / "log.jsonl").write_text("".join(
+            json.dumps({"step": st, "mode": m, "lm_loss": 2.0, "kl": 0.1, "tokens_seen": st * 1e5,
+                        **({} if t is None else {"step_s": t})}) + "\n" for st, m, t in h))
+    md = summarize(str(tmp_path))
+    cells = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")] for ln in md.splitlines() if ln.startswith("| exp")}
+    assert cells["exp-dense"][23] == "0.170 / -"
+    assert cells["exp-msa-pt"][23] == "0.290 / 0.340"     # medians: (0.28, 0.30) and (0.31, 0.33, 0.35, 5.0)
+    st = json.loads((tmp_path / "quality.json").read_text())["rows"][1]["step_s"]
+    assert st.keys() == {"dense", "sparse"} and abs(st["dense"] - 0.29) < 1e-9 and abs(st["sparse"] - 0.34) < 1e-9
