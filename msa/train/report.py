@@ -69,7 +69,8 @@ def gain_se_at(final: Optional[Dict], lengths: List[int]) -> Optional[float]:
 
 def step_seconds(history: List[Dict], skip: int = 10) -> Dict[str, float]:
     """Median seconds of one training step per attention mode ("dense": a dense run, an MSA run's warmup and
-    its dense_every steps; "sparse"; "local") over the logged steps after the first ``skip`` (Triton compiles).
+    its dense_every steps; "sparse": MSA's sparse phase, the local window) over the logged steps after the first
+    ``skip`` (Triton compiles).
     A step's time is synced (``step_s``), so these are what the recipe costs, the KL included."""
     by_mode: Dict[str, List[float]] = {}
     for h in history:
@@ -276,10 +277,9 @@ def _copy_cell(x: Dict) -> str:
 
 def _step_cell(x: Dict) -> str:
     """"0.292 / 0.304": median seconds per step in dense mode (a dense run; an MSA run's warmup) and in sparse
-    mode (or the local window's); "-" for a mode the run never logged."""
+    mode; "-" for a mode the run never logged."""
     st = x.get("step_s") or {}
-    sparse = st.get("sparse", st.get("local"))
-    return f"{_f(st.get('dense'), '{:.3f}')} / {_f(sparse, '{:.3f}')}"
+    return f"{_f(st.get('dense'), '{:.3f}')} / {_f(st.get('sparse'), '{:.3f}')}"
 
 
 def _seed_cell(x: Dict) -> str:

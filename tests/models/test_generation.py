@@ -169,6 +169,7 @@ def _lockstep(sessions, steps, same_tokens=False):
                 b.tok.copy_(a.tok)
             yield a, b
 
+
 def _seeded_sampling(model, prompts, n, seed):
     """What ``model.generate(prompts, n, temperature=1.0, generator=seeded)`` runs (captured step), keeping a
     copy of every step's logits: (tokens, [logits after prefill, after step 1, ...])."""
