@@ -3,13 +3,15 @@
 ``check RUN``: on the run's own training-format windows (facts planted as in training), the mean NLL of
 the planted answers' tokens (5 random digits: ~2.3 nats per token at chance) and their exact match;
 then the induction test: a random token sequence repeated once, loss on each copy (a model that
-copies has a much lower loss on the second).
+copies has a much lower loss on the second); then the evaluation's ``copy`` task at the run's context
+length, by depth (an msa run in dense and in sparse mode; a local run as itself).
 
 ``train --copy-steps N --copy-mix F --copy-period fixed|random --repeat-spans K -- <msa train args>``:
 ``msa train`` with the training batches changed (dev only; the library has no such option): the first
 N steps, and a share F of the later ones, replace every packed document by repeats of random tokens
 (a period of a quarter of the document, or a random period in [8, len / 2]); K > 0 copies K spans of
-64 tokens of each planted document to a later position of it before the facts go in.
+64 tokens of each planted document to a later position of it before the facts go in (the library's
+``data.synthetic_copies`` now plants repeated spans without this script).
 
     python benchmarks/dev/copy_probe.py train --copy-steps 400 --copy-mix 0.2 --copy-period random -- \\
         --preset small --set phase.kind=dense --set phase.kl_weight=0 --set phase.warmup_steps=0 \\
@@ -17,7 +19,8 @@ N steps, and a share F of the later ones, replace every packed document by repea
     python benchmarks/dev/copy_probe.py check /tmp/cw
 
 What they showed (CPU, session 25; quality README, round 7): no curriculum made the `small` model
-copy the facts within 1000-1500 steps.
+copy the facts within 1000-1500 steps; nor did ``data.synthetic_copies=1.0`` (session 51,
+benchmarks/results/quality_cpu/copy_planting.json).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def _logits(model, ids):
 
 
 @torch.no_grad()
-def check(run: str, windows: int = 8) -> dict:
+def check(run: str, windows: int = 8, copy_samples: int = 8) -> dict:
     from msa.train.trainer import build_data, build_model, config_from_run, latest_checkpoint, load_full_model_state
     cfg = config_from_run(run)
     data = build_data(cfg, torch.device("cpu"), log=lambda *a, **k: None)
@@ -49,12 +52,12 @@ def check(run: str, windows: int = 8) -> dict:
     model.eval()
     model.set_mode("dense")
     loader = data.train
-    if loader.planter is None:
-        raise SystemExit(f"{run}: trained without data.synthetic_facts; nothing to check")
+    from msa.data import FactPlanter
+    facts = [pl for pl in loader.planters if isinstance(pl, FactPlanter)]
     nll_sum, n_tok, exact = 0.0, 0, []
-    for w in range(windows):
+    for w in range(windows if facts else 0):   # the planted answers (a run trained with data.synthetic_facts)
         ss, ll = loader.windows.pieces(w)
-        pieces, _ = loader.planter.apply_counted([loader.tokens[s:s + n] for s, n in zip(ss, ll)], 0, w)
+        pieces, _ = facts[0].apply_counted([loader.tokens[s:s + n] for s, n in zip(ss, ll)], 0, w)
         ids = torch.from_numpy(np.concatenate(pieces).astype(np.int64)).view(1, -1)
         lp = torch.log_softmax(_logits(model, ids)[0, :-1], -1)
         toks = ids[0].tolist()
@@ -76,9 +79,17 @@ def check(run: str, windows: int = 8) -> dict:
         lp = torch.log_softmax(_logits(model, ids)[0, :-1], -1)
         nll = -lp.gather(1, ids[0, 1:, None])[:, 0]
         induction[length] = (float(nll[:length - 1].mean()), float(nll[length:].mean()))
+    from msa.evals.retrieval import retrieval_eval
+    modes = {}
+    for mode in {"msa": ["dense", "sparse"], "dense": ["dense"], "local": ["sparse"]}[cfg.phase.kind]:
+        model.set_mode(mode)
+        cp = retrieval_eval(model, tok, data.corpus.splits["test"].tokens, lengths=[cfg.data.seq_len],
+                            depths=[0.1, 0.5, 0.9], samples=copy_samples, device="cpu", tasks=["copy"])["tasks"]["copy"]
+        modes[mode] = {"accuracy_by_depth": cp["by_depth"], "gain_by_depth": cp["gain_by_depth"], "accuracy": cp["mean"],
+                       "gain": cp["gain_mean"]}
     res = {"answer_token_nll": nll_sum / max(1, n_tok), "answer_tokens": n_tok,
            "exact": float(np.mean(exact)) if exact else None, "asks": len(exact),
-           "induction_nll_first_second_copy": induction}
+           "induction_nll_first_second_copy": induction, "copy_task_at_seq_len": modes}
     print(res)
     return res
 

@@ -252,8 +252,8 @@ class WindowLoader:
     all windows from (seed, epoch); a step consumes batch_size * world_size consecutive windows of
     it, rank r taking its slice, so ranks never share a window and the global batch is the same
     for any world size with the same product. The position (epoch, cursor) is the whole state.
-    planter: an optional ``msa.data.facts.FactPlanter`` (a function of epoch and window: the state
-    stays the position)."""
+    planter: an optional planter or sequence of planters applied in order (``msa.data.facts.FactPlanter``,
+    ``msa.data.copies.CopyPlanter``: functions of epoch and window, so the state stays the position)."""
 
     def __init__(self, tokens: np.ndarray, windows: Windows, batch_size: int, *, seed: int, rank: int = 0,
                  world_size: int = 1, device=None, planter=None):
@@ -266,7 +266,7 @@ class WindowLoader:
                              f"or raise data.max_corpus_mb")
         self.tokens, self.windows, self.batch_size = tokens, windows, batch_size
         self.seed, self.rank, self.world_size, self.device = seed, rank, world_size, device
-        self.planter = planter
+        self.planters = [] if planter is None else list(planter) if isinstance(planter, (list, tuple)) else [planter]
         self.epoch, self.cursor = 0, 0
         self._perm = None
 
@@ -283,9 +283,13 @@ class WindowLoader:
         perm = self._permutation()
         take = perm[self.cursor + self.rank * self.batch_size: self.cursor + (self.rank + 1) * self.batch_size]
         self.cursor += need
-        epoch, planter = self.epoch, self.planter
-        transform = None if planter is None else (lambda w, pieces: planter.apply(pieces, epoch, w))
-        return pack_windows(self.tokens, self.windows, take, self.device, transform)
+        epoch, planters = self.epoch, self.planters
+
+        def transform(w, pieces):
+            for pl in planters:
+                pieces = pl.apply(pieces, epoch, w)
+            return pieces
+        return pack_windows(self.tokens, self.windows, take, self.device, transform if planters else None)
 
     def state_dict(self) -> Dict[str, int]:
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "num_windows": len(self.windows)}

@@ -61,7 +61,10 @@ class DataConfig:
     synthetic_facts: share of training windows in which facts_per_window constants are defined and
     asserted later (``msa.data.facts``: the retrieval evaluation's format, so a small model can learn
     the skill; validation and test windows are never planted). A window's facts take at most half of
-    its longest document: fewer go in when all do not fit (the trainer logs the count)."""
+    its longest document: fewer go in when all do not fit (the trainer logs the count).
+    synthetic_copies: share of training windows in which copies_per_window spans of 48-127 tokens of
+    the window's own code are repeated at a later position (``msa.data.copies``: the copy task's
+    skill, induction); the repeats take at most half of the longest document."""
 
     seq_len: int = 8192
     batch_size: int = 4
@@ -79,6 +82,8 @@ class DataConfig:
     seed: int = 0
     synthetic_facts: float = 0.0
     facts_per_window: int = 16
+    synthetic_copies: float = 0.0
+    copies_per_window: int = 4
 
 
 @dataclass
@@ -231,6 +236,10 @@ class TrainConfig:
         check(0.0 <= self.data.synthetic_facts <= 1.0,
               f"data.synthetic_facts must be in [0, 1], got {self.data.synthetic_facts}")
         check(self.data.facts_per_window >= 1, f"data.facts_per_window must be >= 1, got {self.data.facts_per_window}")
+        check(0.0 <= self.data.synthetic_copies <= 1.0,
+              f"data.synthetic_copies must be in [0, 1], got {self.data.synthetic_copies}")
+        check(self.data.copies_per_window >= 1,
+              f"data.copies_per_window must be >= 1, got {self.data.copies_per_window}")
         check(0 <= self.data.val_fraction and 0 <= self.data.test_fraction
               and self.data.val_fraction + self.data.test_fraction < 1,
               "data.val_fraction and data.test_fraction must be >= 0 and sum to < 1")

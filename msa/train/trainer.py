@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..data.dataset import CorpusData, CorpusSpec, WindowLoader, Windows, eval_window_ids, make_windows, prepare_corpus
+from ..data.copies import CopyPlanter
 from ..data.facts import FactPlanter
 from ..evals.capture import unwrap
 from ..models import MSAForCausalLM
@@ -196,19 +197,25 @@ def build_data(cfg: TrainConfig, device: torch.device, *, rank: int = 0, world_s
     corpus = prepare_corpus(corpus_spec(cfg), cfg.data.cache_dir or None, log=log)
     t = cfg.data.seq_len
     tw = make_windows(corpus.splits["train"], t)
-    planter = (FactPlanter(corpus.tokenizer, fraction=cfg.data.synthetic_facts,
-                           facts_per_window=cfg.data.facts_per_window, seed=cfg.seed)
-               if cfg.data.synthetic_facts > 0 else None)
-    if planter is not None:
+    planters = []
+    if cfg.data.synthetic_facts > 0:
+        planters.append(FactPlanter(corpus.tokenizer, fraction=cfg.data.synthetic_facts,
+                                    facts_per_window=cfg.data.facts_per_window, seed=cfg.seed))
+    if cfg.data.synthetic_copies > 0:
+        planters.append(CopyPlanter(fraction=cfg.data.synthetic_copies, copies_per_window=cfg.data.copies_per_window,
+                                    seed=cfg.seed))
+    if planters:
         probe = [int(w) for w in np.linspace(0, len(tw) - 1, num=min(64, len(tw)))]
         tok = corpus.splits["train"].tokens
-        st = planter.survey(lambda w: [tok[s:s + n] for s, n in zip(*tw.pieces(w))], probe)
-        log(f"msa.data: facts planted in {st['planted_share']:.0%} of {st['windows']} surveyed training windows, "
-            f"{st['facts_per_planted_window']:.1f} per planted window (asked for {planter.n}"
-            + ("" if st["facts_per_planted_window"] >= planter.n else
-               "; the rest did not fit in half of a window's longest document") + ")")
+        for pl in planters:
+            what = "facts" if isinstance(pl, FactPlanter) else "copies"
+            st = pl.survey(lambda w: [tok[s:s + n] for s, n in zip(*tw.pieces(w))], probe)
+            got = st[f"{what}_per_planted_window"]
+            log(f"msa.data: {what} planted in {st['planted_share']:.0%} of {st['windows']} surveyed training windows, "
+                f"{got:.1f} per planted window (asked for {pl.n}"
+                + ("" if got >= pl.n else "; the rest did not fit in half of a window's longest document") + ")")
     loader = WindowLoader(corpus.splits["train"].tokens, tw, cfg.data.batch_size, seed=cfg.seed, rank=rank,
-                          world_size=world_size, device=device, planter=planter)
+                          world_size=world_size, device=device, planter=planters)
     vw = make_windows(corpus.splits["val"], t)
     sw = make_windows(corpus.splits["test"], t)
     check(len(vw) > 0 and len(sw) > 0, f"the validation/test splits hold fewer than {t} tokens; raise "
