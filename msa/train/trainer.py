@@ -197,13 +197,15 @@ def build_data(cfg: TrainConfig, device: torch.device, *, rank: int = 0, world_s
     corpus = prepare_corpus(corpus_spec(cfg), cfg.data.cache_dir or None, log=log)
     t = cfg.data.seq_len
     tw = make_windows(corpus.splits["train"], t)
+    # copies first: a fact line spliced into a repeat only interrupts it, while a repeat spliced into an
+    # `assert NAME == 12345` line would corrupt the question the facts teach
     planters = []
-    if cfg.data.synthetic_facts > 0:
-        planters.append(FactPlanter(corpus.tokenizer, fraction=cfg.data.synthetic_facts,
-                                    facts_per_window=cfg.data.facts_per_window, seed=cfg.seed))
     if cfg.data.synthetic_copies > 0:
         planters.append(CopyPlanter(fraction=cfg.data.synthetic_copies, copies_per_window=cfg.data.copies_per_window,
                                     seed=cfg.seed))
+    if cfg.data.synthetic_facts > 0:
+        planters.append(FactPlanter(corpus.tokenizer, fraction=cfg.data.synthetic_facts,
+                                    facts_per_window=cfg.data.facts_per_window, seed=cfg.seed))
     if planters:
         probe = [int(w) for w in np.linspace(0, len(tw) - 1, num=min(64, len(tw)))]
         tok = corpus.splits["train"].tokens

@@ -73,7 +73,7 @@ def test_which_windows_survey_and_determinism():
         CopyPlanter(fraction=0.5, copies_per_window=0, seed=0)
 
 
-def test_loader_applies_facts_then_copies_and_resumes():
+def test_loader_applies_copies_then_facts_and_resumes():
     toks = _code_tokens()[:13000]
     lengths = [1500, 700, 2100, 1900, 2400, 900, 1800, 1700]
     offs = np.zeros(len(lengths) + 1, dtype=np.int64)
@@ -83,24 +83,24 @@ def test_loader_applies_facts_then_copies_and_resumes():
     tok = ByteTokenizer()
 
     def planters():
-        return [FactPlanter(tok, fraction=1.0, facts_per_window=2, seed=3),
-                CopyPlanter(fraction=1.0, copies_per_window=2, seed=3)]
+        return [CopyPlanter(fraction=1.0, copies_per_window=2, seed=3),
+                FactPlanter(tok, fraction=1.0, facts_per_window=2, seed=3)]
 
-    facts_only = WindowLoader(sp.tokens, w, 2, seed=3, planter=planters()[0])
+    copies_only = WindowLoader(sp.tokens, w, 2, seed=3, planter=planters()[0])
     both = WindowLoader(sp.tokens, w, 2, seed=3, planter=planters())
     for _ in range(4):
-        a, b = facts_only.next(), both.next()
+        a, b = copies_only.next(), both.next()
         assert a.windows == b.windows and torch.equal(a.cu_seqlens, b.cu_seqlens)
-        # the copies go into the facts-planted text: the same pieces, copies spliced on top
-        cp = planters()[1]
+        # the facts go into the text with the repeats: the same pieces, facts spliced on top, every question whole
+        fp = planters()[1]
         cu = a.cu_seqlens.tolist()
         spans = list(zip(cu[:-1], cu[1:]))
         for k, win in enumerate(a.windows):
             mine = [(s, e) for s, e in spans if 1000 * k <= s < 1000 * (k + 1)]
             pieces = [a.input_ids[0, s:e].numpy() for s, e in mine]
-            want = np.concatenate(cp.apply(pieces, 0, win))
+            want = np.concatenate(fp.apply(pieces, 0, win))
             assert np.array_equal(want, b.input_ids[0, mine[0][0]:mine[-1][1]].numpy())
-            assert len(ASK.findall(tok.decode(np.concatenate(pieces).tolist()))) == 2    # facts went in first
+            assert len(ASK.findall(tok.decode(want.tolist()))) == 2
     ref = [both.next().input_ids for _ in range(3)]
     again = WindowLoader(sp.tokens, w, 2, seed=3, planter=planters())
     for _ in range(4):
