@@ -153,7 +153,9 @@ class EvalConfig:
     step just trained), or always "sparse" / "dense" (an msa run only), e.g. so that an index trained
     in warmup mode (exp-msa-indexprobe) is judged by the loss of its own selections. seed: draws the
     validation and test windows and the retrieval prompts, apart from the run's ``seed``, so runs that
-    differ only in ``seed`` are judged on the same windows."""
+    differ only in ``seed`` are judged on the same windows. induction_samples: prompts per period of the
+    induction test (``msa.evals.induction``: random tokens repeated once, periods min(256, seq_len / 2) and
+    seq_len / 2) at every evaluation and the final one (0 = off)."""
 
     every: int = 250
     batches: int = 4
@@ -164,6 +166,7 @@ class EvalConfig:
     retrieval_depths: List[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
     retrieval_samples: int = 4
     retrieval_max_factor: float = 1.0
+    induction_samples: int = 4
     final: bool = True
     mode: str = "train"
     seed: int = 0
@@ -247,6 +250,7 @@ class TrainConfig:
               f"optim.index_schedule must be 'same' or 'constant', got {self.optim.index_schedule!r}")
         check(0 <= self.optim.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.optim.min_lr_ratio}")
         check(self.eval.every >= 0 and self.checkpoint_every >= 0, "eval.every and checkpoint_every must be >= 0")
+        check(self.eval.induction_samples >= 0, f"eval.induction_samples must be >= 0, got {self.eval.induction_samples}")
         check(self.seed >= 0 and self.eval.seed >= 0 and self.data.seed >= 0,
               f"seed, eval.seed and data.seed must be >= 0, got {self.seed}, {self.eval.seed}, {self.data.seed}")
         check(self.eval.mode in EVAL_MODES, f"eval.mode must be one of {EVAL_MODES}, got {self.eval.mode!r}")

@@ -50,8 +50,16 @@ def plot_run(history: List[Dict], final: Optional[Dict], path: Path, *, title: s
     a.plot(steps, [r.get("lr", 0) for r in history], label="backbone lr")
     if any(r.get("index_lr") is not None for r in history):
         a.plot(steps, [r.get("index_lr") or 0 for r in history], "--", label="index lr")
-    a.set(title="learning rate", xlabel="step")
-    a.legend()
+    a.set(title="learning rate; induction (msa.evals.induction)", xlabel="step")
+    a.legend(loc="upper left")
+    ind = [r for r in ev if r.get("induction")]
+    if ind:  # when the model starts to copy: top-1 accuracy on the repeat of random tokens, per period
+        ax3 = a.twinx()
+        for period in sorted(ind[-1]["induction"], key=int):
+            pts = [(r["step"], r["induction"][period]["second_acc"]) for r in ind if period in r["induction"]]
+            ax3.plot(*zip(*pts), "o--", ms=3, label=f"repeat accuracy, period {period}")
+        ax3.set_ylim(0, 1.02)
+        ax3.legend(loc="upper right", fontsize=7)
     a = ax[1, 1]
     if final and final.get("buckets"):
         bs = [b for b in final["buckets"]["buckets"] if b["loss"] is not None]

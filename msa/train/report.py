@@ -111,8 +111,19 @@ def rows(runs: Dict[str, Dict]) -> List[Dict]:
             "test_buckets": [(b["start"], b["end"], b["loss"]) for b in ((fin or {}).get("buckets") or {}).get("buckets", [])],
             "kl_sparse_first": s.get("sparse_kl_first_quarter"), "kl_sparse_last": s.get("sparse_kl_last_quarter"),
             "train_min": s.get("train_seconds", 0) / 60, "step_s": step_seconds(runs[n]["history"]),
+            "induction": _induction(fin),
             **_seeds(runs[n].get("config"))})
     return out
+
+
+def _induction(final: Optional[Dict]) -> Optional[Dict]:
+    """{"near": stats, "far": stats} of the final induction test (``msa.evals.induction``: the shorter and the
+    longer period; one period serves as both), or None for runs evaluated before it existed."""
+    ind = (final or {}).get("induction")
+    if not ind:
+        return None
+    periods = sorted(ind, key=int)
+    return {"near": ind[periods[0]], "far": ind[periods[-1]], "periods": [int(periods[0]), int(periods[-1])]}
 
 
 def _seeds(config: Optional[Dict]) -> Dict:
@@ -226,8 +237,13 @@ def targets(rs: List[Dict]) -> List[str]:
             dense_b = {(a, b): v for a, b, v in r["exp-dense"].get("test_buckets", [])}
             by_pos = [f"{_k(a)}-{_k(b)} {rel(v, dense_b[(a, b)]):+.1%}" for a, b, v in x.get("test_buckets", [])
                       if v is not None and dense_b.get((a, b)) and x["steps"] == r["exp-dense"]["steps"]]
+            ind, dind = x.get("induction"), r["exp-dense"].get("induction")
+            # copying from half a context back: the skill whose forming coincides with the loss gap (round 17)
+            copy_far = (f"; induction at period {ind['periods'][1]}: repeat accuracy {ind['far']['second_acc']:.3f} vs "
+                        f"dense {dind['far']['second_acc']:.3f}, gain {ind['far']['gain']:.2f} vs {dind['far']['gain']:.2f} "
+                        f"nats" if ind and dind and ind["periods"] == dind["periods"] else "")
             lines.append(f"{x['run']} vs dense: validation loss {d:+.2%}{note}"
-                         + (f"; test loss by position {', '.join(by_pos)}" if by_pos else ""))
+                         + (f"; test loss by position {', '.join(by_pos)}" if by_pos else "") + copy_far)
     if "exp-msa-cpt" in r and "exp-dense-cont" in r and same_windows("exp-msa-cpt", "exp-dense-cont"):
         d, note = val_vs(r["exp-msa-cpt"], r["exp-dense-cont"])
         if d is not None:
@@ -245,8 +261,8 @@ def markdown(rs: List[Dict], command: str = "") -> str:
     head = ("| run | kind | steps | tokens (M) | params (M) | val loss | test loss < 4K | test loss >= 4K | "
             "retrieval 8K-16K | retrieval all | fact gain 8K-16K | block recall | score recall | selected mass | "
             "oracle mass | top-half recall | max-rule recall | teacher entropy | sparse KL first -> last | train min | "
-            "seed (eval windows) | copy 8K-16K: accuracy / gain | step s: dense / sparse |")
-    sep = "|" + "---|" * 23
+            "seed (eval windows) | copy 8K-16K: accuracy / gain | step s: dense / sparse | induction accuracy: near / far |")
+    sep = "|" + "---|" * 24
     lines = [head, sep]
     for x in rs:
         kl = "-" if x["kl_sparse_first"] is None else f"{x['kl_sparse_first']:.3g} -> {x['kl_sparse_last']:.3g}"
@@ -258,7 +274,7 @@ def markdown(rs: List[Dict], command: str = "") -> str:
                      f"{_f(x['score_recall'], '{:.3f}')} | {_f(x.get('selected_mass'), '{:.3f}')} | "
                      f"{_f(x.get('oracle_mass'), '{:.3f}')} | {_f(x.get('top_half_recall'), '{:.3f}')} | "
                      f"{_f(x.get('max_rule_recall'), '{:.3f}')} | {_f(x.get('teacher_entropy'), '{:.2f}')} | {kl} | {x['train_min']:.1f} | "
-                     f"{_seed_cell(x)} | {_copy_cell(x)} | {_step_cell(x)} |")
+                     f"{_seed_cell(x)} | {_copy_cell(x)} | {_step_cell(x)} | {_induction_cell(x)} |")
     t = targets(rs)
     if t:
         lines += ["", "Targets:", ""] + [f"- {x}" for x in t]
@@ -273,6 +289,13 @@ def _copy_cell(x: Dict) -> str:
     if x.get("copy_8k_16k") is None:
         return "-"
     return f"{x['copy_8k_16k']:.3f} / {_f(x.get('copy_gain_8k_16k'), '{:.3f}')}"
+
+
+def _induction_cell(x: Dict) -> str:
+    """"0.912 / 0.004": top-1 accuracy on the repeat of random tokens at the near and the far period; "-" for runs
+    evaluated before the induction test existed."""
+    ind = x.get("induction")
+    return "-" if not ind else f"{ind['near']['second_acc']:.3f} / {ind['far']['second_acc']:.3f}"
 
 
 def _step_cell(x: Dict) -> str:

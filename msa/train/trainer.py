@@ -726,7 +726,17 @@ class Trainer:
             trains_index = self.cfg.phase.kl_weight > 0 or self.cfg.phase.kind == "local"
             if self.cfg.eval.recall and trains_index and self.cfg.data.seq_len <= self.cfg.eval.recall_max_tokens:
                 res.update(recall_eval(model, d.corpus.splits["val"].tokens, d.val_windows, d.val_ids, **kw))
+            res.update(self._induction(model, kw))
         return res
+
+    def _induction(self, model, kw) -> Dict[str, object]:
+        """{"induction": {period: stats}} (``msa.evals.induction``), or {} with eval.induction_samples 0."""
+        from ..evals.induction import induction_eval
+        n = self.cfg.eval.induction_samples
+        if n <= 0 or self.cfg.data.seq_len < 4:
+            return {}
+        return {"induction": induction_eval(model, self.tokenizer.vocab_size, seq_len=self.cfg.data.seq_len,
+                                            samples=n, seed=self.cfg.eval.seed, **kw)}
 
     def final_evaluation(self) -> Dict[str, object]:
         """Position-bucket loss and retrieval on test windows, plus recall, in the final mode."""
@@ -743,6 +753,7 @@ class Trainer:
                 res["retrieval"] = retrieval_eval(model, self.tokenizer, test_tokens, lengths=lengths,
                                                   depths=e.retrieval_depths, samples=e.retrieval_samples,
                                                   seed=e.seed, **kw)
+            res.update(self._induction(model, kw))
         return res
 
     @contextlib.contextmanager

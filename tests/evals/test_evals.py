@@ -263,3 +263,35 @@ def test_fact_gain_is_control_nll_minus_nll():
     assert nd["gain_se_by_depth"]["0.5"] == pytest.approx(0.0, abs=1e-5)
     xs = [0.3, -0.1, 0.7, 0.25]
     assert standard_error(xs) == pytest.approx(float(np.std(xs, ddof=1) / np.sqrt(4)), rel=1e-12)
+
+
+class _Copier(nn.Module):
+    """Logit `strength` on the token one period back (the period: half the prompt), uniform elsewhere: a
+    model with perfect induction on the repeat and none on the first occurrence."""
+
+    def __init__(self, vocab, strength=10.0):
+        super().__init__()
+        self.vocab, self.strength = vocab, strength
+
+    def forward(self, ids, compute_kl=False, **kw):
+        t = ids.shape[1]
+        lg = torch.zeros(1, t, self.vocab)
+        rows = torch.arange(t // 2 - 1, t - 1)               # row r predicts r + 1, a copy of r + 1 - t / 2
+        lg[0, rows, ids[0, rows + 1 - t // 2]] = self.strength
+        return type("Out", (), {"logits": lg})()
+
+
+def test_induction_scores_copying_on_the_repeat_only():
+    from msa.evals.induction import induction_eval, induction_periods
+    assert induction_periods(16384) == [256, 8192] and induction_periods(128) == [64] and induction_periods(4) == [2]
+    v = 300
+    res = induction_eval(_Copier(v), v, seq_len=1024, samples=3, device="cpu", seed=1)
+    assert set(res) == {"256", "512"}
+    hit_nll = float(np.log(np.exp(10.0) + v - 1) - 10.0)          # CE of a logit-10 one-hot
+    for r in res.values():
+        assert r["first_nll"] == pytest.approx(np.log(v), rel=1e-6)    # uniform on the first occurrence
+        assert r["second_nll"] == pytest.approx(hit_nll, abs=1e-5) and r["second_acc"] == 1.0
+        assert r["gain"] == pytest.approx(np.log(v) - hit_nll, abs=1e-5)
+    # no induction: the repeat costs what the first occurrence does, and the argmax (token 0) is right only by chance
+    flat = induction_eval(_Copier(v, strength=0.0), v, seq_len=1024, samples=3, device="cpu", seed=1)
+    assert all(abs(r["gain"]) < 1e-6 and r["second_acc"] < 0.02 for r in flat.values())

@@ -5,7 +5,8 @@ import json
 from msa.train.report import summarize
 
 
-def _run(root, name, kind, val, buckets, retr, recall=None, kl=None, init_from="", gain=None, gain_se=None, copy=None):
+def _run(root, name, kind, val, buckets, retr, recall=None, kl=None, init_from="", gain=None, gain_se=None, copy=None,
+         induction=None):
     d = root / name
     d.mkdir(parents=True)
     s = {"name": name, "status": "complete", "step": 10, "steps": 10, "tokens_seen": 1e6, "train_seconds": 60,
@@ -29,6 +30,9 @@ def _run(root, name, kind, val, buckets, retr, recall=None, kl=None, init_from="
     if copy:  # {length: (accuracy, gain)}
         fin["retrieval"]["tasks"]["copy"] = {"by_length": {str(k): a for k, (a, _) in copy.items()},
                                              "gain_by_length": {str(k): g for k, (_, g) in copy.items()}}
+    if induction:  # {period: (repeat accuracy, gain)}
+        fin["induction"] = {str(k): {"second_acc": a, "gain": g, "first_nll": 6.0, "second_nll": 6.0 - g}
+                            for k, (a, g) in induction.items()}
     (d / "final_eval.json").write_text(json.dumps(fin))
     (d / "log.jsonl").write_text(json.dumps({"step": 10, "val_lm_loss": val, "tokens_seen": 1e6, "lm_loss": val,
                                              "kl": 0.1}) + "\n")
@@ -156,3 +160,21 @@ def test_step_seconds_are_medians_per_mode_after_the_compile_steps(tmp_path):
     assert cells["exp-msa-pt"][23] == "0.290 / 0.340"     # medians: (0.28, 0.30) and (0.31, 0.33, 0.35, 5.0)
     st = json.loads((tmp_path / "quality.json").read_text())["rows"][1]["step_s"]
     assert st.keys() == {"dense", "sparse"} and abs(st["dense"] - 0.29) < 1e-9 and abs(st["sparse"] - 0.34) < 1e-9
+
+
+def test_induction_has_its_own_column_and_compares_with_dense(tmp_path):
+    """The last column: repeat accuracy at the near and the far period of the final induction test; each sparse
+    run's line against dense adds the far period's accuracy and gain (only where both ran the same periods)."""
+    b = [(0, 4096, 2.0, 100)]
+    _run(tmp_path, "exp-dense", "dense", 2.0, b, {8192: 0.0}, induction={8192: (0.40, 2.5), 256: (0.90, 5.0)})
+    _run(tmp_path, "exp-msa-blockkl", "msa", 2.1, b, {8192: 0.0}, induction={256: (0.88, 4.9), 8192: (0.05, 0.3)})
+    _run(tmp_path, "exp-msa-k32", "msa", 2.05, b, {8192: 0.0}, induction={4096: (0.2, 1.0)})
+    _run(tmp_path, "exp-local", "local", 2.2, b, {8192: 0.0})
+    md = summarize(str(tmp_path))
+    cells = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")] for ln in md.splitlines() if ln.startswith("| exp")}
+    assert cells["exp-dense"][24] == "0.900 / 0.400" and cells["exp-msa-blockkl"][24] == "0.880 / 0.050"
+    assert cells["exp-msa-k32"][24] == "0.200 / 0.200" and cells["exp-local"][24] == "-"
+    assert ("exp-msa-blockkl vs dense: validation loss +5.00%; test loss by position 0-4K +0.0%; induction at period "
+            "8192: repeat accuracy 0.050 vs dense 0.400, gain 0.30 vs 2.50 nats") in md
+    k32 = next(ln for ln in md.splitlines() if ln.startswith("- exp-msa-k32 vs dense"))
+    assert "induction" not in k32                         # other periods: not compared

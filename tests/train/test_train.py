@@ -195,6 +195,10 @@ def test_tiny_preset_end_to_end(tmp_path, capsys):
     fin = json.loads((out / "final_eval.json").read_text())
     assert fin["buckets"]["buckets"][0]["tokens"] > 0
     assert set(fin["retrieval"]["tasks"]) == {"needle", "multi_needle", "mqar", "var_track", "copy"}
+    # the induction test at every evaluation and at the end: periods 64 (= min(256, 128 / 2)), one entry
+    evals = [r for r in hist if "val_lm_loss" in r]
+    assert evals and all(set(r["induction"]) == {"64"} for r in evals) and set(fin["induction"]) == {"64"}
+    assert all(0 <= r["induction"]["64"]["second_acc"] <= 1 for r in evals)
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "complete at step 16/16" in capsys.readouterr().out
     # running the finished run again resumes at the end and changes nothing
