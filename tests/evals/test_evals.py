@@ -295,3 +295,20 @@ def test_induction_scores_copying_on_the_repeat_only():
     # no induction: the repeat costs what the first occurrence does, and the argmax (token 0) is right only by chance
     flat = induction_eval(_Copier(v, strength=0.0), v, seq_len=1024, samples=3, device="cpu", seed=1)
     assert all(abs(r["gain"]) < 1e-6 and r["second_acc"] < 0.02 for r in flat.values())
+
+
+def test_trainer_runs_the_induction_test_unless_switched_off(trained):
+    """Every evaluation carries the induction test of the trained model (equal to calling it directly);
+    eval.induction_samples=0 switches it off, and a negative count is refused by name."""
+    from msa.evals.induction import induction_eval
+    res = trained.evaluate()
+    want = induction_eval(trained.model, trained.tokenizer.vocab_size, seq_len=trained.cfg.data.seq_len,
+                          samples=trained.cfg.eval.induction_samples, device="cpu", seed=trained.cfg.eval.seed)
+    assert res["induction"] == want
+    trained.cfg.eval.induction_samples = 0
+    try:
+        assert "induction" not in trained.evaluate()
+    finally:
+        trained.cfg.eval.induction_samples = 4
+    with pytest.raises(ValueError, match="eval.induction_samples"):
+        tiny_config("eval.induction_samples=-1")
