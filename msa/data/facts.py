@@ -19,9 +19,11 @@ names, values and positions: a function of (seed, epoch, window), so a resumed r
 from __future__ import annotations
 
 import string
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Tuple
 
 import numpy as np
+
+from .planting import Planter, splice
 
 
 def random_name(rng: np.random.Generator) -> str:
@@ -35,45 +37,19 @@ def random_value(rng: np.random.Generator) -> str:
     return str(int(rng.integers(10000, 100000)))
 
 
-class FactPlanter:
+class FactPlanter(Planter):
     """fraction: share of training windows planted (0..1); facts_per_window: facts (and questions)
     per planted window; tokenizer: the corpus tokenizer (``encode_batch``)."""
 
+    UNIT, COUNT, STREAM = "facts", "facts_per_window", 48271
+
     def __init__(self, tokenizer, *, fraction: float, facts_per_window: int, seed: int):
-        if not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-        if facts_per_window < 1:
-            raise ValueError(f"facts_per_window must be >= 1, got {facts_per_window}")
-        self.tok, self.fraction, self.n, self.seed = tokenizer, float(fraction), int(facts_per_window), int(seed)
-
-    def rng(self, epoch: int, window: int) -> np.random.Generator:
-        return np.random.Generator(np.random.PCG64([self.seed, 48271, int(epoch), int(window)]))
-
-    def apply(self, pieces: List[np.ndarray], epoch: int, window: int) -> List[np.ndarray]:
-        """The window's pieces (token arrays of its documents), the longest one planted when this
-        window is drawn for planting; other pieces and every length unchanged."""
-        return self.apply_counted(pieces, epoch, window)[0]
-
-    def apply_counted(self, pieces: List[np.ndarray], epoch: int, window: int) -> Tuple[List[np.ndarray], int]:
-        """``apply``'s pieces and the number of facts planted in them (0 when the window is not drawn
-        or its longest piece cannot hold one)."""
-        rng = self.rng(epoch, window)
-        if self.fraction == 0.0 or rng.random() >= self.fraction:
-            return pieces, 0
-        i = int(np.argmax([len(p) for p in pieces]))
-        out = list(pieces)
-        out[i], m = self._plant(pieces[i], rng)
-        return out, m
+        super().__init__(fraction=fraction, count=facts_per_window, seed=seed)
+        self.tok = tokenizer
 
     def _name(self, rng) -> str:
         name = random_name(rng)
         return name.upper() if rng.random() < 0.5 else name
-
-    def plant(self, piece: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """piece with the facts and questions spliced in, same length and dtype: the first of the
-        ``facts_per_window`` drawn facts whose lines fit in half the piece's tokens (a piece too short
-        for even one comes back unchanged)."""
-        return self._plant(piece, rng)[0]
 
     def _plant(self, piece: np.ndarray, rng: np.random.Generator) -> Tuple[np.ndarray, int]:
         n = len(piece)
@@ -91,22 +67,6 @@ class FactPlanter:
         fpos = rng.integers(0, base, size=m)
         apos = np.minimum(base, fpos + 1 + (rng.random(m) * (base - fpos)).astype(np.int64))
         inserts = sorted([(int(p), 0, j) for j, p in enumerate(fpos)] + [(int(p), 1, j) for j, p in enumerate(apos)])
-        parts, prev = [], 0
-        for p, kind, j in inserts:
-            parts.append(piece[prev:p])
-            parts.append(np.asarray(facts[j] if kind == 0 else asks[j], dtype=piece.dtype))
-            prev = p
-        parts.append(piece[prev:base])
-        out = np.concatenate(parts)
+        out = splice(piece, base, [(p, facts[j] if kind == 0 else asks[j]) for p, kind, j in inserts])
         assert len(out) == n
         return out, m
-
-    def survey(self, pieces_of: Callable[[int], List[np.ndarray]], windows: Sequence[int],
-               epoch: int = 0) -> Dict[str, float]:
-        """How the planter treats ``windows`` (``pieces_of(w)``: window w's token pieces): the share
-        planted and the mean facts per planted window (at most ``facts_per_window``). A function of
-        (epoch, window) only, so surveying changes no training state."""
-        counts = [self.apply_counted(pieces_of(w), epoch, w)[1] for w in windows]
-        planted = [c for c in counts if c > 0]
-        return {"windows": len(counts), "planted_share": len(planted) / max(1, len(counts)),
-                "facts_per_planted_window": sum(planted) / max(1, len(planted)), "facts_per_window": self.n}

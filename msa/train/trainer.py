@@ -210,10 +210,9 @@ def build_data(cfg: TrainConfig, device: torch.device, *, rank: int = 0, world_s
         probe = [int(w) for w in np.linspace(0, len(tw) - 1, num=min(64, len(tw)))]
         tok = corpus.splits["train"].tokens
         for pl in planters:
-            what = "facts" if isinstance(pl, FactPlanter) else "copies"
             st = pl.survey(lambda w: [tok[s:s + n] for s, n in zip(*tw.pieces(w))], probe)
-            got = st[f"{what}_per_planted_window"]
-            log(f"msa.data: {what} planted in {st['planted_share']:.0%} of {st['windows']} surveyed training windows, "
+            got = st[f"{pl.UNIT}_per_planted_window"]
+            log(f"msa.data: {pl.UNIT} planted in {st['planted_share']:.0%} of {st['windows']} surveyed training windows, "
                 f"{got:.1f} per planted window (asked for {pl.n}"
                 + ("" if got >= pl.n else "; the rest did not fit in half of a window's longest document") + ")")
     loader = WindowLoader(corpus.splits["train"].tokens, tw, cfg.data.batch_size, seed=cfg.seed, rank=rank,

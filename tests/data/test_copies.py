@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from msa.data import ByteTokenizer, CopyPlanter, FactPlanter, TokenizedSplit, WindowLoader, make_windows
+from msa.data import ByteTokenizer, CopyPlanter, FactPlanter, WindowLoader
 from msa.data.copies import MAX_SPAN, MIN_SPAN
 
 from ..train.common import tiny_config
-from .test_facts import ASK, _code_tokens
+from .test_facts import ASK, _code_tokens, assert_position_is_the_state, loader_split
 
 
 def _split_inserted(out: np.ndarray):
@@ -32,7 +32,7 @@ def _split_inserted(out: np.ndarray):
 def test_plant_repeats_earlier_spans_and_keeps_the_text(window):
     piece = np.arange(3000, dtype=np.int32)     # every token distinct: a repeat is recognisable
     p = CopyPlanter(fraction=1.0, copies_per_window=8, seed=1)
-    out, m = p.plant(piece, p.rng(0, window))
+    out, m = p._plant(piece, p.rng(0, window))
     assert out.shape == piece.shape and out.dtype == piece.dtype
     kept, runs = _split_inserted(out)
     assert np.array_equal(kept, piece[:len(kept)])                      # the original text, in order
@@ -47,11 +47,11 @@ def test_plant_repeats_earlier_spans_and_keeps_the_text(window):
 def test_short_pieces_take_fewer_or_none():
     p = CopyPlanter(fraction=1.0, copies_per_window=8, seed=2)
     mid = np.arange(400, dtype=np.int32)
-    out, m = p.plant(mid, p.rng(0, 0))
+    out, m = p._plant(mid, p.rng(0, 0))
     kept, runs = _split_inserted(out)
     assert 1 <= m < 8 and len(mid) - len(kept) <= len(mid) // 2 and len(out) == len(mid)
     short = np.arange(90, dtype=np.int32)       # half of it holds no span of >= 48 tokens with its source
-    got, m0 = p.plant(short, p.rng(0, 0))
+    got, m0 = p._plant(short, p.rng(0, 0))
     assert m0 == 0 and got is short
 
 
@@ -74,12 +74,7 @@ def test_which_windows_survey_and_determinism():
 
 
 def test_loader_applies_copies_then_facts_and_resumes():
-    toks = _code_tokens()[:13000]
-    lengths = [1500, 700, 2100, 1900, 2400, 900, 1800, 1700]
-    offs = np.zeros(len(lengths) + 1, dtype=np.int64)
-    offs[1:] = np.cumsum(lengths)
-    sp = TokenizedSplit(toks[:offs[-1]].copy(), offs, [f"d{i}" for i in range(len(lengths))])
-    w = make_windows(sp, 1000)
+    sp, w = loader_split()
     tok = ByteTokenizer()
 
     def planters():
@@ -101,13 +96,7 @@ def test_loader_applies_copies_then_facts_and_resumes():
             want = np.concatenate(fp.apply(pieces, 0, win))
             assert np.array_equal(want, b.input_ids[0, mine[0][0]:mine[-1][1]].numpy())
             assert len(ASK.findall(tok.decode(want.tolist()))) == 2
-    ref = [both.next().input_ids for _ in range(3)]
-    again = WindowLoader(sp.tokens, w, 2, seed=3, planter=planters())
-    for _ in range(4):
-        again.next()
-    resumed = WindowLoader(sp.tokens, w, 2, seed=3, planter=planters())
-    resumed.load_state_dict(again.state_dict())
-    assert all(torch.equal(x, resumed.next().input_ids) for x in ref)
+    assert_position_is_the_state(lambda: WindowLoader(sp.tokens, w, 2, seed=3, planter=planters()))
 
 
 def test_config_checks_the_copy_options():

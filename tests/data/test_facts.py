@@ -93,13 +93,33 @@ def test_which_windows_and_determinism():
         FactPlanter(tok, fraction=0.5, facts_per_window=0, seed=0)
 
 
-def test_loader_plants_the_longest_piece_and_resumes():
+def loader_split():
+    """A split of eight documents of real code (700-2400 byte tokens) and its 1000-token windows."""
     toks = _code_tokens()[:13000]
     lengths = [1500, 700, 2100, 1900, 2400, 900, 1800, 1700]
     offs = np.zeros(len(lengths) + 1, dtype=np.int64)
     offs[1:] = np.cumsum(lengths)
     sp = TokenizedSplit(toks[:offs[-1]].copy(), offs, [f"d{i}" for i in range(len(lengths))])
-    w = make_windows(sp, 1000)
+    return sp, make_windows(sp, 1000)
+
+
+def assert_position_is_the_state(make_loader, skip: int = 8):
+    """A planter is a function of (epoch, window): a loader restored from another's state after ``skip`` batches
+    gives the batches the first one gives next."""
+    first = make_loader()
+    for _ in range(skip):
+        first.next()
+    ref = [first.next().input_ids for _ in range(3)]
+    again = make_loader()
+    for _ in range(skip):
+        again.next()
+    resumed = make_loader()
+    resumed.load_state_dict(again.state_dict())
+    assert all(torch.equal(x, resumed.next().input_ids) for x in ref)
+
+
+def test_loader_plants_the_longest_piece_and_resumes():
+    sp, w = loader_split()
     tok = ByteTokenizer()
     plain = WindowLoader(sp.tokens, w, 2, seed=3)
     planted = WindowLoader(sp.tokens, w, 2, seed=3, planter=FactPlanter(tok, fraction=1.0, facts_per_window=2, seed=3))
@@ -119,14 +139,8 @@ def test_loader_plants_the_longest_piece_and_resumes():
                     assert len(ASK.findall(tok.decode(b.input_ids[0, s:e].tolist()))) == 2
                     changed += 1
     assert changed == 16
-    # the planter is a function of (epoch, window): the loader's position is still its whole state
-    ref = [planted.next().input_ids for _ in range(3)]
-    again = WindowLoader(sp.tokens, w, 2, seed=3, planter=FactPlanter(tok, fraction=1.0, facts_per_window=2, seed=3))
-    for _ in range(8):
-        again.next()
-    resumed = WindowLoader(sp.tokens, w, 2, seed=3, planter=FactPlanter(tok, fraction=1.0, facts_per_window=2, seed=3))
-    resumed.load_state_dict(again.state_dict())
-    assert all(torch.equal(x, resumed.next().input_ids) for x in ref)
+    assert_position_is_the_state(lambda: WindowLoader(
+        sp.tokens, w, 2, seed=3, planter=FactPlanter(tok, fraction=1.0, facts_per_window=2, seed=3)))
 
 
 def test_config_checks_the_fact_options():
