@@ -252,11 +252,11 @@ class WindowLoader:
     all windows from (seed, epoch); a step consumes batch_size * world_size consecutive windows of
     it, rank r taking its slice, so ranks never share a window and the global batch is the same
     for any world size with the same product. The position (epoch, cursor) is the whole state.
-    planter: an optional planter or sequence of planters applied in order (``msa.data.facts.FactPlanter``,
+    planters: planters applied in order to each window's pieces (``msa.data.facts.FactPlanter``,
     ``msa.data.copies.CopyPlanter``: functions of epoch and window, so the state stays the position)."""
 
     def __init__(self, tokens: np.ndarray, windows: Windows, batch_size: int, *, seed: int, rank: int = 0,
-                 world_size: int = 1, device=None, planter=None):
+                 world_size: int = 1, device=None, planters: Sequence = ()):
         if not (0 <= rank < world_size):
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         need = batch_size * world_size
@@ -266,7 +266,7 @@ class WindowLoader:
                              f"or raise data.max_corpus_mb")
         self.tokens, self.windows, self.batch_size = tokens, windows, batch_size
         self.seed, self.rank, self.world_size, self.device = seed, rank, world_size, device
-        self.planters = [] if planter is None else list(planter) if isinstance(planter, (list, tuple)) else [planter]
+        self.planters = list(planters)
         self.epoch, self.cursor = 0, 0
         self._perm = None
 

@@ -216,7 +216,7 @@ def build_data(cfg: TrainConfig, device: torch.device, *, rank: int = 0, world_s
                 f"{got:.1f} per planted window (asked for {pl.n}"
                 + ("" if got >= pl.n else "; the rest did not fit in half of a window's longest document") + ")")
     loader = WindowLoader(corpus.splits["train"].tokens, tw, cfg.data.batch_size, seed=cfg.seed, rank=rank,
-                          world_size=world_size, device=device, planter=planters)
+                          world_size=world_size, device=device, planters=planters)
     vw = make_windows(corpus.splits["val"], t)
     sw = make_windows(corpus.splits["test"], t)
     check(len(vw) > 0 and len(sw) > 0, f"the validation/test splits hold fewer than {t} tokens; raise "

@@ -81,8 +81,8 @@ def test_loader_applies_copies_then_facts_and_resumes():
         return [CopyPlanter(fraction=1.0, copies_per_window=2, seed=3),
                 FactPlanter(tok, fraction=1.0, facts_per_window=2, seed=3)]
 
-    copies_only = WindowLoader(sp.tokens, w, 2, seed=3, planter=planters()[0])
-    both = WindowLoader(sp.tokens, w, 2, seed=3, planter=planters())
+    copies_only = WindowLoader(sp.tokens, w, 2, seed=3, planters=planters()[:1])
+    both = WindowLoader(sp.tokens, w, 2, seed=3, planters=planters())
     for _ in range(4):
         a, b = copies_only.next(), both.next()
         assert a.windows == b.windows and torch.equal(a.cu_seqlens, b.cu_seqlens)
@@ -96,7 +96,7 @@ def test_loader_applies_copies_then_facts_and_resumes():
             want = np.concatenate(fp.apply(pieces, 0, win))
             assert np.array_equal(want, b.input_ids[0, mine[0][0]:mine[-1][1]].numpy())
             assert len(ASK.findall(tok.decode(want.tolist()))) == 2
-    assert_position_is_the_state(lambda: WindowLoader(sp.tokens, w, 2, seed=3, planter=planters()))
+    assert_position_is_the_state(lambda: WindowLoader(sp.tokens, w, 2, seed=3, planters=planters()))
 
 
 def test_config_checks_the_copy_options():

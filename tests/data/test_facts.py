@@ -122,7 +122,7 @@ def test_loader_plants_the_longest_piece_and_resumes():
     sp, w = loader_split()
     tok = ByteTokenizer()
     plain = WindowLoader(sp.tokens, w, 2, seed=3)
-    planted = WindowLoader(sp.tokens, w, 2, seed=3, planter=FactPlanter(tok, fraction=1.0, facts_per_window=2, seed=3))
+    planted = WindowLoader(sp.tokens, w, 2, seed=3, planters=[FactPlanter(tok, fraction=1.0, facts_per_window=2, seed=3)])
     changed = 0
     for _ in range(8):
         a, b = plain.next(), planted.next()
@@ -140,7 +140,7 @@ def test_loader_plants_the_longest_piece_and_resumes():
                     changed += 1
     assert changed == 16
     assert_position_is_the_state(lambda: WindowLoader(
-        sp.tokens, w, 2, seed=3, planter=FactPlanter(tok, fraction=1.0, facts_per_window=2, seed=3)))
+        sp.tokens, w, 2, seed=3, planters=[FactPlanter(tok, fraction=1.0, facts_per_window=2, seed=3)]))
 
 
 def test_config_checks_the_fact_options():
