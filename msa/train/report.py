@@ -238,7 +238,7 @@ def targets(rs: List[Dict]) -> List[str]:
             by_pos = [f"{_k(a)}-{_k(b)} {rel(v, dense_b[(a, b)]):+.1%}" for a, b, v in x.get("test_buckets", [])
                       if v is not None and dense_b.get((a, b)) and x["steps"] == r["exp-dense"]["steps"]]
             ind, dind = x.get("induction"), r["exp-dense"].get("induction")
-            # copying from half a context back: the skill whose forming coincides with the loss gap (round 17)
+            # copying from half a context back: a candidate for what a sparse-trained backbone learns worse
             copy_far = (f"; induction at period {ind['periods'][1]}: repeat accuracy {ind['far']['second_acc']:.3f} vs "
                         f"dense {dind['far']['second_acc']:.3f}, gain {ind['far']['gain']:.2f} vs {dind['far']['gain']:.2f} "
                         f"nats" if ind and dind and ind["periods"] == dind["periods"] else "")

@@ -729,7 +729,8 @@ class Trainer:
         return res
 
     def _induction(self, model, kw) -> Dict[str, object]:
-        """{"induction": {period: stats}} (``msa.evals.induction``), or {} with eval.induction_samples 0."""
+        """{"induction": {period: stats}} (``msa.evals.induction``), or {} with eval.induction_samples 0 or a context
+        under 4 tokens (no period of 2 to repeat)."""
         from ..evals.induction import induction_eval
         n = self.cfg.eval.induction_samples
         if n <= 0 or self.cfg.data.seq_len < 4:

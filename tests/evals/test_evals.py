@@ -292,6 +292,9 @@ def test_induction_scores_copying_on_the_repeat_only():
         assert r["first_nll"] == pytest.approx(np.log(v), rel=1e-6)    # uniform on the first occurrence
         assert r["second_nll"] == pytest.approx(hit_nll, abs=1e-5) and r["second_acc"] == 1.0
         assert r["gain"] == pytest.approx(np.log(v) - hit_nll, abs=1e-5)
+    for kw, name in ((dict(seq_len=3, samples=1), "seq_len"), (dict(seq_len=64, samples=0), "samples")):
+        with pytest.raises(ValueError, match=name):
+            induction_eval(_Copier(v), v, device="cpu", **kw)
     # no induction: the repeat costs what the first occurrence does, and the argmax (token 0) is right only by chance
     flat = induction_eval(_Copier(v, strength=0.0), v, seq_len=1024, samples=3, device="cpu", seed=1)
     assert all(abs(r["gain"]) < 1e-6 and r["second_acc"] < 0.02 for r in flat.values())
